@@ -1,0 +1,147 @@
+//! The HTTP/JSON transport: the same calls as QUIC, mapped onto the node's REST API. Each call uses
+//! a fresh HTTP/1.1 connection, which suits command-line use; applications that care about
+//! latency use QUIC.
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::header::{CONTENT_TYPE, HOST};
+use hyper::{Method, StatusCode};
+use hyper_util::rt::TokioIo;
+use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
+
+use crate::ClientError;
+use crate::proto::{FRAME_BYTES_MAX, JobOutput, RemoteError, Request, Response};
+
+/// Bytes escaped in a path segment or query value: all but RFC 3986's unreserved characters.
+pub const SEGMENT: &AsciiSet = &NON_ALPHANUMERIC.remove(b'-').remove(b'.').remove(b'_').remove(b'~');
+
+/// Header carrying the bucket's version after a job.
+pub const VERSION_HEADER: &str = "grex-bucket-version";
+/// Header carrying the bucket's flock.
+pub const FLOCK_HEADER: &str = "grex-flock";
+
+pub(crate) struct HttpTransport {
+    host_port: String,
+}
+
+/// Percent-encodes arbitrary bytes (a bucket key) for a URL path segment.
+pub fn encode_bytes(bytes: &[u8]) -> String {
+    percent_encoding::percent_encode(bytes, SEGMENT).to_string()
+}
+
+fn encode(text: &str) -> String {
+    utf8_percent_encode(text, SEGMENT).to_string()
+}
+
+struct HttpCall {
+    method: Method,
+    path: String,
+    content_type: Option<&'static str>,
+    body: Vec<u8>,
+}
+
+impl HttpTransport {
+    pub(crate) fn new(host_port: &str) -> Result<Self, ClientError> {
+        if host_port.is_empty() || !host_port.contains(':') {
+            return Err(ClientError::Config(format!("`http://{host_port}` needs HOST:PORT")));
+        }
+        Ok(HttpTransport { host_port: host_port.to_owned() })
+    }
+
+    pub(crate) async fn call(&self, request: &Request) -> Result<Response, ClientError> {
+        let call = to_http(request);
+        let (status, headers, body) = self.send(call).await?;
+        if !status.is_success() {
+            let error: RemoteError = serde_json::from_slice(&body)
+                .map_err(|_| ClientError::Protocol(format!("HTTP {status}: {}", String::from_utf8_lossy(&body))))?;
+            return Ok(Response::Error(error));
+        }
+        from_http(request, &headers, body)
+    }
+
+    async fn send(&self, call: HttpCall) -> Result<(StatusCode, hyper::HeaderMap, Bytes), ClientError> {
+        let transport = |e: &dyn std::fmt::Display| ClientError::Transport(format!("{}: {e}", self.host_port));
+        let stream = tokio::net::TcpStream::connect(&self.host_port).await.map_err(|e| transport(&e))?;
+        let (mut sender, connection) =
+            hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(|e| transport(&e))?;
+        tokio::spawn(connection);
+        let mut builder = hyper::Request::builder().method(call.method).uri(call.path).header(HOST, &self.host_port);
+        if let Some(content_type) = call.content_type {
+            builder = builder.header(CONTENT_TYPE, content_type);
+        }
+        let request =
+            builder.body(Full::new(Bytes::from(call.body))).map_err(|e| ClientError::Config(e.to_string()))?;
+        let response = sender.send_request(request).await.map_err(|e| transport(&e))?;
+        let status = response.status();
+        let headers = response.headers().clone();
+        let body =
+            Limited::new(response.into_body(), FRAME_BYTES_MAX).collect().await.map_err(|e| transport(&e))?.to_bytes();
+        Ok((status, headers, body))
+    }
+}
+
+fn to_http(request: &Request) -> HttpCall {
+    let get = |path: String| HttpCall { method: Method::GET, path, content_type: None, body: Vec::new() };
+    match request {
+        Request::PutModule { name, wasm } => HttpCall {
+            method: Method::PUT,
+            path: format!("/v1/modules/{}", encode(name)),
+            content_type: Some("application/wasm"),
+            body: wasm.clone(),
+        },
+        Request::RunJob { bucket, module, input, read_only } => HttpCall {
+            method: Method::POST,
+            path: format!(
+                "/v1/jobs/{}?module={}{}",
+                encode_bytes(bucket),
+                encode(module),
+                if *read_only { "&read_only=true" } else { "" }
+            ),
+            content_type: Some("application/octet-stream"),
+            body: input.clone(),
+        },
+        Request::GetItem { bucket, item } => {
+            get(format!("/v1/buckets/{}/items/{}", encode_bytes(bucket), encode(item)))
+        }
+        Request::ListItems { bucket, prefix, start_after, limit } => {
+            let mut path =
+                format!("/v1/buckets/{}/items?prefix={}&limit={limit}", encode_bytes(bucket), encode(prefix));
+            if let Some(after) = start_after {
+                path.push_str(&format!("&start_after={}", encode(after)));
+            }
+            get(path)
+        }
+        Request::Canary { bucket } => get(format!("/v1/canary/{}", encode_bytes(bucket))),
+        Request::Status => get("/v1/status".to_owned()),
+    }
+}
+
+fn from_http(request: &Request, headers: &hyper::HeaderMap, body: Bytes) -> Result<Response, ClientError> {
+    let json_error = |e: serde_json::Error| ClientError::Protocol(e.to_string());
+    Ok(match request {
+        Request::PutModule { .. } => Response::Module(serde_json::from_slice(&body).map_err(json_error)?),
+        Request::RunJob { .. } => Response::Job(JobOutput {
+            output: body.to_vec(),
+            bucket_version: header_number(headers, VERSION_HEADER)?,
+            flock: header_number(headers, FLOCK_HEADER)? as u32,
+        }),
+        Request::GetItem { .. } => Response::Item(body.to_vec()),
+        Request::ListItems { .. } => {
+            #[derive(serde::Deserialize)]
+            struct Items {
+                items: Vec<String>,
+            }
+            Response::Items(serde_json::from_slice::<Items>(&body).map_err(json_error)?.items)
+        }
+        Request::Canary { .. } => Response::Canary(serde_json::from_slice(&body).map_err(json_error)?),
+        Request::Status => Response::Status(serde_json::from_slice(&body).map_err(json_error)?),
+    })
+}
+
+fn header_number(headers: &hyper::HeaderMap, name: &str) -> Result<u64, ClientError> {
+    headers
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| ClientError::Protocol(format!("missing or malformed `{name}` header")))
+}

@@ -1,0 +1,168 @@
+//! Talk to a Grex node from an application, without compiling the node itself.
+//!
+//! [`Client::connect`] takes a node URL: `quic://HOST:PORT` speaks the native protocol (QUIC with
+//! TLS, ALPN `grex/1`, one stream per request; trust comes from the node's CA file), and
+//! `http://HOST:PORT` speaks the HTTP/JSON API that curl uses. Both offer the same calls.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), grex_client::ClientError> {
+//! let client = grex_client::Client::connect("quic://127.0.0.1:7071", Some("grex-data/ca.pem".as_ref())).await?;
+//! let out = client.run_job(b"customer-42", "counter", b"5", false).await?;
+//! println!("{}", String::from_utf8_lossy(&out.output));
+//! # Ok(()) }
+//! ```
+//!
+//! [`proto`] holds the wire types that node and client share: requests, responses, the closed set
+//! of error codes, the frame codec and the bucket → flock hash.
+
+pub mod http;
+pub mod proto;
+pub mod quic;
+
+use std::path::Path;
+
+pub use proto::{Canary, ErrorCode, JobOutput, ModuleInfo, RemoteError, Request, Response, Status};
+
+/// A failed client call.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The node answered with an error.
+    #[error(transparent)]
+    Remote(#[from] RemoteError),
+    /// The node could not be reached or the connection broke.
+    #[error("cannot reach the node: {0}")]
+    Transport(String),
+    /// The URL or the client's settings are unusable.
+    #[error("{0}")]
+    Config(String),
+    /// The node's answer did not make sense.
+    #[error("unexpected answer from the node: {0}")]
+    Protocol(String),
+}
+
+impl ClientError {
+    /// The node's error code, when the node answered with an error.
+    pub fn code(&self) -> Option<ErrorCode> {
+        match self {
+            ClientError::Remote(e) => Some(e.code),
+            _ => None,
+        }
+    }
+}
+
+enum Transport {
+    Quic(quic::QuicTransport),
+    Http(http::HttpTransport),
+}
+
+/// A connection to one Grex node.
+pub struct Client {
+    transport: Transport,
+}
+
+impl Client {
+    /// Connects to `url`: `quic://HOST:PORT` (needs `ca_file`, the node's `ca.pem`) or
+    /// `http://HOST:PORT`.
+    pub async fn connect(url: &str, ca_file: Option<&Path>) -> Result<Client, ClientError> {
+        let transport = if let Some(rest) = url.strip_prefix("quic://") {
+            let ca = ca_file.ok_or_else(|| {
+                ClientError::Config(format!(
+                    "{url}: a quic:// node needs the node's CA file (--ca FILE or GREX_CA; it is ca.pem in the node's data directory)"
+                ))
+            })?;
+            Transport::Quic(quic::QuicTransport::connect(rest.trim_end_matches('/'), ca).await?)
+        } else if let Some(rest) = url.strip_prefix("http://") {
+            Transport::Http(http::HttpTransport::new(rest.trim_end_matches('/'))?)
+        } else {
+            return Err(ClientError::Config(format!(
+                "node URL `{url}` must start with http:// or quic://, e.g. http://127.0.0.1:7070"
+            )));
+        };
+        Ok(Client { transport })
+    }
+
+    /// Sends one request and returns the node's answer; errors the node reports come back as
+    /// [`ClientError::Remote`].
+    pub async fn call(&self, request: Request) -> Result<Response, ClientError> {
+        let response = match &self.transport {
+            Transport::Quic(t) => t.call(&request).await?,
+            Transport::Http(t) => t.call(&request).await?,
+        };
+        match response {
+            Response::Error(e) => Err(ClientError::Remote(e)),
+            other => Ok(other),
+        }
+    }
+
+    /// Uploads a module (a wasm component, or a core module built with the guest SDK) under `name`.
+    pub async fn put_module(&self, name: &str, wasm: Vec<u8>) -> Result<ModuleInfo, ClientError> {
+        match self.call(Request::PutModule { name: name.to_owned(), wasm }).await? {
+            Response::Module(info) => Ok(info),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Runs the module called `module` against `bucket` with `input`.
+    pub async fn run_job(
+        &self,
+        bucket: &[u8],
+        module: &str,
+        input: &[u8],
+        read_only: bool,
+    ) -> Result<JobOutput, ClientError> {
+        let request =
+            Request::RunJob { bucket: bucket.to_vec(), module: module.to_owned(), input: input.to_vec(), read_only };
+        match self.call(request).await? {
+            Response::Job(out) => Ok(out),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// An item's value (error code `item_not_found` if there is none).
+    pub async fn get_item(&self, bucket: &[u8], item: &str) -> Result<Vec<u8>, ClientError> {
+        match self.call(Request::GetItem { bucket: bucket.to_vec(), item: item.to_owned() }).await? {
+            Response::Item(value) => Ok(value),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// One page of a bucket's item keys that start with `prefix`.
+    pub async fn list_items(
+        &self,
+        bucket: &[u8],
+        prefix: &str,
+        start_after: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<String>, ClientError> {
+        let request = Request::ListItems {
+            bucket: bucket.to_vec(),
+            prefix: prefix.to_owned(),
+            start_after: start_after.map(str::to_owned),
+            limit,
+        };
+        match self.call(request).await? {
+            Response::Items(keys) => Ok(keys),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Which node is best for `bucket`.
+    pub async fn canary(&self, bucket: &[u8]) -> Result<Canary, ClientError> {
+        match self.call(Request::Canary { bucket: bucket.to_vec() }).await? {
+            Response::Canary(c) => Ok(c),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// The node's status.
+    pub async fn status(&self) -> Result<Status, ClientError> {
+        match self.call(Request::Status).await? {
+            Response::Status(s) => Ok(s),
+            other => Err(unexpected(other)),
+        }
+    }
+}
+
+fn unexpected(response: Response) -> ClientError {
+    ClientError::Protocol(format!("answer of the wrong kind: {}", response.kind()))
+}

@@ -1,0 +1,470 @@
+//! The wire contract shared by node and clients: requests, responses, error codes, the frame codec
+//! and the bucket → flock hash. `docs/wire.md` describes the bytes.
+//!
+//! A frame is a 4-byte big-endian length of what follows, one version byte ([`WIRE_VERSION`]),
+//! then the message encoded with serde + bincode 2 (standard configuration). Frames larger than
+//! [`FRAME_BYTES_MAX`] are refused before they are read into memory.
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use std::fmt;
+
+/// The version byte every frame carries; a peer that reads another version refuses the frame.
+pub const WIRE_VERSION: u8 = 1;
+/// The largest frame either side accepts (a module upload is the largest message).
+pub const FRAME_BYTES_MAX: usize = 48 << 20;
+/// ALPN protocol of the client API over QUIC.
+pub const ALPN: &[u8] = b"grex/1";
+/// The longest bucket key.
+pub const BUCKET_KEY_BYTES_MAX: usize = 512;
+/// The longest item key.
+pub const ITEM_KEY_BYTES_MAX: usize = 1024;
+
+/// The flock a bucket belongs to: `xxh3_64(bucket) mod flock_count` (a power of two).
+pub fn flock_of(bucket: &[u8], flock_count: u32) -> u32 {
+    debug_assert!(flock_count.is_power_of_two());
+    (xxhash_rust::xxh3::xxh3_64(bucket) & u64::from(flock_count - 1)) as u32
+}
+
+/// Checks a bucket key: 1 to 512 bytes.
+pub fn check_bucket_key(bucket: &[u8]) -> Result<(), RemoteError> {
+    if bucket.is_empty() {
+        return Err(RemoteError::new(ErrorCode::InvalidBucketKey, "the bucket key is empty; give 1 to 512 bytes"));
+    }
+    if bucket.len() > BUCKET_KEY_BYTES_MAX {
+        return Err(RemoteError::new(
+            ErrorCode::InvalidBucketKey,
+            format!("the bucket key is {} bytes; the limit is {BUCKET_KEY_BYTES_MAX}", bucket.len()),
+        ));
+    }
+    Ok(())
+}
+
+/// Checks an item key: 1 to 1024 bytes of UTF-8 (UTF-8 is guaranteed by `&str`).
+pub fn check_item_key(item: &str) -> Result<(), RemoteError> {
+    if item.is_empty() || item.len() > ITEM_KEY_BYTES_MAX {
+        return Err(RemoteError::new(
+            ErrorCode::InvalidItemKey,
+            format!("item key of {} bytes; item keys are 1 to {ITEM_KEY_BYTES_MAX} bytes of UTF-8", item.len()),
+        ));
+    }
+    Ok(())
+}
+
+/// A request to a node.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum Request {
+    /// Store a module and point `name` at it.
+    PutModule {
+        /// The alias.
+        name: String,
+        /// A wasm component, or a core module built with the guest SDK.
+        wasm: Vec<u8>,
+    },
+    /// Run a job.
+    RunJob {
+        /// Bucket key.
+        bucket: Vec<u8>,
+        /// Module name or `sha256:HEX` id.
+        module: String,
+        /// Input bytes for the job.
+        input: Vec<u8>,
+        /// Run without committing writes (a read-only job may not write).
+        read_only: bool,
+    },
+    /// Read one item.
+    GetItem {
+        /// Bucket key.
+        bucket: Vec<u8>,
+        /// Item key.
+        item: String,
+    },
+    /// List item keys.
+    ListItems {
+        /// Bucket key.
+        bucket: Vec<u8>,
+        /// Only keys with this prefix.
+        prefix: String,
+        /// Only keys strictly after this one.
+        start_after: Option<String>,
+        /// At most this many (capped at 1000).
+        limit: u32,
+    },
+    /// Which node is best for a bucket.
+    Canary {
+        /// Bucket key.
+        bucket: Vec<u8>,
+    },
+    /// The node's status.
+    Status,
+}
+
+/// A node's answer.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum Response {
+    /// A module was stored.
+    Module(ModuleInfo),
+    /// A job ran.
+    Job(JobOutput),
+    /// An item's value.
+    Item(Vec<u8>),
+    /// Item keys.
+    Items(Vec<String>),
+    /// The best node for a bucket.
+    Canary(Canary),
+    /// Node status.
+    Status(Status),
+    /// The request failed.
+    Error(RemoteError),
+}
+
+impl Response {
+    /// The variant's name, for messages.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Response::Module(_) => "module",
+            Response::Job(_) => "job",
+            Response::Item(_) => "item",
+            Response::Items(_) => "items",
+            Response::Canary(_) => "canary",
+            Response::Status(_) => "status",
+            Response::Error(_) => "error",
+        }
+    }
+}
+
+/// A stored module.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModuleInfo {
+    /// The alias.
+    pub name: String,
+    /// `sha256:` + hex SHA-256 of the uploaded bytes: the module's id.
+    pub id: String,
+    /// Size of the uploaded bytes.
+    pub size: u64,
+}
+
+/// The result of a job.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobOutput {
+    /// What the job returned.
+    pub output: Vec<u8>,
+    /// The bucket's version after the job (unchanged if the job wrote nothing).
+    pub bucket_version: u64,
+    /// The bucket's flock.
+    pub flock: u32,
+}
+
+/// Where to send work for a bucket.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Canary {
+    /// HTTP URL of the best node.
+    pub url: String,
+    /// QUIC URL of the same node, when it serves QUIC.
+    pub quic: Option<String>,
+    /// The node's id.
+    pub node: String,
+    /// The bucket's flock.
+    pub flock: u32,
+    /// The node's role for that flock (`leader` on a single node).
+    pub role: String,
+    /// The bucket's committed version (0 if it has never been written).
+    pub bucket_version: u64,
+}
+
+/// A node's status.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Status {
+    /// The node's id.
+    pub node: String,
+    /// The binary's version.
+    pub version: String,
+    /// HTTP URL, if served.
+    pub http_url: Option<String>,
+    /// QUIC URL, if served.
+    pub quic_url: Option<String>,
+    /// Seconds since start.
+    pub uptime_s: u64,
+    /// Flocks in the cluster (fixed when the data directory was created).
+    pub flock_count: u32,
+    /// Jobs that committed or returned output.
+    pub jobs_ok: u64,
+    /// Jobs that failed.
+    pub jobs_failed: u64,
+    /// Modules stored.
+    pub modules: u64,
+    /// Buckets in the cache.
+    pub cache_buckets: u64,
+    /// Bytes the cache holds.
+    pub cache_bytes: u64,
+    /// The cache's limit.
+    pub cache_bytes_max: u64,
+    /// Cache hits since start.
+    pub cache_hits: u64,
+    /// Cache misses since start.
+    pub cache_misses: u64,
+    /// Commits to disk since start (each can hold many jobs' change sets).
+    pub commits: u64,
+    /// Change sets committed since start.
+    pub change_sets: u64,
+}
+
+/// The closed set of error codes a node reports. Stable: clients branch on them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// The request is malformed.
+    BadRequest,
+    /// The request's content type is not accepted.
+    UnsupportedMediaType,
+    /// The bucket key is empty or too long.
+    InvalidBucketKey,
+    /// An item key is empty or too long.
+    InvalidItemKey,
+    /// No item by that key.
+    ItemNotFound,
+    /// No module by that name or id.
+    ModuleNotFound,
+    /// The uploaded bytes are not a usable module.
+    ModuleInvalid,
+    /// The module is larger than the limit.
+    ModuleTooLarge,
+    /// The job's input is larger than the limit.
+    InputTooLarge,
+    /// The job returned an error.
+    JobFailed,
+    /// The job trapped (a panic, unreachable code, out-of-bounds access...).
+    JobTrapped,
+    /// The job ran past its deadline.
+    JobTimeout,
+    /// The job used up its fuel.
+    JobFuelExhausted,
+    /// The job tried to grow its memory past the limit.
+    JobMemoryLimit,
+    /// The job's output is larger than the limit.
+    OutputTooLarge,
+    /// The job wrote an item larger than the limit.
+    ItemTooLarge,
+    /// The job's change set is larger than the limit.
+    ChangeSetTooLarge,
+    /// A read-only job tried to write.
+    ReadOnlyViolation,
+    /// The node is at its limit of queued work; retry later.
+    Overloaded,
+    /// The node's storage failed; it refuses writes until restarted.
+    StorageFailed,
+    /// The node is shutting down.
+    ShuttingDown,
+    /// Anything else: a bug.
+    Internal,
+}
+
+impl ErrorCode {
+    /// The stable text of the code, as it appears in JSON.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::BadRequest => "bad_request",
+            ErrorCode::UnsupportedMediaType => "unsupported_media_type",
+            ErrorCode::InvalidBucketKey => "invalid_bucket_key",
+            ErrorCode::InvalidItemKey => "invalid_item_key",
+            ErrorCode::ItemNotFound => "item_not_found",
+            ErrorCode::ModuleNotFound => "module_not_found",
+            ErrorCode::ModuleInvalid => "module_invalid",
+            ErrorCode::ModuleTooLarge => "module_too_large",
+            ErrorCode::InputTooLarge => "input_too_large",
+            ErrorCode::JobFailed => "job_failed",
+            ErrorCode::JobTrapped => "job_trapped",
+            ErrorCode::JobTimeout => "job_timeout",
+            ErrorCode::JobFuelExhausted => "job_fuel_exhausted",
+            ErrorCode::JobMemoryLimit => "job_memory_limit",
+            ErrorCode::OutputTooLarge => "output_too_large",
+            ErrorCode::ItemTooLarge => "item_too_large",
+            ErrorCode::ChangeSetTooLarge => "change_set_too_large",
+            ErrorCode::ReadOnlyViolation => "read_only_violation",
+            ErrorCode::Overloaded => "overloaded",
+            ErrorCode::StorageFailed => "storage_failed",
+            ErrorCode::ShuttingDown => "shutting_down",
+            ErrorCode::Internal => "internal",
+        }
+    }
+
+    /// The HTTP status that fits the code.
+    pub fn http_status(self) -> u16 {
+        match self {
+            ErrorCode::BadRequest | ErrorCode::InvalidBucketKey | ErrorCode::InvalidItemKey => 400,
+            ErrorCode::ModuleInvalid => 400,
+            ErrorCode::ItemNotFound | ErrorCode::ModuleNotFound => 404,
+            ErrorCode::ModuleTooLarge | ErrorCode::InputTooLarge => 413,
+            ErrorCode::UnsupportedMediaType => 415,
+            ErrorCode::JobFailed
+            | ErrorCode::JobTrapped
+            | ErrorCode::JobTimeout
+            | ErrorCode::JobFuelExhausted
+            | ErrorCode::JobMemoryLimit
+            | ErrorCode::OutputTooLarge
+            | ErrorCode::ItemTooLarge
+            | ErrorCode::ChangeSetTooLarge
+            | ErrorCode::ReadOnlyViolation => 422,
+            ErrorCode::Overloaded | ErrorCode::StorageFailed | ErrorCode::ShuttingDown => 503,
+            ErrorCode::Internal => 500,
+        }
+    }
+}
+
+impl fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// An error as it crosses the wire: a stable code and a message that says what to do.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[error("{message} ({code})")]
+pub struct RemoteError {
+    /// What kind of failure.
+    pub code: ErrorCode,
+    /// What failed and what to do about it.
+    #[serde(rename = "error")]
+    pub message: String,
+}
+
+impl RemoteError {
+    /// An error with a code and message.
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        RemoteError { code, message: message.into() }
+    }
+}
+
+/// A frame that could not be encoded or decoded.
+#[derive(Debug, thiserror::Error)]
+pub enum FrameError {
+    /// Longer than [`FRAME_BYTES_MAX`].
+    #[error("frame of {0} bytes is over the {FRAME_BYTES_MAX}-byte limit")]
+    TooLarge(usize),
+    /// Shorter than its header or its stated length.
+    #[error("truncated frame: {0}")]
+    Truncated(String),
+    /// Another wire version.
+    #[error("frame has wire version {0}; this build speaks version {WIRE_VERSION}")]
+    Version(u8),
+    /// The payload does not decode.
+    #[error("malformed frame payload: {0}")]
+    Payload(String),
+}
+
+fn codec() -> impl bincode::config::Config {
+    bincode::config::standard().with_limit::<FRAME_BYTES_MAX>()
+}
+
+/// Encodes a message into one frame.
+pub fn encode_frame<T: Serialize>(message: &T) -> Result<Vec<u8>, FrameError> {
+    let mut frame = vec![0u8; 5];
+    frame[4] = WIRE_VERSION;
+    bincode::serde::encode_into_std_write(message, &mut frame, codec())
+        .map_err(|e| FrameError::Payload(e.to_string()))?;
+    let len = frame.len() - 4;
+    if len > FRAME_BYTES_MAX {
+        return Err(FrameError::TooLarge(len));
+    }
+    frame[..4].copy_from_slice(&(len as u32).to_be_bytes());
+    Ok(frame)
+}
+
+/// The length a frame header announces, checked against the limit; `header` is its first 4 bytes.
+pub fn frame_len(header: [u8; 4]) -> Result<usize, FrameError> {
+    let len = u32::from_be_bytes(header) as usize;
+    if len > FRAME_BYTES_MAX {
+        return Err(FrameError::TooLarge(len));
+    }
+    if len == 0 {
+        return Err(FrameError::Truncated("empty frame".into()));
+    }
+    Ok(len)
+}
+
+/// Decodes one whole frame (header included).
+pub fn decode_frame<T: DeserializeOwned>(frame: &[u8]) -> Result<T, FrameError> {
+    let header: [u8; 4] = frame
+        .get(..4)
+        .and_then(|h| h.try_into().ok())
+        .ok_or_else(|| FrameError::Truncated(format!("{} bytes, shorter than the header", frame.len())))?;
+    let len = frame_len(header)?;
+    if frame.len() - 4 != len {
+        return Err(FrameError::Truncated(format!("header says {len} bytes, frame has {}", frame.len() - 4)));
+    }
+    if frame[4] != WIRE_VERSION {
+        return Err(FrameError::Version(frame[4]));
+    }
+    let (message, used) =
+        bincode::serde::decode_from_slice(&frame[5..], codec()).map_err(|e| FrameError::Payload(e.to_string()))?;
+    if used != len - 1 {
+        return Err(FrameError::Payload(format!("{} trailing bytes", len - 1 - used)));
+    }
+    Ok(message)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_round_trip() {
+        let request =
+            Request::RunJob { bucket: b"b".to_vec(), module: "counter".into(), input: b"5".to_vec(), read_only: false };
+        let frame = encode_frame(&request).unwrap();
+        assert_eq!(decode_frame::<Request>(&frame).unwrap(), request);
+    }
+
+    #[test]
+    fn damaged_frames_are_refused_not_panicked_on() {
+        let frame = encode_frame(&Request::Status).unwrap();
+        assert!(matches!(decode_frame::<Request>(&frame[..3]), Err(FrameError::Truncated(_))));
+        assert!(matches!(decode_frame::<Request>(&frame[..frame.len() - 1]), Err(FrameError::Truncated(_))));
+        let mut wrong_version = frame.clone();
+        wrong_version[4] = 9;
+        assert!(matches!(decode_frame::<Request>(&wrong_version), Err(FrameError::Version(9))));
+        let huge = [0xff, 0xff, 0xff, 0xff, 1];
+        assert!(matches!(decode_frame::<Request>(&huge), Err(FrameError::TooLarge(_))));
+        // A payload that claims a 2^60-byte vector must fail on the limit, not try to allocate.
+        let mut bomb = vec![0, 0, 0, 0, WIRE_VERSION, 1, 0xff];
+        bomb.extend_from_slice(&(1u64 << 60).to_le_bytes());
+        let len = (bomb.len() - 4) as u32;
+        bomb[..4].copy_from_slice(&len.to_be_bytes());
+        assert!(matches!(decode_frame::<Request>(&bomb), Err(FrameError::Payload(_))));
+    }
+
+    #[test]
+    fn random_bytes_never_panic_the_decoder() {
+        let seed: u64 = std::env::var("GREX_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(0x9e37_79b9);
+        println!("seed {seed} (set GREX_SEED to replay)");
+        let mut state = seed;
+        for _ in 0..20_000 {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            let len = (state % 64) as usize;
+            let mut bytes: Vec<u8> = (0..len).map(|i| (state >> (i % 8 * 8)) as u8 ^ i as u8).collect();
+            if bytes.len() >= 5 {
+                let body = (bytes.len() - 4) as u32;
+                bytes[..4].copy_from_slice(&body.to_be_bytes());
+                bytes[4] = WIRE_VERSION;
+            }
+            let _ = decode_frame::<Request>(&bytes);
+        }
+    }
+
+    #[test]
+    fn flock_is_stable_and_in_range() {
+        assert_eq!(flock_of(b"customer-42", 256), flock_of(b"customer-42", 256));
+        for i in 0..1000u32 {
+            assert!(flock_of(&i.to_le_bytes(), 256) < 256);
+        }
+        assert_eq!(flock_of(b"anything", 1), 0);
+    }
+
+    #[test]
+    fn error_codes_serialize_as_their_stable_text() {
+        let json = serde_json::to_string(&RemoteError::new(ErrorCode::JobTimeout, "late")).unwrap();
+        assert_eq!(json, r#"{"code":"job_timeout","error":"late"}"#);
+    }
+}

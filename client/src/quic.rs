@@ -1,0 +1,75 @@
+//! The native transport: QUIC with TLS 1.3 (quinn + rustls), one bidirectional stream per request.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+
+use crate::ClientError;
+use crate::proto::{ALPN, FRAME_BYTES_MAX, Request, Response, decode_frame, encode_frame};
+
+pub(crate) struct QuicTransport {
+    // Kept so the endpoint's driver lives as long as the connection.
+    _endpoint: quinn::Endpoint,
+    connection: quinn::Connection,
+}
+
+impl QuicTransport {
+    pub(crate) async fn connect(host_port: &str, ca_file: &Path) -> Result<Self, ClientError> {
+        let (host, _) = host_port
+            .rsplit_once(':')
+            .ok_or_else(|| ClientError::Config(format!("`{host_port}` has no port; write HOST:PORT")))?;
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        let addr: SocketAddr = tokio::net::lookup_host(host_port)
+            .await
+            .map_err(|e| ClientError::Transport(format!("cannot resolve {host_port}: {e}")))?
+            .next()
+            .ok_or_else(|| ClientError::Transport(format!("{host_port} resolves to no address")))?;
+        let bind: SocketAddr = if addr.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" }.parse().expect("valid literal");
+        let mut endpoint = quinn::Endpoint::client(bind)
+            .map_err(|e| ClientError::Transport(format!("cannot open a UDP socket: {e}")))?;
+        endpoint.set_default_client_config(client_config(ca_file)?);
+        let connection = endpoint
+            .connect(addr, host)
+            .map_err(|e| ClientError::Transport(format!("{host_port}: {e}")))?
+            .await
+            .map_err(|e| ClientError::Transport(format!("{host_port}: {e}")))?;
+        Ok(QuicTransport { _endpoint: endpoint, connection })
+    }
+
+    pub(crate) async fn call(&self, request: &Request) -> Result<Response, ClientError> {
+        let frame = encode_frame(request).map_err(|e| ClientError::Config(e.to_string()))?;
+        let (mut send, mut recv) =
+            self.connection.open_bi().await.map_err(|e| ClientError::Transport(e.to_string()))?;
+        send.write_all(&frame).await.map_err(|e| ClientError::Transport(e.to_string()))?;
+        send.finish().map_err(|e| ClientError::Transport(e.to_string()))?;
+        let answer = recv.read_to_end(FRAME_BYTES_MAX + 4).await.map_err(|e| ClientError::Transport(e.to_string()))?;
+        decode_frame(&answer).map_err(|e| ClientError::Protocol(e.to_string()))
+    }
+}
+
+/// A QUIC client configuration that trusts exactly the certificates in `ca_file` (PEM).
+pub fn client_config(ca_file: &Path) -> Result<quinn::ClientConfig, ClientError> {
+    let pem = std::fs::read(ca_file)
+        .map_err(|e| ClientError::Config(format!("cannot read CA file {}: {e}", ca_file.display())))?;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
+        let cert =
+            cert.map_err(|e| ClientError::Config(format!("{}: not a PEM certificate: {e}", ca_file.display())))?;
+        roots
+            .add(cert)
+            .map_err(|e| ClientError::Config(format!("{}: unusable CA certificate: {e}", ca_file.display())))?;
+    }
+    if roots.is_empty() {
+        return Err(ClientError::Config(format!("{} holds no certificate", ca_file.display())));
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| ClientError::Config(e.to_string()))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    tls.alpn_protocols = vec![ALPN.to_vec()];
+    let quic =
+        quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(|e| ClientError::Config(e.to_string()))?;
+    Ok(quinn::ClientConfig::new(Arc::new(quic)))
+}

@@ -1,0 +1,212 @@
+//! The HTTP/JSON API (axum). Bodies are raw bytes (modules, job input and output, item values);
+//! everything else is JSON. Errors are `{"error": "...", "code": "..."}` with a fitting status.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+
+use axum::body::Body;
+use axum::extract::{DefaultBodyLimit, Query, RawPathParams, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+use axum::{Json, Router};
+use grex_client::http::{FLOCK_HEADER, VERSION_HEADER};
+use percent_encoding::percent_decode_str;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::error::{ErrorCode, RemoteError, error};
+use crate::node::Node;
+
+/// Bytes of JSON or headers around a body that the limits do not count.
+const BODY_SLACK_BYTES: usize = 64 << 10;
+
+struct ApiError(RemoteError);
+
+impl From<RemoteError> for ApiError {
+    fn from(e: RemoteError) -> Self {
+        ApiError(e)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = StatusCode::from_u16(self.0.code.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        (status, Json(self.0)).into_response()
+    }
+}
+
+type ApiResult<T> = Result<T, ApiError>;
+
+pub(super) async fn start(
+    node: Node,
+    addr: SocketAddr,
+    mut stop: watch::Receiver<bool>,
+) -> anyhow::Result<(SocketAddr, JoinHandle<()>)> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen for HTTP on {addr}: {e}"))?;
+    let bound = listener.local_addr()?;
+    let app = router(node);
+    let task = tokio::spawn(async move {
+        let shutdown = async move {
+            let _ = stop.wait_for(|s| *s).await;
+        };
+        if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(shutdown).await {
+            tracing::error!(error = %e, "HTTP server failed");
+        }
+    });
+    Ok((bound, task))
+}
+
+/// The API's routes.
+pub(crate) fn router(node: Node) -> Router {
+    Router::new()
+        .route("/v1/modules", get(list_modules))
+        .route("/v1/modules/{name}", put(put_module))
+        .route("/v1/jobs/{bucket}", post(run_job))
+        .route("/v1/buckets/{bucket}/items", get(list_items))
+        .route("/v1/buckets/{bucket}/items/{item}", get(get_item))
+        .route("/v1/canary/{bucket}", get(canary))
+        .route("/v1/status", get(status))
+        .fallback(not_found)
+        // Bodies are read with the node's own limits, so the errors are ours (JSON, named).
+        .layer(DefaultBodyLimit::disable())
+        .with_state(node)
+}
+
+async fn not_found() -> ApiError {
+    ApiError(error(
+        ErrorCode::BadRequest,
+        "no such endpoint; see docs/wire.md (e.g. POST /v1/jobs/{bucket}?module=NAME, GET /v1/status)",
+    ))
+}
+
+/// A path parameter, percent-decoded to bytes.
+fn param_bytes(params: &RawPathParams, name: &str) -> ApiResult<Vec<u8>> {
+    let raw = params
+        .iter()
+        .find(|(key, _)| *key == name)
+        .map(|(_, value)| value)
+        .ok_or_else(|| error(ErrorCode::BadRequest, format!("missing `{name}` in the path")))?;
+    Ok(percent_decode_str(raw).collect())
+}
+
+fn param_text(params: &RawPathParams, name: &str) -> ApiResult<String> {
+    String::from_utf8(param_bytes(params, name)?)
+        .map_err(|_| ApiError(error(ErrorCode::BadRequest, format!("`{name}` in the path must be UTF-8"))))
+}
+
+async fn read_body(body: Body, max: usize, what: &str, code: ErrorCode) -> ApiResult<Vec<u8>> {
+    axum::body::to_bytes(body, max)
+        .await
+        .map(|b| b.to_vec())
+        .map_err(|_| ApiError(error(code, format!("the {what} is over the {max}-byte limit"))))
+}
+
+fn content_type(headers: &HeaderMap) -> Option<String> {
+    let value = headers.get(header::CONTENT_TYPE)?.to_str().unwrap_or("invalid");
+    Some(value.split(';').next().unwrap_or("").trim().to_ascii_lowercase())
+}
+
+fn require_content_type(headers: &HeaderMap, allowed: &[&str], hint: &str) -> ApiResult<()> {
+    match content_type(headers) {
+        None => Ok(()),
+        Some(ct) if allowed.contains(&ct.as_str()) => Ok(()),
+        Some(ct) => Err(ApiError(error(
+            ErrorCode::UnsupportedMediaType,
+            format!("content type `{ct}` is not accepted here; send {} ({hint})", allowed.join(" or ")),
+        ))),
+    }
+}
+
+async fn put_module(
+    State(node): State<Node>,
+    params: RawPathParams,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult<Json<grex_client::ModuleInfo>> {
+    let name = param_text(&params, "name")?;
+    require_content_type(
+        &headers,
+        &["application/wasm", "application/octet-stream"],
+        "curl: --data-binary @job.wasm -H 'content-type: application/wasm'",
+    )?;
+    let max = node.config().limits.module_bytes_max;
+    let wasm = read_body(body, max, "module", ErrorCode::ModuleTooLarge).await?;
+    Ok(Json(node.put_module(&name, wasm).await?))
+}
+
+async fn list_modules(State(node): State<Node>) -> Json<serde_json::Value> {
+    Json(serde_json::json!({ "modules": node.modules() }))
+}
+
+async fn run_job(
+    State(node): State<Node>,
+    params: RawPathParams,
+    Query(query): Query<HashMap<String, String>>,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult<Response> {
+    let bucket = param_bytes(&params, "bucket")?;
+    let module = query
+        .get("module")
+        .ok_or_else(|| error(ErrorCode::BadRequest, "say which module to run: POST /v1/jobs/{bucket}?module=NAME"))?;
+    let read_only = match query.get("read_only").map(String::as_str) {
+        None | Some("false") | Some("0") => false,
+        Some("true") | Some("1") | Some("") => true,
+        Some(other) => {
+            return Err(ApiError(error(
+                ErrorCode::BadRequest,
+                format!("read_only must be true or false, not `{other}`"),
+            )));
+        }
+    };
+    require_content_type(
+        &headers,
+        &["application/octet-stream", "text/plain", "application/json"],
+        "curl -d sends form encoding: use --data-binary with -H 'content-type: application/octet-stream'",
+    )?;
+    let max = node.config().limits.input_bytes_max;
+    let input = read_body(body, max + BODY_SLACK_BYTES, "job input", ErrorCode::InputTooLarge).await?;
+    let out = node.run_job(&bucket, module, input, read_only).await?;
+    let mut response = (StatusCode::OK, out.output).into_response();
+    let headers = response.headers_mut();
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
+    headers.insert(VERSION_HEADER, HeaderValue::from(out.bucket_version));
+    headers.insert(FLOCK_HEADER, HeaderValue::from(out.flock));
+    Ok(response)
+}
+
+async fn get_item(State(node): State<Node>, params: RawPathParams) -> ApiResult<Response> {
+    let bucket = param_bytes(&params, "bucket")?;
+    let item = param_text(&params, "item")?;
+    let value = node.get_item(&bucket, &item)?;
+    Ok(([(header::CONTENT_TYPE, "application/octet-stream")], value).into_response())
+}
+
+async fn list_items(
+    State(node): State<Node>,
+    params: RawPathParams,
+    Query(query): Query<HashMap<String, String>>,
+) -> ApiResult<Json<serde_json::Value>> {
+    let bucket = param_bytes(&params, "bucket")?;
+    let prefix = query.get("prefix").map_or("", String::as_str);
+    let limit = match query.get("limit") {
+        None => 100,
+        Some(text) => text.parse().map_err(|_| {
+            error(ErrorCode::BadRequest, format!("limit must be a number from 1 to 1000, not `{text}`"))
+        })?,
+    };
+    let items = node.list_items(&bucket, prefix, query.get("start_after").map(String::as_str), limit)?;
+    Ok(Json(serde_json::json!({ "items": items })))
+}
+
+async fn canary(State(node): State<Node>, params: RawPathParams) -> ApiResult<Json<grex_client::Canary>> {
+    let bucket = param_bytes(&params, "bucket")?;
+    Ok(Json(node.canary(&bucket)?))
+}
+
+async fn status(State(node): State<Node>) -> Json<grex_client::Status> {
+    Json(node.status())
+}

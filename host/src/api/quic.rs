@@ -1,0 +1,128 @@
+//! The QUIC API (quinn + rustls, ALPN `grex/1`): one bidirectional stream per request, one frame
+//! each way (`docs/wire.md`).
+//!
+//! Limits: connections at once ([`CONNECTIONS_MAX`]), streams per connection
+//! ([`STREAMS_PER_CONNECTION_MAX`]), frame size ([`FRAME_BYTES_MAX`]), and the time a request may
+//! take to arrive ([`REQUEST_READ_TIMEOUT`]), so a slow or half-sent request cannot pin memory.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use grex_client::proto::{ALPN, FRAME_BYTES_MAX, Request, Response, decode_frame, encode_frame, frame_len};
+use tokio::sync::{Semaphore, watch};
+use tokio::task::JoinHandle;
+
+use super::tls::NodeIdentity;
+use crate::error::{ErrorCode, error};
+use crate::node::Node;
+
+/// Client connections served at once; more are refused.
+pub const CONNECTIONS_MAX: usize = 1024;
+/// Requests in flight on one connection.
+pub const STREAMS_PER_CONNECTION_MAX: u32 = 256;
+/// How long a request may take to arrive.
+pub const REQUEST_READ_TIMEOUT: Duration = Duration::from_secs(30);
+const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+
+pub(super) fn start(
+    node: Node,
+    addr: SocketAddr,
+    identity: &NodeIdentity,
+    mut stop: watch::Receiver<bool>,
+) -> anyhow::Result<(SocketAddr, JoinHandle<()>)> {
+    let endpoint = quinn::Endpoint::server(server_config(identity)?, addr)
+        .map_err(|e| anyhow::anyhow!("cannot listen for QUIC on {addr}: {e}"))?;
+    let bound = endpoint.local_addr()?;
+    let task = tokio::spawn(async move {
+        let connections = Arc::new(Semaphore::new(CONNECTIONS_MAX));
+        loop {
+            tokio::select! {
+                incoming = endpoint.accept() => {
+                    let Some(incoming) = incoming else { break };
+                    let Ok(permit) = connections.clone().try_acquire_owned() else {
+                        tracing::warn!(remote = %incoming.remote_address(), "refusing a QUIC connection: at the connection limit");
+                        incoming.refuse();
+                        continue;
+                    };
+                    let node = node.clone();
+                    tokio::spawn(async move {
+                        serve_connection(node, incoming).await;
+                        drop(permit);
+                    });
+                }
+                _ = stop.wait_for(|s| *s) => break,
+            }
+        }
+        endpoint.close(0u32.into(), b"node shutting down");
+        endpoint.wait_idle().await;
+    });
+    Ok((bound, task))
+}
+
+fn server_config(identity: &NodeIdentity) -> anyhow::Result<quinn::ServerConfig> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_no_client_auth()
+        .with_single_cert(identity.chain.clone(), identity.key.clone_key())?;
+    tls.alpn_protocols = vec![ALPN.to_vec()];
+    let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)?;
+    let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    let mut transport = quinn::TransportConfig::default();
+    transport
+        .max_concurrent_bidi_streams(STREAMS_PER_CONNECTION_MAX.into())
+        .max_concurrent_uni_streams(0u32.into())
+        .max_idle_timeout(Some(IDLE_TIMEOUT.try_into()?));
+    config.transport_config(Arc::new(transport));
+    Ok(config)
+}
+
+async fn serve_connection(node: Node, incoming: quinn::Incoming) {
+    let remote = incoming.remote_address();
+    let connection = match incoming.await {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::debug!(%remote, error = %e, "QUIC handshake failed");
+            return;
+        }
+    };
+    while let Ok((send, recv)) = connection.accept_bi().await {
+        let node = node.clone();
+        tokio::spawn(async move {
+            if let Err(e) = serve_stream(node, send, recv).await {
+                tracing::debug!(%remote, error = %e, "QUIC request stream failed");
+            }
+        });
+    }
+}
+
+async fn serve_stream(node: Node, mut send: quinn::SendStream, mut recv: quinn::RecvStream) -> anyhow::Result<()> {
+    let response = match tokio::time::timeout(REQUEST_READ_TIMEOUT, read_request(&mut recv)).await {
+        Err(_) => Response::Error(error(
+            ErrorCode::BadRequest,
+            format!("the request did not arrive within {} s", REQUEST_READ_TIMEOUT.as_secs()),
+        )),
+        Ok(Err(e)) => Response::Error(error(ErrorCode::BadRequest, e.to_string())),
+        Ok(Ok(request)) => node.handle(request).await,
+    };
+    let frame = encode_frame(&response).or_else(|e| {
+        encode_frame(&Response::Error(error(ErrorCode::Internal, format!("cannot encode the answer: {e}"))))
+    })?;
+    send.write_all(&frame).await?;
+    send.finish()?;
+    // Wait until the peer has the answer, so the stream is not reset under it.
+    let _ = send.stopped().await;
+    Ok(())
+}
+
+async fn read_request(recv: &mut quinn::RecvStream) -> anyhow::Result<Request> {
+    let mut header = [0u8; 4];
+    recv.read_exact(&mut header).await.map_err(|e| anyhow::anyhow!("reading the frame header: {e}"))?;
+    let len = frame_len(header)?;
+    debug_assert!(len <= FRAME_BYTES_MAX);
+    let mut frame = vec![0u8; 4 + len];
+    frame[..4].copy_from_slice(&header);
+    recv.read_exact(&mut frame[4..]).await.map_err(|e| anyhow::anyhow!("reading a {len}-byte frame: {e}"))?;
+    Ok(decode_frame(&frame)?)
+}

@@ -1,0 +1,146 @@
+//! Client commands.
+
+use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Subcommand;
+use grex_client::Client;
+
+use super::Target;
+
+#[derive(Subcommand)]
+pub(super) enum ModuleCommand {
+    /// Upload a module (a .wasm component, or a core module built with grex-sdk); prints its id.
+    Put {
+        /// The .wasm file.
+        file: PathBuf,
+        /// The name jobs will use to run it.
+        #[arg(long)]
+        name: String,
+        #[command(flatten)]
+        target: Target,
+    },
+}
+
+#[derive(Subcommand)]
+pub(super) enum JobCommand {
+    /// Run a job and print its output.
+    Run {
+        /// Bucket key.
+        bucket: String,
+        /// Module name (or sha256:HEX id).
+        module: String,
+        /// Input as text.
+        #[arg(long, conflicts_with = "input_file")]
+        input: Option<String>,
+        /// Input from a file (`-` for standard input).
+        #[arg(long)]
+        input_file: Option<PathBuf>,
+        /// Run without writing (the job fails if it tries to write).
+        #[arg(long)]
+        read_only: bool,
+        #[command(flatten)]
+        target: Target,
+    },
+}
+
+#[derive(Subcommand)]
+pub(super) enum ItemCommand {
+    /// Print an item's value.
+    Get {
+        /// Bucket key.
+        bucket: String,
+        /// Item key.
+        item: String,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// List a bucket's item keys, one a line.
+    Ls {
+        /// Bucket key.
+        bucket: String,
+        /// Only keys starting with this.
+        #[arg(long, default_value = "")]
+        prefix: String,
+        #[command(flatten)]
+        target: Target,
+    },
+}
+
+async fn connect(target: &Target) -> anyhow::Result<Client> {
+    Ok(Client::connect(&target.node, target.ca.as_deref()).await?)
+}
+
+/// Writes bytes to stdout exactly; adds a newline only for a terminal, for readability.
+fn print_bytes(bytes: &[u8]) -> anyhow::Result<()> {
+    let mut out = std::io::stdout().lock();
+    out.write_all(bytes)?;
+    if out.is_terminal() && !bytes.ends_with(b"\n") {
+        out.write_all(b"\n")?;
+    }
+    out.flush()?;
+    Ok(())
+}
+
+pub(super) async fn module(cmd: ModuleCommand) -> anyhow::Result<()> {
+    match cmd {
+        ModuleCommand::Put { file, name, target } => {
+            let wasm = std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
+            let info = connect(&target).await?.put_module(&name, wasm).await?;
+            println!("{}", info.id);
+            Ok(())
+        }
+    }
+}
+
+pub(super) async fn job(cmd: JobCommand) -> anyhow::Result<()> {
+    let JobCommand::Run { bucket, module, input, input_file, read_only, target } = cmd;
+    let input = match (input, input_file) {
+        (Some(text), _) => text.into_bytes(),
+        (None, Some(path)) if path.as_os_str() == "-" => {
+            let mut bytes = Vec::new();
+            std::io::Read::read_to_end(&mut std::io::stdin(), &mut bytes)?;
+            bytes
+        }
+        (None, Some(path)) => std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?,
+        (None, None) => Vec::new(),
+    };
+    let out = connect(&target).await?.run_job(bucket.as_bytes(), &module, &input, read_only).await?;
+    print_bytes(&out.output)
+}
+
+pub(super) async fn item(cmd: ItemCommand) -> anyhow::Result<()> {
+    match cmd {
+        ItemCommand::Get { bucket, item, target } => {
+            let value = connect(&target).await?.get_item(bucket.as_bytes(), &item).await?;
+            print_bytes(&value)
+        }
+        ItemCommand::Ls { bucket, prefix, target } => {
+            let client = connect(&target).await?;
+            let mut after: Option<String> = None;
+            loop {
+                let page = client.list_items(bucket.as_bytes(), &prefix, after.as_deref(), 1000).await?;
+                for key in &page {
+                    println!("{key}");
+                }
+                if page.len() < 1000 {
+                    return Ok(());
+                }
+                after = page.last().cloned();
+            }
+        }
+    }
+}
+
+pub(super) async fn canary(bucket: &str, target: &Target) -> anyhow::Result<()> {
+    let canary = connect(target).await?.canary(bucket.as_bytes()).await?;
+    println!("{}", canary.url);
+    Ok(())
+}
+
+pub(super) async fn status(target: &Target) -> anyhow::Result<()> {
+    let status = connect(target).await?.status().await?;
+    println!("{}", serde_json::to_string_pretty(&status)?);
+    Ok(())
+}

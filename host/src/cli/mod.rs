@@ -1,0 +1,102 @@
+//! The `grex` command line: `serve` and `dev` run nodes; `module`, `job`, `item`, `canary` and
+//! `status` are clients of a running node (`--node URL` or `GREX_NODE`).
+//!
+//! Client commands print results on stdout (a job's output bytes exactly as the job returned
+//! them) and errors on stderr, exiting non-zero, so they compose in scripts.
+
+mod client;
+mod server;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+
+/// The node URL client commands use when neither `--node` nor `GREX_NODE` is given.
+pub const DEFAULT_NODE_URL: &str = "http://127.0.0.1:7070";
+
+#[derive(Parser)]
+#[command(name = "grex", version, about = "Buckets of items on disk, with sandboxed wasm jobs next to the data")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a node.
+    Serve(server::ServeArgs),
+    /// Run a local node on loopback with the example jobs loaded.
+    Dev(server::DevArgs),
+    /// Upload and list modules.
+    #[command(subcommand)]
+    Module(client::ModuleCommand),
+    /// Run jobs.
+    #[command(subcommand)]
+    Job(client::JobCommand),
+    /// Read items.
+    #[command(subcommand)]
+    Item(client::ItemCommand),
+    /// Print the URL of the best node for a bucket.
+    Canary {
+        /// Bucket key.
+        bucket: String,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Print a node's status as JSON.
+    Status {
+        #[command(flatten)]
+        target: Target,
+    },
+}
+
+/// Which node a client command talks to.
+#[derive(Args, Clone, Debug)]
+pub struct Target {
+    /// Node URL: http://HOST:PORT or quic://HOST:PORT.
+    #[arg(long = "node", env = "GREX_NODE", default_value = DEFAULT_NODE_URL, global = true)]
+    pub node: String,
+    /// CA certificate that signs the node's QUIC certificate (ca.pem in its data directory);
+    /// needed for quic:// URLs.
+    #[arg(long = "ca", env = "GREX_CA", global = true)]
+    pub ca: Option<PathBuf>,
+}
+
+/// Runs the command line; returns the process's exit code.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let server = matches!(cli.command, Command::Serve(_) | Command::Dev(_));
+    init_logging(if server { "info" } else { "warn" });
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async move {
+        match cli.command {
+            Command::Serve(args) => server::serve(args).await,
+            Command::Dev(args) => server::dev(args).await,
+            Command::Module(cmd) => client::module(cmd).await,
+            Command::Job(cmd) => client::job(cmd).await,
+            Command::Item(cmd) => client::item(cmd).await,
+            Command::Canary { bucket, target } => client::canary(&bucket, &target).await,
+            Command::Status { target } => client::status(&target).await,
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(default: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("GREX_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+}

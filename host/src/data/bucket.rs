@@ -1,0 +1,283 @@
+//! A decoded bucket and the view a job has of it.
+
+use std::collections::BTreeMap;
+use std::ops::Bound;
+
+use super::{ChangeSet, ItemWrite};
+
+/// Fixed cost counted per item in cache accounting (map node and key/value headers).
+const ITEM_OVERHEAD_BYTES: usize = 64;
+
+/// A bucket's items and version, as the cache holds them.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct BucketData {
+    /// Version of the last committed change set; 0 for a bucket never written.
+    pub version: u64,
+    items: BTreeMap<String, Vec<u8>>,
+    bytes: usize,
+}
+
+impl BucketData {
+    /// A bucket with these items at this version.
+    pub fn new(version: u64, items: BTreeMap<String, Vec<u8>>) -> Self {
+        let bytes = items.iter().map(|(k, v)| item_bytes(k, v)).sum();
+        BucketData { version, items, bytes }
+    }
+
+    /// An item's value.
+    pub fn get(&self, item: &str) -> Option<&[u8]> {
+        self.items.get(item).map(Vec::as_slice)
+    }
+
+    /// Number of items.
+    pub fn len(&self) -> usize {
+        self.items.len()
+    }
+
+    /// Whether the bucket has no items.
+    pub fn is_empty(&self) -> bool {
+        self.items.is_empty()
+    }
+
+    /// Approximate memory held, for the cache's byte limit.
+    pub fn bytes(&self) -> usize {
+        self.bytes + ITEM_OVERHEAD_BYTES
+    }
+
+    /// Applies a change set made against this bucket's current version.
+    pub fn apply(&mut self, change: &ChangeSet) {
+        debug_assert_eq!(change.version, self.version + 1, "change sets apply in version order");
+        for write in &change.writes {
+            if let Some(old) = self.items.remove(&write.item) {
+                self.bytes -= item_bytes(&write.item, &old);
+            }
+            if let Some(value) = &write.value {
+                self.bytes += item_bytes(&write.item, value);
+                self.items.insert(write.item.clone(), value.clone());
+            }
+        }
+        self.version = change.version;
+    }
+
+    /// Item keys with `prefix`, strictly after `start_after`, at most `limit`.
+    pub fn list(&self, prefix: &str, start_after: Option<&str>, limit: usize) -> Vec<String> {
+        keys_in(&self.items, prefix, start_after).take(limit).map(str::to_owned).collect()
+    }
+}
+
+fn item_bytes(key: &str, value: &[u8]) -> usize {
+    key.len() + value.len() + ITEM_OVERHEAD_BYTES
+}
+
+fn keys_in<'a, V>(
+    map: &'a BTreeMap<String, V>,
+    prefix: &'a str,
+    start_after: Option<&str>,
+) -> impl Iterator<Item = &'a str> + 'a {
+    let lower = match start_after {
+        Some(after) if after >= prefix => Bound::Excluded(after.to_owned()),
+        _ => Bound::Included(prefix.to_owned()),
+    };
+    map.range::<String, _>((lower, Bound::Unbounded))
+        .map(|(k, _)| k.as_str())
+        .take_while(move |k| k.starts_with(prefix))
+}
+
+/// A limit a job broke while writing.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ViewError {
+    /// An item key is empty or longer than 1 KiB.
+    #[error("item key of {0} bytes; item keys are 1 to 1024 bytes")]
+    ItemKey(usize),
+    /// A value is larger than the item limit.
+    #[error("item `{item}` of {bytes} bytes is over the {max}-byte item limit")]
+    ItemTooLarge {
+        /// Item key.
+        item: String,
+        /// Its size.
+        bytes: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// The change set is larger than its limit.
+    #[error("the job's writes reached {bytes} bytes, over the {max}-byte change-set limit")]
+    ChangeSetTooLarge {
+        /// Size reached.
+        bytes: usize,
+        /// The limit.
+        max: usize,
+    },
+}
+
+/// A job's view of a bucket: the committed items overlaid with the job's own writes.
+pub struct JobView {
+    base: BucketData,
+    writes: BTreeMap<String, Option<Vec<u8>>>,
+    write_bytes: usize,
+    item_bytes_max: usize,
+    change_set_bytes_max: usize,
+}
+
+impl JobView {
+    /// A view over `base` that enforces the item and change-set limits.
+    pub fn new(base: BucketData, item_bytes_max: usize, change_set_bytes_max: usize) -> Self {
+        JobView { base, writes: BTreeMap::new(), write_bytes: 0, item_bytes_max, change_set_bytes_max }
+    }
+
+    /// The current value of an item.
+    pub fn get(&self, item: &str) -> Result<Option<&[u8]>, ViewError> {
+        check_key(item)?;
+        Ok(match self.writes.get(item) {
+            Some(written) => written.as_deref(),
+            None => self.base.get(item),
+        })
+    }
+
+    /// Writes an item.
+    pub fn put(&mut self, item: &str, value: Vec<u8>) -> Result<(), ViewError> {
+        check_key(item)?;
+        if value.len() > self.item_bytes_max {
+            return Err(ViewError::ItemTooLarge {
+                item: item.to_owned(),
+                bytes: value.len(),
+                max: self.item_bytes_max,
+            });
+        }
+        self.record(item, Some(value))
+    }
+
+    /// Deletes an item; returns whether it existed.
+    pub fn delete(&mut self, item: &str) -> Result<bool, ViewError> {
+        let existed = self.get(item)?.is_some();
+        if existed || self.writes.contains_key(item) {
+            self.record(item, None)?;
+        }
+        Ok(existed)
+    }
+
+    fn record(&mut self, item: &str, value: Option<Vec<u8>>) -> Result<(), ViewError> {
+        let new_bytes = item.len() + value.as_ref().map_or(0, Vec::len);
+        let old_bytes = self.writes.get(item).map_or(0, |v| item.len() + v.as_ref().map_or(0, Vec::len));
+        let total = self.write_bytes - old_bytes + new_bytes;
+        if total > self.change_set_bytes_max {
+            return Err(ViewError::ChangeSetTooLarge { bytes: total, max: self.change_set_bytes_max });
+        }
+        self.write_bytes = total;
+        self.writes.insert(item.to_owned(), value);
+        Ok(())
+    }
+
+    /// Item keys as the job sees them: committed keys merged with its writes, deletes removed.
+    pub fn list(&self, prefix: &str, start_after: Option<&str>, limit: usize) -> Vec<String> {
+        let mut base = keys_in(&self.base.items, prefix, start_after).peekable();
+        let mut own = keys_in(&self.writes, prefix, start_after).peekable();
+        let mut out = Vec::new();
+        while out.len() < limit {
+            let key = match (base.peek(), own.peek()) {
+                (None, None) => break,
+                (Some(_), None) => base.next(),
+                (None, Some(_)) => own.next(),
+                (Some(b), Some(o)) => match b.cmp(o) {
+                    std::cmp::Ordering::Less => base.next(),
+                    std::cmp::Ordering::Greater => own.next(),
+                    std::cmp::Ordering::Equal => {
+                        base.next();
+                        own.next()
+                    }
+                },
+            }
+            .expect("peeked");
+            if !matches!(self.writes.get(key), Some(None)) {
+                out.push(key.to_owned());
+            }
+        }
+        out
+    }
+
+    /// Whether the job wrote anything.
+    pub fn has_writes(&self) -> bool {
+        !self.writes.is_empty()
+    }
+
+    /// Ends the view: the bucket as it was, and the change set of the job's writes (if any).
+    pub fn finish(self, bucket: &[u8], flock: u32) -> (BucketData, Option<ChangeSet>) {
+        let change = (!self.writes.is_empty()).then(|| ChangeSet {
+            bucket: bucket.to_vec(),
+            flock,
+            version: self.base.version + 1,
+            writes: self.writes.into_iter().map(|(item, value)| ItemWrite { item, value }).collect(),
+        });
+        (self.base, change)
+    }
+}
+
+fn check_key(item: &str) -> Result<(), ViewError> {
+    if item.is_empty() || item.len() > grex_client::proto::ITEM_KEY_BYTES_MAX {
+        return Err(ViewError::ItemKey(item.len()));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bucket(items: &[(&str, &str)]) -> BucketData {
+        BucketData::new(3, items.iter().map(|(k, v)| (k.to_string(), v.as_bytes().to_vec())).collect())
+    }
+
+    #[test]
+    fn view_reads_its_own_writes_over_the_committed_items() {
+        let mut view = JobView::new(bucket(&[("a", "1"), ("b", "2")]), 100, 1000);
+        view.put("a", b"9".to_vec()).unwrap();
+        assert!(view.delete("b").unwrap());
+        assert_eq!(view.get("a").unwrap(), Some(&b"9"[..]));
+        assert_eq!(view.get("b").unwrap(), None);
+        assert!(!view.delete("b").unwrap());
+    }
+
+    #[test]
+    fn list_merges_writes_and_hides_deletes_in_key_order() {
+        let mut view = JobView::new(bucket(&[("c/1", ""), ("c/3", ""), ("c/5", ""), ("d/1", "")]), 100, 1000);
+        view.put("c/2", vec![]).unwrap();
+        view.put("c/3", vec![1]).unwrap();
+        view.delete("c/5").unwrap();
+        assert_eq!(view.list("c/", None, 10), ["c/1", "c/2", "c/3"]);
+        assert_eq!(view.list("c/", Some("c/1"), 1), ["c/2"]);
+        assert_eq!(view.list("", None, 10), ["c/1", "c/2", "c/3", "d/1"]);
+    }
+
+    #[test]
+    fn finish_yields_a_change_set_that_reproduces_the_view() {
+        let mut view = JobView::new(bucket(&[("a", "1"), ("b", "2")]), 100, 1000);
+        view.put("c", b"3".to_vec()).unwrap();
+        view.delete("a").unwrap();
+        let expected: Vec<_> = view.list("", None, 10);
+        let (mut base, change) = view.finish(b"k", 7);
+        let change = change.unwrap();
+        assert_eq!((change.version, change.flock), (4, 7));
+        base.apply(&change);
+        assert_eq!(base.list("", None, 10), expected);
+        assert_eq!(base.version, 4);
+        assert_eq!(base.bytes(), bucket(&[("b", "2"), ("c", "3")]).bytes());
+    }
+
+    #[test]
+    fn limits_are_checked_at_the_write_that_breaks_them() {
+        let mut view = JobView::new(BucketData::default(), 10, 25);
+        assert!(matches!(view.put("big", vec![0; 11]), Err(ViewError::ItemTooLarge { .. })));
+        view.put("a", vec![0; 10]).unwrap();
+        view.put("a", vec![0; 10]).unwrap(); // rewriting the same item does not count twice
+        view.put("b", vec![0; 10]).unwrap();
+        assert!(matches!(view.put("c", vec![0; 10]), Err(ViewError::ChangeSetTooLarge { .. })));
+        assert!(matches!(view.put("", vec![]), Err(ViewError::ItemKey(0))));
+        assert!(matches!(view.get(&"x".repeat(1025)), Err(ViewError::ItemKey(1025))));
+    }
+
+    #[test]
+    fn a_job_without_writes_makes_no_change_set() {
+        let view = JobView::new(bucket(&[("a", "1")]), 10, 10);
+        assert!(view.get("a").unwrap().is_some());
+        assert!(view.finish(b"k", 0).1.is_none());
+    }
+}

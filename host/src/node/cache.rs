@@ -1,0 +1,130 @@
+//! The decoded-bucket cache of one executor shard: LRU by bytes.
+//!
+//! An entry whose latest change set is not yet durable is never evicted: reloading it from the
+//! store would lose writes that later jobs already saw. So the cache may run over its budget by
+//! the buckets written in the last group commit, and returns to it once they are durable.
+
+use lru::LruCache;
+
+use crate::data::BucketData;
+
+/// A cached bucket and the commit sequence of its latest change set (0: nothing pending).
+pub(crate) struct CachedBucket {
+    pub(crate) data: BucketData,
+    pub(crate) last_seq: u64,
+}
+
+/// Counters the cache keeps.
+#[derive(Default, Clone, Copy, Debug)]
+pub struct CacheStats {
+    /// Lookups that found the bucket.
+    pub hits: u64,
+    /// Lookups that had to load it.
+    pub misses: u64,
+    /// Buckets held.
+    pub buckets: u64,
+    /// Bytes held.
+    pub bytes: u64,
+}
+
+pub(crate) struct BucketCache {
+    entries: LruCache<Vec<u8>, CachedBucket>,
+    bytes: usize,
+    bytes_max: usize,
+    hits: u64,
+    misses: u64,
+}
+
+impl BucketCache {
+    pub(crate) fn new(bytes_max: usize) -> Self {
+        BucketCache { entries: LruCache::unbounded(), bytes: 0, bytes_max, hits: 0, misses: 0 }
+    }
+
+    /// Takes a bucket out of the cache (to run a job on it), counting a hit or a miss.
+    pub(crate) fn take(&mut self, bucket: &[u8]) -> Option<CachedBucket> {
+        match self.entries.pop(bucket) {
+            Some(entry) => {
+                self.hits += 1;
+                self.bytes -= entry.data.bytes();
+                Some(entry)
+            }
+            None => {
+                self.misses += 1;
+                None
+            }
+        }
+    }
+
+    /// Puts a bucket back as the most recently used, then evicts durable entries over budget.
+    pub(crate) fn put(&mut self, bucket: Vec<u8>, entry: CachedBucket, durable_seq: u64) {
+        self.bytes += entry.data.bytes();
+        self.entries.put(bucket, entry);
+        self.evict(durable_seq);
+    }
+
+    /// Evicts least recently used entries while over budget, stopping at one not yet durable.
+    pub(crate) fn evict(&mut self, durable_seq: u64) {
+        while self.bytes > self.bytes_max {
+            match self.entries.peek_lru() {
+                Some((_, entry)) if entry.last_seq <= durable_seq => {
+                    let (_, entry) = self.entries.pop_lru().expect("peeked");
+                    self.bytes -= entry.data.bytes();
+                }
+                _ => break,
+            }
+        }
+    }
+
+    /// Drops everything (after a storage failure the cache may hold writes that never committed).
+    pub(crate) fn clear(&mut self) {
+        self.entries.clear();
+        self.bytes = 0;
+    }
+
+    pub(crate) fn stats(&self) -> CacheStats {
+        CacheStats {
+            hits: self.hits,
+            misses: self.misses,
+            buckets: self.entries.len() as u64,
+            bytes: self.bytes as u64,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+
+    fn bucket_of(bytes: usize) -> BucketData {
+        BucketData::new(1, BTreeMap::from([("v".to_string(), vec![0; bytes])]))
+    }
+
+    #[test]
+    fn least_recently_used_durable_buckets_go_first() {
+        let one = bucket_of(1000).bytes();
+        let mut cache = BucketCache::new(one * 2);
+        cache.put(b"a".to_vec(), CachedBucket { data: bucket_of(1000), last_seq: 1 }, 10);
+        cache.put(b"b".to_vec(), CachedBucket { data: bucket_of(1000), last_seq: 2 }, 10);
+        assert!(cache.take(b"a").is_some());
+        cache.put(b"a".to_vec(), CachedBucket { data: bucket_of(1000), last_seq: 3 }, 10);
+        cache.put(b"c".to_vec(), CachedBucket { data: bucket_of(1000), last_seq: 4 }, 10);
+        assert!(cache.take(b"b").is_none(), "b was least recently used");
+        let stats = cache.stats();
+        assert_eq!((stats.hits, stats.misses, stats.buckets), (1, 1, 2));
+        assert_eq!(stats.bytes as usize, one * 2);
+    }
+
+    #[test]
+    fn buckets_with_pending_writes_stay_until_durable() {
+        let one = bucket_of(1000).bytes();
+        let mut cache = BucketCache::new(one);
+        cache.put(b"a".to_vec(), CachedBucket { data: bucket_of(1000), last_seq: 5 }, 4);
+        cache.put(b"b".to_vec(), CachedBucket { data: bucket_of(1000), last_seq: 6 }, 4);
+        assert_eq!(cache.stats().buckets, 2, "nothing durable yet, so nothing evicted");
+        cache.evict(6);
+        assert_eq!(cache.stats().buckets, 1);
+        assert!(cache.take(b"b").is_some());
+    }
+}

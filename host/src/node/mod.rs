@@ -1,0 +1,408 @@
+//! The node: the library API that runs jobs against buckets and keeps them durable.
+//!
+//! A [`Node`] owns the store, the wasm runtime, the group committer and the executor shards. It
+//! needs no network: an application can embed one and call [`Node::run_job`] directly, and the
+//! servers in [`api`](crate::api) are thin layers over the same calls ([`Node::handle`]).
+//!
+//! The path of a job: [`Node::run_job`] checks the request, resolves the module (compiling it on
+//! first use, off the async threads) and hands the job to the shard that owns the bucket's flock
+//! ([`shard`](self)). The shard takes the bucket from its cache (loading it from the store on a
+//! miss), runs the job, applies the change set to the cached bucket and queues it for the
+//! committer ([`commit`](self)). `run_job` then waits until that change set is durable and
+//! answers.
+//!
+//! Guarantees: jobs on one bucket run one at a time against the latest state (the shard owns the
+//! bucket); a job is answered only after every write it made or saw is durable; a job that fails
+//! commits nothing.
+
+mod cache;
+mod clock;
+mod commit;
+mod shard;
+
+pub use cache::CacheStats;
+pub use clock::{Clock, FixedClock, SystemClock};
+pub use commit::{CommitLog, Durable};
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use grex_client::proto::{self, Canary, JobOutput, ModuleInfo, Request, Response, Status};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::config::NodeConfig;
+use crate::error::{ErrorCode, RemoteError, Result, error};
+use crate::storage::{ModuleId, RedbStore, Store};
+use crate::wasm::{LoadedModule, Runtime, module_id_text, parse_module_id};
+use shard::{Shard, ShardJob, ShardMsg, ShardStats};
+
+/// The longest module name.
+pub const MODULE_NAME_BYTES_MAX: usize = 128;
+/// The most keys one list request returns.
+pub const LIST_PAGE_MAX: u32 = 1000;
+/// The name of the redb file in the data directory.
+pub const DB_FILE: &str = "grex.redb";
+
+/// URLs at which the node's servers answer, for status and canaries.
+#[derive(Clone, Debug, Default)]
+pub struct NodeUrls {
+    /// `http://HOST:PORT`.
+    pub http: Option<String>,
+    /// `quic://HOST:PORT`.
+    pub quic: Option<String>,
+}
+
+/// A running node. Cheap to clone; every clone is the same node.
+#[derive(Clone)]
+pub struct Node {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    config: NodeConfig,
+    store: Arc<dyn Store>,
+    runtime: Arc<Runtime>,
+    commits: Arc<CommitLog>,
+    shards: Vec<mpsc::Sender<ShardMsg>>,
+    shard_stats: Vec<Arc<ShardStats>>,
+    shard_threads: Mutex<Vec<JoinHandle<()>>>,
+    names: RwLock<HashMap<String, ModuleId>>,
+    jobs_ok: AtomicU64,
+    jobs_failed: AtomicU64,
+    started: Instant,
+    urls: RwLock<NodeUrls>,
+}
+
+impl Node {
+    /// Opens (or creates) the node's data directory and starts it.
+    pub fn open(config: NodeConfig) -> anyhow::Result<Node> {
+        if !config.flock_count.is_power_of_two() {
+            anyhow::bail!("the flock count must be a power of two (such as 256), not {}", config.flock_count);
+        }
+        std::fs::create_dir_all(&config.data_dir)
+            .map_err(|e| anyhow::anyhow!("cannot create the data directory {}: {e}", config.data_dir.display()))?;
+        let path = config.data_dir.join(DB_FILE);
+        let store = RedbStore::open(&path, config.flock_count, config.durable)
+            .map_err(|e| anyhow::anyhow!("cannot open {}: {e}", path.display()))?;
+        Node::with_store(config, Arc::new(store), Arc::new(SystemClock))
+    }
+
+    /// Starts a node over any store, with a chosen clock (tests use these seams).
+    pub fn with_store(config: NodeConfig, store: Arc<dyn Store>, clock: Arc<dyn Clock>) -> anyhow::Result<Node> {
+        let shard_count = config.shards.max(1);
+        let runtime = Arc::new(
+            Runtime::new(config.limits.clone(), shard_count as u32 + 1)
+                .map_err(|e| anyhow::anyhow!("cannot start the wasm runtime: {e}"))?,
+        );
+        let commits = Arc::new(CommitLog::start(store.clone(), config.commit_queue_max));
+        let mut shards = Vec::new();
+        let mut shard_stats = Vec::new();
+        let mut threads = Vec::new();
+        for i in 0..shard_count {
+            let (tx, rx) = mpsc::channel(config.shard_queue_max.max(1));
+            let stats = Arc::new(ShardStats::default());
+            let shard = Shard {
+                store: store.clone(),
+                runtime: runtime.clone(),
+                commits: commits.clone(),
+                clock: clock.clone(),
+                cache: cache::BucketCache::new(config.cache_bytes_max / shard_count),
+                stats: stats.clone(),
+                last_timestamp_ms: 0,
+            };
+            threads.push(std::thread::Builder::new().name(format!("grex-shard-{i}")).spawn(move || shard.run(rx))?);
+            shards.push(tx);
+            shard_stats.push(stats);
+        }
+        let names = store.module_names().map_err(|e| anyhow::anyhow!("cannot read module names: {e}"))?;
+        Ok(Node {
+            inner: Arc::new(Inner {
+                config,
+                store,
+                runtime,
+                commits,
+                shards,
+                shard_stats,
+                shard_threads: Mutex::new(threads),
+                names: RwLock::new(names.into_iter().collect()),
+                jobs_ok: AtomicU64::new(0),
+                jobs_failed: AtomicU64::new(0),
+                started: Instant::now(),
+                urls: RwLock::new(NodeUrls::default()),
+            }),
+        })
+    }
+
+    /// The node's configuration.
+    pub fn config(&self) -> &NodeConfig {
+        &self.inner.config
+    }
+
+    /// The node's id.
+    pub fn id(&self) -> &str {
+        &self.inner.store.meta().node_id
+    }
+
+    /// Flocks in the cluster.
+    pub fn flock_count(&self) -> u32 {
+        self.inner.store.meta().flock_count
+    }
+
+    /// The CA file clients use to trust this node's QUIC certificate.
+    pub fn ca_file(&self) -> std::path::PathBuf {
+        self.inner.config.data_dir.join(crate::api::CA_FILE)
+    }
+
+    /// Records where the servers answer (for status and canaries).
+    pub fn set_urls(&self, urls: NodeUrls) {
+        *self.inner.urls.write().unwrap_or_else(|p| p.into_inner()) = urls;
+    }
+
+    fn urls(&self) -> NodeUrls {
+        self.inner.urls.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Stores a module under its SHA-256 and points `name` at it. The module is compiled first, so
+    /// one that would not run is refused here.
+    pub async fn put_module(&self, name: &str, wasm: Vec<u8>) -> Result<ModuleInfo> {
+        check_module_name(name)?;
+        let max = self.inner.config.limits.module_bytes_max;
+        if wasm.len() > max {
+            return Err(error(
+                ErrorCode::ModuleTooLarge,
+                format!("the module is {} bytes, over the {max}-byte limit (raise --module-bytes-max)", wasm.len()),
+            ));
+        }
+        let node = self.clone();
+        let name = name.to_owned();
+        tokio::task::spawn_blocking(move || {
+            let module = node.inner.runtime.modules.compile(&wasm)?;
+            node.inner.store.put_module(&module.id, &name, &wasm)?;
+            node.inner.names.write().unwrap_or_else(|p| p.into_inner()).insert(name.clone(), module.id);
+            tracing::info!(%name, id = %module_id_text(&module.id), bytes = wasm.len(), "module stored");
+            Ok(ModuleInfo { name, id: module_id_text(&module.id), size: wasm.len() as u64 })
+        })
+        .await
+        .map_err(|e| error(ErrorCode::Internal, format!("module upload task failed: {e}")))?
+    }
+
+    /// Every module name and the id it points at.
+    pub fn modules(&self) -> Vec<ModuleInfo> {
+        let names = self.inner.names.read().unwrap_or_else(|p| p.into_inner());
+        let mut list: Vec<ModuleInfo> =
+            names.iter().map(|(name, id)| ModuleInfo { name: name.clone(), id: module_id_text(id), size: 0 }).collect();
+        list.sort_by(|a, b| a.name.cmp(&b.name));
+        list
+    }
+
+    async fn module(&self, name: &str) -> Result<Arc<LoadedModule>> {
+        let id = match parse_module_id(name) {
+            Some(id) => id,
+            None => self.inner.names.read().unwrap_or_else(|p| p.into_inner()).get(name).copied().ok_or_else(|| {
+                error(
+                    ErrorCode::ModuleNotFound,
+                    format!("no module named `{name}`; upload it with `grex module put FILE --name {name}`"),
+                )
+            })?,
+        };
+        if let Some(module) = self.inner.runtime.modules.cached(&id) {
+            return Ok(module);
+        }
+        let node = self.clone();
+        let name = name.to_owned();
+        tokio::task::spawn_blocking(move || {
+            let wasm = node.inner.store.module_bytes(&id)?.ok_or_else(|| {
+                error(
+                    ErrorCode::ModuleNotFound,
+                    format!("module `{name}` ({}) is not stored here", module_id_text(&id)),
+                )
+            })?;
+            node.inner.runtime.modules.compile(&wasm)
+        })
+        .await
+        .map_err(|e| error(ErrorCode::Internal, format!("module load task failed: {e}")))?
+    }
+
+    /// Runs the module `module` (a name or `sha256:HEX`) against `bucket`. Mutating jobs commit
+    /// their writes before this returns; read-only jobs may not write.
+    pub async fn run_job(&self, bucket: &[u8], module: &str, input: Vec<u8>, read_only: bool) -> Result<JobOutput> {
+        let result = self.run_job_inner(bucket, module, input, read_only).await;
+        let counter = if result.is_ok() { &self.inner.jobs_ok } else { &self.inner.jobs_failed };
+        counter.fetch_add(1, Ordering::Relaxed);
+        result
+    }
+
+    async fn run_job_inner(&self, bucket: &[u8], module: &str, input: Vec<u8>, read_only: bool) -> Result<JobOutput> {
+        proto::check_bucket_key(bucket)?;
+        let max = self.inner.config.limits.input_bytes_max;
+        if input.len() > max {
+            return Err(error(
+                ErrorCode::InputTooLarge,
+                format!("the job input is {} bytes, over the {max}-byte limit (raise --input-bytes-max)", input.len()),
+            ));
+        }
+        let loaded = self.module(module).await?;
+        let flock = proto::flock_of(bucket, self.flock_count());
+        let (reply, answer) = oneshot::channel();
+        let job = ShardJob {
+            bucket: bucket.to_vec(),
+            flock,
+            module: loaded,
+            module_name: module.to_owned(),
+            input,
+            read_only,
+            reply,
+        };
+        let shard = &self.inner.shards[flock as usize % self.inner.shards.len()];
+        shard.try_send(ShardMsg::Job(job)).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(_) => error(
+                ErrorCode::Overloaded,
+                format!(
+                    "the node has {} jobs queued for this bucket's executor; retry with back-off or use another node",
+                    self.inner.config.shard_queue_max
+                ),
+            ),
+            mpsc::error::TrySendError::Closed(_) => shutting_down(),
+        })?;
+        let executed = answer.await.map_err(|_| shutting_down())?;
+        self.inner.commits.wait_durable(executed.wait_seq).await?;
+        let finished = executed.result?;
+        Ok(JobOutput { output: finished.output, bucket_version: finished.bucket_version, flock })
+    }
+
+    /// One committed item.
+    pub fn get_item(&self, bucket: &[u8], item: &str) -> Result<Vec<u8>> {
+        proto::check_bucket_key(bucket)?;
+        proto::check_item_key(item)?;
+        self.inner.store.get_item(bucket, item)?.ok_or_else(|| {
+            error(ErrorCode::ItemNotFound, format!("bucket `{}` has no item `{item}`", String::from_utf8_lossy(bucket)))
+        })
+    }
+
+    /// Committed item keys of a bucket with `prefix`, strictly after `start_after`, at most
+    /// `limit` (capped at [`LIST_PAGE_MAX`]).
+    pub fn list_items(
+        &self,
+        bucket: &[u8],
+        prefix: &str,
+        start_after: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<String>> {
+        proto::check_bucket_key(bucket)?;
+        Ok(self.inner.store.list_items(bucket, prefix, start_after, limit.min(LIST_PAGE_MAX) as usize)?)
+    }
+
+    /// The best node for `bucket`: on a single node, this one.
+    pub fn canary(&self, bucket: &[u8]) -> Result<Canary> {
+        proto::check_bucket_key(bucket)?;
+        let urls = self.urls();
+        Ok(Canary {
+            url: urls.http.unwrap_or_default(),
+            quic: urls.quic,
+            node: self.id().to_owned(),
+            flock: proto::flock_of(bucket, self.flock_count()),
+            role: "leader".into(),
+            bucket_version: self.inner.store.bucket_version(bucket)?,
+        })
+    }
+
+    /// Counters and settings.
+    pub fn status(&self) -> Status {
+        let cache = self.cache_stats();
+        let stats = &self.inner.commits.stats;
+        let urls = self.urls();
+        Status {
+            node: self.id().to_owned(),
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            http_url: urls.http,
+            quic_url: urls.quic,
+            uptime_s: self.inner.started.elapsed().as_secs(),
+            flock_count: self.flock_count(),
+            jobs_ok: self.inner.jobs_ok.load(Ordering::Relaxed),
+            jobs_failed: self.inner.jobs_failed.load(Ordering::Relaxed),
+            modules: self.inner.names.read().unwrap_or_else(|p| p.into_inner()).len() as u64,
+            cache_buckets: cache.buckets,
+            cache_bytes: cache.bytes,
+            cache_bytes_max: self.inner.config.cache_bytes_max as u64,
+            cache_hits: cache.hits,
+            cache_misses: cache.misses,
+            commits: stats.commits.load(Ordering::Relaxed),
+            change_sets: stats.change_sets.load(Ordering::Relaxed),
+        }
+    }
+
+    /// The cache counters, summed over shards.
+    pub fn cache_stats(&self) -> CacheStats {
+        self.inner.shard_stats.iter().map(|s| s.read()).fold(CacheStats::default(), |a, b| CacheStats {
+            hits: a.hits + b.hits,
+            misses: a.misses + b.misses,
+            buckets: a.buckets + b.buckets,
+            bytes: a.bytes + b.bytes,
+        })
+    }
+
+    /// Answers one wire request (the QUIC server's entry point).
+    pub async fn handle(&self, request: Request) -> Response {
+        let result = match request {
+            Request::PutModule { name, wasm } => self.put_module(&name, wasm).await.map(Response::Module),
+            Request::RunJob { bucket, module, input, read_only } => {
+                self.run_job(&bucket, &module, input, read_only).await.map(Response::Job)
+            }
+            Request::GetItem { bucket, item } => self.get_item(&bucket, &item).map(Response::Item),
+            Request::ListItems { bucket, prefix, start_after, limit } => {
+                self.list_items(&bucket, &prefix, start_after.as_deref(), limit).map(Response::Items)
+            }
+            Request::Canary { bucket } => self.canary(&bucket).map(Response::Canary),
+            Request::Status => Ok(Response::Status(self.status())),
+        };
+        result.unwrap_or_else(Response::Error)
+    }
+
+    /// Finishes queued jobs, commits what they wrote and stops the executor and committer threads.
+    /// Jobs submitted afterwards fail with `shutting_down`.
+    pub async fn shutdown(&self) {
+        for shard in &self.inner.shards {
+            let _ = shard.send(ShardMsg::Stop).await;
+        }
+        let node = self.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            let threads: Vec<_> =
+                node.inner.shard_threads.lock().unwrap_or_else(|p| p.into_inner()).drain(..).collect();
+            for thread in threads {
+                let _ = thread.join();
+            }
+            node.inner.commits.stop();
+        })
+        .await;
+    }
+
+    /// The data directory.
+    pub fn data_dir(&self) -> &Path {
+        &self.inner.config.data_dir
+    }
+}
+
+fn shutting_down() -> RemoteError {
+    error(ErrorCode::ShuttingDown, "the node is shutting down; retry on another node")
+}
+
+fn check_module_name(name: &str) -> Result<()> {
+    let ok = !name.is_empty()
+        && name.len() <= MODULE_NAME_BYTES_MAX
+        && !name.starts_with("sha256:")
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        Err(error(
+            ErrorCode::BadRequest,
+            format!(
+                "module name `{name}` must be 1 to {MODULE_NAME_BYTES_MAX} characters of A-Z, a-z, 0-9, `-`, `_`, `.`"
+            ),
+        ))
+    }
+}

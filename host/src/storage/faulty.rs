@@ -1,0 +1,65 @@
+//! A [`Store`] wrapper that fails every commit after the first N, to test how the node reacts
+//! to a failing disk.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use super::{ModuleId, NodeMeta, Store};
+use crate::data::{BucketData, ChangeSet};
+use crate::error::StoreError;
+
+/// Passes calls to `inner` until `commits_ok` commits have succeeded; later commits fail.
+pub struct FaultyStore<S> {
+    inner: S,
+    commits_ok: u64,
+    commits: AtomicU64,
+}
+
+impl<S: Store> FaultyStore<S> {
+    /// Wraps `inner`, letting `commits_ok` commits through.
+    pub fn new(inner: S, commits_ok: u64) -> Self {
+        FaultyStore { inner, commits_ok, commits: AtomicU64::new(0) }
+    }
+}
+
+impl<S: Store> Store for FaultyStore<S> {
+    fn meta(&self) -> &NodeMeta {
+        self.inner.meta()
+    }
+    fn load_bucket(&self, bucket: &[u8]) -> Result<BucketData, StoreError> {
+        self.inner.load_bucket(bucket)
+    }
+    fn get_item(&self, bucket: &[u8], item: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        self.inner.get_item(bucket, item)
+    }
+    fn list_items(
+        &self,
+        bucket: &[u8],
+        prefix: &str,
+        start_after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<String>, StoreError> {
+        self.inner.list_items(bucket, prefix, start_after, limit)
+    }
+    fn bucket_version(&self, bucket: &[u8]) -> Result<u64, StoreError> {
+        self.inner.bucket_version(bucket)
+    }
+    fn commit(&self, changes: &[ChangeSet]) -> Result<(), StoreError> {
+        let n = self.commits.fetch_add(1, Ordering::SeqCst);
+        if n >= self.commits_ok {
+            return Err(StoreError::Injected(n));
+        }
+        self.inner.commit(changes)
+    }
+    fn put_module(&self, id: &ModuleId, name: &str, wasm: &[u8]) -> Result<(), StoreError> {
+        self.inner.put_module(id, name, wasm)
+    }
+    fn module_id(&self, name: &str) -> Result<Option<ModuleId>, StoreError> {
+        self.inner.module_id(name)
+    }
+    fn module_bytes(&self, id: &ModuleId) -> Result<Option<Vec<u8>>, StoreError> {
+        self.inner.module_bytes(id)
+    }
+    fn module_names(&self) -> Result<Vec<(String, ModuleId)>, StoreError> {
+        self.inner.module_names()
+    }
+}

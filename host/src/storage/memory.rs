@@ -1,0 +1,114 @@
+//! An in-memory [`Store`] for tests: the same contract, no disk.
+
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+
+use super::{ModuleId, NodeMeta, Store};
+use crate::data::{BucketData, ChangeSet};
+use crate::error::StoreError;
+
+#[derive(Default)]
+struct State {
+    items: BTreeMap<(Vec<u8>, String), Vec<u8>>,
+    versions: BTreeMap<Vec<u8>, u64>,
+    modules: BTreeMap<ModuleId, Vec<u8>>,
+    names: BTreeMap<String, ModuleId>,
+}
+
+/// Everything in maps behind a mutex.
+pub struct MemoryStore {
+    meta: NodeMeta,
+    state: Mutex<State>,
+}
+
+impl MemoryStore {
+    /// An empty store with `flock_count` flocks.
+    pub fn new(flock_count: u32) -> Self {
+        MemoryStore { meta: NodeMeta { node_id: "memory".into(), flock_count }, state: Mutex::new(State::default()) }
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+impl Store for MemoryStore {
+    fn meta(&self) -> &NodeMeta {
+        &self.meta
+    }
+
+    fn load_bucket(&self, bucket: &[u8]) -> Result<BucketData, StoreError> {
+        let state = self.state();
+        let items = state
+            .items
+            .range((bucket.to_vec(), String::new())..)
+            .take_while(|((b, _), _)| b == bucket)
+            .map(|((_, k), v)| (k.clone(), v.clone()))
+            .collect();
+        Ok(BucketData::new(state.versions.get(bucket).copied().unwrap_or(0), items))
+    }
+
+    fn get_item(&self, bucket: &[u8], item: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.state().items.get(&(bucket.to_vec(), item.to_owned())).cloned())
+    }
+
+    fn list_items(
+        &self,
+        bucket: &[u8],
+        prefix: &str,
+        start_after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<String>, StoreError> {
+        Ok(self.load_bucket(bucket)?.list(prefix, start_after, limit))
+    }
+
+    fn bucket_version(&self, bucket: &[u8]) -> Result<u64, StoreError> {
+        Ok(self.state().versions.get(bucket).copied().unwrap_or(0))
+    }
+
+    fn commit(&self, changes: &[ChangeSet]) -> Result<(), StoreError> {
+        let mut state = self.state();
+        for change in changes {
+            for write in &change.writes {
+                let key = (change.bucket.clone(), write.item.clone());
+                match &write.value {
+                    Some(value) => state.items.insert(key, value.clone()),
+                    None => state.items.remove(&key),
+                };
+            }
+            state.versions.insert(change.bucket.clone(), change.version);
+        }
+        Ok(())
+    }
+
+    fn put_module(&self, id: &ModuleId, name: &str, wasm: &[u8]) -> Result<(), StoreError> {
+        let mut state = self.state();
+        state.modules.insert(*id, wasm.to_vec());
+        state.names.insert(name.to_owned(), *id);
+        Ok(())
+    }
+
+    fn module_id(&self, name: &str) -> Result<Option<ModuleId>, StoreError> {
+        Ok(self.state().names.get(name).copied())
+    }
+
+    fn module_bytes(&self, id: &ModuleId) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.state().modules.get(id).cloned())
+    }
+
+    fn module_names(&self) -> Result<Vec<(String, ModuleId)>, StoreError> {
+        Ok(self.state().names.iter().map(|(n, id)| (n.clone(), *id)).collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::contract;
+
+    #[test]
+    fn memory_store_meets_the_store_contract() {
+        contract::items_versions_and_listing_follow_commits(&MemoryStore::new(16));
+        contract::modules_are_found_by_name_and_id(&MemoryStore::new(16));
+    }
+}

@@ -1,0 +1,129 @@
+//! Modules: upload checks, componentization of core modules, and the cache of pre-linked modules
+//! by content hash.
+//!
+//! Users upload either a wasm component or a core module built for `wasm32-unknown-unknown` with
+//! the guest SDK (wit-bindgen embeds the component type in a custom section); a core module is
+//! turned into a component here, once. A module's id is the SHA-256 of the bytes as uploaded.
+//! Compiled code lives only in this process's memory and is never shipped to other nodes.
+
+use std::num::NonZeroUsize;
+use std::sync::{Arc, Mutex};
+
+use lru::LruCache;
+use sha2::{Digest, Sha256};
+use wasmtime::Engine;
+use wasmtime::component::{Component, Linker};
+
+use super::host_fns::{JobState, JobWorldPre};
+use crate::error::{ErrorCode, RemoteError, Result, error};
+use crate::storage::ModuleId;
+
+/// A module ready to instantiate.
+pub struct LoadedModule {
+    /// SHA-256 of the uploaded bytes.
+    pub id: ModuleId,
+    pub(crate) pre: JobWorldPre<JobState>,
+}
+
+/// `sha256:` + hex, the id as users see it.
+pub fn module_id_text(id: &ModuleId) -> String {
+    format!("sha256:{}", hex::encode(id))
+}
+
+/// Parses `sha256:HEX` into an id, or `None` if `text` is not of that form (it is then a name).
+pub fn parse_module_id(text: &str) -> Option<ModuleId> {
+    let hex_digits = text.strip_prefix("sha256:")?;
+    hex::decode(hex_digits).ok()?.try_into().ok()
+}
+
+/// Compiled modules by id, least recently used dropped first.
+pub(crate) struct Modules {
+    engine: Engine,
+    linker: Linker<JobState>,
+    cache: Mutex<LruCache<ModuleId, Arc<LoadedModule>>>,
+}
+
+impl Modules {
+    pub(crate) fn new(engine: Engine, linker: Linker<JobState>, capacity: usize) -> Self {
+        let capacity = NonZeroUsize::new(capacity.max(1)).expect("at least 1");
+        Modules { engine, linker, cache: Mutex::new(LruCache::new(capacity)) }
+    }
+
+    fn cache(&self) -> std::sync::MutexGuard<'_, LruCache<ModuleId, Arc<LoadedModule>>> {
+        self.cache.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// The compiled module with this id, if it is in the cache.
+    pub(crate) fn cached(&self, id: &ModuleId) -> Option<Arc<LoadedModule>> {
+        self.cache().get(id).cloned()
+    }
+
+    /// Compiles and links `wasm` (slow: call off the async executor), caching the result.
+    pub(crate) fn compile(&self, wasm: &[u8]) -> Result<Arc<LoadedModule>> {
+        let id: ModuleId = Sha256::digest(wasm).into();
+        if let Some(module) = self.cached(&id) {
+            return Ok(module);
+        }
+        let component_bytes = to_component(wasm)?;
+        let component = Component::new(&self.engine, &component_bytes)
+            .map_err(|e| invalid(format!("the component does not compile: {e:#}")))?;
+        let instance_pre = self.linker.instantiate_pre(&component).map_err(|e| {
+            invalid(format!(
+                "the module needs imports Grex does not provide ({e:#}); a job may import only the grex:job world \
+                 (build it for wasm32-unknown-unknown with grex-sdk, not for a WASI target)"
+            ))
+        })?;
+        let pre = JobWorldPre::new(instance_pre)
+            .map_err(|e| invalid(format!("the module does not export `run` of the grex:job world: {e:#}")))?;
+        let module = Arc::new(LoadedModule { id, pre });
+        self.cache().put(id, module.clone());
+        Ok(module)
+    }
+}
+
+fn invalid(message: String) -> RemoteError {
+    error(ErrorCode::ModuleInvalid, message)
+}
+
+/// The uploaded bytes as a component: components pass through, core modules are componentized.
+fn to_component(wasm: &[u8]) -> Result<Vec<u8>> {
+    if wasmparser::Parser::is_component(wasm) {
+        return Ok(wasm.to_vec());
+    }
+    if !wasmparser::Parser::is_core_wasm(wasm) {
+        let head: Vec<String> = wasm.iter().take(8).map(|b| format!("{b:02x}")).collect();
+        return Err(invalid(format!(
+            "not a wasm module (it starts with {}; wasm starts with 00 61 73 6d); upload the .wasm file cargo built",
+            head.join(" ")
+        )));
+    }
+    wit_component::ComponentEncoder::default()
+        .validate(true)
+        .module(wasm)
+        .and_then(|mut encoder| encoder.encode())
+        .map_err(|e| {
+            invalid(format!(
+                "the core module cannot be made into a grex:job component ({e:#}); build it with grex-sdk and its job! macro"
+            ))
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn module_ids_round_trip_through_their_text_form() {
+        let id = [0xab; 32];
+        assert_eq!(parse_module_id(&module_id_text(&id)), Some(id));
+        assert_eq!(parse_module_id("counter"), None);
+        assert_eq!(parse_module_id("sha256:abcd"), None);
+    }
+
+    #[test]
+    fn bytes_that_are_not_wasm_are_refused_with_advice() {
+        let err = to_component(b"#!/bin/sh\necho hi").unwrap_err();
+        assert_eq!(err.code, ErrorCode::ModuleInvalid);
+        assert!(err.message.contains("not a wasm module"), "{}", err.message);
+    }
+}
