@@ -3,9 +3,14 @@
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
 use crate::ClientError;
 use crate::proto::{ALPN, FRAME_BYTES_MAX, Request, Response, decode_frame, encode_frame};
+
+/// A connection with no answer from the node for this long is considered dead.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
+const KEEP_ALIVE: Duration = Duration::from_secs(3);
 
 pub(crate) struct QuicTransport {
     // Kept so the endpoint's driver lives as long as the connection.

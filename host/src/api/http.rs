@@ -5,8 +5,8 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 
 use axum::body::Body;
-use axum::extract::{DefaultBodyLimit, Query, RawPathParams, State};
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::extract::{DefaultBodyLimit, Query, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
@@ -82,18 +82,20 @@ async fn not_found() -> ApiError {
     ))
 }
 
-/// A path parameter, percent-decoded to bytes.
-fn param_bytes(params: &RawPathParams, name: &str) -> ApiResult<Vec<u8>> {
-    let raw = params
-        .iter()
-        .find(|(key, _)| *key == name)
-        .map(|(_, value)| value)
+/// Path segment `index` (`/v1/jobs/{bucket}`: the bucket is segment 2), percent-decoded to bytes.
+/// Read from the URI itself because bucket keys are bytes, not necessarily UTF-8.
+fn segment_bytes(uri: &Uri, index: usize, name: &str) -> ApiResult<Vec<u8>> {
+    let raw = uri
+        .path()
+        .split('/')
+        .skip(1)
+        .nth(index)
         .ok_or_else(|| error(ErrorCode::BadRequest, format!("missing `{name}` in the path")))?;
     Ok(percent_decode_str(raw).collect())
 }
 
-fn param_text(params: &RawPathParams, name: &str) -> ApiResult<String> {
-    String::from_utf8(param_bytes(params, name)?)
+fn segment_text(uri: &Uri, index: usize, name: &str) -> ApiResult<String> {
+    String::from_utf8(segment_bytes(uri, index, name)?)
         .map_err(|_| ApiError(error(ErrorCode::BadRequest, format!("`{name}` in the path must be UTF-8"))))
 }
 
@@ -122,11 +124,11 @@ fn require_content_type(headers: &HeaderMap, allowed: &[&str], hint: &str) -> Ap
 
 async fn put_module(
     State(node): State<Node>,
-    params: RawPathParams,
+    uri: Uri,
     headers: HeaderMap,
     body: Body,
 ) -> ApiResult<Json<grex_client::ModuleInfo>> {
-    let name = param_text(&params, "name")?;
+    let name = segment_text(&uri, 2, "name")?;
     require_content_type(
         &headers,
         &["application/wasm", "application/octet-stream"],
@@ -143,12 +145,12 @@ async fn list_modules(State(node): State<Node>) -> Json<serde_json::Value> {
 
 async fn run_job(
     State(node): State<Node>,
-    params: RawPathParams,
+    uri: Uri,
     Query(query): Query<HashMap<String, String>>,
     headers: HeaderMap,
     body: Body,
 ) -> ApiResult<Response> {
-    let bucket = param_bytes(&params, "bucket")?;
+    let bucket = segment_bytes(&uri, 2, "bucket")?;
     let module = query
         .get("module")
         .ok_or_else(|| error(ErrorCode::BadRequest, "say which module to run: POST /v1/jobs/{bucket}?module=NAME"))?;
@@ -178,19 +180,19 @@ async fn run_job(
     Ok(response)
 }
 
-async fn get_item(State(node): State<Node>, params: RawPathParams) -> ApiResult<Response> {
-    let bucket = param_bytes(&params, "bucket")?;
-    let item = param_text(&params, "item")?;
+async fn get_item(State(node): State<Node>, uri: Uri) -> ApiResult<Response> {
+    let bucket = segment_bytes(&uri, 2, "bucket")?;
+    let item = segment_text(&uri, 4, "item")?;
     let value = node.get_item(&bucket, &item)?;
     Ok(([(header::CONTENT_TYPE, "application/octet-stream")], value).into_response())
 }
 
 async fn list_items(
     State(node): State<Node>,
-    params: RawPathParams,
+    uri: Uri,
     Query(query): Query<HashMap<String, String>>,
 ) -> ApiResult<Json<serde_json::Value>> {
-    let bucket = param_bytes(&params, "bucket")?;
+    let bucket = segment_bytes(&uri, 2, "bucket")?;
     let prefix = query.get("prefix").map_or("", String::as_str);
     let limit = match query.get("limit") {
         None => 100,
@@ -202,8 +204,8 @@ async fn list_items(
     Ok(Json(serde_json::json!({ "items": items })))
 }
 
-async fn canary(State(node): State<Node>, params: RawPathParams) -> ApiResult<Json<grex_client::Canary>> {
-    let bucket = param_bytes(&params, "bucket")?;
+async fn canary(State(node): State<Node>, uri: Uri) -> ApiResult<Json<grex_client::Canary>> {
+    let bucket = segment_bytes(&uri, 2, "bucket")?;
     Ok(Json(node.canary(&bucket)?))
 }
 

@@ -27,7 +27,7 @@ pub struct Transaction {
     pub date: String,
 }
 
-#[derive(Deserialize)]
+#[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct NewTransaction {
     description: String,

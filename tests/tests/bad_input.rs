@@ -1,0 +1,138 @@
+//! Bad input of every kind gets a clear 4xx error with a stable code, and loses nothing.
+
+use grex_client::ErrorCode;
+use grex_tests::{GrexNode, http, job_wasm};
+
+fn start() -> (tempfile::TempDir, GrexNode) {
+    let dir = tempfile::tempdir().unwrap();
+    let node = GrexNode::start(dir.path(), &["--input-bytes-max", "1000", "--module-bytes-max", "2000000"]);
+    let counter = job_wasm("counter");
+    let put = http(node.http_addr(), "PUT", "/v1/modules/counter", &[("content-type", "application/wasm")], &counter);
+    assert_eq!(put.status, 200, "{}", String::from_utf8_lossy(&put.body));
+    (dir, node)
+}
+
+fn assert_error(answer: &grex_tests::HttpAnswer, status: u16, code: &str, hint: &str) {
+    let json = answer.json();
+    assert_eq!(answer.status, status, "{json}");
+    assert_eq!(json["code"], code, "{json}");
+    let message = json["error"].as_str().unwrap();
+    assert!(message.contains(hint), "message `{message}` should mention `{hint}`");
+}
+
+#[test]
+fn malformed_wasm_is_refused_with_a_reason() {
+    let (_dir, node) = start();
+    let addr = node.http_addr();
+    let ct = [("content-type", "application/wasm")];
+    assert_error(&http(addr, "PUT", "/v1/modules/junk", &ct, b"hello"), 400, "module_invalid", "not a wasm module");
+    let truncated = &job_wasm("counter")[..500];
+    assert_error(&http(addr, "PUT", "/v1/modules/junk", &ct, truncated), 400, "module_invalid", "");
+    // A valid core module that is not a Grex job: no component type, no `run` export.
+    let bare = b"\0asm\x01\0\0\0";
+    assert_error(&http(addr, "PUT", "/v1/modules/junk", &ct, bare), 400, "module_invalid", "grex");
+    assert_error(&http(addr, "PUT", "/v1/modules/bad%20name", &ct, bare), 400, "bad_request", "module name");
+    let huge = vec![0u8; 2_000_001];
+    assert_error(&http(addr, "PUT", "/v1/modules/huge", &ct, &huge), 413, "module_too_large", "limit");
+    // None of it replaced the good module.
+    let run = http(addr, "POST", "/v1/jobs/b?module=counter", &[], b"");
+    assert_eq!((run.status, run.body.as_slice()), (200, &b"1"[..]));
+}
+
+#[test]
+fn unknown_module_names_say_how_to_upload_one() {
+    let (_dir, node) = start();
+    let answer = http(node.http_addr(), "POST", "/v1/jobs/b?module=nope", &[], b"");
+    assert_error(&answer, 404, "module_not_found", "grex module put");
+    let answer = http(node.http_addr(), "POST", "/v1/jobs/b", &[], b"");
+    assert_error(&answer, 400, "bad_request", "module=NAME");
+}
+
+#[test]
+fn oversized_input_is_refused_before_the_job_runs() {
+    let (_dir, node) = start();
+    let answer = http(node.http_addr(), "POST", "/v1/jobs/b?module=counter", &[], &[b'1'; 1001]);
+    assert_error(&answer, 413, "input_too_large", "1000-byte limit");
+    let answer = http(node.http_addr(), "GET", "/v1/buckets/b/items/count", &[], b"");
+    assert_error(&answer, 404, "item_not_found", "count");
+}
+
+#[test]
+fn empty_and_oversized_bucket_keys_are_refused() {
+    let (_dir, node) = start();
+    let answer = http(node.http_addr(), "POST", "/v1/jobs/%20?module=counter", &[], b"");
+    assert_eq!(answer.status, 200, "a single space is a valid key");
+    let long = "k".repeat(513);
+    let answer = http(node.http_addr(), "POST", &format!("/v1/jobs/{long}?module=counter"), &[], b"");
+    assert_error(&answer, 400, "invalid_bucket_key", "513 bytes");
+    let answer = http(node.http_addr(), "GET", &format!("/v1/canary/{long}"), &[], b"");
+    assert_error(&answer, 400, "invalid_bucket_key", "limit is 512");
+    // An empty path segment does not match the route at all.
+    let answer = http(node.http_addr(), "POST", "/v1/jobs/?module=counter", &[], b"");
+    assert_eq!(answer.status / 100, 4);
+}
+
+#[tokio::test]
+async fn an_empty_bucket_key_over_quic_is_refused() {
+    let (_dir, node) = start();
+    let client = node.client().await;
+    let err = client.run_job(b"", "counter", b"", false).await.unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::InvalidBucketKey));
+    assert!(err.to_string().contains("empty"), "{err}");
+}
+
+#[test]
+fn wrong_content_types_are_refused_with_the_right_one_named() {
+    let (_dir, node) = start();
+    let addr = node.http_addr();
+    let form = [("content-type", "application/x-www-form-urlencoded")];
+    assert_error(
+        &http(addr, "POST", "/v1/jobs/b?module=counter", &form, b"5"),
+        415,
+        "unsupported_media_type",
+        "--data-binary",
+    );
+    let json = [("content-type", "application/json")];
+    assert_error(&http(addr, "PUT", "/v1/modules/x", &json, b"{}"), 415, "unsupported_media_type", "application/wasm");
+    // The refused job did not run.
+    assert_error(&http(addr, "GET", "/v1/buckets/b/items/count", &[], b""), 404, "item_not_found", "");
+}
+
+#[test]
+fn binary_bucket_keys_round_trip_through_percent_encoding() {
+    let (_dir, node) = start();
+    let addr = node.http_addr();
+    let answer = http(addr, "POST", "/v1/jobs/%00%FF%2F?module=counter", &[("content-type", "text/plain")], b"3");
+    assert_eq!((answer.status, answer.body.as_slice()), (200, &b"3"[..]));
+    let item = http(addr, "GET", "/v1/buckets/%00%FF%2F/items/count", &[], b"");
+    assert_eq!((item.status, item.body.as_slice()), (200, &b"3"[..]));
+}
+
+#[tokio::test]
+async fn malformed_quic_frames_get_an_error_answer_and_the_node_keeps_serving() {
+    let (_dir, node) = start();
+    let config = grex_client::quic::client_config(&node.ca).unwrap();
+    let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    endpoint.set_default_client_config(config);
+    let addr = node.quic.trim_start_matches("quic://").parse().unwrap();
+    let connection = endpoint.connect(addr, "127.0.0.1").unwrap().await.unwrap();
+    let frames: [&[u8]; 4] = [
+        b"\x00\x00\x00\x05\x01\xff\xff\xff\xff", // version 1, garbage payload
+        b"\x00\x00\x00\x02\x09\x00",             // unknown wire version
+        b"\xff\xff\xff\xff",                     // announces 4 GiB
+        b"\x00\x00\x01\x00\x01",                 // announces 256 bytes, sends 1
+    ];
+    for frame in frames {
+        let (mut send, mut recv) = connection.open_bi().await.unwrap();
+        send.write_all(frame).await.unwrap();
+        send.finish().unwrap();
+        let answer = recv.read_to_end(1 << 20).await.unwrap();
+        let response: grex_client::Response = grex_client::proto::decode_frame(&answer).unwrap();
+        match response {
+            grex_client::Response::Error(e) => assert_eq!(e.code, ErrorCode::BadRequest, "{e}"),
+            other => panic!("expected an error for {frame:?}, got {other:?}"),
+        }
+    }
+    let client = node.client().await;
+    assert_eq!(client.run_job(b"b", "counter", b"", false).await.unwrap().output, b"1");
+}
