@@ -76,5 +76,10 @@ pub fn client_config(ca_file: &Path) -> Result<quinn::ClientConfig, ClientError>
     tls.alpn_protocols = vec![ALPN.to_vec()];
     let quic =
         quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(|e| ClientError::Config(e.to_string()))?;
-    Ok(quinn::ClientConfig::new(Arc::new(quic)))
+    let mut config = quinn::ClientConfig::new(Arc::new(quic));
+    let mut transport = quinn::TransportConfig::default();
+    // Notice a dead node within seconds, and keep an idle connection to a live one open.
+    transport.keep_alive_interval(Some(KEEP_ALIVE)).max_idle_timeout(Some(IDLE_TIMEOUT.try_into().expect("small")));
+    config.transport_config(Arc::new(transport));
+    Ok(config)
 }

@@ -4,6 +4,7 @@
 //! Client commands print results on stdout (a job's output bytes exactly as the job returned
 //! them) and errors on stderr, exiting non-zero, so they compose in scripts.
 
+mod bench;
 mod client;
 mod server;
 
@@ -49,6 +50,8 @@ enum Command {
         #[command(flatten)]
         target: Target,
     },
+    /// Load a node with concurrent jobs and print throughput and latency.
+    Bench(bench::BenchArgs),
 }
 
 /// Which node a client command talks to.
@@ -84,6 +87,7 @@ pub fn main() -> ExitCode {
             Command::Item(cmd) => client::item(cmd).await,
             Command::Canary { bucket, target } => client::canary(&bucket, &target).await,
             Command::Status { target } => client::status(&target).await,
+            Command::Bench(args) => bench::bench(args).await,
         }
     });
     match result {

@@ -42,6 +42,11 @@ impl Runtime {
         Ok(Runtime { engine, modules, limits, ticker_stop })
     }
 
+    /// Compiles a module (a component or an SDK-built core module) for [`Runtime::run`].
+    pub fn compile(&self, wasm: &[u8]) -> crate::error::Result<std::sync::Arc<super::LoadedModule>> {
+        self.modules.compile(wasm)
+    }
+
     /// Epoch ticks to allow a job with this timeout (one extra so a job never gets less).
     pub(crate) fn deadline_ticks(&self) -> u64 {
         self.limits.timeout_ms.div_ceil(EPOCH_TICK_MS) + 1

@@ -1,0 +1,139 @@
+//! `grex bench`: a load generator. N clients, each on its own QUIC connection, run a job on random
+//! buckets back to back for a fixed time; prints throughput and latency percentiles.
+
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use clap::Args;
+use grex_client::Client;
+use rand::{Rng, SeedableRng};
+
+use super::Target;
+
+#[derive(Args)]
+pub(super) struct BenchArgs {
+    /// Concurrent clients, each with its own connection.
+    #[arg(long, default_value_t = 50)]
+    clients: usize,
+    /// How long to run, in seconds (after a one-second warm-up).
+    #[arg(long, default_value_t = 10)]
+    seconds: u64,
+    /// Module to run.
+    #[arg(long, default_value = "counter")]
+    module: String,
+    /// Job input.
+    #[arg(long, default_value = "1")]
+    input: String,
+    /// Buckets to pick from at random.
+    #[arg(long, default_value_t = 100_000)]
+    buckets: u64,
+    /// Seed for bucket choice (default: random, printed).
+    #[arg(long)]
+    seed: Option<u64>,
+    #[command(flatten)]
+    target: Target,
+}
+
+/// Latency percentiles and throughput of one run.
+#[derive(Debug)]
+pub struct BenchReport {
+    /// Jobs completed in the measured window.
+    pub jobs: u64,
+    /// Jobs that failed.
+    pub errors: u64,
+    /// Jobs per second.
+    pub jobs_per_s: f64,
+    /// Median latency.
+    pub p50: Duration,
+    /// 99th percentile latency.
+    pub p99: Duration,
+}
+
+pub(super) async fn bench(args: BenchArgs) -> anyhow::Result<()> {
+    let seed = args.seed.unwrap_or_else(rand::random);
+    println!(
+        "bench: {} clients, {} s, module {}, {} buckets, seed {seed}",
+        args.clients, args.seconds, args.module, args.buckets
+    );
+    let mut clients = Vec::new();
+    for _ in 0..args.clients {
+        clients.push(Client::connect(&args.target.node, args.target.ca.as_deref()).await.context("connecting")?);
+    }
+    let warm_up = Instant::now() + Duration::from_secs(1);
+    let end = warm_up + Duration::from_secs(args.seconds);
+    let mut tasks = Vec::new();
+    for (i, client) in clients.into_iter().enumerate() {
+        let module = args.module.clone();
+        let input = args.input.clone().into_bytes();
+        let buckets = args.buckets;
+        tasks.push(tokio::spawn(async move {
+            let mut rng = rand::rngs::StdRng::seed_from_u64(seed.wrapping_add(i as u64));
+            let mut latencies = Vec::new();
+            let mut errors = 0u64;
+            loop {
+                let bucket = format!("bench-{}", rng.random_range(0..buckets));
+                let start = Instant::now();
+                let result = client.run_job(bucket.as_bytes(), &module, &input, false).await;
+                let done = Instant::now();
+                if done >= end {
+                    break;
+                }
+                if start >= warm_up {
+                    match result {
+                        Ok(_) => latencies.push(done - start),
+                        Err(_) => errors += 1,
+                    }
+                }
+            }
+            (latencies, errors)
+        }));
+    }
+    let mut latencies = Vec::new();
+    let mut errors = 0;
+    for task in tasks {
+        let (l, e) = task.await?;
+        latencies.extend(l);
+        errors += e;
+    }
+    let report = summarize(latencies, errors, Duration::from_secs(args.seconds));
+    println!(
+        "jobs/s {:.0}  p50 {:.2} ms  p99 {:.2} ms  ({} jobs, {} errors)",
+        report.jobs_per_s,
+        report.p50.as_secs_f64() * 1e3,
+        report.p99.as_secs_f64() * 1e3,
+        report.jobs,
+        report.errors
+    );
+    if report.errors > 0 {
+        anyhow::bail!("{} jobs failed during the run", report.errors);
+    }
+    Ok(())
+}
+
+/// Throughput and percentiles of a set of latencies measured over `window`.
+pub fn summarize(mut latencies: Vec<Duration>, errors: u64, window: Duration) -> BenchReport {
+    latencies.sort_unstable();
+    let at = |q: f64| latencies.get(((latencies.len() as f64 - 1.0) * q).round() as usize).copied().unwrap_or_default();
+    BenchReport {
+        jobs: latencies.len() as u64,
+        errors,
+        jobs_per_s: latencies.len() as f64 / window.as_secs_f64(),
+        p50: at(0.50),
+        p99: at(0.99),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles_come_from_the_sorted_latencies() {
+        let latencies = (1..=100).rev().map(Duration::from_millis).collect();
+        let report = summarize(latencies, 0, Duration::from_secs(2));
+        assert_eq!(report.jobs, 100);
+        assert_eq!(report.jobs_per_s, 50.0);
+        assert_eq!(report.p50, Duration::from_millis(51));
+        assert_eq!(report.p99, Duration::from_millis(99));
+    }
+}
