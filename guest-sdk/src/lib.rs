@@ -41,7 +41,7 @@ mod alloc;
 mod bucket;
 mod error;
 
-pub use bucket::{Bucket, ItemKeys};
+pub use bucket::{Bucket, ItemKeys, LIST_PAGE_MAX};
 pub use error::Error;
 
 /// Generated from `wit/job.wit`; the SDK's types wrap it, jobs need not use it directly.

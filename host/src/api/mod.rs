@@ -1,5 +1,5 @@
-//! The client-facing servers: HTTP/JSON ([`http`](self)) and QUIC ([`quic`](self)), both thin
-//! layers over [`Node`](crate::Node), and the TLS identity QUIC serves ([`tls`](self)).
+//! The client-facing servers: HTTP/JSON (`http`) and QUIC (`quic`), both thin
+//! layers over [`Node`], and the TLS identity QUIC serves (`tls`).
 //!
 //! [`start`] binds the listeners, records their URLs on the node and returns a [`Servers`] handle
 //! that stops them. `docs/wire.md` specifies both protocols.

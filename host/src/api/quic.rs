@@ -121,8 +121,11 @@ async fn read_request(recv: &mut quinn::RecvStream) -> anyhow::Result<Request> {
     recv.read_exact(&mut header).await.map_err(|e| anyhow::anyhow!("reading the frame header: {e}"))?;
     let len = frame_len(header)?;
     debug_assert!(len <= FRAME_BYTES_MAX);
-    let mut frame = vec![0u8; 4 + len];
-    frame[..4].copy_from_slice(&header);
-    recv.read_exact(&mut frame[4..]).await.map_err(|e| anyhow::anyhow!("reading a {len}-byte frame: {e}"))?;
+    // Memory grows with the bytes that actually arrive (bounded by QUIC flow control), not with
+    // the length a peer announces.
+    let body = recv.read_to_end(len).await.map_err(|e| anyhow::anyhow!("reading a {len}-byte frame: {e}"))?;
+    let mut frame = Vec::with_capacity(4 + body.len());
+    frame.extend_from_slice(&header);
+    frame.extend_from_slice(&body);
     Ok(decode_frame(&frame)?)
 }

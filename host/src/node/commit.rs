@@ -80,6 +80,10 @@ impl CommitLog {
 
     /// Queues a change set (blocking while the queue is full); returns its sequence.
     pub fn submit(&self, change: ChangeSet) -> Result<u64, RemoteError> {
+        if let Durable::Failed { reason, .. } = &*self.durable.borrow() {
+            return Err(storage_failed(reason));
+        }
+        // A failure published after this check is still seen by the job's `wait_durable`.
         let mut queue = self.queue.lock().unwrap_or_else(|p| p.into_inner());
         let seq = queue.0;
         queue.1.send(CommitMsg::Change(seq, change)).map_err(|_| self.closed_error())?;
@@ -92,6 +96,11 @@ impl CommitLog {
             Durable::Failed { reason, .. } => storage_failed(reason),
             Durable::Upto(_) => error(ErrorCode::ShuttingDown, "the node is shutting down; retry on another node"),
         }
+    }
+
+    /// The sequence of the last change set queued so far (0 if none).
+    pub fn submitted_seq(&self) -> u64 {
+        self.queue.lock().unwrap_or_else(|p| p.into_inner()).0 - 1
     }
 
     /// The highest durable sequence, or the failure.

@@ -6,9 +6,9 @@
 //!
 //! The path of a job: [`Node::run_job`] checks the request, resolves the module (compiling it on
 //! first use, off the async threads) and hands the job to the shard that owns the bucket's flock
-//! ([`shard`](self)). The shard takes the bucket from its cache (loading it from the store on a
+//! (`shard`). The shard takes the bucket from its cache (loading it from the store on a
 //! miss), runs the job, applies the change set to the cached bucket and queues it for the
-//! committer ([`commit`](self)). `run_job` then waits until that change set is durable and
+//! committer (`commit`). `run_job` then waits until that change set is durable and
 //! answers.
 //!
 //! Guarantees: jobs on one bucket run one at a time against the latest state (the shard owns the

@@ -8,6 +8,7 @@
 //! shards equals the wasm pool's size, so a running job always finds an instance slot; callers
 //! that find a shard's queue full get `overloaded`.
 
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -91,13 +92,37 @@ impl Shard {
         while let Some(msg) = rx.blocking_recv() {
             match msg {
                 ShardMsg::Job(job) => {
-                    let executed = self.execute(&job);
+                    let executed = match std::panic::catch_unwind(AssertUnwindSafe(|| self.execute(&job))) {
+                        Ok(executed) => executed,
+                        Err(_) => self.recover_from_panic(),
+                    };
                     let _ = job.reply.send(executed);
                     self.stats.publish(self.cache.stats());
                 }
                 ShardMsg::Stop => break,
             }
         }
+    }
+
+    /// A host bug panicked mid-job: the bucket it held is gone from the cache, and reloading it
+    /// from disk is only right once every change set this shard queued is durable. Wait for that,
+    /// drop the cache, and keep serving.
+    fn recover_from_panic(&mut self) -> Executed {
+        tracing::error!("an executor panicked while running a job; reloading its buckets from disk");
+        let submitted = self.commits.submitted_seq();
+        let wait = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map(|rt| rt.block_on(self.commits.wait_durable(submitted)));
+        self.cache.clear();
+        let result = match wait {
+            Ok(Ok(())) => {
+                Err(error(ErrorCode::Internal, "the node hit an internal error running this job; it was not committed"))
+            }
+            Ok(Err(e)) => Err(e),
+            Err(e) => Err(error(ErrorCode::Internal, format!("executor recovery failed: {e}"))),
+        };
+        Executed { result, wait_seq: 0 }
     }
 
     fn execute(&mut self, job: &ShardJob) -> Executed {

@@ -2,7 +2,7 @@
 //! compiled once and cached by content hash, and a fresh sandbox per job.
 //!
 //! Read first: [`Runtime::run`], which runs one job against a bucket and returns the bucket and the
-//! job's result; [`host_fns`](self) for every import a guest sees.
+//! job's result; `host_fns` for every import a guest sees.
 //!
 //! Invariants:
 //! - A job sees only the `grex:job` world (`guest-sdk/wit/job.wit`): no WASI, no clock, no

@@ -1,0 +1,54 @@
+//! The node as a library, with its seams: a failing store, a fixed clock.
+
+use std::sync::Arc;
+
+use grex::node::FixedClock;
+use grex::storage::{FaultyStore, MemoryStore};
+use grex::{ErrorCode, Node, NodeConfig};
+use grex_tests::job_wasm;
+
+fn node_over(store: Arc<dyn grex::storage::Store>, now_ms: u64) -> (tempfile::TempDir, Node) {
+    let dir = tempfile::tempdir().unwrap();
+    let node = Node::with_store(NodeConfig::new(dir.path()), store, Arc::new(FixedClock(now_ms))).unwrap();
+    (dir, node)
+}
+
+#[tokio::test]
+async fn a_failing_disk_stops_writes_with_storage_failed_and_keeps_what_was_acknowledged() {
+    let (_dir, node) = node_over(Arc::new(FaultyStore::new(MemoryStore::new(16), 3)), 0);
+    node.put_module("counter", job_wasm("counter")).await.unwrap();
+    for expected in ["1", "2", "3"] {
+        let out = node.run_job(b"b", "counter", Vec::new(), false).await.unwrap();
+        assert_eq!(out.output, expected.as_bytes());
+    }
+    for _ in 0..2 {
+        let err = node.run_job(b"b", "counter", Vec::new(), false).await.unwrap_err();
+        assert_eq!(err.code, ErrorCode::StorageFailed, "{err}");
+        assert!(err.message.contains("restart"), "{err}");
+    }
+    // Reads still serve what was acknowledged; nothing unacknowledged shows.
+    assert_eq!(node.get_item(b"b", "count").unwrap(), b"3");
+    node.shutdown().await;
+}
+
+#[tokio::test]
+async fn jobs_see_the_node_assigned_timestamp_not_a_clock_of_their_own() {
+    // 2026-11-21T00:00:00Z
+    let (_dir, node) = node_over(Arc::new(MemoryStore::new(16)), 1_795_219_200_000);
+    node.put_module("ledger", job_wasm("ledger")).await.unwrap();
+    let record = br#"{"description":"tea","other":"Shop","amount":-300}"#.to_vec();
+    node.run_job(b"c", "ledger", record, false).await.unwrap();
+    let stored = node.get_item(b"c", "transactions").unwrap();
+    assert!(stored.windows(10).any(|w| w == b"2026-11-21"), "the record's default date comes from the node's clock");
+    node.shutdown().await;
+}
+
+#[tokio::test]
+async fn after_shutdown_jobs_are_refused_as_shutting_down() {
+    let (_dir, node) = node_over(Arc::new(MemoryStore::new(16)), 0);
+    node.put_module("counter", job_wasm("counter")).await.unwrap();
+    node.run_job(b"b", "counter", Vec::new(), false).await.unwrap();
+    node.shutdown().await;
+    let err = node.run_job(b"b", "counter", Vec::new(), false).await.unwrap_err();
+    assert_eq!(err.code, ErrorCode::ShuttingDown, "{err}");
+}
