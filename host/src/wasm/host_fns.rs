@@ -16,9 +16,9 @@ bindgen!({
     imports: { default: trappable },
 });
 
+use self::grex::job::{bucket, context};
 pub(crate) use Job as JobWorld;
 pub(crate) use JobPre as JobWorldPre;
-use grex::job::{bucket, context};
 
 /// The longest log line kept.
 const LOG_LINE_BYTES_MAX: usize = 1024;
