@@ -3,6 +3,9 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
 
 use axum::body::Body;
 use axum::extract::{DefaultBodyLimit, Query, State};
@@ -12,14 +15,66 @@ use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use grex_client::http::{FLOCK_HEADER, VERSION_HEADER};
 use percent_encoding::percent_decode_str;
-use tokio::sync::watch;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio::task::JoinHandle;
 
 use crate::error::{ErrorCode, RemoteError, error};
 use crate::node::Node;
 
+/// HTTP connections served at once; further ones wait in the kernel's accept queue.
+pub const CONNECTIONS_MAX: usize = 1024;
+
 /// Bytes of JSON or headers around a body that the limits do not count.
 const BODY_SLACK_BYTES: usize = 64 << 10;
+
+/// A TCP listener that holds at most [`CONNECTIONS_MAX`] connections open: each accepted stream
+/// carries a permit, given back when the connection closes.
+struct LimitedListener {
+    inner: tokio::net::TcpListener,
+    permits: Arc<Semaphore>,
+}
+
+impl axum::serve::Listener for LimitedListener {
+    type Io = LimitedStream;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        let permit = self.permits.clone().acquire_owned().await.expect("the semaphore is never closed");
+        let (stream, addr) = axum::serve::Listener::accept(&mut self.inner).await;
+        (LimitedStream { inner: stream, _permit: permit }, addr)
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        self.inner.local_addr()
+    }
+}
+
+/// A connection and its permit.
+struct LimitedStream {
+    inner: tokio::net::TcpStream,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl AsyncRead for LimitedStream {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for LimitedStream {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
 
 struct ApiError(RemoteError);
 
@@ -47,6 +102,7 @@ pub(super) async fn start(
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen for HTTP on {addr}: {e}"))?;
     let bound = listener.local_addr()?;
+    let listener = LimitedListener { inner: listener, permits: Arc::new(Semaphore::new(CONNECTIONS_MAX)) };
     let app = router(node);
     let task = tokio::spawn(async move {
         let shutdown = async move {
@@ -211,4 +267,27 @@ async fn canary(State(node): State<Node>, uri: Uri) -> ApiResult<Json<grex_clien
 
 async fn status(State(node): State<Node>) -> Json<grex_client::Status> {
     Json(node.status())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use axum::serve::Listener;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn the_listener_holds_back_connections_beyond_its_limit_until_one_closes() {
+        let inner = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = inner.local_addr().unwrap();
+        let mut listener = LimitedListener { inner, permits: Arc::new(Semaphore::new(1)) };
+        let _first_client = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let _second_client = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (first, _) = listener.accept().await;
+        let held_back = tokio::time::timeout(Duration::from_millis(100), listener.accept()).await;
+        assert!(held_back.is_err(), "a second connection was accepted while the only permit was taken");
+        drop(first);
+        let (_second, _) = listener.accept().await;
+    }
 }
