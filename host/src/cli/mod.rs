@@ -71,7 +71,18 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     let server = matches!(cli.command, Command::Serve(_) | Command::Dev(_));
     init_logging(if server { "info" } else { "warn" });
-    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let io_threads = match &cli.command {
+        Command::Serve(args) => args.io_threads(),
+        _ => 1,
+    };
+    let mut builder = if io_threads <= 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        b.worker_threads(io_threads);
+        b
+    };
+    let runtime = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");

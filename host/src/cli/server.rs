@@ -86,8 +86,18 @@ pub(super) struct ServeArgs {
     /// QUIC listen address.
     #[arg(long, default_value = "127.0.0.1:7071")]
     quic: SocketAddr,
+    /// Threads for network I/O (HTTP, QUIC, TLS); jobs run on their own executor threads.
+    #[arg(long, default_value_t = 1)]
+    io_threads: usize,
     #[command(flatten)]
     node: NodeArgs,
+}
+
+impl ServeArgs {
+    /// Threads the async runtime should have.
+    pub(super) fn io_threads(&self) -> usize {
+        self.io_threads
+    }
 }
 
 #[derive(Args)]
