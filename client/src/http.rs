@@ -113,6 +113,7 @@ fn to_http(request: &Request) -> HttpCall {
         }
         Request::Canary { bucket } => get(format!("/v1/canary/{}", encode_bytes(bucket))),
         Request::Status => get("/v1/status".to_owned()),
+        Request::ListModules => get("/v1/modules".to_owned()),
     }
 }
 
@@ -135,6 +136,13 @@ fn from_http(request: &Request, headers: &hyper::HeaderMap, body: Bytes) -> Resu
         }
         Request::Canary { .. } => Response::Canary(serde_json::from_slice(&body).map_err(json_error)?),
         Request::Status => Response::Status(serde_json::from_slice(&body).map_err(json_error)?),
+        Request::ListModules => {
+            #[derive(serde::Deserialize)]
+            struct Modules {
+                modules: Vec<crate::proto::ModuleInfo>,
+            }
+            Response::Modules(serde_json::from_slice::<Modules>(&body).map_err(json_error)?.modules)
+        }
     })
 }
 

@@ -102,6 +102,14 @@ impl Client {
         }
     }
 
+    /// Every module name on the node, with its id and size.
+    pub async fn list_modules(&self) -> Result<Vec<ModuleInfo>, ClientError> {
+        match self.call(Request::ListModules).await? {
+            Response::Modules(list) => Ok(list),
+            other => Err(unexpected(other)),
+        }
+    }
+
     /// Runs the module called `module` against `bucket` with `input`.
     pub async fn run_job(
         &self,

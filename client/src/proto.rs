@@ -97,6 +97,8 @@ pub enum Request {
     },
     /// The node's status.
     Status,
+    /// Every module name and the id it points at.
+    ListModules,
 }
 
 /// A node's answer.
@@ -116,6 +118,8 @@ pub enum Response {
     Status(Status),
     /// The request failed.
     Error(RemoteError),
+    /// Module names, ids and sizes.
+    Modules(Vec<ModuleInfo>),
 }
 
 impl Response {
@@ -129,6 +133,7 @@ impl Response {
             Response::Canary(_) => "canary",
             Response::Status(_) => "status",
             Response::Error(_) => "error",
+            Response::Modules(_) => "modules",
         }
     }
 }

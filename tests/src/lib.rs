@@ -15,14 +15,25 @@ pub fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ is inside the workspace").to_path_buf()
 }
 
-/// The `grex` binary cargo built next to this test (`cargo test --workspace` builds it, since the
-/// `grex` package has integration tests of its own).
+/// The `grex` binary, built from the current sources once per test process. Tests in this package
+/// cannot name another package's binary (`CARGO_BIN_EXE_*` is per package), and `cargo test -p
+/// grex-tests` alone would not rebuild it, so the harness asks cargo to, with the test's profile.
 pub fn grex_bin() -> PathBuf {
-    let exe = std::env::current_exe().expect("test executable path");
-    let profile_dir = exe.parent().and_then(Path::parent).expect("target/<profile>/deps/<test>");
-    let bin = profile_dir.join(format!("grex{}", std::env::consts::EXE_SUFFIX));
-    assert!(bin.exists(), "{} is missing: run `cargo build -p grex` (scripts/test.sh does)", bin.display());
-    bin
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let exe = std::env::current_exe().expect("test executable path");
+            let profile_dir = exe.parent().and_then(Path::parent).expect("target/<profile>/deps/<test>");
+            let mut cargo = Command::new(env!("CARGO"));
+            cargo.current_dir(workspace_root()).args(["build", "--quiet", "-p", "grex", "--bin", "grex"]);
+            if profile_dir.file_name().is_some_and(|p| p == "release") {
+                cargo.arg("--release");
+            }
+            let status = cargo.status().expect("run cargo build -p grex");
+            assert!(status.success(), "building the grex binary failed");
+            profile_dir.join(format!("grex{}", std::env::consts::EXE_SUFFIX))
+        })
+        .clone()
 }
 
 /// The bytes of a job from `jobs/`, built once per test process for wasm32-unknown-unknown.

@@ -180,7 +180,7 @@ async fn a_read_only_job_that_writes_is_refused_and_commits_nothing() {
 
 #[tokio::test]
 async fn a_module_runs_by_its_sha256_id_and_a_name_can_move_to_a_new_version() {
-    let (_dir, _node, client) = node_with(&[]).await;
+    let (_dir, node, client) = node_with(&[]).await;
     let counter = client.put_module("job", job_wasm("counter")).await.unwrap();
     assert!(counter.id.starts_with("sha256:") && counter.id.len() == 7 + 64, "{}", counter.id);
     client.put_module("job", job_wasm("ledger")).await.unwrap();
@@ -188,6 +188,10 @@ async fn a_module_runs_by_its_sha256_id_and_a_name_can_move_to_a_new_version() {
     assert_eq!(text(&by_id.output), "2");
     let by_name = client.run_job(b"b2", "job", b"", false).await.unwrap();
     assert_eq!(text(&by_name.output), r#"{"balance":0,"count":0}"#);
+    let listed = client.list_modules().await.unwrap();
+    assert_eq!(listed.len(), 1);
+    assert_eq!((listed[0].name.as_str(), listed[0].size), ("job", job_wasm("ledger").len() as u64));
+    assert_eq!(node.http_client().await.list_modules().await.unwrap(), listed);
 }
 
 #[tokio::test]

@@ -21,6 +21,11 @@ pub(super) enum ModuleCommand {
         #[command(flatten)]
         target: Target,
     },
+    /// List module names with their ids and sizes.
+    Ls {
+        #[command(flatten)]
+        target: Target,
+    },
 }
 
 #[derive(Subcommand)]
@@ -89,6 +94,12 @@ pub(super) async fn module(cmd: ModuleCommand) -> anyhow::Result<()> {
             let wasm = std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
             let info = connect(&target).await?.put_module(&name, wasm).await?;
             println!("{}", info.id);
+            Ok(())
+        }
+        ModuleCommand::Ls { target } => {
+            for module in connect(&target).await?.list_modules().await? {
+                println!("{}\t{}\t{}", module.name, module.id, module.size);
+            }
             Ok(())
         }
     }

@@ -70,7 +70,8 @@ struct Inner {
     shards: Vec<mpsc::Sender<ShardMsg>>,
     shard_stats: Vec<Arc<ShardStats>>,
     shard_threads: Mutex<Vec<JoinHandle<()>>>,
-    names: RwLock<HashMap<String, ModuleId>>,
+    /// Module name → (id, size of the uploaded bytes), mirrored from the store.
+    names: RwLock<HashMap<String, (ModuleId, u64)>>,
     jobs_ok: AtomicU64,
     jobs_failed: AtomicU64,
     started: Instant,
@@ -118,7 +119,7 @@ impl Node {
             shards.push(tx);
             shard_stats.push(stats);
         }
-        let names = store.module_names().map_err(|e| anyhow::anyhow!("cannot read module names: {e}"))?;
+        let names = load_module_names(store.as_ref()).map_err(|e| anyhow::anyhow!("cannot read module names: {e}"))?;
         Ok(Node {
             inner: Arc::new(Inner {
                 config,
@@ -128,7 +129,7 @@ impl Node {
                 shards,
                 shard_stats,
                 shard_threads: Mutex::new(threads),
-                names: RwLock::new(names.into_iter().collect()),
+                names: RwLock::new(names),
                 jobs_ok: AtomicU64::new(0),
                 jobs_failed: AtomicU64::new(0),
                 started: Instant::now(),
@@ -182,7 +183,11 @@ impl Node {
         tokio::task::spawn_blocking(move || {
             let module = node.inner.runtime.modules.compile(&wasm)?;
             node.inner.store.put_module(&module.id, &name, &wasm)?;
-            node.inner.names.write().unwrap_or_else(|p| p.into_inner()).insert(name.clone(), module.id);
+            node.inner
+                .names
+                .write()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(name.clone(), (module.id, wasm.len() as u64));
             tracing::info!(%name, id = %module_id_text(&module.id), bytes = wasm.len(), "module stored");
             Ok(ModuleInfo { name, id: module_id_text(&module.id), size: wasm.len() as u64 })
         })
@@ -193,8 +198,10 @@ impl Node {
     /// Every module name and the id it points at.
     pub fn modules(&self) -> Vec<ModuleInfo> {
         let names = self.inner.names.read().unwrap_or_else(|p| p.into_inner());
-        let mut list: Vec<ModuleInfo> =
-            names.iter().map(|(name, id)| ModuleInfo { name: name.clone(), id: module_id_text(id), size: 0 }).collect();
+        let mut list: Vec<ModuleInfo> = names
+            .iter()
+            .map(|(name, (id, size))| ModuleInfo { name: name.clone(), id: module_id_text(id), size: *size })
+            .collect();
         list.sort_by(|a, b| a.name.cmp(&b.name));
         list
     }
@@ -202,12 +209,16 @@ impl Node {
     async fn module(&self, name: &str) -> Result<Arc<LoadedModule>> {
         let id = match parse_module_id(name) {
             Some(id) => id,
-            None => self.inner.names.read().unwrap_or_else(|p| p.into_inner()).get(name).copied().ok_or_else(|| {
-                error(
-                    ErrorCode::ModuleNotFound,
-                    format!("no module named `{name}`; upload it with `grex module put FILE --name {name}`"),
-                )
-            })?,
+            None => {
+                self.inner.names.read().unwrap_or_else(|p| p.into_inner()).get(name).map(|(id, _)| *id).ok_or_else(
+                    || {
+                        error(
+                            ErrorCode::ModuleNotFound,
+                            format!("no module named `{name}`; upload it with `grex module put FILE --name {name}`"),
+                        )
+                    },
+                )?
+            }
         };
         if let Some(module) = self.inner.runtime.modules.cached(&id) {
             return Ok(module);
@@ -358,6 +369,7 @@ impl Node {
             }
             Request::Canary { bucket } => self.canary(&bucket).map(Response::Canary),
             Request::Status => Ok(Response::Status(self.status())),
+            Request::ListModules => Ok(Response::Modules(self.modules())),
         };
         result.unwrap_or_else(Response::Error)
     }
@@ -384,6 +396,16 @@ impl Node {
     pub fn data_dir(&self) -> &Path {
         &self.inner.config.data_dir
     }
+}
+
+/// Every module name with its id and size (read once at start).
+fn load_module_names(store: &dyn Store) -> Result<HashMap<String, (ModuleId, u64)>, crate::error::StoreError> {
+    let mut names = HashMap::new();
+    for (name, id) in store.module_names()? {
+        let size = store.module_bytes(&id)?.map_or(0, |b| b.len() as u64);
+        names.insert(name, (id, size));
+    }
+    Ok(names)
 }
 
 fn shutting_down() -> RemoteError {
