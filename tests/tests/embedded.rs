@@ -52,3 +52,22 @@ async fn after_shutdown_jobs_are_refused_as_shutting_down() {
     let err = node.run_job(b"b", "counter", Vec::new(), false).await.unwrap_err();
     assert_eq!(err.code, ErrorCode::ShuttingDown, "{err}");
 }
+
+#[tokio::test]
+async fn compiled_code_is_kept_on_disk_and_a_damaged_copy_is_compiled_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = Node::open(NodeConfig::new(dir.path())).unwrap();
+    let info = node.put_module("counter", job_wasm("counter")).await.unwrap();
+    let code = dir.path().join(grex::node::CODE_DIR).join(format!("{}.cwasm", info.id.trim_start_matches("sha256:")));
+    assert!(code.exists(), "compiled code should be kept at {}", code.display());
+    node.run_job(b"b", "counter", Vec::new(), false).await.unwrap();
+    node.shutdown().await;
+    drop(node);
+
+    std::fs::write(&code, b"not machine code").unwrap();
+    let node = Node::open(NodeConfig::new(dir.path())).unwrap();
+    let out = node.run_job(b"b", "counter", Vec::new(), false).await.unwrap();
+    assert_eq!(out.output, b"2");
+    assert!(std::fs::metadata(&code).unwrap().len() > 1000, "the damaged copy was replaced");
+    node.shutdown().await;
+}

@@ -44,6 +44,8 @@ use shard::{Shard, ShardJob, ShardMsg, ShardStats};
 pub const MODULE_NAME_BYTES_MAX: usize = 128;
 /// The most keys one list request returns.
 pub const LIST_PAGE_MAX: u32 = 1000;
+/// Directory in the data directory where compiled modules are kept.
+pub const CODE_DIR: &str = "code";
 /// The name of the redb file in the data directory.
 pub const DB_FILE: &str = "grex.redb";
 
@@ -95,9 +97,13 @@ impl Node {
     /// Starts a node over any store, with a chosen clock (tests use these seams).
     pub fn with_store(config: NodeConfig, store: Arc<dyn Store>, clock: Arc<dyn Clock>) -> anyhow::Result<Node> {
         let shard_count = config.shards.max(1);
+        let runtime = Runtime::new(config.limits.clone(), shard_count as u32 + 1)
+            .map_err(|e| anyhow::anyhow!("cannot start the wasm runtime: {e}"))?;
+        let code_dir = config.data_dir.join(CODE_DIR);
         let runtime = Arc::new(
-            Runtime::new(config.limits.clone(), shard_count as u32 + 1)
-                .map_err(|e| anyhow::anyhow!("cannot start the wasm runtime: {e}"))?,
+            runtime
+                .with_code_dir(code_dir.clone())
+                .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", code_dir.display()))?,
         );
         let commits = Arc::new(CommitLog::start(store.clone(), config.commit_queue_max));
         let mut shards = Vec::new();

@@ -42,6 +42,13 @@ impl Runtime {
         Ok(Runtime { engine, modules, limits, ticker_stop })
     }
 
+    /// Keeps compiled modules in `dir` too, so a restart loads them instead of compiling again.
+    pub fn with_code_dir(mut self, dir: std::path::PathBuf) -> std::io::Result<Self> {
+        std::fs::create_dir_all(&dir)?;
+        self.modules.set_code_dir(dir);
+        Ok(self)
+    }
+
     /// Compiles a module (a component or an SDK-built core module) for [`Runtime::run`].
     pub fn compile(&self, wasm: &[u8]) -> crate::error::Result<std::sync::Arc<super::LoadedModule>> {
         self.modules.compile(wasm)

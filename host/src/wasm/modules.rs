@@ -7,6 +7,7 @@
 //! Compiled code lives only in this process's memory and is never shipped to other nodes.
 
 use std::num::NonZeroUsize;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use lru::LruCache;
@@ -36,17 +37,48 @@ pub fn parse_module_id(text: &str) -> Option<ModuleId> {
     hex::decode(hex_digits).ok()?.try_into().ok()
 }
 
-/// Compiled modules by id, least recently used dropped first.
+/// Compiled modules by id, least recently used dropped first; optionally also on disk, so a
+/// restarted node does not compile them again.
 pub(crate) struct Modules {
     engine: Engine,
     linker: Linker<JobState>,
     cache: Mutex<LruCache<ModuleId, Arc<LoadedModule>>>,
+    code_dir: Option<PathBuf>,
 }
 
 impl Modules {
     pub(crate) fn new(engine: Engine, linker: Linker<JobState>, capacity: usize) -> Self {
         let capacity = NonZeroUsize::new(capacity.max(1)).expect("at least 1");
-        Modules { engine, linker, cache: Mutex::new(LruCache::new(capacity)) }
+        Modules { engine, linker, cache: Mutex::new(LruCache::new(capacity)), code_dir: None }
+    }
+
+    /// Keeps compiled code in `dir` (`<module id>.cwasm`) as well as in memory.
+    pub(crate) fn set_code_dir(&mut self, dir: PathBuf) {
+        self.code_dir = Some(dir);
+    }
+
+    /// The component for `wasm`: from the code directory when a usable compiled copy is there,
+    /// else compiled (and then written there).
+    fn component(&self, id: &ModuleId, wasm: &[u8]) -> Result<Component> {
+        let path = self.code_dir.as_ref().map(|dir| dir.join(format!("{}.cwasm", hex::encode(id))));
+        if let Some(path) = path.as_ref().filter(|p| p.exists()) {
+            // Safety: the file is compiled code this node wrote into its own data directory (the same
+            // trust as the data itself); wasmtime checks that it matches this engine and version and
+            // refuses it otherwise, in which case the module is compiled again below.
+            match unsafe { Component::deserialize_file(&self.engine, path) } {
+                Ok(component) => return Ok(component),
+                Err(e) => tracing::warn!(path = %path.display(), error = %e, "compiled code unusable; recompiling"),
+            }
+        }
+        let component_bytes = to_component(wasm)?;
+        let component = Component::new(&self.engine, &component_bytes)
+            .map_err(|e| invalid(format!("the component does not compile: {e:#}")))?;
+        if let Some(path) = path
+            && let Err(e) = write_code(&component, &path)
+        {
+            tracing::warn!(path = %path.display(), error = %e, "cannot keep compiled code on disk");
+        }
+        Ok(component)
     }
 
     fn cache(&self) -> std::sync::MutexGuard<'_, LruCache<ModuleId, Arc<LoadedModule>>> {
@@ -64,9 +96,7 @@ impl Modules {
         if let Some(module) = self.cached(&id) {
             return Ok(module);
         }
-        let component_bytes = to_component(wasm)?;
-        let component = Component::new(&self.engine, &component_bytes)
-            .map_err(|e| invalid(format!("the component does not compile: {e:#}")))?;
+        let component = self.component(&id, wasm)?;
         let instance_pre = self.linker.instantiate_pre(&component).map_err(|e| {
             invalid(format!(
                 "the module needs imports Grex does not provide ({e:#}); a job may import only the grex:job world \
@@ -79,6 +109,14 @@ impl Modules {
         self.cache().put(id, module.clone());
         Ok(module)
     }
+}
+
+/// Writes compiled code next to its final name and renames it, so a crash never leaves a torn file.
+fn write_code(component: &Component, path: &Path) -> std::io::Result<()> {
+    let code = component.serialize().map_err(|e| std::io::Error::other(e.to_string()))?;
+    let tmp = path.with_extension("cwasm.tmp");
+    std::fs::write(&tmp, code)?;
+    std::fs::rename(&tmp, path)
 }
 
 fn invalid(message: String) -> RemoteError {
