@@ -116,9 +116,10 @@ impl Shard {
             .map(|rt| rt.block_on(self.commits.wait_durable(submitted)));
         self.cache.clear();
         let result = match wait {
-            Ok(Ok(())) => {
-                Err(error(ErrorCode::Internal, "the node hit an internal error running this job; it was not committed"))
-            }
+            Ok(Ok(())) => Err(error(
+                ErrorCode::Internal,
+                "the node hit an internal error running this job; it may have committed, so read the bucket before retrying",
+            )),
             Ok(Err(e)) => Err(e),
             Err(e) => Err(error(ErrorCode::Internal, format!("executor recovery failed: {e}"))),
         };
