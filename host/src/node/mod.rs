@@ -408,7 +408,7 @@ impl Node {
 fn load_module_names(store: &dyn Store) -> Result<HashMap<String, (ModuleId, u64)>, crate::error::StoreError> {
     let mut names = HashMap::new();
     for (name, id) in store.module_names()? {
-        let size = store.module_bytes(&id)?.map_or(0, |b| b.len() as u64);
+        let size = store.module_size(&id)?.unwrap_or(0);
         names.insert(name, (id, size));
     }
     Ok(names)

@@ -59,6 +59,9 @@ impl<S: Store> Store for FaultyStore<S> {
     fn module_bytes(&self, id: &ModuleId) -> Result<Option<Vec<u8>>, StoreError> {
         self.inner.module_bytes(id)
     }
+    fn module_size(&self, id: &ModuleId) -> Result<Option<u64>, StoreError> {
+        self.inner.module_size(id)
+    }
     fn module_names(&self) -> Result<Vec<(String, ModuleId)>, StoreError> {
         self.inner.module_names()
     }

@@ -96,6 +96,10 @@ impl Store for MemoryStore {
         Ok(self.state().modules.get(id).cloned())
     }
 
+    fn module_size(&self, id: &ModuleId) -> Result<Option<u64>, StoreError> {
+        Ok(self.state().modules.get(id).map(|m| m.len() as u64))
+    }
+
     fn module_names(&self) -> Result<Vec<(String, ModuleId)>, StoreError> {
         Ok(self.state().names.iter().map(|(n, id)| (n.clone(), *id)).collect())
     }

@@ -58,6 +58,8 @@ pub trait Store: Send + Sync + 'static {
     fn module_id(&self, name: &str) -> Result<Option<ModuleId>, StoreError>;
     /// A module's bytes.
     fn module_bytes(&self, id: &ModuleId) -> Result<Option<Vec<u8>>, StoreError>;
+    /// A module's size in bytes, without copying it out.
+    fn module_size(&self, id: &ModuleId) -> Result<Option<u64>, StoreError>;
     /// Every name and the id it points at.
     fn module_names(&self) -> Result<Vec<(String, ModuleId)>, StoreError>;
 }
@@ -112,6 +114,8 @@ pub(crate) mod contract {
         store.put_module(&id, "counter", b"\0asm").unwrap();
         assert_eq!(store.module_id("counter").unwrap(), Some(id));
         assert_eq!(store.module_bytes(&id).unwrap().as_deref(), Some(&b"\0asm"[..]));
+        assert_eq!(store.module_size(&id).unwrap(), Some(4));
+        assert_eq!(store.module_size(&[0; 32]).unwrap(), None);
         assert_eq!(store.module_id("nope").unwrap(), None);
         let other = [8u8; 32];
         store.put_module(&other, "counter", b"\0asm2").unwrap();

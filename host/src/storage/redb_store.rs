@@ -201,6 +201,12 @@ impl Store for RedbStore {
         Ok(table.get(&id[..]).map_err(engine)?.map(|v| v.value().to_vec()))
     }
 
+    fn module_size(&self, id: &ModuleId) -> Result<Option<u64>, StoreError> {
+        let txn = self.db.begin_read().map_err(engine)?;
+        let table = txn.open_table(MODULES).map_err(engine)?;
+        Ok(table.get(&id[..]).map_err(engine)?.map(|v| v.value().len() as u64))
+    }
+
     fn module_names(&self) -> Result<Vec<(String, ModuleId)>, StoreError> {
         let txn = self.db.begin_read().map_err(engine)?;
         let table = txn.open_table(MODULE_NAMES).map_err(engine)?;
