@@ -38,6 +38,15 @@ pub enum Durable {
     },
 }
 
+impl Durable {
+    /// The highest sequence that is durable (the last good one after a failure).
+    pub fn seq(&self) -> u64 {
+        match self {
+            Durable::Upto(seq) | Durable::Failed { durable: seq, .. } => *seq,
+        }
+    }
+}
+
 enum CommitMsg {
     Change(u64, ChangeSet),
     Stop,
@@ -80,8 +89,8 @@ impl CommitLog {
 
     /// Queues a change set (blocking while the queue is full); returns its sequence.
     pub fn submit(&self, change: ChangeSet) -> Result<u64, RemoteError> {
-        if let Durable::Failed { reason, .. } = &*self.durable.borrow() {
-            return Err(storage_failed(reason));
+        if let Some(failure) = self.failure() {
+            return Err(failure);
         }
         // A failure published after this check is still seen by the job's `wait_durable`.
         let mut queue = self.queue.lock().unwrap_or_else(|p| p.into_inner());
@@ -92,10 +101,8 @@ impl CommitLog {
     }
 
     fn closed_error(&self) -> RemoteError {
-        match &*self.durable.borrow() {
-            Durable::Failed { reason, .. } => storage_failed(reason),
-            Durable::Upto(_) => error(ErrorCode::ShuttingDown, "the node is shutting down; retry on another node"),
-        }
+        self.failure()
+            .unwrap_or_else(|| error(ErrorCode::ShuttingDown, "the node is shutting down; retry on another node"))
     }
 
     /// The sequence of the last change set queued so far (0 if none).
@@ -110,8 +117,14 @@ impl CommitLog {
 
     /// The highest durable sequence (the last good one after a failure).
     pub fn durable_seq(&self) -> u64 {
-        match *self.durable.borrow() {
-            Durable::Upto(seq) | Durable::Failed { durable: seq, .. } => seq,
+        self.durable.borrow().seq()
+    }
+
+    /// The error every write gets once a commit has failed; `None` while the log is healthy.
+    pub fn failure(&self) -> Option<RemoteError> {
+        match &*self.durable.borrow() {
+            Durable::Failed { reason, .. } => Some(storage_failed(reason)),
+            Durable::Upto(_) => None,
         }
     }
 
@@ -177,10 +190,7 @@ fn run_committer(store: &dyn Store, rx: Receiver<CommitMsg>, durable: &watch::Se
         }
         if let Err(e) = store.commit(&batch) {
             tracing::error!(error = %e, change_sets = batch.len(), "commit failed; refusing writes until restart");
-            let upto = match *durable.borrow() {
-                Durable::Upto(seq) => seq,
-                Durable::Failed { durable, .. } => durable,
-            };
+            let upto = durable.borrow().seq();
             durable.send_replace(Durable::Failed { durable: upto, reason: e.to_string() });
             return;
         }

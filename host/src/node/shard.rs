@@ -16,7 +16,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::cache::{BucketCache, CacheStats, CachedBucket};
 use super::clock::Clock;
-use super::commit::{CommitLog, Durable};
+use super::commit::CommitLog;
 use crate::error::{ErrorCode, RemoteError, error};
 use crate::storage::Store;
 use crate::wasm::{JobInput, LoadedModule, Runtime};
@@ -127,11 +127,10 @@ impl Shard {
     }
 
     fn execute(&mut self, job: &ShardJob) -> Executed {
-        if let Durable::Failed { reason, .. } = self.commits.durable() {
+        if let Some(failure) = self.commits.failure() {
             // The cache may hold writes that never reached disk.
             self.cache.clear();
-            let err = error(ErrorCode::StorageFailed, format!("a commit failed ({reason}); restart the node"));
-            return Executed { result: Err(err), wait_seq: 0 };
+            return Executed { result: Err(failure), wait_seq: 0 };
         }
         let entry = match self.cache.take(&job.bucket) {
             Some(entry) => entry,
