@@ -114,6 +114,7 @@ fn to_http(request: &Request) -> HttpCall {
         Request::Canary { bucket } => get(format!("/v1/canary/{}", encode_bytes(bucket))),
         Request::Status => get("/v1/status".to_owned()),
         Request::ListModules => get("/v1/modules".to_owned()),
+        Request::Flocks => get("/v1/flocks".to_owned()),
     }
 }
 
@@ -127,6 +128,7 @@ fn from_http(request: &Request, headers: &hyper::HeaderMap, body: Bytes) -> Resu
             flock: header_number(headers, FLOCK_HEADER)? as u32,
         }),
         Request::GetItem { .. } => Response::Item(body.to_vec()),
+        Request::Flocks => Response::Flocks(serde_json::from_slice(&body).map_err(json_error)?),
         Request::ListItems { .. } => {
             #[derive(serde::Deserialize)]
             struct Items {

@@ -110,6 +110,14 @@ impl Client {
         }
     }
 
+    /// The flock map as the node sees it.
+    pub async fn flocks(&self) -> Result<proto::FlockMapInfo, ClientError> {
+        match self.call(Request::Flocks).await? {
+            Response::Flocks(map) => Ok(map),
+            other => Err(unexpected(other)),
+        }
+    }
+
     /// Runs the module called `module` against `bucket` with `input`.
     pub async fn run_job(
         &self,

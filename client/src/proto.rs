@@ -99,6 +99,8 @@ pub enum Request {
     Status,
     /// Every module name and the id it points at.
     ListModules,
+    /// The flock map: each flock's herders and leader.
+    Flocks,
 }
 
 /// A node's answer.
@@ -120,6 +122,8 @@ pub enum Response {
     Error(RemoteError),
     /// Module names, ids and sizes.
     Modules(Vec<ModuleInfo>),
+    /// The flock map.
+    Flocks(FlockMapInfo),
 }
 
 impl Response {
@@ -134,6 +138,7 @@ impl Response {
             Response::Status(_) => "status",
             Response::Error(_) => "error",
             Response::Modules(_) => "modules",
+            Response::Flocks(_) => "flocks",
         }
     }
 }
@@ -158,6 +163,28 @@ pub struct JobOutput {
     pub bucket_version: u64,
     /// The bucket's flock.
     pub flock: u32,
+}
+
+/// One flock's place in the cluster.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FlockInfo {
+    /// The flock.
+    pub flock: u32,
+    /// Node ids of its herders; the first is its preferred leader.
+    pub herders: Vec<String>,
+    /// Its current leader, as this node knows it.
+    pub leader: Option<String>,
+}
+
+/// The flock map as one node sees it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FlockMapInfo {
+    /// The map's version (grows with every change).
+    pub version: u64,
+    /// Every member node: id → HTTP URL.
+    pub nodes: Vec<(String, String)>,
+    /// Every flock.
+    pub flocks: Vec<FlockInfo>,
 }
 
 /// Where to send work for a bucket.
@@ -262,6 +289,10 @@ pub enum ErrorCode {
     ShuttingDown,
     /// Anything else: a bug.
     Internal,
+    /// The node cannot reach a majority of the flock's herders, so it refuses writes.
+    NoQuorum,
+    /// The flock has no reachable leader right now (an election is under way); retry shortly.
+    Unavailable,
 }
 
 impl ErrorCode {
@@ -290,6 +321,8 @@ impl ErrorCode {
             ErrorCode::StorageFailed => "storage_failed",
             ErrorCode::ShuttingDown => "shutting_down",
             ErrorCode::Internal => "internal",
+            ErrorCode::NoQuorum => "no_quorum",
+            ErrorCode::Unavailable => "unavailable",
         }
     }
 
@@ -310,7 +343,11 @@ impl ErrorCode {
             | ErrorCode::ItemTooLarge
             | ErrorCode::ChangeSetTooLarge
             | ErrorCode::ReadOnlyViolation => 422,
-            ErrorCode::Overloaded | ErrorCode::StorageFailed | ErrorCode::ShuttingDown => 503,
+            ErrorCode::Overloaded
+            | ErrorCode::StorageFailed
+            | ErrorCode::ShuttingDown
+            | ErrorCode::NoQuorum
+            | ErrorCode::Unavailable => 503,
             ErrorCode::Internal => 500,
         }
     }

@@ -81,10 +81,10 @@ impl GrexNode {
         let mut child = Command::new(grex_bin())
             .args(["serve", "--data"])
             .arg(data)
-            .args(["--http", "127.0.0.1:0", "--quic", "127.0.0.1:0"])
+            .args(["--http", "127.0.0.1:0", "--quic", "127.0.0.1:0", "--peer", "127.0.0.1:0"])
             .args(args)
             // Job log lines (the hostile fixture panics on purpose) would only be noise here.
-            .env("GREX_LOG", "warn,grex::job=off")
+            .env("GREX_LOG", "warn,grex::job=off,openraft=off")
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()

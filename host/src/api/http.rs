@@ -125,6 +125,7 @@ pub(crate) fn router(node: Node) -> Router {
         .route("/v1/buckets/{bucket}/items/{item}", get(get_item))
         .route("/v1/canary/{bucket}", get(canary))
         .route("/v1/status", get(status))
+        .route("/v1/flocks", get(flocks))
         .fallback(not_found)
         // Bodies are read with the node's own limits, so the errors are ours (JSON, named).
         .layer(DefaultBodyLimit::disable())
@@ -260,9 +261,18 @@ async fn list_items(
     Ok(Json(serde_json::json!({ "items": items })))
 }
 
-async fn canary(State(node): State<Node>, uri: Uri) -> ApiResult<Json<grex_client::Canary>> {
+async fn canary(
+    State(node): State<Node>,
+    uri: Uri,
+    Query(query): Query<HashMap<String, String>>,
+) -> ApiResult<Json<grex_client::Canary>> {
     let bucket = segment_bytes(&uri, 2, "bucket")?;
-    Ok(Json(node.canary(&bucket)?))
+    let read_only = query.get("read_only").is_some_and(|v| v == "true" || v == "1");
+    Ok(Json(node.canary(&bucket, read_only)?))
+}
+
+async fn flocks(State(node): State<Node>) -> Json<grex_client::proto::FlockMapInfo> {
+    Json(node.flocks())
 }
 
 async fn status(State(node): State<Node>) -> Json<grex_client::Status> {

@@ -144,6 +144,34 @@ pub(super) async fn item(cmd: ItemCommand) -> anyhow::Result<()> {
     }
 }
 
+/// `grex flock ...`
+#[derive(clap::Subcommand)]
+pub enum FlockCommand {
+    /// List each flock's herders and leader (`*` marks the leader).
+    Ls {
+        #[command(flatten)]
+        target: Target,
+    },
+}
+
+pub(super) async fn flock(cmd: FlockCommand) -> anyhow::Result<()> {
+    let FlockCommand::Ls { target } = cmd;
+    let map = connect(&target).await?.flocks().await?;
+    println!("flock map version {}", map.version);
+    for (id, url) in &map.nodes {
+        println!("node {id} {url}");
+    }
+    for flock in &map.flocks {
+        let herders: Vec<String> = flock
+            .herders
+            .iter()
+            .map(|h| if Some(h) == flock.leader.as_ref() { format!("{h}*") } else { h.clone() })
+            .collect();
+        println!("{:>5} {}", flock.flock, herders.join(" "));
+    }
+    Ok(())
+}
+
 pub(super) async fn canary(bucket: &str, target: &Target) -> anyhow::Result<()> {
     let canary = connect(target).await?.canary(bucket.as_bytes()).await?;
     println!("{}", canary.url);

@@ -27,8 +27,16 @@ struct Cli {
 enum Command {
     /// Run a node.
     Serve(server::ServeArgs),
-    /// Run a local node on loopback with the example jobs loaded.
+    /// Run a local cluster on loopback with the example jobs loaded.
     Dev(server::DevArgs),
+    /// Create a cluster: its id, flock count, CA and this node's identity.
+    Init(server::InitArgs),
+    /// Cluster administration.
+    #[command(subcommand)]
+    Cluster(server::ClusterCommand),
+    /// Show the flock map.
+    #[command(subcommand)]
+    Flock(client::FlockCommand),
     /// Upload and list modules.
     #[command(subcommand)]
     Module(client::ModuleCommand),
@@ -70,7 +78,8 @@ pub struct Target {
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     let server = matches!(cli.command, Command::Serve(_) | Command::Dev(_));
-    init_logging(if server { "info" } else { "warn" });
+    // openraft reports every unreachable peer on every retry; the supervisor logs what matters.
+    init_logging(if server { "info,openraft=off" } else { "warn" });
     let io_threads = match &cli.command {
         Command::Serve(args) => args.io_threads(),
         _ => 1,
@@ -93,6 +102,9 @@ pub fn main() -> ExitCode {
         match cli.command {
             Command::Serve(args) => server::serve(args).await,
             Command::Dev(args) => server::dev(args).await,
+            Command::Init(args) => server::init(args),
+            Command::Cluster(cmd) => server::cluster(cmd),
+            Command::Flock(cmd) => client::flock(cmd).await,
             Command::Module(cmd) => client::module(cmd).await,
             Command::Job(cmd) => client::job(cmd).await,
             Command::Item(cmd) => client::item(cmd).await,

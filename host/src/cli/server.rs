@@ -7,6 +7,7 @@ use anyhow::Context;
 use clap::Args;
 
 use crate::api::{self, ServeConfig};
+use crate::cluster::{Cluster, ClusterConfig, ClusterFile, identity};
 use crate::config::{Limits, NodeConfig};
 use crate::node::Node;
 
@@ -77,9 +78,23 @@ impl NodeArgs {
 
 #[derive(Args)]
 pub(super) struct ServeArgs {
-    /// Data directory (created if missing).
+    /// Data directory (created if missing; a directory without a cluster becomes a new one-node
+    /// cluster unless --join is given).
     #[arg(long)]
     data: PathBuf,
+    /// Peer (node-to-node QUIC) listen address.
+    #[arg(long, default_value = "127.0.0.1:7072")]
+    peer: SocketAddr,
+    /// Join the cluster of the node whose peer address this is (first start only; needs
+    /// --credentials).
+    #[arg(long)]
+    join: Option<String>,
+    /// Credentials from `grex cluster credentials`, imported on first start.
+    #[arg(long)]
+    credentials: Option<PathBuf>,
+    /// Replication factor of a new cluster (odd).
+    #[arg(long, default_value_t = 3)]
+    replication: u32,
     /// HTTP/JSON listen address.
     #[arg(long, default_value = "127.0.0.1:7070")]
     http: SocketAddr,
@@ -100,9 +115,43 @@ impl ServeArgs {
     }
 }
 
+/// `grex init`
+#[derive(Args)]
+pub(super) struct InitArgs {
+    /// Data directory of the cluster's first node.
+    #[arg(long)]
+    data: PathBuf,
+    /// Flocks (a power of two, fixed for the cluster's life).
+    #[arg(long, default_value_t = 256)]
+    flocks: u32,
+    /// Herders per flock (odd).
+    #[arg(long, default_value_t = 3)]
+    replication: u32,
+    /// Extra DNS names or IP addresses for this node's certificate.
+    #[arg(long = "name")]
+    names: Vec<String>,
+}
+
+/// `grex cluster ...`
+#[derive(clap::Subcommand)]
+pub(super) enum ClusterCommand {
+    /// Issue credentials for a new node (run where `grex init` ran: it needs the CA key).
+    Credentials {
+        /// Data directory holding the cluster CA key.
+        #[arg(long)]
+        data: PathBuf,
+        /// Where to write the bundle (it holds a private key: keep it secret).
+        #[arg(long)]
+        out: PathBuf,
+        /// Extra DNS names or IP addresses for the new node's certificate.
+        #[arg(long = "name")]
+        names: Vec<String>,
+    },
+}
+
 #[derive(Args)]
 pub(super) struct DevArgs {
-    /// Nodes to start (one until clustering lands).
+    /// Nodes to start, each with its own data directory (DATA/node-I) and ports.
     #[arg(long, default_value_t = 1)]
     nodes: u32,
     /// Data directory.
@@ -111,41 +160,165 @@ pub(super) struct DevArgs {
     /// Directory of .wasm jobs to load, each under its file name (counter.wasm → counter).
     #[arg(long, default_value = "target/jobs/wasm32-unknown-unknown/wasm")]
     jobs: PathBuf,
-    /// HTTP port of the node (QUIC listens on the next one).
+    /// HTTP port of the first node (QUIC and peer listen on the next two; node i adds 10 × i).
     #[arg(long, default_value_t = 7070)]
     port: u16,
     #[command(flatten)]
     node: NodeArgs,
 }
 
-/// Runs a node until SIGTERM or ctrl-c.
-pub(super) async fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    let node = Node::open(args.node.config(&args.data))?;
-    let servers = api::start(&node, &ServeConfig { http: Some(args.http), quic: Some(args.quic) }).await?;
-    announce(&node, &servers);
-    wait_for_signal().await;
-    shut_down(node, servers).await;
+/// Creates a cluster's first node.
+pub(super) fn init(args: InitArgs) -> anyhow::Result<()> {
+    let file = identity::init(&args.data, args.flocks, args.replication, &args.names)?;
+    println!(
+        "created cluster {} ({} flocks, replication {}) in {}; start it with `grex serve --data {}`",
+        file.cluster_id,
+        file.flock_count,
+        file.replication,
+        args.data.display(),
+        args.data.display()
+    );
     Ok(())
 }
 
-/// Runs a local node with the example jobs loaded.
-pub(super) async fn dev(args: DevArgs) -> anyhow::Result<()> {
-    if args.nodes != 1 {
-        anyhow::bail!("this build runs single-node Grex only; use --nodes 1");
+/// Cluster administration.
+pub(super) fn cluster(cmd: ClusterCommand) -> anyhow::Result<()> {
+    let ClusterCommand::Credentials { data, out, names } = cmd;
+    let credentials = identity::issue_credentials(&data, &names)?;
+    identity::write_file(&out, &serde_json::to_string_pretty(&credentials)?, true)?;
+    println!(
+        "wrote credentials for cluster {} to {}; copy it to the new machine and run \
+         `grex serve --data DIR --credentials {} --join PEER_ADDR`",
+        credentials.cluster.cluster_id,
+        out.display(),
+        out.display()
+    );
+    Ok(())
+}
+
+/// Makes sure `data` belongs to a cluster: imports credentials, or creates a one-node cluster.
+fn prepare_data(
+    data: &Path,
+    credentials: Option<&Path>,
+    joining: bool,
+    flocks: u32,
+    replication: u32,
+) -> anyhow::Result<ClusterFile> {
+    if let Some(path) = credentials {
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let credentials: identity::Credentials =
+            serde_json::from_str(&text).with_context(|| format!("{} is not a credentials bundle", path.display()))?;
+        identity::import(data, &credentials)?;
     }
-    let node = Node::open(args.node.config(&args.data))?;
-    let loaded = load_jobs(&node, &args.jobs).await?;
-    let http = SocketAddr::from(([127, 0, 0, 1], args.port));
-    let quic = SocketAddr::from(([127, 0, 0, 1], args.port.wrapping_add(1)));
-    let servers = api::start(&node, &ServeConfig { http: Some(http), quic: Some(quic) }).await?;
-    announce(&node, &servers);
+    if let Some(file) = ClusterFile::load(data)? {
+        return Ok(file);
+    }
+    if joining {
+        anyhow::bail!(
+            "joining a cluster needs its credentials: run `grex cluster credentials --data FIRST_NODE_DIR --out \
+             node.creds` on the first node, copy the file here and pass --credentials node.creds"
+        );
+    }
+    identity::init(data, flocks, replication, &[])
+}
+
+/// One node: its servers and its cluster side.
+struct Running {
+    node: Node,
+    servers: api::Servers,
+    cluster: Cluster,
+}
+
+async fn start_node(
+    data: &Path,
+    node_args: &NodeArgs,
+    serve: ServeConfig,
+    peer: SocketAddr,
+    join: Option<String>,
+) -> anyhow::Result<Running> {
+    let file = ClusterFile::load(data)?.context("the data directory holds no cluster")?;
+    let mut config = node_args.config(data);
+    config.flock_count = file.flock_count;
+    let node = Node::open(config)?;
+    let servers = api::start(&node, &serve).await?;
+    let cluster = Cluster::start(node.clone(), file, ClusterConfig { peer_addr: peer, join }).await?;
+    Ok(Running { node, servers, cluster })
+}
+
+/// Runs a node until SIGTERM or ctrl-c.
+pub(super) async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    prepare_data(&args.data, args.credentials.as_deref(), args.join.is_some(), args.node.flocks, args.replication)?;
+    let running = start_node(
+        &args.data,
+        &args.node,
+        ServeConfig { http: Some(args.http), quic: Some(args.quic) },
+        args.peer,
+        args.join.clone(),
+    )
+    .await?;
+    announce(&running);
+    wait_for_signal().await;
+    shut_down(running).await;
+    Ok(())
+}
+
+/// Runs a local cluster of `--nodes` nodes with the example jobs loaded.
+pub(super) async fn dev(args: DevArgs) -> anyhow::Result<()> {
+    if args.nodes == 0 || args.nodes > 9 {
+        anyhow::bail!("--nodes must be 1 to 9");
+    }
+    let first = args.data.join("node-0");
+    let mut nodes = Vec::new();
+    for i in 0..args.nodes {
+        let dir = args.data.join(format!("node-{i}"));
+        let port = args.port + 10 * i as u16;
+        let fresh = ClusterFile::load(&dir)?.is_none();
+        if fresh {
+            if i == 0 {
+                identity::init(&dir, args.node.flocks, 3, &[])?;
+            } else {
+                identity::import(&dir, &identity::issue_credentials(&first, &[])?)?;
+            }
+        }
+        let serve = ServeConfig {
+            http: Some(SocketAddr::from(([127, 0, 0, 1], port))),
+            quic: Some(SocketAddr::from(([127, 0, 0, 1], port + 1))),
+        };
+        let peer = SocketAddr::from(([127, 0, 0, 1], port + 2));
+        let join = (fresh && i > 0).then(|| format!("127.0.0.1:{}", args.port + 2));
+        let running = start_node(&dir, &args.node, serve, peer, join).await?;
+        announce(&running);
+        nodes.push(running);
+    }
+    let first = &nodes[0];
+    wait_until_formed(&first.node, args.nodes as usize).await?;
+    let loaded = load_jobs(&first.node, &args.jobs).await?;
     println!("loaded jobs: {}", loaded.join(", "));
+    let http = first.servers.http_addr.map(|a| a.to_string()).unwrap_or_default();
     println!(
         "try:  grex job run customer-1 counter --input 5   (or: curl -X POST 'http://{http}/v1/jobs/customer-1?module=counter')"
     );
     wait_for_signal().await;
-    shut_down(node, servers).await;
+    for running in nodes {
+        shut_down(running).await;
+    }
     Ok(())
+}
+
+/// Waits until every node is in the flock map and every flock has a leader.
+async fn wait_until_formed(node: &Node, nodes: usize) -> anyhow::Result<()> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let map = node.flocks();
+        let herders = nodes.min(3);
+        if map.nodes.len() == nodes && map.flocks.iter().all(|f| f.leader.is_some() && f.herders.len() == herders) {
+            return Ok(());
+        }
+        if std::time::Instant::now() > deadline {
+            anyhow::bail!("the local cluster did not form within 60 s");
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
 }
 
 async fn load_jobs(node: &Node, dir: &Path) -> anyhow::Result<Vec<String>> {
@@ -166,11 +339,17 @@ async fn load_jobs(node: &Node, dir: &Path) -> anyhow::Result<Vec<String>> {
     Ok(names)
 }
 
-fn announce(node: &Node, servers: &api::Servers) {
+fn announce(running: &Running) {
+    let Running { node, servers, cluster } = running;
     let http = servers.http_addr.map(|a| format!("http://{a}")).unwrap_or_default();
     let quic = servers.quic_addr.map(|a| format!("quic://{a}")).unwrap_or_default();
     // One line, parsed by tests and scripts: keep its shape.
-    println!("grex node {} listening http={http} quic={quic} ca={}", node.id(), node.ca_file().display());
+    println!(
+        "grex node {} listening http={http} quic={quic} peer={} ca={}",
+        node.id(),
+        cluster.peer_addr(),
+        node.ca_file().display()
+    );
 }
 
 async fn wait_for_signal() {
@@ -187,9 +366,10 @@ async fn wait_for_signal() {
     let _ = tokio::signal::ctrl_c().await;
 }
 
-async fn shut_down(node: Node, servers: api::Servers) {
+async fn shut_down(running: Running) {
     tracing::info!("shutting down: finishing requests in flight");
-    servers.stop().await;
-    node.shutdown().await;
+    running.servers.stop().await;
+    running.cluster.shutdown().await;
+    running.node.shutdown().await;
     tracing::info!("stopped");
 }

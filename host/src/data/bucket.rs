@@ -24,6 +24,11 @@ impl BucketData {
         BucketData { version, items, bytes }
     }
 
+    /// Takes the items out (for snapshots).
+    pub fn into_items(self) -> BTreeMap<String, Vec<u8>> {
+        self.items
+    }
+
     /// An item's value.
     pub fn get(&self, item: &str) -> Option<&[u8]> {
         self.items.get(item).map(Vec::as_slice)

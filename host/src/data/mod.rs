@@ -10,3 +10,4 @@ mod change_set;
 
 pub use bucket::{BucketData, JobView, ViewError};
 pub use change_set::{ChangeSet, ItemWrite};
+pub use grex_client::proto::flock_of;

@@ -6,12 +6,35 @@
 
 use lru::LruCache;
 
+use super::Ticket;
 use crate::data::BucketData;
 
-/// A cached bucket and the commit sequence of its latest change set (0: nothing pending).
+/// A cached bucket and what its latest change set waits for.
 pub(crate) struct CachedBucket {
     pub(crate) data: BucketData,
+    /// Commit sequence of the latest change set on a standalone node (0: nothing pending).
     pub(crate) last_seq: u64,
+    /// In a cluster: the leader term the entry was built under (0: a follower's copy of
+    /// committed state), and the ticket of the latest change set proposed to the flock's log.
+    pub(crate) term: u64,
+    pub(crate) pending: Option<Ticket>,
+}
+
+impl CachedBucket {
+    /// A bucket as loaded from the store.
+    pub(crate) fn loaded(data: BucketData, term: u64) -> Self {
+        CachedBucket { data, last_seq: 0, term, pending: None }
+    }
+
+    /// True while a change set it holds may still fail to commit.
+    fn has_pending(&self, durable_seq: u64) -> bool {
+        self.last_seq > durable_seq || self.pending.as_ref().is_some_and(|t| t.peek().is_none())
+    }
+
+    /// True if a change set it holds failed to commit: its contents are not the committed state.
+    pub(crate) fn failed(&self) -> bool {
+        self.pending.as_ref().is_some_and(|t| matches!(t.peek(), Some(Err(_))))
+    }
 }
 
 /// Counters the cache keeps.
@@ -66,11 +89,22 @@ impl BucketCache {
     pub(crate) fn evict(&mut self, durable_seq: u64) {
         while self.bytes > self.bytes_max {
             match self.entries.peek_lru() {
-                Some((_, entry)) if entry.last_seq <= durable_seq => {
+                Some((_, entry)) if !entry.has_pending(durable_seq) => {
                     let (_, entry) = self.entries.pop_lru().expect("peeked");
                     self.bytes -= entry.data.bytes();
                 }
                 _ => break,
+            }
+        }
+    }
+
+    /// Drops the entries `keep` says no to.
+    pub(crate) fn retain(&mut self, mut keep: impl FnMut(&[u8], &CachedBucket) -> bool) {
+        let gone: Vec<Vec<u8>> =
+            self.entries.iter().filter(|(bucket, entry)| !keep(bucket, entry)).map(|(b, _)| b.clone()).collect();
+        for bucket in gone {
+            if let Some(entry) = self.entries.pop(&bucket) {
+                self.bytes -= entry.data.bytes();
             }
         }
     }
@@ -105,11 +139,11 @@ mod tests {
     fn least_recently_used_durable_buckets_go_first() {
         let one = bucket_of(1000).bytes();
         let mut cache = BucketCache::new(one * 2);
-        cache.put(b"a".to_vec(), CachedBucket { data: bucket_of(1000), last_seq: 1 }, 10);
-        cache.put(b"b".to_vec(), CachedBucket { data: bucket_of(1000), last_seq: 2 }, 10);
+        cache.put(b"a".to_vec(), CachedBucket { last_seq: 1, ..CachedBucket::loaded(bucket_of(1000), 0) }, 10);
+        cache.put(b"b".to_vec(), CachedBucket { last_seq: 2, ..CachedBucket::loaded(bucket_of(1000), 0) }, 10);
         assert!(cache.take(b"a").is_some());
-        cache.put(b"a".to_vec(), CachedBucket { data: bucket_of(1000), last_seq: 3 }, 10);
-        cache.put(b"c".to_vec(), CachedBucket { data: bucket_of(1000), last_seq: 4 }, 10);
+        cache.put(b"a".to_vec(), CachedBucket { last_seq: 3, ..CachedBucket::loaded(bucket_of(1000), 0) }, 10);
+        cache.put(b"c".to_vec(), CachedBucket { last_seq: 4, ..CachedBucket::loaded(bucket_of(1000), 0) }, 10);
         assert!(cache.take(b"b").is_none(), "b was least recently used");
         let stats = cache.stats();
         assert_eq!((stats.hits, stats.misses, stats.buckets), (1, 1, 2));
@@ -120,8 +154,8 @@ mod tests {
     fn buckets_with_pending_writes_stay_until_durable() {
         let one = bucket_of(1000).bytes();
         let mut cache = BucketCache::new(one);
-        cache.put(b"a".to_vec(), CachedBucket { data: bucket_of(1000), last_seq: 5 }, 4);
-        cache.put(b"b".to_vec(), CachedBucket { data: bucket_of(1000), last_seq: 6 }, 4);
+        cache.put(b"a".to_vec(), CachedBucket { last_seq: 5, ..CachedBucket::loaded(bucket_of(1000), 0) }, 4);
+        cache.put(b"b".to_vec(), CachedBucket { last_seq: 6, ..CachedBucket::loaded(bucket_of(1000), 0) }, 4);
         assert_eq!(cache.stats().buckets, 2, "nothing durable yet, so nothing evicted");
         cache.evict(6);
         assert_eq!(cache.stats().buckets, 1);

@@ -19,7 +19,7 @@ use tokio::sync::watch;
 
 use crate::data::ChangeSet;
 use crate::error::{ErrorCode, RemoteError, error};
-use crate::storage::Store;
+use crate::storage::{Batch, LogOp, Store};
 
 /// The most change sets in one transaction; bounds a commit's memory and latency.
 pub const BATCH_CHANGE_SETS_MAX: usize = 4096;
@@ -47,17 +47,32 @@ impl Durable {
     }
 }
 
+/// Called by the committer thread once a write is durable (or failed).
+pub type WriteDone = Box<dyn FnOnce(Result<(), String>) + Send>;
+
+/// One submission: log operations and change sets that go to disk together.
+pub struct Write {
+    /// Replicated-log operations.
+    pub log: Vec<LogOp>,
+    /// Change sets.
+    pub changes: Vec<ChangeSet>,
+    /// Must be fsync'd before it counts as done.
+    pub durable: bool,
+    /// Called from the committer thread when the write is done.
+    pub done: Option<WriteDone>,
+}
+
 enum CommitMsg {
-    Change(u64, ChangeSet),
+    Write(u64, Write),
     Stop,
 }
 
 /// Commit counters.
 #[derive(Default)]
 pub struct CommitStats {
-    /// Transactions committed.
+    /// Durable transactions (fsyncs).
     pub commits: AtomicU64,
-    /// Change sets committed.
+    /// Change sets (or, in a cluster, log entries) those transactions made durable.
     pub change_sets: AtomicU64,
 }
 
@@ -89,13 +104,28 @@ impl CommitLog {
 
     /// Queues a change set (blocking while the queue is full); returns its sequence.
     pub fn submit(&self, change: ChangeSet) -> Result<u64, RemoteError> {
+        self.submit_write(Write { log: Vec::new(), changes: vec![change], durable: true, done: None })
+    }
+
+    /// Queues a write (blocking while the queue is full); returns its sequence. On failure the
+    /// write's `done` is called with the error before this returns.
+    pub fn submit_write(&self, write: Write) -> Result<u64, RemoteError> {
         if let Some(failure) = self.failure() {
+            if let Some(done) = write.done {
+                done(Err(failure.message.clone()));
+            }
             return Err(failure);
         }
         // A failure published after this check is still seen by the job's `wait_durable`.
         let mut queue = self.queue.lock().unwrap_or_else(|p| p.into_inner());
         let seq = queue.0;
-        queue.1.send(CommitMsg::Change(seq, change)).map_err(|_| self.closed_error())?;
+        if let Err(std::sync::mpsc::SendError(msg)) = queue.1.send(CommitMsg::Write(seq, write)) {
+            let error = self.closed_error();
+            if let CommitMsg::Write(_, Write { done: Some(done), .. }) = msg {
+                done(Err(error.message.clone()));
+            }
+            return Err(error);
+        }
         queue.0 += 1;
         Ok(seq)
     }
@@ -165,17 +195,37 @@ fn storage_failed(reason: &str) -> RemoteError {
 }
 
 fn run_committer(store: &dyn Store, rx: Receiver<CommitMsg>, durable: &watch::Sender<Durable>, stats: &CommitStats) {
-    let mut batch: Vec<ChangeSet> = Vec::new();
     let mut stopping = false;
+    // A message that could not join the last batch (it must not be reordered with it).
+    let mut held: Option<CommitMsg> = None;
     while !stopping {
-        let Ok(first) = rx.recv() else { break };
+        let first = match held.take() {
+            Some(msg) => msg,
+            None => match rx.recv() {
+                Ok(msg) => msg,
+                Err(_) => break,
+            },
+        };
+        let mut batch = Batch::default();
+        let mut done: Vec<WriteDone> = Vec::new();
         let mut last_seq = 0;
-        for msg in std::iter::once(first).chain(std::iter::from_fn(|| rx.try_recv().ok())) {
+        let mut next = Some(first);
+        while let Some(msg) = next.take() {
             match msg {
-                CommitMsg::Change(seq, change) => {
+                CommitMsg::Write(seq, write) => {
+                    // The store applies log operations before change sets; a flock clear must not
+                    // overtake change sets queued before it.
+                    let clears = write.log.iter().any(|op| matches!(op, LogOp::ClearFlock { .. }));
+                    if clears && !batch.changes.is_empty() {
+                        held = Some(CommitMsg::Write(seq, write));
+                        break;
+                    }
                     last_seq = seq;
-                    batch.push(change);
-                    if batch.len() == BATCH_CHANGE_SETS_MAX {
+                    batch.log.extend(write.log);
+                    batch.changes.extend(write.changes);
+                    batch.durable |= write.durable;
+                    done.extend(write.done);
+                    if batch.changes.len() >= BATCH_CHANGE_SETS_MAX || batch.log.len() >= BATCH_CHANGE_SETS_MAX {
                         break;
                     }
                 }
@@ -184,20 +234,38 @@ fn run_committer(store: &dyn Store, rx: Receiver<CommitMsg>, durable: &watch::Se
                     break;
                 }
             }
+            next = rx.try_recv().ok();
         }
-        if batch.is_empty() {
+        if last_seq == 0 {
             continue;
         }
-        if let Err(e) = store.commit(&batch) {
-            tracing::error!(error = %e, change_sets = batch.len(), "commit failed; refusing writes until restart");
+        if let Err(e) = store.write(&batch) {
+            tracing::error!(error = %e, change_sets = batch.changes.len(), "commit failed; refusing writes until restart");
             let upto = durable.borrow().seq();
             durable.send_replace(Durable::Failed { durable: upto, reason: e.to_string() });
+            for done in done {
+                done(Err(e.to_string()));
+            }
+            // Fail whatever else is queued, so no caller waits for ever.
+            for msg in held.into_iter().chain(std::iter::from_fn(|| rx.try_recv().ok())) {
+                if let CommitMsg::Write(_, Write { done: Some(done), .. }) = msg {
+                    done(Err(e.to_string()));
+                }
+            }
             return;
         }
-        stats.commits.fetch_add(1, Ordering::Relaxed);
-        stats.change_sets.fetch_add(batch.len() as u64, Ordering::Relaxed);
-        batch.clear();
+        if batch.durable {
+            // A cluster node's change sets become durable as log entries; applying them later
+            // needs no fsync of its own.
+            let entries: usize =
+                batch.log.iter().map(|op| if let LogOp::Append { entries, .. } = op { entries.len() } else { 0 }).sum();
+            stats.commits.fetch_add(1, Ordering::Relaxed);
+            stats.change_sets.fetch_add((batch.changes.len() + entries) as u64, Ordering::Relaxed);
+        }
         durable.send_replace(Durable::Upto(last_seq));
+        for done in done {
+            done(Ok(()));
+        }
     }
 }
 

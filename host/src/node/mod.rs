@@ -22,23 +22,55 @@ mod shard;
 
 pub use cache::CacheStats;
 pub use clock::{Clock, FixedClock, SystemClock};
-pub use commit::{CommitLog, Durable};
+pub use commit::{CommitLog, Durable, Write, WriteDone};
+
+/// Routes what a cluster must route: jobs to the flock's leader, module uploads to every node,
+/// canaries and the flock map. A node without one answers everything itself.
+pub trait Front: Send + Sync + 'static {
+    /// Runs a job wherever it should run.
+    fn run_job(
+        &self,
+        bucket: Vec<u8>,
+        module: String,
+        input: Vec<u8>,
+        read_only: bool,
+    ) -> futures::future::BoxFuture<'static, Result<JobOutput>>;
+    /// Stores a module on every node.
+    fn put_module(&self, name: String, wasm: Vec<u8>) -> futures::future::BoxFuture<'static, Result<ModuleInfo>>;
+    /// The best node for a bucket.
+    fn canary(&self, bucket: &[u8], read_only: bool) -> Result<Canary>;
+    /// The flock map.
+    fn flocks(&self) -> FlockMapInfo;
+}
+
+/// Resolves once a change set proposed to a flock's log is committed and applied (or failed).
+pub type Ticket = futures::future::Shared<futures::future::BoxFuture<'static, Result<(), RemoteError>>>;
+
+/// Where a clustered node's change sets go: the replicated log of the bucket's flock. A node
+/// without one (standalone, embedded) commits through its own group committer.
+pub trait Replicator: Send + Sync + 'static {
+    /// The term in which this node leads `flock` and has applied everything committed before it
+    /// (so its store is the latest committed state); `None` when it is not such a leader.
+    fn leader_term(&self, flock: u32) -> Option<u64>;
+    /// Proposes a change set to the flock's log, in call order.
+    fn propose(&self, flock: u32, change: crate::data::ChangeSet) -> Result<Ticket>;
+}
 
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
-use grex_client::proto::{self, Canary, JobOutput, ModuleInfo, Request, Response, Status};
+use grex_client::proto::{self, Canary, FlockMapInfo, JobOutput, ModuleInfo, Request, Response, Status};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::config::NodeConfig;
 use crate::error::{ErrorCode, RemoteError, Result, error};
 use crate::storage::{ModuleId, RedbStore, Store};
 use crate::wasm::{LoadedModule, Runtime, module_id_text, parse_module_id};
-use shard::{Shard, ShardJob, ShardMsg, ShardStats};
+use shard::{Shard, ShardJob, ShardMsg, ShardStats, WaitFor};
 
 /// The longest module name.
 pub const MODULE_NAME_BYTES_MAX: usize = 128;
@@ -72,6 +104,8 @@ struct Inner {
     shards: Vec<mpsc::Sender<ShardMsg>>,
     shard_stats: Vec<Arc<ShardStats>>,
     shard_threads: Mutex<Vec<JoinHandle<()>>>,
+    replicator: Arc<OnceLock<Arc<dyn Replicator>>>,
+    front: OnceLock<Arc<dyn Front>>,
     /// Module name → (id, size of the uploaded bytes), mirrored from the store.
     names: RwLock<HashMap<String, (ModuleId, u64)>>,
     jobs_ok: AtomicU64,
@@ -107,6 +141,8 @@ impl Node {
         );
         let commits = Arc::new(CommitLog::start(store.clone(), config.commit_queue_max));
         let mut shards = Vec::new();
+        let replicator = Arc::new(OnceLock::new());
+        let flock_count = store.meta().flock_count;
         let mut shard_stats = Vec::new();
         let mut threads = Vec::new();
         for i in 0..shard_count {
@@ -120,6 +156,8 @@ impl Node {
                 cache: cache::BucketCache::new(config.cache_bytes_max / shard_count),
                 stats: stats.clone(),
                 last_timestamp_ms: 0,
+                replicator: replicator.clone(),
+                flock_count,
             };
             threads.push(std::thread::Builder::new().name(format!("grex-shard-{i}")).spawn(move || shard.run(rx))?);
             shards.push(tx);
@@ -135,6 +173,8 @@ impl Node {
                 shards,
                 shard_stats,
                 shard_threads: Mutex::new(threads),
+                replicator,
+                front: OnceLock::new(),
                 names: RwLock::new(names),
                 jobs_ok: AtomicU64::new(0),
                 jobs_failed: AtomicU64::new(0),
@@ -176,6 +216,9 @@ impl Node {
     /// Stores a module under its SHA-256 and points `name` at it. The module is compiled first, so
     /// one that would not run is refused here.
     pub async fn put_module(&self, name: &str, wasm: Vec<u8>) -> Result<ModuleInfo> {
+        if let Some(front) = self.inner.front.get() {
+            return front.put_module(name.to_owned(), wasm).await;
+        }
         check_module_name(name)?;
         let max = self.inner.config.limits.module_bytes_max;
         if wasm.len() > max {
@@ -247,6 +290,20 @@ impl Node {
     /// Runs the module `module` (a name or `sha256:HEX`) against `bucket`. Mutating jobs commit
     /// their writes before this returns; read-only jobs may not write.
     pub async fn run_job(&self, bucket: &[u8], module: &str, input: Vec<u8>, read_only: bool) -> Result<JobOutput> {
+        if let Some(front) = self.inner.front.get() {
+            return front.run_job(bucket.to_vec(), module.to_owned(), input, read_only).await;
+        }
+        self.run_job_here(bucket, module, input, read_only).await
+    }
+
+    /// Runs a job on this node, whatever a cluster would route (the cluster's own entry point).
+    pub async fn run_job_here(
+        &self,
+        bucket: &[u8],
+        module: &str,
+        input: Vec<u8>,
+        read_only: bool,
+    ) -> Result<JobOutput> {
         let result = self.run_job_inner(bucket, module, input, read_only).await;
         let counter = if result.is_ok() { &self.inner.jobs_ok } else { &self.inner.jobs_failed };
         counter.fetch_add(1, Ordering::Relaxed);
@@ -286,7 +343,11 @@ impl Node {
             mpsc::error::TrySendError::Closed(_) => shutting_down(),
         })?;
         let executed = answer.await.map_err(|_| shutting_down())?;
-        self.inner.commits.wait_durable(executed.wait_seq).await?;
+        match executed.wait {
+            WaitFor::Nothing => {}
+            WaitFor::Seq(seq) => self.inner.commits.wait_durable(seq).await?,
+            WaitFor::Ticket(ticket) => ticket.await?,
+        }
         let finished = executed.result?;
         Ok(JobOutput { output: finished.output, bucket_version: finished.bucket_version, flock })
     }
@@ -313,9 +374,12 @@ impl Node {
         Ok(self.inner.store.list_items(bucket, prefix, start_after, limit.min(LIST_PAGE_MAX) as usize)?)
     }
 
-    /// The best node for `bucket`: on a single node, this one.
-    pub fn canary(&self, bucket: &[u8]) -> Result<Canary> {
+    /// The best node for `bucket` (for read-only work, with `read_only`).
+    pub fn canary(&self, bucket: &[u8], read_only: bool) -> Result<Canary> {
         proto::check_bucket_key(bucket)?;
+        if let Some(front) = self.inner.front.get() {
+            return front.canary(bucket, read_only);
+        }
         let urls = self.urls();
         Ok(Canary {
             url: urls.http.unwrap_or_default(),
@@ -325,6 +389,36 @@ impl Node {
             role: "leader".into(),
             bucket_version: self.inner.store.bucket_version(bucket)?,
         })
+    }
+
+    /// The flock map: on a single node, every flock is herded and led here.
+    pub fn flocks(&self) -> FlockMapInfo {
+        if let Some(front) = self.inner.front.get() {
+            return front.flocks();
+        }
+        let me = self.id().to_owned();
+        FlockMapInfo {
+            version: 0,
+            nodes: vec![(me.clone(), self.urls().http.unwrap_or_default())],
+            flocks: (0..self.flock_count())
+                .map(|flock| proto::FlockInfo { flock, herders: vec![me.clone()], leader: Some(me.clone()) })
+                .collect(),
+        }
+    }
+
+    /// Routes this node's jobs, uploads and canaries through a cluster. Set once, before serving.
+    pub fn set_front(&self, front: Arc<dyn Front>) {
+        let _ = self.inner.front.set(front);
+    }
+
+    /// Jobs queued or running on this node's executors.
+    pub fn load(&self) -> u64 {
+        self.inner.shards.iter().map(|s| (s.max_capacity() - s.capacity()) as u64).sum()
+    }
+
+    /// The URLs the servers answer at.
+    pub fn node_urls(&self) -> NodeUrls {
+        self.urls()
     }
 
     /// Counters and settings.
@@ -373,7 +467,8 @@ impl Node {
             Request::ListItems { bucket, prefix, start_after, limit } => {
                 self.list_items(&bucket, &prefix, start_after.as_deref(), limit).map(Response::Items)
             }
-            Request::Canary { bucket } => self.canary(&bucket).map(Response::Canary),
+            Request::Canary { bucket } => self.canary(&bucket, false).map(Response::Canary),
+            Request::Flocks => Ok(Response::Flocks(self.flocks())),
             Request::Status => Ok(Response::Status(self.status())),
             Request::ListModules => Ok(Response::Modules(self.modules())),
         };
@@ -396,6 +491,59 @@ impl Node {
             node.inner.commits.stop();
         })
         .await;
+    }
+
+    /// Makes this node a cluster member: change sets go to `replicator` from now on. Set once,
+    /// before the node serves jobs.
+    pub fn set_replicator(&self, replicator: Arc<dyn Replicator>) {
+        let _ = self.inner.replicator.set(replicator);
+    }
+
+    /// The store (the cluster's replicated logs and state machines write through it).
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.inner.store
+    }
+
+    /// The group committer.
+    pub fn commits(&self) -> &Arc<CommitLog> {
+        &self.inner.commits
+    }
+
+    /// A follower applied `version` of `bucket`: drop an older cached copy.
+    pub async fn applied(&self, flock: u32, bucket: Vec<u8>, version: u64) {
+        let shard = &self.inner.shards[flock as usize % self.inner.shards.len()];
+        let _ = shard.send(ShardMsg::Applied { bucket, version }).await;
+    }
+
+    /// A flock's state was replaced: drop every cached bucket of it.
+    pub async fn drop_flock(&self, flock: u32) {
+        let shard = &self.inner.shards[flock as usize % self.inner.shards.len()];
+        let _ = shard.send(ShardMsg::DropFlock(flock)).await;
+    }
+
+    /// A module arrived through replication (already in the store): make its name resolve.
+    pub fn module_replicated(&self, name: &str, id: ModuleId, size: u64) {
+        self.inner.names.write().unwrap_or_else(|p| p.into_inner()).insert(name.to_owned(), (id, size));
+    }
+
+    /// Checks and compiles a module without storing it; returns its id. A cluster stores it by
+    /// replicating the bytes.
+    pub async fn check_module(&self, name: &str, wasm: Vec<u8>) -> Result<(ModuleId, Vec<u8>)> {
+        check_module_name(name)?;
+        let max = self.inner.config.limits.module_bytes_max;
+        if wasm.len() > max {
+            return Err(error(
+                ErrorCode::ModuleTooLarge,
+                format!("the module is {} bytes, over the {max}-byte limit (raise --module-bytes-max)", wasm.len()),
+            ));
+        }
+        let node = self.clone();
+        tokio::task::spawn_blocking(move || {
+            let module = node.inner.runtime.modules.compile(&wasm)?;
+            Ok((module.id, wasm))
+        })
+        .await
+        .map_err(|e| error(ErrorCode::Internal, format!("module check task failed: {e}")))?
     }
 
     /// The data directory.

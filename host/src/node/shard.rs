@@ -9,14 +9,15 @@
 //! that find a shard's queue full get `overloaded`.
 
 use std::panic::AssertUnwindSafe;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 
 use tokio::sync::{mpsc, oneshot};
 
 use super::cache::{BucketCache, CacheStats, CachedBucket};
 use super::clock::Clock;
 use super::commit::CommitLog;
+use super::{Replicator, Ticket};
 use crate::error::{ErrorCode, RemoteError, error};
 use crate::storage::Store;
 use crate::wasm::{JobInput, LoadedModule, Runtime};
@@ -32,11 +33,21 @@ pub(crate) struct ShardJob {
     pub(crate) reply: oneshot::Sender<Executed>,
 }
 
-/// What a shard did with a job. The caller must wait until `wait_seq` is durable before it
-/// answers: the job may have seen (or made) writes that are not on disk yet.
+/// What a shard did with a job. The caller must wait for `wait` before it answers: the job may
+/// have seen (or made) writes that are not durable yet.
 pub(crate) struct Executed {
     pub(crate) result: Result<Finished, RemoteError>,
-    pub(crate) wait_seq: u64,
+    pub(crate) wait: WaitFor,
+}
+
+/// What a job's answer waits for.
+pub(crate) enum WaitFor {
+    /// Nothing: the job saw only committed state.
+    Nothing,
+    /// A standalone node's commit sequence.
+    Seq(u64),
+    /// A change set proposed to a flock's log.
+    Ticket(Ticket),
 }
 
 /// A job that returned output.
@@ -47,6 +58,13 @@ pub(crate) struct Finished {
 
 pub(crate) enum ShardMsg {
     Job(ShardJob),
+    /// A follower applied a change set: a cached copy older than `version` is stale.
+    Applied {
+        bucket: Vec<u8>,
+        version: u64,
+    },
+    /// A flock's state was replaced (a snapshot was installed): drop its cached buckets.
+    DropFlock(u32),
     Stop,
 }
 
@@ -85,6 +103,8 @@ pub(crate) struct Shard {
     pub(crate) cache: BucketCache,
     pub(crate) stats: Arc<ShardStats>,
     pub(crate) last_timestamp_ms: u64,
+    pub(crate) replicator: Arc<OnceLock<Arc<dyn Replicator>>>,
+    pub(crate) flock_count: u32,
 }
 
 impl Shard {
@@ -98,6 +118,13 @@ impl Shard {
                     };
                     let _ = job.reply.send(executed);
                     self.stats.publish(self.cache.stats());
+                }
+                ShardMsg::Applied { bucket, version } => {
+                    self.cache.retain(|b, entry| b != bucket.as_slice() || entry.data.version >= version);
+                }
+                ShardMsg::DropFlock(flock) => {
+                    let flocks = self.flock_count;
+                    self.cache.retain(|b, _| crate::data::flock_of(b, flocks) != flock);
                 }
                 ShardMsg::Stop => break,
             }
@@ -123,20 +150,37 @@ impl Shard {
             Ok(Err(e)) => Err(e),
             Err(e) => Err(error(ErrorCode::Internal, format!("executor recovery failed: {e}"))),
         };
-        Executed { result, wait_seq: 0 }
+        Executed { result, wait: WaitFor::Nothing }
     }
 
     fn execute(&mut self, job: &ShardJob) -> Executed {
+        let fail = |result| Executed { result: Err(result), wait: WaitFor::Nothing };
         if let Some(failure) = self.commits.failure() {
             // The cache may hold writes that never reached disk.
             self.cache.clear();
-            return Executed { result: Err(failure), wait_seq: 0 };
+            return fail(failure);
         }
+        let replicator = self.replicator.get().cloned();
+        // In a cluster, a mutating job runs only on the flock's ready leader, against state built
+        // under its current term; a read-only job may run on a follower's committed copy (term 0).
+        let term = match &replicator {
+            None => 0,
+            Some(r) => match r.leader_term(job.flock) {
+                Some(term) => term,
+                None if job.read_only => 0,
+                None => {
+                    return fail(error(
+                        ErrorCode::Unavailable,
+                        "this node no longer leads the bucket's flock; retry (the cluster routes it to the new leader)",
+                    ));
+                }
+            },
+        };
         let entry = match self.cache.take(&job.bucket) {
-            Some(entry) => entry,
-            None => match self.store.load_bucket(&job.bucket) {
-                Ok(data) => CachedBucket { data, last_seq: 0 },
-                Err(e) => return Executed { result: Err(e.into()), wait_seq: 0 },
+            Some(entry) if entry.term == term && !entry.failed() => entry,
+            _ => match self.store.load_bucket(&job.bucket) {
+                Ok(data) => CachedBucket::loaded(data, term),
+                Err(e) => return fail(e.into()),
             },
         };
         // Timestamps never go backwards for a bucket, whatever the system clock does.
@@ -149,25 +193,32 @@ impl Shard {
             read_only: job.read_only,
             timestamp_ms: self.last_timestamp_ms,
         };
-        let (mut data, outcome) = self.runtime.run(&job.module, entry.data, &input);
-        let mut last_seq = entry.last_seq;
+        let CachedBucket { data, mut last_seq, mut pending, .. } = entry;
+        let (mut data, outcome) = self.runtime.run(&job.module, data, &input);
         let result = match outcome {
             Ok(run) => {
                 if let Some(change) = run.change {
                     data.apply(&change);
-                    match self.commits.submit(change) {
-                        Ok(seq) => last_seq = seq,
-                        Err(e) => {
-                            self.cache.clear();
-                            return Executed { result: Err(e), wait_seq: 0 };
-                        }
+                    let submitted = match &replicator {
+                        None => self.commits.submit(change).map(|seq| last_seq = seq),
+                        Some(r) => r.propose(job.flock, change).map(|ticket| pending = Some(ticket)),
+                    };
+                    if let Err(e) = submitted {
+                        self.cache.retain(|b, _| b != job.bucket.as_slice());
+                        return fail(e);
                     }
                 }
                 Ok(Finished { output: run.output, bucket_version: data.version })
             }
             Err(e) => Err(e),
         };
-        self.cache.put(job.bucket.clone(), CachedBucket { data, last_seq }, self.commits.durable_seq());
-        Executed { result, wait_seq: last_seq }
+        let wait = match (&replicator, &pending) {
+            (None, _) => WaitFor::Seq(last_seq),
+            (Some(_), Some(ticket)) => WaitFor::Ticket(ticket.clone()),
+            (Some(_), None) => WaitFor::Nothing,
+        };
+        let entry = CachedBucket { data, last_seq, term, pending };
+        self.cache.put(job.bucket.clone(), entry, self.commits.durable_seq());
+        Executed { result, wait }
     }
 }

@@ -3,8 +3,8 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use super::{ModuleId, NodeMeta, Store};
-use crate::data::{BucketData, ChangeSet};
+use super::{Batch, GroupId, ModuleId, NodeMeta, Store};
+use crate::data::BucketData;
 use crate::error::StoreError;
 
 /// Passes calls to `inner` until `commits_ok` commits have succeeded; later commits fail.
@@ -43,12 +43,24 @@ impl<S: Store> Store for FaultyStore<S> {
     fn bucket_version(&self, bucket: &[u8]) -> Result<u64, StoreError> {
         self.inner.bucket_version(bucket)
     }
-    fn commit(&self, changes: &[ChangeSet]) -> Result<(), StoreError> {
+    fn write(&self, batch: &Batch) -> Result<(), StoreError> {
         let n = self.commits.fetch_add(1, Ordering::SeqCst);
         if n >= self.commits_ok {
             return Err(StoreError::Injected(n));
         }
-        self.inner.commit(changes)
+        self.inner.write(batch)
+    }
+    fn log_entries(&self, group: GroupId, from: u64, to: u64, limit: usize) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+        self.inner.log_entries(group, from, to, limit)
+    }
+    fn log_last(&self, group: GroupId) -> Result<Option<(u64, Vec<u8>)>, StoreError> {
+        self.inner.log_last(group)
+    }
+    fn log_state(&self, group: GroupId, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        self.inner.log_state(group, key)
+    }
+    fn flock_buckets(&self, flock: u32) -> Result<Vec<(Vec<u8>, BucketData)>, StoreError> {
+        self.inner.flock_buckets(flock)
     }
     fn put_module(&self, id: &ModuleId, name: &str, wasm: &[u8]) -> Result<(), StoreError> {
         self.inner.put_module(id, name, wasm)

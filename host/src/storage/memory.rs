@@ -3,8 +3,8 @@
 use std::collections::BTreeMap;
 use std::sync::Mutex;
 
-use super::{ModuleId, NodeMeta, Store};
-use crate::data::{BucketData, ChangeSet};
+use super::{Batch, GroupId, LogOp, ModuleId, NodeMeta, Store};
+use crate::data::BucketData;
 use crate::error::StoreError;
 
 #[derive(Default)]
@@ -13,6 +13,8 @@ struct State {
     versions: BTreeMap<Vec<u8>, u64>,
     modules: BTreeMap<ModuleId, Vec<u8>>,
     names: BTreeMap<String, ModuleId>,
+    log: BTreeMap<(GroupId, u64), Vec<u8>>,
+    log_state: BTreeMap<(GroupId, String), Vec<u8>>,
 }
 
 /// Everything in maps behind a mutex.
@@ -66,9 +68,36 @@ impl Store for MemoryStore {
         Ok(self.state().versions.get(bucket).copied().unwrap_or(0))
     }
 
-    fn commit(&self, changes: &[ChangeSet]) -> Result<(), StoreError> {
+    fn write(&self, batch: &Batch) -> Result<(), StoreError> {
         let mut state = self.state();
-        for change in changes {
+        for op in &batch.log {
+            match op {
+                LogOp::Append { group, entries } => {
+                    for (index, entry) in entries {
+                        state.log.insert((*group, *index), entry.clone());
+                    }
+                }
+                LogOp::TruncateFrom { group, from } => {
+                    state.log.retain(|(g, i), _| g != group || i < from);
+                }
+                LogOp::PurgeUpto { group, upto } => {
+                    state.log.retain(|(g, i), _| g != group || i > upto);
+                }
+                LogOp::PutState { group, key, value } => {
+                    state.log_state.insert((*group, key.to_string()), value.clone());
+                }
+                LogOp::ClearFlock { flock } => {
+                    let flocks = self.meta.flock_count;
+                    state.versions.retain(|b, _| crate::data::flock_of(b, flocks) != *flock);
+                    state.items.retain(|(b, _), _| crate::data::flock_of(b, flocks) != *flock);
+                }
+                LogOp::PutModule { id, name, wasm } => {
+                    state.modules.insert(*id, wasm.clone());
+                    state.names.insert(name.clone(), *id);
+                }
+            }
+        }
+        for change in &batch.changes {
             for write in &change.writes {
                 let key = (change.bucket.clone(), write.item.clone());
                 match &write.value {
@@ -79,6 +108,32 @@ impl Store for MemoryStore {
             state.versions.insert(change.bucket.clone(), change.version);
         }
         Ok(())
+    }
+
+    fn log_entries(&self, group: GroupId, from: u64, to: u64, limit: usize) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+        if from >= to {
+            return Ok(Vec::new());
+        }
+        Ok(self.state().log.range((group, from)..(group, to)).take(limit).map(|((_, i), e)| (*i, e.clone())).collect())
+    }
+
+    fn log_last(&self, group: GroupId) -> Result<Option<(u64, Vec<u8>)>, StoreError> {
+        Ok(self.state().log.range((group, 0)..=(group, u64::MAX)).next_back().map(|((_, i), e)| (*i, e.clone())))
+    }
+
+    fn log_state(&self, group: GroupId, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.state().log_state.get(&(group, key.to_owned())).cloned())
+    }
+
+    fn flock_buckets(&self, flock: u32) -> Result<Vec<(Vec<u8>, BucketData)>, StoreError> {
+        let buckets: Vec<Vec<u8>> = self
+            .state()
+            .versions
+            .keys()
+            .filter(|b| crate::data::flock_of(b, self.meta.flock_count) == flock)
+            .cloned()
+            .collect();
+        buckets.into_iter().map(|b| Ok((b.clone(), self.load_bucket(&b)?))).collect()
     }
 
     fn put_module(&self, id: &ModuleId, name: &str, wasm: &[u8]) -> Result<(), StoreError> {
@@ -114,5 +169,6 @@ mod tests {
     fn memory_store_meets_the_store_contract() {
         contract::items_versions_and_listing_follow_commits(&MemoryStore::new(16));
         contract::modules_are_found_by_name_and_id(&MemoryStore::new(16));
+        contract::logs_append_truncate_purge_and_flocks_clear(&MemoryStore::new(16));
     }
 }

@@ -5,9 +5,13 @@
 //! open. `docs/storage.md` lists the tables. [`MemoryStore`] is the same contract in memory, for
 //! tests; [`FaultyStore`] wraps any store and fails after N operations, for fault tests.
 //!
-//! Invariant: [`Store::commit`] applies a batch of change sets in one transaction, all or none, and
-//! when it returns `Ok` on a durable store the batch is on disk (fsync'd). Many jobs share one
-//! commit: that is the node's group commit.
+//! Invariant: [`Store::write`] applies a [`Batch`] (change sets plus replicated-log operations) in
+//! one transaction, all or none, and when it returns `Ok` for a durable batch on a durable store the
+//! batch and everything written before it is on disk (fsync'd). Many jobs share one write: that is
+//! the node's group commit.
+//!
+//! The replicated logs of the cluster (`cluster::raft`) live here too, as opaque bytes: log entries
+//! keyed (group, index) and a few named state values per group (vote, purge point, applied point).
 
 mod faulty;
 mod memory;
@@ -15,7 +19,7 @@ mod redb_store;
 
 pub use faulty::FaultyStore;
 pub use memory::MemoryStore;
-pub use redb_store::RedbStore;
+pub use redb_store::{RedbStore, SCHEMA_VERSION};
 
 use crate::data::{BucketData, ChangeSet};
 use crate::error::StoreError;
@@ -30,6 +34,72 @@ pub struct NodeMeta {
     pub node_id: String,
     /// Flocks in the cluster (a power of two).
     pub flock_count: u32,
+}
+
+/// A group of the cluster's replicated logs: a flock, or [`META_GROUP`].
+pub type GroupId = u32;
+/// The group that holds the cluster's membership, flock map and module names.
+pub const META_GROUP: GroupId = u32::MAX;
+
+/// One replicated-log operation, written in the same transaction as the batch's change sets.
+#[derive(Clone, Debug)]
+pub enum LogOp {
+    /// Appends (or overwrites) entries, by index.
+    Append {
+        /// The log.
+        group: GroupId,
+        /// `(index, encoded entry)`, in index order.
+        entries: Vec<(u64, Vec<u8>)>,
+    },
+    /// Deletes entries with index `>= from` (a conflicting suffix).
+    TruncateFrom {
+        /// The log.
+        group: GroupId,
+        /// First index to delete.
+        from: u64,
+    },
+    /// Deletes entries with index `<= upto` (covered by a snapshot).
+    PurgeUpto {
+        /// The log.
+        group: GroupId,
+        /// Last index to delete.
+        upto: u64,
+    },
+    /// Sets one named state value of a group.
+    PutState {
+        /// The log.
+        group: GroupId,
+        /// Name of the value.
+        key: &'static str,
+        /// Encoded value.
+        value: Vec<u8>,
+    },
+    /// Deletes every bucket of a flock (before a snapshot of it is installed).
+    ClearFlock {
+        /// The flock.
+        flock: u32,
+    },
+    /// Stores a module (replicated through the meta group).
+    PutModule {
+        /// SHA-256 of the bytes.
+        id: ModuleId,
+        /// Name to point at it.
+        name: String,
+        /// The module.
+        wasm: Vec<u8>,
+    },
+}
+
+/// What one transaction writes. Log operations are applied before change sets.
+#[derive(Clone, Debug, Default)]
+pub struct Batch {
+    /// Replicated-log operations.
+    pub log: Vec<LogOp>,
+    /// Change sets, in order.
+    pub changes: Vec<ChangeSet>,
+    /// Must be on disk before `write` returns (ignored by a store opened without fsync). Batches
+    /// that only apply already-durable log entries need not be: a crash replays them.
+    pub durable: bool,
 }
 
 /// The node's durable state.
@@ -50,8 +120,20 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<Vec<String>, StoreError>;
     /// A bucket's committed version.
     fn bucket_version(&self, bucket: &[u8]) -> Result<u64, StoreError>;
-    /// Applies change sets, in order, in one atomic (and, if durable, fsync'd) transaction.
-    fn commit(&self, changes: &[ChangeSet]) -> Result<(), StoreError>;
+    /// Writes a batch in one atomic transaction, fsync'd if `batch.durable` and the store is durable.
+    fn write(&self, batch: &Batch) -> Result<(), StoreError>;
+    /// Applies change sets, in order, in one atomic, durable transaction.
+    fn commit(&self, changes: &[ChangeSet]) -> Result<(), StoreError> {
+        self.write(&Batch { log: Vec::new(), changes: changes.to_vec(), durable: true })
+    }
+    /// Log entries of `group` with index in `from..to`, at most `limit`.
+    fn log_entries(&self, group: GroupId, from: u64, to: u64, limit: usize) -> Result<Vec<(u64, Vec<u8>)>, StoreError>;
+    /// The last log entry of `group`.
+    fn log_last(&self, group: GroupId) -> Result<Option<(u64, Vec<u8>)>, StoreError>;
+    /// A named state value of `group`.
+    fn log_state(&self, group: GroupId, key: &str) -> Result<Option<Vec<u8>>, StoreError>;
+    /// Every bucket of a flock with its items (for a snapshot), in bucket-key order.
+    fn flock_buckets(&self, flock: u32) -> Result<Vec<(Vec<u8>, BucketData)>, StoreError>;
     /// Stores a module's bytes under its id and points `name` at it.
     fn put_module(&self, id: &ModuleId, name: &str, wasm: &[u8]) -> Result<(), StoreError>;
     /// The id a name points at.
@@ -76,7 +158,7 @@ pub(crate) mod contract {
     fn change(bucket: &[u8], version: u64, writes: &[(&str, Option<&str>)]) -> ChangeSet {
         ChangeSet {
             bucket: bucket.to_vec(),
-            flock: 0,
+            flock: crate::data::flock_of(bucket, 16),
             version,
             writes: writes
                 .iter()
@@ -107,6 +189,36 @@ pub(crate) mod contract {
         assert_eq!(store.list_items(b"a", "y/", None, 10).unwrap(), ["y/1", "y/2", "y/3"]);
         assert_eq!(store.list_items(b"a", "y/", Some("y/1"), 1).unwrap(), ["y/2"]);
         assert_eq!(store.list_items(b"a", "z", None, 10).unwrap(), Vec::<String>::new());
+    }
+
+    pub(crate) fn logs_append_truncate_purge_and_flocks_clear(store: &dyn Store) {
+        let entries = |r: std::ops::Range<u64>| r.map(|i| (i, vec![i as u8])).collect::<Vec<_>>();
+        let log = vec![
+            LogOp::Append { group: 3, entries: entries(1..6) },
+            LogOp::Append { group: META_GROUP, entries: entries(1..3) },
+            LogOp::PutState { group: 3, key: "vote", value: b"v1".to_vec() },
+        ];
+        store.write(&Batch { log, changes: vec![change(b"a", 1, &[("x", Some("1"))])], durable: true }).unwrap();
+        assert_eq!(store.log_entries(3, 2, 4, 10).unwrap(), entries(2..4));
+        assert_eq!(store.log_entries(3, 0, u64::MAX, 2).unwrap(), entries(1..3));
+        assert_eq!(store.log_last(META_GROUP).unwrap(), Some((2, vec![2])));
+        assert_eq!(store.log_state(3, "vote").unwrap().as_deref(), Some(&b"v1"[..]));
+        assert_eq!(store.log_state(4, "vote").unwrap(), None);
+        let log = vec![LogOp::TruncateFrom { group: 3, from: 4 }, LogOp::PurgeUpto { group: 3, upto: 1 }];
+        store.write(&Batch { log, changes: vec![], durable: true }).unwrap();
+        assert_eq!(store.log_entries(3, 0, u64::MAX, 10).unwrap(), entries(2..4));
+        assert_eq!(store.log_last(3).unwrap(), Some((3, vec![3])));
+        assert_eq!(store.log_last(7).unwrap(), None);
+
+        let flock = crate::data::flock_of(b"a", store.meta().flock_count);
+        let buckets = store.flock_buckets(flock).unwrap();
+        assert_eq!(buckets.len(), 1);
+        assert_eq!(buckets[0].0, b"a");
+        assert_eq!(buckets[0].1.version, 1);
+        store.write(&Batch { log: vec![LogOp::ClearFlock { flock }], changes: vec![], durable: true }).unwrap();
+        assert_eq!(store.flock_buckets(flock).unwrap(), vec![]);
+        assert_eq!(store.bucket_version(b"a").unwrap(), 0);
+        assert_eq!(store.get_item(b"a", "x").unwrap(), None);
     }
 
     pub(crate) fn modules_are_found_by_name_and_id(store: &dyn Store) {

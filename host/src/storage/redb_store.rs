@@ -5,18 +5,21 @@ use std::path::Path;
 
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
 
-use super::{ModuleId, NodeMeta, Store};
-use crate::data::{BucketData, ChangeSet};
+use super::{Batch, GroupId, LogOp, ModuleId, NodeMeta, Store};
+use crate::data::{BucketData, flock_of};
 use crate::error::StoreError;
 
 /// The schema this binary reads and writes. Bump it with any change to the tables below.
-pub const SCHEMA_VERSION: u32 = 1;
+pub const SCHEMA_VERSION: u32 = 2;
 
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 const ITEMS: TableDefinition<(&[u8], &str), &[u8]> = TableDefinition::new("items");
-const BUCKETS: TableDefinition<&[u8], u64> = TableDefinition::new("buckets");
+/// (flock, bucket) → version: a flock's buckets sit together, for snapshots.
+const BUCKETS: TableDefinition<(u32, &[u8]), u64> = TableDefinition::new("buckets");
 const MODULES: TableDefinition<&[u8], &[u8]> = TableDefinition::new("modules");
 const MODULE_NAMES: TableDefinition<&str, &[u8]> = TableDefinition::new("module_names");
+const RAFT_LOG: TableDefinition<(u32, u64), &[u8]> = TableDefinition::new("raft_log");
+const RAFT_STATE: TableDefinition<(u32, &str), &[u8]> = TableDefinition::new("raft_state");
 
 const SCHEMA_KEY: &str = "schema_version";
 const NODE_ID_KEY: &str = "node_id";
@@ -84,8 +87,26 @@ fn init_meta(db: &Database, flock_count: u32) -> Result<NodeMeta, StoreError> {
     txn.open_table(BUCKETS).map_err(engine)?;
     txn.open_table(MODULES).map_err(engine)?;
     txn.open_table(MODULE_NAMES).map_err(engine)?;
+    txn.open_table(RAFT_LOG).map_err(engine)?;
+    txn.open_table(RAFT_STATE).map_err(engine)?;
     txn.commit().map_err(engine)?;
     Ok(meta)
+}
+
+fn read_items(
+    table: &impl ReadableTable<(&'static [u8], &'static str), &'static [u8]>,
+    bucket: &[u8],
+) -> Result<BTreeMap<String, Vec<u8>>, StoreError> {
+    let mut items = BTreeMap::new();
+    for entry in table.range((bucket, "")..).map_err(engine)? {
+        let (key, value) = entry.map_err(engine)?;
+        let (b, item) = key.value();
+        if b != bucket {
+            break;
+        }
+        items.insert(item.to_owned(), value.value().to_vec());
+    }
+    Ok(items)
 }
 
 fn read_u32(bytes: &[u8]) -> Result<u32, StoreError> {
@@ -106,17 +127,9 @@ impl Store for RedbStore {
 
     fn load_bucket(&self, bucket: &[u8]) -> Result<BucketData, StoreError> {
         let txn = self.db.begin_read().map_err(engine)?;
-        let version = txn.open_table(BUCKETS).map_err(engine)?.get(bucket).map_err(engine)?.map_or(0, |v| v.value());
-        let items_table = txn.open_table(ITEMS).map_err(engine)?;
-        let mut items = BTreeMap::new();
-        for entry in items_table.range((bucket, "")..).map_err(engine)? {
-            let (key, value) = entry.map_err(engine)?;
-            let (b, item) = key.value();
-            if b != bucket {
-                break;
-            }
-            items.insert(item.to_owned(), value.value().to_vec());
-        }
+        let key = (flock_of(bucket, self.meta.flock_count), bucket);
+        let version = txn.open_table(BUCKETS).map_err(engine)?.get(key).map_err(engine)?.map_or(0, |v| v.value());
+        let items = read_items(&txn.open_table(ITEMS).map_err(engine)?, bucket)?;
         Ok(BucketData::new(version, items))
     }
 
@@ -156,16 +169,67 @@ impl Store for RedbStore {
     fn bucket_version(&self, bucket: &[u8]) -> Result<u64, StoreError> {
         let txn = self.db.begin_read().map_err(engine)?;
         let table = txn.open_table(BUCKETS).map_err(engine)?;
-        Ok(table.get(bucket).map_err(engine)?.map_or(0, |v| v.value()))
+        Ok(table.get((flock_of(bucket, self.meta.flock_count), bucket)).map_err(engine)?.map_or(0, |v| v.value()))
     }
 
-    fn commit(&self, changes: &[ChangeSet]) -> Result<(), StoreError> {
+    fn write(&self, batch: &Batch) -> Result<(), StoreError> {
         let mut txn = self.db.begin_write().map_err(engine)?;
-        txn.set_durability(self.durability).map_err(|e| StoreError::Engine(e.to_string()))?;
+        let durability = if batch.durable { self.durability } else { Durability::None };
+        txn.set_durability(durability).map_err(|e| StoreError::Engine(e.to_string()))?;
         {
             let mut items = txn.open_table(ITEMS).map_err(engine)?;
             let mut buckets = txn.open_table(BUCKETS).map_err(engine)?;
-            for change in changes {
+            if !batch.log.is_empty() {
+                let mut log = txn.open_table(RAFT_LOG).map_err(engine)?;
+                let mut state = txn.open_table(RAFT_STATE).map_err(engine)?;
+                for op in &batch.log {
+                    match op {
+                        LogOp::Append { group, entries } => {
+                            for (index, entry) in entries {
+                                log.insert((*group, *index), entry.as_slice()).map_err(engine)?;
+                            }
+                        }
+                        LogOp::TruncateFrom { group, from } => {
+                            log.retain_in((*group, *from)..=(*group, u64::MAX), |_, _| false).map_err(engine)?;
+                        }
+                        LogOp::PurgeUpto { group, upto } => {
+                            log.retain_in((*group, 0)..=(*group, *upto), |_, _| false).map_err(engine)?;
+                        }
+                        LogOp::PutState { group, key, value } => {
+                            state.insert((*group, *key), value.as_slice()).map_err(engine)?;
+                        }
+                        LogOp::ClearFlock { flock } => {
+                            let mut gone = Vec::new();
+                            for entry in buckets.range((*flock, &[][..])..).map_err(engine)? {
+                                let (key, _) = entry.map_err(engine)?;
+                                let (f, bucket) = key.value();
+                                if f != *flock {
+                                    break;
+                                }
+                                gone.push(bucket.to_vec());
+                            }
+                            for bucket in &gone {
+                                buckets.remove((*flock, bucket.as_slice())).map_err(engine)?;
+                                let keys: Vec<String> = read_items(&items, bucket)?.into_keys().collect();
+                                for item in keys {
+                                    items.remove((bucket.as_slice(), item.as_str())).map_err(engine)?;
+                                }
+                            }
+                        }
+                        LogOp::PutModule { id, name, wasm } => {
+                            txn.open_table(MODULES)
+                                .map_err(engine)?
+                                .insert(&id[..], wasm.as_slice())
+                                .map_err(engine)?;
+                            txn.open_table(MODULE_NAMES)
+                                .map_err(engine)?
+                                .insert(name.as_str(), &id[..])
+                                .map_err(engine)?;
+                        }
+                    }
+                }
+            }
+            for change in &batch.changes {
                 for write in &change.writes {
                     let key = (change.bucket.as_slice(), write.item.as_str());
                     match &write.value {
@@ -173,10 +237,57 @@ impl Store for RedbStore {
                         None => items.remove(key).map_err(engine)?,
                     };
                 }
-                buckets.insert(change.bucket.as_slice(), change.version).map_err(engine)?;
+                buckets.insert((change.flock, change.bucket.as_slice()), change.version).map_err(engine)?;
             }
         }
         txn.commit().map_err(engine)
+    }
+
+    fn log_entries(&self, group: GroupId, from: u64, to: u64, limit: usize) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+        if from >= to {
+            return Ok(Vec::new());
+        }
+        let txn = self.db.begin_read().map_err(engine)?;
+        let table = txn.open_table(RAFT_LOG).map_err(engine)?;
+        let mut entries = Vec::new();
+        for entry in table.range((group, from)..(group, to)).map_err(engine)? {
+            let (key, value) = entry.map_err(engine)?;
+            entries.push((key.value().1, value.value().to_vec()));
+            if entries.len() == limit {
+                break;
+            }
+        }
+        Ok(entries)
+    }
+
+    fn log_last(&self, group: GroupId) -> Result<Option<(u64, Vec<u8>)>, StoreError> {
+        let txn = self.db.begin_read().map_err(engine)?;
+        let table = txn.open_table(RAFT_LOG).map_err(engine)?;
+        let last =
+            table.range((group, 0)..=(group, u64::MAX)).map_err(engine)?.next_back().transpose().map_err(engine)?;
+        Ok(last.map(|(k, v)| (k.value().1, v.value().to_vec())))
+    }
+
+    fn log_state(&self, group: GroupId, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let txn = self.db.begin_read().map_err(engine)?;
+        let table = txn.open_table(RAFT_STATE).map_err(engine)?;
+        Ok(table.get((group, key)).map_err(engine)?.map(|v| v.value().to_vec()))
+    }
+
+    fn flock_buckets(&self, flock: u32) -> Result<Vec<(Vec<u8>, BucketData)>, StoreError> {
+        let txn = self.db.begin_read().map_err(engine)?;
+        let buckets = txn.open_table(BUCKETS).map_err(engine)?;
+        let items = txn.open_table(ITEMS).map_err(engine)?;
+        let mut found = Vec::new();
+        for entry in buckets.range((flock, &[][..])..).map_err(engine)? {
+            let (key, version) = entry.map_err(engine)?;
+            let (f, bucket) = key.value();
+            if f != flock {
+                break;
+            }
+            found.push((bucket.to_vec(), BucketData::new(version.value(), read_items(&items, bucket)?)));
+        }
+        Ok(found)
     }
 
     fn put_module(&self, id: &ModuleId, name: &str, wasm: &[u8]) -> Result<(), StoreError> {
@@ -236,6 +347,8 @@ mod tests {
         contract::items_versions_and_listing_follow_commits(&store);
         let (_dir, store) = temp_store();
         contract::modules_are_found_by_name_and_id(&store);
+        let (_dir, store) = temp_store();
+        contract::logs_append_truncate_purge_and_flocks_clear(&store);
     }
 
     #[test]

@@ -1,0 +1,118 @@
+//! What nodes say to each other. Every peer request is one [`PeerFrame`] on its own QUIC stream
+//! and gets one [`PeerResponse`]; both travel in the same length-prefixed, versioned bincode
+//! frames as client traffic (`grex_client::proto::encode_frame`), with the same size limit.
+//! Each subsystem owns a variant: raft traffic, job forwarding, membership, liveness.
+
+use grex_client::proto::{JobOutput, ModuleInfo, RemoteError};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse, VoteRequest,
+    VoteResponse,
+};
+use serde::{Deserialize, Serialize};
+
+use super::raft::{NodeId, PeerInfo, TypeConfig};
+use crate::storage::GroupId;
+
+/// ALPN of the peer protocol.
+pub const PEER_ALPN: &[u8] = b"grex-peer/1";
+
+/// One request and who sends it.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct PeerFrame {
+    /// The cluster the sender belongs to.
+    pub cluster_id: String,
+    /// The sender.
+    pub from: NodeId,
+    /// The request.
+    pub request: PeerRequest,
+}
+
+/// A request from one node to another.
+#[derive(Debug, Serialize, Deserialize)]
+pub enum PeerRequest {
+    /// First request on a new connection: who is dialing and where it listens.
+    Hello {
+        /// The dialer's addresses.
+        info: PeerInfo,
+    },
+    /// Liveness, once per interval per node pair, with the sender's load.
+    Ping {
+        /// Jobs the sender is running or has queued.
+        load: u64,
+    },
+    /// A message of one flock's (or the meta group's) consensus.
+    Raft {
+        /// Which group.
+        group: GroupId,
+        /// The message.
+        rpc: RaftRpc,
+    },
+    /// Run a job here (the sender found that this node leads the bucket's flock).
+    Job {
+        /// Bucket key.
+        bucket: Vec<u8>,
+        /// Module name or id.
+        module: String,
+        /// Job input.
+        input: Vec<u8>,
+        /// Read-only job.
+        read_only: bool,
+    },
+    /// A new node asks to join the cluster.
+    Hail {
+        /// Its addresses.
+        info: PeerInfo,
+    },
+    /// Store a module cluster-wide (sent to the meta group's leader).
+    PutModule {
+        /// Name.
+        name: String,
+        /// Bytes as uploaded.
+        wasm: Vec<u8>,
+    },
+}
+
+/// A consensus message.
+#[derive(Debug, Serialize, Deserialize)]
+pub enum RaftRpc {
+    /// Log replication (and the leader's commit point).
+    Append(AppendEntriesRequest<TypeConfig>),
+    /// A candidate asks for a vote.
+    Vote(VoteRequest<NodeId>),
+    /// A chunk of a snapshot.
+    Snapshot(InstallSnapshotRequest<TypeConfig>),
+}
+
+/// The answer to a [`PeerRequest`].
+#[derive(Debug, Serialize, Deserialize)]
+pub enum PeerResponse {
+    /// Hello accepted.
+    Welcome,
+    /// Ping answered, with the answering node's load.
+    Pong {
+        /// Jobs running or queued.
+        load: u64,
+    },
+    /// Answer to a log replication.
+    Append(AppendEntriesResponse<NodeId>),
+    /// Answer to a vote request.
+    Vote(VoteResponse<NodeId>),
+    /// Answer to a snapshot chunk.
+    Snapshot(InstallSnapshotResponse<NodeId>),
+    /// The job's result.
+    Job(Result<JobOutput, RemoteError>),
+    /// This node does not lead the flock; `leader` is its best guess of who does.
+    NotLeader {
+        /// The leader, if known.
+        leader: Option<NodeId>,
+    },
+    /// Joined: the cluster's members.
+    Joined {
+        /// Every member and its addresses.
+        members: Vec<(NodeId, PeerInfo)>,
+    },
+    /// Module stored.
+    Module(Result<ModuleInfo, RemoteError>),
+    /// The request failed.
+    Error(RemoteError),
+}

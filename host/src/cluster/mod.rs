@@ -1,0 +1,756 @@
+//! The cluster: identical peer nodes that replicate each flock among its herders and route every
+//! request to the node that should serve it.
+//!
+//! Concepts, and where they live:
+//! - `identity`: the cluster file, the cluster CA and node credentials (`grex init`, joining).
+//! - `peer`: the QUIC peer transport with mutual TLS, one connection per node pair, and the
+//!   per-pair heartbeat that is the cluster's only failure detector.
+//! - `messages`: what peers say to each other.
+//! - `raft`: openraft 0.9 glue. Each flock is a consensus group among its herders; a job's change
+//!   set is a log entry. One more group, the meta group (every node a member), holds the node list,
+//!   the flock map and module names.
+//! - `placement`: the pure function that computes a balanced flock map.
+//! - this file: [`Cluster`], which starts the groups, routes jobs (one hop to the flock's leader),
+//!   answers canaries and runs the supervisor: elections driven by the failure detector, leader
+//!   balancing, and membership changes that follow the flock map.
+//!
+//! Invariants: a node runs a mutating job for a flock only while it leads the flock in a term in
+//! which it has applied everything committed before (the `LeaderTerms` gate), and only while it can
+//! reach a majority of the flock's herders; the client hears back only after the change set is
+//! committed (durable on a majority) and applied here.
+
+pub mod identity;
+mod messages;
+mod peer;
+pub mod placement;
+mod raft;
+
+pub use identity::{ClusterFile, Credentials};
+pub use messages::PEER_ALPN;
+pub use raft::{NodeId, PeerInfo};
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use futures::FutureExt;
+use futures::future::BoxFuture;
+use grex_client::proto::{self, Canary, FlockInfo, FlockMapInfo, JobOutput, ModuleInfo};
+use openraft::ServerState;
+use tokio::sync::watch;
+
+use crate::data::ChangeSet;
+use crate::error::{ErrorCode, RemoteError, Result, error};
+use crate::node::{Front, Node, Replicator, Ticket};
+use crate::storage::{GroupId, META_GROUP};
+use messages::{PeerRequest, PeerResponse, RaftRpc};
+use peer::{Handler, Peers};
+use placement::{FlockMap, place};
+use raft::{Command, LeaderTerms, MetaState, Network, Raft};
+
+/// How long a routed job keeps looking for its flock's leader (an election takes about 1 s).
+const ROUTE_PATIENCE: Duration = Duration::from_secs(4);
+/// How often the supervisor looks at every group.
+const SUPERVISE_EVERY: Duration = Duration::from_millis(100);
+/// Between election attempts for one group.
+const ELECT_BACKOFF: Duration = Duration::from_millis(300);
+/// A flock with no writes for this long may hand leadership to its preferred herder.
+const IDLE_FOR_REBALANCE: Duration = Duration::from_secs(2);
+/// How long a proposed change set may take to commit before its job is answered with an error.
+const COMMIT_PATIENCE: Duration = Duration::from_secs(10);
+/// Meta voters at most; further nodes follow the meta group as learners.
+const META_VOTERS_MAX: usize = 5;
+
+/// How to start a node's cluster side.
+pub struct ClusterConfig {
+    /// Where the peer endpoint listens.
+    pub peer_addr: SocketAddr,
+    /// A running node's peer address, to join through (first start of a new node only).
+    pub join: Option<String>,
+}
+
+/// A running cluster member. Cheap to clone.
+#[derive(Clone)]
+pub struct Cluster {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    me: NodeId,
+    file: ClusterFile,
+    node: Node,
+    peers: Arc<Peers>,
+    meta: Raft,
+    flocks: Vec<Raft>,
+    meta_state: watch::Receiver<MetaState>,
+    terms: Arc<LeaderTerms>,
+    info: PeerInfo,
+    /// Last leader this node heard of per flock (it may not herd the flock).
+    hints: Vec<AtomicU64>,
+    /// Flocks whose membership change is under way here.
+    reconfiguring: Vec<AtomicBool>,
+    meta_reconfiguring: AtomicBool,
+    /// When each group last applied something here (for idle rebalancing).
+    last_activity: Mutex<Vec<(u64, Instant)>>,
+}
+
+/// A node id as text (how the API shows it).
+pub fn node_id_text(id: NodeId) -> String {
+    format!("{id:016x}")
+}
+
+fn parse_node_id(text: &str) -> anyhow::Result<NodeId> {
+    u64::from_str_radix(text, 16).map_err(|e| anyhow::anyhow!("node id `{text}` is not 16 hex digits: {e}"))
+}
+
+impl Cluster {
+    /// Starts the peer endpoint and every group, joins or bootstraps, and routes the node's
+    /// requests through the cluster from now on. The node's servers must already know their URLs.
+    pub async fn start(node: Node, file: ClusterFile, config: ClusterConfig) -> anyhow::Result<Cluster> {
+        let me = parse_node_id(node.id())?;
+        if node.flock_count() != file.flock_count {
+            anyhow::bail!(
+                "the data file has {} flocks but the cluster has {}; use a fresh --data directory",
+                node.flock_count(),
+                file.flock_count
+            );
+        }
+        let slot: Arc<OnceLock<Cluster>> = Arc::new(OnceLock::new());
+        let handler: Handler = {
+            let slot = slot.clone();
+            Arc::new(move |from, request| {
+                let slot = slot.clone();
+                async move {
+                    match slot.get() {
+                        Some(cluster) => cluster.answer(from, request).await,
+                        None => PeerResponse::Error(error(ErrorCode::Unavailable, "the node is starting")),
+                    }
+                }
+                .boxed()
+            })
+        };
+        let load = Arc::new(AtomicU64::new(0));
+        let peers =
+            Peers::start(me, file.cluster_id.clone(), config.peer_addr, node.data_dir(), handler, load.clone())?;
+        let urls = node.node_urls();
+        let info = PeerInfo {
+            peer: peers.local_addr().to_string(),
+            http: urls.http.unwrap_or_default(),
+            quic: urls.quic.unwrap_or_default(),
+        };
+        let terms = Arc::new(LeaderTerms::new(file.flock_count));
+        let (meta_tx, meta_state) = watch::channel(MetaState::default());
+        let raft_config = Arc::new(raft::config().validate()?);
+        let (log, sm) = raft::open_group(META_GROUP, &node, terms.clone(), Some(meta_tx))?;
+        let net = Network { group: META_GROUP, peers: peers.clone() };
+        let meta = Raft::new(me, raft_config.clone(), net, log, sm).await?;
+        let mut flocks = Vec::new();
+        for flock in 0..file.flock_count {
+            let (log, sm) = raft::open_group(flock, &node, terms.clone(), None)?;
+            let net = Network { group: flock, peers: peers.clone() };
+            flocks.push(Raft::new(me, raft_config.clone(), net, log, sm).await?);
+        }
+        let flock_count = file.flock_count as usize;
+        let cluster = Cluster {
+            inner: Arc::new(Inner {
+                me,
+                file,
+                node: node.clone(),
+                peers: peers.clone(),
+                meta,
+                flocks,
+                meta_state,
+                terms,
+                info: info.clone(),
+                hints: (0..flock_count).map(|_| AtomicU64::new(0)).collect(),
+                reconfiguring: (0..flock_count).map(|_| AtomicBool::new(false)).collect(),
+                meta_reconfiguring: AtomicBool::new(false),
+                last_activity: Mutex::new(vec![(0, Instant::now()); flock_count]),
+            }),
+        };
+        let _ = slot.set(cluster.clone());
+        node.set_replicator(Arc::new(cluster.clone()));
+        node.set_front(Arc::new(cluster.clone()));
+        for flock in 0..flock_count {
+            tokio::spawn(cluster.clone().watch_leadership(flock as u32));
+        }
+        tokio::spawn(cluster.clone().follow_members());
+
+        let initialized = cluster.inner.meta.is_initialized().await?;
+        if !initialized {
+            match &config.join {
+                None => cluster.bootstrap().await?,
+                Some(addr) => {
+                    let members = peers.hail(addr, info).await?;
+                    peers.set_members(&members.into_iter().collect());
+                    tracing::info!(via = %addr, "joined the cluster");
+                }
+            }
+        } else if config.join.is_some() {
+            tracing::info!("already a member; --join is ignored");
+        }
+        tokio::spawn(cluster.clone().supervise(load));
+        Ok(cluster)
+    }
+
+    /// This node's id.
+    pub fn id(&self) -> NodeId {
+        self.inner.me
+    }
+
+    /// The cluster file.
+    pub fn file(&self) -> &ClusterFile {
+        &self.inner.file
+    }
+
+    /// Where the peer endpoint listens.
+    pub fn peer_addr(&self) -> SocketAddr {
+        self.inner.peers.local_addr()
+    }
+
+    /// Drops (or restores) this node's peer traffic, as a network partition would.
+    pub fn set_isolated(&self, isolated: bool) {
+        self.inner.peers.set_isolated(isolated);
+    }
+
+    /// Stops every group and the peer endpoint.
+    pub async fn shutdown(&self) {
+        for raft in std::iter::once(&self.inner.meta).chain(self.inner.flocks.iter()) {
+            let _ = raft.shutdown().await;
+        }
+        self.inner.peers.stop();
+    }
+
+    /// A one-node cluster: this node is every group's only voter.
+    async fn bootstrap(&self) -> anyhow::Result<()> {
+        let me = self.inner.me;
+        let voters = BTreeMap::from([(me, self.inner.info.clone())]);
+        self.inner.meta.initialize(voters.clone()).await?;
+        for raft in &self.inner.flocks {
+            raft.initialize(voters.clone()).await?;
+        }
+        self.wait_meta_leader().await?;
+        self.meta_write(Command::AddNode { id: me, info: self.inner.info.clone() }).await?;
+        tracing::info!(node = %node_id_text(me), "bootstrapped a new cluster");
+        Ok(())
+    }
+
+    async fn wait_meta_leader(&self) -> anyhow::Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.inner.meta.metrics().borrow().current_leader.is_none() {
+            if Instant::now() > deadline {
+                anyhow::bail!("the meta group elected no leader within 10 s");
+            }
+            let _ = self.inner.meta.trigger().elect().await;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Ok(())
+    }
+
+    fn group(&self, group: GroupId) -> Option<&Raft> {
+        if group == META_GROUP { Some(&self.inner.meta) } else { self.inner.flocks.get(group as usize) }
+    }
+
+    fn meta_state(&self) -> MetaState {
+        self.inner.meta_state.borrow().clone()
+    }
+
+    /// Proposes a meta command here (this node must lead the meta group).
+    async fn meta_write(&self, command: Command) -> Result<()> {
+        self.inner
+            .meta
+            .client_write(command)
+            .await
+            .map(|_| ())
+            .map_err(|e| error(ErrorCode::Unavailable, format!("the cluster could not record the change: {e}")))
+    }
+
+    /// The leader of a group as this node knows it.
+    fn leader_of(&self, group: GroupId) -> Option<NodeId> {
+        let raft = self.group(group)?;
+        let known = raft.metrics().borrow().current_leader;
+        known.or_else(|| {
+            let hint = self.inner.hints.get(group as usize)?.load(Ordering::Relaxed);
+            (hint != 0).then_some(hint)
+        })
+    }
+
+    fn herders(&self, flock: u32) -> Vec<NodeId> {
+        self.inner.meta_state.borrow().map.herders.get(flock as usize).cloned().unwrap_or_default()
+    }
+
+    /// The voters of a group in this node's view of its membership.
+    fn voters(&self, group: GroupId) -> Vec<NodeId> {
+        self.group(group)
+            .map(|raft| raft.metrics().borrow().membership_config.membership().voter_ids().collect())
+            .unwrap_or_default()
+    }
+
+    /// True if this node can reach a majority of the group's voters (itself included).
+    fn has_quorum(&self, group: GroupId) -> bool {
+        let voters = self.voters(group);
+        let alive = voters.iter().filter(|v| self.inner.peers.alive(**v)).count();
+        alive * 2 > voters.len()
+    }
+
+    /// Runs a job where it belongs: here if this node leads the flock (or, read-only, herds it),
+    /// else one hop to the leader, following redirects until [`ROUTE_PATIENCE`] runs out.
+    async fn route_job(&self, bucket: Vec<u8>, module: String, input: Vec<u8>, read_only: bool) -> Result<JobOutput> {
+        proto::check_bucket_key(&bucket)?;
+        let flock = proto::flock_of(&bucket, self.inner.file.flock_count);
+        let deadline = Instant::now() + ROUTE_PATIENCE;
+        let mut last_error = None;
+        loop {
+            if let Some(local) = self.try_here(flock, &bucket, &module, &input, read_only).await {
+                match local {
+                    Err(e) if e.code == ErrorCode::Unavailable && Instant::now() < deadline => last_error = Some(e),
+                    other => return other,
+                }
+            } else if let Some(leader) = self.leader_of(flock).filter(|l| *l != self.inner.me) {
+                let request = PeerRequest::Job {
+                    bucket: bucket.clone(),
+                    module: module.clone(),
+                    input: input.clone(),
+                    read_only,
+                };
+                let timeout = self.inner.node.config().limits.timeout() + Duration::from_secs(10);
+                match self.inner.peers.call(leader, request, timeout).await {
+                    Ok(PeerResponse::Job(result)) => {
+                        self.inner.hints[flock as usize].store(leader, Ordering::Relaxed);
+                        return result;
+                    }
+                    Ok(PeerResponse::NotLeader { leader: hint }) => {
+                        self.inner.hints[flock as usize].store(hint.unwrap_or(0), Ordering::Relaxed);
+                        if hint.is_some() && hint != Some(leader) {
+                            continue;
+                        }
+                    }
+                    Ok(PeerResponse::Error(e)) => return Err(e),
+                    Ok(other) => return Err(error(ErrorCode::Internal, format!("unexpected peer answer {other:?}"))),
+                    Err(e) => last_error = Some(e.into()),
+                }
+            }
+            if Instant::now() >= deadline {
+                return Err(last_error.unwrap_or_else(|| {
+                    error(
+                        ErrorCode::Unavailable,
+                        format!("flock {flock} has no reachable leader (an election may be under way); retry shortly"),
+                    )
+                }));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Runs the job here if this node should; `None` if it belongs elsewhere.
+    async fn try_here(
+        &self,
+        flock: u32,
+        bucket: &[u8],
+        module: &str,
+        input: &[u8],
+        read_only: bool,
+    ) -> Option<Result<JobOutput>> {
+        let leads = self.inner.terms.get(flock).is_some();
+        let herds = read_only && self.voters(flock).contains(&self.inner.me);
+        if !leads && !herds {
+            return None;
+        }
+        if leads && !read_only && !self.has_quorum(flock) {
+            return Some(Err(error(
+                ErrorCode::NoQuorum,
+                format!(
+                    "this node leads flock {flock} but cannot reach a majority of its herders, so it refuses writes; \
+                     retry on another node"
+                ),
+            )));
+        }
+        Some(self.inner.node.run_job_here(bucket, module, input.to_vec(), read_only).await)
+    }
+
+    /// Answers a request from a peer.
+    async fn answer(&self, from: NodeId, request: PeerRequest) -> PeerResponse {
+        match request {
+            PeerRequest::Raft { group, rpc } => {
+                let Some(raft) = self.group(group) else {
+                    return PeerResponse::Error(error(ErrorCode::BadRequest, format!("no group {group}")));
+                };
+                let failed = |e: String| PeerResponse::Error(error(ErrorCode::Unavailable, e));
+                match rpc {
+                    RaftRpc::Append(req) => {
+                        raft.append_entries(req).await.map_or_else(|e| failed(e.to_string()), PeerResponse::Append)
+                    }
+                    RaftRpc::Vote(req) => {
+                        raft.vote(req).await.map_or_else(|e| failed(e.to_string()), PeerResponse::Vote)
+                    }
+                    RaftRpc::Snapshot(req) => {
+                        raft.install_snapshot(req).await.map_or_else(|e| failed(e.to_string()), PeerResponse::Snapshot)
+                    }
+                }
+            }
+            PeerRequest::Job { bucket, module, input, read_only } => {
+                if bucket.len() > proto::BUCKET_KEY_BYTES_MAX {
+                    return PeerResponse::Job(proto::check_bucket_key(&bucket).map(|_| unreachable!()));
+                }
+                let flock = proto::flock_of(&bucket, self.inner.file.flock_count);
+                match self.try_here(flock, &bucket, &module, &input, read_only).await {
+                    Some(result) => PeerResponse::Job(result),
+                    None => PeerResponse::NotLeader { leader: self.leader_of(flock).filter(|l| *l != self.inner.me) },
+                }
+            }
+            PeerRequest::Hail { info } => self.admit(from, info).await,
+            PeerRequest::PutModule { name, wasm } => PeerResponse::Module(self.store_module(name, wasm).await),
+            PeerRequest::Hello { .. } | PeerRequest::Ping { .. } => {
+                PeerResponse::Error(error(ErrorCode::BadRequest, "handled by the transport"))
+            }
+        }
+    }
+
+    /// A new node hails: the meta leader adds it (as a learner, then a voter while there are
+    /// fewer than [`META_VOTERS_MAX`]); any other node passes the hail on to the meta leader.
+    async fn admit(&self, id: NodeId, info: PeerInfo) -> PeerResponse {
+        let Some(leader) = self.leader_of(META_GROUP) else {
+            return PeerResponse::Error(error(ErrorCode::Unavailable, "the cluster has no meta leader; retry shortly"));
+        };
+        if leader != self.inner.me {
+            return self
+                .inner
+                .peers
+                .call(leader, PeerRequest::Hail { info }, Duration::from_secs(60))
+                .await
+                .unwrap_or_else(|e| PeerResponse::Error(e.into()));
+        }
+        // Hails are relayed with the joiner's id as the sender's only on the first hop.
+        tracing::info!(node = %node_id_text(id), peer = %info.peer, "a node asks to join");
+        self.inner.peers.learn(id, &info);
+        let meta = &self.inner.meta;
+        if let Err(e) = meta.add_learner(id, info.clone(), true).await {
+            return PeerResponse::Error(error(ErrorCode::Unavailable, format!("adding the node failed: {e}")));
+        }
+        if let Err(e) = self.meta_write(Command::AddNode { id, info }).await {
+            return PeerResponse::Error(e);
+        }
+        PeerResponse::Joined { members: self.meta_state().nodes.into_iter().collect() }
+    }
+
+    async fn store_module(&self, name: String, wasm: Vec<u8>) -> Result<ModuleInfo> {
+        let (id, wasm) = self.inner.node.check_module(&name, wasm).await?;
+        let size = wasm.len() as u64;
+        let info = ModuleInfo { name: name.clone(), id: crate::wasm::module_id_text(&id), size };
+        match self.leader_of(META_GROUP) {
+            Some(leader) if leader == self.inner.me => {
+                self.meta_write(Command::PutModule { name, id, wasm }).await?;
+                Ok(info)
+            }
+            Some(leader) => {
+                match self
+                    .inner
+                    .peers
+                    .call(leader, PeerRequest::PutModule { name, wasm }, Duration::from_secs(60))
+                    .await
+                {
+                    Ok(PeerResponse::Module(result)) => result,
+                    Ok(PeerResponse::Error(e)) => Err(e),
+                    Ok(other) => Err(error(ErrorCode::Internal, format!("unexpected peer answer {other:?}"))),
+                    Err(e) => Err(e.into()),
+                }
+            }
+            None => Err(error(ErrorCode::Unavailable, "the cluster has no meta leader; retry shortly")),
+        }
+    }
+
+    /// Publishes this node's readiness to lead each flock to the executors.
+    async fn watch_leadership(self, flock: u32) {
+        let mut metrics = self.inner.flocks[flock as usize].metrics();
+        loop {
+            let ready = {
+                let m = metrics.borrow_and_update();
+                let leads = m.state == ServerState::Leader;
+                let term = m.current_term;
+                let caught_up = m.last_applied.is_some_and(|l| l.leader_id.term == term);
+                if let Ok(mut activity) = self.inner.last_activity.lock() {
+                    let applied = m.last_applied.map_or(0, |l| l.index);
+                    if activity[flock as usize].0 != applied {
+                        activity[flock as usize] = (applied, Instant::now());
+                    }
+                }
+                if leads && caught_up { term } else { 0 }
+            };
+            let before = self.inner.terms.set(flock, ready);
+            if before != 0 && ready == 0 {
+                // Lost the lead: cached writes of that term may never commit.
+                self.inner.node.drop_flock(flock).await;
+            }
+            if metrics.changed().await.is_err() {
+                return;
+            }
+        }
+    }
+
+    /// Keeps the transport's member list in step with the meta group.
+    async fn follow_members(self) {
+        let mut state = self.inner.meta_state.clone();
+        loop {
+            let nodes = state.borrow_and_update().nodes.clone();
+            self.inner.peers.set_members(&nodes);
+            if state.changed().await.is_err() {
+                return;
+            }
+        }
+    }
+
+    /// The supervisor: elections from the failure detector, leader balancing, and membership
+    /// changes that follow the flock map. One task per node, ticking every [`SUPERVISE_EVERY`].
+    async fn supervise(self, load: Arc<AtomicU64>) {
+        let groups: Vec<GroupId> = std::iter::once(META_GROUP).chain(0..self.inner.file.flock_count).collect();
+        let mut leaderless_since: Vec<Option<Instant>> = vec![None; groups.len()];
+        let mut last_elect: Vec<Instant> = vec![Instant::now() - ELECT_BACKOFF; groups.len()];
+        let mut ticker = tokio::time::interval(SUPERVISE_EVERY);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            ticker.tick().await;
+            load.store(self.inner.node.load(), Ordering::Relaxed);
+            for (i, &group) in groups.iter().enumerate() {
+                self.supervise_group(group, &mut leaderless_since[i], &mut last_elect[i]).await;
+            }
+            if self.inner.meta.metrics().borrow().state == ServerState::Leader {
+                self.reconcile_meta().await;
+            }
+        }
+    }
+
+    async fn supervise_group(&self, group: GroupId, leaderless_since: &mut Option<Instant>, last_elect: &mut Instant) {
+        let me = self.inner.me;
+        let Some(raft) = self.group(group) else { return };
+        let (leader, state, mut voters) = {
+            let m = raft.metrics().borrow().clone();
+            (m.current_leader, m.state, m.membership_config.membership().voter_ids().collect::<Vec<_>>())
+        };
+        if !voters.contains(&me) {
+            return;
+        }
+        if state == ServerState::Leader && group != META_GROUP {
+            self.reconcile_flock(group);
+        }
+        // Preference order: the flock map's order for flocks, then a rotation per group.
+        let preferred = if group == META_GROUP { Vec::new() } else { self.herders(group) };
+        voters
+            .sort_by_key(|v| (preferred.iter().position(|p| p == v).unwrap_or(usize::MAX), v.rotate_left(group % 64)));
+        let live: Vec<NodeId> = voters.iter().copied().filter(|v| self.inner.peers.alive(*v)).collect();
+        if live.len() * 2 <= voters.len() {
+            return; // no majority reachable: an election could not succeed
+        }
+        let rank = live.iter().position(|v| *v == me).unwrap_or(usize::MAX) as u32;
+        let healthy = leader.is_some_and(|l| self.inner.peers.alive(l));
+        let now = Instant::now();
+        if healthy {
+            *leaderless_since = None;
+            // Hand an idle flock's lead to its preferred, live herder.
+            let idle = group != META_GROUP
+                && self
+                    .inner
+                    .last_activity
+                    .lock()
+                    .map(|a| a[group as usize].1.elapsed() > IDLE_FOR_REBALANCE)
+                    .unwrap_or(false);
+            if rank == 0 && leader != Some(me) && idle && now - *last_elect > IDLE_FOR_REBALANCE {
+                *last_elect = now;
+                let _ = raft.trigger().elect().await;
+            }
+            return;
+        }
+        let since = *leaderless_since.get_or_insert(now);
+        let wait = ELECT_BACKOFF * rank.min(8);
+        if now - since >= wait && now - *last_elect >= ELECT_BACKOFF && state != ServerState::Leader {
+            *last_elect = now;
+            let _ = raft.trigger().elect().await;
+        }
+    }
+
+    /// On the meta leader: every member is in the flock map and the meta group's voters.
+    async fn reconcile_meta(&self) {
+        let state = self.meta_state();
+        if state.nodes.is_empty() {
+            return;
+        }
+        let nodes: BTreeSet<NodeId> = state.nodes.keys().copied().collect();
+        let map = place(&state.map, &nodes, self.inner.file.flock_count, self.inner.file.replication);
+        if map != state.map {
+            tracing::info!(version = map.version, nodes = nodes.len(), "publishing a new flock map");
+            if let Err(e) = self.meta_write(Command::SetFlockMap(map)).await {
+                tracing::warn!(error = %e.message, "could not publish the flock map");
+            }
+        }
+        let want: BTreeSet<NodeId> = nodes.iter().copied().take(META_VOTERS_MAX).collect();
+        let have: BTreeSet<NodeId> = self.voters(META_GROUP).into_iter().collect();
+        if want != have && !self.inner.meta_reconfiguring.swap(true, Ordering::AcqRel) {
+            let this = self.clone();
+            tokio::spawn(async move {
+                for id in want.difference(&have) {
+                    if let Some(info) = this.meta_state().nodes.get(id).cloned() {
+                        let _ = this.inner.meta.add_learner(*id, info, true).await;
+                    }
+                }
+                if let Err(e) = this.inner.meta.change_membership(want, false).await {
+                    tracing::warn!(error = %e, "meta membership change failed");
+                }
+                this.inner.meta_reconfiguring.store(false, Ordering::Release);
+            });
+        }
+    }
+
+    /// On a flock's leader: make the flock's voters the map's herders (learner, catch up, promote).
+    fn reconcile_flock(&self, flock: u32) {
+        let herders = self.herders(flock);
+        if herders.is_empty() {
+            return;
+        }
+        let want: BTreeSet<NodeId> = herders.iter().copied().collect();
+        let have: BTreeSet<NodeId> = self.voters(flock).into_iter().collect();
+        if want == have || self.inner.reconfiguring[flock as usize].swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let this = self.clone();
+        tokio::spawn(async move {
+            let raft = &this.inner.flocks[flock as usize];
+            let nodes = this.meta_state().nodes;
+            let mut ok = true;
+            for id in want.difference(&have) {
+                let Some(info) = nodes.get(id).cloned() else {
+                    ok = false;
+                    break;
+                };
+                if let Err(e) = raft.add_learner(*id, info, true).await {
+                    tracing::debug!(flock, error = %e, "adding a herder failed; will retry");
+                    ok = false;
+                    break;
+                }
+            }
+            if ok {
+                match raft.change_membership(want, false).await {
+                    Ok(_) => tracing::debug!(flock, "flock herders changed"),
+                    Err(e) => tracing::debug!(flock, error = %e, "flock membership change failed; will retry"),
+                }
+            }
+            this.inner.reconfiguring[flock as usize].store(false, Ordering::Release);
+        });
+    }
+}
+
+impl Replicator for Cluster {
+    fn leader_term(&self, flock: u32) -> Option<u64> {
+        self.inner.terms.get(flock)
+    }
+
+    fn propose(&self, flock: u32, change: ChangeSet) -> Result<Ticket> {
+        let raft = self.inner.flocks.get(flock as usize).ok_or_else(|| error(ErrorCode::Internal, "no such flock"))?;
+        // `client_write_ff` only queues the entry on the group's channel, so polling it once here
+        // keeps proposals in call order.
+        let receiver = futures::executor::block_on(raft.client_write_ff(Command::Change(change)))
+            .map_err(|e| error(ErrorCode::Unavailable, format!("flock {flock} stopped: {e}")))?;
+        let ticket = async move {
+            let Ok(answer) = tokio::time::timeout(COMMIT_PATIENCE, receiver).await else {
+                return Err(error(
+                    ErrorCode::Unavailable,
+                    format!(
+                        "the write was not committed within {} s (the flock cannot reach a majority); it may still take effect, so read before retrying",
+                        COMMIT_PATIENCE.as_secs()
+                    ),
+                ));
+            };
+            match answer {
+                Ok(Ok(_)) => Ok(()),
+                Ok(Err(e)) => Err(error(
+                    ErrorCode::Unavailable,
+                    format!(
+                        "the write was not committed ({e}); it may or may not have taken effect, so read before retrying"
+                    ),
+                )),
+                Err(_) => Err(error(
+                    ErrorCode::Unavailable,
+                    "the flock's leader stepped down before the write committed; read before retrying",
+                )),
+            }
+        };
+        Ok(ticket.boxed().shared())
+    }
+}
+
+impl Front for Cluster {
+    fn run_job(
+        &self,
+        bucket: Vec<u8>,
+        module: String,
+        input: Vec<u8>,
+        read_only: bool,
+    ) -> BoxFuture<'static, Result<JobOutput>> {
+        let this = self.clone();
+        async move { this.route_job(bucket, module, input, read_only).await }.boxed()
+    }
+
+    fn put_module(&self, name: String, wasm: Vec<u8>) -> BoxFuture<'static, Result<ModuleInfo>> {
+        let this = self.clone();
+        async move { this.store_module(name, wasm).await }.boxed()
+    }
+
+    fn canary(&self, bucket: &[u8], read_only: bool) -> Result<Canary> {
+        let flock = proto::flock_of(bucket, self.inner.file.flock_count);
+        let state = self.meta_state();
+        let leader = self.leader_of(flock);
+        let (node, role) = if read_only {
+            // The warm leader unless a live herder carries clearly less load.
+            let herders = state.map.herders.get(flock as usize).cloned().unwrap_or_default();
+            let pick = herders.iter().copied().filter(|h| self.inner.peers.alive(*h)).min_by_key(|h| {
+                (
+                    self.inner.peers.load_of(*h).saturating_sub(if Some(*h) == leader { 4 } else { 0 }),
+                    Some(*h) != leader,
+                )
+            });
+            match pick {
+                Some(h) => (h, if Some(h) == leader { "leader" } else { "follower" }),
+                None => (leader.unwrap_or(self.inner.me), "leader"),
+            }
+        } else {
+            let leader = leader.ok_or_else(|| {
+                error(
+                    ErrorCode::Unavailable,
+                    format!("flock {flock} has no leader right now (an election is under way); retry shortly"),
+                )
+            })?;
+            (leader, "leader")
+        };
+        let info = state.nodes.get(&node).cloned().unwrap_or_default();
+        Ok(Canary {
+            url: info.http,
+            quic: Some(info.quic).filter(|q| !q.is_empty()),
+            node: node_id_text(node),
+            flock,
+            role: role.into(),
+            bucket_version: self.inner.node.store().bucket_version(bucket).map_err(RemoteError::from)?,
+        })
+    }
+
+    fn flocks(&self) -> FlockMapInfo {
+        let state = self.meta_state();
+        FlockMapInfo {
+            version: state.map.version,
+            nodes: state.nodes.iter().map(|(id, info)| (node_id_text(*id), info.http.clone())).collect(),
+            flocks: state
+                .map
+                .herders
+                .iter()
+                .enumerate()
+                .map(|(flock, herders)| FlockInfo {
+                    flock: flock as u32,
+                    herders: herders.iter().map(|h| node_id_text(*h)).collect(),
+                    leader: self.leader_of(flock as u32).map(node_id_text),
+                })
+                .collect(),
+        }
+    }
+}
+
+/// The flock map type, for tests and tools.
+pub type Map = FlockMap;

@@ -1,0 +1,502 @@
+//! The peer transport: QUIC (quinn) with mutual TLS under the cluster CA, ALPN `grex-peer/1`.
+//!
+//! Each pair of nodes keeps one long-lived connection. Either side dials when it has none; if
+//! both dial at once, both keep the connection dialed by the lower node id and close the other,
+//! so a pair converges on one connection. A request is one bidirectional stream carrying one
+//! frame each way (`messages`), so a slow request never blocks another.
+//!
+//! Liveness is per node pair, shared by every flock: a heartbeat task per peer pings it every
+//! [`PING_INTERVAL`] (redialing with back-off when the connection is gone), and a peer not heard
+//! from within [`DEAD_AFTER`] counts as down. The failure detector above (`supervisor`) turns that
+//! into elections; no flock runs timers of its own.
+//!
+//! A peer whose certificate is not from the cluster CA fails the TLS handshake; the refusal is
+//! logged with its address. A malformed or oversized frame gets an error answer and costs the
+//! node nothing but the stream.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use futures::future::BoxFuture;
+use grex_client::proto::{FRAME_BYTES_MAX, decode_frame, encode_frame, frame_len};
+use tokio::sync::{Semaphore, watch};
+
+use super::identity::{CA_FILE, NODE_CERT_FILE, NODE_KEY_FILE, PEER_SERVER_NAME};
+use super::messages::{PEER_ALPN, PeerFrame, PeerRequest, PeerResponse};
+use super::raft::{NodeId, PeerInfo};
+use crate::error::{ErrorCode, RemoteError, error};
+
+/// How often each node pings each peer.
+pub const PING_INTERVAL: Duration = Duration::from_millis(150);
+/// A peer not heard from for this long is down.
+pub const DEAD_AFTER: Duration = Duration::from_millis(600);
+/// Connections from peers at once (a cluster has far fewer nodes).
+pub const PEER_CONNECTIONS_MAX: usize = 256;
+/// Requests in flight on one peer connection.
+pub const PEER_STREAMS_MAX: u32 = 1024;
+/// How long a request may take to arrive.
+const READ_TIMEOUT: Duration = Duration::from_secs(30);
+const IDLE_TIMEOUT: Duration = Duration::from_secs(5);
+const DIAL_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Answers peer requests: `(sender, request) → response`.
+pub type Handler = Arc<dyn Fn(NodeId, PeerRequest) -> BoxFuture<'static, PeerResponse> + Send + Sync>;
+
+/// Why a peer call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum PeerError {
+    /// No connection to the peer could be made, or it broke.
+    #[error("peer {0} is unreachable: {1}")]
+    Unreachable(NodeId, String),
+    /// The request or its answer broke the protocol (too large, malformed).
+    #[error("peer protocol error: {0}")]
+    Protocol(String),
+    /// The peer did not answer in time.
+    #[error("peer {0} did not answer within {1:?}")]
+    Timeout(NodeId, Duration),
+}
+
+impl From<PeerError> for RemoteError {
+    fn from(e: PeerError) -> Self {
+        error(ErrorCode::Unavailable, format!("{e}; retry shortly"))
+    }
+}
+
+struct Link {
+    connection: quinn::Connection,
+    /// Which side dialed it (the lower id's connection wins a duplicate).
+    dialed_by: NodeId,
+}
+
+#[derive(Default)]
+struct PeerState {
+    info: Option<PeerInfo>,
+    link: Option<Link>,
+    last_seen: Option<Instant>,
+    load: u64,
+    heartbeat: bool,
+}
+
+/// This node's side of every peer connection.
+pub struct Peers {
+    me: NodeId,
+    cluster_id: String,
+    endpoint: quinn::Endpoint,
+    client_config: quinn::ClientConfig,
+    state: Mutex<HashMap<NodeId, PeerState>>,
+    /// Wakes callers waiting for a connection to a peer.
+    linked: watch::Sender<u64>,
+    handler: Handler,
+    load: Arc<AtomicU64>,
+    stopped: AtomicBool,
+    /// When set, all peer traffic is dropped (the partition test's in-process firewall).
+    isolated: AtomicBool,
+}
+
+impl Peers {
+    /// Binds the peer endpoint on `addr` with the identity in `dir` and starts accepting.
+    pub fn start(
+        me: NodeId,
+        cluster_id: String,
+        addr: SocketAddr,
+        dir: &Path,
+        handler: Handler,
+        load: Arc<AtomicU64>,
+    ) -> anyhow::Result<Arc<Peers>> {
+        let (server, client) = tls_configs(dir)?;
+        let endpoint = quinn::Endpoint::server(server, addr)
+            .map_err(|e| anyhow::anyhow!("cannot listen for peers on {addr}: {e}"))?;
+        let (linked, _) = watch::channel(0);
+        let peers = Arc::new(Peers {
+            me,
+            cluster_id,
+            endpoint,
+            client_config: client,
+            state: Mutex::new(HashMap::new()),
+            linked,
+            handler,
+            load,
+            stopped: AtomicBool::new(false),
+            isolated: AtomicBool::new(false),
+        });
+        tokio::spawn(accept_loop(peers.clone()));
+        Ok(peers)
+    }
+
+    /// Where the endpoint listens.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.endpoint.local_addr().expect("bound endpoint")
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, HashMap<NodeId, PeerState>> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Learns the cluster's members: a heartbeat task starts for each new one.
+    pub fn set_members(self: &Arc<Self>, members: &BTreeMap<NodeId, PeerInfo>) {
+        let mut start = Vec::new();
+        {
+            let mut state = self.state();
+            for (id, info) in members {
+                if *id == self.me {
+                    continue;
+                }
+                let peer = state.entry(*id).or_default();
+                peer.info = Some(info.clone());
+                if !peer.heartbeat {
+                    peer.heartbeat = true;
+                    start.push(*id);
+                }
+            }
+        }
+        for id in start {
+            tokio::spawn(heartbeat(self.clone(), id));
+        }
+    }
+
+    /// Remembers where a peer listens (raft learns addresses before the member list does).
+    pub fn learn(&self, id: NodeId, info: &PeerInfo) {
+        if id != self.me {
+            self.state().entry(id).or_default().info.get_or_insert_with(|| info.clone());
+        }
+    }
+
+    /// True if the peer answered within [`DEAD_AFTER`] (this node itself is always alive).
+    pub fn alive(&self, id: NodeId) -> bool {
+        if id == self.me {
+            return true;
+        }
+        if self.isolated.load(Ordering::Relaxed) {
+            return false;
+        }
+        self.state().get(&id).and_then(|p| p.last_seen).is_some_and(|t| t.elapsed() < DEAD_AFTER)
+    }
+
+    /// The load a peer reported last (jobs running or queued).
+    pub fn load_of(&self, id: NodeId) -> u64 {
+        if id == self.me {
+            return self.load.load(Ordering::Relaxed);
+        }
+        self.state().get(&id).map_or(u64::MAX, |p| p.load)
+    }
+
+    /// Drops (or restores) all peer traffic of this node, as a network partition would.
+    pub fn set_isolated(&self, isolated: bool) {
+        self.isolated.store(isolated, Ordering::Relaxed);
+        if isolated {
+            for peer in self.state().values_mut() {
+                if let Some(link) = peer.link.take() {
+                    link.connection.close(3u32.into(), b"isolated");
+                }
+            }
+        }
+    }
+
+    /// Sends one request to a peer and waits for the answer.
+    pub async fn call(
+        self: &Arc<Self>,
+        to: NodeId,
+        request: PeerRequest,
+        timeout: Duration,
+    ) -> Result<PeerResponse, PeerError> {
+        let frame = PeerFrame { cluster_id: self.cluster_id.clone(), from: self.me, request };
+        let bytes = encode_frame(&frame).map_err(|e| PeerError::Protocol(e.to_string()))?;
+        let work = async {
+            let connection = self.connection(to).await?;
+            exchange(&connection, &bytes).await.map_err(|e| PeerError::Unreachable(to, e))
+        };
+        tokio::time::timeout(timeout, work).await.map_err(|_| PeerError::Timeout(to, timeout))?
+    }
+
+    /// The connection to `to`, dialing if there is none.
+    async fn connection(self: &Arc<Self>, to: NodeId) -> Result<quinn::Connection, PeerError> {
+        if self.isolated.load(Ordering::Relaxed) {
+            return Err(PeerError::Unreachable(to, "this node is isolated".into()));
+        }
+        let info = {
+            let state = self.state();
+            let peer = state.get(&to);
+            if let Some(link) = peer.and_then(|p| p.link.as_ref()) {
+                return Ok(link.connection.clone());
+            }
+            peer.and_then(|p| p.info.clone())
+        };
+        let info = info.ok_or_else(|| PeerError::Unreachable(to, "its address is not known yet".into()))?;
+        let connection = self.dial(&info.peer).await.map_err(|e| PeerError::Unreachable(to, e.to_string()))?;
+        let hello = PeerFrame {
+            cluster_id: self.cluster_id.clone(),
+            from: self.me,
+            request: PeerRequest::Hello { info: PeerInfo::default() },
+        };
+        let bytes = encode_frame(&hello).map_err(|e| PeerError::Protocol(e.to_string()))?;
+        match exchange(&connection, &bytes).await {
+            Ok(PeerResponse::Welcome) => {}
+            Ok(other) => return Err(PeerError::Protocol(format!("unexpected answer to hello: {other:?}"))),
+            Err(e) => return Err(PeerError::Unreachable(to, e)),
+        }
+        Ok(self.register(to, connection, self.me))
+    }
+
+    async fn dial(&self, addr: &str) -> anyhow::Result<quinn::Connection> {
+        let addr: SocketAddr = tokio::net::lookup_host(addr)
+            .await
+            .with_context(|| format!("resolving {addr}"))?
+            .next()
+            .with_context(|| format!("{addr} resolves to no address"))?;
+        let connecting = self.endpoint.connect_with(self.client_config.clone(), addr, PEER_SERVER_NAME)?;
+        Ok(tokio::time::timeout(DIAL_TIMEOUT, connecting).await.context("dial timed out")??)
+    }
+
+    /// Keeps one connection per peer: a duplicate loses to the one the lower id dialed.
+    fn register(self: &Arc<Self>, peer: NodeId, connection: quinn::Connection, dialed_by: NodeId) -> quinn::Connection {
+        let winner = {
+            let mut state = self.state();
+            let entry = state.entry(peer).or_default();
+            entry.last_seen = Some(Instant::now());
+            let keep_old = match &entry.link {
+                Some(old) if old.connection.close_reason().is_none() => old.dialed_by < dialed_by,
+                _ => false,
+            };
+            if keep_old {
+                connection.close(2u32.into(), b"duplicate connection");
+                entry.link.as_ref().expect("checked").connection.clone()
+            } else {
+                if let Some(old) = entry.link.replace(Link { connection: connection.clone(), dialed_by }) {
+                    old.connection.close(2u32.into(), b"duplicate connection");
+                }
+                let this = self.clone();
+                let watched = connection.clone();
+                tokio::spawn(async move {
+                    watched.closed().await;
+                    let mut state = this.state();
+                    if let Some(p) = state.get_mut(&peer)
+                        && p.link.as_ref().is_some_and(|l| l.connection.stable_id() == watched.stable_id())
+                    {
+                        p.link = None;
+                    }
+                });
+                connection
+            }
+        };
+        self.linked.send_modify(|n| *n += 1);
+        winner
+    }
+
+    /// Asks the node at `addr` to let this node join; returns the cluster's members.
+    pub async fn hail(self: &Arc<Self>, addr: &str, info: PeerInfo) -> anyhow::Result<Vec<(NodeId, PeerInfo)>> {
+        let connection = self.dial(addr).await.with_context(|| format!("cannot reach {addr}"))?;
+        let frame =
+            PeerFrame { cluster_id: self.cluster_id.clone(), from: self.me, request: PeerRequest::Hail { info } };
+        let answer = exchange(&connection, &encode_frame(&frame)?).await.map_err(|e| anyhow::anyhow!(e));
+        connection.close(0u32.into(), b"hailed");
+        match answer? {
+            PeerResponse::Joined { members } => Ok(members),
+            PeerResponse::Error(e) => anyhow::bail!("{addr} refused the join: {}", e.message),
+            other => anyhow::bail!("unexpected answer to a hail: {other:?}"),
+        }
+    }
+
+    /// Stops accepting and closes every connection.
+    pub fn stop(&self) {
+        self.stopped.store(true, Ordering::Relaxed);
+        self.endpoint.close(0u32.into(), b"node stopping");
+    }
+
+    fn saw(&self, peer: NodeId, load: Option<u64>) {
+        let mut state = self.state();
+        let entry = state.entry(peer).or_default();
+        entry.last_seen = Some(Instant::now());
+        if let Some(load) = load {
+            entry.load = load;
+        }
+    }
+}
+
+/// One request-response exchange on a fresh stream.
+async fn exchange(connection: &quinn::Connection, frame: &[u8]) -> Result<PeerResponse, String> {
+    let (mut send, mut recv) = connection.open_bi().await.map_err(|e| e.to_string())?;
+    send.write_all(frame).await.map_err(|e| e.to_string())?;
+    send.finish().map_err(|e| e.to_string())?;
+    let answer = read_frame(&mut recv).await?;
+    decode_frame(&answer).map_err(|e| format!("malformed answer: {e}"))
+}
+
+/// Reads one frame; memory grows with the bytes that arrive, never past the limit.
+async fn read_frame(recv: &mut quinn::RecvStream) -> Result<Vec<u8>, String> {
+    let mut header = [0u8; 4];
+    recv.read_exact(&mut header).await.map_err(|e| format!("reading a frame header: {e}"))?;
+    let len = frame_len(header).map_err(|e| e.to_string())?;
+    debug_assert!(len <= FRAME_BYTES_MAX);
+    let body = recv.read_to_end(len).await.map_err(|e| format!("reading a {len}-byte frame: {e}"))?;
+    let mut frame = Vec::with_capacity(4 + body.len());
+    frame.extend_from_slice(&header);
+    frame.extend_from_slice(&body);
+    Ok(frame)
+}
+
+async fn heartbeat(peers: Arc<Peers>, id: NodeId) {
+    let mut backoff = PING_INTERVAL;
+    let mut ticker = tokio::time::interval(PING_INTERVAL);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    while !peers.stopped.load(Ordering::Relaxed) {
+        ticker.tick().await;
+        if peers.isolated.load(Ordering::Relaxed) {
+            continue;
+        }
+        let load = peers.load.load(Ordering::Relaxed);
+        match peers.call(id, PeerRequest::Ping { load }, DEAD_AFTER).await {
+            Ok(PeerResponse::Pong { load }) => {
+                peers.saw(id, Some(load));
+                backoff = PING_INTERVAL;
+            }
+            Ok(other) => tracing::warn!(peer = id, answer = ?other, "unexpected answer to a ping"),
+            Err(e) => {
+                tracing::debug!(peer = id, error = %e, "ping failed");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(2));
+            }
+        }
+    }
+}
+
+async fn accept_loop(peers: Arc<Peers>) {
+    let connections = Arc::new(Semaphore::new(PEER_CONNECTIONS_MAX));
+    while let Some(incoming) = peers.endpoint.accept().await {
+        let remote = incoming.remote_address();
+        if peers.isolated.load(Ordering::Relaxed) {
+            incoming.ignore();
+            continue;
+        }
+        let Ok(permit) = connections.clone().try_acquire_owned() else {
+            tracing::warn!(%remote, "refusing a peer connection: at the peer connection limit");
+            incoming.refuse();
+            continue;
+        };
+        let peers = peers.clone();
+        tokio::spawn(async move {
+            match incoming.await {
+                Ok(connection) => serve_connection(peers, connection).await,
+                Err(e) => {
+                    tracing::warn!(%remote, error = %e, "refused a peer connection (its certificate must come from this cluster's CA)")
+                }
+            }
+            drop(permit);
+        });
+    }
+}
+
+async fn serve_connection(peers: Arc<Peers>, connection: quinn::Connection) {
+    let remote = connection.remote_address();
+    while let Ok((send, recv)) = connection.accept_bi().await {
+        if peers.isolated.load(Ordering::Relaxed) {
+            connection.close(3u32.into(), b"isolated");
+            return;
+        }
+        let peers = peers.clone();
+        let connection = connection.clone();
+        tokio::spawn(async move {
+            if let Err(e) = serve_stream(peers, connection, send, recv).await {
+                tracing::debug!(%remote, error = %e, "peer stream failed");
+            }
+        });
+    }
+}
+
+async fn serve_stream(
+    peers: Arc<Peers>,
+    connection: quinn::Connection,
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+) -> anyhow::Result<()> {
+    let remote = connection.remote_address();
+    let response = match tokio::time::timeout(READ_TIMEOUT, read_frame(&mut recv)).await {
+        Err(_) => PeerResponse::Error(error(ErrorCode::BadRequest, "the peer request did not arrive in time")),
+        Ok(Err(e)) => {
+            tracing::warn!(%remote, error = %e, "bad peer frame");
+            PeerResponse::Error(error(ErrorCode::BadRequest, e))
+        }
+        Ok(Ok(bytes)) => match decode_frame::<PeerFrame>(&bytes) {
+            Err(e) => {
+                tracing::warn!(%remote, error = %e, "malformed peer frame");
+                PeerResponse::Error(error(ErrorCode::BadRequest, e.to_string()))
+            }
+            Ok(frame) if frame.cluster_id != peers.cluster_id => {
+                tracing::warn!(%remote, cluster = %frame.cluster_id, "refused a peer of another cluster");
+                PeerResponse::Error(error(ErrorCode::BadRequest, "this node belongs to another cluster"))
+            }
+            Ok(PeerFrame { from, request: PeerRequest::Hello { .. }, .. }) => {
+                peers.register(from, connection.clone(), from);
+                PeerResponse::Welcome
+            }
+            Ok(PeerFrame { from, request: PeerRequest::Ping { load }, .. }) => {
+                peers.saw(from, Some(load));
+                PeerResponse::Pong { load: peers.load.load(Ordering::Relaxed) }
+            }
+            Ok(PeerFrame { from, request, .. }) => {
+                peers.saw(from, None);
+                (peers.handler)(from, request).await
+            }
+        },
+    };
+    let frame = encode_frame(&response).or_else(|e| {
+        encode_frame(&PeerResponse::Error(error(ErrorCode::Internal, format!("cannot encode the answer: {e}"))))
+    })?;
+    send.write_all(&frame).await?;
+    send.finish()?;
+    let _ = send.stopped().await;
+    Ok(())
+}
+
+/// Server and client TLS for peers: both present the node certificate and trust only the CA.
+fn tls_configs(dir: &Path) -> anyhow::Result<(quinn::ServerConfig, quinn::ClientConfig)> {
+    let read =
+        |name: &str| std::fs::read(dir.join(name)).with_context(|| format!("reading {name} in {}", dir.display()));
+    let mut chain: Vec<rustls::pki_types::CertificateDer<'static>> =
+        rustls_pemfile::certs(&mut read(NODE_CERT_FILE)?.as_slice()).collect::<Result<_, _>>()?;
+    let ca: Vec<rustls::pki_types::CertificateDer<'static>> =
+        rustls_pemfile::certs(&mut read(CA_FILE)?.as_slice()).collect::<Result<_, _>>()?;
+    chain.extend(ca.iter().cloned());
+    let key = rustls_pemfile::private_key(&mut read(NODE_KEY_FILE)?.as_slice())?
+        .with_context(|| format!("{NODE_KEY_FILE} holds no private key"))?;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in ca {
+        roots.add(cert)?;
+    }
+    let roots = Arc::new(roots);
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+
+    let verifier =
+        rustls::server::WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone()).build()?;
+    let mut server = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(chain.clone(), key.clone_key())?;
+    server.alpn_protocols = vec![PEER_ALPN.to_vec()];
+    let mut server =
+        quinn::ServerConfig::with_crypto(Arc::new(quinn::crypto::rustls::QuicServerConfig::try_from(server)?));
+    server.transport_config(Arc::new(transport()?));
+
+    let mut client = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_root_certificates(roots)
+        .with_client_auth_cert(chain, key)?;
+    client.alpn_protocols = vec![PEER_ALPN.to_vec()];
+    let mut client = quinn::ClientConfig::new(Arc::new(quinn::crypto::rustls::QuicClientConfig::try_from(client)?));
+    client.transport_config(Arc::new(transport()?));
+    Ok((server, client))
+}
+
+fn transport() -> anyhow::Result<quinn::TransportConfig> {
+    let mut transport = quinn::TransportConfig::default();
+    transport
+        .max_concurrent_bidi_streams(PEER_STREAMS_MAX.into())
+        .max_concurrent_uni_streams(0u32.into())
+        .keep_alive_interval(Some(Duration::from_secs(1)))
+        .max_idle_timeout(Some(IDLE_TIMEOUT.try_into()?));
+    Ok(transport)
+}

@@ -1,0 +1,655 @@
+//! Consensus for each flock and for the meta group, with openraft 0.9: the type configuration,
+//! the log store and state machine over the node's redb file, and the network adapter over the
+//! peer transport.
+//!
+//! - [`LogStore`]: a group's log lives in the `raft_log` table keyed (group, index). An append is
+//!   handed to the node's group committer, so appends of every flock that arrive together share
+//!   one fsync; until the committer has written them, appended entries are read from memory
+//!   (`pending`), as openraft requires entries to be readable as soon as `append` returns.
+//! - [`StateMachine`]: applying a flock's entries writes their change sets to the items tables
+//!   (without an fsync: the log is already durable, and a crash replays from the persisted applied
+//!   point); applying meta entries updates membership, the flock map and modules. The state machine
+//!   *is* the store, so a snapshot is built from it on demand.
+//! - [`Network`]: every consensus message is one peer request (`messages::RaftRpc`).
+
+// openraft's storage traits fix `StorageError` as the error type, large as it is.
+#![allow(clippy::result_large_err)]
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::io::Cursor;
+use std::ops::{Bound, RangeBounds};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use openraft::error::{InstallSnapshotError, NetworkError, PayloadTooLarge, RPCError, RaftError, Unreachable};
+use openraft::network::RPCOption;
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse, VoteRequest,
+    VoteResponse,
+};
+use openraft::storage::{LogFlushed, LogState, RaftLogStorage, RaftStateMachine, Snapshot};
+use openraft::{
+    AnyError, Entry, EntryPayload, LogId, OptionalSend, RaftLogReader, RaftNetwork, RaftNetworkFactory,
+    RaftSnapshotBuilder, SnapshotMeta, StorageError, StorageIOError, StoredMembership, Vote,
+};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{oneshot, watch};
+
+use super::messages::{PeerRequest, PeerResponse, RaftRpc};
+use super::peer::{PeerError, Peers};
+use super::placement::FlockMap;
+use crate::data::{ChangeSet, ItemWrite};
+use crate::node::{Node, Write};
+use crate::storage::{GroupId, LogOp, META_GROUP, ModuleId, Store};
+
+/// A node's id in the cluster.
+pub type NodeId = u64;
+
+/// Where a node answers.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerInfo {
+    /// Peer (QUIC, mutual TLS) address, `HOST:PORT`.
+    pub peer: String,
+    /// HTTP URL for clients.
+    pub http: String,
+    /// QUIC URL for clients.
+    pub quic: String,
+}
+
+impl fmt::Display for PeerInfo {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "peer={} http={}", self.peer, self.http)
+    }
+}
+
+/// A log entry's payload.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum Command {
+    /// A flock group's entry: one job's change set.
+    Change(ChangeSet),
+    /// Meta group: a node joined.
+    AddNode {
+        /// Its id.
+        id: NodeId,
+        /// Its addresses.
+        info: PeerInfo,
+    },
+    /// Meta group: a new flock map.
+    SetFlockMap(FlockMap),
+    /// Meta group: a module, stored on every node.
+    PutModule {
+        /// Name to point at it.
+        name: String,
+        /// SHA-256 of the bytes.
+        id: ModuleId,
+        /// The bytes as uploaded.
+        wasm: Vec<u8>,
+    },
+}
+
+/// What applying an entry returns (nothing: jobs already have their output).
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Applied;
+
+openraft::declare_raft_types!(
+    /// Grex's openraft types.
+    pub TypeConfig:
+        D = Command,
+        R = Applied,
+        NodeId = NodeId,
+        Node = PeerInfo,
+        SnapshotData = Cursor<Vec<u8>>,
+);
+
+/// A group's raft handle.
+pub type Raft = openraft::Raft<TypeConfig>;
+
+/// The membership and node list the meta group agrees on.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MetaState {
+    /// Every member and its addresses.
+    pub nodes: BTreeMap<NodeId, PeerInfo>,
+    /// Flock → herders.
+    pub map: FlockMap,
+}
+
+const APPLIED_KEY: &str = "applied";
+const VOTE_KEY: &str = "vote";
+const PURGED_KEY: &str = "purged";
+const META_STATE_KEY: &str = "meta_state";
+
+fn codec() -> impl bincode::config::Config {
+    bincode::config::standard()
+}
+
+fn encode<T: Serialize>(value: &T) -> Vec<u8> {
+    bincode::serde::encode_to_vec(value, codec()).expect("in-memory encoding cannot fail")
+}
+
+fn decode<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, String> {
+    bincode::serde::decode_from_slice(bytes, codec()).map(|(v, _)| v).map_err(|e| e.to_string())
+}
+
+fn io_read(e: impl fmt::Display) -> StorageError<NodeId> {
+    StorageIOError::read(AnyError::error(e)).into()
+}
+
+fn io_write(e: impl fmt::Display) -> StorageError<NodeId> {
+    StorageIOError::write(AnyError::error(e)).into()
+}
+
+/// Where a group's storage writes go.
+#[derive(Clone)]
+struct GroupStore {
+    group: GroupId,
+    store: Arc<dyn Store>,
+    node: Node,
+}
+
+impl GroupStore {
+    /// Writes through the group committer and waits until it is done.
+    async fn write(&self, log: Vec<LogOp>, changes: Vec<ChangeSet>, durable: bool) -> Result<(), String> {
+        let (tx, rx) = oneshot::channel();
+        let done = Box::new(move |r: Result<(), String>| {
+            let _ = tx.send(r);
+        });
+        self.node.commits().submit_write(Write { log, changes, durable, done: Some(done) }).map_err(|e| e.message)?;
+        rx.await.map_err(|_| "the committer stopped".to_string())?
+    }
+
+    fn state<T: serde::de::DeserializeOwned>(&self, key: &str) -> Result<Option<T>, StorageError<NodeId>> {
+        match self.store.log_state(self.group, key).map_err(io_read)? {
+            Some(bytes) => decode(&bytes).map(Some).map_err(io_read),
+            None => Ok(None),
+        }
+    }
+}
+
+/// One group's log.
+#[derive(Clone)]
+pub struct LogStore {
+    inner: GroupStore,
+    /// Appended entries the committer has not written yet, by index.
+    pending: Arc<Mutex<BTreeMap<u64, Entry<TypeConfig>>>>,
+}
+
+impl LogStore {
+    fn pending(&self) -> std::sync::MutexGuard<'_, BTreeMap<u64, Entry<TypeConfig>>> {
+        self.pending.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+fn bounds(range: &impl RangeBounds<u64>) -> (u64, u64) {
+    let from = match range.start_bound() {
+        Bound::Included(i) => *i,
+        Bound::Excluded(i) => i + 1,
+        Bound::Unbounded => 0,
+    };
+    let to = match range.end_bound() {
+        Bound::Included(i) => i.saturating_add(1),
+        Bound::Excluded(i) => *i,
+        Bound::Unbounded => u64::MAX,
+    };
+    (from, to)
+}
+
+impl RaftLogReader<TypeConfig> for LogStore {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + fmt::Debug + OptionalSend>(
+        &mut self,
+        range: RB,
+    ) -> Result<Vec<Entry<TypeConfig>>, StorageError<NodeId>> {
+        let (from, to) = bounds(&range);
+        let mut entries = BTreeMap::new();
+        for (index, bytes) in self.inner.store.log_entries(self.inner.group, from, to, usize::MAX).map_err(io_read)? {
+            entries.insert(index, decode::<Entry<TypeConfig>>(&bytes).map_err(io_read)?);
+        }
+        for (index, entry) in self.pending().range(from..to) {
+            entries.insert(*index, entry.clone());
+        }
+        Ok(entries.into_values().collect())
+    }
+}
+
+impl RaftLogStorage<TypeConfig> for LogStore {
+    type LogReader = LogStore;
+
+    async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, StorageError<NodeId>> {
+        let purged: Option<LogId<NodeId>> = self.inner.state(PURGED_KEY)?;
+        let stored = match self.inner.store.log_last(self.inner.group).map_err(io_read)? {
+            Some((_, bytes)) => Some(decode::<Entry<TypeConfig>>(&bytes).map_err(io_read)?.log_id),
+            None => None,
+        };
+        let pending = self.pending().values().next_back().map(|e| e.log_id);
+        let last = pending.max(stored).or(purged);
+        Ok(LogState { last_purged_log_id: purged, last_log_id: last })
+    }
+
+    async fn get_log_reader(&mut self) -> Self::LogReader {
+        self.clone()
+    }
+
+    async fn save_vote(&mut self, vote: &Vote<NodeId>) -> Result<(), StorageError<NodeId>> {
+        let op = LogOp::PutState { group: self.inner.group, key: VOTE_KEY, value: encode(vote) };
+        self.inner.write(vec![op], Vec::new(), true).await.map_err(io_write)
+    }
+
+    async fn read_vote(&mut self) -> Result<Option<Vote<NodeId>>, StorageError<NodeId>> {
+        self.inner.state(VOTE_KEY)
+    }
+
+    async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> Result<(), StorageError<NodeId>>
+    where
+        I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let mut encoded = Vec::new();
+        let mut written = Vec::new();
+        {
+            let mut pending = self.pending();
+            for entry in entries {
+                encoded.push((entry.log_id.index, encode(&entry)));
+                written.push(entry.log_id);
+                pending.insert(entry.log_id.index, entry);
+            }
+        }
+        let pending = self.pending.clone();
+        let done = Box::new(move |result: Result<(), String>| {
+            if result.is_ok() {
+                let mut pending = pending.lock().unwrap_or_else(|p| p.into_inner());
+                for log_id in written {
+                    if pending.get(&log_id.index).is_some_and(|e| e.log_id == log_id) {
+                        pending.remove(&log_id.index);
+                    }
+                }
+            }
+            callback.log_io_completed(result.map_err(std::io::Error::other));
+        });
+        let op = LogOp::Append { group: self.inner.group, entries: encoded };
+        // On failure `done` has already reported the error to openraft.
+        let _ = self.inner.node.commits().submit_write(Write {
+            log: vec![op],
+            changes: Vec::new(),
+            durable: true,
+            done: Some(done),
+        });
+        Ok(())
+    }
+
+    async fn truncate(&mut self, log_id: LogId<NodeId>) -> Result<(), StorageError<NodeId>> {
+        self.pending().retain(|index, _| *index < log_id.index);
+        let op = LogOp::TruncateFrom { group: self.inner.group, from: log_id.index };
+        self.inner.write(vec![op], Vec::new(), true).await.map_err(io_write)
+    }
+
+    async fn purge(&mut self, log_id: LogId<NodeId>) -> Result<(), StorageError<NodeId>> {
+        self.pending().retain(|index, _| *index > log_id.index);
+        let group = self.inner.group;
+        let ops = vec![
+            LogOp::PutState { group, key: PURGED_KEY, value: encode(&Some(log_id)) },
+            LogOp::PurgeUpto { group, upto: log_id.index },
+        ];
+        self.inner.write(ops, Vec::new(), true).await.map_err(io_write)
+    }
+}
+
+/// One bucket in a snapshot: key, version, items.
+type SnapshotBucket = (Vec<u8>, u64, Vec<(String, Vec<u8>)>);
+
+/// The parts of a flock snapshot: every bucket with its version and items.
+#[derive(Serialize, Deserialize)]
+struct FlockSnapshot {
+    buckets: Vec<SnapshotBucket>,
+}
+
+/// The meta group's snapshot: its state and every named module.
+#[derive(Serialize, Deserialize)]
+struct MetaSnapshot {
+    state: MetaState,
+    modules: Vec<(String, ModuleId, Vec<u8>)>,
+}
+
+/// Per-flock leadership as the node's executors see it: the term in which this node leads the
+/// flock and has applied everything before it, or 0.
+pub struct LeaderTerms(Vec<AtomicU64>);
+
+impl LeaderTerms {
+    /// All zero.
+    pub fn new(flocks: u32) -> Self {
+        LeaderTerms((0..flocks).map(|_| AtomicU64::new(0)).collect())
+    }
+
+    /// The ready leader term of `flock`, if any.
+    pub fn get(&self, flock: u32) -> Option<u64> {
+        match self.0.get(flock as usize)?.load(Ordering::Acquire) {
+            0 => None,
+            term => Some(term),
+        }
+    }
+
+    /// Sets (or with 0 clears) the ready term of `flock`; returns the previous value.
+    pub fn set(&self, flock: u32, term: u64) -> u64 {
+        self.0[flock as usize].swap(term, Ordering::AcqRel)
+    }
+}
+
+/// One group's state machine.
+#[derive(Clone)]
+pub struct StateMachine {
+    inner: GroupStore,
+    applied: Option<LogId<NodeId>>,
+    membership: StoredMembership<NodeId, PeerInfo>,
+    terms: Arc<LeaderTerms>,
+    /// Meta group only: the state, published to the cluster.
+    meta: Option<watch::Sender<MetaState>>,
+}
+
+impl StateMachine {
+    fn is_meta(&self) -> bool {
+        self.inner.group == META_GROUP
+    }
+
+    fn applied_op(&self) -> LogOp {
+        LogOp::PutState {
+            group: self.inner.group,
+            key: APPLIED_KEY,
+            value: encode(&(self.applied, self.membership.clone())),
+        }
+    }
+
+    async fn build(&self) -> Result<Snapshot<TypeConfig>, StorageError<NodeId>> {
+        let data = if let Some(meta) = &self.meta {
+            let state = meta.borrow().clone();
+            let mut modules = Vec::new();
+            for (name, id) in self.inner.store.module_names().map_err(io_read)? {
+                if let Some(wasm) = self.inner.store.module_bytes(&id).map_err(io_read)? {
+                    modules.push((name, id, wasm));
+                }
+            }
+            encode(&MetaSnapshot { state, modules })
+        } else {
+            let buckets = self
+                .inner
+                .store
+                .flock_buckets(self.inner.group)
+                .map_err(io_read)?
+                .into_iter()
+                .map(|(bucket, data)| (bucket, data.version, data.into_items().into_iter().collect()))
+                .collect();
+            encode(&FlockSnapshot { buckets })
+        };
+        let index = self.applied.map_or(0, |l| l.index);
+        let term = self.applied.map_or(0, |l| l.leader_id.term);
+        let meta = SnapshotMeta {
+            last_log_id: self.applied,
+            last_membership: self.membership.clone(),
+            snapshot_id: format!("{}-{term}-{index}", self.inner.group),
+        };
+        Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(data)) })
+    }
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
+    async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError<NodeId>> {
+        self.build().await
+    }
+}
+
+impl RaftStateMachine<TypeConfig> for StateMachine {
+    type SnapshotBuilder = StateMachine;
+
+    async fn applied_state(
+        &mut self,
+    ) -> Result<(Option<LogId<NodeId>>, StoredMembership<NodeId, PeerInfo>), StorageError<NodeId>> {
+        Ok((self.applied, self.membership.clone()))
+    }
+
+    async fn apply<I>(&mut self, entries: I) -> Result<Vec<Applied>, StorageError<NodeId>>
+    where
+        I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let mut replies = Vec::new();
+        let mut changes = Vec::new();
+        let mut log = Vec::new();
+        let mut meta = self.meta.as_ref().map(|m| m.borrow().clone());
+        let mut modules = Vec::new();
+        for entry in entries {
+            self.applied = Some(entry.log_id);
+            match entry.payload {
+                EntryPayload::Blank => {}
+                EntryPayload::Membership(m) => self.membership = StoredMembership::new(Some(entry.log_id), m),
+                EntryPayload::Normal(Command::Change(change)) => changes.push(change),
+                EntryPayload::Normal(command) => {
+                    let Some(state) = meta.as_mut() else {
+                        tracing::error!(group = self.inner.group, "a flock log holds a meta command; ignored");
+                        replies.push(Applied);
+                        continue;
+                    };
+                    match command {
+                        Command::AddNode { id, info } => {
+                            state.nodes.insert(id, info);
+                        }
+                        Command::SetFlockMap(map) if map.version > state.map.version => state.map = map,
+                        Command::SetFlockMap(_) => {}
+                        Command::PutModule { name, id, wasm } => {
+                            modules.push((name.clone(), id, wasm.len() as u64));
+                            log.push(LogOp::PutModule { id, name, wasm });
+                        }
+                        Command::Change(_) => unreachable!("matched above"),
+                    }
+                }
+            }
+            replies.push(Applied);
+        }
+        if let Some(state) = &meta {
+            log.push(LogOp::PutState { group: self.inner.group, key: META_STATE_KEY, value: encode(state) });
+        }
+        log.push(self.applied_op());
+        let touched: Vec<(u32, Vec<u8>, u64)> =
+            changes.iter().map(|c| (c.flock, c.bucket.clone(), c.version)).collect();
+        self.inner.write(log, changes, false).await.map_err(io_write)?;
+        // A leader's cache already holds what it proposed; a follower's copies are now stale.
+        if !self.is_meta() && self.terms.get(self.inner.group).is_none() {
+            for (flock, bucket, version) in touched {
+                self.inner.node.applied(flock, bucket, version).await;
+            }
+        }
+        for (name, id, size) in modules {
+            self.inner.node.module_replicated(&name, id, size);
+        }
+        if let (Some(state), Some(sender)) = (meta, &self.meta) {
+            sender.send_if_modified(|old| {
+                let changed = *old != state;
+                *old = state;
+                changed
+            });
+        }
+        Ok(replies)
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        self.clone()
+    }
+
+    async fn begin_receiving_snapshot(&mut self) -> Result<Box<Cursor<Vec<u8>>>, StorageError<NodeId>> {
+        Ok(Box::new(Cursor::new(Vec::new())))
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta<NodeId, PeerInfo>,
+        snapshot: Box<Cursor<Vec<u8>>>,
+    ) -> Result<(), StorageError<NodeId>> {
+        let bytes = snapshot.into_inner();
+        self.applied = meta.last_log_id;
+        self.membership = meta.last_membership.clone();
+        let group = self.inner.group;
+        if let Some(sender) = &self.meta {
+            let snap: MetaSnapshot = decode(&bytes).map_err(io_read)?;
+            let mut log: Vec<LogOp> = snap
+                .modules
+                .iter()
+                .map(|(name, id, wasm)| LogOp::PutModule { id: *id, name: name.clone(), wasm: wasm.clone() })
+                .collect();
+            log.push(LogOp::PutState { group, key: META_STATE_KEY, value: encode(&snap.state) });
+            log.push(self.applied_op());
+            self.inner.write(log, Vec::new(), true).await.map_err(io_write)?;
+            for (name, id, wasm) in &snap.modules {
+                self.inner.node.module_replicated(name, *id, wasm.len() as u64);
+            }
+            sender.send_replace(snap.state);
+        } else {
+            let snap: FlockSnapshot = decode(&bytes).map_err(io_read)?;
+            let changes = snap
+                .buckets
+                .into_iter()
+                .map(|(bucket, version, items)| ChangeSet {
+                    bucket,
+                    flock: group,
+                    version,
+                    writes: items.into_iter().map(|(item, value)| ItemWrite { item, value: Some(value) }).collect(),
+                })
+                .collect();
+            let log = vec![LogOp::ClearFlock { flock: group }, self.applied_op()];
+            self.inner.write(log, changes, true).await.map_err(io_write)?;
+            self.inner.node.drop_flock(group).await;
+        }
+        tracing::info!(group, last = ?meta.last_log_id, "installed a snapshot");
+        Ok(())
+    }
+
+    async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StorageError<NodeId>> {
+        if self.applied.is_none() {
+            return Ok(None);
+        }
+        self.build().await.map(Some)
+    }
+}
+
+/// Opens a group's log store and state machine over the node's store.
+pub fn open_group(
+    group: GroupId,
+    node: &Node,
+    terms: Arc<LeaderTerms>,
+    meta: Option<watch::Sender<MetaState>>,
+) -> Result<(LogStore, StateMachine), StorageError<NodeId>> {
+    let inner = GroupStore { group, store: node.store().clone(), node: node.clone() };
+    let (applied, membership): (Option<LogId<NodeId>>, StoredMembership<NodeId, PeerInfo>) =
+        inner.state(APPLIED_KEY)?.unwrap_or_default();
+    if let Some(sender) = &meta
+        && let Some(state) = inner.state::<MetaState>(META_STATE_KEY)?
+    {
+        sender.send_replace(state);
+    }
+    let log = LogStore { inner: inner.clone(), pending: Arc::new(Mutex::new(BTreeMap::new())) };
+    let sm = StateMachine { inner, applied, membership, terms, meta };
+    Ok((log, sm))
+}
+
+/// The least time a consensus message may take.
+const RAFT_RPC_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Makes raft clients for one group.
+pub struct Network {
+    /// The group.
+    pub group: GroupId,
+    /// The transport.
+    pub peers: Arc<Peers>,
+}
+
+/// A raft client for one group and one target node.
+pub struct GroupLink {
+    group: GroupId,
+    target: NodeId,
+    peers: Arc<Peers>,
+}
+
+impl RaftNetworkFactory<TypeConfig> for Network {
+    type Network = GroupLink;
+
+    async fn new_client(&mut self, target: NodeId, node: &PeerInfo) -> GroupLink {
+        self.peers.learn(target, node);
+        GroupLink { group: self.group, target, peers: self.peers.clone() }
+    }
+}
+
+type RpcResult<T, E = openraft::error::Infallible> = Result<T, RPCError<NodeId, PeerInfo, RaftError<NodeId, E>>>;
+
+impl GroupLink {
+    async fn send<E: std::error::Error>(&self, rpc: RaftRpc, option: &RPCOption) -> RpcResult<PeerResponse, E> {
+        let request = PeerRequest::Raft { group: self.group, rpc };
+        // openraft's TTL is the heartbeat interval; a busy or catching-up peer gets longer, and the
+        // failure detector, not this timeout, decides when a peer is down.
+        let timeout = option.hard_ttl().max(RAFT_RPC_TIMEOUT);
+        match self.peers.call(self.target, request, timeout).await {
+            Ok(PeerResponse::Error(e)) => Err(RPCError::Network(NetworkError::new(&e))),
+            Ok(answer) => Ok(answer),
+            Err(e @ PeerError::Unreachable(..)) => Err(RPCError::Unreachable(Unreachable::new(&e))),
+            Err(e) => Err(RPCError::Network(NetworkError::new(&e))),
+        }
+    }
+}
+
+fn unexpected<E: std::error::Error>(answer: PeerResponse) -> RPCError<NodeId, PeerInfo, RaftError<NodeId, E>> {
+    let e = AnyError::error(format!("unexpected answer to a raft message: {answer:?}"));
+    RPCError::Network(NetworkError::new(&e))
+}
+
+impl RaftNetwork<TypeConfig> for GroupLink {
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> RpcResult<AppendEntriesResponse<NodeId>> {
+        let entries = rpc.entries.len() as u64;
+        match self.send(RaftRpc::Append(rpc), &option).await {
+            Ok(PeerResponse::Append(r)) => Ok(r),
+            Ok(other) => Err(unexpected(other)),
+            Err(RPCError::Network(e)) if e.to_string().contains("limit") && entries > 1 => {
+                Err(RPCError::PayloadTooLarge(PayloadTooLarge::new_entries_hint(entries / 2)))
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        rpc: InstallSnapshotRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> RpcResult<InstallSnapshotResponse<NodeId>, InstallSnapshotError> {
+        match self.send(RaftRpc::Snapshot(rpc), &option).await {
+            Ok(PeerResponse::Snapshot(r)) => Ok(r),
+            Ok(other) => Err(unexpected(other)),
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn vote(&mut self, rpc: VoteRequest<NodeId>, option: RPCOption) -> RpcResult<VoteResponse<NodeId>> {
+        match self.send(RaftRpc::Vote(rpc), &option).await {
+            Ok(PeerResponse::Vote(r)) => Ok(r),
+            Ok(other) => Err(unexpected(other)),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+/// The raft settings every group uses. No group runs timers of its own: heartbeats and
+/// elections are driven by the node-pair failure detector (`supervisor`). The election timeout
+/// still sets the leader lease: a follower refuses to vote for `election_timeout_max` after it
+/// last heard from a leader.
+pub fn config() -> openraft::Config {
+    openraft::Config {
+        cluster_name: "grex".into(),
+        heartbeat_interval: 450,
+        election_timeout_min: 500,
+        election_timeout_max: 600,
+        enable_tick: false,
+        enable_heartbeat: false,
+        enable_elect: false,
+        max_payload_entries: 256,
+        snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(5000),
+        max_in_snapshot_log_to_keep: 1000,
+        ..Default::default()
+    }
+}
