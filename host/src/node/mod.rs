@@ -219,26 +219,14 @@ impl Node {
         if let Some(front) = self.inner.front.get() {
             return front.put_module(name.to_owned(), wasm).await;
         }
-        check_module_name(name)?;
-        let max = self.inner.config.limits.module_bytes_max;
-        if wasm.len() > max {
-            return Err(error(
-                ErrorCode::ModuleTooLarge,
-                format!("the module is {} bytes, over the {max}-byte limit (raise --module-bytes-max)", wasm.len()),
-            ));
-        }
+        let (id, wasm) = self.check_module(name, wasm).await?;
         let node = self.clone();
         let name = name.to_owned();
         tokio::task::spawn_blocking(move || {
-            let module = node.inner.runtime.modules.compile(&wasm)?;
-            node.inner.store.put_module(&module.id, &name, &wasm)?;
-            node.inner
-                .names
-                .write()
-                .unwrap_or_else(|p| p.into_inner())
-                .insert(name.clone(), (module.id, wasm.len() as u64));
-            tracing::info!(%name, id = %module_id_text(&module.id), bytes = wasm.len(), "module stored");
-            Ok(ModuleInfo { name, id: module_id_text(&module.id), size: wasm.len() as u64 })
+            node.inner.store.put_module(&id, &name, &wasm)?;
+            node.inner.names.write().unwrap_or_else(|p| p.into_inner()).insert(name.clone(), (id, wasm.len() as u64));
+            tracing::info!(%name, id = %module_id_text(&id), bytes = wasm.len(), "module stored");
+            Ok(ModuleInfo { name, id: module_id_text(&id), size: wasm.len() as u64 })
         })
         .await
         .map_err(|e| error(ErrorCode::Internal, format!("module upload task failed: {e}")))?
