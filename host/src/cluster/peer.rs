@@ -2,8 +2,9 @@
 //!
 //! Each pair of nodes keeps one long-lived connection. Either side dials when it has none; if
 //! both dial at once, both keep the connection dialed by the lower node id and close the other,
-//! so a pair converges on one connection. A request is one bidirectional stream carrying one
-//! frame each way (`messages`), so a slow request never blocks another.
+//! so a pair converges on one connection, which both sides use and serve. A request is one
+//! bidirectional stream carrying one frame each way (`messages`), so a slow request never blocks
+//! another.
 //!
 //! Liveness is per node pair, shared by every flock: a heartbeat task per peer pings it every
 //! [`PING_INTERVAL`] (redialing with back-off when the connection is gone), and a peer not heard
@@ -80,6 +81,8 @@ struct PeerState {
     last_seen: Option<Instant>,
     load: u64,
     heartbeat: bool,
+    /// Held while dialing, so concurrent callers share one new connection.
+    dialing: Arc<tokio::sync::Mutex<()>>,
 }
 
 /// This node's side of every peer connection.
@@ -213,21 +216,32 @@ impl Peers {
         tokio::time::timeout(timeout, work).await.map_err(|_| PeerError::Timeout(to, timeout))?
     }
 
-    /// The connection to `to`, dialing if there is none.
+    /// The live connection to `to`, if there is one.
+    fn link(&self, to: NodeId) -> Option<quinn::Connection> {
+        let state = self.state();
+        let link = state.get(&to)?.link.as_ref()?;
+        link.connection.close_reason().is_none().then(|| link.connection.clone())
+    }
+
+    /// The connection to `to`, dialing if there is none. Concurrent callers wait for one dial.
     async fn connection(self: &Arc<Self>, to: NodeId) -> Result<quinn::Connection, PeerError> {
         if self.isolated.load(Ordering::Relaxed) {
             return Err(PeerError::Unreachable(to, "this node is isolated".into()));
         }
-        let info = {
-            let state = self.state();
-            let peer = state.get(&to);
-            if let Some(link) = peer.and_then(|p| p.link.as_ref()) {
-                return Ok(link.connection.clone());
-            }
-            peer.and_then(|p| p.info.clone())
-        };
+        if let Some(connection) = self.link(to) {
+            return Ok(connection);
+        }
+        let dialing = self.state().entry(to).or_default().dialing.clone();
+        let _dialing = dialing.lock().await;
+        if let Some(connection) = self.link(to) {
+            return Ok(connection);
+        }
+        let info = self.state().get(&to).and_then(|p| p.info.clone());
         let info = info.ok_or_else(|| PeerError::Unreachable(to, "its address is not known yet".into()))?;
         let connection = self.dial(&info.peer).await.map_err(|e| PeerError::Unreachable(to, e.to_string()))?;
+        // The peer sends its own requests on whichever connection the pair keeps, so this side
+        // serves the connection it dialed just as one it accepted.
+        tokio::spawn(serve_connection(self.clone(), connection.clone()));
         let hello = PeerFrame {
             cluster_id: self.cluster_id.clone(),
             from: self.me,
