@@ -223,6 +223,9 @@ pub struct Status {
     pub jobs_ok: u64,
     /// Jobs that failed.
     pub jobs_failed: u64,
+    /// Jobs this node passed on to the node that serves their bucket (one hop each).
+    #[serde(default)]
+    pub jobs_forwarded: u64,
     /// Modules stored.
     pub modules: u64,
     /// Buckets in the cache.

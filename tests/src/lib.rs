@@ -64,37 +64,59 @@ pub fn wait_until(what: &str, timeout: Duration, mut condition: impl FnMut() -> 
 /// A `grex serve` process.
 pub struct GrexNode {
     child: Option<Child>,
+    /// The node's id (16 hex digits).
+    pub id: String,
     /// `http://127.0.0.1:PORT`.
     pub http: String,
     /// `quic://127.0.0.1:PORT`.
     pub quic: String,
+    /// Peer (node-to-node) address, `127.0.0.1:PORT`.
+    pub peer: String,
     /// The CA file that signs the node's QUIC certificate.
     pub ca: PathBuf,
     /// Data directory.
     pub data: PathBuf,
+    /// The arguments it was started with (after the listen addresses).
+    args: Vec<String>,
 }
 
 impl GrexNode {
     /// Starts `grex serve --data DATA` on loopback ports chosen by the OS, plus `args`, and waits
     /// until it listens.
     pub fn start(data: &Path, args: &[&str]) -> GrexNode {
+        let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        Self::spawn(data, ["127.0.0.1:0", "127.0.0.1:0", "127.0.0.1:0"], args)
+    }
+
+    /// Starts the node again (after [`kill9`](Self::kill9) or [`terminate`](Self::terminate)) on
+    /// the same addresses, which its peers know it by.
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "the node is still running");
+        let addrs =
+            [self.http_addr().to_owned(), self.quic.trim_start_matches("quic://").to_owned(), self.peer.clone()];
+        *self = Self::spawn(&self.data, addrs.each_ref().map(String::as_str), std::mem::take(&mut self.args));
+    }
+
+    fn spawn(data: &Path, [http, quic, peer]: [&str; 3], args: Vec<String>) -> GrexNode {
+        let log =
+            std::fs::OpenOptions::new().create(true).append(true).open(log_path(data)).expect("open the node log");
         let mut child = Command::new(grex_bin())
             .args(["serve", "--data"])
             .arg(data)
-            .args(["--http", "127.0.0.1:0", "--quic", "127.0.0.1:0", "--peer", "127.0.0.1:0"])
-            .args(args)
+            .args(["--http", http, "--quic", quic, "--peer", peer])
+            .args(&args)
             // Job log lines (the hostile fixture panics on purpose) would only be noise here.
-            .env("GREX_LOG", "warn,grex::job=off,openraft=off")
+            .env("GREX_LOG", "warn,grex::cluster=info,grex::job=off,openraft=off")
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(log)
             .spawn()
             .expect("start grex serve");
         let stdout = child.stdout.take().expect("piped stdout");
         let mut lines = BufReader::new(stdout).lines();
-        let line = lines
-            .next()
-            .and_then(Result::ok)
-            .unwrap_or_else(|| panic!("grex serve exited before listening: {:?}", child.wait()));
+        let Some(Ok(line)) = lines.next() else {
+            let status = child.wait();
+            panic!("grex serve exited before listening ({status:?}); its log:\n{}", read_log(data));
+        };
         // Keep draining stdout so the node never blocks on a full pipe.
         std::thread::spawn(move || for _ in lines {});
         let field = |name: &str| {
@@ -104,12 +126,27 @@ impl GrexNode {
                 .to_owned()
         };
         GrexNode {
+            id: line.split_whitespace().nth(2).expect("grex node ID listening ...").to_owned(),
             http: field("http"),
             quic: field("quic"),
+            peer: field("peer"),
             ca: PathBuf::from(field("ca")),
             data: data.to_owned(),
             child: Some(child),
+            args,
         }
+    }
+
+    /// What the node has logged (its standard error) in every run so far.
+    pub fn log(&self) -> String {
+        read_log(&self.data)
+    }
+
+    /// Sends a signal (`USR1`, `TERM`, ...) to the process.
+    pub fn signal(&self, name: &str) {
+        let child = self.child.as_ref().expect("the node is running");
+        let status = Command::new("kill").arg(format!("-{name}")).arg(child.id().to_string()).status();
+        assert!(status.is_ok_and(|s| s.success()), "kill -{name} failed");
     }
 
     /// A QUIC client of this node.
@@ -151,6 +188,93 @@ impl GrexNode {
 impl Drop for GrexNode {
     fn drop(&mut self) {
         self.kill9();
+        if std::thread::panicking() {
+            eprintln!("--- log of node {} ({}) ---\n{}", self.id, self.http, self.log());
+        }
+    }
+}
+
+fn log_path(data: &Path) -> PathBuf {
+    let mut name = data.file_name().unwrap_or_default().to_os_string();
+    name.push(".log");
+    data.with_file_name(name)
+}
+
+fn read_log(data: &Path) -> String {
+    std::fs::read_to_string(log_path(data)).unwrap_or_default()
+}
+
+/// Runs `grex ARGS` to completion and returns its standard output; panics if it fails.
+pub fn grex(args: &[&str]) -> String {
+    let out = Command::new(grex_bin()).args(args).output().expect("run grex");
+    assert!(
+        out.status.success(),
+        "grex {args:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A cluster of `grex serve` processes on loopback: the first node created with `grex init`, the
+/// others joined through it with credentials it issued.
+pub struct TestCluster {
+    /// The nodes, in start order.
+    pub nodes: Vec<GrexNode>,
+    /// Where their data directories and logs live.
+    pub dir: tempfile::TempDir,
+}
+
+/// Flocks in a test cluster: few, so it forms fast.
+pub const TEST_FLOCKS: u32 = 16;
+
+impl TestCluster {
+    /// Starts `count` nodes with `args` each, and waits until every flock has its herders and a
+    /// leader.
+    pub async fn start(count: usize, args: &[&str]) -> TestCluster {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let first = dir.path().join("node-0");
+        let first_str = first.to_str().expect("UTF-8 path");
+        grex(&["init", "--data", first_str, "--flocks", &TEST_FLOCKS.to_string()]);
+        let mut nodes = vec![GrexNode::start(&first, args)];
+        for i in 1..count {
+            let creds = dir.path().join(format!("node-{i}.creds"));
+            grex(&["cluster", "credentials", "--data", first_str, "--out", creds.to_str().expect("UTF-8 path")]);
+            let mut node_args = vec!["--credentials", creds.to_str().expect("UTF-8 path"), "--join", &nodes[0].peer];
+            node_args.extend_from_slice(args);
+            let node = GrexNode::start(&dir.path().join(format!("node-{i}")), &node_args);
+            nodes.push(node);
+        }
+        let cluster = TestCluster { nodes, dir };
+        cluster.wait_formed(count).await;
+        cluster
+    }
+
+    /// Waits until node 0 sees `count` nodes, every flock with min(3, count) herders, and a
+    /// leader for every flock.
+    pub async fn wait_formed(&self, count: usize) {
+        let client = self.nodes[0].http_client().await;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Ok(map) = client.flocks().await
+                && map.nodes.len() == count
+                && map.flocks.iter().all(|f| f.leader.is_some() && f.herders.len() == count.min(3))
+            {
+                return;
+            }
+            assert!(Instant::now() < deadline, "the cluster did not form within 60 s");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// The index of the node with this id.
+    pub fn index_of(&self, id: &str) -> usize {
+        self.nodes.iter().position(|n| n.id == id).unwrap_or_else(|| panic!("no node {id}"))
+    }
+
+    /// The index of the node whose HTTP URL this is.
+    pub fn index_of_url(&self, url: &str) -> usize {
+        self.nodes.iter().position(|n| n.http == url).unwrap_or_else(|| panic!("no node at {url}"))
     }
 }
 
@@ -212,4 +336,17 @@ pub fn seed() -> u64 {
     let seed = std::env::var("GREX_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(rand::random);
     println!("seed {seed} (GREX_SEED={seed} replays this run)");
     seed
+}
+
+/// Polls `condition` (async) every few milliseconds until it holds, failing after `timeout`.
+pub async fn eventually<F, Fut>(what: &str, timeout: Duration, mut condition: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    while !condition().await {
+        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }

@@ -50,6 +50,10 @@ pub(super) struct NodeArgs {
     /// Largest module upload.
     #[arg(long, default_value_t = Limits::default().module_bytes_max)]
     module_bytes_max: usize,
+    /// Log entries each flock keeps before it snapshots its state (a herder further behind
+    /// catches up from the snapshot).
+    #[arg(long, default_value_t = crate::cluster::SNAPSHOT_LOGS_DEFAULT)]
+    snapshot_logs: u64,
 }
 
 impl NodeArgs {
@@ -104,6 +108,9 @@ pub(super) struct ServeArgs {
     /// Threads for network I/O (HTTP, QUIC, TLS); jobs run on their own executor threads.
     #[arg(long, default_value_t = 1)]
     io_threads: usize,
+    /// For failure tests: SIGUSR1 cuts this node off from its peers, SIGUSR2 reconnects it.
+    #[arg(long, hide = true)]
+    fault_injection: bool,
     #[command(flatten)]
     node: NodeArgs,
 }
@@ -236,12 +243,13 @@ async fn start_node(
     peer: SocketAddr,
     join: Option<String>,
 ) -> anyhow::Result<Running> {
+    let cluster_config = ClusterConfig { join, snapshot_logs: node_args.snapshot_logs, ..ClusterConfig::new(peer) };
     let file = ClusterFile::load(data)?.context("the data directory holds no cluster")?;
     let mut config = node_args.config(data);
     config.flock_count = file.flock_count;
     let node = Node::open(config)?;
     let servers = api::start(&node, &serve).await?;
-    let cluster = Cluster::start(node.clone(), file, ClusterConfig { peer_addr: peer, join }).await?;
+    let cluster = Cluster::start(node.clone(), file, cluster_config).await?;
     Ok(Running { node, servers, cluster })
 }
 
@@ -257,8 +265,35 @@ pub(super) async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     )
     .await?;
     announce(&running);
+    if args.fault_injection {
+        inject_faults(running.cluster.clone())?;
+    }
     wait_for_signal().await;
     shut_down(running).await;
+    Ok(())
+}
+
+/// SIGUSR1 isolates the node from its peers (a network partition), SIGUSR2 ends that.
+fn inject_faults(cluster: Cluster) -> anyhow::Result<()> {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut cut = signal(SignalKind::user_defined1())?;
+        let mut heal = signal(SignalKind::user_defined2())?;
+        tokio::spawn(async move {
+            loop {
+                let isolated = tokio::select! {
+                    Some(()) = cut.recv() => true,
+                    Some(()) = heal.recv() => false,
+                    else => return,
+                };
+                tracing::warn!(isolated, "fault injection: peer traffic {}", if isolated { "cut" } else { "restored" });
+                cluster.set_isolated(isolated);
+            }
+        });
+    }
+    #[cfg(not(unix))]
+    let _ = cluster;
     Ok(())
 }
 

@@ -20,14 +20,15 @@
 //! committed (durable on a majority) and applied here.
 
 pub mod identity;
-mod messages;
+pub mod messages;
 mod peer;
 pub mod placement;
 mod raft;
 
 pub use identity::{ClusterFile, Credentials};
 pub use messages::PEER_ALPN;
-pub use raft::{NodeId, PeerInfo};
+pub use peer::peer_client_config;
+pub use raft::{NodeId, PeerInfo, SNAPSHOT_LOGS_DEFAULT};
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
@@ -69,6 +70,15 @@ pub struct ClusterConfig {
     pub peer_addr: SocketAddr,
     /// A running node's peer address, to join through (first start of a new node only).
     pub join: Option<String>,
+    /// Log entries a group keeps before it snapshots its state and purges them.
+    pub snapshot_logs: u64,
+}
+
+impl ClusterConfig {
+    /// Default settings for a node whose peer endpoint listens on `peer_addr`.
+    pub fn new(peer_addr: SocketAddr) -> Self {
+        ClusterConfig { peer_addr, join: None, snapshot_logs: raft::SNAPSHOT_LOGS_DEFAULT }
+    }
 }
 
 /// A running cluster member. Cheap to clone.
@@ -142,7 +152,7 @@ impl Cluster {
         };
         let terms = Arc::new(LeaderTerms::new(file.flock_count));
         let (meta_tx, meta_state) = watch::channel(MetaState::default());
-        let raft_config = Arc::new(raft::config().validate()?);
+        let raft_config = Arc::new(raft::config(config.snapshot_logs).validate()?);
         let (log, sm) = raft::open_group(META_GROUP, &node, terms.clone(), Some(meta_tx))?;
         let net = Network { group: META_GROUP, peers: peers.clone() };
         let meta = Raft::new(me, raft_config.clone(), net, log, sm).await?;
@@ -288,11 +298,25 @@ impl Cluster {
             .unwrap_or_default()
     }
 
-    /// True if this node can reach a majority of the group's voters (itself included).
+    /// True if this node can reach a majority of the group's voters (itself included; for a
+    /// flock this node does not herd, of the herders in the flock map).
     fn has_quorum(&self, group: GroupId) -> bool {
-        let voters = self.voters(group);
+        let mut voters = self.voters(group);
+        if !voters.contains(&self.inner.me) && group != META_GROUP {
+            voters = self.herders(group);
+        }
         let alive = voters.iter().filter(|v| self.inner.peers.alive(**v)).count();
         alive * 2 > voters.len()
+    }
+
+    fn no_quorum(flock: u32) -> RemoteError {
+        error(
+            ErrorCode::NoQuorum,
+            format!(
+                "this node cannot reach a majority of flock {flock}'s herders, so it refuses writes; \
+                 retry on another node"
+            ),
+        )
     }
 
     /// Runs a job where it belongs: here if this node leads the flock (or, read-only, herds it),
@@ -302,6 +326,9 @@ impl Cluster {
         let flock = proto::flock_of(&bucket, self.inner.file.flock_count);
         let deadline = Instant::now() + ROUTE_PATIENCE;
         let mut last_error = None;
+        if !read_only && !self.has_quorum(flock) {
+            return Err(Self::no_quorum(flock));
+        }
         loop {
             if let Some(local) = self.try_here(flock, &bucket, &module, &input, read_only).await {
                 match local {
@@ -316,6 +343,7 @@ impl Cluster {
                     read_only,
                 };
                 let timeout = self.inner.node.config().limits.timeout() + Duration::from_secs(10);
+                self.inner.node.count_forwarded();
                 match self.inner.peers.call(leader, request, timeout).await {
                     Ok(PeerResponse::Job(result)) => {
                         self.inner.hints[flock as usize].store(leader, Ordering::Relaxed);
@@ -359,13 +387,7 @@ impl Cluster {
             return None;
         }
         if leads && !read_only && !self.has_quorum(flock) {
-            return Some(Err(error(
-                ErrorCode::NoQuorum,
-                format!(
-                    "this node leads flock {flock} but cannot reach a majority of its herders, so it refuses writes; \
-                     retry on another node"
-                ),
-            )));
+            return Some(Err(Self::no_quorum(flock)));
         }
         Some(self.inner.node.run_job_here(bucket, module, input.to_vec(), read_only).await)
     }
@@ -506,19 +528,57 @@ impl Cluster {
     async fn supervise(self, load: Arc<AtomicU64>) {
         let groups: Vec<GroupId> = std::iter::once(META_GROUP).chain(0..self.inner.file.flock_count).collect();
         let mut leaderless_since: Vec<Option<Instant>> = vec![None; groups.len()];
+        let mut commit_told: Vec<u64> = vec![0; groups.len()];
         let mut last_elect: Vec<Instant> = vec![Instant::now() - ELECT_BACKOFF; groups.len()];
+        let mut alive: BTreeSet<NodeId> = BTreeSet::new();
         let mut ticker = tokio::time::interval(SUPERVISE_EVERY);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             ticker.tick().await;
             load.store(self.inner.node.load(), Ordering::Relaxed);
+            self.greet_revived(&mut alive).await;
             for (i, &group) in groups.iter().enumerate() {
                 self.supervise_group(group, &mut leaderless_since[i], &mut last_elect[i]).await;
+                self.tell_commit(group, &mut commit_told[i]).await;
             }
             if self.inner.meta.metrics().borrow().state == ServerState::Leader {
                 self.reconcile_meta().await;
             }
         }
+    }
+
+    /// When a peer comes back (restart, healed partition), every group this node leads sends it
+    /// a heartbeat at once: it learns the current leaders and terms, and catches up, without
+    /// waiting for the next write. No group sends periodic heartbeats.
+    async fn greet_revived(&self, alive: &mut BTreeSet<NodeId>) {
+        let nodes: Vec<NodeId> = self.inner.meta_state.borrow().nodes.keys().copied().collect();
+        let now: BTreeSet<NodeId> =
+            nodes.into_iter().filter(|n| *n != self.inner.me && self.inner.peers.alive(*n)).collect();
+        let revived = now.difference(alive).next().is_some();
+        *alive = now;
+        if !revived {
+            return;
+        }
+        for raft in std::iter::once(&self.inner.meta).chain(self.inner.flocks.iter()) {
+            if raft.metrics().borrow().state == ServerState::Leader {
+                let _ = raft.trigger().heartbeat().await;
+            }
+        }
+    }
+
+    /// Followers learn the commit index from the next append; a leader whose log has gone quiet
+    /// sends one heartbeat instead, so followers apply (and read-only jobs there see) the last
+    /// writes within a supervisor tick.
+    async fn tell_commit(&self, group: GroupId, told: &mut u64) {
+        let Some(raft) = self.group(group) else { return };
+        let (leads, last_log, applied) = {
+            let metrics = raft.metrics();
+            let m = metrics.borrow();
+            (m.state == ServerState::Leader, m.last_log_index, m.last_applied.map(|l| l.index))
+        };
+        let Some(applied) = applied.filter(|a| leads && Some(*a) == last_log && *a != *told) else { return };
+        *told = applied;
+        let _ = raft.trigger().heartbeat().await;
     }
 
     async fn supervise_group(&self, group: GroupId, leaderless_since: &mut Option<Instant>, last_elect: &mut Instant) {

@@ -466,6 +466,12 @@ async fn serve_stream(
     Ok(())
 }
 
+/// The TLS client settings a node dials its peers with, from the identity in `dir` (for tools
+/// and tests that speak the peer protocol).
+pub fn peer_client_config(dir: &Path) -> anyhow::Result<quinn::ClientConfig> {
+    Ok(tls_configs(dir)?.1)
+}
+
 /// Server and client TLS for peers: both present the node certificate and trust only the CA.
 fn tls_configs(dir: &Path) -> anyhow::Result<(quinn::ServerConfig, quinn::ClientConfig)> {
     let read =

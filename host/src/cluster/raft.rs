@@ -634,11 +634,14 @@ impl RaftNetwork<TypeConfig> for GroupLink {
     }
 }
 
+/// Log entries a group keeps before it snapshots; a herder further behind gets the snapshot.
+pub const SNAPSHOT_LOGS_DEFAULT: u64 = 5000;
+
 /// The raft settings every group uses. No group runs timers of its own: heartbeats and
 /// elections are driven by the node-pair failure detector (`supervisor`). The election timeout
 /// still sets the leader lease: a follower refuses to vote for `election_timeout_max` after it
 /// last heard from a leader.
-pub fn config() -> openraft::Config {
+pub fn config(snapshot_logs: u64) -> openraft::Config {
     openraft::Config {
         cluster_name: "grex".into(),
         heartbeat_interval: 450,
@@ -648,8 +651,8 @@ pub fn config() -> openraft::Config {
         enable_heartbeat: false,
         enable_elect: false,
         max_payload_entries: 256,
-        snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(5000),
-        max_in_snapshot_log_to_keep: 1000,
+        snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(snapshot_logs.max(1)),
+        max_in_snapshot_log_to_keep: snapshot_logs / 5,
         ..Default::default()
     }
 }

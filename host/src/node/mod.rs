@@ -110,6 +110,7 @@ struct Inner {
     names: RwLock<HashMap<String, (ModuleId, u64)>>,
     jobs_ok: AtomicU64,
     jobs_failed: AtomicU64,
+    jobs_forwarded: AtomicU64,
     started: Instant,
     urls: RwLock<NodeUrls>,
 }
@@ -178,6 +179,7 @@ impl Node {
                 names: RwLock::new(names),
                 jobs_ok: AtomicU64::new(0),
                 jobs_failed: AtomicU64::new(0),
+                jobs_forwarded: AtomicU64::new(0),
                 started: Instant::now(),
                 urls: RwLock::new(NodeUrls::default()),
             }),
@@ -296,6 +298,11 @@ impl Node {
         let counter = if result.is_ok() { &self.inner.jobs_ok } else { &self.inner.jobs_failed };
         counter.fetch_add(1, Ordering::Relaxed);
         result
+    }
+
+    /// Counts a job passed on to another node (shown in the status).
+    pub fn count_forwarded(&self) {
+        self.inner.jobs_forwarded.fetch_add(1, Ordering::Relaxed);
     }
 
     async fn run_job_inner(&self, bucket: &[u8], module: &str, input: Vec<u8>, read_only: bool) -> Result<JobOutput> {
@@ -423,6 +430,7 @@ impl Node {
             flock_count: self.flock_count(),
             jobs_ok: self.inner.jobs_ok.load(Ordering::Relaxed),
             jobs_failed: self.inner.jobs_failed.load(Ordering::Relaxed),
+            jobs_forwarded: self.inner.jobs_forwarded.load(Ordering::Relaxed),
             modules: self.inner.names.read().unwrap_or_else(|p| p.into_inner()).len() as u64,
             cache_buckets: cache.buckets,
             cache_bytes: cache.bytes,

@@ -1,0 +1,383 @@
+//! Three real `grex serve` processes on loopback: routing, canaries, failover, catch-up,
+//! partitions, and a peer transport that refuses strangers and bad frames.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use grex_client::proto::{self, ErrorCode};
+use grex_client::{Client, ClientError};
+use grex_tests::{GrexNode, TEST_FLOCKS, TestCluster, eventually, grex, job_wasm};
+
+const PATIENCE: Duration = Duration::from_secs(30);
+
+/// Uploads `counter` through `via` and waits until every node can resolve the name.
+async fn load_counter(cluster: &TestCluster, via: usize) {
+    cluster.nodes[via].client().await.put_module("counter", job_wasm("counter")).await.expect("upload counter");
+    for node in &cluster.nodes {
+        let client = node.http_client().await;
+        eventually("the module to reach every node", PATIENCE, || async {
+            client.list_modules().await.is_ok_and(|m| m.iter().any(|m| m.name == "counter"))
+        })
+        .await;
+    }
+}
+
+/// Adds `step` to `bucket`'s counter through `client`, retrying while the cluster reports it
+/// is between leaders or out of reach of a majority; returns the new count.
+async fn increment(client: &Client, bucket: &[u8], step: i64) -> i64 {
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        match client.run_job(bucket, "counter", step.to_string().as_bytes(), false).await {
+            Ok(out) => return String::from_utf8(out.output).expect("text").parse().expect("a count"),
+            // Between leaders, or reconnecting after a partition heals.
+            Err(e)
+                if matches!(e.code(), Some(ErrorCode::Unavailable | ErrorCode::NoQuorum))
+                    && Instant::now() < deadline =>
+            {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(e) => panic!("increment failed: {e}"),
+        }
+    }
+}
+
+/// The count a node's own store holds for `bucket` (0 if none).
+async fn stored_count(node: &GrexNode, bucket: &[u8]) -> i64 {
+    match node.http_client().await.get_item(bucket, "count").await {
+        Ok(bytes) => String::from_utf8(bytes).expect("text").parse().expect("a count"),
+        Err(e) if e.code() == Some(ErrorCode::ItemNotFound) => 0,
+        Err(e) => panic!("reading the count: {e}"),
+    }
+}
+
+/// The node the canary names for `bucket`, asked of node `via` (`None` during an election).
+async fn leader_of(cluster: &TestCluster, via: usize, bucket: &[u8]) -> Option<usize> {
+    let canary = cluster.nodes[via].http_client().await.canary(bucket).await.ok()?;
+    Some(cluster.index_of_url(&canary.url))
+}
+
+/// The node leading `bucket`'s flock once there is one, as node `via` sees it.
+async fn wait_leader(cluster: &TestCluster, via: usize, bucket: &[u8]) -> usize {
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        if let Some(leader) = leader_of(cluster, via, bucket).await {
+            return leader;
+        }
+        assert!(Instant::now() < deadline, "no leader for the bucket's flock within {PATIENCE:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_node_gives_one_result_and_the_canary_names_the_node_that_serves() {
+    let cluster = TestCluster::start(3, &[]).await;
+    load_counter(&cluster, 1).await;
+    let mut clients = Vec::new();
+    for node in &cluster.nodes {
+        clients.push(node.client().await);
+    }
+
+    // Jobs on one bucket through every node in turn see one history.
+    for i in 0..9 {
+        assert_eq!(increment(&clients[i % 3], b"acct", 1).await, i as i64 + 1);
+    }
+    // And over HTTP too.
+    assert_eq!(increment(&cluster.nodes[2].http_client().await, b"acct", 1).await, 10);
+
+    // Every node names the same best node, and that node serves the job without forwarding it.
+    let mut canaries = Vec::new();
+    for client in &clients {
+        canaries.push(client.canary(b"acct").await.expect("canary"));
+    }
+    assert!(canaries.iter().all(|c| c.url == canaries[0].url && c.role == "leader"), "{canaries:?}");
+    assert_eq!(canaries[0].flock, proto::flock_of(b"acct", TEST_FLOCKS));
+    assert_eq!(canaries[0].bucket_version, 10, "the leader's copy is at version 10");
+    let best = cluster.index_of_url(&canaries[0].url);
+    let before: Vec<_> = statuses(&clients).await;
+    assert_eq!(increment(&clients[best], b"acct", 1).await, 11);
+    let after: Vec<_> = statuses(&clients).await;
+    assert_eq!(after[best].jobs_ok, before[best].jobs_ok + 1, "the canary's node ran the job");
+    assert_eq!(after[best].jobs_forwarded, before[best].jobs_forwarded, "and did not forward it");
+    for i in (0..3).filter(|i| *i != best) {
+        assert_eq!(after[i].jobs_ok, before[i].jobs_ok, "node {i} ran nothing");
+    }
+
+    // A job sent elsewhere takes one hop.
+    let other = (best + 1) % 3;
+    assert_eq!(increment(&clients[other], b"acct", 1).await, 12);
+    let hopped = statuses(&clients).await;
+    assert_eq!(hopped[other].jobs_forwarded, after[other].jobs_forwarded + 1);
+    assert_eq!(hopped[best].jobs_ok, after[best].jobs_ok + 1);
+
+    // Followers apply the change sets: every node's store has the count.
+    for node in &cluster.nodes {
+        eventually("every herder to apply the last write", PATIENCE, || async {
+            stored_count(node, b"acct").await == 12
+        })
+        .await;
+    }
+
+    // The flock map: three nodes, three herders per flock, every flock led, over HTTP as well.
+    let map = clients[0].flocks().await.expect("flock map");
+    assert_eq!(map.nodes.len(), 3);
+    assert_eq!(map.flocks.len(), TEST_FLOCKS as usize);
+    for flock in &map.flocks {
+        let mut herders = flock.herders.clone();
+        herders.sort();
+        herders.dedup();
+        assert_eq!(herders.len(), 3, "flock {} herders {:?}", flock.flock, flock.herders);
+        assert!(flock.leader.is_some());
+    }
+    let json = grex_tests::http(cluster.nodes[2].http_addr(), "GET", "/v1/flocks", &[], b"").json();
+    assert_eq!(json["flocks"].as_array().map(Vec::len), Some(TEST_FLOCKS as usize));
+    // Idle flocks hand their lead to their preferred herder, so every node leads some.
+    eventually("leadership to spread over every node", PATIENCE, || async {
+        let map = clients[0].flocks().await.expect("flock map");
+        cluster.nodes.iter().all(|n| map.flocks.iter().any(|f| f.leader.as_deref() == Some(n.id.as_str())))
+    })
+    .await;
+}
+
+async fn statuses(clients: &[Client]) -> Vec<proto::Status> {
+    let mut out = Vec::new();
+    for client in clients {
+        out.push(client.status().await.expect("status"));
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_the_leader_mid_stream_loses_no_acknowledged_increment() {
+    let mut cluster = TestCluster::start(3, &[]).await;
+    load_counter(&cluster, 0).await;
+    let bucket: &[u8] = b"stream";
+    let leader = wait_leader(&cluster, 0, bucket).await;
+    let urls: Vec<(String, std::path::PathBuf)> =
+        cluster.nodes.iter().map(|n| (n.quic.clone(), n.ca.clone())).collect();
+
+    let acked = Arc::new(AtomicU64::new(0));
+    let unanswered = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut tasks = Vec::new();
+    for worker in 0..6 {
+        let (acked, unanswered, stop, urls) = (acked.clone(), unanswered.clone(), stop.clone(), urls.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut at = worker % urls.len();
+            let mut client = Client::connect(&urls[at].0, Some(&urls[at].1)).await.ok();
+            while !stop.load(Ordering::Relaxed) {
+                let result = match &client {
+                    Some(c) => c.run_job(bucket, "counter", b"1", false).await,
+                    None => Err(ClientError::Transport("not connected".into())),
+                };
+                match result {
+                    Ok(_) => {
+                        acked.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(e) => {
+                        // The increment may or may not have happened.
+                        unanswered.fetch_add(1, Ordering::Relaxed);
+                        if matches!(e, ClientError::Transport(_)) {
+                            at = (at + 1) % urls.len();
+                            client = Client::connect(&urls[at].0, Some(&urls[at].1)).await.ok();
+                        }
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                    }
+                }
+            }
+        }));
+    }
+    eventually("acknowledged increments before the kill", PATIENCE, || async { acked.load(Ordering::Relaxed) >= 40 })
+        .await;
+    cluster.nodes[leader].kill9();
+    let killed_at = Instant::now();
+    let at_kill = acked.load(Ordering::Relaxed);
+    eventually("increments acknowledged after the kill", PATIENCE, || async {
+        acked.load(Ordering::Relaxed) >= at_kill + 40
+    })
+    .await;
+    println!("acknowledged 40 more increments {:?} after killing the leader", killed_at.elapsed());
+    stop.store(true, Ordering::Relaxed);
+    for task in tasks {
+        task.await.expect("worker");
+    }
+
+    let acked = acked.load(Ordering::Relaxed) as i64;
+    let unanswered = unanswered.load(Ordering::Relaxed) as i64;
+    let survivor = (leader + 1) % 3;
+    let count = increment(&cluster.nodes[survivor].client().await, bucket, 0).await;
+    println!("acknowledged {acked}, unanswered {unanswered}, count {count}");
+    assert!(count >= acked, "an acknowledged increment was lost: count {count} < acknowledged {acked}");
+    assert!(count <= acked + unanswered, "count {count} > acknowledged {acked} + unanswered {unanswered}");
+
+    // The killed node comes back and catches up.
+    cluster.nodes[leader].restart();
+    let node = &cluster.nodes[leader];
+    eventually("the restarted node to catch up", PATIENCE, || async { stored_count(node, bucket).await == count })
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_follower_catches_up_from_the_log_and_from_a_snapshot_and_leads_again() {
+    let mut cluster = TestCluster::start(3, &["--snapshot-logs", "20"]).await;
+    load_counter(&cluster, 0).await;
+    let bucket: &[u8] = b"catch-up";
+    let flock = proto::flock_of(bucket, TEST_FLOCKS);
+    let map = cluster.nodes[0].http_client().await.flocks().await.expect("flock map");
+    let preferred = cluster.index_of(&map.flocks[flock as usize].herders[0]);
+    let other = (preferred + 1) % 3;
+    eventually("the flock's preferred herder to lead", PATIENCE, || async {
+        leader_of(&cluster, other, bucket).await == Some(preferred)
+    })
+    .await;
+    let writer = cluster.nodes[other].client().await;
+
+    // Behind by a few entries: the log catches it up.
+    cluster.nodes[preferred].kill9();
+    for _ in 0..5 {
+        increment(&writer, bucket, 1).await;
+    }
+    cluster.nodes[preferred].restart();
+    let node = &cluster.nodes[preferred];
+    eventually("catch-up from the log", PATIENCE, || async { stored_count(node, bucket).await == 5 }).await;
+
+    // Behind by more than the group keeps: the leader sends a snapshot.
+    cluster.nodes[preferred].kill9();
+    for _ in 0..60 {
+        increment(&writer, bucket, 1).await;
+    }
+    cluster.nodes[preferred].restart();
+    let node = &cluster.nodes[preferred];
+    eventually("catch-up from a snapshot", PATIENCE, || async { stored_count(node, bucket).await == 65 }).await;
+    assert!(node.log().contains("installed a snapshot"), "the node caught up without a snapshot:\n{}", node.log());
+
+    // Once caught up it takes its flock back, and serves writes itself.
+    eventually("the restarted node to lead its flock again", PATIENCE, || async {
+        leader_of(&cluster, other, bucket).await == Some(preferred)
+    })
+    .await;
+    let client = cluster.nodes[preferred].client().await;
+    let before = client.status().await.expect("status");
+    assert_eq!(increment(&client, bucket, 1).await, 66);
+    let after = client.status().await.expect("status");
+    assert_eq!(after.jobs_forwarded, before.jobs_forwarded, "the job ran where it was sent");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partitioned_node_refuses_writes_while_the_majority_goes_on() {
+    let cluster = TestCluster::start(3, &["--fault-injection"]).await;
+    load_counter(&cluster, 0).await;
+    let bucket: &[u8] = b"split";
+    let leader = wait_leader(&cluster, 0, bucket).await;
+    let majority = (leader + 1) % 3;
+    let cut_off = cluster.nodes[leader].client().await;
+    let writer = cluster.nodes[majority].client().await;
+    assert_eq!(increment(&writer, bucket, 1).await, 1);
+
+    cluster.nodes[leader].signal("USR1");
+    eventually("the cut-off node to refuse writes", PATIENCE, || async {
+        matches!(cut_off.run_job(bucket, "counter", b"1", false).await, Err(e) if e.code() == Some(ErrorCode::NoQuorum))
+    })
+    .await;
+    let refused = cut_off.run_job(b"another-bucket", "counter", b"1", false).await.expect_err("no majority here");
+    assert_eq!(refused.code(), Some(ErrorCode::NoQuorum), "{refused}");
+    assert!(refused.to_string().contains("majority"), "{refused}");
+
+    // The other two elect a leader and go on.
+    assert_eq!(increment(&writer, bucket, 1).await, 2);
+    assert_ne!(wait_leader(&cluster, majority, bucket).await, leader, "a new leader serves the flock");
+
+    // Healed, the node rejoins: its writes go through again and it holds the latest count.
+    cluster.nodes[leader].signal("USR2");
+    assert_eq!(increment(&cut_off, bucket, 1).await, 3);
+    let node = &cluster.nodes[leader];
+    eventually("the healed node to catch up", PATIENCE, || async { stored_count(node, bucket).await == 3 }).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_with_a_foreign_certificate_is_refused_and_the_refusal_logged() {
+    let cluster = TestCluster::start(1, &[]).await;
+    let foreign = cluster.dir.path().join("foreign");
+    let foreign_str = foreign.to_str().expect("UTF-8 path");
+    grex(&["init", "--data", foreign_str, "--flocks", &TEST_FLOCKS.to_string()]);
+    let out = std::process::Command::new(grex_tests::grex_bin())
+        .args(["serve", "--data", foreign_str, "--join", &cluster.nodes[0].peer])
+        .args(["--http", "127.0.0.1:0", "--quic", "127.0.0.1:0", "--peer", "127.0.0.1:0"])
+        .env("GREX_LOG", "warn,openraft=off")
+        .output()
+        .expect("run grex serve");
+    assert!(!out.status.success(), "a node of another cluster joined");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("cannot reach"), "{stderr}");
+    let node = &cluster.nodes[0];
+    eventually("the refusal in the node's log", PATIENCE, || async { node.log().contains("refused a peer") }).await;
+    // And the node serves on.
+    node.http_client().await.status().await.expect("status after the refusal");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_peer_frames_get_an_error_and_the_node_serves_on() {
+    use grex::cluster::messages::{PeerFrame, PeerRequest, PeerResponse};
+
+    let cluster = TestCluster::start(1, &[]).await;
+    let node = &cluster.nodes[0];
+    // A genuine identity of this cluster, as a joining node would hold.
+    let first = cluster.nodes[0].data.to_str().expect("UTF-8 path").to_owned();
+    let creds = cluster.dir.path().join("probe.creds");
+    grex(&["cluster", "credentials", "--data", &first, "--out", creds.to_str().expect("UTF-8 path")]);
+    let credentials: grex::cluster::Credentials =
+        serde_json::from_str(&std::fs::read_to_string(&creds).expect("read credentials")).expect("credentials");
+    let probe_dir = cluster.dir.path().join("probe");
+    grex::cluster::identity::import(&probe_dir, &credentials).expect("import credentials");
+    let config = grex::cluster::peer_client_config(&probe_dir).expect("peer TLS");
+    let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).expect("client endpoint");
+    endpoint.set_default_client_config(config);
+    let connection = endpoint
+        .connect(node.peer.parse().expect("peer address"), grex::cluster::identity::PEER_SERVER_NAME)
+        .expect("connect")
+        .await
+        .expect("handshake with a cluster certificate");
+
+    async fn exchange(connection: &quinn::Connection, bytes: &[u8]) -> PeerResponse {
+        let (mut send, mut recv) = connection.open_bi().await.expect("open a stream");
+        send.write_all(bytes).await.expect("send");
+        send.finish().expect("finish");
+        let answer = recv.read_to_end(1 << 20).await.expect("an answer");
+        proto::decode_frame(&answer).expect("the answer is a well-formed frame")
+    }
+    fn refused(answer: PeerResponse) -> String {
+        match answer {
+            PeerResponse::Error(e) => {
+                assert_eq!(e.code, ErrorCode::BadRequest, "{e:?}");
+                e.message
+            }
+            other => panic!("expected an error, got {other:?}"),
+        }
+    }
+
+    // Not a frame, a frame over the size limit, a frame cut short, a frame of garbage.
+    let oversized = ((proto::FRAME_BYTES_MAX + 1) as u32).to_be_bytes();
+    let mut short = 100u32.to_be_bytes().to_vec();
+    short.extend_from_slice(b"only ten b");
+    let mut garbage = 64u32.to_be_bytes().to_vec();
+    garbage.extend(std::iter::repeat_n(0xA5, 64));
+    for (what, bytes) in
+        [("two bytes", b"hi".to_vec()), ("oversized", oversized.to_vec()), ("short", short), ("garbage", garbage)]
+    {
+        let message = refused(exchange(&connection, &bytes).await);
+        println!("{what}: {message}");
+    }
+    // A well-formed frame from another cluster.
+    let stranger = PeerFrame { cluster_id: "another".into(), from: 7, request: PeerRequest::Ping { load: 0 } };
+    let message = refused(exchange(&connection, &proto::encode_frame(&stranger).unwrap()).await);
+    assert!(message.contains("another cluster"), "{message}");
+
+    // The same connection still works, and so does the node.
+    let ping = PeerFrame {
+        cluster_id: credentials.cluster.cluster_id.clone(),
+        from: 7,
+        request: PeerRequest::Ping { load: 0 },
+    };
+    assert!(matches!(exchange(&connection, &proto::encode_frame(&ping).unwrap()).await, PeerResponse::Pong { .. }));
+    node.http_client().await.status().await.expect("status after the bad frames");
+}
