@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 G=$PWD/target/release/grex
 data=$(mktemp -d)
 export GREX_NODE=http://127.0.0.1:29170
-start() { $G serve --data $data --http 127.0.0.1:29170 --quic 127.0.0.1:29171 >/dev/null 2>&1 & pid=$!; for i in $(seq 200); do curl -s -o /dev/null $GREX_NODE/v1/status && break; sleep 0.02; done; }
+start() { $G serve --data $data --http 127.0.0.1:29170 --quic 127.0.0.1:29171 --peer 127.0.0.1:29172 >/dev/null 2>&1 & pid=$!; for i in $(seq 200); do curl -s -o /dev/null $GREX_NODE/v1/status && break; sleep 0.02; done; }
 rm -rf $data; start
 $G module put target/jobs/wasm32-unknown-unknown/wasm/ledger.wasm --name ledger >/dev/null
 kill $pid; wait $pid

@@ -13,7 +13,7 @@ cargo bench -p grex --bench job --quiet 2>/dev/null | grep -v '^$'
 
 data=$(mktemp -d)
 trap 'kill $node_pid 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$data"' EXIT
-target/release/grex serve --data "$data" --http 127.0.0.1:0 --quic 127.0.0.1:0 > "$data/out" 2> "$data/err" &
+target/release/grex serve --data "$data" --http 127.0.0.1:0 --quic 127.0.0.1:0 --peer 127.0.0.1:0 > "$data/out" 2> "$data/err" &
 node_pid=$!
 for _ in $(seq 1 200); do grep -q listening "$data/out" 2>/dev/null && break; sleep 0.05; done
 line=$(head -1 "$data/out")

@@ -19,6 +19,8 @@ pub const SEGMENT: &AsciiSet = &NON_ALPHANUMERIC.remove(b'-').remove(b'.').remov
 pub const VERSION_HEADER: &str = "grex-bucket-version";
 /// Header carrying the bucket's flock.
 pub const FLOCK_HEADER: &str = "grex-flock";
+/// Header carrying the id of the node that ran a job.
+pub const NODE_HEADER: &str = "grex-node";
 
 pub(crate) struct HttpTransport {
     host_port: String,
@@ -126,6 +128,7 @@ fn from_http(request: &Request, headers: &hyper::HeaderMap, body: Bytes) -> Resu
             output: body.to_vec(),
             bucket_version: header_number(headers, VERSION_HEADER)?,
             flock: header_number(headers, FLOCK_HEADER)? as u32,
+            node: headers.get(NODE_HEADER).and_then(|v| v.to_str().ok()).unwrap_or_default().to_owned(),
         }),
         Request::GetItem { .. } => Response::Item(body.to_vec()),
         Request::Flocks => Response::Flocks(serde_json::from_slice(&body).map_err(json_error)?),

@@ -12,16 +12,21 @@
 //! # Ok(()) }
 //! ```
 //!
+//! In a cluster any node serves any request, passing jobs on to the node that should run them.
+//! [`Router`] goes to that node directly, following each bucket's canary.
+//!
 //! [`proto`] holds the wire types that node and client share: requests, responses, the closed set
 //! of error codes, the frame codec and the bucket → flock hash.
 
 pub mod http;
 pub mod proto;
 pub mod quic;
+pub mod router;
 
 use std::path::Path;
 
 pub use proto::{Canary, ErrorCode, JobOutput, ModuleInfo, RemoteError, Request, Response, Status};
+pub use router::Router;
 
 /// A failed client call.
 #[derive(Debug, thiserror::Error)]

@@ -163,6 +163,9 @@ pub struct JobOutput {
     pub bucket_version: u64,
     /// The bucket's flock.
     pub flock: u32,
+    /// The id of the node that ran the job (a node passes a job on to the node that should run
+    /// it; a client that sees another node here than the one it asked may go there directly).
+    pub node: String,
 }
 
 /// One flock's place in the cluster.

@@ -103,6 +103,19 @@ async fn every_node_gives_one_result_and_the_canary_names_the_node_that_serves()
         assert_eq!(after[i].jobs_ok, before[i].jobs_ok, "node {i} ran nothing");
     }
 
+    // A router follows canaries: nothing is forwarded.
+    let router =
+        grex_client::Router::connect(&cluster.nodes[1].quic, Some(&cluster.nodes[1].ca)).await.expect("router");
+    let forwarded = |s: &[proto::Status]| s.iter().map(|s| s.jobs_forwarded).sum::<u64>();
+    let routed_before = statuses(&clients).await;
+    for i in 0..32 {
+        let out = router.run_job(format!("routed-{i}").as_bytes(), "counter", b"1", false).await.expect("routed job");
+        assert_eq!(out.output, b"1");
+    }
+    let routed_after = statuses(&clients).await;
+    assert_eq!(forwarded(&routed_after), forwarded(&routed_before), "a routed job was forwarded");
+    let after = routed_after;
+
     // A job sent elsewhere takes one hop.
     let other = (best + 1) % 3;
     assert_eq!(increment(&clients[other], b"acct", 1).await, 12);

@@ -13,7 +13,7 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
-use grex_client::http::{FLOCK_HEADER, VERSION_HEADER};
+use grex_client::http::{FLOCK_HEADER, NODE_HEADER, VERSION_HEADER};
 use percent_encoding::percent_decode_str;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
@@ -234,6 +234,9 @@ async fn run_job(
     headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
     headers.insert(VERSION_HEADER, HeaderValue::from(out.bucket_version));
     headers.insert(FLOCK_HEADER, HeaderValue::from(out.flock));
+    if let Ok(node) = HeaderValue::from_str(&out.node) {
+        headers.insert(NODE_HEADER, node);
+    }
     Ok(response)
 }
 

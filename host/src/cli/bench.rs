@@ -1,18 +1,19 @@
-//! `grex bench`: a load generator. N clients, each on its own QUIC connection, run a job on random
-//! buckets back to back for a fixed time; prints throughput and latency percentiles.
+//! `grex bench`: a load generator. N clients, each with its own connections, run a job on random
+//! buckets back to back for a fixed time; prints throughput and latency percentiles. Each client
+//! is a [`Router`]: in a cluster it sends every job straight to the node that serves its bucket.
 
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::Args;
-use grex_client::Client;
+use grex_client::Router;
 use rand::{Rng, SeedableRng};
 
 use super::Target;
 
 #[derive(Args)]
 pub(super) struct BenchArgs {
-    /// Concurrent clients, each with its own connection.
+    /// Concurrent clients, each with its own connections (one per node it talks to).
     #[arg(long, default_value_t = 50)]
     clients: usize,
     /// How long to run, in seconds (after a one-second warm-up).
@@ -57,7 +58,7 @@ pub(super) async fn bench(args: BenchArgs) -> anyhow::Result<()> {
     );
     let mut clients = Vec::new();
     for _ in 0..args.clients {
-        clients.push(Client::connect(&args.target.node, args.target.ca.as_deref()).await.context("connecting")?);
+        clients.push(Router::connect(&args.target.node, args.target.ca.as_deref()).await.context("connecting")?);
     }
     let warm_up = Instant::now() + Duration::from_secs(1);
     let end = warm_up + Duration::from_secs(args.seconds);

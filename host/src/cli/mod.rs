@@ -82,6 +82,8 @@ pub fn main() -> ExitCode {
     init_logging(if server { "info,openraft=off" } else { "warn" });
     let io_threads = match &cli.command {
         Command::Serve(args) => args.io_threads(),
+        // Several nodes share one process.
+        Command::Dev(_) => 2,
         _ => 1,
     };
     let mut builder = if io_threads <= 1 {

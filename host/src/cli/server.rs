@@ -159,7 +159,7 @@ pub(super) enum ClusterCommand {
 #[derive(Args)]
 pub(super) struct DevArgs {
     /// Nodes to start, each with its own data directory (DATA/node-I) and ports.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 3)]
     nodes: u32,
     /// Data directory.
     #[arg(long, default_value = "grex-data-dev")]
@@ -329,6 +329,10 @@ pub(super) async fn dev(args: DevArgs) -> anyhow::Result<()> {
     wait_until_formed(&first.node, args.nodes as usize).await?;
     let loaded = load_jobs(&first.node, &args.jobs).await?;
     println!("loaded jobs: {}", loaded.join(", "));
+    for running in &nodes {
+        let http = running.servers.http_addr.map(|a| a.to_string()).unwrap_or_default();
+        println!("node {} http://{http}", running.node.id());
+    }
     let http = first.servers.http_addr.map(|a| a.to_string()).unwrap_or_default();
     println!(
         "try:  grex job run customer-1 counter --input 5   (or: curl -X POST 'http://{http}/v1/jobs/customer-1?module=counter')"

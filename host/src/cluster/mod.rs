@@ -335,6 +335,14 @@ impl Cluster {
                     Err(e) if e.code == ErrorCode::Unavailable && Instant::now() < deadline => last_error = Some(e),
                     other => return other,
                 }
+            } else if let Some(leader) = self.leader_of(flock).filter(|l| !self.inner.peers.alive(*l)) {
+                // The failure detector has it down: wait for the election instead.
+                last_error = Some(error(
+                    ErrorCode::Unavailable,
+                    format!(
+                        "flock {flock}'s leader {leader:016x} is down and a new one is being elected; retry shortly"
+                    ),
+                ));
             } else if let Some(leader) = self.leader_of(flock).filter(|l| *l != self.inner.me) {
                 let request = PeerRequest::Job {
                     bucket: bucket.clone(),
@@ -344,7 +352,15 @@ impl Cluster {
                 };
                 let timeout = self.inner.node.config().limits.timeout() + Duration::from_secs(10);
                 self.inner.node.count_forwarded();
-                match self.inner.peers.call(leader, request, timeout).await {
+                let call = self.inner.peers.call(leader, request, timeout);
+                let answer = tokio::select! {
+                    answer = call => answer,
+                    () = self.until_down(leader) => return Err(error(
+                        ErrorCode::Unavailable,
+                        "the node running the job went down before answering; the job may have committed, so read before retrying",
+                    )),
+                };
+                match answer {
                     Ok(PeerResponse::Job(result)) => {
                         self.inner.hints[flock as usize].store(leader, Ordering::Relaxed);
                         return result;
@@ -369,6 +385,13 @@ impl Cluster {
                 }));
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Resolves once the failure detector considers `peer` down.
+    async fn until_down(&self, peer: NodeId) {
+        while self.inner.peers.alive(peer) {
+            tokio::time::sleep(peer::PING_INTERVAL).await;
         }
     }
 
@@ -585,7 +608,8 @@ impl Cluster {
         let me = self.inner.me;
         let Some(raft) = self.group(group) else { return };
         let (leader, state, mut voters) = {
-            let m = raft.metrics().borrow().clone();
+            let metrics = raft.metrics();
+            let m = metrics.borrow();
             (m.current_leader, m.state, m.membership_config.membership().voter_ids().collect::<Vec<_>>())
         };
         if !voters.contains(&me) {

@@ -344,7 +344,12 @@ impl Node {
             WaitFor::Ticket(ticket) => ticket.await?,
         }
         let finished = executed.result?;
-        Ok(JobOutput { output: finished.output, bucket_version: finished.bucket_version, flock })
+        Ok(JobOutput {
+            output: finished.output,
+            bucket_version: finished.bucket_version,
+            flock,
+            node: self.id().to_owned(),
+        })
     }
 
     /// One committed item.
