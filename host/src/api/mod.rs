@@ -5,7 +5,7 @@
 //! that stops them. `docs/wire.md` specifies both protocols.
 
 mod http;
-mod quic;
+pub(crate) mod quic;
 mod tls;
 
 pub use tls::{CA_FILE, NodeIdentity};

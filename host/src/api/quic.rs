@@ -97,7 +97,7 @@ async fn serve_connection(node: Node, incoming: quinn::Incoming) {
     }
 }
 
-async fn serve_stream(node: Node, mut send: quinn::SendStream, mut recv: quinn::RecvStream) -> anyhow::Result<()> {
+async fn serve_stream(node: Node, send: quinn::SendStream, mut recv: quinn::RecvStream) -> anyhow::Result<()> {
     let response = match tokio::time::timeout(REQUEST_READ_TIMEOUT, read_request(&mut recv)).await {
         Err(_) => Response::Error(error(
             ErrorCode::BadRequest,
@@ -106,26 +106,39 @@ async fn serve_stream(node: Node, mut send: quinn::SendStream, mut recv: quinn::
         Ok(Err(e)) => Response::Error(error(ErrorCode::BadRequest, e.to_string())),
         Ok(Ok(request)) => node.handle(request).await,
     };
-    let frame = encode_frame(&response).or_else(|e| {
-        encode_frame(&Response::Error(error(ErrorCode::Internal, format!("cannot encode the answer: {e}"))))
-    })?;
-    send.write_all(&frame).await?;
-    send.finish()?;
-    // Wait until the peer has the answer, so the stream is not reset under it.
-    let _ = send.stopped().await;
-    Ok(())
+    send_answer(send, &response, |e| Response::Error(error(ErrorCode::Internal, e))).await
 }
 
 async fn read_request(recv: &mut quinn::RecvStream) -> anyhow::Result<Request> {
+    let frame = read_frame(recv).await.map_err(anyhow::Error::msg)?;
+    Ok(decode_frame(&frame)?)
+}
+
+/// Reads one whole frame (header included) from a stream. Memory grows with the bytes that
+/// actually arrive (bounded by QUIC flow control), not with the length the sender announces.
+pub(crate) async fn read_frame(recv: &mut quinn::RecvStream) -> Result<Vec<u8>, String> {
     let mut header = [0u8; 4];
-    recv.read_exact(&mut header).await.map_err(|e| anyhow::anyhow!("reading the frame header: {e}"))?;
-    let len = frame_len(header)?;
+    recv.read_exact(&mut header).await.map_err(|e| format!("reading a frame header: {e}"))?;
+    let len = frame_len(header).map_err(|e| e.to_string())?;
     debug_assert!(len <= FRAME_BYTES_MAX);
-    // Memory grows with the bytes that actually arrive (bounded by QUIC flow control), not with
-    // the length a peer announces.
-    let body = recv.read_to_end(len).await.map_err(|e| anyhow::anyhow!("reading a {len}-byte frame: {e}"))?;
+    let body = recv.read_to_end(len).await.map_err(|e| format!("reading a {len}-byte frame: {e}"))?;
     let mut frame = Vec::with_capacity(4 + body.len());
     frame.extend_from_slice(&header);
     frame.extend_from_slice(&body);
-    Ok(decode_frame(&frame)?)
+    Ok(frame)
+}
+
+/// Writes one answer frame and finishes the stream (an answer that cannot be encoded becomes
+/// `internal(message)`), then waits until the other side has it, so the stream is not reset
+/// under it.
+pub(crate) async fn send_answer<T: serde::Serialize>(
+    mut send: quinn::SendStream,
+    answer: &T,
+    internal: impl FnOnce(String) -> T,
+) -> anyhow::Result<()> {
+    let frame = encode_frame(answer).or_else(|e| encode_frame(&internal(format!("cannot encode the answer: {e}"))))?;
+    send.write_all(&frame).await?;
+    send.finish()?;
+    let _ = send.stopped().await;
+    Ok(())
 }

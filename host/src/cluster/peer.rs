@@ -24,12 +24,13 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use futures::future::BoxFuture;
-use grex_client::proto::{FRAME_BYTES_MAX, decode_frame, encode_frame, frame_len};
+use grex_client::proto::{decode_frame, encode_frame};
 use tokio::sync::{Semaphore, watch};
 
 use super::identity::{CA_FILE, NODE_CERT_FILE, NODE_KEY_FILE, PEER_SERVER_NAME};
 use super::messages::{PEER_ALPN, PeerFrame, PeerRequest, PeerResponse};
 use super::raft::{NodeId, PeerInfo};
+use crate::api::quic::{read_frame, send_answer};
 use crate::error::{ErrorCode, RemoteError, error};
 
 /// How often each node pings each peer.
@@ -340,19 +341,6 @@ async fn exchange(connection: &quinn::Connection, frame: &[u8]) -> Result<PeerRe
     decode_frame(&answer).map_err(|e| format!("malformed answer: {e}"))
 }
 
-/// Reads one frame; memory grows with the bytes that arrive, never past the limit.
-async fn read_frame(recv: &mut quinn::RecvStream) -> Result<Vec<u8>, String> {
-    let mut header = [0u8; 4];
-    recv.read_exact(&mut header).await.map_err(|e| format!("reading a frame header: {e}"))?;
-    let len = frame_len(header).map_err(|e| e.to_string())?;
-    debug_assert!(len <= FRAME_BYTES_MAX);
-    let body = recv.read_to_end(len).await.map_err(|e| format!("reading a {len}-byte frame: {e}"))?;
-    let mut frame = Vec::with_capacity(4 + body.len());
-    frame.extend_from_slice(&header);
-    frame.extend_from_slice(&body);
-    Ok(frame)
-}
-
 async fn heartbeat(peers: Arc<Peers>, id: NodeId) {
     let mut backoff = PING_INTERVAL;
     let mut ticker = tokio::time::interval(PING_INTERVAL);
@@ -424,7 +412,7 @@ async fn serve_connection(peers: Arc<Peers>, connection: quinn::Connection) {
 async fn serve_stream(
     peers: Arc<Peers>,
     connection: quinn::Connection,
-    mut send: quinn::SendStream,
+    send: quinn::SendStream,
     mut recv: quinn::RecvStream,
 ) -> anyhow::Result<()> {
     let remote = connection.remote_address();
@@ -457,13 +445,7 @@ async fn serve_stream(
             }
         },
     };
-    let frame = encode_frame(&response).or_else(|e| {
-        encode_frame(&PeerResponse::Error(error(ErrorCode::Internal, format!("cannot encode the answer: {e}"))))
-    })?;
-    send.write_all(&frame).await?;
-    send.finish()?;
-    let _ = send.stopped().await;
-    Ok(())
+    send_answer(send, &response, |e| PeerResponse::Error(error(ErrorCode::Internal, e))).await
 }
 
 /// The TLS client settings a node dials its peers with, from the identity in `dir` (for tools
