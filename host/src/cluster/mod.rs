@@ -40,6 +40,7 @@ use futures::FutureExt;
 use futures::future::BoxFuture;
 use grex_client::proto::{self, Canary, FlockInfo, FlockMapInfo, JobOutput, ModuleInfo};
 use openraft::ServerState;
+use openraft::error::{ChangeMembershipError, ClientWriteError, RaftError};
 use tokio::sync::watch;
 
 use crate::data::ChangeSet;
@@ -470,9 +471,19 @@ impl Cluster {
         // Hails are relayed with the joiner's id as the sender's only on the first hop.
         tracing::info!(node = %node_id_text(id), peer = %info.peer, "a node asks to join");
         self.inner.peers.learn(id, &info);
-        let meta = &self.inner.meta;
-        if let Err(e) = meta.add_learner(id, info.clone(), true).await {
-            return PeerResponse::Error(error(ErrorCode::Unavailable, format!("adding the node failed: {e}")));
+        // A membership change already under way (the previous joiner being promoted) makes
+        // openraft refuse another; wait for it rather than fail the join.
+        let deadline = Instant::now() + ROUTE_PATIENCE * 3;
+        loop {
+            match self.inner.meta.add_learner(id, info.clone(), true).await {
+                Ok(_) => break,
+                Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(
+                    ChangeMembershipError::InProgress(_),
+                ))) if Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(50)).await,
+                Err(e) => {
+                    return PeerResponse::Error(error(ErrorCode::Unavailable, format!("adding the node failed: {e}")));
+                }
+            }
         }
         if let Err(e) = self.meta_write(Command::AddNode { id, info }).await {
             return PeerResponse::Error(e);
