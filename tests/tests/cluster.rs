@@ -256,12 +256,12 @@ async fn a_restarted_follower_catches_up_from_the_log_and_from_a_snapshot_and_le
 
     // Behind by more than the group keeps: the leader sends a snapshot.
     cluster.nodes[preferred].kill9();
-    for _ in 0..60 {
+    for _ in 0..100 {
         increment(&writer, bucket, 1).await;
     }
     cluster.nodes[preferred].restart();
     let node = &cluster.nodes[preferred];
-    eventually("catch-up from a snapshot", PATIENCE, || async { stored_count(node, bucket).await == 65 }).await;
+    eventually("catch-up from a snapshot", PATIENCE, || async { stored_count(node, bucket).await == 105 }).await;
     assert!(node.log().contains("installed a snapshot"), "the node caught up without a snapshot:\n{}", node.log());
 
     // Once caught up it takes its flock back, and serves writes itself.
@@ -271,7 +271,7 @@ async fn a_restarted_follower_catches_up_from_the_log_and_from_a_snapshot_and_le
     .await;
     let client = cluster.nodes[preferred].client().await;
     let before = client.status().await.expect("status");
-    assert_eq!(increment(&client, bucket, 1).await, 66);
+    assert_eq!(increment(&client, bucket, 1).await, 106);
     let after = client.status().await.expect("status");
     assert_eq!(after.jobs_forwarded, before.jobs_forwarded, "the job ran where it was sent");
 }

@@ -374,6 +374,12 @@ impl Cluster {
                     }
                     Ok(PeerResponse::Error(e)) => return Err(e),
                     Ok(other) => return Err(error(ErrorCode::Internal, format!("unexpected peer answer {other:?}"))),
+                    Err(e) if !read_only && e.may_have_arrived() => {
+                        return Err(error(
+                            ErrorCode::Unavailable,
+                            format!("{e}; the job may have committed, so read before retrying"),
+                        ));
+                    }
                     Err(e) => last_error = Some(e.into()),
                 }
             }

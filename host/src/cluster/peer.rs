@@ -61,6 +61,18 @@ pub enum PeerError {
     /// The peer did not answer in time.
     #[error("peer {0} did not answer within {1:?}")]
     Timeout(NodeId, Duration),
+    /// The request was (at least partly) sent, then the stream broke or the wait ran out, so
+    /// the peer may have acted on it.
+    #[error("peer {0} did not answer after the request was sent: {1}")]
+    Lost(NodeId, String),
+}
+
+impl PeerError {
+    /// True if the peer may have received and acted on the request, so a request that changes
+    /// data must not be sent again blindly.
+    pub fn may_have_arrived(&self) -> bool {
+        matches!(self, PeerError::Lost(..))
+    }
 }
 
 impl From<PeerError> for RemoteError {
@@ -210,11 +222,21 @@ impl Peers {
     ) -> Result<PeerResponse, PeerError> {
         let frame = PeerFrame { cluster_id: self.cluster_id.clone(), from: self.me, request };
         let bytes = encode_frame(&frame).map_err(|e| PeerError::Protocol(e.to_string()))?;
+        let sending = AtomicBool::new(false);
         let work = async {
             let connection = self.connection(to).await?;
-            exchange(&connection, &bytes).await.map_err(|e| PeerError::Unreachable(to, e))
+            let (send, recv) = connection.open_bi().await.map_err(|e| PeerError::Unreachable(to, e.to_string()))?;
+            sending.store(true, Ordering::Relaxed);
+            exchange_on(send, recv, &bytes).await.map_err(|e| PeerError::Lost(to, e))
         };
-        tokio::time::timeout(timeout, work).await.map_err(|_| PeerError::Timeout(to, timeout))?
+        let answer = tokio::time::timeout(timeout, work).await;
+        match answer {
+            Ok(answer) => answer,
+            Err(_) if sending.load(Ordering::Relaxed) => {
+                Err(PeerError::Lost(to, format!("no answer within {timeout:?}")))
+            }
+            Err(_) => Err(PeerError::Timeout(to, timeout)),
+        }
     }
 
     /// The live connection to `to`, if there is one.
@@ -334,7 +356,16 @@ impl Peers {
 
 /// One request-response exchange on a fresh stream.
 async fn exchange(connection: &quinn::Connection, frame: &[u8]) -> Result<PeerResponse, String> {
-    let (mut send, mut recv) = connection.open_bi().await.map_err(|e| e.to_string())?;
+    let (send, recv) = connection.open_bi().await.map_err(|e| e.to_string())?;
+    exchange_on(send, recv, frame).await
+}
+
+/// Sends one request frame on an opened stream and reads the answer.
+async fn exchange_on(
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+    frame: &[u8],
+) -> Result<PeerResponse, String> {
     send.write_all(frame).await.map_err(|e| e.to_string())?;
     send.finish().map_err(|e| e.to_string())?;
     let answer = read_frame(&mut recv).await?;
