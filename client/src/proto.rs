@@ -177,6 +177,10 @@ pub struct FlockInfo {
     pub herders: Vec<String>,
     /// Its current leader, as this node knows it.
     pub leader: Option<String>,
+    /// True once the flock's consensus group votes with exactly these herders, as this node
+    /// sees it; false while a membership change toward the map is under way.
+    #[serde(default)]
+    pub settled: bool,
 }
 
 /// The flock map as one node sees it.

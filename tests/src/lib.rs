@@ -105,8 +105,13 @@ impl GrexNode {
             .arg(data)
             .args(["--http", http, "--quic", quic, "--peer", peer])
             .args(&args)
-            // Job log lines (the hostile fixture panics on purpose) would only be noise here.
-            .env("GREX_LOG", "warn,grex::cluster=info,grex::job=off,openraft=off")
+            // Job log lines (the hostile fixture panics on purpose) would only be noise here;
+            // GREX_TEST_LOG sets another filter for a run that needs more detail.
+            .env(
+                "GREX_LOG",
+                std::env::var("GREX_TEST_LOG")
+                    .unwrap_or_else(|_| "warn,grex::cluster=info,grex::job=off,openraft=off".into()),
+            )
             .stdout(Stdio::piped())
             .stderr(log)
             .spawn()
@@ -258,7 +263,7 @@ impl TestCluster {
         loop {
             if let Ok(map) = client.flocks().await
                 && map.nodes.len() == count
-                && map.flocks.iter().all(|f| f.leader.is_some() && f.herders.len() == count.min(3))
+                && map.flocks.iter().all(|f| f.leader.is_some() && f.settled && f.herders.len() == count.min(3))
             {
                 return;
             }

@@ -147,7 +147,8 @@ pub(super) async fn item(cmd: ItemCommand) -> anyhow::Result<()> {
 /// `grex flock ...`
 #[derive(clap::Subcommand)]
 pub enum FlockCommand {
-    /// List each flock's herders and leader (`*` marks the leader).
+    /// List each flock's herders and leader (`*` marks the leader; a flock whose group is still
+    /// taking on the map's herders says so).
     Ls {
         #[command(flatten)]
         target: Target,
@@ -167,7 +168,8 @@ pub(super) async fn flock(cmd: FlockCommand) -> anyhow::Result<()> {
             .iter()
             .map(|h| if Some(h) == flock.leader.as_ref() { format!("{h}*") } else { h.clone() })
             .collect();
-        println!("{:>5} {}", flock.flock, herders.join(" "));
+        let changing = if flock.settled { "" } else { " (membership changing)" };
+        println!("{:>5} {}{changing}", flock.flock, herders.join(" "));
     }
     Ok(())
 }

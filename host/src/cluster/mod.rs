@@ -56,6 +56,9 @@ use raft::{Command, LeaderTerms, MetaState, Network, Raft};
 const ROUTE_PATIENCE: Duration = Duration::from_secs(4);
 /// How often the supervisor looks at every group.
 const SUPERVISE_EVERY: Duration = Duration::from_millis(100);
+/// How often membership is checked against the flock map when the map has not changed (a change
+/// is acted on at the next tick).
+const RECONCILE_EVERY: Duration = Duration::from_secs(1);
 /// Between election attempts for one group.
 const ELECT_BACKOFF: Duration = Duration::from_millis(300);
 /// A flock with no writes for this long may hand leadership to its preferred herder.
@@ -105,6 +108,9 @@ struct Inner {
     meta_reconfiguring: AtomicBool,
     /// When each group last applied something here (for idle rebalancing).
     last_activity: Mutex<Vec<(u64, Instant)>>,
+    /// Per flock: applied something since the supervisor last looked (see `tell_commit`; the
+    /// meta group is looked at every tick).
+    applied_news: Vec<AtomicBool>,
 }
 
 /// A node id as text (how the API shows it).
@@ -179,6 +185,7 @@ impl Cluster {
                 reconfiguring: (0..flock_count).map(|_| AtomicBool::new(false)).collect(),
                 meta_reconfiguring: AtomicBool::new(false),
                 last_activity: Mutex::new(vec![(0, Instant::now()); flock_count]),
+                applied_news: (0..flock_count).map(|_| AtomicBool::new(false)).collect(),
             }),
         };
         let _ = slot.set(cluster.clone());
@@ -299,23 +306,34 @@ impl Cluster {
             .unwrap_or_default()
     }
 
-    /// True if this node can reach a majority of the group's voters (itself included; for a
-    /// flock this node does not herd, of the herders in the flock map).
-    fn has_quorum(&self, group: GroupId) -> bool {
+    /// The voters of a group (itself included; for a flock this node does not herd, the herders
+    /// in the flock map), and whether this node can reach a majority of them.
+    fn quorum_view(&self, group: GroupId) -> (Vec<NodeId>, bool) {
         let mut voters = self.voters(group);
         if !voters.contains(&self.inner.me) && group != META_GROUP {
             voters = self.herders(group);
         }
         let alive = voters.iter().filter(|v| self.inner.peers.alive(**v)).count();
-        alive * 2 > voters.len()
+        let majority = alive * 2 > voters.len();
+        (voters, majority)
     }
 
-    fn no_quorum(flock: u32) -> RemoteError {
+    fn has_quorum(&self, group: GroupId) -> bool {
+        self.quorum_view(group).1
+    }
+
+    fn no_quorum(&self, flock: u32) -> RemoteError {
+        let (voters, _) = self.quorum_view(flock);
+        let view: Vec<String> = voters
+            .iter()
+            .map(|v| format!("{} {}", node_id_text(*v), if self.inner.peers.alive(*v) { "up" } else { "unreachable" }))
+            .collect();
         error(
             ErrorCode::NoQuorum,
             format!(
-                "this node cannot reach a majority of flock {flock}'s herders, so it refuses writes; \
-                 retry on another node"
+                "this node cannot reach a majority of flock {flock}'s herders ({}), so it refuses writes; \
+                 retry on another node",
+                view.join(", ")
             ),
         )
     }
@@ -328,7 +346,7 @@ impl Cluster {
         let deadline = Instant::now() + ROUTE_PATIENCE;
         let mut last_error = None;
         if !read_only && !self.has_quorum(flock) {
-            return Err(Self::no_quorum(flock));
+            return Err(self.no_quorum(flock));
         }
         loop {
             if let Some(local) = self.try_here(flock, &bucket, &module, &input, read_only).await {
@@ -417,7 +435,7 @@ impl Cluster {
             return None;
         }
         if leads && !read_only && !self.has_quorum(flock) {
-            return Some(Err(Self::no_quorum(flock)));
+            return Some(Err(self.no_quorum(flock)));
         }
         Some(self.inner.node.run_job_here(bucket, module, input.to_vec(), read_only).await)
     }
@@ -536,6 +554,7 @@ impl Cluster {
                     let applied = m.last_applied.map_or(0, |l| l.index);
                     if activity[flock as usize].0 != applied {
                         activity[flock as usize] = (applied, Instant::now());
+                        self.inner.applied_news[flock as usize].store(true, Ordering::Release);
                     }
                 }
                 if leads && caught_up { term } else { 0 }
@@ -573,15 +592,36 @@ impl Cluster {
         let mut alive: BTreeSet<NodeId> = BTreeSet::new();
         let mut ticker = tokio::time::interval(SUPERVISE_EVERY);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut meta_changes = self.inner.meta_state.clone();
+        let mut last_reconcile = Instant::now();
         loop {
             ticker.tick().await;
             load.store(self.inner.node.load(), Ordering::Relaxed);
-            self.greet_revived(&mut alive).await;
-            for (i, &group) in groups.iter().enumerate() {
-                self.supervise_group(group, &mut leaderless_since[i], &mut last_elect[i]).await;
-                self.tell_commit(group, &mut commit_told[i]).await;
+            let peers_changed = self.greet_revived(&mut alive).await;
+            // Membership follows the flock map: checked when the meta state changed, and now
+            // and then in case a change failed or this node just took a lead.
+            let reconcile = meta_changes.has_changed().unwrap_or(false) || last_reconcile.elapsed() >= RECONCILE_EVERY;
+            if reconcile {
+                meta_changes.mark_unchanged();
+                last_reconcile = Instant::now();
             }
-            if self.inner.meta.metrics().borrow().state == ServerState::Leader {
+            // Leaders only die or come back when the failure detector's view changes: between
+            // such changes (and elections under way) an idle node looks at its groups only at
+            // the pace of reconciliation.
+            let sweep = reconcile || peers_changed || leaderless_since.iter().any(Option::is_some);
+            for (i, &group) in groups.iter().enumerate() {
+                if sweep || group == META_GROUP {
+                    self.supervise_group(group, &mut leaderless_since[i], &mut last_elect[i], reconcile).await;
+                }
+                let news = self.inner.applied_news.get(group as usize);
+                if news.is_none_or(|n| n.swap(false, Ordering::AcqRel))
+                    && !self.tell_commit(group, &mut commit_told[i]).await
+                    && let Some(news) = news
+                {
+                    news.store(true, Ordering::Release);
+                }
+            }
+            if reconcile && self.inner.meta.metrics().borrow().state == ServerState::Leader {
                 self.reconcile_meta().await;
             }
         }
@@ -589,85 +629,119 @@ impl Cluster {
 
     /// When a peer comes back (restart, healed partition), every group this node leads sends it
     /// a heartbeat at once: it learns the current leaders and terms, and catches up, without
-    /// waiting for the next write. No group sends periodic heartbeats.
-    async fn greet_revived(&self, alive: &mut BTreeSet<NodeId>) {
-        let nodes: Vec<NodeId> = self.inner.meta_state.borrow().nodes.keys().copied().collect();
-        let now: BTreeSet<NodeId> =
-            nodes.into_iter().filter(|n| *n != self.inner.me && self.inner.peers.alive(*n)).collect();
+    /// waiting for the next write. No group sends periodic heartbeats. True if the set of live
+    /// peers changed.
+    async fn greet_revived(&self, alive: &mut BTreeSet<NodeId>) -> bool {
+        let now: BTreeSet<NodeId> = {
+            let state = self.inner.meta_state.borrow();
+            state.nodes.keys().copied().filter(|n| *n != self.inner.me && self.inner.peers.alive(*n)).collect()
+        };
+        if now == *alive {
+            return false;
+        }
         let revived = now.difference(alive).next().is_some();
         *alive = now;
         if !revived {
-            return;
+            return true;
         }
         for raft in std::iter::once(&self.inner.meta).chain(self.inner.flocks.iter()) {
             if raft.metrics().borrow().state == ServerState::Leader {
                 let _ = raft.trigger().heartbeat().await;
             }
         }
+        true
     }
 
     /// Followers learn the commit index from the next append; a leader whose log has gone quiet
     /// sends one heartbeat instead, so followers apply (and read-only jobs there see) the last
-    /// writes within a supervisor tick.
-    async fn tell_commit(&self, group: GroupId, told: &mut u64) {
-        let Some(raft) = self.group(group) else { return };
+    /// writes within a supervisor tick. False while entries are still in flight (look again).
+    async fn tell_commit(&self, group: GroupId, told: &mut u64) -> bool {
+        let Some(raft) = self.group(group) else { return true };
         let (leads, last_log, applied) = {
             let metrics = raft.metrics();
             let m = metrics.borrow();
             (m.state == ServerState::Leader, m.last_log_index, m.last_applied.map(|l| l.index))
         };
-        let Some(applied) = applied.filter(|a| leads && Some(*a) == last_log && *a != *told) else { return };
-        *told = applied;
-        let _ = raft.trigger().heartbeat().await;
+        let Some(applied) = applied.filter(|_| leads) else { return true };
+        if Some(applied) != last_log {
+            return false;
+        }
+        if applied != *told {
+            *told = applied;
+            let _ = raft.trigger().heartbeat().await;
+        }
+        true
     }
 
-    async fn supervise_group(&self, group: GroupId, leaderless_since: &mut Option<Instant>, last_elect: &mut Instant) {
+    async fn supervise_group(
+        &self,
+        group: GroupId,
+        leaderless_since: &mut Option<Instant>,
+        last_elect: &mut Instant,
+        reconcile: bool,
+    ) {
         let me = self.inner.me;
         let Some(raft) = self.group(group) else { return };
-        let (leader, state, mut voters) = {
+        let (leader, state, votes) = {
             let metrics = raft.metrics();
             let m = metrics.borrow();
-            (m.current_leader, m.state, m.membership_config.membership().voter_ids().collect::<Vec<_>>())
+            let votes = m.membership_config.membership().get_joint_config().iter().any(|c| c.contains(&me));
+            (m.current_leader, m.state, votes)
         };
-        if !voters.contains(&me) {
+        if !votes {
             return;
         }
-        if state == ServerState::Leader && group != META_GROUP {
+        if reconcile && state == ServerState::Leader && group != META_GROUP {
             self.reconcile_flock(group);
         }
-        // Preference order: the flock map's order for flocks, then a rotation per group.
-        let preferred = if group == META_GROUP { Vec::new() } else { self.herders(group) };
-        voters
-            .sort_by_key(|v| (preferred.iter().position(|p| p == v).unwrap_or(usize::MAX), v.rotate_left(group % 64)));
-        let live: Vec<NodeId> = voters.iter().copied().filter(|v| self.inner.peers.alive(*v)).collect();
-        if live.len() * 2 <= voters.len() {
-            return; // no majority reachable: an election could not succeed
-        }
-        let rank = live.iter().position(|v| *v == me).unwrap_or(usize::MAX) as u32;
-        let healthy = leader.is_some_and(|l| self.inner.peers.alive(l));
         let now = Instant::now();
+        let healthy = leader.is_some_and(|l| self.inner.peers.alive(l));
         if healthy {
             *leaderless_since = None;
-            // Hand an idle flock's lead to its preferred, live herder.
-            let idle = group != META_GROUP
+            // Hand an idle flock's lead to its preferred, live herder (checked at the pace of
+            // reconciliation: it is never urgent).
+            let idle = reconcile
+                && group != META_GROUP
+                && leader != Some(me)
+                && now - *last_elect > IDLE_FOR_REBALANCE
                 && self
                     .inner
                     .last_activity
                     .lock()
                     .map(|a| a[group as usize].1.elapsed() > IDLE_FOR_REBALANCE)
                     .unwrap_or(false);
-            if rank == 0 && leader != Some(me) && idle && now - *last_elect > IDLE_FOR_REBALANCE {
+            if idle && self.election_rank(group, raft) == Some(0) {
                 *last_elect = now;
                 let _ = raft.trigger().elect().await;
             }
             return;
         }
+        let Some(rank) = self.election_rank(group, raft) else {
+            // No majority reachable: nothing to do until the failure detector's view changes.
+            *leaderless_since = None;
+            return;
+        };
         let since = *leaderless_since.get_or_insert(now);
         let wait = ELECT_BACKOFF * rank.min(8);
         if now - since >= wait && now - *last_elect >= ELECT_BACKOFF && state != ServerState::Leader {
             *last_elect = now;
             let _ = raft.trigger().elect().await;
         }
+    }
+
+    /// This node's place among a group's live voters in election order (the flock map's order
+    /// for flocks, then a rotation per group), or `None` if no majority is reachable, so an
+    /// election could not succeed.
+    fn election_rank(&self, group: GroupId, raft: &Raft) -> Option<u32> {
+        let mut voters: Vec<NodeId> = raft.metrics().borrow().membership_config.membership().voter_ids().collect();
+        let preferred = if group == META_GROUP { Vec::new() } else { self.herders(group) };
+        voters
+            .sort_by_key(|v| (preferred.iter().position(|p| p == v).unwrap_or(usize::MAX), v.rotate_left(group % 64)));
+        let live: Vec<NodeId> = voters.iter().copied().filter(|v| self.inner.peers.alive(*v)).collect();
+        if live.len() * 2 <= voters.len() {
+            return None;
+        }
+        Some(live.iter().position(|v| *v == self.inner.me).unwrap_or(usize::MAX) as u32)
     }
 
     /// On the meta leader: every member is in the flock map and the meta group's voters.
@@ -704,39 +778,48 @@ impl Cluster {
 
     /// On a flock's leader: make the flock's voters the map's herders (learner, catch up, promote).
     fn reconcile_flock(&self, flock: u32) {
-        let herders = self.herders(flock);
-        if herders.is_empty() {
-            return;
-        }
-        let want: BTreeSet<NodeId> = herders.iter().copied().collect();
+        let want: BTreeSet<NodeId> = self.herders(flock).into_iter().collect();
         let have: BTreeSet<NodeId> = self.voters(flock).into_iter().collect();
-        if want == have || self.inner.reconfiguring[flock as usize].swap(true, Ordering::AcqRel) {
+        if want.is_empty() || want == have || self.inner.reconfiguring[flock as usize].swap(true, Ordering::AcqRel) {
             return;
         }
         let this = self.clone();
         tokio::spawn(async move {
-            let raft = &this.inner.flocks[flock as usize];
-            let nodes = this.meta_state().nodes;
-            let mut ok = true;
-            for id in want.difference(&have) {
-                let Some(info) = nodes.get(id).cloned() else {
-                    ok = false;
-                    break;
-                };
-                if let Err(e) = raft.add_learner(*id, info, true).await {
-                    tracing::debug!(flock, error = %e, "adding a herder failed; will retry");
-                    ok = false;
-                    break;
-                }
-            }
-            if ok {
-                match raft.change_membership(want, false).await {
-                    Ok(_) => tracing::debug!(flock, "flock herders changed"),
-                    Err(e) => tracing::debug!(flock, error = %e, "flock membership change failed; will retry"),
-                }
-            }
+            // The map may change again while a change is under way (nodes joining one after
+            // another): go on until the group matches the latest map, or a step fails (the
+            // supervisor tries again later).
+            while this.change_herders(flock).await {}
             this.inner.reconfiguring[flock as usize].store(false, Ordering::Release);
         });
+    }
+
+    /// One step of [`Cluster::reconcile_flock`]: makes the flock's voters the map's herders.
+    /// True if it changed them and should look again.
+    async fn change_herders(&self, flock: u32) -> bool {
+        let raft = &self.inner.flocks[flock as usize];
+        let want: BTreeSet<NodeId> = self.herders(flock).into_iter().collect();
+        let have: BTreeSet<NodeId> = self.voters(flock).into_iter().collect();
+        if want.is_empty() || want == have {
+            return false;
+        }
+        let nodes = self.meta_state().nodes;
+        for id in want.difference(&have) {
+            let Some(info) = nodes.get(id).cloned() else { return false };
+            if let Err(e) = raft.add_learner(*id, info, true).await {
+                tracing::debug!(flock, error = %e, "adding a herder failed; will retry");
+                return false;
+            }
+        }
+        match raft.change_membership(want, false).await {
+            Ok(_) => {
+                tracing::debug!(flock, "flock herders changed");
+                true
+            }
+            Err(e) => {
+                tracing::debug!(flock, error = %e, "flock membership change failed; will retry");
+                false
+            }
+        }
     }
 }
 
@@ -798,11 +881,10 @@ impl Front for Cluster {
 
     fn canary(&self, bucket: &[u8], read_only: bool) -> Result<Canary> {
         let flock = proto::flock_of(bucket, self.inner.file.flock_count);
-        let state = self.meta_state();
         let leader = self.leader_of(flock);
         let (node, role) = if read_only {
             // The warm leader unless a live herder carries clearly less load.
-            let herders = state.map.herders.get(flock as usize).cloned().unwrap_or_default();
+            let herders = self.herders(flock);
             let pick = herders.iter().copied().filter(|h| self.inner.peers.alive(*h)).min_by_key(|h| {
                 (
                     self.inner.peers.load_of(*h).saturating_sub(if Some(*h) == leader { 4 } else { 0 }),
@@ -822,7 +904,7 @@ impl Front for Cluster {
             })?;
             (leader, "leader")
         };
-        let info = state.nodes.get(&node).cloned().unwrap_or_default();
+        let info = self.inner.meta_state.borrow().nodes.get(&node).cloned().unwrap_or_default();
         Ok(Canary {
             url: info.http,
             quic: Some(info.quic).filter(|q| !q.is_empty()),
@@ -843,10 +925,17 @@ impl Front for Cluster {
                 .herders
                 .iter()
                 .enumerate()
-                .map(|(flock, herders)| FlockInfo {
-                    flock: flock as u32,
-                    herders: herders.iter().map(|h| node_id_text(*h)).collect(),
-                    leader: self.leader_of(flock as u32).map(node_id_text),
+                .map(|(flock, herders)| {
+                    let mut voters = self.voters(flock as u32);
+                    let mut want = herders.clone();
+                    voters.sort_unstable();
+                    want.sort_unstable();
+                    FlockInfo {
+                        flock: flock as u32,
+                        herders: herders.iter().map(|h| node_id_text(*h)).collect(),
+                        leader: self.leader_of(flock as u32).map(node_id_text),
+                        settled: voters == want,
+                    }
                 })
                 .collect(),
         }

@@ -247,6 +247,8 @@ impl Peers {
     }
 
     /// The connection to `to`, dialing if there is none. Concurrent callers wait for one dial.
+    /// The dial runs as its own task, so a caller that gives up (a ping's short timeout on a
+    /// loaded machine) does not cancel it: the next caller finds the connection made.
     async fn connection(self: &Arc<Self>, to: NodeId) -> Result<quinn::Connection, PeerError> {
         if self.isolated.load(Ordering::Relaxed) {
             return Err(PeerError::Unreachable(to, "this node is isolated".into()));
@@ -255,10 +257,23 @@ impl Peers {
             return Ok(connection);
         }
         let dialing = self.state().entry(to).or_default().dialing.clone();
-        let _dialing = dialing.lock().await;
+        let guard = dialing.lock_owned().await;
         if let Some(connection) = self.link(to) {
             return Ok(connection);
         }
+        let this = self.clone();
+        let dial = tokio::spawn(async move {
+            let _dialing = guard;
+            match tokio::time::timeout(DIAL_TIMEOUT * 2, this.dial_and_greet(to)).await {
+                Ok(result) => result,
+                Err(_) => Err(PeerError::Unreachable(to, "no answer to hello".into())),
+            }
+        });
+        dial.await.map_err(|e| PeerError::Unreachable(to, format!("dial task failed: {e}")))?
+    }
+
+    /// Dials `to` and says hello; the new connection becomes the pair's link.
+    async fn dial_and_greet(self: &Arc<Self>, to: NodeId) -> Result<quinn::Connection, PeerError> {
         let info = self.state().get(&to).and_then(|p| p.info.clone());
         let info = info.ok_or_else(|| PeerError::Unreachable(to, "its address is not known yet".into()))?;
         let connection = self.dial(&info.peer).await.map_err(|e| PeerError::Unreachable(to, e.to_string()))?;

@@ -4,8 +4,8 @@
 //!
 //! - [`LogStore`]: a group's log lives in the `raft_log` table keyed (group, index). An append is
 //!   handed to the node's group committer, so appends of every flock that arrive together share
-//!   one fsync; until the committer has written them, appended entries are read from memory
-//!   (`pending`), as openraft requires entries to be readable as soon as `append` returns.
+//!   one fsync. The log's tail stays in memory (`RecentLog`) until it is written and applied, so
+//!   appending, replicating and applying an entry never read it back from redb.
 //! - [`StateMachine`]: applying a flock's entries writes their change sets to the items tables
 //!   (without an fsync: the log is already durable, and a crash replays from the persisted applied
 //!   point); applying meta entries updates membership, the flock map and modules. The state machine
@@ -170,13 +170,95 @@ impl GroupStore {
 #[derive(Clone)]
 pub struct LogStore {
     inner: GroupStore,
-    /// Appended entries the committer has not written yet, by index.
-    pending: Arc<Mutex<BTreeMap<u64, Entry<TypeConfig>>>>,
+    recent: Arc<Mutex<RecentLog>>,
 }
 
 impl LogStore {
-    fn pending(&self) -> std::sync::MutexGuard<'_, BTreeMap<u64, Entry<TypeConfig>>> {
-        self.pending.lock().unwrap_or_else(|p| p.into_inner())
+    fn recent(&self) -> std::sync::MutexGuard<'_, RecentLog> {
+        lock(&self.recent)
+    }
+}
+
+fn lock(recent: &Mutex<RecentLog>) -> std::sync::MutexGuard<'_, RecentLog> {
+    recent.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Encoded bytes of written log entries a group keeps in memory beyond the unapplied ones.
+const RECENT_BYTES_MAX: usize = 256 * 1024;
+
+/// The tail of a group's log in memory, so that neither applying nor replicating an entry reads
+/// it back from redb. An entry stays until it is written and applied; written, unapplied entries
+/// beyond [`RECENT_BYTES_MAX`] are dropped oldest first (they are read from redb if needed).
+/// Entries the committer has not written yet always stay: openraft requires appended entries to
+/// be readable at once.
+#[derive(Default)]
+struct RecentLog {
+    entries: BTreeMap<u64, RecentEntry>,
+    bytes: usize,
+    /// The highest index the state machine has applied.
+    applied: u64,
+}
+
+struct RecentEntry {
+    entry: Entry<TypeConfig>,
+    size: usize,
+    written: bool,
+}
+
+impl RecentLog {
+    fn insert(&mut self, entry: Entry<TypeConfig>, size: usize) {
+        self.bytes += size;
+        let index = entry.log_id.index;
+        if let Some(old) = self.entries.insert(index, RecentEntry { entry, size, written: false }) {
+            self.bytes -= old.size;
+        }
+    }
+
+    fn written(&mut self, log_ids: &[LogId<NodeId>]) {
+        for log_id in log_ids {
+            if let Some(e) = self.entries.get_mut(&log_id.index).filter(|e| e.entry.log_id == *log_id) {
+                e.written = true;
+            }
+        }
+        self.trim();
+    }
+
+    fn applied(&mut self, index: u64) {
+        self.applied = self.applied.max(index);
+        self.trim();
+    }
+
+    /// Drops written entries that are applied, then the oldest written ones over the budget.
+    fn trim(&mut self) {
+        while let Some(first) = self.entries.first_entry() {
+            let e = first.get();
+            if !e.written || (e.entry.log_id.index > self.applied && self.bytes <= RECENT_BYTES_MAX) {
+                break;
+            }
+            self.bytes -= e.size;
+            first.remove();
+        }
+    }
+
+    fn retain(&mut self, keep: impl Fn(u64) -> bool) {
+        let bytes = &mut self.bytes;
+        self.entries.retain(|index, e| {
+            let kept = keep(*index);
+            if !kept {
+                *bytes -= e.size;
+            }
+            kept
+        });
+    }
+
+    /// Every entry in `from..to` if memory holds them all.
+    fn range(&self, from: u64, to: u64) -> Option<Vec<Entry<TypeConfig>>> {
+        let last = self.entries.last_key_value()?.0;
+        let to = to.min(last + 1);
+        let entries: Vec<_> = self.entries.range(from..to).map(|(_, e)| e.entry.clone()).collect();
+        let complete =
+            to <= from || entries.first().is_some_and(|e| e.log_id.index == from) && entries.len() as u64 == to - from;
+        complete.then_some(entries)
     }
 }
 
@@ -200,12 +282,15 @@ impl RaftLogReader<TypeConfig> for LogStore {
         range: RB,
     ) -> Result<Vec<Entry<TypeConfig>>, StorageError<NodeId>> {
         let (from, to) = bounds(&range);
+        if let Some(entries) = self.recent().range(from, to) {
+            return Ok(entries);
+        }
         let mut entries = BTreeMap::new();
         for (index, bytes) in self.inner.store.log_entries(self.inner.group, from, to, usize::MAX).map_err(io_read)? {
             entries.insert(index, decode::<Entry<TypeConfig>>(&bytes).map_err(io_read)?);
         }
-        for (index, entry) in self.pending().range(from..to) {
-            entries.insert(*index, entry.clone());
+        for (index, e) in self.recent().entries.range(from..to) {
+            entries.insert(*index, e.entry.clone());
         }
         Ok(entries.into_values().collect())
     }
@@ -220,8 +305,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             Some((_, bytes)) => Some(decode::<Entry<TypeConfig>>(&bytes).map_err(io_read)?.log_id),
             None => None,
         };
-        let pending = self.pending().values().next_back().map(|e| e.log_id);
-        let last = pending.max(stored).or(purged);
+        let recent = self.recent().entries.values().next_back().map(|e| e.entry.log_id);
+        let last = recent.max(stored).or(purged);
         Ok(LogState { last_purged_log_id: purged, last_log_id: last })
     }
 
@@ -246,22 +331,18 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         let mut encoded = Vec::new();
         let mut written = Vec::new();
         {
-            let mut pending = self.pending();
+            let mut recent = self.recent();
             for entry in entries {
-                encoded.push((entry.log_id.index, encode(&entry)));
+                let bytes = encode(&entry);
                 written.push(entry.log_id);
-                pending.insert(entry.log_id.index, entry);
+                recent.insert(entry, bytes.len());
+                encoded.push((written[written.len() - 1].index, bytes));
             }
         }
-        let pending = self.pending.clone();
+        let recent = self.recent.clone();
         let done = Box::new(move |result: Result<(), String>| {
             if result.is_ok() {
-                let mut pending = pending.lock().unwrap_or_else(|p| p.into_inner());
-                for log_id in written {
-                    if pending.get(&log_id.index).is_some_and(|e| e.log_id == log_id) {
-                        pending.remove(&log_id.index);
-                    }
-                }
+                lock(&recent).written(&written);
             }
             callback.log_io_completed(result.map_err(std::io::Error::other));
         });
@@ -277,13 +358,13 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn truncate(&mut self, log_id: LogId<NodeId>) -> Result<(), StorageError<NodeId>> {
-        self.pending().retain(|index, _| *index < log_id.index);
+        self.recent().retain(|index| index < log_id.index);
         let op = LogOp::TruncateFrom { group: self.inner.group, from: log_id.index };
         self.inner.write(vec![op], Vec::new(), true).await.map_err(io_write)
     }
 
     async fn purge(&mut self, log_id: LogId<NodeId>) -> Result<(), StorageError<NodeId>> {
-        self.pending().retain(|index, _| *index > log_id.index);
+        self.recent().retain(|index| index > log_id.index);
         let group = self.inner.group;
         let ops = vec![
             LogOp::PutState { group, key: PURGED_KEY, value: encode(&Some(log_id)) },
@@ -342,6 +423,8 @@ pub struct StateMachine {
     terms: Arc<LeaderTerms>,
     /// Meta group only: the state, published to the cluster.
     meta: Option<watch::Sender<MetaState>>,
+    /// The log's in-memory tail, trimmed as entries are applied.
+    recent: Arc<Mutex<RecentLog>>,
 }
 
 impl StateMachine {
@@ -449,6 +532,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let touched: Vec<(u32, Vec<u8>, u64)> =
             changes.iter().map(|c| (c.flock, c.bucket.clone(), c.version)).collect();
         self.inner.write(log, changes, false).await.map_err(io_write)?;
+        if let Some(applied) = self.applied {
+            lock(&self.recent).applied(applied.index);
+        }
         // A leader's cache already holds what it proposed; a follower's copies are now stale.
         if !self.is_meta() && self.terms.get(self.inner.group).is_none() {
             for (flock, bucket, version) in touched {
@@ -484,6 +570,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let bytes = snapshot.into_inner();
         self.applied = meta.last_log_id;
         self.membership = meta.last_membership.clone();
+        if let Some(applied) = self.applied {
+            lock(&self.recent).applied(applied.index);
+        }
         let group = self.inner.group;
         if let Some(sender) = &self.meta {
             let snap: MetaSnapshot = decode(&bytes).map_err(io_read)?;
@@ -542,8 +631,9 @@ pub fn open_group(
     {
         sender.send_replace(state);
     }
-    let log = LogStore { inner: inner.clone(), pending: Arc::new(Mutex::new(BTreeMap::new())) };
-    let sm = StateMachine { inner, applied, membership, terms, meta };
+    let recent = Arc::new(Mutex::new(RecentLog::default()));
+    let log = LogStore { inner: inner.clone(), recent: recent.clone() };
+    let sm = StateMachine { inner, applied, membership, terms, meta, recent };
     Ok((log, sm))
 }
 

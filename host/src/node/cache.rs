@@ -98,7 +98,16 @@ impl BucketCache {
         }
     }
 
-    /// Drops the entries `keep` says no to.
+    /// Drops one bucket's entry if `stale` says so.
+    pub(crate) fn remove_if(&mut self, bucket: &[u8], stale: impl FnOnce(&CachedBucket) -> bool) {
+        if self.entries.peek(bucket).is_some_and(stale)
+            && let Some(entry) = self.entries.pop(bucket)
+        {
+            self.bytes -= entry.data.bytes();
+        }
+    }
+
+    /// Drops the entries `keep` says no to (a scan of the whole cache).
     pub(crate) fn retain(&mut self, mut keep: impl FnMut(&[u8], &CachedBucket) -> bool) {
         let gone: Vec<Vec<u8>> =
             self.entries.iter().filter(|(bucket, entry)| !keep(bucket, entry)).map(|(b, _)| b.clone()).collect();
@@ -159,6 +168,21 @@ mod tests {
         assert_eq!(cache.stats().buckets, 2, "nothing durable yet, so nothing evicted");
         cache.evict(6);
         assert_eq!(cache.stats().buckets, 1);
+        assert!(cache.take(b"b").is_some());
+    }
+
+    #[test]
+    fn a_stale_entry_is_dropped_and_its_bytes_returned() {
+        let one = bucket_of(1000).bytes();
+        let mut cache = BucketCache::new(one * 4);
+        cache.put(b"a".to_vec(), CachedBucket::loaded(bucket_of(1000), 0), 0);
+        cache.put(b"b".to_vec(), CachedBucket::loaded(bucket_of(1000), 0), 0);
+        cache.remove_if(b"a", |entry| entry.data.version < 1);
+        assert_eq!(cache.stats().buckets, 2, "version 1 is not older than 1");
+        cache.remove_if(b"a", |entry| entry.data.version < 2);
+        cache.remove_if(b"missing", |_| true);
+        assert_eq!((cache.stats().buckets, cache.stats().bytes as usize), (1, one));
+        assert!(cache.take(b"a").is_none());
         assert!(cache.take(b"b").is_some());
     }
 }

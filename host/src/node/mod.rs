@@ -401,7 +401,12 @@ impl Node {
             version: 0,
             nodes: vec![(me.clone(), self.urls().http.unwrap_or_default())],
             flocks: (0..self.flock_count())
-                .map(|flock| proto::FlockInfo { flock, herders: vec![me.clone()], leader: Some(me.clone()) })
+                .map(|flock| proto::FlockInfo {
+                    flock,
+                    herders: vec![me.clone()],
+                    leader: Some(me.clone()),
+                    settled: true,
+                })
                 .collect(),
         }
     }

@@ -120,7 +120,7 @@ impl Shard {
                     self.stats.publish(self.cache.stats());
                 }
                 ShardMsg::Applied { bucket, version } => {
-                    self.cache.retain(|b, entry| b != bucket.as_slice() || entry.data.version >= version);
+                    self.cache.remove_if(&bucket, |entry| entry.data.version < version);
                 }
                 ShardMsg::DropFlock(flock) => {
                     let flocks = self.flock_count;
@@ -204,7 +204,7 @@ impl Shard {
                         Some(r) => r.propose(job.flock, change).map(|ticket| pending = Some(ticket)),
                     };
                     if let Err(e) = submitted {
-                        self.cache.retain(|b, _| b != job.bucket.as_slice());
+                        self.cache.remove_if(&job.bucket, |_| true);
                         return fail(e);
                     }
                 }

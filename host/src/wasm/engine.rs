@@ -1,7 +1,8 @@
 //! The engine: configuration, the pooling allocator and the epoch ticker.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::thread::Thread;
 use std::time::Duration;
 
 use wasmtime::component::{HasSelf, Linker};
@@ -13,6 +14,8 @@ use crate::config::Limits;
 
 /// How often the epoch advances: the granularity of job deadlines.
 pub const EPOCH_TICK_MS: u64 = 10;
+/// Ticks with no job running after which the ticker sleeps until the next job starts.
+const IDLE_TICKS_BEFORE_PARKING: u32 = 100;
 
 /// Linear memory kept mapped and reset with `memset` between instances instead of being unmapped:
 /// much cheaper for small jobs (FACTS.md: about 3×).
@@ -27,7 +30,7 @@ pub struct Runtime {
     pub(crate) engine: Engine,
     pub(crate) modules: Modules,
     pub(crate) limits: Limits,
-    ticker_stop: Arc<AtomicBool>,
+    ticker: Arc<Ticker>,
 }
 
 impl Runtime {
@@ -36,10 +39,9 @@ impl Runtime {
         let engine = Engine::new(&engine_config(&limits, instances))?;
         let mut linker: Linker<JobState> = Linker::new(&engine);
         JobWorld::add_to_linker::<JobState, HasSelf<JobState>>(&mut linker, |state| state)?;
-        let ticker_stop = Arc::new(AtomicBool::new(false));
-        spawn_ticker(engine.clone(), ticker_stop.clone());
+        let ticker = Ticker::spawn(engine.clone());
         let modules = Modules::new(engine.clone(), linker, MODULES_CACHED_MAX);
-        Ok(Runtime { engine, modules, limits, ticker_stop })
+        Ok(Runtime { engine, modules, limits, ticker })
     }
 
     /// Keeps compiled modules in `dir` too, so a restart loads them instead of compiling again.
@@ -58,11 +60,84 @@ impl Runtime {
     pub(crate) fn deadline_ticks(&self) -> u64 {
         self.limits.timeout_ms.div_ceil(EPOCH_TICK_MS) + 1
     }
+
+    /// Keeps the epoch advancing until the returned guard drops (a job is running).
+    pub(crate) fn job_running(&self) -> JobRunning<'_> {
+        self.ticker.running.fetch_add(1, Ordering::SeqCst);
+        if self.ticker.parked.load(Ordering::SeqCst) {
+            self.ticker.thread.unpark();
+        }
+        JobRunning(&self.ticker)
+    }
 }
 
 impl Drop for Runtime {
     fn drop(&mut self) {
-        self.ticker_stop.store(true, Ordering::Relaxed);
+        self.ticker.stop.store(true, Ordering::Relaxed);
+        self.ticker.thread.unpark();
+    }
+}
+
+/// Advances the engine's epoch every [`EPOCH_TICK_MS`] while jobs run, and sleeps when none has
+/// run for a second, so an idle node does not wake 100 times a second.
+struct Ticker {
+    thread: Thread,
+    running: AtomicUsize,
+    parked: AtomicBool,
+    stop: AtomicBool,
+}
+
+impl Ticker {
+    fn spawn(engine: Engine) -> Arc<Ticker> {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Arc<Ticker>>(1);
+        let handle = std::thread::Builder::new()
+            .name("grex-epoch".into())
+            .spawn(move || {
+                let Ok(ticker) = rx.recv() else { return };
+                ticker.run(&engine);
+            })
+            .expect("spawn the epoch ticker");
+        let ticker = Arc::new(Ticker {
+            thread: handle.thread().clone(),
+            running: AtomicUsize::new(0),
+            parked: AtomicBool::new(false),
+            stop: AtomicBool::new(false),
+        });
+        tx.send(ticker.clone()).expect("the epoch ticker waits for its state");
+        ticker
+    }
+
+    fn run(&self, engine: &Engine) {
+        let mut idle = 0;
+        while !self.stop.load(Ordering::Relaxed) {
+            std::thread::sleep(Duration::from_millis(EPOCH_TICK_MS));
+            engine.increment_epoch();
+            if self.running.load(Ordering::SeqCst) > 0 {
+                idle = 0;
+                continue;
+            }
+            idle += 1;
+            if idle < IDLE_TICKS_BEFORE_PARKING {
+                continue;
+            }
+            // A job that starts after `parked` is set sees it and unparks this thread; one that
+            // started before is seen here. (SeqCst on both sides makes one of the two true.)
+            self.parked.store(true, Ordering::SeqCst);
+            while self.running.load(Ordering::SeqCst) == 0 && !self.stop.load(Ordering::Relaxed) {
+                std::thread::park();
+            }
+            self.parked.store(false, Ordering::SeqCst);
+            idle = 0;
+        }
+    }
+}
+
+/// A running job; see [`Runtime::job_running`].
+pub(crate) struct JobRunning<'a>(&'a Ticker);
+
+impl Drop for JobRunning<'_> {
+    fn drop(&mut self) {
+        self.0.running.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -88,14 +163,41 @@ fn engine_config(limits: &Limits, instances: u32) -> Config {
     config
 }
 
-fn spawn_ticker(engine: Engine, stop: Arc<AtomicBool>) {
-    std::thread::Builder::new()
-        .name("grex-epoch".into())
-        .spawn(move || {
-            while !stop.load(Ordering::Relaxed) {
-                std::thread::sleep(Duration::from_millis(EPOCH_TICK_MS));
-                engine.increment_epoch();
-            }
-        })
-        .expect("spawn the epoch ticker");
+#[cfg(test)]
+mod tests {
+    use std::time::Instant;
+
+    use super::*;
+
+    /// `(module (func (export "f") (loop (br 0))))`: spins until interrupted.
+    const SPIN: &[u8] = &[
+        0x00, 0x61, 0x73, 0x6d, 0x01, 0x00, 0x00, 0x00, // header
+        0x01, 0x04, 0x01, 0x60, 0x00, 0x00, // type: [] -> []
+        0x03, 0x02, 0x01, 0x00, // one function of that type
+        0x07, 0x05, 0x01, 0x01, b'f', 0x00, 0x00, // export "f"
+        0x0a, 0x09, 0x01, 0x07, 0x00, 0x03, 0x40, 0x0c, 0x00, 0x0b, 0x0b, // loop { br 0 }
+    ];
+
+    #[test]
+    fn an_idle_ticker_sleeps_and_a_job_wakes_it_so_deadlines_still_fire() {
+        let runtime = Arc::new(Runtime::new(Limits::default(), 1).expect("runtime"));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !runtime.ticker.parked.load(Ordering::SeqCst) {
+            assert!(Instant::now() < deadline, "the ticker never went to sleep while idle");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let (tx, rx) = std::sync::mpsc::channel();
+        let spinner = runtime.clone();
+        std::thread::spawn(move || {
+            let module = wasmtime::Module::new(&spinner.engine, SPIN).expect("module");
+            let mut store = wasmtime::Store::new(&spinner.engine, ());
+            store.set_epoch_deadline(2);
+            let _running = spinner.job_running();
+            let instance = wasmtime::Instance::new(&mut store, &module, &[]).expect("instance");
+            let spin = instance.get_typed_func::<(), ()>(&mut store, "f").expect("f");
+            let _ = tx.send(spin.call(&mut store, ()).map_err(|e| e.downcast_ref::<wasmtime::Trap>().copied()));
+        });
+        let outcome = rx.recv_timeout(Duration::from_secs(10)).expect("the job was never interrupted");
+        assert_eq!(outcome, Err(Some(wasmtime::Trap::Interrupt)));
+    }
 }

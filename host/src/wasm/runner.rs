@@ -44,6 +44,7 @@ impl Runtime {
         job: &JobInput<'_>,
     ) -> (BucketData, Result<JobRun, RemoteError>) {
         let limits = &self.limits;
+        let _running = self.job_running();
         let view = JobView::new(bucket, limits.item_bytes_max, limits.change_set_bytes_max);
         let mut store = Store::new(&self.engine, JobState::new(view, job, job.module_name, limits));
         store.limiter(|state| &mut state.limiter);
