@@ -74,6 +74,8 @@ pub struct GrexNode {
     pub peer: String,
     /// The CA file that signs the node's QUIC certificate.
     pub ca: PathBuf,
+    /// `redis://127.0.0.1:PORT` when started with `--resp`.
+    pub resp: Option<String>,
     /// Data directory.
     pub data: PathBuf,
     /// The arguments it was started with (after the listen addresses).
@@ -136,6 +138,7 @@ impl GrexNode {
             quic: field("quic"),
             peer: field("peer"),
             ca: PathBuf::from(field("ca")),
+            resp: line.split_whitespace().find_map(|w| w.strip_prefix("resp=")).map(str::to_owned),
             data: data.to_owned(),
             child: Some(child),
             args,

@@ -30,7 +30,8 @@ async fn main() -> anyhow::Result<()> {
     }
 
     // The same node, reachable by others.
-    let servers = api::start(&node, &ServeConfig { http: Some("127.0.0.1:0".parse()?), quic: None }).await?;
+    let servers =
+        api::start(&node, &ServeConfig { http: Some("127.0.0.1:0".parse()?), ..ServeConfig::default() }).await?;
     let url = format!("http://{}", servers.http_addr.context("HTTP is on")?);
     let client = grex_client::Client::connect(&url, None).await?;
     let count = client.get_item(b"customer-42", "count").await?;

@@ -1,11 +1,12 @@
-//! The client-facing servers: HTTP/JSON (`http`) and QUIC (`quic`), both thin
-//! layers over [`Node`], and the TLS identity QUIC serves (`tls`).
+//! The client-facing servers: HTTP/JSON (`http`), QUIC (`quic`) and the Redis protocol (`resp`),
+//! all thin layers over [`Node`], and the TLS identity QUIC serves (`tls`).
 //!
 //! [`start`] binds the listeners, records their URLs on the node and returns a [`Servers`] handle
 //! that stops them. `docs/wire.md` specifies both protocols.
 
 mod http;
 pub(crate) mod quic;
+pub mod resp;
 mod tls;
 
 pub use tls::{CA_FILE, NodeIdentity};
@@ -24,6 +25,8 @@ pub struct ServeConfig {
     pub http: Option<SocketAddr>,
     /// QUIC listener.
     pub quic: Option<SocketAddr>,
+    /// Redis protocol (RESP2/RESP3) listener.
+    pub resp: Option<SocketAddr>,
 }
 
 /// Running servers.
@@ -32,6 +35,8 @@ pub struct Servers {
     pub http_addr: Option<SocketAddr>,
     /// Where QUIC listens.
     pub quic_addr: Option<SocketAddr>,
+    /// Where the Redis protocol listens.
+    pub resp_addr: Option<SocketAddr>,
     stop: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
 }
@@ -56,8 +61,14 @@ pub async fn start(node: &Node, config: &ServeConfig) -> anyhow::Result<Servers>
         quic_addr = Some(bound);
         tasks.push(task);
     }
+    let mut resp_addr = None;
+    if let Some(addr) = config.resp {
+        let (bound, task) = resp::start(node.clone(), addr, stopped.clone()).await?;
+        resp_addr = Some(bound);
+        tasks.push(task);
+    }
     node.set_urls(urls);
-    Ok(Servers { http_addr, quic_addr, stop, tasks })
+    Ok(Servers { http_addr, quic_addr, resp_addr, stop, tasks })
 }
 
 impl Servers {

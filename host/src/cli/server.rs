@@ -105,6 +105,9 @@ pub(super) struct ServeArgs {
     /// QUIC listen address.
     #[arg(long, default_value = "127.0.0.1:7071")]
     quic: SocketAddr,
+    /// Redis protocol (RESP2/RESP3) listen address, e.g. 127.0.0.1:6379; off unless given.
+    #[arg(long)]
+    resp: Option<SocketAddr>,
     /// Threads for network I/O (HTTP, QUIC, TLS); jobs run on their own executor threads.
     #[arg(long, default_value_t = 1)]
     io_threads: usize,
@@ -259,7 +262,7 @@ pub(super) async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let running = start_node(
         &args.data,
         &args.node,
-        ServeConfig { http: Some(args.http), quic: Some(args.quic) },
+        ServeConfig { http: Some(args.http), quic: Some(args.quic), resp: args.resp },
         args.peer,
         args.join.clone(),
     )
@@ -318,6 +321,7 @@ pub(super) async fn dev(args: DevArgs) -> anyhow::Result<()> {
         let serve = ServeConfig {
             http: Some(SocketAddr::from(([127, 0, 0, 1], port))),
             quic: Some(SocketAddr::from(([127, 0, 0, 1], port + 1))),
+            resp: Some(SocketAddr::from(([127, 0, 0, 1], port + 3))),
         };
         let peer = SocketAddr::from(([127, 0, 0, 1], port + 2));
         let join = (fresh && i > 0).then(|| format!("127.0.0.1:{}", args.port + 2));
@@ -331,12 +335,15 @@ pub(super) async fn dev(args: DevArgs) -> anyhow::Result<()> {
     println!("loaded jobs: {}", loaded.join(", "));
     for running in &nodes {
         let http = running.servers.http_addr.map(|a| a.to_string()).unwrap_or_default();
-        println!("node {} http://{http}", running.node.id());
+        let resp = running.servers.resp_addr.map(|a| a.to_string()).unwrap_or_default();
+        println!("node {} http://{http} redis://{resp}", running.node.id());
     }
     let http = first.servers.http_addr.map(|a| a.to_string()).unwrap_or_default();
+    let resp = first.servers.resp_addr.map(|a| a.port()).unwrap_or_default();
     println!(
         "try:  grex job run customer-1 counter --input 5   (or: curl -X POST 'http://{http}/v1/jobs/customer-1?module=counter')"
     );
+    println!("      redis-cli -p {resp} FCALL counter 1 customer-1 5   (or: redis-cli -p {resp} HGETALL customer-1)");
     wait_for_signal().await;
     for running in nodes {
         shut_down(running).await;
@@ -350,7 +357,9 @@ async fn wait_until_formed(node: &Node, nodes: usize) -> anyhow::Result<()> {
     loop {
         let map = node.flocks();
         let herders = nodes.min(3);
-        if map.nodes.len() == nodes && map.flocks.iter().all(|f| f.leader.is_some() && f.herders.len() == herders) {
+        if map.nodes.len() == nodes
+            && map.flocks.iter().all(|f| f.leader.is_some() && f.settled && f.herders.len() == herders)
+        {
             return Ok(());
         }
         if std::time::Instant::now() > deadline {
@@ -382,9 +391,10 @@ fn announce(running: &Running) {
     let Running { node, servers, cluster } = running;
     let http = servers.http_addr.map(|a| format!("http://{a}")).unwrap_or_default();
     let quic = servers.quic_addr.map(|a| format!("quic://{a}")).unwrap_or_default();
-    // One line, parsed by tests and scripts: keep its shape.
+    let resp = servers.resp_addr.map(|a| format!(" resp=redis://{a}")).unwrap_or_default();
+    // One line, parsed by tests and scripts: keep its shape (new fields go at the end).
     println!(
-        "grex node {} listening http={http} quic={quic} peer={} ca={}",
+        "grex node {} listening http={http} quic={quic} peer={} ca={}{resp}",
         node.id(),
         cluster.peer_addr(),
         node.ca_file().display()

@@ -6,8 +6,10 @@
 //! caught the moment the job makes it.
 
 mod bucket;
+pub mod builtin;
 mod change_set;
 
 pub use bucket::{BucketData, JobView, ViewError};
+pub use builtin::{Builtin, BuiltinReply};
 pub use change_set::{ChangeSet, ItemWrite};
 pub use grex_client::proto::flock_of;

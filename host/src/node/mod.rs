@@ -67,10 +67,11 @@ use grex_client::proto::{self, Canary, FlockMapInfo, JobOutput, ModuleInfo, Requ
 use tokio::sync::{mpsc, oneshot};
 
 use crate::config::NodeConfig;
+use crate::data::Builtin;
 use crate::error::{ErrorCode, RemoteError, Result, error};
 use crate::storage::{ModuleId, RedbStore, Store};
 use crate::wasm::{LoadedModule, Runtime, module_id_text, parse_module_id};
-use shard::{Shard, ShardJob, ShardMsg, ShardStats, WaitFor};
+use shard::{Program, Shard, ShardJob, ShardMsg, ShardStats, WaitFor};
 
 /// The longest module name.
 pub const MODULE_NAME_BYTES_MAX: usize = 128;
@@ -314,13 +315,16 @@ impl Node {
                 format!("the job input is {} bytes, over the {max}-byte limit (raise --input-bytes-max)", input.len()),
             ));
         }
-        let loaded = self.module(module).await?;
+        let program = match Builtin::from_module(module) {
+            Some(op) => Program::Builtin(op),
+            None => Program::Wasm(self.module(module).await?),
+        };
         let flock = proto::flock_of(bucket, self.flock_count());
         let (reply, answer) = oneshot::channel();
         let job = ShardJob {
             bucket: bucket.to_vec(),
             flock,
-            module: loaded,
+            program,
             module_name: module.to_owned(),
             input,
             read_only,

@@ -18,15 +18,23 @@ use super::cache::{BucketCache, CacheStats, CachedBucket};
 use super::clock::Clock;
 use super::commit::CommitLog;
 use super::{Replicator, Ticket};
+use crate::data::{BucketData, Builtin, JobView, builtin};
 use crate::error::{ErrorCode, RemoteError, error};
 use crate::storage::Store;
-use crate::wasm::{JobInput, LoadedModule, Runtime};
+use crate::wasm::{JobInput, JobRun, LoadedModule, Runtime};
+
+/// What a job runs: a compiled module, or a built-in operation.
+#[derive(Clone)]
+pub(crate) enum Program {
+    Wasm(Arc<LoadedModule>),
+    Builtin(Builtin),
+}
 
 /// A job for a shard.
 pub(crate) struct ShardJob {
     pub(crate) bucket: Vec<u8>,
     pub(crate) flock: u32,
-    pub(crate) module: Arc<LoadedModule>,
+    pub(crate) program: Program,
     pub(crate) module_name: String,
     pub(crate) input: Vec<u8>,
     pub(crate) read_only: bool,
@@ -153,6 +161,27 @@ impl Shard {
         Executed { result, wait: WaitFor::Nothing }
     }
 
+    /// Runs a built-in against the bucket through a view, as a job would.
+    fn run_builtin(&self, op: Builtin, data: BucketData, job: &ShardJob) -> (BucketData, Result<JobRun, RemoteError>) {
+        if job.read_only && !op.read_only() {
+            let e = error(ErrorCode::BadRequest, "this operation changes data, so it cannot run read-only");
+            return (data, Err(e));
+        }
+        let args = match builtin::decode_args(&job.input) {
+            Ok(args) => args,
+            Err(e) => return (data, Err(e)),
+        };
+        let limits = &self.runtime.limits;
+        let mut view = JobView::new(data, limits.item_bytes_max, limits.change_set_bytes_max);
+        let reply = op.run(&mut view, &args);
+        let (data, change) = view.finish(&job.bucket, job.flock);
+        let run = reply.map(|reply| JobRun {
+            output: grex_client::proto::encode_frame(&reply).expect("replies always encode"),
+            change,
+        });
+        (data, run)
+    }
+
     fn execute(&mut self, job: &ShardJob) -> Executed {
         let fail = |result| Executed { result: Err(result), wait: WaitFor::Nothing };
         if let Some(failure) = self.commits.failure() {
@@ -194,7 +223,10 @@ impl Shard {
             timestamp_ms: self.last_timestamp_ms,
         };
         let CachedBucket { data, mut last_seq, mut pending, .. } = entry;
-        let (mut data, outcome) = self.runtime.run(&job.module, data, &input);
+        let (mut data, outcome) = match &job.program {
+            Program::Wasm(module) => self.runtime.run(module, data, &input),
+            Program::Builtin(op) => self.run_builtin(*op, data, job),
+        };
         let result = match outcome {
             Ok(run) => {
                 if let Some(change) = run.change {

@@ -1,0 +1,642 @@
+//! The Redis protocol endpoint (RESP2 and RESP3, `grex serve --resp ADDR`), so redis-cli and Redis
+//! client libraries can talk to any node.
+//!
+//! A Redis key is a bucket and a hash field is an item. The hash commands run as built-in
+//! operations (`data::builtin`) and `FCALL`/`FCALL_RO` run modules, all through [`Node::run_job`],
+//! so any node serves any key: it forwards to the flock's leader like a proxy. `docs/resp.md` lists
+//! the commands.
+//!
+//! Limits: a request's size is bounded (bulk strings by [`RespLimits::bulk_bytes_max`], argument
+//! count, inline lines), a connection that leaves a request half-sent for
+//! [`REQUEST_IDLE_TIMEOUT`] is closed, and connections are capped. Commands on one connection run
+//! in order (pipelined requests are answered in order).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use grex_client::proto::{self, ErrorCode};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Semaphore, watch};
+use tokio::task::JoinHandle;
+
+use crate::data::builtin::{self, Builtin, BuiltinReply};
+use crate::error::RemoteError;
+use crate::node::Node;
+
+/// Open connections at most; further ones are refused with an error reply.
+const CONNECTIONS_MAX: usize = 1024;
+/// Arguments in one command at most.
+const ARGS_MAX: usize = 1024 * 1024;
+/// An inline command (or a length line) longer than this is refused.
+const INLINE_BYTES_MAX: usize = 64 * 1024;
+/// A connection with part of a request buffered and nothing more for this long is closed.
+pub const REQUEST_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Replies buffered before they are written out, while more pipelined requests wait.
+const REPLY_FLUSH_BYTES: usize = 64 * 1024;
+
+/// Size limits for parsing.
+#[derive(Clone, Copy, Debug)]
+pub struct RespLimits {
+    /// The largest bulk string (a module upload is the largest request).
+    pub bulk_bytes_max: usize,
+    /// The largest whole request.
+    pub request_bytes_max: usize,
+}
+
+impl RespLimits {
+    fn for_node(node: &Node) -> RespLimits {
+        let limits = &node.config().limits;
+        let bulk = limits.module_bytes_max.max(limits.input_bytes_max).max(limits.item_bytes_max);
+        RespLimits { bulk_bytes_max: bulk, request_bytes_max: bulk + 1024 * 1024 }
+    }
+}
+
+/// Why a request could not be parsed. The connection gets an error reply and is closed, since
+/// the rest of its byte stream cannot be trusted.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum RespError {
+    /// Not RESP.
+    #[error("Protocol error: {0}")]
+    Protocol(String),
+    /// Over a size limit.
+    #[error("Protocol error: {0}")]
+    TooLarge(String),
+}
+
+/// A parsed command's arguments and the bytes it took; `None` while more bytes are needed.
+pub type Parsed = Option<(Vec<Vec<u8>>, usize)>;
+
+/// Parses one command from the front of `buf`: its arguments and how many bytes it took, or
+/// `None` if more bytes are needed. Accepts RESP arrays of bulk strings and inline commands.
+pub fn parse_command(buf: &[u8], limits: &RespLimits) -> Result<Parsed, RespError> {
+    let Some(&first) = buf.first() else { return Ok(None) };
+    if first != b'*' {
+        return parse_inline(buf);
+    }
+    let Some((count, mut at)) = parse_length_line(buf, 0, b'*')? else { return Ok(None) };
+    if count <= 0 {
+        return Ok(Some((Vec::new(), at)));
+    }
+    let count = count as usize;
+    if count > ARGS_MAX {
+        return Err(RespError::TooLarge(format!("{count} arguments, over the limit of {ARGS_MAX}")));
+    }
+    let mut args = Vec::with_capacity(count.min(1024));
+    let mut total = 0usize;
+    for _ in 0..count {
+        if at >= buf.len() {
+            return Ok(None);
+        }
+        if buf[at] != b'$' {
+            return Err(RespError::Protocol(format!("expected '$', got '{}'", char::from(buf[at]).escape_default())));
+        }
+        let Some((len, start)) = parse_length_line(buf, at, b'$')? else { return Ok(None) };
+        if len < 0 {
+            return Err(RespError::Protocol("invalid bulk length".into()));
+        }
+        let len = len as usize;
+        if len > limits.bulk_bytes_max {
+            return Err(RespError::TooLarge(format!(
+                "a bulk string of {len} bytes, over the limit of {} bytes",
+                limits.bulk_bytes_max
+            )));
+        }
+        total += len;
+        if total > limits.request_bytes_max {
+            return Err(RespError::TooLarge(format!("a request over the limit of {} bytes", limits.request_bytes_max)));
+        }
+        let end = start + len;
+        if buf.len() < end + 2 {
+            return Ok(None);
+        }
+        if &buf[end..end + 2] != b"\r\n" {
+            return Err(RespError::Protocol("bulk string not followed by CRLF".into()));
+        }
+        args.push(buf[start..end].to_vec());
+        at = end + 2;
+    }
+    Ok(Some((args, at)))
+}
+
+/// `<marker><integer>\r\n` at `at`: the integer and where the line ends.
+fn parse_length_line(buf: &[u8], at: usize, marker: u8) -> Result<Option<(i64, usize)>, RespError> {
+    debug_assert_eq!(buf[at], marker);
+    let rest = &buf[at + 1..];
+    let window = &rest[..rest.len().min(24)];
+    let Some(cr) = window.iter().position(|&b| b == b'\r') else {
+        return if rest.len() >= 24 { Err(RespError::Protocol("invalid length".into())) } else { Ok(None) };
+    };
+    if rest.len() < cr + 2 {
+        return Ok(None);
+    }
+    if rest[cr + 1] != b'\n' {
+        return Err(RespError::Protocol("length not followed by CRLF".into()));
+    }
+    let text = std::str::from_utf8(&rest[..cr]).map_err(|_| RespError::Protocol("invalid length".into()))?;
+    let n: i64 =
+        text.parse().map_err(|_| RespError::Protocol(format!("invalid length '{}'", text.escape_default())))?;
+    Ok(Some((n, at + 1 + cr + 2)))
+}
+
+fn parse_inline(buf: &[u8]) -> Result<Parsed, RespError> {
+    let Some(nl) = buf.iter().take(INLINE_BYTES_MAX + 1).position(|&b| b == b'\n') else {
+        return if buf.len() > INLINE_BYTES_MAX {
+            Err(RespError::TooLarge(format!("an inline command over {INLINE_BYTES_MAX} bytes")))
+        } else {
+            Ok(None)
+        };
+    };
+    let line = &buf[..nl];
+    let line = line.strip_suffix(b"\r").unwrap_or(line);
+    let args = line.split(|b| b.is_ascii_whitespace()).filter(|a| !a.is_empty()).map(<[u8]>::to_vec).collect();
+    Ok(Some((args, nl + 1)))
+}
+
+/// A reply, written as RESP2 or RESP3.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Reply {
+    /// `+OK`.
+    Simple(String),
+    /// `-ERR ...` (the text includes the error's prefix).
+    Error(String),
+    /// `:n`.
+    Int(i64),
+    /// `$n` bytes, or null.
+    Bulk(Option<Vec<u8>>),
+    /// `*n` replies.
+    Array(Vec<Reply>),
+    /// A map (RESP3 `%n`; a flat array in RESP2).
+    Map(Vec<(Reply, Reply)>),
+}
+
+impl Reply {
+    fn ok() -> Reply {
+        Reply::Simple("OK".into())
+    }
+
+    fn err(text: impl Into<String>) -> Reply {
+        Reply::Error(format!("ERR {}", text.into()))
+    }
+
+    fn bulk(bytes: impl Into<Vec<u8>>) -> Reply {
+        Reply::Bulk(Some(bytes.into()))
+    }
+
+    /// Appends the reply's bytes.
+    pub fn write(&self, out: &mut Vec<u8>, resp3: bool) {
+        match self {
+            Reply::Simple(s) => line(out, b'+', s.as_bytes()),
+            Reply::Error(s) => line(out, b'-', s.replace(['\r', '\n'], " ").as_bytes()),
+            Reply::Int(n) => line(out, b':', n.to_string().as_bytes()),
+            Reply::Bulk(None) if resp3 => out.extend_from_slice(b"_\r\n"),
+            Reply::Bulk(None) => out.extend_from_slice(b"$-1\r\n"),
+            Reply::Bulk(Some(bytes)) => {
+                line(out, b'$', bytes.len().to_string().as_bytes());
+                out.extend_from_slice(bytes);
+                out.extend_from_slice(b"\r\n");
+            }
+            Reply::Array(items) => {
+                line(out, b'*', items.len().to_string().as_bytes());
+                for item in items {
+                    item.write(out, resp3);
+                }
+            }
+            Reply::Map(pairs) => {
+                if resp3 {
+                    line(out, b'%', pairs.len().to_string().as_bytes());
+                } else {
+                    line(out, b'*', (pairs.len() * 2).to_string().as_bytes());
+                }
+                for (k, v) in pairs {
+                    k.write(out, resp3);
+                    v.write(out, resp3);
+                }
+            }
+        }
+    }
+}
+
+fn line(out: &mut Vec<u8>, marker: u8, text: &[u8]) {
+    out.push(marker);
+    out.extend_from_slice(text);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Binds the RESP listener and serves until `stopped` turns true.
+pub(crate) async fn start(
+    node: Node,
+    addr: SocketAddr,
+    mut stopped: watch::Receiver<bool>,
+) -> anyhow::Result<(SocketAddr, JoinHandle<()>)> {
+    let listener = TcpListener::bind(addr).await?;
+    let bound = listener.local_addr()?;
+    let limits = RespLimits::for_node(&node);
+    let task = tokio::spawn(async move {
+        let slots = Arc::new(Semaphore::new(CONNECTIONS_MAX));
+        loop {
+            tokio::select! {
+                accepted = listener.accept() => {
+                    let Ok((mut stream, remote)) = accepted else { continue };
+                    let _ = stream.set_nodelay(true);
+                    let Ok(permit) = slots.clone().try_acquire_owned() else {
+                        tracing::warn!(%remote, "refusing a RESP connection: at the connection limit");
+                        let _ = stream.write_all(b"-ERR max number of clients reached\r\n").await;
+                        continue;
+                    };
+                    let connection = Connection { node: node.clone(), limits, resp3: false };
+                    let stopped = stopped.clone();
+                    tokio::spawn(async move {
+                        if let Err(e) = connection.serve(stream, stopped).await {
+                            tracing::debug!(%remote, error = %e, "RESP connection ended");
+                        }
+                        drop(permit);
+                    });
+                }
+                _ = stopped.changed() => break,
+            }
+        }
+    });
+    Ok((bound, task))
+}
+
+struct Connection {
+    node: Node,
+    limits: RespLimits,
+    resp3: bool,
+}
+
+/// What to do after a command.
+enum Then {
+    Continue,
+    Close,
+}
+
+impl Connection {
+    async fn serve(mut self, mut stream: TcpStream, mut stopped: watch::Receiver<bool>) -> std::io::Result<()> {
+        let mut buf: Vec<u8> = Vec::with_capacity(16 * 1024);
+        let mut out: Vec<u8> = Vec::with_capacity(16 * 1024);
+        let mut chunk = vec![0u8; 64 * 1024];
+        loop {
+            // Answer every complete command buffered (pipelining), then flush.
+            let mut consumed = 0;
+            loop {
+                match parse_command(&buf[consumed..], &self.limits) {
+                    Ok(Some((args, used))) => {
+                        consumed += used;
+                        if args.is_empty() {
+                            continue;
+                        }
+                        let (reply, then) = self.execute(args).await;
+                        reply.write(&mut out, self.resp3);
+                        if matches!(then, Then::Close) {
+                            stream.write_all(&out).await?;
+                            return Ok(());
+                        }
+                        if out.len() >= REPLY_FLUSH_BYTES {
+                            stream.write_all(&out).await?;
+                            out.clear();
+                        }
+                    }
+                    Ok(None) => break,
+                    Err(e) => {
+                        Reply::err(e.to_string()).write(&mut out, self.resp3);
+                        stream.write_all(&out).await?;
+                        return Ok(());
+                    }
+                }
+            }
+            buf.drain(..consumed);
+            if !out.is_empty() {
+                stream.write_all(&out).await?;
+                out.clear();
+            }
+            // Wait for more bytes: with part of a request buffered, for at most
+            // REQUEST_IDLE_TIMEOUT; with nothing buffered, as long as the client likes.
+            let patience = if buf.is_empty() { None } else { Some(REQUEST_IDLE_TIMEOUT) };
+            let read = tokio::select! {
+                read = read_within(&mut stream, &mut chunk, patience) => match read? {
+                    Some(read) => read,
+                    None => {
+                        let _ = stream.write_all(b"-ERR request not completed in time; connection closed\r\n").await;
+                        return Ok(());
+                    }
+                },
+                _ = stopped.changed() => return Ok(()),
+            };
+            if read == 0 {
+                return Ok(());
+            }
+            buf.extend_from_slice(&chunk[..read]);
+        }
+    }
+
+    async fn execute(&mut self, args: Vec<Vec<u8>>) -> (Reply, Then) {
+        let name = String::from_utf8_lossy(&args[0]).to_ascii_uppercase();
+        let rest = &args[1..];
+        let reply = match name.as_str() {
+            "PING" => match rest {
+                [] => Reply::Simple("PONG".into()),
+                [message] => Reply::bulk(message.clone()),
+                _ => arity(&name),
+            },
+            "ECHO" => match rest {
+                [message] => Reply::bulk(message.clone()),
+                _ => arity(&name),
+            },
+            "HELLO" => self.hello(rest),
+            "QUIT" => return (Reply::ok(), Then::Close),
+            "SELECT" => match rest {
+                [db] if db.as_slice() == b"0" => Reply::ok(),
+                [_] => Reply::err("DB index is out of range (Grex has only database 0)"),
+                _ => arity(&name),
+            },
+            "CLIENT" | "READONLY" | "READWRITE" => Reply::ok(),
+            "COMMAND" | "CONFIG" => Reply::Array(Vec::new()),
+            "CLUSTER" => Reply::err("This instance has cluster support disabled (any Grex node serves any key)"),
+            "HSET" | "HMSET" if rest.len() >= 3 && !rest.len().is_multiple_of(2) => {
+                let reply = self.builtin(Builtin::HSet, rest).await;
+                if name == "HMSET" && !matches!(reply, Reply::Error(_)) { Reply::ok() } else { reply }
+            }
+            "HGET" | "HEXISTS" if rest.len() == 2 => {
+                let op = if name == "HGET" { Builtin::HGet } else { Builtin::HExists };
+                self.builtin(op, rest).await
+            }
+            "HMGET" | "HDEL" if rest.len() >= 2 => {
+                let op = if name == "HMGET" { Builtin::HMGet } else { Builtin::HDel };
+                self.builtin(op, rest).await
+            }
+            "HGETALL" | "HKEYS" | "HLEN" if rest.len() == 1 => {
+                let op = match name.as_str() {
+                    "HGETALL" => Builtin::HGetAll,
+                    "HKEYS" => Builtin::HKeys,
+                    _ => Builtin::HLen,
+                };
+                self.builtin(op, rest).await
+            }
+            "DEL" | "UNLINK" | "EXISTS" if !rest.is_empty() => {
+                let op = if name == "EXISTS" { Builtin::Exists } else { Builtin::Del };
+                let mut total = 0;
+                for key in rest {
+                    match self.builtin(op, std::slice::from_ref(key)).await {
+                        Reply::Int(n) => total += n,
+                        other => return (other, Then::Continue),
+                    }
+                }
+                Reply::Int(total)
+            }
+            "FCALL" | "FCALL_RO" if rest.len() >= 2 => self.fcall(rest, name == "FCALL_RO").await,
+            "GREX.MODULE" => self.module(rest).await,
+            "GREX.CANARY" => match rest {
+                [key] => self.canary(key),
+                _ => arity(&name),
+            },
+            "HSET" | "HMSET" | "HGET" | "HEXISTS" | "HMGET" | "HDEL" | "HGETALL" | "HKEYS" | "HLEN" | "DEL"
+            | "UNLINK" | "EXISTS" | "FCALL" | "FCALL_RO" => arity(&name),
+            _ => Reply::err(format!(
+                "unknown command '{}', with args beginning with: {}",
+                String::from_utf8_lossy(&args[0]),
+                rest.iter().take(3).map(|a| format!("'{}' ", String::from_utf8_lossy(a))).collect::<String>()
+            )),
+        };
+        (reply, Then::Continue)
+    }
+
+    fn hello(&mut self, args: &[Vec<u8>]) -> Reply {
+        if let Some(version) = args.first() {
+            match version.as_slice() {
+                b"2" => self.resp3 = false,
+                b"3" => self.resp3 = true,
+                _ => return Reply::Error("NOPROTO unsupported protocol version".into()),
+            }
+        }
+        let status = self.node.status();
+        Reply::Map(vec![
+            (Reply::bulk("server"), Reply::bulk("grex")),
+            (Reply::bulk("version"), Reply::bulk(env!("CARGO_PKG_VERSION"))),
+            (Reply::bulk("proto"), Reply::Int(if self.resp3 { 3 } else { 2 })),
+            (Reply::bulk("id"), Reply::bulk(status.node)),
+            (Reply::bulk("mode"), Reply::bulk("standalone")),
+            (Reply::bulk("role"), Reply::bulk("master")),
+            (Reply::bulk("modules"), Reply::Array(Vec::new())),
+        ])
+    }
+
+    /// Runs a built-in on `args[0]` (the key) with the remaining arguments.
+    async fn builtin(&self, op: Builtin, args: &[Vec<u8>]) -> Reply {
+        let input = builtin::encode_args(&args[1..]);
+        let out = match self.node.run_job(&args[0], &op.module_name(), input, op.read_only()).await {
+            Ok(out) => out,
+            Err(e) => return remote_error(&e),
+        };
+        let reply: BuiltinReply = match proto::decode_frame(&out.output) {
+            Ok(reply) => reply,
+            Err(e) => return Reply::err(format!("malformed built-in reply: {e}")),
+        };
+        match reply {
+            BuiltinReply::Int(n) => Reply::Int(n),
+            BuiltinReply::Value(v) => Reply::Bulk(v),
+            BuiltinReply::Values(vs) => Reply::Array(vs.into_iter().map(Reply::Bulk).collect()),
+            BuiltinReply::Fields(fs) => Reply::Array(fs.into_iter().map(Reply::bulk).collect()),
+            BuiltinReply::Pairs(ps) => {
+                Reply::Map(ps.into_iter().map(|(f, v)| (Reply::bulk(f), Reply::bulk(v))).collect())
+            }
+        }
+    }
+
+    /// `FCALL name numkeys key [arg ...]`: the job's input is the arguments joined by spaces.
+    async fn fcall(&self, args: &[Vec<u8>], read_only: bool) -> Reply {
+        let name = String::from_utf8_lossy(&args[0]).into_owned();
+        if args[1].as_slice() != b"1" {
+            return Reply::err(format!(
+                "numkeys must be 1: a Grex job runs on one bucket (got '{}')",
+                String::from_utf8_lossy(&args[1])
+            ));
+        }
+        let Some(key) = args.get(2) else { return Reply::err("FCALL with numkeys 1 needs a key") };
+        if name.starts_with(builtin::BUILTIN_PREFIX) {
+            return Reply::err("built-ins are called as Redis commands, not with FCALL");
+        }
+        let input = args[3..].join(&b' ');
+        match self.node.run_job(key, &name, input, read_only).await {
+            Ok(out) => Reply::bulk(out.output),
+            Err(e) => remote_error(&e),
+        }
+    }
+
+    /// `GREX.MODULE LOAD name wasm` stores a module; `GREX.MODULE LIST` names them.
+    async fn module(&self, args: &[Vec<u8>]) -> Reply {
+        let sub = args.first().map(|s| String::from_utf8_lossy(s).to_ascii_uppercase());
+        match (sub.as_deref(), args) {
+            (Some("LOAD"), [_, name, wasm]) => {
+                let name = String::from_utf8_lossy(name);
+                match self.node.put_module(&name, wasm.clone()).await {
+                    Ok(info) => Reply::bulk(info.id),
+                    Err(e) => remote_error(&e),
+                }
+            }
+            (Some("LIST"), [_]) => Reply::Array(
+                self.node
+                    .modules()
+                    .into_iter()
+                    .map(|m| {
+                        Reply::Map(vec![
+                            (Reply::bulk("name"), Reply::bulk(m.name)),
+                            (Reply::bulk("id"), Reply::bulk(m.id)),
+                        ])
+                    })
+                    .collect(),
+            ),
+            _ => Reply::err("usage: GREX.MODULE LOAD name wasm-bytes | GREX.MODULE LIST"),
+        }
+    }
+
+    fn canary(&self, key: &[u8]) -> Reply {
+        match self.node.canary(key, false) {
+            Ok(c) => Reply::Map(vec![
+                (Reply::bulk("url"), Reply::bulk(c.url)),
+                (Reply::bulk("node"), Reply::bulk(c.node)),
+                (Reply::bulk("flock"), Reply::Int(i64::from(c.flock))),
+                (Reply::bulk("role"), Reply::bulk(c.role)),
+                (Reply::bulk("bucket_version"), Reply::Int(c.bucket_version as i64)),
+            ]),
+            Err(e) => remote_error(&e),
+        }
+    }
+}
+
+/// One read, or `None` if `patience` ran out first.
+async fn read_within(
+    stream: &mut TcpStream,
+    chunk: &mut [u8],
+    patience: Option<Duration>,
+) -> std::io::Result<Option<usize>> {
+    match patience {
+        None => stream.read(chunk).await.map(Some),
+        Some(limit) => match tokio::time::timeout(limit, stream.read(chunk)).await {
+            Ok(read) => read.map(Some),
+            Err(_) => Ok(None),
+        },
+    }
+}
+
+fn arity(name: &str) -> Reply {
+    Reply::err(format!("wrong number of arguments for '{}' command", name.to_ascii_lowercase()))
+}
+
+/// A Grex error as a Redis error reply: `ERR message (code)`; `BUSY` when overloaded, `TRYAGAIN`
+/// when the cluster is between leaders.
+fn remote_error(e: &RemoteError) -> Reply {
+    let prefix = match e.code {
+        ErrorCode::Overloaded => "BUSY",
+        ErrorCode::Unavailable | ErrorCode::NoQuorum => "TRYAGAIN",
+        _ => "ERR",
+    };
+    Reply::Error(format!("{prefix} {} ({})", e.message, e.code))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LIMITS: RespLimits = RespLimits { bulk_bytes_max: 64, request_bytes_max: 100 };
+
+    fn parse_all(bytes: &[u8]) -> Result<Vec<Vec<Vec<u8>>>, RespError> {
+        let mut at = 0;
+        let mut out = Vec::new();
+        while let Some((args, used)) = parse_command(&bytes[at..], &LIMITS)? {
+            out.push(args);
+            at += used;
+        }
+        Ok(out)
+    }
+
+    #[test]
+    fn arrays_inline_commands_and_pipelines_parse() {
+        let wire = b"*2\r\n$4\r\nPING\r\n$2\r\nhi\r\nPING\r\n*1\r\n$0\r\n\r\n";
+        let parsed = parse_all(wire).unwrap();
+        assert_eq!(parsed, vec![vec![b"PING".to_vec(), b"hi".to_vec()], vec![b"PING".to_vec()], vec![Vec::new()]]);
+    }
+
+    #[test]
+    fn every_split_of_a_request_waits_for_the_rest() {
+        let wire = b"*3\r\n$4\r\nHSET\r\n$3\r\nkey\r\n$5\r\nfield\r\n";
+        for cut in 0..wire.len() {
+            assert_eq!(parse_command(&wire[..cut], &LIMITS).unwrap(), None, "cut at {cut}");
+        }
+        assert!(parse_command(wire, &LIMITS).unwrap().is_some());
+    }
+
+    #[test]
+    fn oversized_and_malformed_requests_are_refused() {
+        let big = b"*1\r\n$65\r\n";
+        assert!(matches!(parse_command(big, &LIMITS), Err(RespError::TooLarge(_))));
+        let many = b"*99999999\r\n";
+        assert!(matches!(parse_command(many, &LIMITS), Err(RespError::TooLarge(_))));
+        let total = b"*2\r\n$60\r\n";
+        let mut wire = total.to_vec();
+        wire.extend_from_slice(&[b'a'; 60]);
+        wire.extend_from_slice(b"\r\n$60\r\n");
+        assert!(matches!(parse_command(&wire, &LIMITS), Err(RespError::TooLarge(_))));
+        for bad in
+            [&b"*1\r\n:5\r\n"[..], b"*x\r\n", b"*1\r\n$-3\r\n", b"*1\r\n$2\r\nabXY", b"*111111111111111111111111111"]
+        {
+            assert!(matches!(parse_command(bad, &LIMITS), Err(RespError::Protocol(_))), "{bad:?}");
+        }
+        let long_inline = vec![b'a'; INLINE_BYTES_MAX + 1];
+        assert!(matches!(parse_command(&long_inline, &LIMITS), Err(RespError::TooLarge(_))));
+    }
+
+    #[test]
+    fn random_bytes_and_splits_never_panic_and_agree_with_the_whole() {
+        let seed: u64 = std::env::var("GREX_TEST_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64)
+        });
+        println!("seed {seed} (GREX_TEST_SEED={seed} repeats this run)");
+        let mut state = seed | 1;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        let pieces: [&[u8]; 10] = [b"*", b"$", b"\r\n", b"3", b"-1", b"12", b"PING", b" ", b"\n", b"\xff"];
+        for _ in 0..20_000 {
+            let mut wire = Vec::new();
+            for _ in 0..(next() % 24) {
+                if next() % 4 == 0 {
+                    wire.push(next() as u8);
+                } else {
+                    wire.extend_from_slice(pieces[(next() % pieces.len() as u64) as usize]);
+                }
+            }
+            let whole = parse_command(&wire, &LIMITS);
+            if let Ok(Some((_, used))) = &whole {
+                assert!(*used <= wire.len());
+            }
+            // A prefix is never "complete" with a different answer than the whole, unless the
+            // whole is an error seen only later.
+            let cut = (next() as usize) % (wire.len() + 1);
+            if let Ok(Some(prefix)) = parse_command(&wire[..cut], &LIMITS) {
+                assert_eq!(Ok(Some(prefix)), whole, "seed {seed}: {wire:?} cut at {cut}");
+            }
+        }
+    }
+
+    #[test]
+    fn replies_in_both_protocol_versions() {
+        let map = Reply::Map(vec![(Reply::bulk("a"), Reply::Int(1))]);
+        let mut two = Vec::new();
+        map.write(&mut two, false);
+        Reply::Bulk(None).write(&mut two, false);
+        assert_eq!(two, b"*2\r\n$1\r\na\r\n:1\r\n$-1\r\n");
+        let mut three = Vec::new();
+        map.write(&mut three, true);
+        Reply::Bulk(None).write(&mut three, true);
+        assert_eq!(three, b"%1\r\n$1\r\na\r\n:1\r\n_\r\n");
+        let mut err = Vec::new();
+        Reply::err("bad\r\nthing").write(&mut err, false);
+        assert_eq!(err, b"-ERR bad  thing\r\n");
+    }
+}

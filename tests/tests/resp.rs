@@ -1,0 +1,171 @@
+//! The Redis protocol endpoint with a real Redis client (the `redis` crate) against real nodes.
+
+use std::io::{Read, Write};
+use std::time::Duration;
+
+use grex_tests::{GrexNode, TestCluster, job_wasm};
+use redis::{Commands, Value};
+
+fn error_text(e: redis::RedisError) -> String {
+    e.to_string()
+}
+
+/// Runs blocking client code off the async test's threads.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    tokio::task::spawn_blocking(f).await.expect("client code panicked")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hash_commands_jobs_and_modules_through_a_redis_client() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = GrexNode::start(dir.path(), &["--resp", "127.0.0.1:0"]);
+    let counter = job_wasm("counter");
+    let url = node.resp.clone().expect("resp address");
+    blocking(move || {
+        let mut con = redis::Client::open(url.as_str()).unwrap().get_connection().unwrap();
+        let pong: String = redis::cmd("PING").query(&mut con).unwrap();
+        assert_eq!(pong, "PONG");
+
+        let added: i64 = redis::cmd("HSET")
+            .arg("customer-1")
+            .arg("name")
+            .arg("Ada")
+            .arg("city")
+            .arg("London")
+            .query(&mut con)
+            .unwrap();
+        assert_eq!(added, 2);
+        let added: i64 = redis::cmd("HSET")
+            .arg("customer-1")
+            .arg("name")
+            .arg("Ada L.")
+            .arg("tier")
+            .arg("gold")
+            .query(&mut con)
+            .unwrap();
+        assert_eq!(added, 1, "one new field, one overwritten");
+        let name: String = con.hget("customer-1", "name").unwrap();
+        assert_eq!(name, "Ada L.");
+        let missing: Option<String> = con.hget("customer-1", "nope").unwrap();
+        assert_eq!(missing, None);
+        let some: Vec<Option<String>> =
+            redis::cmd("HMGET").arg("customer-1").arg("city").arg("nope").query(&mut con).unwrap();
+        assert_eq!(some, vec![Some("London".to_string()), None]);
+        let all: std::collections::BTreeMap<String, String> = con.hgetall("customer-1").unwrap();
+        assert_eq!(all.len(), 3);
+        assert_eq!(all["tier"], "gold");
+        let keys: Vec<String> = con.hkeys("customer-1").unwrap();
+        assert_eq!(keys, vec!["city", "name", "tier"]);
+        assert_eq!(con.hlen::<_, i64>("customer-1").unwrap(), 3);
+        assert!(con.hexists::<_, _, bool>("customer-1", "city").unwrap());
+        assert_eq!(con.hdel::<_, _, i64>("customer-1", &["city", "nope"]).unwrap(), 1);
+        assert_eq!(con.exists::<_, i64>(&["customer-1", "customer-2"]).unwrap(), 1);
+        assert_eq!(con.del::<_, i64>(&["customer-1", "customer-2"]).unwrap(), 1);
+        assert_eq!(con.exists::<_, i64>("customer-1").unwrap(), 0);
+
+        // Modules and jobs.
+        let id: String = redis::cmd("GREX.MODULE").arg("LOAD").arg("counter").arg(counter).query(&mut con).unwrap();
+        assert!(id.starts_with("sha256:"), "{id}");
+        let count: String = redis::cmd("FCALL").arg("counter").arg(1).arg("hits").arg(5).query(&mut con).unwrap();
+        assert_eq!(count, "5");
+        let count: String = redis::cmd("FCALL").arg("counter").arg(1).arg("hits").arg(2).query(&mut con).unwrap();
+        assert_eq!(count, "7");
+        assert_eq!(con.hget::<_, _, String>("hits", "count").unwrap(), "7", "a job's items are hash fields");
+        let e = redis::cmd("FCALL").arg("counter").arg(2).arg("a").arg("b").query::<String>(&mut con).unwrap_err();
+        assert!(error_text(e).contains("numkeys must be 1"));
+        let e = redis::cmd("FCALL").arg("nothing-here").arg(1).arg("a").query::<String>(&mut con).unwrap_err();
+        assert!(error_text(e).contains("module_not_found"));
+        let e = redis::cmd("FCALL_RO").arg("counter").arg(1).arg("hits").arg(1).query::<String>(&mut con).unwrap_err();
+        assert!(error_text(e).contains("read"), "a read-only call cannot write");
+        let canary: Value = redis::cmd("GREX.CANARY").arg("hits").query(&mut con).unwrap();
+        assert!(format!("{canary:?}").contains("leader"), "{canary:?}");
+
+        // Redis-style errors for what is not there, and the connection goes on.
+        let e = redis::cmd("SET").arg("k").arg("v").query::<String>(&mut con).unwrap_err();
+        assert!(error_text(e).contains("unknown command 'SET'"));
+        let e = redis::cmd("HGET").arg("only-key").query::<String>(&mut con).unwrap_err();
+        assert!(error_text(e).contains("wrong number of arguments for 'hget'"));
+        let e = redis::cmd("HSET").arg("k").arg(&[0xff_u8, 0xfe][..]).arg("v").query::<i64>(&mut con).unwrap_err();
+        assert!(error_text(e).contains("UTF-8"), "hash fields are item keys");
+
+        // Pipelining: many commands written at once, answered in order.
+        let mut pipe = redis::pipe();
+        for i in 0..100 {
+            pipe.cmd("HSET").arg("piped").arg(format!("f{i:03}")).arg(i);
+        }
+        pipe.cmd("HLEN").arg("piped");
+        let answers: Vec<i64> = pipe.query(&mut con).unwrap();
+        assert_eq!(answers.len(), 101);
+        assert_eq!(answers[100], 100);
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resp3_clients_get_maps_and_nulls() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = GrexNode::start(dir.path(), &["--resp", "127.0.0.1:0"]);
+    let url = format!("{}/?protocol=resp3", node.resp.clone().expect("resp address"));
+    blocking(move || {
+        let mut con = redis::Client::open(url.as_str()).unwrap().get_connection().unwrap();
+        let _: () = con.hset("r3", "a", "1").unwrap();
+        let all: Value = redis::cmd("HGETALL").arg("r3").query(&mut con).unwrap();
+        assert!(matches!(all, Value::Map(ref pairs) if pairs.len() == 1), "{all:?}");
+        let none: Value = redis::cmd("HGET").arg("r3").arg("zz").query(&mut con).unwrap();
+        assert_eq!(none, Value::Nil);
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_bytes_get_an_error_and_the_node_serves_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = GrexNode::start(dir.path(), &["--resp", "127.0.0.1:0"]);
+    let addr = node.resp.clone().expect("resp address").trim_start_matches("redis://").to_owned();
+    let url = node.resp.clone().unwrap();
+    blocking(move || {
+        for bad in [&b"*1\r\n$99999999999\r\n"[..], b"*2\r\n$4\r\nPING\r\n:1\r\n", b"*zz\r\n"] {
+            let mut stream = std::net::TcpStream::connect(&addr).unwrap();
+            stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            stream.write_all(bad).unwrap();
+            let mut answer = Vec::new();
+            stream.read_to_end(&mut answer).expect("the node answers and closes");
+            let answer = String::from_utf8_lossy(&answer);
+            assert!(answer.starts_with("-ERR Protocol error"), "{bad:?} got {answer}");
+        }
+        let mut con = redis::Client::open(url.as_str()).unwrap().get_connection().unwrap();
+        assert_eq!(redis::cmd("PING").query::<String>(&mut con).unwrap(), "PONG");
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn any_node_of_a_cluster_serves_any_key() {
+    let cluster = TestCluster::start(3, &["--resp", "127.0.0.1:0"]).await;
+    let nodes: Vec<String> = cluster.nodes.iter().map(|n| n.resp.clone().expect("resp address")).collect();
+    let counter = job_wasm("counter");
+    let first = cluster.nodes[0].client().await;
+    first.put_module("counter", counter).await.unwrap();
+    for node in &cluster.nodes {
+        let client = node.http_client().await;
+        grex_tests::eventually("the module name on every node", Duration::from_secs(30), || async {
+            client.list_modules().await.is_ok_and(|m| m.iter().any(|m| m.name == "counter"))
+        })
+        .await;
+    }
+    blocking(move || {
+        let mut cons: Vec<redis::Connection> =
+            nodes.iter().map(|u| redis::Client::open(u.as_str()).unwrap().get_connection().unwrap()).collect();
+        for (i, key) in ["alpha", "beta", "gamma", "delta", "epsilon"].iter().enumerate() {
+            let _: () = cons[i % 3].hset(*key, "v", i).unwrap();
+            for con in cons.iter_mut() {
+                assert_eq!(con.hget::<_, _, usize>(*key, "v").unwrap(), i, "{key} read through every node");
+            }
+            for (n, con) in cons.iter_mut().enumerate() {
+                let count: String = redis::cmd("FCALL").arg("counter").arg(1).arg(*key).arg(1).query(con).unwrap();
+                assert_eq!(count, (n + 1).to_string());
+            }
+        }
+    })
+    .await;
+}
