@@ -114,6 +114,18 @@ pub enum ViewError {
     },
 }
 
+impl ViewError {
+    /// The error code a client sees for this breach.
+    pub fn code(&self) -> grex_client::proto::ErrorCode {
+        use grex_client::proto::ErrorCode;
+        match self {
+            ViewError::ItemKey(_) => ErrorCode::InvalidItemKey,
+            ViewError::ItemTooLarge { .. } => ErrorCode::ItemTooLarge,
+            ViewError::ChangeSetTooLarge { .. } => ErrorCode::ChangeSetTooLarge,
+        }
+    }
+}
+
 /// A job's view of a bucket: the committed items overlaid with the job's own writes.
 pub struct JobView {
     base: BucketData,

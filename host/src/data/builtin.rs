@@ -183,12 +183,7 @@ fn field(bytes: &[u8]) -> Result<&str, RemoteError> {
 }
 
 fn view_error(e: ViewError) -> RemoteError {
-    let code = match e {
-        ViewError::ItemKey(_) => ErrorCode::InvalidItemKey,
-        ViewError::ItemTooLarge { .. } => ErrorCode::ItemTooLarge,
-        ViewError::ChangeSetTooLarge { .. } => ErrorCode::ChangeSetTooLarge,
-    };
-    error(code, e.to_string())
+    error(e.code(), e.to_string())
 }
 
 #[cfg(test)]

@@ -71,11 +71,7 @@ impl JobState {
     }
 
     fn stop_on_view_error(&mut self, e: ViewError) -> wasmtime::Error {
-        let code = match e {
-            ViewError::ItemKey(_) => ErrorCode::InvalidItemKey,
-            ViewError::ItemTooLarge { .. } => ErrorCode::ItemTooLarge,
-            ViewError::ChangeSetTooLarge { .. } => ErrorCode::ChangeSetTooLarge,
-        };
+        let code = e.code();
         let hint = match code {
             ErrorCode::ItemTooLarge => " (raise the node's --item-bytes-max, or split the value)",
             ErrorCode::ChangeSetTooLarge => " (raise --change-set-bytes-max, or split the work over several jobs)",
