@@ -169,3 +169,19 @@ async fn any_node_of_a_cluster_serves_any_key() {
     })
     .await;
 }
+
+/// `tests/redis-cli.sh`: redis-cli itself, the way a shell user types commands, against a node.
+#[test]
+fn redis_cli_script() {
+    let cli = std::process::Command::new("redis-cli").arg("--version").output();
+    assert!(
+        cli.is_ok_and(|out| out.status.success()),
+        "redis-cli is not installed: install it (Debian: apt-get install redis-tools) or run scripts/test.sh, which does"
+    );
+    job_wasm("counter");
+    let script = grex_tests::workspace_root().join("tests/redis-cli.sh");
+    let out = std::process::Command::new(&script).arg(grex_tests::grex_bin()).output().expect("run tests/redis-cli.sh");
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "tests/redis-cli.sh failed:\n{text}");
+    assert!(text.contains("redis-cli: all checks passed"), "{text}");
+}
