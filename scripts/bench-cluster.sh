@@ -19,37 +19,11 @@ data=$(mktemp -d)
 pids=()
 trap 'kill "${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$data"' EXIT
 
-# start I ARGS...: starts node I on fixed ports (so a restart reuses them), waits until it listens.
-start() {
-  local i=$1; shift
-  local port=$((17070 + 10 * i))
-  : > "$data/out-$i"
-  $grex serve --data "$data/node-$i" --http 127.0.0.1:$port --quic 127.0.0.1:$((port + 1)) \
-    --peer 127.0.0.1:$((port + 2)) "$@" > "$data/out-$i" 2>> "$data/err-$i" &
-  pids[$i]=$!
-  for _ in $(seq 1 600); do grep -q listening "$data/out-$i" 2>/dev/null && return; sleep 0.05; done
-  echo "node $i did not start:"; cat "$data/err-$i"; exit 1
-}
-# formed: every flock has three herders and a leader.
-formed() {
-  local map
-  map=$($grex flock ls --node http://127.0.0.1:17070 2>/dev/null) || return 1
-  [ "$(grep -c '^node ' <<< "$map")" = 3 ] && [ "$(grep -cE '^ *[0-9]+ \S+ \S+ \S+$' <<< "$map")" = 256 ] \
-    && [ "$(grep -c '\*' <<< "$map")" = 256 ]
-}
-wait_formed() {
-  for _ in $(seq 1 1200); do formed && return; sleep 0.1; done
-  echo "the cluster did not form"; exit 1
-}
+source scripts/cluster-lib.sh
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 
-$grex init --data "$data/node-0" --flocks 256 --replication 3 > /dev/null
-start 0
-for i in 1 2; do
-  $grex cluster credentials --data "$data/node-0" --out "$data/node-$i.creds" > /dev/null
-  start "$i" --credentials "$data/node-$i.creds" --join 127.0.0.1:17072
-done
-wait_formed
+start_cluster 3
+wait_formed 3
 export GREX_NODE=quic://127.0.0.1:17071 GREX_CA=$data/node-0/ca.pem
 $grex module put target/jobs/wasm32-unknown-unknown/wasm/counter.wasm --name counter > /dev/null
 
@@ -78,5 +52,5 @@ for round in $(seq 1 "$runs"); do
   killed=$(( (port - 17070) / 10 ))
   wait "${pids[$killed]}" 2>/dev/null || true
   start "$killed"
-  wait_formed
+  wait_formed 3
 done

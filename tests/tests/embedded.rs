@@ -27,7 +27,7 @@ async fn a_failing_disk_stops_writes_with_storage_failed_and_keeps_what_was_ackn
         assert!(err.message.contains("restart"), "{err}");
     }
     // Reads still serve what was acknowledged; nothing unacknowledged shows.
-    assert_eq!(node.get_item(b"b", "count").unwrap(), b"3");
+    assert_eq!(node.get_item(b"b", "count").await.unwrap(), b"3");
     node.shutdown().await;
 }
 
@@ -38,7 +38,7 @@ async fn jobs_see_the_node_assigned_timestamp_not_a_clock_of_their_own() {
     node.put_module("ledger", job_wasm("ledger")).await.unwrap();
     let record = br#"{"description":"tea","other":"Shop","amount":-300}"#.to_vec();
     node.run_job(b"c", "ledger", record, false).await.unwrap();
-    let stored = node.get_item(b"c", "transactions").unwrap();
+    let stored = node.get_item(b"c", "transactions").await.unwrap();
     assert!(stored.windows(10).any(|w| w == b"2026-11-21"), "the record's default date comes from the node's clock");
     node.shutdown().await;
 }

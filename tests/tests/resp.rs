@@ -166,6 +166,18 @@ async fn any_node_of_a_cluster_serves_any_key() {
                 assert_eq!(count, (n + 1).to_string());
             }
         }
+        // After READONLY a node serves hash reads from its own applied state, which catches up.
+        for con in cons.iter_mut() {
+            let _: () = redis::cmd("READONLY").query(con).unwrap();
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            while con.hget::<_, _, Option<usize>>("epsilon", "v").unwrap() != Some(4) {
+                assert!(std::time::Instant::now() < deadline, "a herder never applied the write to epsilon");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _: () = redis::cmd("READWRITE").query(con).unwrap();
+        }
+        let err = redis::cmd("READONLY").arg("x").query::<()>(&mut cons[0]).unwrap_err();
+        assert!(error_text(err).contains("wrong number of arguments"));
     })
     .await;
 }

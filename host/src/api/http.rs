@@ -243,7 +243,7 @@ async fn run_job(
 async fn get_item(State(node): State<Node>, uri: Uri) -> ApiResult<Response> {
     let bucket = segment_bytes(&uri, 2, "bucket")?;
     let item = segment_text(&uri, 4, "item")?;
-    let value = node.get_item(&bucket, &item)?;
+    let value = node.get_item(&bucket, &item).await?;
     Ok(([(header::CONTENT_TYPE, "application/octet-stream")], value).into_response())
 }
 
@@ -260,7 +260,7 @@ async fn list_items(
             error(ErrorCode::BadRequest, format!("limit must be a number from 1 to 1000, not `{text}`"))
         })?,
     };
-    let items = node.list_items(&bucket, prefix, query.get("start_after").map(String::as_str), limit)?;
+    let items = node.list_items(&bucket, prefix, query.get("start_after").map(String::as_str), limit).await?;
     Ok(Json(serde_json::json!({ "items": items })))
 }
 
@@ -271,7 +271,7 @@ async fn canary(
 ) -> ApiResult<Json<grex_client::Canary>> {
     let bucket = segment_bytes(&uri, 2, "bucket")?;
     let read_only = query.get("read_only").is_some_and(|v| v == "true" || v == "1");
-    Ok(Json(node.canary(&bucket, read_only)?))
+    Ok(Json(node.canary(&bucket, read_only).await?))
 }
 
 async fn flocks(State(node): State<Node>) -> Json<grex_client::proto::FlockMapInfo> {

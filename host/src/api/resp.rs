@@ -245,7 +245,7 @@ pub(crate) async fn start(
                         let _ = stream.write_all(b"-ERR max number of clients reached\r\n").await;
                         continue;
                     };
-                    let connection = Connection { node: node.clone(), limits, resp3: false };
+                    let connection = Connection { node: node.clone(), limits, resp3: false, follower_reads: false };
                     let stopped = stopped.clone();
                     tokio::spawn(async move {
                         if let Err(e) = connection.serve(stream, stopped).await {
@@ -265,6 +265,10 @@ struct Connection {
     node: Node,
     limits: RespLimits,
     resp3: bool,
+    /// After `READONLY` (as with a Redis Cluster replica), hash reads may run on a follower that
+    /// herds the key's flock and see its applied state; by default they run on the flock's leader,
+    /// so a client reads its own writes through any node.
+    follower_reads: bool,
 }
 
 /// What to do after a command.
@@ -352,7 +356,12 @@ impl Connection {
                 [_] => Reply::err("DB index is out of range (Grex has only database 0)"),
                 _ => arity(&name),
             },
-            "CLIENT" | "READONLY" | "READWRITE" => Reply::ok(),
+            "READONLY" | "READWRITE" if !rest.is_empty() => arity(&name),
+            "READONLY" | "READWRITE" => {
+                self.follower_reads = name == "READONLY";
+                Reply::ok()
+            }
+            "CLIENT" => Reply::ok(),
             "COMMAND" | "CONFIG" => Reply::Array(Vec::new()),
             "CLUSTER" => Reply::err("This instance has cluster support disabled (any Grex node serves any key)"),
             "HSET" | "HMSET" if rest.len() >= 3 && !rest.len().is_multiple_of(2) => {
@@ -389,7 +398,7 @@ impl Connection {
             "FCALL" | "FCALL_RO" if rest.len() >= 2 => self.fcall(rest, name == "FCALL_RO").await,
             "GREX.MODULE" => self.module(rest).await,
             "GREX.CANARY" => match rest {
-                [key] => self.canary(key),
+                [key] => self.canary(key).await,
                 _ => arity(&name),
             },
             "HSET" | "HMSET" | "HGET" | "HEXISTS" | "HMGET" | "HDEL" | "HGETALL" | "HKEYS" | "HLEN" | "DEL"
@@ -426,7 +435,9 @@ impl Connection {
     /// Runs a built-in on `args[0]` (the key) with the remaining arguments.
     async fn builtin(&self, op: Builtin, args: &[Vec<u8>]) -> Reply {
         let input = builtin::encode_args(&args[1..]);
-        let out = match self.node.run_job(&args[0], &op.module_name(), input, op.read_only()).await {
+        // A read that goes to the leader is still a read: a built-in writes only what its op says.
+        let read_only = op.read_only() && self.follower_reads;
+        let out = match self.node.run_job(&args[0], &op.module_name(), input, read_only).await {
             Ok(out) => out,
             Err(e) => return remote_error(&e),
         };
@@ -492,8 +503,8 @@ impl Connection {
         }
     }
 
-    fn canary(&self, key: &[u8]) -> Reply {
-        match self.node.canary(key, false) {
+    async fn canary(&self, key: &[u8]) -> Reply {
+        match self.node.canary(key, false).await {
             Ok(c) => Reply::Map(vec![
                 (Reply::bulk("url"), Reply::bulk(c.url)),
                 (Reply::bulk("node"), Reply::bulk(c.node)),

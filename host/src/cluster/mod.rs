@@ -845,7 +845,7 @@ impl Replicator for Cluster {
                 ));
             };
             match answer {
-                Ok(Ok(_)) => Ok(()),
+                Ok(Ok(response)) => Ok(response.data.written),
                 Ok(Err(e)) => Err(error(
                     ErrorCode::Unavailable,
                     format!(

@@ -88,9 +88,13 @@ pub enum Command {
     },
 }
 
-/// What applying an entry returns (nothing: jobs already have their output).
+/// What applying an entry returns: jobs already have their output, so only the commit-log
+/// sequence of the write that puts the entry's effects in the store (see [`crate::node::Ticket`]).
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
-pub struct Applied;
+pub struct Applied {
+    /// Once the committer has written this sequence, the store holds the entry's effects.
+    pub written: u64,
+}
 
 openraft::declare_raft_types!(
     /// Grex's openraft types.
@@ -148,14 +152,25 @@ struct GroupStore {
 }
 
 impl GroupStore {
-    /// Writes through the group committer and waits until it is done.
-    async fn write(&self, log: Vec<LogOp>, changes: Vec<ChangeSet>, durable: bool) -> Result<(), String> {
+    /// Writes through the group committer and waits until it is done; returns its sequence.
+    async fn write(&self, log: Vec<LogOp>, changes: Vec<ChangeSet>, durable: bool) -> Result<u64, String> {
         let (tx, rx) = oneshot::channel();
         let done = Box::new(move |r: Result<(), String>| {
             let _ = tx.send(r);
         });
-        self.node.commits().submit_write(Write { log, changes, durable, done: Some(done) }).map_err(|e| e.message)?;
-        rx.await.map_err(|_| "the committer stopped".to_string())?
+        let seq = self
+            .node
+            .commits()
+            .submit_write(Write { log, changes, durable, done: Some(done) })
+            .map_err(|e| e.message)?;
+        rx.await.map_err(|_| "the committer stopped".to_string())??;
+        Ok(seq)
+    }
+
+    /// Queues a write on the group committer without waiting; returns its sequence.
+    fn submit(&self, log: Vec<LogOp>, changes: Vec<ChangeSet>, durable: bool) -> Result<u64, String> {
+        let write = Write { log, changes, durable, done: None };
+        self.node.commits().submit_write(write).map_err(|e| e.message)
     }
 
     fn state<T: serde::de::DeserializeOwned>(&self, key: &str) -> Result<Option<T>, StorageError<NodeId>> {
@@ -316,7 +331,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn save_vote(&mut self, vote: &Vote<NodeId>) -> Result<(), StorageError<NodeId>> {
         let op = LogOp::PutState { group: self.inner.group, key: VOTE_KEY, value: encode(vote) };
-        self.inner.write(vec![op], Vec::new(), true).await.map_err(io_write)
+        self.inner.write(vec![op], Vec::new(), true).await.map(drop).map_err(io_write)
     }
 
     async fn read_vote(&mut self) -> Result<Option<Vote<NodeId>>, StorageError<NodeId>> {
@@ -360,7 +375,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     async fn truncate(&mut self, log_id: LogId<NodeId>) -> Result<(), StorageError<NodeId>> {
         self.recent().retain(|index| index < log_id.index);
         let op = LogOp::TruncateFrom { group: self.inner.group, from: log_id.index };
-        self.inner.write(vec![op], Vec::new(), true).await.map_err(io_write)
+        self.inner.write(vec![op], Vec::new(), true).await.map(drop).map_err(io_write)
     }
 
     async fn purge(&mut self, log_id: LogId<NodeId>) -> Result<(), StorageError<NodeId>> {
@@ -370,7 +385,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             LogOp::PutState { group, key: PURGED_KEY, value: encode(&Some(log_id)) },
             LogOp::PurgeUpto { group, upto: log_id.index },
         ];
-        self.inner.write(ops, Vec::new(), true).await.map_err(io_write)
+        self.inner.write(ops, Vec::new(), true).await.map(drop).map_err(io_write)
     }
 }
 
@@ -441,6 +456,8 @@ impl StateMachine {
     }
 
     async fn build(&self) -> Result<Snapshot<TypeConfig>, StorageError<NodeId>> {
+        // Applied entries' effects may still be queued for the store.
+        self.inner.node.commits().settle().await;
         let data = if let Some(meta) = &self.meta {
             let state = meta.borrow().clone();
             let mut modules = Vec::new();
@@ -492,7 +509,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
-        let mut replies = Vec::new();
+        let mut replies = 0;
         let mut changes = Vec::new();
         let mut log = Vec::new();
         let mut meta = self.meta.as_ref().map(|m| m.borrow().clone());
@@ -506,7 +523,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 EntryPayload::Normal(command) => {
                     let Some(state) = meta.as_mut() else {
                         tracing::error!(group = self.inner.group, "a flock log holds a meta command; ignored");
-                        replies.push(Applied);
+                        replies += 1;
                         continue;
                     };
                     match command {
@@ -523,23 +540,32 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                     }
                 }
             }
-            replies.push(Applied);
+            replies += 1;
         }
         if let Some(state) = &meta {
             log.push(LogOp::PutState { group: self.inner.group, key: META_STATE_KEY, value: encode(state) });
         }
         log.push(self.applied_op());
-        let touched: Vec<(u32, Vec<u8>, u64)> =
-            changes.iter().map(|c| (c.flock, c.bucket.clone(), c.version)).collect();
-        self.inner.write(log, changes, false).await.map_err(io_write)?;
+        // A ready leader's cache already holds what it proposed, and keeps each bucket until this
+        // write is in the store (nothing reloads it from there before): it need not wait. A
+        // follower's cached copies are stale and go once the store has the new state; the meta
+        // group's readers read the store.
+        let leading = !self.is_meta() && self.terms.get(self.inner.group).is_some();
+        let written = if leading {
+            self.inner.submit(log, changes, false).map_err(io_write)?
+        } else {
+            let touched: Vec<(u32, Vec<u8>, u64)> =
+                changes.iter().map(|c| (c.flock, c.bucket.clone(), c.version)).collect();
+            let written = self.inner.write(log, changes, false).await.map_err(io_write)?;
+            if !self.is_meta() {
+                for (flock, bucket, version) in touched {
+                    self.inner.node.applied(flock, bucket, version).await;
+                }
+            }
+            written
+        };
         if let Some(applied) = self.applied {
             lock(&self.recent).applied(applied.index);
-        }
-        // A leader's cache already holds what it proposed; a follower's copies are now stale.
-        if !self.is_meta() && self.terms.get(self.inner.group).is_none() {
-            for (flock, bucket, version) in touched {
-                self.inner.node.applied(flock, bucket, version).await;
-            }
         }
         for (name, id, size) in modules {
             self.inner.node.module_replicated(&name, id, size);
@@ -551,7 +577,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 changed
             });
         }
-        Ok(replies)
+        Ok(vec![Applied { written }; replies])
     }
 
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {

@@ -26,9 +26,23 @@ impl CachedBucket {
         CachedBucket { data, last_seq: 0, term, pending: None }
     }
 
-    /// True while a change set it holds may still fail to commit.
+    /// True while a change set it holds may still fail to commit, or is committed but not yet
+    /// in the store (reloading it from there would go back in time).
     fn has_pending(&self, durable_seq: u64) -> bool {
-        self.last_seq > durable_seq || self.pending.as_ref().is_some_and(|t| t.peek().is_none())
+        self.last_seq > durable_seq
+            || self.pending.as_ref().is_some_and(|t| match t.peek() {
+                None => true,
+                Some(Ok(written)) => *written > durable_seq,
+                Some(Err(_)) => false,
+            })
+    }
+
+    /// The commit-log sequence that stores the effects of its latest committed change set.
+    pub(crate) fn written_seq(&self) -> Option<u64> {
+        match self.pending.as_ref()?.peek()? {
+            Ok(written) => Some(*written),
+            Err(_) => None,
+        }
     }
 
     /// True if a change set it holds failed to commit: its contents are not the committed state.

@@ -175,6 +175,25 @@ impl CommitLog {
         }
     }
 
+    /// Waits until every write queued before the call has reached the store (durable or not), or
+    /// will never reach it (a commit failed, the node stops): after it, the store holds everything
+    /// it will hold of them, so a reader sees every write that was acknowledged.
+    pub async fn settle(&self) {
+        let _ = self.wait_durable(self.submitted_seq()).await;
+    }
+
+    /// [`settle`](Self::settle) for a thread outside any async runtime, up to `seq` only.
+    pub fn block_until_written(&self, seq: u64) -> Result<(), RemoteError> {
+        if self.durable_seq() >= seq {
+            return Ok(());
+        }
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| error(ErrorCode::Internal, format!("waiting for the committer: {e}")))?
+            .block_on(self.wait_durable(seq))
+    }
+
     /// Commits everything queued, then stops the committer thread.
     pub fn stop(&self) {
         {

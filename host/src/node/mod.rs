@@ -43,8 +43,10 @@ pub trait Front: Send + Sync + 'static {
     fn flocks(&self) -> FlockMapInfo;
 }
 
-/// Resolves once a change set proposed to a flock's log is committed and applied (or failed).
-pub type Ticket = futures::future::Shared<futures::future::BoxFuture<'static, Result<(), RemoteError>>>;
+/// Resolves once a change set proposed to a flock's log is committed and applied (or failed), to
+/// the commit-log sequence of the write that puts its effects in the store. That write may still
+/// be queued: the log entry is what makes the change durable.
+pub type Ticket = futures::future::Shared<futures::future::BoxFuture<'static, Result<u64, RemoteError>>>;
 
 /// Where a clustered node's change sets go: the replicated log of the bucket's flock. A node
 /// without one (standalone, embedded) commits through its own group committer.
@@ -345,7 +347,7 @@ impl Node {
         match executed.wait {
             WaitFor::Nothing => {}
             WaitFor::Seq(seq) => self.inner.commits.wait_durable(seq).await?,
-            WaitFor::Ticket(ticket) => ticket.await?,
+            WaitFor::Ticket(ticket) => ticket.await.map(drop)?,
         }
         let finished = executed.result?;
         Ok(JobOutput {
@@ -356,10 +358,12 @@ impl Node {
         })
     }
 
-    /// One committed item.
-    pub fn get_item(&self, bucket: &[u8], item: &str) -> Result<Vec<u8>> {
+    /// One committed item (as this node has applied it).
+    pub async fn get_item(&self, bucket: &[u8], item: &str) -> Result<Vec<u8>> {
         proto::check_bucket_key(bucket)?;
         proto::check_item_key(item)?;
+        // What this node applied so far may still be on its way to the store.
+        self.inner.commits.settle().await;
         self.inner.store.get_item(bucket, item)?.ok_or_else(|| {
             error(ErrorCode::ItemNotFound, format!("bucket `{}` has no item `{item}`", String::from_utf8_lossy(bucket)))
         })
@@ -367,7 +371,7 @@ impl Node {
 
     /// Committed item keys of a bucket with `prefix`, strictly after `start_after`, at most
     /// `limit` (capped at [`LIST_PAGE_MAX`]).
-    pub fn list_items(
+    pub async fn list_items(
         &self,
         bucket: &[u8],
         prefix: &str,
@@ -375,12 +379,15 @@ impl Node {
         limit: u32,
     ) -> Result<Vec<String>> {
         proto::check_bucket_key(bucket)?;
+        self.inner.commits.settle().await;
         Ok(self.inner.store.list_items(bucket, prefix, start_after, limit.min(LIST_PAGE_MAX) as usize)?)
     }
 
     /// The best node for `bucket` (for read-only work, with `read_only`).
-    pub fn canary(&self, bucket: &[u8], read_only: bool) -> Result<Canary> {
+    pub async fn canary(&self, bucket: &[u8], read_only: bool) -> Result<Canary> {
         proto::check_bucket_key(bucket)?;
+        // Its bucket version is read from the store.
+        self.inner.commits.settle().await;
         if let Some(front) = self.inner.front.get() {
             return front.canary(bucket, read_only);
         }
@@ -473,11 +480,11 @@ impl Node {
             Request::RunJob { bucket, module, input, read_only } => {
                 self.run_job(&bucket, &module, input, read_only).await.map(Response::Job)
             }
-            Request::GetItem { bucket, item } => self.get_item(&bucket, &item).map(Response::Item),
+            Request::GetItem { bucket, item } => self.get_item(&bucket, &item).await.map(Response::Item),
             Request::ListItems { bucket, prefix, start_after, limit } => {
-                self.list_items(&bucket, &prefix, start_after.as_deref(), limit).map(Response::Items)
+                self.list_items(&bucket, &prefix, start_after.as_deref(), limit).await.map(Response::Items)
             }
-            Request::Canary { bucket } => self.canary(&bucket, false).map(Response::Canary),
+            Request::Canary { bucket } => self.canary(&bucket, false).await.map(Response::Canary),
             Request::Flocks => Ok(Response::Flocks(self.flocks())),
             Request::Status => Ok(Response::Status(self.status())),
             Request::ListModules => Ok(Response::Modules(self.modules())),

@@ -144,19 +144,14 @@ impl Shard {
     /// drop the cache, and keep serving.
     fn recover_from_panic(&mut self) -> Executed {
         tracing::error!("an executor panicked while running a job; reloading its buckets from disk");
-        let submitted = self.commits.submitted_seq();
-        let wait = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map(|rt| rt.block_on(self.commits.wait_durable(submitted)));
+        let wait = self.commits.block_until_written(self.commits.submitted_seq());
         self.cache.clear();
         let result = match wait {
-            Ok(Ok(())) => Err(error(
+            Ok(()) => Err(error(
                 ErrorCode::Internal,
                 "the node hit an internal error running this job; it may have committed, so read the bucket before retrying",
             )),
-            Ok(Err(e)) => Err(e),
-            Err(e) => Err(error(ErrorCode::Internal, format!("executor recovery failed: {e}"))),
+            Err(e) => Err(e),
         };
         Executed { result, wait: WaitFor::Nothing }
     }
@@ -207,10 +202,18 @@ impl Shard {
         };
         let entry = match self.cache.take(&job.bucket) {
             Some(entry) if entry.term == term && !entry.failed() => entry,
-            _ => match self.store.load_bucket(&job.bucket) {
-                Ok(data) => CachedBucket::loaded(data, term),
-                Err(e) => return fail(e.into()),
-            },
+            stale => {
+                // A committed change set's effects may still be on their way to the store.
+                if let Some(seq) = stale.and_then(|e| e.written_seq())
+                    && let Err(e) = self.commits.block_until_written(seq)
+                {
+                    return fail(e);
+                }
+                match self.store.load_bucket(&job.bucket) {
+                    Ok(data) => CachedBucket::loaded(data, term),
+                    Err(e) => return fail(e.into()),
+                }
+            }
         };
         // Timestamps never go backwards for a bucket, whatever the system clock does.
         self.last_timestamp_ms = self.clock.now_ms().max(self.last_timestamp_ms);

@@ -1,0 +1,38 @@
+# Shared by the benchmark scripts (source it): start Grex nodes on loopback and wait for a cluster.
+# The caller sets `grex` (the binary) and `data` (a scratch directory) and declares `pids=()`.
+# Node I listens on HTTP 17070 + 10*I, QUIC +1, peers +2, RESP +3, so a restart reuses its ports.
+
+# start I ARGS...: starts node I (extra `grex serve` arguments after I), waits until it listens.
+start() {
+  local i=$1; shift
+  local port=$((17070 + 10 * i))
+  : > "$data/out-$i"
+  $grex serve --data "$data/node-$i" --http 127.0.0.1:$port --quic 127.0.0.1:$((port + 1)) \
+    --peer 127.0.0.1:$((port + 2)) --resp 127.0.0.1:$((port + 3)) "$@" > "$data/out-$i" 2>> "$data/err-$i" &
+  pids[$i]=$!
+  for _ in $(seq 1 600); do grep -q listening "$data/out-$i" 2>/dev/null && return; sleep 0.05; done
+  echo "node $i did not start:"; cat "$data/err-$i"; exit 1
+}
+
+# start_cluster N: `grex init` (256 flocks, replication 3) for node 0, then N-1 nodes that join it.
+start_cluster() {
+  $grex init --data "$data/node-0" --flocks 256 --replication 3 > /dev/null
+  start 0
+  for i in $(seq 1 $(($1 - 1))); do
+    $grex cluster credentials --data "$data/node-0" --out "$data/node-$i.creds" > /dev/null
+    start "$i" --credentials "$data/node-$i.creds" --join 127.0.0.1:17072
+  done
+}
+
+# formed N [I]: every flock has min(N, 3) herders and a leader, and no membership change is under
+# way, as node I (default 0) sees it.
+formed() {
+  local map herders=$(($1 < 3 ? $1 : 3))
+  map=$($grex flock ls --node "http://127.0.0.1:$((17070 + 10 * ${2:-0}))" 2>/dev/null) || return 1
+  [ "$(grep -c '^node ' <<< "$map")" = "$1" ] && [ "$(grep -cE "^ *[0-9]+( \S+){$herders}\$" <<< "$map")" = 256 ] \
+    && [ "$(grep -c '\*' <<< "$map")" = 256 ] && ! grep -q 'membership changing' <<< "$map"
+}
+wait_formed() {
+  for _ in $(seq 1 1200); do formed "$@" && return; sleep 0.1; done
+  echo "the cluster did not form"; exit 1
+}
