@@ -43,13 +43,15 @@ pub struct RespLimits {
     pub bulk_bytes_max: usize,
     /// The largest whole request.
     pub request_bytes_max: usize,
+    /// How long part of a request may sit in the buffer before the connection is closed.
+    pub half_sent_max: Duration,
 }
 
 impl RespLimits {
     fn for_node(node: &Node) -> RespLimits {
         let limits = &node.config().limits;
         let bulk = limits.module_bytes_max.max(limits.input_bytes_max).max(limits.item_bytes_max);
-        RespLimits { bulk_bytes_max: bulk, request_bytes_max: bulk + 1024 * 1024 }
+        RespLimits { bulk_bytes_max: bulk, request_bytes_max: bulk + 1024 * 1024, half_sent_max: REQUEST_IDLE_TIMEOUT }
     }
 }
 
@@ -317,8 +319,8 @@ impl Connection {
                 out.clear();
             }
             // Wait for more bytes: with part of a request buffered, for at most
-            // REQUEST_IDLE_TIMEOUT; with nothing buffered, as long as the client likes.
-            let patience = if buf.is_empty() { None } else { Some(REQUEST_IDLE_TIMEOUT) };
+            // `half_sent_max`; with nothing buffered, as long as the client likes.
+            let patience = if buf.is_empty() { None } else { Some(self.limits.half_sent_max) };
             let read = tokio::select! {
                 read = read_within(&mut stream, &mut chunk, patience) => match read? {
                     Some(read) => read,
@@ -551,7 +553,8 @@ fn remote_error(e: &RemoteError) -> Reply {
 mod tests {
     use super::*;
 
-    const LIMITS: RespLimits = RespLimits { bulk_bytes_max: 64, request_bytes_max: 100 };
+    const LIMITS: RespLimits =
+        RespLimits { bulk_bytes_max: 64, request_bytes_max: 100, half_sent_max: Duration::from_millis(300) };
 
     fn parse_all(bytes: &[u8]) -> Result<Vec<Vec<Vec<u8>>>, RespError> {
         let mut at = 0;
@@ -649,5 +652,38 @@ mod tests {
         let mut err = Vec::new();
         Reply::err("bad\r\nthing").write(&mut err, false);
         assert_eq!(err, b"-ERR bad  thing\r\n");
+    }
+
+    /// A node's RESP connection on a real socket, with the test limits.
+    async fn connect_to_test_node(dir: &std::path::Path) -> (TcpStream, watch::Sender<bool>) {
+        let node = Node::open(crate::NodeConfig::new(dir)).unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stopped) = watch::channel(false);
+        tokio::spawn(async move {
+            let (stream, _) = listener.accept().await.unwrap();
+            let connection = Connection { node, limits: LIMITS, resp3: false, follower_reads: false };
+            let _ = connection.serve(stream, stopped).await;
+        });
+        (TcpStream::connect(addr).await.unwrap(), stop)
+    }
+
+    #[tokio::test]
+    async fn a_half_sent_request_is_dropped_after_its_limit_but_an_idle_connection_stays() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut client, _stop) = connect_to_test_node(dir.path()).await;
+        // Idle with nothing buffered for 3x the limit: the connection stays and answers.
+        let idle = tokio::time::timeout(LIMITS.half_sent_max * 3, client.read(&mut [0; 16])).await;
+        assert!(idle.is_err(), "an idle connection was answered or closed: {idle:?}");
+        client.write_all(b"*1\r\n$4\r\nPING\r\n").await.unwrap();
+        let mut pong = [0; 7];
+        client.read_exact(&mut pong).await.unwrap();
+        assert_eq!(&pong, b"+PONG\r\n");
+        // Half a request, then silence: an error, then the connection is closed.
+        client.write_all(b"*2\r\n$4\r\nECHO\r\n$5\r\nhel").await.unwrap();
+        let mut rest = Vec::new();
+        let closed = tokio::time::timeout(Duration::from_secs(10), client.read_to_end(&mut rest)).await;
+        assert!(closed.is_ok(), "the half-sent request kept its connection open");
+        assert_eq!(rest, b"-ERR request not completed in time; connection closed\r\n");
     }
 }
