@@ -181,6 +181,10 @@ pub struct FlockInfo {
     /// sees it; false while a membership change toward the map is under way.
     #[serde(default)]
     pub settled: bool,
+    /// This node's log of the flock holds no entry at or below this index: they were folded into
+    /// a snapshot and dropped (0: none). A herder further behind catches up from a snapshot.
+    #[serde(default)]
+    pub log_purged: u64,
 }
 
 /// The flock map as one node sees it.

@@ -935,6 +935,10 @@ impl Front for Cluster {
                         herders: herders.iter().map(|h| node_id_text(*h)).collect(),
                         leader: self.leader_of(flock as u32).map(node_id_text),
                         settled: voters == want,
+                        log_purged: self
+                            .group(flock as u32)
+                            .and_then(|raft| raft.metrics().borrow().purged.map(|l| l.index))
+                            .unwrap_or(0),
                     }
                 })
                 .collect(),

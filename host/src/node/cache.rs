@@ -27,21 +27,23 @@ impl CachedBucket {
     }
 
     /// True while a change set it holds may still fail to commit, or is committed but not yet
-    /// in the store (reloading it from there would go back in time).
+    /// in the store (reloading it from there would go back in time). An entry whose latest change
+    /// set failed stays too: an earlier one may still be on its way to the store, and only the
+    /// next job on the bucket, which waits for the committer before it reloads, may drop it.
     fn has_pending(&self, durable_seq: u64) -> bool {
         self.last_seq > durable_seq
             || self.pending.as_ref().is_some_and(|t| match t.peek() {
-                None => true,
+                None | Some(Err(_)) => true,
                 Some(Ok(written)) => *written > durable_seq,
-                Some(Err(_)) => false,
             })
     }
 
-    /// The commit-log sequence that stores the effects of its latest committed change set.
-    pub(crate) fn written_seq(&self) -> Option<u64> {
+    /// The commit-log sequence after which the store holds everything this entry was built from:
+    /// its latest change set's write, or (if that failed) everything queued so far.
+    pub(crate) fn written_seq(&self, submitted_seq: u64) -> Option<u64> {
         match self.pending.as_ref()?.peek()? {
             Ok(written) => Some(*written),
-            Err(_) => None,
+            Err(_) => Some(submitted_seq),
         }
     }
 
@@ -183,6 +185,31 @@ mod tests {
         cache.evict(6);
         assert_eq!(cache.stats().buckets, 1);
         assert!(cache.take(b"b").is_some());
+    }
+
+    fn resolved(result: Result<u64, crate::error::RemoteError>) -> Ticket {
+        use futures::FutureExt;
+        let ticket = futures::future::ready(result).boxed().shared();
+        let _ = futures::executor::block_on(ticket.clone());
+        ticket
+    }
+
+    #[test]
+    fn a_committed_bucket_stays_until_its_apply_is_written_and_a_failed_one_until_reloaded() {
+        let one = bucket_of(1000).bytes();
+        let mut cache = BucketCache::new(one);
+        let failure = crate::error::error(crate::error::ErrorCode::Unavailable, "lost the lead");
+        let committed = CachedBucket { pending: Some(resolved(Ok(7))), ..CachedBucket::loaded(bucket_of(1000), 1) };
+        let failed = CachedBucket { pending: Some(resolved(Err(failure))), ..CachedBucket::loaded(bucket_of(1000), 1) };
+        assert_eq!(committed.written_seq(9), Some(7));
+        assert_eq!(failed.written_seq(9), Some(9), "a failed entry waits for everything queued");
+        cache.put(b"c".to_vec(), CachedBucket::loaded(bucket_of(1000), 1), 6);
+        cache.put(b"a".to_vec(), committed, 6);
+        cache.put(b"b".to_vec(), failed, 6);
+        assert_eq!(cache.stats().buckets, 2, "only the plain entry went");
+        cache.evict(7);
+        assert_eq!(cache.stats().buckets, 1, "the apply is written: the committed entry may go");
+        assert!(cache.take(b"b").is_some(), "the failed entry stays until a job takes it");
     }
 
     #[test]

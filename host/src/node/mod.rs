@@ -417,6 +417,7 @@ impl Node {
                     herders: vec![me.clone()],
                     leader: Some(me.clone()),
                     settled: true,
+                    log_purged: 0,
                 })
                 .collect(),
         }

@@ -204,7 +204,7 @@ impl Shard {
             Some(entry) if entry.term == term && !entry.failed() => entry,
             stale => {
                 // A committed change set's effects may still be on their way to the store.
-                if let Some(seq) = stale.and_then(|e| e.written_seq())
+                if let Some(seq) = stale.and_then(|e| e.written_seq(self.commits.submitted_seq()))
                     && let Err(e) = self.commits.block_until_written(seq)
                 {
                     return fail(e);
