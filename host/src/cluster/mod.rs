@@ -778,9 +778,8 @@ impl Cluster {
 
     /// On a flock's leader: make the flock's voters the map's herders (learner, catch up, promote).
     fn reconcile_flock(&self, flock: u32) {
-        let want: BTreeSet<NodeId> = self.herders(flock).into_iter().collect();
-        let have: BTreeSet<NodeId> = self.voters(flock).into_iter().collect();
-        if want.is_empty() || want == have || self.inner.reconfiguring[flock as usize].swap(true, Ordering::AcqRel) {
+        if self.herders_wanted(flock).is_none() || self.inner.reconfiguring[flock as usize].swap(true, Ordering::AcqRel)
+        {
             return;
         }
         let this = self.clone();
@@ -793,15 +792,20 @@ impl Cluster {
         });
     }
 
+    /// The flock map's herders for `flock` when its group's voters differ from them (`None`
+    /// when they match, or the map names none yet).
+    fn herders_wanted(&self, flock: u32) -> Option<BTreeSet<NodeId>> {
+        let want: BTreeSet<NodeId> = self.herders(flock).into_iter().collect();
+        let have: BTreeSet<NodeId> = self.voters(flock).into_iter().collect();
+        (!want.is_empty() && want != have).then_some(want)
+    }
+
     /// One step of [`Cluster::reconcile_flock`]: makes the flock's voters the map's herders.
     /// True if it changed them and should look again.
     async fn change_herders(&self, flock: u32) -> bool {
         let raft = &self.inner.flocks[flock as usize];
-        let want: BTreeSet<NodeId> = self.herders(flock).into_iter().collect();
+        let Some(want) = self.herders_wanted(flock) else { return false };
         let have: BTreeSet<NodeId> = self.voters(flock).into_iter().collect();
-        if want.is_empty() || want == have {
-            return false;
-        }
         let nodes = self.meta_state().nodes;
         for id in want.difference(&have) {
             let Some(info) = nodes.get(id).cloned() else { return false };
@@ -925,21 +929,15 @@ impl Front for Cluster {
                 .herders
                 .iter()
                 .enumerate()
-                .map(|(flock, herders)| {
-                    let mut voters = self.voters(flock as u32);
-                    let mut want = herders.clone();
-                    voters.sort_unstable();
-                    want.sort_unstable();
-                    FlockInfo {
-                        flock: flock as u32,
-                        herders: herders.iter().map(|h| node_id_text(*h)).collect(),
-                        leader: self.leader_of(flock as u32).map(node_id_text),
-                        settled: voters == want,
-                        log_purged: self
-                            .group(flock as u32)
-                            .and_then(|raft| raft.metrics().borrow().purged.map(|l| l.index))
-                            .unwrap_or(0),
-                    }
+                .map(|(flock, herders)| FlockInfo {
+                    flock: flock as u32,
+                    herders: herders.iter().map(|h| node_id_text(*h)).collect(),
+                    leader: self.leader_of(flock as u32).map(node_id_text),
+                    settled: self.herders_wanted(flock as u32).is_none(),
+                    log_purged: self
+                        .group(flock as u32)
+                        .and_then(|raft| raft.metrics().borrow().purged.map(|l| l.index))
+                        .unwrap_or(0),
                 })
                 .collect(),
         }

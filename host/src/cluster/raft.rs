@@ -92,7 +92,8 @@ pub enum Command {
 /// sequence of the write that puts the entry's effects in the store (see [`crate::node::Ticket`]).
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct Applied {
-    /// Once the committer has written this sequence, the store holds the entry's effects.
+    /// Once the committer has written this sequence, the store holds the entry's effects (0:
+    /// they were in the store before the entry was answered).
     pub written: u64,
 }
 
@@ -152,19 +153,14 @@ struct GroupStore {
 }
 
 impl GroupStore {
-    /// Writes through the group committer and waits until it is done; returns its sequence.
-    async fn write(&self, log: Vec<LogOp>, changes: Vec<ChangeSet>, durable: bool) -> Result<u64, String> {
+    /// Writes through the group committer and waits until it is done.
+    async fn write(&self, log: Vec<LogOp>, changes: Vec<ChangeSet>, durable: bool) -> Result<(), String> {
         let (tx, rx) = oneshot::channel();
         let done = Box::new(move |r: Result<(), String>| {
             let _ = tx.send(r);
         });
-        let seq = self
-            .node
-            .commits()
-            .submit_write(Write { log, changes, durable, done: Some(done) })
-            .map_err(|e| e.message)?;
-        rx.await.map_err(|_| "the committer stopped".to_string())??;
-        Ok(seq)
+        self.node.commits().submit_write(Write { log, changes, durable, done: Some(done) }).map_err(|e| e.message)?;
+        rx.await.map_err(|_| "the committer stopped".to_string())?
     }
 
     /// Queues a write on the group committer without waiting; returns its sequence.
@@ -331,7 +327,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn save_vote(&mut self, vote: &Vote<NodeId>) -> Result<(), StorageError<NodeId>> {
         let op = LogOp::PutState { group: self.inner.group, key: VOTE_KEY, value: encode(vote) };
-        self.inner.write(vec![op], Vec::new(), true).await.map(drop).map_err(io_write)
+        self.inner.write(vec![op], Vec::new(), true).await.map_err(io_write)
     }
 
     async fn read_vote(&mut self) -> Result<Option<Vote<NodeId>>, StorageError<NodeId>> {
@@ -349,9 +345,10 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             let mut recent = self.recent();
             for entry in entries {
                 let bytes = encode(&entry);
+                let size = bytes.len();
                 written.push(entry.log_id);
-                recent.insert(entry, bytes.len());
-                encoded.push((written[written.len() - 1].index, bytes));
+                encoded.push((entry.log_id.index, bytes));
+                recent.insert(entry, size);
             }
         }
         let recent = self.recent.clone();
@@ -375,7 +372,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     async fn truncate(&mut self, log_id: LogId<NodeId>) -> Result<(), StorageError<NodeId>> {
         self.recent().retain(|index| index < log_id.index);
         let op = LogOp::TruncateFrom { group: self.inner.group, from: log_id.index };
-        self.inner.write(vec![op], Vec::new(), true).await.map(drop).map_err(io_write)
+        self.inner.write(vec![op], Vec::new(), true).await.map_err(io_write)
     }
 
     async fn purge(&mut self, log_id: LogId<NodeId>) -> Result<(), StorageError<NodeId>> {
@@ -385,7 +382,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             LogOp::PutState { group, key: PURGED_KEY, value: encode(&Some(log_id)) },
             LogOp::PurgeUpto { group, upto: log_id.index },
         ];
-        self.inner.write(ops, Vec::new(), true).await.map(drop).map_err(io_write)
+        self.inner.write(ops, Vec::new(), true).await.map_err(io_write)
     }
 }
 
@@ -556,13 +553,13 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         } else {
             let touched: Vec<(u32, Vec<u8>, u64)> =
                 changes.iter().map(|c| (c.flock, c.bucket.clone(), c.version)).collect();
-            let written = self.inner.write(log, changes, false).await.map_err(io_write)?;
+            self.inner.write(log, changes, false).await.map_err(io_write)?;
             if !self.is_meta() {
                 for (flock, bucket, version) in touched {
                     self.inner.node.applied(flock, bucket, version).await;
                 }
             }
-            written
+            0
         };
         if let Some(applied) = self.applied {
             lock(&self.recent).applied(applied.index);

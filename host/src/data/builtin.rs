@@ -164,7 +164,7 @@ impl Builtin {
 
 /// Encodes a built-in's arguments as its job input.
 pub fn encode_args(args: &[Vec<u8>]) -> Vec<u8> {
-    grex_client::proto::encode_frame(&args.to_vec()).expect("byte strings always encode")
+    grex_client::proto::encode_frame(&args).expect("byte strings always encode")
 }
 
 /// Decodes a built-in's arguments.
