@@ -1,7 +1,8 @@
 //! What nodes say to each other. Every peer request is one [`PeerFrame`] on its own QUIC stream
 //! and gets one [`PeerResponse`]; both travel in the same length-prefixed, versioned bincode
 //! frames as client traffic (`grex_client::proto::encode_frame`), with the same size limit.
-//! Each subsystem owns a variant: raft traffic, job forwarding, membership, liveness.
+//! Each subsystem owns a variant: raft traffic (alone or batched per peer), job forwarding,
+//! membership, liveness.
 
 use grex_client::proto::{JobOutput, ModuleInfo, RemoteError};
 use openraft::raft::{
@@ -10,6 +11,7 @@ use openraft::raft::{
 };
 use serde::{Deserialize, Serialize};
 
+use super::outbox::BatchItem;
 use super::raft::{NodeId, PeerInfo, TypeConfig};
 use crate::storage::GroupId;
 
@@ -46,6 +48,11 @@ pub enum PeerRequest {
         group: GroupId,
         /// The message.
         rpc: RaftRpc,
+    },
+    /// Consensus messages of several groups, answered together in order (`outbox`).
+    RaftBatch {
+        /// Each message's group and its encoded [`RaftRpc`].
+        items: Vec<BatchItem>,
     },
     /// Run a job here (the sender found that this node leads the bucket's flock).
     Job {
@@ -99,6 +106,8 @@ pub enum PeerResponse {
     Vote(VoteResponse<NodeId>),
     /// Answer to a snapshot chunk.
     Snapshot(InstallSnapshotResponse<NodeId>),
+    /// Answers to a [`PeerRequest::RaftBatch`], one per message, in order.
+    RaftBatch(Vec<PeerResponse>),
     /// The job's result.
     Job(Result<JobOutput, RemoteError>),
     /// This node does not lead the flock; `leader` is its best guess of who does.

@@ -21,6 +21,7 @@
 
 pub mod identity;
 pub mod messages;
+mod outbox;
 mod peer;
 pub mod placement;
 mod raft;
@@ -108,9 +109,6 @@ struct Inner {
     meta_reconfiguring: AtomicBool,
     /// When each group last applied something here (for idle rebalancing).
     last_activity: Mutex<Vec<(u64, Instant)>>,
-    /// Per flock: applied something since the supervisor last looked (see `tell_commit`; the
-    /// meta group is looked at every tick).
-    applied_news: Vec<AtomicBool>,
 }
 
 /// A node id as text (how the API shows it).
@@ -161,12 +159,13 @@ impl Cluster {
         let (meta_tx, meta_state) = watch::channel(MetaState::default());
         let raft_config = Arc::new(raft::config(config.snapshot_logs).validate()?);
         let (log, sm) = raft::open_group(META_GROUP, &node, terms.clone(), Some(meta_tx))?;
-        let net = Network { group: META_GROUP, peers: peers.clone() };
+        let outbox = outbox::Outbox::new(peers.clone());
+        let net = Network { group: META_GROUP, outbox: outbox.clone() };
         let meta = Raft::new(me, raft_config.clone(), net, log, sm).await?;
         let mut flocks = Vec::new();
         for flock in 0..file.flock_count {
             let (log, sm) = raft::open_group(flock, &node, terms.clone(), None)?;
-            let net = Network { group: flock, peers: peers.clone() };
+            let net = Network { group: flock, outbox: outbox.clone() };
             flocks.push(Raft::new(me, raft_config.clone(), net, log, sm).await?);
         }
         let flock_count = file.flock_count as usize;
@@ -185,7 +184,6 @@ impl Cluster {
                 reconfiguring: (0..flock_count).map(|_| AtomicBool::new(false)).collect(),
                 meta_reconfiguring: AtomicBool::new(false),
                 last_activity: Mutex::new(vec![(0, Instant::now()); flock_count]),
-                applied_news: (0..flock_count).map(|_| AtomicBool::new(false)).collect(),
             }),
         };
         let _ = slot.set(cluster.clone());
@@ -440,25 +438,46 @@ impl Cluster {
         Some(self.inner.node.run_job_here(bucket, module, input.to_vec(), read_only).await)
     }
 
+    /// Hands one consensus message to its group.
+    async fn answer_raft(&self, group: GroupId, rpc: RaftRpc) -> PeerResponse {
+        let Some(raft) = self.group(group) else {
+            return PeerResponse::Error(error(ErrorCode::BadRequest, format!("no group {group}")));
+        };
+        let failed = |e: String| PeerResponse::Error(error(ErrorCode::Unavailable, e));
+        match rpc {
+            RaftRpc::Append(req) => {
+                raft.append_entries(req).await.map_or_else(|e| failed(e.to_string()), PeerResponse::Append)
+            }
+            RaftRpc::Vote(req) => raft.vote(req).await.map_or_else(|e| failed(e.to_string()), PeerResponse::Vote),
+            RaftRpc::Snapshot(req) => {
+                raft.install_snapshot(req).await.map_or_else(|e| failed(e.to_string()), PeerResponse::Snapshot)
+            }
+        }
+    }
+
     /// Answers a request from a peer.
     async fn answer(&self, from: NodeId, request: PeerRequest) -> PeerResponse {
         match request {
-            PeerRequest::Raft { group, rpc } => {
-                let Some(raft) = self.group(group) else {
-                    return PeerResponse::Error(error(ErrorCode::BadRequest, format!("no group {group}")));
-                };
-                let failed = |e: String| PeerResponse::Error(error(ErrorCode::Unavailable, e));
-                match rpc {
-                    RaftRpc::Append(req) => {
-                        raft.append_entries(req).await.map_or_else(|e| failed(e.to_string()), PeerResponse::Append)
+            PeerRequest::Raft { group, rpc } => self.answer_raft(group, rpc).await,
+            PeerRequest::RaftBatch { items } => {
+                // Together, so that the batch's appends share one commit.
+                let answers = items.into_iter().map(|(group, bytes)| async move {
+                    let rpc = match outbox::decode_item(&bytes) {
+                        Ok(rpc) => rpc,
+                        Err(answer) => return answer,
+                    };
+                    match tokio::time::timeout(outbox::BATCH_ITEM_PATIENCE, self.answer_raft(group, rpc)).await {
+                        Ok(answer) => answer,
+                        Err(_) => PeerResponse::Error(error(
+                            ErrorCode::Unavailable,
+                            format!(
+                                "group {group} did not handle the message within {:?}",
+                                outbox::BATCH_ITEM_PATIENCE
+                            ),
+                        )),
                     }
-                    RaftRpc::Vote(req) => {
-                        raft.vote(req).await.map_or_else(|e| failed(e.to_string()), PeerResponse::Vote)
-                    }
-                    RaftRpc::Snapshot(req) => {
-                        raft.install_snapshot(req).await.map_or_else(|e| failed(e.to_string()), PeerResponse::Snapshot)
-                    }
-                }
+                });
+                PeerResponse::RaftBatch(futures::future::join_all(answers).await)
             }
             PeerRequest::Job { bucket, module, input, read_only } => {
                 if bucket.len() > proto::BUCKET_KEY_BYTES_MAX {
@@ -554,7 +573,6 @@ impl Cluster {
                     let applied = m.last_applied.map_or(0, |l| l.index);
                     if activity[flock as usize].0 != applied {
                         activity[flock as usize] = (applied, Instant::now());
-                        self.inner.applied_news[flock as usize].store(true, Ordering::Release);
                     }
                 }
                 if leads && caught_up { term } else { 0 }
@@ -587,7 +605,6 @@ impl Cluster {
     async fn supervise(self, load: Arc<AtomicU64>) {
         let groups: Vec<GroupId> = std::iter::once(META_GROUP).chain(0..self.inner.file.flock_count).collect();
         let mut leaderless_since: Vec<Option<Instant>> = vec![None; groups.len()];
-        let mut commit_told: Vec<u64> = vec![0; groups.len()];
         let mut last_elect: Vec<Instant> = vec![Instant::now() - ELECT_BACKOFF; groups.len()];
         let mut alive: BTreeSet<NodeId> = BTreeSet::new();
         let mut ticker = tokio::time::interval(SUPERVISE_EVERY);
@@ -612,13 +629,6 @@ impl Cluster {
             for (i, &group) in groups.iter().enumerate() {
                 if sweep || group == META_GROUP {
                     self.supervise_group(group, &mut leaderless_since[i], &mut last_elect[i], reconcile).await;
-                }
-                let news = self.inner.applied_news.get(group as usize);
-                if news.is_none_or(|n| n.swap(false, Ordering::AcqRel))
-                    && !self.tell_commit(group, &mut commit_told[i]).await
-                    && let Some(news) = news
-                {
-                    news.store(true, Ordering::Release);
                 }
             }
             if reconcile && self.inner.meta.metrics().borrow().state == ServerState::Leader {
@@ -648,27 +658,6 @@ impl Cluster {
             if raft.metrics().borrow().state == ServerState::Leader {
                 let _ = raft.trigger().heartbeat().await;
             }
-        }
-        true
-    }
-
-    /// Followers learn the commit index from the next append; a leader whose log has gone quiet
-    /// sends one heartbeat instead, so followers apply (and read-only jobs there see) the last
-    /// writes within a supervisor tick. False while entries are still in flight (look again).
-    async fn tell_commit(&self, group: GroupId, told: &mut u64) -> bool {
-        let Some(raft) = self.group(group) else { return true };
-        let (leads, last_log, applied) = {
-            let metrics = raft.metrics();
-            let m = metrics.borrow();
-            (m.state == ServerState::Leader, m.last_log_index, m.last_applied.map(|l| l.index))
-        };
-        let Some(applied) = applied.filter(|_| leads) else { return true };
-        if Some(applied) != last_log {
-            return false;
-        }
-        if applied != *told {
-            *told = applied;
-            let _ = raft.trigger().heartbeat().await;
         }
         true
     }

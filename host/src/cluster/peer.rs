@@ -50,7 +50,7 @@ const DIAL_TIMEOUT: Duration = Duration::from_secs(2);
 pub type Handler = Arc<dyn Fn(NodeId, PeerRequest) -> BoxFuture<'static, PeerResponse> + Send + Sync>;
 
 /// Why a peer call failed.
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, thiserror::Error)]
 pub enum PeerError {
     /// No connection to the peer could be made, or it broke.
     #[error("peer {0} is unreachable: {1}")]

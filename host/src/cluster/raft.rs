@@ -7,10 +7,10 @@
 //!   one fsync. The log's tail stays in memory (`RecentLog`) until it is written and applied, so
 //!   appending, replicating and applying an entry never read it back from redb.
 //! - [`StateMachine`]: applying a flock's entries writes their change sets to the items tables
-//!   (without an fsync: the log is already durable, and a crash replays from the persisted applied
-//!   point); applying meta entries updates membership, the flock map and modules. The state machine
+//!   (without an fsync: the log is already durable, and a crash replays from the applied point of
+//!   the last checkpoint, see `storage`); applying meta entries updates membership, the flock map and modules. The state machine
 //!   *is* the store, so a snapshot is built from it on demand.
-//! - [`Network`]: every consensus message is one peer request (`messages::RaftRpc`).
+//! - [`Network`]: consensus messages go to peers through the node's [`Outbox`], batched per peer.
 
 // openraft's storage traits fix `StorageError` as the error type, large as it is.
 #![allow(clippy::result_large_err)]
@@ -36,12 +36,13 @@ use openraft::{
 use serde::{Deserialize, Serialize};
 use tokio::sync::{oneshot, watch};
 
-use super::messages::{PeerRequest, PeerResponse, RaftRpc};
-use super::peer::{PeerError, Peers};
+use super::messages::{PeerResponse, RaftRpc};
+use super::outbox::Outbox;
+use super::peer::PeerError;
 use super::placement::FlockMap;
 use crate::data::{ChangeSet, ItemWrite};
 use crate::node::{Node, Write};
-use crate::storage::{GroupId, LogOp, META_GROUP, ModuleId, Store};
+use crate::storage::{GroupId, LogOp, META_GROUP, ModuleId, Store, SyncTo};
 
 /// A node's id in the cluster.
 pub type NodeId = u64;
@@ -154,18 +155,18 @@ struct GroupStore {
 
 impl GroupStore {
     /// Writes through the group committer and waits until it is done.
-    async fn write(&self, log: Vec<LogOp>, changes: Vec<ChangeSet>, durable: bool) -> Result<(), String> {
+    async fn write(&self, log: Vec<LogOp>, changes: Vec<ChangeSet>, sync: SyncTo) -> Result<(), String> {
         let (tx, rx) = oneshot::channel();
         let done = Box::new(move |r: Result<(), String>| {
             let _ = tx.send(r);
         });
-        self.node.commits().submit_write(Write { log, changes, durable, done: Some(done) }).map_err(|e| e.message)?;
+        self.node.commits().submit_write(Write { log, changes, sync, done: Some(done) }).map_err(|e| e.message)?;
         rx.await.map_err(|_| "the committer stopped".to_string())?
     }
 
     /// Queues a write on the group committer without waiting; returns its sequence.
-    fn submit(&self, log: Vec<LogOp>, changes: Vec<ChangeSet>, durable: bool) -> Result<u64, String> {
-        let write = Write { log, changes, durable, done: None };
+    fn submit(&self, log: Vec<LogOp>, changes: Vec<ChangeSet>, sync: SyncTo) -> Result<u64, String> {
+        let write = Write { log, changes, sync, done: None };
         self.node.commits().submit_write(write).map_err(|e| e.message)
     }
 
@@ -326,8 +327,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn save_vote(&mut self, vote: &Vote<NodeId>) -> Result<(), StorageError<NodeId>> {
-        let op = LogOp::PutState { group: self.inner.group, key: VOTE_KEY, value: encode(vote) };
-        self.inner.write(vec![op], Vec::new(), true).await.map_err(io_write)
+        let op = LogOp::PutLogState { group: self.inner.group, key: VOTE_KEY, value: encode(vote) };
+        self.inner.write(vec![op], Vec::new(), SyncTo::Log).await.map_err(io_write)
     }
 
     async fn read_vote(&mut self) -> Result<Option<Vote<NodeId>>, StorageError<NodeId>> {
@@ -363,7 +364,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         let _ = self.inner.node.commits().submit_write(Write {
             log: vec![op],
             changes: Vec::new(),
-            durable: true,
+            sync: SyncTo::Log,
             done: Some(done),
         });
         Ok(())
@@ -372,17 +373,19 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     async fn truncate(&mut self, log_id: LogId<NodeId>) -> Result<(), StorageError<NodeId>> {
         self.recent().retain(|index| index < log_id.index);
         let op = LogOp::TruncateFrom { group: self.inner.group, from: log_id.index };
-        self.inner.write(vec![op], Vec::new(), true).await.map_err(io_write)
+        self.inner.write(vec![op], Vec::new(), SyncTo::Log).await.map_err(io_write)
     }
 
     async fn purge(&mut self, log_id: LogId<NodeId>) -> Result<(), StorageError<NodeId>> {
         self.recent().retain(|index| index > log_id.index);
         let group = self.inner.group;
         let ops = vec![
-            LogOp::PutState { group, key: PURGED_KEY, value: encode(&Some(log_id)) },
+            LogOp::PutLogState { group, key: PURGED_KEY, value: encode(&Some(log_id)) },
             LogOp::PurgeUpto { group, upto: log_id.index },
         ];
-        self.inner.write(ops, Vec::new(), true).await.map_err(io_write)
+        // A checkpoint first: the entries go only once the state they built is on disk (they
+        // are applied, since openraft purges only up to a snapshot, and so queued before this).
+        self.inner.write(ops, Vec::new(), SyncTo::All).await.map_err(io_write)
     }
 }
 
@@ -549,11 +552,11 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         // group's readers read the store.
         let leading = !self.is_meta() && self.terms.get(self.inner.group).is_some();
         let written = if leading {
-            self.inner.submit(log, changes, false).map_err(io_write)?
+            self.inner.submit(log, changes, SyncTo::Nothing).map_err(io_write)?
         } else {
             let touched: Vec<(u32, Vec<u8>, u64)> =
                 changes.iter().map(|c| (c.flock, c.bucket.clone(), c.version)).collect();
-            self.inner.write(log, changes, false).await.map_err(io_write)?;
+            self.inner.write(log, changes, SyncTo::Nothing).await.map_err(io_write)?;
             if !self.is_meta() {
                 for (flock, bucket, version) in touched {
                     self.inner.node.applied(flock, bucket, version).await;
@@ -606,7 +609,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 .collect();
             log.push(LogOp::PutState { group, key: META_STATE_KEY, value: encode(&snap.state) });
             log.push(self.applied_op());
-            self.inner.write(log, Vec::new(), true).await.map_err(io_write)?;
+            self.inner.write(log, Vec::new(), SyncTo::All).await.map_err(io_write)?;
             for (name, id, wasm) in &snap.modules {
                 self.inner.node.module_replicated(name, *id, wasm.len() as u64);
             }
@@ -624,7 +627,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 })
                 .collect();
             let log = vec![LogOp::ClearFlock { flock: group }, self.applied_op()];
-            self.inner.write(log, changes, true).await.map_err(io_write)?;
+            self.inner.write(log, changes, SyncTo::All).await.map_err(io_write)?;
             self.inner.node.drop_flock(group).await;
         }
         tracing::info!(group, last = ?meta.last_log_id, "installed a snapshot");
@@ -667,23 +670,23 @@ const RAFT_RPC_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 pub struct Network {
     /// The group.
     pub group: GroupId,
-    /// The transport.
-    pub peers: Arc<Peers>,
+    /// The node's consensus messages, batched per peer.
+    pub outbox: Arc<Outbox>,
 }
 
 /// A raft client for one group and one target node.
 pub struct GroupLink {
     group: GroupId,
     target: NodeId,
-    peers: Arc<Peers>,
+    outbox: Arc<Outbox>,
 }
 
 impl RaftNetworkFactory<TypeConfig> for Network {
     type Network = GroupLink;
 
     async fn new_client(&mut self, target: NodeId, node: &PeerInfo) -> GroupLink {
-        self.peers.learn(target, node);
-        GroupLink { group: self.group, target, peers: self.peers.clone() }
+        self.outbox.peers().learn(target, node);
+        GroupLink { group: self.group, target, outbox: self.outbox.clone() }
     }
 }
 
@@ -691,11 +694,10 @@ type RpcResult<T, E = openraft::error::Infallible> = Result<T, RPCError<NodeId, 
 
 impl GroupLink {
     async fn send<E: std::error::Error>(&self, rpc: RaftRpc, option: &RPCOption) -> RpcResult<PeerResponse, E> {
-        let request = PeerRequest::Raft { group: self.group, rpc };
         // openraft's TTL is the heartbeat interval; a busy or catching-up peer gets longer, and the
         // failure detector, not this timeout, decides when a peer is down.
         let timeout = option.hard_ttl().max(RAFT_RPC_TIMEOUT);
-        match self.peers.call(self.target, request, timeout).await {
+        match self.outbox.send(self.target, self.group, rpc, timeout).await {
             Ok(PeerResponse::Error(e)) => Err(RPCError::Network(NetworkError::new(&e))),
             Ok(answer) => Ok(answer),
             Err(e @ PeerError::Unreachable(..)) => Err(RPCError::Unreachable(Unreachable::new(&e))),

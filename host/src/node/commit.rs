@@ -3,26 +3,34 @@
 //!
 //! Executors hand change sets to [`CommitLog::submit`], which numbers them (a sequence that grows
 //! by one per change set, in submission order) and queues them. The committer thread takes
-//! everything queued, commits it in one transaction (one fsync), and publishes the highest
-//! sequence now durable. While it waits on the disk, the next batch queues up, so under load one
-//! fsync covers many jobs without any timer. Callers wait for `durable >= seq` before they answer.
+//! everything queued, commits it together (one fsync of what the writes' [`SyncTo`] asks for), and
+//! publishes the highest sequence now written. While it waits on the disk, the next batch queues
+//! up, so under load one fsync covers many jobs without any timer. Callers wait for
+//! `durable >= seq` before they answer. State written without a sync (a cluster node applying its
+//! log) is synced by a checkpoint within [`CHECKPOINT_EVERY`].
 //!
 //! If a commit fails, the log turns [`Durable::Failed`] for good: the cache may hold writes that
 //! never reached disk, so the node refuses writes until it is restarted (fail-stop).
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, sync_channel};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 
 use crate::data::ChangeSet;
 use crate::error::{ErrorCode, RemoteError, error};
-use crate::storage::{Batch, LogOp, Store};
+use crate::storage::{Batch, LogOp, Store, SyncTo};
 
 /// The most change sets in one transaction; bounds a commit's memory and latency.
 pub const BATCH_CHANGE_SETS_MAX: usize = 4096;
+
+/// The longest state writes stay unsynced (a cluster node applies without fsync): after this the
+/// committer makes its next write a checkpoint, or writes one when idle. Bounds what a crash
+/// makes the node replay from its logs, and the memory the store keeps for unsynced pages.
+pub const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
 
 /// How far the log has reached disk.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -56,14 +64,16 @@ pub struct Write {
     pub log: Vec<LogOp>,
     /// Change sets.
     pub changes: Vec<ChangeSet>,
-    /// Must be fsync'd before it counts as done.
-    pub durable: bool,
+    /// What must be on disk before it counts as done.
+    pub sync: SyncTo,
     /// Called from the committer thread when the write is done.
     pub done: Option<WriteDone>,
 }
 
 enum CommitMsg {
     Write(u64, Write),
+    /// Sync the state (sent by the committer to itself when idle).
+    Checkpoint,
     Stop,
 }
 
@@ -104,7 +114,7 @@ impl CommitLog {
 
     /// Queues a change set (blocking while the queue is full); returns its sequence.
     pub fn submit(&self, change: ChangeSet) -> Result<u64, RemoteError> {
-        self.submit_write(Write { log: Vec::new(), changes: vec![change], durable: true, done: None })
+        self.submit_write(Write { log: Vec::new(), changes: vec![change], sync: SyncTo::All, done: None })
     }
 
     /// Queues a write (blocking while the queue is full); returns its sequence. On failure the
@@ -217,9 +227,17 @@ fn run_committer(store: &dyn Store, rx: Receiver<CommitMsg>, durable: &watch::Se
     let mut stopping = false;
     // A message that could not join the last batch (it must not be reordered with it).
     let mut held: Option<CommitMsg> = None;
+    // State written since the last checkpoint, and when that was.
+    let mut unsynced = false;
+    let mut checkpointed = Instant::now();
     while !stopping {
         let first = match held.take() {
             Some(msg) => msg,
+            None if unsynced => match rx.recv_timeout(CHECKPOINT_EVERY.saturating_sub(checkpointed.elapsed())) {
+                Ok(msg) => msg,
+                Err(RecvTimeoutError::Timeout) => CommitMsg::Checkpoint,
+                Err(RecvTimeoutError::Disconnected) => break,
+            },
             None => match rx.recv() {
                 Ok(msg) => msg,
                 Err(_) => break,
@@ -227,7 +245,7 @@ fn run_committer(store: &dyn Store, rx: Receiver<CommitMsg>, durable: &watch::Se
         };
         let mut batch = Batch::default();
         let mut done: Vec<WriteDone> = Vec::new();
-        let mut last_seq = 0;
+        let mut last_seq = None;
         let mut next = Some(first);
         while let Some(msg) = next.take() {
             match msg {
@@ -239,23 +257,29 @@ fn run_committer(store: &dyn Store, rx: Receiver<CommitMsg>, durable: &watch::Se
                         held = Some(CommitMsg::Write(seq, write));
                         break;
                     }
-                    last_seq = seq;
+                    last_seq = Some(seq);
                     batch.log.extend(write.log);
                     batch.changes.extend(write.changes);
-                    batch.durable |= write.durable;
+                    batch.sync = batch.sync.max(write.sync);
                     done.extend(write.done);
                     if batch.changes.len() >= BATCH_CHANGE_SETS_MAX || batch.log.len() >= BATCH_CHANGE_SETS_MAX {
                         break;
                     }
                 }
+                CommitMsg::Checkpoint => batch.sync = SyncTo::All,
                 CommitMsg::Stop => {
                     stopping = true;
+                    batch.sync = SyncTo::All;
                     break;
                 }
             }
             next = rx.try_recv().ok();
         }
-        if last_seq == 0 {
+        let writes_state = !batch.changes.is_empty() || batch.log.iter().any(|op| !op.on_log());
+        if batch.sync < SyncTo::All && (writes_state || unsynced) && checkpointed.elapsed() >= CHECKPOINT_EVERY {
+            batch.sync = SyncTo::All;
+        }
+        if last_seq.is_none() && !(batch.sync == SyncTo::All && unsynced) {
             continue;
         }
         if let Err(e) = store.write(&batch) {
@@ -273,7 +297,13 @@ fn run_committer(store: &dyn Store, rx: Receiver<CommitMsg>, durable: &watch::Se
             }
             return;
         }
-        if batch.durable {
+        if batch.sync == SyncTo::All {
+            unsynced = false;
+            checkpointed = Instant::now();
+        } else {
+            unsynced |= writes_state;
+        }
+        if batch.sync > SyncTo::Nothing {
             // A cluster node's change sets become durable as log entries; applying them later
             // needs no fsync of its own.
             let entries: usize =
@@ -281,7 +311,9 @@ fn run_committer(store: &dyn Store, rx: Receiver<CommitMsg>, durable: &watch::Se
             stats.commits.fetch_add(1, Ordering::Relaxed);
             stats.change_sets.fetch_add((batch.changes.len() + entries) as u64, Ordering::Relaxed);
         }
-        durable.send_replace(Durable::Upto(last_seq));
+        if let Some(seq) = last_seq {
+            durable.send_replace(Durable::Upto(seq));
+        }
         for done in done {
             done(Ok(()));
         }
@@ -315,6 +347,27 @@ mod tests {
         assert_eq!(store.bucket_version(b"k").unwrap(), 100);
         assert!(log.stats.commits.load(Ordering::Relaxed) <= 100);
         assert_eq!(log.stats.change_sets.load(Ordering::Relaxed), 100);
+        log.stop();
+    }
+
+    #[tokio::test]
+    async fn unsynced_state_is_readable_at_once_and_checkpointed_when_the_committer_goes_idle() {
+        let store = Arc::new(MemoryStore::new(16));
+        let log = CommitLog::start(store.clone(), 16);
+        let write = Write { log: Vec::new(), changes: vec![change(b"k", 1)], sync: SyncTo::Nothing, done: None };
+        let seq = log.submit_write(write).unwrap();
+        log.wait_durable(seq).await.unwrap();
+        assert_eq!(store.bucket_version(b"k").unwrap(), 1);
+        assert_eq!(log.stats.commits.load(Ordering::Relaxed), 0, "applying alone syncs nothing");
+        let mut synced = log.durable.subscribe();
+        tokio::time::timeout(CHECKPOINT_EVERY * 10, async {
+            while log.stats.commits.load(Ordering::Relaxed) == 0 {
+                let _ = tokio::time::timeout(CHECKPOINT_EVERY / 10, synced.changed()).await;
+            }
+        })
+        .await
+        .expect("an idle committer checkpoints unsynced state");
+        assert_eq!(log.stats.commits.load(Ordering::Relaxed), 1, "one checkpoint, then nothing is left to sync");
         log.stop();
     }
 

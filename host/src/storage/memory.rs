@@ -83,7 +83,7 @@ impl Store for MemoryStore {
                 LogOp::PurgeUpto { group, upto } => {
                     state.log.retain(|(g, i), _| g != group || i > upto);
                 }
-                LogOp::PutState { group, key, value } => {
+                LogOp::PutState { group, key, value } | LogOp::PutLogState { group, key, value } => {
                     state.log_state.insert((*group, key.to_string()), value.clone());
                 }
                 LogOp::ClearFlock { flock } => {

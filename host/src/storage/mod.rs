@@ -1,17 +1,21 @@
 //! Storage: the node's durable state behind the small [`Store`] trait.
 //!
-//! [`RedbStore`] keeps everything in one redb file (`grex.redb` in the data directory): items,
+//! [`RedbStore`] keeps the state in one redb file (`grex.redb` in the data directory): items,
 //! bucket versions, modules and their names, and node metadata with a schema version checked on
-//! open. `docs/storage.md` lists the tables. [`MemoryStore`] is the same contract in memory, for
+//! open; the cluster's replicated logs are in a second one (`grex-log.redb`). `docs/storage.md` lists the tables. [`MemoryStore`] is the same contract in memory, for
 //! tests; [`FaultyStore`] wraps any store and fails after N operations, for fault tests.
 //!
-//! Invariant: [`Store::write`] applies a [`Batch`] (change sets plus replicated-log operations) in
-//! one transaction, all or none, and when it returns `Ok` for a durable batch on a durable store the
-//! batch and everything written before it is on disk (fsync'd). Many jobs share one write: that is
-//! the node's group commit.
+//! Invariant: [`Store::write`] applies a [`Batch`] (change sets plus replicated-log operations)
+//! atomically per part, the log's part and the state's part, and when it returns `Ok` on a durable
+//! store, what the batch's [`SyncTo`] names is on disk (fsync'd) with everything of that part
+//! written before it. Many jobs share one write: that is the node's group commit.
 //!
 //! The replicated logs of the cluster (`cluster::raft`) live here too, as opaque bytes: log entries
-//! keyed (group, index) and a few named state values per group (vote, purge point, applied point).
+//! keyed (group, index) and a few named values per group: the log's own (vote, purge point) and
+//! the state machine's (applied point, meta state). A cluster node's log part is synced on every
+//! append and its state part only now and then (a checkpoint): applying an entry the log holds
+//! needs no fsync, since a crash replays the log from the state's last applied point, and the log
+//! is purged only up to a checkpoint.
 
 mod faulty;
 mod memory;
@@ -19,7 +23,7 @@ mod redb_store;
 
 pub use faulty::FaultyStore;
 pub use memory::MemoryStore;
-pub use redb_store::{RedbStore, SCHEMA_VERSION};
+pub use redb_store::{LOG_FILE_SUFFIX, RedbStore, SCHEMA_VERSION};
 
 use crate::data::{BucketData, ChangeSet};
 use crate::error::StoreError;
@@ -65,7 +69,17 @@ pub enum LogOp {
         /// Last index to delete.
         upto: u64,
     },
-    /// Sets one named state value of a group.
+    /// Sets one of the log's own named values of a group (vote, purge point), kept with the log.
+    PutLogState {
+        /// The log.
+        group: GroupId,
+        /// Name of the value.
+        key: &'static str,
+        /// Encoded value.
+        value: Vec<u8>,
+    },
+    /// Sets one named value of a group's state machine (applied point, meta state), kept with
+    /// the state.
     PutState {
         /// The log.
         group: GroupId,
@@ -90,16 +104,40 @@ pub enum LogOp {
     },
 }
 
-/// What one transaction writes. Log operations are applied before change sets.
+impl LogOp {
+    /// Whether the operation belongs to the log's part of a batch (else to the state's).
+    pub fn on_log(&self) -> bool {
+        matches!(
+            self,
+            LogOp::Append { .. } | LogOp::TruncateFrom { .. } | LogOp::PurgeUpto { .. } | LogOp::PutLogState { .. }
+        )
+    }
+}
+
+/// What of a batch must be on disk before [`Store::write`] returns (ignored by a store opened
+/// without fsync). Ordered: a batch made of several writes syncs what the most demanding needs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub enum SyncTo {
+    /// Nothing: applying entries the log already holds (a crash replays them).
+    #[default]
+    Nothing,
+    /// The log's part: appends, truncation, purge point, vote.
+    Log,
+    /// Both parts, with every state write before: a checkpoint (change sets of a node without a
+    /// log, installed snapshots, and before the log is purged).
+    All,
+}
+
+/// What one write to the store holds. Log operations are applied before change sets, and the
+/// state's part is written before the log's (a checkpoint is on disk before the purge it allows).
 #[derive(Clone, Debug, Default)]
 pub struct Batch {
     /// Replicated-log operations.
     pub log: Vec<LogOp>,
     /// Change sets, in order.
     pub changes: Vec<ChangeSet>,
-    /// Must be on disk before `write` returns (ignored by a store opened without fsync). Batches
-    /// that only apply already-durable log entries need not be: a crash replays them.
-    pub durable: bool,
+    /// What must be on disk when the write returns.
+    pub sync: SyncTo,
 }
 
 /// The node's durable state.
@@ -120,17 +158,18 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<Vec<String>, StoreError>;
     /// A bucket's committed version.
     fn bucket_version(&self, bucket: &[u8]) -> Result<u64, StoreError>;
-    /// Writes a batch in one atomic transaction, fsync'd if `batch.durable` and the store is durable.
+    /// Writes a batch, each part in one atomic transaction, fsync'd as `batch.sync` says if the
+    /// store is durable.
     fn write(&self, batch: &Batch) -> Result<(), StoreError>;
     /// Applies change sets, in order, in one atomic, durable transaction.
     fn commit(&self, changes: &[ChangeSet]) -> Result<(), StoreError> {
-        self.write(&Batch { log: Vec::new(), changes: changes.to_vec(), durable: true })
+        self.write(&Batch { log: Vec::new(), changes: changes.to_vec(), sync: SyncTo::All })
     }
     /// Log entries of `group` with index in `from..to`, at most `limit`.
     fn log_entries(&self, group: GroupId, from: u64, to: u64, limit: usize) -> Result<Vec<(u64, Vec<u8>)>, StoreError>;
     /// The last log entry of `group`.
     fn log_last(&self, group: GroupId) -> Result<Option<(u64, Vec<u8>)>, StoreError>;
-    /// A named state value of `group`.
+    /// A named value of `group`, the log's own or its state machine's.
     fn log_state(&self, group: GroupId, key: &str) -> Result<Option<Vec<u8>>, StoreError>;
     /// Every bucket of a flock with its items (for a snapshot), in bucket-key order.
     fn flock_buckets(&self, flock: u32) -> Result<Vec<(Vec<u8>, BucketData)>, StoreError>;
@@ -196,16 +235,18 @@ pub(crate) mod contract {
         let log = vec![
             LogOp::Append { group: 3, entries: entries(1..6) },
             LogOp::Append { group: META_GROUP, entries: entries(1..3) },
-            LogOp::PutState { group: 3, key: "vote", value: b"v1".to_vec() },
+            LogOp::PutLogState { group: 3, key: "vote", value: b"v1".to_vec() },
+            LogOp::PutState { group: 3, key: "applied", value: b"a1".to_vec() },
         ];
-        store.write(&Batch { log, changes: vec![change(b"a", 1, &[("x", Some("1"))])], durable: true }).unwrap();
+        store.write(&Batch { log, changes: vec![change(b"a", 1, &[("x", Some("1"))])], sync: SyncTo::Log }).unwrap();
         assert_eq!(store.log_entries(3, 2, 4, 10).unwrap(), entries(2..4));
         assert_eq!(store.log_entries(3, 0, u64::MAX, 2).unwrap(), entries(1..3));
         assert_eq!(store.log_last(META_GROUP).unwrap(), Some((2, vec![2])));
         assert_eq!(store.log_state(3, "vote").unwrap().as_deref(), Some(&b"v1"[..]));
+        assert_eq!(store.log_state(3, "applied").unwrap().as_deref(), Some(&b"a1"[..]));
         assert_eq!(store.log_state(4, "vote").unwrap(), None);
         let log = vec![LogOp::TruncateFrom { group: 3, from: 4 }, LogOp::PurgeUpto { group: 3, upto: 1 }];
-        store.write(&Batch { log, changes: vec![], durable: true }).unwrap();
+        store.write(&Batch { log, changes: vec![], sync: SyncTo::Log }).unwrap();
         assert_eq!(store.log_entries(3, 0, u64::MAX, 10).unwrap(), entries(2..4));
         assert_eq!(store.log_last(3).unwrap(), Some((3, vec![3])));
         assert_eq!(store.log_last(7).unwrap(), None);
@@ -215,7 +256,7 @@ pub(crate) mod contract {
         assert_eq!(buckets.len(), 1);
         assert_eq!(buckets[0].0, b"a");
         assert_eq!(buckets[0].1.version, 1);
-        store.write(&Batch { log: vec![LogOp::ClearFlock { flock }], changes: vec![], durable: true }).unwrap();
+        store.write(&Batch { log: vec![LogOp::ClearFlock { flock }], changes: vec![], sync: SyncTo::All }).unwrap();
         assert_eq!(store.flock_buckets(flock).unwrap(), vec![]);
         assert_eq!(store.bucket_version(b"a").unwrap(), 0);
         assert_eq!(store.get_item(b"a", "x").unwrap(), None);

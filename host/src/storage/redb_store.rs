@@ -1,16 +1,21 @@
-//! The redb implementation of [`Store`].
+//! The redb implementation of [`Store`]: two files, the state (`grex.redb`) and the cluster's
+//! replicated logs (`grex-log.redb`), so that syncing an append writes only log pages, and the
+//! state's pages reach the disk at checkpoints (see the module docs of `storage`).
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
 
-use super::{Batch, GroupId, LogOp, ModuleId, NodeMeta, Store};
+use super::{Batch, GroupId, LogOp, ModuleId, NodeMeta, Store, SyncTo};
 use crate::data::{BucketData, flock_of};
 use crate::error::StoreError;
 
 /// The schema this binary reads and writes. Bump it with any change to the tables below.
-pub const SCHEMA_VERSION: u32 = 2;
+pub const SCHEMA_VERSION: u32 = 3;
+
+/// The log file's name is the state file's stem and this.
+pub const LOG_FILE_SUFFIX: &str = "-log.redb";
 
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 const ITEMS: TableDefinition<(&[u8], &str), &[u8]> = TableDefinition::new("items");
@@ -18,7 +23,10 @@ const ITEMS: TableDefinition<(&[u8], &str), &[u8]> = TableDefinition::new("items
 const BUCKETS: TableDefinition<(u32, &[u8]), u64> = TableDefinition::new("buckets");
 const MODULES: TableDefinition<&[u8], &[u8]> = TableDefinition::new("modules");
 const MODULE_NAMES: TableDefinition<&str, &[u8]> = TableDefinition::new("module_names");
+/// In the log file: (group, index) → entry, and the log's own values (vote, purge point).
 const RAFT_LOG: TableDefinition<(u32, u64), &[u8]> = TableDefinition::new("raft_log");
+const LOG_STATE: TableDefinition<(u32, &str), &[u8]> = TableDefinition::new("log_state");
+/// In the state file: each group's state machine values (applied point, meta state).
 const RAFT_STATE: TableDefinition<(u32, &str), &[u8]> = TableDefinition::new("raft_state");
 
 const SCHEMA_KEY: &str = "schema_version";
@@ -29,21 +37,127 @@ fn engine(e: impl Into<redb::Error>) -> StoreError {
     StoreError::Engine(e.into().to_string())
 }
 
-/// A node's data in one redb file.
+/// A node's data in two redb files: the state, and the replicated logs.
 pub struct RedbStore {
     db: Database,
+    log: Database,
     meta: NodeMeta,
     durability: Durability,
 }
 
+/// Where the log file of the state file at `path` is.
+pub fn log_path(path: &Path) -> PathBuf {
+    let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or("grex");
+    path.with_file_name(format!("{stem}{LOG_FILE_SUFFIX}"))
+}
+
 impl RedbStore {
-    /// Opens `path`, creating it with `flock_count` flocks and a new node id if it does not exist.
-    /// With `durable`, every commit is fsync'd before it returns.
+    /// Opens the state file `path` and its log file beside it, creating them with `flock_count`
+    /// flocks and a new node id if they do not exist. With `durable`, commits are fsync'd as
+    /// their batch says.
     pub fn open(path: &Path, flock_count: u32, durable: bool) -> Result<Self, StoreError> {
+        let log_path = log_path(path);
+        let fresh = !path.exists();
+        if !fresh && !log_path.exists() {
+            return Err(StoreError::Corrupt(format!(
+                "{} is missing beside {}; restore it from the same backup, or start this node from an empty data directory",
+                log_path.display(),
+                path.display()
+            )));
+        }
         let db = Database::create(path).map_err(engine)?;
         let meta = init_meta(&db, flock_count)?;
+        let log = Database::create(&log_path).map_err(engine)?;
+        let txn = log.begin_write().map_err(engine)?;
+        txn.open_table(RAFT_LOG).map_err(engine)?;
+        txn.open_table(LOG_STATE).map_err(engine)?;
+        txn.commit().map_err(engine)?;
         let durability = if durable { Durability::Immediate } else { Durability::None };
-        Ok(RedbStore { db, meta, durability })
+        Ok(RedbStore { db, log, meta, durability })
+    }
+
+    /// Commits the state's part of a batch (synced only for a checkpoint).
+    fn write_state(&self, ops: &[&LogOp], batch: &Batch) -> Result<(), StoreError> {
+        let mut txn = self.db.begin_write().map_err(engine)?;
+        let durability = if batch.sync == SyncTo::All { self.durability } else { Durability::None };
+        txn.set_durability(durability).map_err(|e| StoreError::Engine(e.to_string()))?;
+        {
+            let mut items = txn.open_table(ITEMS).map_err(engine)?;
+            let mut buckets = txn.open_table(BUCKETS).map_err(engine)?;
+            let mut state = txn.open_table(RAFT_STATE).map_err(engine)?;
+            for op in ops {
+                match op {
+                    LogOp::PutState { group, key, value } => {
+                        state.insert((*group, *key), value.as_slice()).map_err(engine)?;
+                    }
+                    LogOp::ClearFlock { flock } => {
+                        let mut gone = Vec::new();
+                        for entry in buckets.range((*flock, &[][..])..).map_err(engine)? {
+                            let (key, _) = entry.map_err(engine)?;
+                            let (f, bucket) = key.value();
+                            if f != *flock {
+                                break;
+                            }
+                            gone.push(bucket.to_vec());
+                        }
+                        for bucket in &gone {
+                            buckets.remove((*flock, bucket.as_slice())).map_err(engine)?;
+                            let keys: Vec<String> = read_items(&items, bucket)?.into_keys().collect();
+                            for item in keys {
+                                items.remove((bucket.as_slice(), item.as_str())).map_err(engine)?;
+                            }
+                        }
+                    }
+                    LogOp::PutModule { id, name, wasm } => {
+                        txn.open_table(MODULES).map_err(engine)?.insert(&id[..], wasm.as_slice()).map_err(engine)?;
+                        txn.open_table(MODULE_NAMES).map_err(engine)?.insert(name.as_str(), &id[..]).map_err(engine)?;
+                    }
+                    _ => unreachable!("log operations are written by write_log"),
+                }
+            }
+            for change in &batch.changes {
+                for write in &change.writes {
+                    let key = (change.bucket.as_slice(), write.item.as_str());
+                    match &write.value {
+                        Some(value) => items.insert(key, value.as_slice()).map_err(engine)?,
+                        None => items.remove(key).map_err(engine)?,
+                    };
+                }
+                buckets.insert((change.flock, change.bucket.as_slice()), change.version).map_err(engine)?;
+            }
+        }
+        txn.commit().map_err(engine)
+    }
+
+    /// Commits the log's part of a batch.
+    fn write_log(&self, ops: &[&LogOp], sync: SyncTo) -> Result<(), StoreError> {
+        let mut txn = self.log.begin_write().map_err(engine)?;
+        let durability = if sync >= SyncTo::Log { self.durability } else { Durability::None };
+        txn.set_durability(durability).map_err(|e| StoreError::Engine(e.to_string()))?;
+        {
+            let mut log = txn.open_table(RAFT_LOG).map_err(engine)?;
+            let mut state = txn.open_table(LOG_STATE).map_err(engine)?;
+            for op in ops {
+                match op {
+                    LogOp::Append { group, entries } => {
+                        for (index, entry) in entries {
+                            log.insert((*group, *index), entry.as_slice()).map_err(engine)?;
+                        }
+                    }
+                    LogOp::TruncateFrom { group, from } => {
+                        log.retain_in((*group, *from)..=(*group, u64::MAX), |_, _| false).map_err(engine)?;
+                    }
+                    LogOp::PurgeUpto { group, upto } => {
+                        log.retain_in((*group, 0)..=(*group, *upto), |_, _| false).map_err(engine)?;
+                    }
+                    LogOp::PutLogState { group, key, value } => {
+                        state.insert((*group, *key), value.as_slice()).map_err(engine)?;
+                    }
+                    _ => unreachable!("state operations are written by write_state"),
+                }
+            }
+        }
+        txn.commit().map_err(engine)
     }
 }
 
@@ -87,7 +201,6 @@ fn init_meta(db: &Database, flock_count: u32) -> Result<NodeMeta, StoreError> {
     txn.open_table(BUCKETS).map_err(engine)?;
     txn.open_table(MODULES).map_err(engine)?;
     txn.open_table(MODULE_NAMES).map_err(engine)?;
-    txn.open_table(RAFT_LOG).map_err(engine)?;
     txn.open_table(RAFT_STATE).map_err(engine)?;
     txn.commit().map_err(engine)?;
     Ok(meta)
@@ -173,81 +286,22 @@ impl Store for RedbStore {
     }
 
     fn write(&self, batch: &Batch) -> Result<(), StoreError> {
-        let mut txn = self.db.begin_write().map_err(engine)?;
-        let durability = if batch.durable { self.durability } else { Durability::None };
-        txn.set_durability(durability).map_err(|e| StoreError::Engine(e.to_string()))?;
-        {
-            let mut items = txn.open_table(ITEMS).map_err(engine)?;
-            let mut buckets = txn.open_table(BUCKETS).map_err(engine)?;
-            if !batch.log.is_empty() {
-                let mut log = txn.open_table(RAFT_LOG).map_err(engine)?;
-                let mut state = txn.open_table(RAFT_STATE).map_err(engine)?;
-                for op in &batch.log {
-                    match op {
-                        LogOp::Append { group, entries } => {
-                            for (index, entry) in entries {
-                                log.insert((*group, *index), entry.as_slice()).map_err(engine)?;
-                            }
-                        }
-                        LogOp::TruncateFrom { group, from } => {
-                            log.retain_in((*group, *from)..=(*group, u64::MAX), |_, _| false).map_err(engine)?;
-                        }
-                        LogOp::PurgeUpto { group, upto } => {
-                            log.retain_in((*group, 0)..=(*group, *upto), |_, _| false).map_err(engine)?;
-                        }
-                        LogOp::PutState { group, key, value } => {
-                            state.insert((*group, *key), value.as_slice()).map_err(engine)?;
-                        }
-                        LogOp::ClearFlock { flock } => {
-                            let mut gone = Vec::new();
-                            for entry in buckets.range((*flock, &[][..])..).map_err(engine)? {
-                                let (key, _) = entry.map_err(engine)?;
-                                let (f, bucket) = key.value();
-                                if f != *flock {
-                                    break;
-                                }
-                                gone.push(bucket.to_vec());
-                            }
-                            for bucket in &gone {
-                                buckets.remove((*flock, bucket.as_slice())).map_err(engine)?;
-                                let keys: Vec<String> = read_items(&items, bucket)?.into_keys().collect();
-                                for item in keys {
-                                    items.remove((bucket.as_slice(), item.as_str())).map_err(engine)?;
-                                }
-                            }
-                        }
-                        LogOp::PutModule { id, name, wasm } => {
-                            txn.open_table(MODULES)
-                                .map_err(engine)?
-                                .insert(&id[..], wasm.as_slice())
-                                .map_err(engine)?;
-                            txn.open_table(MODULE_NAMES)
-                                .map_err(engine)?
-                                .insert(name.as_str(), &id[..])
-                                .map_err(engine)?;
-                        }
-                    }
-                }
-            }
-            for change in &batch.changes {
-                for write in &change.writes {
-                    let key = (change.bucket.as_slice(), write.item.as_str());
-                    match &write.value {
-                        Some(value) => items.insert(key, value.as_slice()).map_err(engine)?,
-                        None => items.remove(key).map_err(engine)?,
-                    };
-                }
-                buckets.insert((change.flock, change.bucket.as_slice()), change.version).map_err(engine)?;
-            }
+        let (log_ops, state_ops): (Vec<&LogOp>, Vec<&LogOp>) = batch.log.iter().partition(|op| op.on_log());
+        // The state first: a checkpoint is on disk before the log purge that relies on it.
+        if !state_ops.is_empty() || !batch.changes.is_empty() || batch.sync == SyncTo::All {
+            self.write_state(&state_ops, batch)?;
         }
-        txn.commit().map_err(engine)
+        if !log_ops.is_empty() {
+            self.write_log(&log_ops, batch.sync)?;
+        }
+        Ok(())
     }
 
     fn log_entries(&self, group: GroupId, from: u64, to: u64, limit: usize) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
         if from >= to {
             return Ok(Vec::new());
         }
-        let txn = self.db.begin_read().map_err(engine)?;
+        let txn = self.log.begin_read().map_err(engine)?;
         let table = txn.open_table(RAFT_LOG).map_err(engine)?;
         let mut entries = Vec::new();
         for entry in table.range((group, from)..(group, to)).map_err(engine)? {
@@ -261,7 +315,7 @@ impl Store for RedbStore {
     }
 
     fn log_last(&self, group: GroupId) -> Result<Option<(u64, Vec<u8>)>, StoreError> {
-        let txn = self.db.begin_read().map_err(engine)?;
+        let txn = self.log.begin_read().map_err(engine)?;
         let table = txn.open_table(RAFT_LOG).map_err(engine)?;
         let last =
             table.range((group, 0)..=(group, u64::MAX)).map_err(engine)?.next_back().transpose().map_err(engine)?;
@@ -269,6 +323,11 @@ impl Store for RedbStore {
     }
 
     fn log_state(&self, group: GroupId, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        // The names of the two tables do not overlap.
+        let txn = self.log.begin_read().map_err(engine)?;
+        if let Some(value) = txn.open_table(LOG_STATE).map_err(engine)?.get((group, key)).map_err(engine)? {
+            return Ok(Some(value.value().to_vec()));
+        }
         let txn = self.db.begin_read().map_err(engine)?;
         let table = txn.open_table(RAFT_STATE).map_err(engine)?;
         Ok(table.get((group, key)).map_err(engine)?.map(|v| v.value().to_vec()))
@@ -359,6 +418,23 @@ mod tests {
         let again = RedbStore::open(&path, 256, true).unwrap().meta().clone();
         assert_eq!(first, again);
         assert_eq!(again.flock_count, 64);
+    }
+
+    #[test]
+    fn state_and_log_are_two_files_and_a_missing_log_is_refused_with_advice() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("grex.redb");
+        let store = RedbStore::open(&path, 16, true).unwrap();
+        let entries = vec![(1, b"e1".to_vec())];
+        let log = vec![LogOp::Append { group: 3, entries: entries.clone() }];
+        store.write(&Batch { log, changes: Vec::new(), sync: SyncTo::Log }).unwrap();
+        drop(store);
+        assert!(dir.path().join("grex-log.redb").exists());
+        assert_eq!(RedbStore::open(&path, 16, true).unwrap().log_entries(3, 0, 10, 10).unwrap(), entries);
+        std::fs::remove_file(dir.path().join("grex-log.redb")).unwrap();
+        let err = RedbStore::open(&path, 16, true).err().expect("a state file without its log must be refused");
+        assert!(err.to_string().contains("grex-log.redb is missing"), "{err}");
+        assert!(err.to_string().contains("empty data directory"), "{err}");
     }
 
     #[test]
