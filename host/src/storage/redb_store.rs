@@ -2,8 +2,9 @@
 //! replicated logs (`grex-log.redb`), so that syncing an append writes only log pages, and the
 //! state's pages reach the disk at checkpoints (see the module docs of `storage`).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
 
@@ -23,8 +24,14 @@ const ITEMS: TableDefinition<(&[u8], &str), &[u8]> = TableDefinition::new("items
 const BUCKETS: TableDefinition<(u32, &[u8]), u64> = TableDefinition::new("buckets");
 const MODULES: TableDefinition<&[u8], &[u8]> = TableDefinition::new("modules");
 const MODULE_NAMES: TableDefinition<&str, &[u8]> = TableDefinition::new("module_names");
-/// In the log file: (group, index) → entry, and the log's own values (vote, purge point).
-const RAFT_LOG: TableDefinition<(u32, u64), &[u8]> = TableDefinition::new("raft_log");
+/// In the log file: every group's entries in one sequence, in the order they were appended, so
+/// that one commit's appends of many flocks write the tail of one B-tree, not one per flock. The
+/// value is the group (u32 BE), the entry's index (u64 BE) and the encoded entry; where each
+/// group's entries are is kept in memory ([`LogIndex`]). Beside it, the log's own values (vote,
+/// purge point).
+const RAFT_LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("raft_log");
+/// Bytes before the entry in a `raft_log` value.
+const LOG_HEADER: usize = 12;
 const LOG_STATE: TableDefinition<(u32, &str), &[u8]> = TableDefinition::new("log_state");
 /// In the state file: each group's state machine values (applied point, meta state).
 const RAFT_STATE: TableDefinition<(u32, &str), &[u8]> = TableDefinition::new("raft_state");
@@ -41,8 +48,92 @@ fn engine(e: impl Into<redb::Error>) -> StoreError {
 pub struct RedbStore {
     db: Database,
     log: Database,
+    index: Mutex<LogIndex>,
     meta: NodeMeta,
     durability: Durability,
+}
+
+/// Where each group's log entries are in `raft_log`. Only the committer changes it (and the
+/// table); readers take the sequences under the lock and read them after, so an entry removed
+/// meanwhile is skipped.
+#[derive(Default)]
+struct LogIndex {
+    groups: HashMap<GroupId, GroupSeqs>,
+    next_seq: u64,
+}
+
+/// One group's entries: the one with index `first + i` is at sequence `seqs[i]`.
+#[derive(Default)]
+struct GroupSeqs {
+    first: u64,
+    seqs: VecDeque<u64>,
+}
+
+impl GroupSeqs {
+    /// Forgets the entries with index `>= from`; returns their sequences.
+    fn truncate_from(&mut self, from: u64) -> Vec<u64> {
+        let keep = from.saturating_sub(self.first).min(self.seqs.len() as u64) as usize;
+        self.seqs.split_off(keep).into()
+    }
+
+    /// Forgets the entries with index `<= upto`; returns their sequences.
+    fn purge_upto(&mut self, upto: u64) -> Vec<u64> {
+        let gone = (upto + 1).saturating_sub(self.first).min(self.seqs.len() as u64) as usize;
+        self.first += gone as u64;
+        self.seqs.drain(..gone).collect()
+    }
+
+    /// Records the entry with index `index` at `seq`; the group's entries must stay contiguous.
+    fn push(&mut self, index: u64, seq: u64) -> Result<(), StoreError> {
+        if self.seqs.is_empty() {
+            self.first = index;
+        } else if index != self.first + self.seqs.len() as u64 {
+            return Err(StoreError::Corrupt(format!(
+                "log entry {index} does not follow entry {}",
+                self.first + self.seqs.len() as u64 - 1
+            )));
+        }
+        self.seqs.push_back(seq);
+        Ok(())
+    }
+
+    /// The sequences of entries with index in `from..to`, at most `limit`, with their indexes.
+    fn range(&self, from: u64, to: u64, limit: usize) -> Vec<(u64, u64)> {
+        let end = self.first + self.seqs.len() as u64;
+        let (from, to) = (from.max(self.first), to.min(end));
+        (from..to.max(from)).take(limit).map(|i| (i, self.seqs[(i - self.first) as usize])).collect()
+    }
+}
+
+impl LogIndex {
+    /// Reads where every entry is (once, on open).
+    fn load(db: &Database) -> Result<LogIndex, StoreError> {
+        let mut index = LogIndex::default();
+        let txn = db.begin_read().map_err(engine)?;
+        for row in txn.open_table(RAFT_LOG).map_err(engine)?.iter().map_err(engine)? {
+            let (seq, value) = row.map_err(engine)?;
+            let (group, entry) = log_header(value.value())?;
+            index.groups.entry(group).or_default().push(entry, seq.value())?;
+            index.next_seq = seq.value() + 1;
+        }
+        Ok(index)
+    }
+}
+
+/// The entry in a `raft_log` value.
+fn log_entry(value: &[u8]) -> Result<Vec<u8>, StoreError> {
+    value.get(LOG_HEADER..).map(<[u8]>::to_vec).ok_or_else(|| StoreError::Corrupt("a log row has no header".into()))
+}
+
+/// The group and index a `raft_log` value starts with.
+fn log_header(value: &[u8]) -> Result<(GroupId, u64), StoreError> {
+    match (value.get(..4), value.get(4..LOG_HEADER)) {
+        (Some(group), Some(index)) => Ok((
+            u32::from_be_bytes(group.try_into().expect("4 bytes")),
+            u64::from_be_bytes(index.try_into().expect("8 bytes")),
+        )),
+        _ => Err(StoreError::Corrupt(format!("a log row of {} bytes has no header", value.len()))),
+    }
 }
 
 /// Where the log file of the state file at `path` is.
@@ -72,8 +163,13 @@ impl RedbStore {
         txn.open_table(RAFT_LOG).map_err(engine)?;
         txn.open_table(LOG_STATE).map_err(engine)?;
         txn.commit().map_err(engine)?;
+        let index = Mutex::new(LogIndex::load(&log)?);
         let durability = if durable { Durability::Immediate } else { Durability::None };
-        Ok(RedbStore { db, log, meta, durability })
+        Ok(RedbStore { db, log, index, meta, durability })
+    }
+
+    fn index(&self) -> std::sync::MutexGuard<'_, LogIndex> {
+        self.index.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Commits the state's part of a batch (synced only for a checkpoint).
@@ -137,18 +233,36 @@ impl RedbStore {
         {
             let mut log = txn.open_table(RAFT_LOG).map_err(engine)?;
             let mut state = txn.open_table(LOG_STATE).map_err(engine)?;
+            // Only this thread changes the index; readers skip rows it no longer names.
+            let mut index = self.index();
+            let mut row = Vec::new();
             for op in ops {
                 match op {
                     LogOp::Append { group, entries } => {
-                        for (index, entry) in entries {
-                            log.insert((*group, *index), entry.as_slice()).map_err(engine)?;
+                        for (i, entry) in entries {
+                            let seqs = index.groups.entry(*group).or_default();
+                            for seq in seqs.truncate_from(*i) {
+                                log.remove(seq).map_err(engine)?;
+                            }
+                            let seq = index.next_seq;
+                            index.next_seq += 1;
+                            index.groups.entry(*group).or_default().push(*i, seq)?;
+                            row.clear();
+                            row.extend_from_slice(&group.to_be_bytes());
+                            row.extend_from_slice(&i.to_be_bytes());
+                            row.extend_from_slice(entry);
+                            log.insert(seq, row.as_slice()).map_err(engine)?;
                         }
                     }
                     LogOp::TruncateFrom { group, from } => {
-                        log.retain_in((*group, *from)..=(*group, u64::MAX), |_, _| false).map_err(engine)?;
+                        for seq in index.groups.entry(*group).or_default().truncate_from(*from) {
+                            log.remove(seq).map_err(engine)?;
+                        }
                     }
                     LogOp::PurgeUpto { group, upto } => {
-                        log.retain_in((*group, 0)..=(*group, *upto), |_, _| false).map_err(engine)?;
+                        for seq in index.groups.entry(*group).or_default().purge_upto(*upto) {
+                            log.remove(seq).map_err(engine)?;
+                        }
                     }
                     LogOp::PutLogState { group, key, value } => {
                         state.insert((*group, *key), value.as_slice()).map_err(engine)?;
@@ -298,28 +412,28 @@ impl Store for RedbStore {
     }
 
     fn log_entries(&self, group: GroupId, from: u64, to: u64, limit: usize) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
-        if from >= to {
-            return Ok(Vec::new());
-        }
+        let wanted = match self.index().groups.get(&group) {
+            Some(seqs) => seqs.range(from, to, limit),
+            None => return Ok(Vec::new()),
+        };
         let txn = self.log.begin_read().map_err(engine)?;
         let table = txn.open_table(RAFT_LOG).map_err(engine)?;
-        let mut entries = Vec::new();
-        for entry in table.range((group, from)..(group, to)).map_err(engine)? {
-            let (key, value) = entry.map_err(engine)?;
-            entries.push((key.value().1, value.value().to_vec()));
-            if entries.len() == limit {
-                break;
+        let mut entries = Vec::with_capacity(wanted.len());
+        for (index, seq) in wanted {
+            if let Some(value) = table.get(seq).map_err(engine)? {
+                entries.push((index, log_entry(value.value())?));
             }
         }
         Ok(entries)
     }
 
     fn log_last(&self, group: GroupId) -> Result<Option<(u64, Vec<u8>)>, StoreError> {
+        let last =
+            self.index().groups.get(&group).and_then(|s| Some((s.first + s.seqs.len() as u64 - 1, *s.seqs.back()?)));
+        let Some((index, seq)) = last else { return Ok(None) };
         let txn = self.log.begin_read().map_err(engine)?;
         let table = txn.open_table(RAFT_LOG).map_err(engine)?;
-        let last =
-            table.range((group, 0)..=(group, u64::MAX)).map_err(engine)?.next_back().transpose().map_err(engine)?;
-        Ok(last.map(|(k, v)| (k.value().1, v.value().to_vec())))
+        table.get(seq).map_err(engine)?.map(|v| Ok((index, log_entry(v.value())?))).transpose()
     }
 
     fn log_state(&self, group: GroupId, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
@@ -392,7 +506,7 @@ impl Store for RedbStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::storage::contract;
+    use crate::storage::{META_GROUP, contract};
 
     fn temp_store() -> (tempfile::TempDir, RedbStore) {
         let dir = tempfile::tempdir().unwrap();
@@ -425,12 +539,33 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("grex.redb");
         let store = RedbStore::open(&path, 16, true).unwrap();
-        let entries = vec![(1, b"e1".to_vec())];
-        let log = vec![LogOp::Append { group: 3, entries: entries.clone() }];
+        let entry = |group: u32, i: u64| (i, format!("{group}/{i}").into_bytes());
+        // Two groups' entries interleaved in the one log table, then cut at both ends.
+        for i in 1..=6 {
+            let log = vec![
+                LogOp::Append { group: 3, entries: vec![entry(3, i)] },
+                LogOp::Append { group: META_GROUP, entries: vec![entry(META_GROUP, i)] },
+            ];
+            store.write(&Batch { log, changes: Vec::new(), sync: SyncTo::Log }).unwrap();
+        }
+        let log = vec![
+            LogOp::TruncateFrom { group: 3, from: 5 },
+            LogOp::PurgeUpto { group: META_GROUP, upto: 2 },
+            LogOp::Append { group: 3, entries: vec![(4, b"new 4".to_vec())] },
+        ];
         store.write(&Batch { log, changes: Vec::new(), sync: SyncTo::Log }).unwrap();
         drop(store);
         assert!(dir.path().join("grex-log.redb").exists());
-        assert_eq!(RedbStore::open(&path, 16, true).unwrap().log_entries(3, 0, 10, 10).unwrap(), entries);
+        let store = RedbStore::open(&path, 16, true).unwrap();
+        let mut three: Vec<_> = (1..=3).map(|i| entry(3, i)).collect();
+        three.push((4, b"new 4".to_vec()));
+        assert_eq!(store.log_entries(3, 0, 10, 10).unwrap(), three);
+        assert_eq!(store.log_entries(3, 2, 4, 10).unwrap(), three[1..3]);
+        assert_eq!(store.log_last(3).unwrap(), Some((4, b"new 4".to_vec())));
+        let meta: Vec<_> = (3..=6).map(|i| entry(META_GROUP, i)).collect();
+        assert_eq!(store.log_entries(META_GROUP, 0, u64::MAX, 2).unwrap(), meta[..2]);
+        assert_eq!(store.log_last(META_GROUP).unwrap(), meta.last().cloned());
+        drop(store);
         std::fs::remove_file(dir.path().join("grex-log.redb")).unwrap();
         let err = RedbStore::open(&path, 16, true).err().expect("a state file without its log must be refused");
         assert!(err.to_string().contains("grex-log.redb is missing"), "{err}");
