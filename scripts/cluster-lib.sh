@@ -14,9 +14,9 @@ start() {
   echo "node $i did not start:"; cat "$data/err-$i"; exit 1
 }
 
-# start_cluster N: `grex init` (256 flocks, replication 3) for node 0, then N-1 nodes that join it.
+# start_cluster N: `grex init` ($FLOCKS flocks, default 256, replication 3) for node 0, then N-1 nodes that join it.
 start_cluster() {
-  $grex init --data "$data/node-0" --flocks 256 --replication 3 > /dev/null
+  $grex init --data "$data/node-0" --flocks ${FLOCKS:-256} --replication 3 > /dev/null
   start 0
   for i in $(seq 1 $(($1 - 1))); do
     $grex cluster credentials --data "$data/node-0" --out "$data/node-$i.creds" > /dev/null
@@ -29,8 +29,8 @@ start_cluster() {
 formed() {
   local map herders=$(($1 < 3 ? $1 : 3))
   map=$($grex flock ls --node "http://127.0.0.1:$((17070 + 10 * ${2:-0}))" 2>/dev/null) || return 1
-  [ "$(grep -c '^node ' <<< "$map")" = "$1" ] && [ "$(grep -cE "^ *[0-9]+( \S+){$herders}\$" <<< "$map")" = 256 ] \
-    && [ "$(grep -c '\*' <<< "$map")" = 256 ] && ! grep -q 'membership changing' <<< "$map"
+  [ "$(grep -c '^node ' <<< "$map")" = "$1" ] && [ "$(grep -cE "^ *[0-9]+( \S+){$herders}\$" <<< "$map")" = ${FLOCKS:-256} ] \
+    && [ "$(grep -c '\*' <<< "$map")" = ${FLOCKS:-256} ] && ! grep -q 'membership changing' <<< "$map"
 }
 wait_formed() {
   for _ in $(seq 1 1200); do formed "$@" && return; sleep 0.1; done

@@ -448,11 +448,7 @@ impl StateMachine {
     }
 
     fn applied_op(&self) -> LogOp {
-        LogOp::PutState {
-            group: self.inner.group,
-            key: APPLIED_KEY,
-            value: encode(&(self.applied, self.membership.clone())),
-        }
+        LogOp::PutState { group: self.inner.group, key: APPLIED_KEY, value: encode(&(&self.applied, &self.membership)) }
     }
 
     async fn build(&self) -> Result<Snapshot<TypeConfig>, StorageError<NodeId>> {
