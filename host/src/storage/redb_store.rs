@@ -149,6 +149,9 @@ impl RedbStore {
     pub fn open(path: &Path, flock_count: u32, durable: bool) -> Result<Self, StoreError> {
         let log_path = log_path(path);
         let fresh = !path.exists();
+        let db = Database::create(path).map_err(engine)?;
+        // The schema check first: an older directory has no log file, and that is not the news.
+        let meta = init_meta(&db, flock_count)?;
         if !fresh && !log_path.exists() {
             return Err(StoreError::Corrupt(format!(
                 "{} is missing beside {}; restore it from the same backup, or start this node from an empty data directory",
@@ -156,8 +159,6 @@ impl RedbStore {
                 path.display()
             )));
         }
-        let db = Database::create(path).map_err(engine)?;
-        let meta = init_meta(&db, flock_count)?;
         let log = Database::create(&log_path).map_err(engine)?;
         let txn = log.begin_write().map_err(engine)?;
         txn.open_table(RAFT_LOG).map_err(engine)?;
