@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Several grex binaries side by side under the same load, interleaved per round (the machine's
 # speed drifts, so only ratios within one run mean much): for each round and each binary, one
-# fresh node and then a fresh 3-node cluster (replication 3), each driven by redis-benchmark with
+# fresh node and then a fresh 3-node cluster (replication 3, leadership spread), each driven by redis-benchmark with
 # 50 clients and 100k random keys running `FCALL counter`. Prints medians per binary. FLOCKS sets
 # the flock count (default 256).
 # Usage: scripts/bench-compare.sh REQUESTS ROUNDS NAME=BINARY... (build the binaries first, e.g.
@@ -47,6 +47,7 @@ for round in $(seq 1 "$rounds"); do
     for nodes in 1 3; do
       if [ "$nodes" = 1 ]; then start 0 --flocks "${FLOCKS:-256}"; else start_cluster 3; fi
       wait_formed "$nodes"
+      [ "$nodes" = 1 ] || wait_balanced "$nodes"
       redis-cli -p 17073 -x GREX.MODULE LOAD counter < "$wasm" > /dev/null
       run "$name" "$nodes"
       stop_all

@@ -53,6 +53,7 @@ start_cluster 3
 start 5
 wait_formed 3
 wait_formed 1 5
+wait_balanced 3
 for port in 17073 17123; do
   redis-cli -p $port -x GREX.MODULE LOAD counter < target/jobs/wasm32-unknown-unknown/wasm/counter.wasm > /dev/null
 done

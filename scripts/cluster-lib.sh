@@ -36,3 +36,15 @@ wait_formed() {
   for _ in $(seq 1 1200); do formed "$@" && return; sleep 0.1; done
   echo "the cluster did not form"; exit 1
 }
+
+# wait_balanced N: every one of N nodes leads at least half its share of the flocks (right after
+# forming, node 0 leads them all until idle flocks hand their lead over, a few seconds later).
+wait_balanced() {
+  local leaders
+  for _ in $(seq 1 600); do
+    leaders=$($grex flock ls --node http://127.0.0.1:17070 2>/dev/null | grep -oE '[0-9a-f]+\*' | sort | uniq -c) || true
+    [ "$(awk -v min=$(( ${FLOCKS:-256} / $1 / 2 )) '$1 >= min' <<< "$leaders" | wc -l)" = "$1" ] && return
+    sleep 0.1
+  done
+  echo "leadership did not spread over $1 nodes:"; echo "$leaders"; exit 1
+}

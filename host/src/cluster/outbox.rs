@@ -75,12 +75,15 @@ impl Outbox {
         }
         let (answer, answered) = oneshot::channel();
         let lane = self.lane(to);
-        lane.send(Pending { item: (group, bytes), answer })
-            .await
-            .map_err(|_| PeerError::Unreachable(to, "the node is stopping".into()))?;
-        match tokio::time::timeout(timeout, answered).await {
-            Ok(Ok(answer)) => answer,
-            Ok(Err(_)) => Err(PeerError::Lost(to, "the batch was dropped".into())),
+        let exchange = async {
+            lane.send(Pending { item: (group, bytes), answer })
+                .await
+                .map_err(|_| PeerError::Unreachable(to, "the node is stopping".into()))?;
+            answered.await.map_err(|_| PeerError::Lost(to, "the batch was dropped".into()))?
+        };
+        // The wait covers the queue too: a lane stuck on a dead peer must not hold its callers.
+        match tokio::time::timeout(timeout, exchange).await {
+            Ok(answer) => answer,
             Err(_) => Err(PeerError::Lost(to, format!("no answer within {timeout:?}"))),
         }
     }
