@@ -66,13 +66,13 @@ impl Outbox {
         rpc: RaftRpc,
         timeout: Duration,
     ) -> Result<PeerResponse, PeerError> {
-        if matches!(rpc, RaftRpc::Snapshot(_)) {
+        let bytes = match &rpc {
+            RaftRpc::Snapshot(_) => None,
+            _ => Some(encode_frame(&rpc).map_err(|e| PeerError::Protocol(e.to_string()))?),
+        };
+        let Some(bytes) = bytes.filter(|b| b.len() <= BATCH_BYTES_MAX) else {
             return self.peers.call(to, PeerRequest::Raft { group, rpc }, timeout).await;
-        }
-        let bytes = encode_frame(&rpc).map_err(|e| PeerError::Protocol(e.to_string()))?;
-        if bytes.len() > BATCH_BYTES_MAX {
-            return self.peers.call(to, PeerRequest::Raft { group, rpc }, timeout).await;
-        }
+        };
         let (answer, answered) = oneshot::channel();
         let lane = self.lane(to);
         let exchange = async {

@@ -1,15 +1,15 @@
 //! Consensus for each flock and for the meta group, with openraft 0.9: the type configuration,
-//! the log store and state machine over the node's redb file, and the network adapter over the
+//! the log store and state machine over the node's store, and the network adapter over the
 //! peer transport.
 //!
-//! - [`LogStore`]: a group's log lives in the `raft_log` table keyed (group, index). An append is
-//!   handed to the node's group committer, so appends of every flock that arrive together share
-//!   one fsync. The log's tail stays in memory (`RecentLog`) until it is written and applied, so
+//! - [`LogStore`]: a group's log lives in the store's log file (`storage`), read by index. An
+//!   append is handed to the node's group committer, so appends of every flock that arrive
+//!   together share one fsync. The log's tail stays in memory (`RecentLog`) until it is written and applied, so
 //!   appending, replicating and applying an entry never read it back from redb.
 //! - [`StateMachine`]: applying a flock's entries writes their change sets to the items tables
 //!   (without an fsync: the log is already durable, and a crash replays from the applied point of
-//!   the last checkpoint, see `storage`); applying meta entries updates membership, the flock map and modules. The state machine
-//!   *is* the store, so a snapshot is built from it on demand.
+//!   the last checkpoint, see `storage`); applying meta entries updates membership, the flock map
+//!   and modules. The state machine *is* the store, so a snapshot is built from it on demand.
 //! - [`Network`]: consensus messages go to peers through the node's [`Outbox`], batched per peer.
 
 // openraft's storage traits fix `StorageError` as the error type, large as it is.

@@ -2,8 +2,9 @@
 //!
 //! [`RedbStore`] keeps the state in one redb file (`grex.redb` in the data directory): items,
 //! bucket versions, modules and their names, and node metadata with a schema version checked on
-//! open; the cluster's replicated logs are in a second one (`grex-log.redb`). `docs/storage.md` lists the tables. [`MemoryStore`] is the same contract in memory, for
-//! tests; [`FaultyStore`] wraps any store and fails after N operations, for fault tests.
+//! open; the cluster's replicated logs are in a second one (`grex-log.redb`). `docs/storage.md`
+//! lists the tables. [`MemoryStore`] is the same contract in memory, for tests; [`FaultyStore`]
+//! wraps any store and fails after N operations, for fault tests.
 //!
 //! Invariant: [`Store::write`] applies a [`Batch`] (change sets plus replicated-log operations)
 //! atomically per part, the log's part and the state's part, and when it returns `Ok` on a durable
@@ -11,7 +12,7 @@
 //! written before it. Many jobs share one write: that is the node's group commit.
 //!
 //! The replicated logs of the cluster (`cluster::raft`) live here too, as opaque bytes: log entries
-//! keyed (group, index) and a few named values per group: the log's own (vote, purge point) and
+//! read by (group, index) and a few named values per group: the log's own (vote, purge point) and
 //! the state machine's (applied point, meta state). A cluster node's log part is synced on every
 //! append and its state part only now and then (a checkpoint): applying an entry the log holds
 //! needs no fsync, since a crash replays the log from the state's last applied point, and the log
@@ -23,7 +24,7 @@ mod redb_store;
 
 pub use faulty::FaultyStore;
 pub use memory::MemoryStore;
-pub use redb_store::{LOG_FILE_SUFFIX, RedbStore, SCHEMA_VERSION};
+pub use redb_store::{RedbStore, SCHEMA_VERSION};
 
 use crate::data::{BucketData, ChangeSet};
 use crate::error::StoreError;

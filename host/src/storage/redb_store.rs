@@ -16,7 +16,7 @@ use crate::error::StoreError;
 pub const SCHEMA_VERSION: u32 = 3;
 
 /// The log file's name is the state file's stem and this.
-pub const LOG_FILE_SUFFIX: &str = "-log.redb";
+const LOG_FILE_SUFFIX: &str = "-log.redb";
 
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 const ITEMS: TableDefinition<(&[u8], &str), &[u8]> = TableDefinition::new("items");
@@ -137,7 +137,7 @@ fn log_header(value: &[u8]) -> Result<(GroupId, u64), StoreError> {
 }
 
 /// Where the log file of the state file at `path` is.
-pub fn log_path(path: &Path) -> PathBuf {
+fn log_path(path: &Path) -> PathBuf {
     let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or("grex");
     path.with_file_name(format!("{stem}{LOG_FILE_SUFFIX}"))
 }
@@ -169,15 +169,21 @@ impl RedbStore {
         Ok(RedbStore { db, log, index, meta, durability })
     }
 
+    /// A write transaction on `db` that syncs on commit if `sync` (and the store is durable).
+    fn begin_write(&self, db: &Database, sync: bool) -> Result<redb::WriteTransaction, StoreError> {
+        let mut txn = db.begin_write().map_err(engine)?;
+        let durability = if sync { self.durability } else { Durability::None };
+        txn.set_durability(durability).map_err(|e| StoreError::Engine(e.to_string()))?;
+        Ok(txn)
+    }
+
     fn index(&self) -> std::sync::MutexGuard<'_, LogIndex> {
         self.index.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Commits the state's part of a batch (synced only for a checkpoint).
     fn write_state(&self, ops: &[&LogOp], batch: &Batch) -> Result<(), StoreError> {
-        let mut txn = self.db.begin_write().map_err(engine)?;
-        let durability = if batch.sync == SyncTo::All { self.durability } else { Durability::None };
-        txn.set_durability(durability).map_err(|e| StoreError::Engine(e.to_string()))?;
+        let txn = self.begin_write(&self.db, batch.sync == SyncTo::All)?;
         {
             let mut items = txn.open_table(ITEMS).map_err(engine)?;
             let mut buckets = txn.open_table(BUCKETS).map_err(engine)?;
@@ -228,9 +234,7 @@ impl RedbStore {
 
     /// Commits the log's part of a batch.
     fn write_log(&self, ops: &[&LogOp], sync: SyncTo) -> Result<(), StoreError> {
-        let mut txn = self.log.begin_write().map_err(engine)?;
-        let durability = if sync >= SyncTo::Log { self.durability } else { Durability::None };
-        txn.set_durability(durability).map_err(|e| StoreError::Engine(e.to_string()))?;
+        let txn = self.begin_write(&self.log, sync >= SyncTo::Log)?;
         {
             let mut log = txn.open_table(RAFT_LOG).map_err(engine)?;
             let mut state = txn.open_table(LOG_STATE).map_err(engine)?;
@@ -241,13 +245,14 @@ impl RedbStore {
                 match op {
                     LogOp::Append { group, entries } => {
                         for (i, entry) in entries {
-                            let seqs = index.groups.entry(*group).or_default();
-                            for seq in seqs.truncate_from(*i) {
-                                log.remove(seq).map_err(engine)?;
-                            }
                             let seq = index.next_seq;
                             index.next_seq += 1;
-                            index.groups.entry(*group).or_default().push(*i, seq)?;
+                            let seqs = index.groups.entry(*group).or_default();
+                            // An entry at an index the log has replaces it and everything after.
+                            for old in seqs.truncate_from(*i) {
+                                log.remove(old).map_err(engine)?;
+                            }
+                            seqs.push(*i, seq)?;
                             row.clear();
                             row.extend_from_slice(&group.to_be_bytes());
                             row.extend_from_slice(&i.to_be_bytes());
@@ -465,8 +470,7 @@ impl Store for RedbStore {
     }
 
     fn put_module(&self, id: &ModuleId, name: &str, wasm: &[u8]) -> Result<(), StoreError> {
-        let mut txn = self.db.begin_write().map_err(engine)?;
-        txn.set_durability(self.durability).map_err(|e| StoreError::Engine(e.to_string()))?;
+        let txn = self.begin_write(&self.db, true)?;
         {
             txn.open_table(MODULES).map_err(engine)?.insert(&id[..], wasm).map_err(engine)?;
             txn.open_table(MODULE_NAMES).map_err(engine)?.insert(name, &id[..]).map_err(engine)?;
