@@ -101,6 +101,61 @@ async fn hash_commands_jobs_and_modules_through_a_redis_client() {
     .await;
 }
 
+/// A key whose flock another executor shard runs than `key`'s (of `shards`, 256 flocks).
+fn key_on_another_shard(key: &str, shards: u32) -> String {
+    let shard = |k: &str| grex_client::proto::flock_of(k.as_bytes(), 256) % shards;
+    (0..).map(|i| format!("other-{i}")).find(|k| shard(k) != shard(key)).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_commands_on_other_keys_do_not_wait_for_a_slow_one() {
+    let dir = tempfile::tempdir().unwrap();
+    // A spinning job holds its executor shard until the 10 s deadline.
+    let node = GrexNode::start(dir.path(), &["--resp", "127.0.0.1:0", "--shards", "2", "--timeout-ms", "10000"]);
+    let url = node.resp.clone().expect("resp address");
+    let addr = url.trim_start_matches("redis://").to_owned();
+    let hostile = job_wasm("hostile");
+    blocking(move || {
+        let mut con = redis::Client::open(url.as_str()).unwrap().get_connection().unwrap();
+        let _: String = redis::cmd("GREX.MODULE").arg("LOAD").arg("hostile").arg(hostile).query(&mut con).unwrap();
+        let other = key_on_another_shard("slow", 2);
+        let mut piped = std::net::TcpStream::connect(&addr).unwrap();
+        let pipeline = format!("FCALL hostile 1 slow loop\r\nHSET {other} f after-slow\r\nHSET slow f after-slow\r\n");
+        piped.write_all(pipeline.as_bytes()).unwrap();
+
+        // The write to the other key is done while the slow job still runs ...
+        grex_tests::wait_until("the pipelined write to another key", Duration::from_secs(8), || {
+            con.hget::<_, _, Option<String>>(&other, "f").unwrap().is_some()
+        });
+        // ... but its reply waits behind the slow job's, and the write to the slow job's own
+        // key waits for the slow job.
+        piped.set_nonblocking(true).unwrap();
+        let mut byte = [0u8; 1];
+        let early = piped.read(&mut byte);
+        assert!(
+            matches!(&early, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
+            "a reply came before the slow job's: {early:?}"
+        );
+        assert_eq!(con.hget::<_, _, Option<String>>("slow", "f").unwrap(), None, "a command overtook one on its key");
+
+        piped.set_nonblocking(false).unwrap();
+        piped.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let mut answers = Vec::new();
+        let mut chunk = [0u8; 1024];
+        while answers.iter().filter(|&&b| b == b'\n').count() < 3 {
+            let n = piped.read(&mut chunk).expect("the replies arrive");
+            assert!(n > 0, "closed early: {}", String::from_utf8_lossy(&answers));
+            answers.extend_from_slice(&chunk[..n]);
+        }
+        let answers = String::from_utf8_lossy(&answers);
+        let lines: Vec<&str> = answers.lines().collect();
+        assert!(lines[0].starts_with("-ERR") && lines[0].contains("job_timeout"), "{answers}");
+        assert_eq!(&lines[1..], [":1", ":1"], "{answers}");
+        assert_eq!(con.hget::<_, _, String>("slow", "f").unwrap(), "after-slow");
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn resp3_clients_get_maps_and_nulls() {
     let dir = tempfile::tempdir().unwrap();

@@ -8,13 +8,18 @@
 //!
 //! Limits: a request's size is bounded (bulk strings by [`RespLimits::bulk_bytes_max`], argument
 //! count, inline lines), a connection that leaves a request half-sent for
-//! [`REQUEST_IDLE_TIMEOUT`] is closed, and connections are capped. Commands on one connection run
-//! in order (pipelined requests are answered in order).
+//! [`REQUEST_IDLE_TIMEOUT`] is closed, and connections are capped. Pipelined commands on different
+//! keys run at once (up to [`PIPELINE_MAX`] per connection), commands on one key in order, and
+//! replies come back in order.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::future::BoxFuture;
+use futures::stream::FuturesOrdered;
+use futures::{FutureExt, StreamExt};
 use grex_client::proto::{self, ErrorCode};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -35,6 +40,12 @@ const INLINE_BYTES_MAX: usize = 64 * 1024;
 pub const REQUEST_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Replies buffered before they are written out, while more pipelined requests wait.
 const REPLY_FLUSH_BYTES: usize = 64 * 1024;
+/// Pipelined commands running at once on one connection at most; it reads no further until one
+/// is answered.
+const PIPELINE_MAX: usize = 256;
+/// Request bytes of the commands running at once on one connection at most (a larger request
+/// runs alone).
+const PIPELINE_BYTES_MAX: usize = 4 << 20;
 
 /// Size limits for parsing.
 #[derive(Clone, Copy, Debug)]
@@ -247,7 +258,8 @@ pub(crate) async fn start(
                         let _ = stream.write_all(b"-ERR max number of clients reached\r\n").await;
                         continue;
                     };
-                    let connection = Connection { node: node.clone(), limits, resp3: false, follower_reads: false };
+                    let commands = Commands { node: node.clone(), follower_reads: false };
+                    let connection = Connection { commands, limits, resp3: false };
                     let stopped = stopped.clone();
                     tokio::spawn(async move {
                         if let Err(e) = connection.serve(stream, stopped).await {
@@ -264,9 +276,15 @@ pub(crate) async fn start(
 }
 
 struct Connection {
-    node: Node,
+    commands: Commands,
     limits: RespLimits,
     resp3: bool,
+}
+
+/// What a command needs of its connection: cloned into each running command.
+#[derive(Clone)]
+struct Commands {
+    node: Node,
     /// After `READONLY` (as with a Redis Cluster replica), hash reads may run on a follower that
     /// herds the key's flock and see its applied state; by default they run on the flock's leader,
     /// so a client reads its own writes through any node.
@@ -279,34 +297,150 @@ enum Then {
     Close,
 }
 
+/// The commands of one connection that are running. Commands on different keys run at once,
+/// commands on one key run one after another, and replies go out in the order the commands came:
+/// since every command touches only its own keys, the client sees what running them one by one
+/// would give.
+#[derive(Default)]
+struct Pipeline {
+    running: FuturesOrdered<BoxFuture<'static, (Reply, usize)>>,
+    /// Request bytes of the running commands.
+    bytes: usize,
+    /// The last command started on each key; its sender is dropped when it finishes.
+    last_on_key: HashMap<Vec<u8>, watch::Receiver<()>>,
+}
+
+impl Pipeline {
+    /// Whether another command may start: the count and request bytes in flight are bounded
+    /// (one large request may always run alone).
+    fn has_room(&self) -> bool {
+        self.running.len() < PIPELINE_MAX && (self.bytes < PIPELINE_BYTES_MAX || self.running.is_empty())
+    }
+
+    fn is_empty(&self) -> bool {
+        self.running.is_empty()
+    }
+
+    /// Starts `args` (`size` request bytes) once the commands before it on its keys are done.
+    fn start(&mut self, commands: Commands, name: String, args: Vec<Vec<u8>>, size: usize) {
+        let mut keys = ordering_keys(&name, &args[1..]);
+        keys.sort_unstable();
+        keys.dedup();
+        let (finished, done) = watch::channel(());
+        let before: Vec<watch::Receiver<()>> =
+            keys.into_iter().filter_map(|key| self.last_on_key.insert(key.to_vec(), done.clone())).collect();
+        if self.last_on_key.len() > 4 * PIPELINE_MAX {
+            // Keys whose last command has finished need no entry.
+            self.last_on_key.retain(|_, done| done.has_changed().is_ok());
+        }
+        self.bytes += size;
+        self.running.push_back(
+            async move {
+                for mut earlier in before {
+                    // Nothing is ever sent: this returns when the earlier command drops its sender.
+                    while earlier.changed().await.is_ok() {}
+                }
+                let reply = commands.run(&name, &args).await;
+                drop(finished);
+                (reply, size)
+            }
+            .boxed(),
+        );
+    }
+
+    /// The next reply, in order, once it is ready (`None` if nothing runs).
+    async fn next(&mut self) -> Option<Reply> {
+        let (reply, size) = self.running.next().await?;
+        self.bytes -= size;
+        Some(reply)
+    }
+
+    /// Writes every reply that is ready now, in order.
+    fn take_ready(&mut self, out: &mut Vec<u8>, resp3: bool) {
+        while let Some(Some(reply)) = self.next().now_or_never() {
+            reply.write(out, resp3);
+        }
+    }
+
+    /// Waits for every running command and writes its reply.
+    async fn finish(&mut self, stream: &mut TcpStream, out: &mut Vec<u8>, resp3: bool) -> std::io::Result<()> {
+        while let Some(reply) = self.next().await {
+            reply.write(out, resp3);
+            if out.len() >= REPLY_FLUSH_BYTES {
+                stream.write_all(out).await?;
+                out.clear();
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The keys a command works on, for ordering commands on one connection.
+fn ordering_keys<'a>(name: &str, rest: &'a [Vec<u8>]) -> Vec<&'a [u8]> {
+    match name {
+        "PING" | "ECHO" => Vec::new(),
+        "DEL" | "UNLINK" | "EXISTS" => rest.iter().map(Vec::as_slice).collect(),
+        "FCALL" | "FCALL_RO" => rest.get(2).map(Vec::as_slice).into_iter().collect(),
+        _ => rest.first().map(Vec::as_slice).into_iter().collect(),
+    }
+}
+
+/// Commands that change the connection or the node's modules: they run alone, after every
+/// command before them has been answered and before any after them starts.
+fn runs_alone(name: &str) -> bool {
+    matches!(
+        name,
+        "HELLO"
+            | "QUIT"
+            | "SELECT"
+            | "READONLY"
+            | "READWRITE"
+            | "CLIENT"
+            | "COMMAND"
+            | "CONFIG"
+            | "CLUSTER"
+            | "GREX.MODULE"
+    )
+}
+
 impl Connection {
     async fn serve(mut self, mut stream: TcpStream, mut stopped: watch::Receiver<bool>) -> std::io::Result<()> {
         let mut buf: Vec<u8> = Vec::with_capacity(16 * 1024);
         let mut out: Vec<u8> = Vec::with_capacity(16 * 1024);
         let mut chunk = vec![0u8; 64 * 1024];
+        let mut pipeline = Pipeline::default();
         loop {
-            // Answer every complete command buffered (pipelining), then flush.
+            // Start every complete command buffered, as far as the pipeline has room.
             let mut consumed = 0;
-            loop {
+            while pipeline.has_room() {
                 match parse_command(&buf[consumed..], &self.limits) {
                     Ok(Some((args, used))) => {
                         consumed += used;
                         if args.is_empty() {
                             continue;
                         }
-                        let (reply, then) = self.execute(args).await;
+                        let name = String::from_utf8_lossy(&args[0]).to_ascii_uppercase();
+                        if !runs_alone(&name) {
+                            if pipeline.is_empty() && consumed == buf.len() {
+                                // One command and nothing pipelined behind it: the cheapest way is
+                                // to run it right here.
+                                self.commands.run(&name, &args).await.write(&mut out, self.resp3);
+                            } else {
+                                pipeline.start(self.commands.clone(), name, args, used);
+                            }
+                            continue;
+                        }
+                        pipeline.finish(&mut stream, &mut out, self.resp3).await?;
+                        let (reply, then) = self.execute(&name, &args).await;
                         reply.write(&mut out, self.resp3);
                         if matches!(then, Then::Close) {
                             stream.write_all(&out).await?;
                             return Ok(());
                         }
-                        if out.len() >= REPLY_FLUSH_BYTES {
-                            stream.write_all(&out).await?;
-                            out.clear();
-                        }
                     }
                     Ok(None) => break,
                     Err(e) => {
+                        pipeline.finish(&mut stream, &mut out, self.resp3).await?;
                         Reply::err(e.to_string()).write(&mut out, self.resp3);
                         stream.write_all(&out).await?;
                         return Ok(());
@@ -314,58 +448,97 @@ impl Connection {
                 }
             }
             buf.drain(..consumed);
+            pipeline.take_ready(&mut out, self.resp3);
             if !out.is_empty() {
                 stream.write_all(&out).await?;
                 out.clear();
             }
-            // Wait for more bytes: with part of a request buffered, for at most
-            // `half_sent_max`; with nothing buffered, as long as the client likes.
+            // Wait for a reply or for more bytes (while there is room to start more): with part
+            // of a request buffered, for at most `half_sent_max`; with nothing buffered, as long
+            // as the client likes.
             let patience = if buf.is_empty() { None } else { Some(self.limits.half_sent_max) };
-            let read = tokio::select! {
-                read = read_within(&mut stream, &mut chunk, patience) => match read? {
-                    Some(read) => read,
+            tokio::select! {
+                Some(reply) = pipeline.next() => reply.write(&mut out, self.resp3),
+                read = read_within(&mut stream, &mut chunk, patience), if pipeline.has_room() => match read? {
+                    // The client is done sending: answer what it sent.
+                    Some(0) => {
+                        pipeline.finish(&mut stream, &mut out, self.resp3).await?;
+                        stream.write_all(&out).await?;
+                        return Ok(());
+                    }
+                    Some(read) => buf.extend_from_slice(&chunk[..read]),
                     None => {
-                        let _ = stream.write_all(b"-ERR request not completed in time; connection closed\r\n").await;
+                        pipeline.finish(&mut stream, &mut out, self.resp3).await?;
+                        out.extend_from_slice(b"-ERR request not completed in time; connection closed\r\n");
+                        stream.write_all(&out).await?;
                         return Ok(());
                     }
                 },
                 _ = stopped.changed() => return Ok(()),
-            };
-            if read == 0 {
-                return Ok(());
             }
-            buf.extend_from_slice(&chunk[..read]);
         }
     }
 
-    async fn execute(&mut self, args: Vec<Vec<u8>>) -> (Reply, Then) {
-        let name = String::from_utf8_lossy(&args[0]).to_ascii_uppercase();
+    /// Runs a command that runs alone (see [`runs_alone`]).
+    async fn execute(&mut self, name: &str, args: &[Vec<u8>]) -> (Reply, Then) {
         let rest = &args[1..];
-        let reply = match name.as_str() {
-            "PING" => match rest {
-                [] => Reply::Simple("PONG".into()),
-                [message] => Reply::bulk(message.clone()),
-                _ => arity(&name),
-            },
-            "ECHO" => match rest {
-                [message] => Reply::bulk(message.clone()),
-                _ => arity(&name),
-            },
+        let reply = match name {
             "HELLO" => self.hello(rest),
             "QUIT" => return (Reply::ok(), Then::Close),
             "SELECT" => match rest {
                 [db] if db.as_slice() == b"0" => Reply::ok(),
                 [_] => Reply::err("DB index is out of range (Grex has only database 0)"),
-                _ => arity(&name),
+                _ => arity(name),
             },
-            "READONLY" | "READWRITE" if !rest.is_empty() => arity(&name),
+            "READONLY" | "READWRITE" if !rest.is_empty() => arity(name),
             "READONLY" | "READWRITE" => {
-                self.follower_reads = name == "READONLY";
+                self.commands.follower_reads = name == "READONLY";
                 Reply::ok()
             }
             "CLIENT" => Reply::ok(),
             "COMMAND" | "CONFIG" => Reply::Array(Vec::new()),
             "CLUSTER" => Reply::err("This instance has cluster support disabled (any Grex node serves any key)"),
+            "GREX.MODULE" => self.commands.module(rest).await,
+            _ => self.commands.run(name, args).await,
+        };
+        (reply, Then::Continue)
+    }
+
+    fn hello(&mut self, args: &[Vec<u8>]) -> Reply {
+        if let Some(version) = args.first() {
+            match version.as_slice() {
+                b"2" => self.resp3 = false,
+                b"3" => self.resp3 = true,
+                _ => return Reply::Error("NOPROTO unsupported protocol version".into()),
+            }
+        }
+        let status = self.commands.node.status();
+        Reply::Map(vec![
+            (Reply::bulk("server"), Reply::bulk("grex")),
+            (Reply::bulk("version"), Reply::bulk(env!("CARGO_PKG_VERSION"))),
+            (Reply::bulk("proto"), Reply::Int(if self.resp3 { 3 } else { 2 })),
+            (Reply::bulk("id"), Reply::bulk(status.node)),
+            (Reply::bulk("mode"), Reply::bulk("standalone")),
+            (Reply::bulk("role"), Reply::bulk("master")),
+            (Reply::bulk("modules"), Reply::Array(Vec::new())),
+        ])
+    }
+}
+
+impl Commands {
+    /// Runs a command that may run beside others (everything but [`runs_alone`]'s).
+    async fn run(&self, name: &str, args: &[Vec<u8>]) -> Reply {
+        let rest = &args[1..];
+        match name {
+            "PING" => match rest {
+                [] => Reply::Simple("PONG".into()),
+                [message] => Reply::bulk(message.clone()),
+                _ => arity(name),
+            },
+            "ECHO" => match rest {
+                [message] => Reply::bulk(message.clone()),
+                _ => arity(name),
+            },
             "HSET" | "HMSET" if rest.len() >= 3 && !rest.len().is_multiple_of(2) => {
                 let reply = self.builtin(Builtin::HSet, rest).await;
                 if name == "HMSET" && !matches!(reply, Reply::Error(_)) { Reply::ok() } else { reply }
@@ -379,7 +552,7 @@ impl Connection {
                 self.builtin(op, rest).await
             }
             "HGETALL" | "HKEYS" | "HLEN" if rest.len() == 1 => {
-                let op = match name.as_str() {
+                let op = match name {
                     "HGETALL" => Builtin::HGetAll,
                     "HKEYS" => Builtin::HKeys,
                     _ => Builtin::HLen,
@@ -392,46 +565,24 @@ impl Connection {
                 for key in rest {
                     match self.builtin(op, std::slice::from_ref(key)).await {
                         Reply::Int(n) => total += n,
-                        other => return (other, Then::Continue),
+                        other => return other,
                     }
                 }
                 Reply::Int(total)
             }
             "FCALL" | "FCALL_RO" if rest.len() >= 2 => self.fcall(rest, name == "FCALL_RO").await,
-            "GREX.MODULE" => self.module(rest).await,
             "GREX.CANARY" => match rest {
                 [key] => self.canary(key).await,
-                _ => arity(&name),
+                _ => arity(name),
             },
             "HSET" | "HMSET" | "HGET" | "HEXISTS" | "HMGET" | "HDEL" | "HGETALL" | "HKEYS" | "HLEN" | "DEL"
-            | "UNLINK" | "EXISTS" | "FCALL" | "FCALL_RO" => arity(&name),
+            | "UNLINK" | "EXISTS" | "FCALL" | "FCALL_RO" => arity(name),
             _ => Reply::err(format!(
                 "unknown command '{}', with args beginning with: {}",
                 String::from_utf8_lossy(&args[0]),
                 rest.iter().take(3).map(|a| format!("'{}' ", String::from_utf8_lossy(a))).collect::<String>()
             )),
-        };
-        (reply, Then::Continue)
-    }
-
-    fn hello(&mut self, args: &[Vec<u8>]) -> Reply {
-        if let Some(version) = args.first() {
-            match version.as_slice() {
-                b"2" => self.resp3 = false,
-                b"3" => self.resp3 = true,
-                _ => return Reply::Error("NOPROTO unsupported protocol version".into()),
-            }
         }
-        let status = self.node.status();
-        Reply::Map(vec![
-            (Reply::bulk("server"), Reply::bulk("grex")),
-            (Reply::bulk("version"), Reply::bulk(env!("CARGO_PKG_VERSION"))),
-            (Reply::bulk("proto"), Reply::Int(if self.resp3 { 3 } else { 2 })),
-            (Reply::bulk("id"), Reply::bulk(status.node)),
-            (Reply::bulk("mode"), Reply::bulk("standalone")),
-            (Reply::bulk("role"), Reply::bulk("master")),
-            (Reply::bulk("modules"), Reply::Array(Vec::new())),
-        ])
     }
 
     /// Runs a built-in on `args[0]` (the key) with the remaining arguments.
@@ -662,7 +813,8 @@ mod tests {
         let (stop, stopped) = watch::channel(false);
         tokio::spawn(async move {
             let (stream, _) = listener.accept().await.unwrap();
-            let connection = Connection { node, limits: LIMITS, resp3: false, follower_reads: false };
+            let connection =
+                Connection { commands: Commands { node, follower_reads: false }, limits: LIMITS, resp3: false };
             let _ = connection.serve(stream, stopped).await;
         });
         (TcpStream::connect(addr).await.unwrap(), stop)
