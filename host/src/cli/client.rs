@@ -93,12 +93,12 @@ pub(super) async fn module(cmd: ModuleCommand) -> anyhow::Result<()> {
         ModuleCommand::Put { file, name, target } => {
             let wasm = std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
             let info = connect(&target).await?.put_module(&name, wasm).await?;
-            println!("{}", info.id);
+            writeln!(stdout(), "{}", info.id)?;
             Ok(())
         }
         ModuleCommand::Ls { target } => {
             for module in connect(&target).await?.list_modules().await? {
-                println!("{}\t{}\t{}", module.name, module.id, module.size);
+                writeln!(stdout(), "{}\t{}\t{}", module.name, module.id, module.size)?;
             }
             Ok(())
         }
@@ -133,7 +133,7 @@ pub(super) async fn item(cmd: ItemCommand) -> anyhow::Result<()> {
             loop {
                 let page = client.list_items(bucket.as_bytes(), &prefix, after.as_deref(), 1000).await?;
                 for key in &page {
-                    println!("{key}");
+                    writeln!(stdout(), "{key}")?;
                 }
                 if page.len() < 1000 {
                     return Ok(());
@@ -155,12 +155,18 @@ pub enum FlockCommand {
     },
 }
 
+/// Standard output for a command's results. Writes return errors instead of panicking, so a closed
+/// pipe (`grex flock ls | head`) ends the command quietly (see `cli::main`).
+fn stdout() -> std::io::StdoutLock<'static> {
+    std::io::stdout().lock()
+}
+
 pub(super) async fn flock(cmd: FlockCommand) -> anyhow::Result<()> {
     let FlockCommand::Ls { target } = cmd;
     let map = connect(&target).await?.flocks().await?;
-    println!("flock map version {}", map.version);
+    writeln!(stdout(), "flock map version {}", map.version)?;
     for (id, url) in &map.nodes {
-        println!("node {id} {url}");
+        writeln!(stdout(), "node {id} {url}")?;
     }
     for flock in &map.flocks {
         let herders: Vec<String> = flock
@@ -169,19 +175,19 @@ pub(super) async fn flock(cmd: FlockCommand) -> anyhow::Result<()> {
             .map(|h| if Some(h) == flock.leader.as_ref() { format!("{h}*") } else { h.clone() })
             .collect();
         let changing = if flock.settled { "" } else { " (membership changing)" };
-        println!("{:>5} {}{changing}", flock.flock, herders.join(" "));
+        writeln!(stdout(), "{:>5} {}{changing}", flock.flock, herders.join(" "))?;
     }
     Ok(())
 }
 
 pub(super) async fn canary(bucket: &str, target: &Target) -> anyhow::Result<()> {
     let canary = connect(target).await?.canary(bucket.as_bytes()).await?;
-    println!("{}", canary.url);
+    writeln!(stdout(), "{}", canary.url)?;
     Ok(())
 }
 
 pub(super) async fn status(target: &Target) -> anyhow::Result<()> {
     let status = connect(target).await?.status().await?;
-    println!("{}", serde_json::to_string_pretty(&status)?);
+    writeln!(stdout(), "{}", serde_json::to_string_pretty(&status)?)?;
     Ok(())
 }
