@@ -7,8 +7,9 @@
 #   counter: Grex `FCALL counter 1 key` (the wasm job) / Redis `EVAL` and `FCALL` of Lua HINCRBY;
 #   HSET key f v; HGET key f.
 # ROUNDS rounds, each running every test on every system in turn; the report gives medians.
-# Usage: scripts/bench-redis.sh [REQUESTS] [ROUNDS] (default 50000 3).
-# Writes target/bench-redis/{results.csv,summary.md,plot.svg}. Everything listens on 127.0.0.1
+# Usage: scripts/bench-redis.sh [REQUESTS] [ROUNDS] (default 50000 3). PIPELINE=N has every client
+# pipeline N requests (redis-benchmark -P; default 1).
+# Writes target/bench-redis/{results.csv,summary.md,plot.svg} (target/bench-redis-PN with PIPELINE). Everything listens on 127.0.0.1
 # and stops at the end.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,6 +17,7 @@ requests=${1:-50000}
 rounds=${2:-3}
 clients=50
 keys=100000
+pipeline=${PIPELINE:-1}
 if ! command -v redis-server > /dev/null || ! command -v redis-benchmark > /dev/null; then
   echo "installing redis-server and redis-tools"
   sudo=$([ "$(id -u)" -eq 0 ] || echo sudo)
@@ -25,6 +27,7 @@ scripts/build-jobs.sh > /dev/null
 cargo build --release --quiet -p grex --bin grex
 grex=target/release/grex
 out=target/bench-redis
+[ "$pipeline" = 1 ] || out=$out-P$pipeline
 mkdir -p "$out"
 data=$(mktemp -d)
 pids=()  # Grex nodes, by index (scripts/cluster-lib.sh)
@@ -62,7 +65,7 @@ done
 bench() {
   local system=$1 port=$2 test=$3; shift 3
   local line
-  line=$(redis-benchmark -p "$port" -c "$clients" -n "$requests" -r "$keys" --csv "$@" 2>/dev/null | tail -1)
+  line=$(redis-benchmark -p "$port" -c "$clients" -P "$pipeline" -n "$requests" -r "$keys" --csv "$@" 2>/dev/null | tail -1)
   # "test","rps","avg_latency_ms","min_latency_ms","p50_latency_ms","p95_latency_ms","p99_latency_ms","max_latency_ms"
   # (the test name may hold commas; the numbers are the last seven fields)
   read -r rps p50 p99 < <(awk -F'","' '{ gsub(/"/, "", $NF); print $(NF-6), $(NF-3), $(NF-1) }' <<< "$line")
@@ -72,7 +75,7 @@ bench() {
 }
 eval_counter="return redis.call('HINCRBY', KEYS[1], 'count', 1)"
 echo "round,system,test,rps,p50_ms,p99_ms" > "$out/results.csv"
-echo "== $clients clients, $requests requests per test, $keys random keys, $rounds rounds"
+echo "== $clients clients (pipelining $pipeline), $requests requests per test, $keys random keys, $rounds rounds"
 for round in $(seq 1 "$rounds"); do
   echo "-- round $round"
   for target in redis-none:16380 redis-always:16381; do
