@@ -20,6 +20,7 @@ async fn hash_commands_jobs_and_modules_through_a_redis_client() {
     let dir = tempfile::tempdir().unwrap();
     let node = GrexNode::start(dir.path(), &["--resp", "127.0.0.1:0"]);
     let counter = job_wasm("counter");
+    let counter_again = counter.clone();
     let url = node.resp.clone().expect("resp address");
     blocking(move || {
         let mut con = redis::Client::open(url.as_str()).unwrap().get_connection().unwrap();
@@ -97,6 +98,25 @@ async fn hash_commands_jobs_and_modules_through_a_redis_client() {
         let answers: Vec<i64> = pipe.query(&mut con).unwrap();
         assert_eq!(answers.len(), 101);
         assert_eq!(answers[100], 100);
+
+        // A pipeline over many keys (they run at once) reads what it wrote, in order; a module
+        // loaded in a pipeline is there for the job after it.
+        let mut pipe = redis::pipe();
+        for i in 0..50 {
+            pipe.cmd("HSET").arg(format!("spread-{i}")).arg("v").arg(i);
+            pipe.cmd("FCALL").arg("counter").arg(1).arg(format!("spread-{i}")).arg(i);
+            pipe.cmd("HGET").arg(format!("spread-{i}")).arg("v");
+        }
+        pipe.cmd("GREX.MODULE").arg("LOAD").arg("counter-again").arg(counter_again);
+        pipe.cmd("FCALL").arg("counter-again").arg(1).arg("spread-0").arg(5);
+        let answers: Vec<Value> = pipe.query(&mut con).unwrap();
+        for i in 0..50 {
+            let [set, count, get] = &answers[3 * i..3 * i + 3] else { unreachable!() };
+            assert_eq!(set, &Value::Int(1), "HSET spread-{i}");
+            assert_eq!(redis::from_redis_value::<String>(count).unwrap(), i.to_string(), "FCALL on spread-{i}");
+            assert_eq!(redis::from_redis_value::<usize>(get).unwrap(), i, "HGET spread-{i}");
+        }
+        assert_eq!(redis::from_redis_value::<String>(&answers[151]).unwrap(), "5");
     })
     .await;
 }

@@ -9,7 +9,7 @@
 //! Limits: a request's size is bounded (bulk strings by [`RespLimits::bulk_bytes_max`], argument
 //! count, inline lines), a connection that leaves a request half-sent for
 //! [`REQUEST_IDLE_TIMEOUT`] is closed, and connections are capped. Pipelined commands on different
-//! keys run at once (up to [`PIPELINE_MAX`] per connection), commands on one key in order, and
+//! keys run at once (up to 256 per connection), commands on one key in order, and
 //! replies come back in order.
 
 use std::collections::HashMap;
@@ -306,7 +306,7 @@ struct Pipeline {
     running: FuturesOrdered<BoxFuture<'static, (Reply, usize)>>,
     /// Request bytes of the running commands.
     bytes: usize,
-    /// The last command started on each key; its sender is dropped when it finishes.
+    /// The last command started on each key: the channel closes when it finishes.
     last_on_key: HashMap<Vec<u8>, watch::Receiver<()>>,
 }
 
@@ -326,12 +326,13 @@ impl Pipeline {
         let mut keys = ordering_keys(&name, &args[1..]);
         keys.sort_unstable();
         keys.dedup();
-        let (finished, done) = watch::channel(());
+        // The sender lives as long as the command runs; its receivers see the channel close.
+        let (running, finished) = watch::channel(());
         let before: Vec<watch::Receiver<()>> =
-            keys.into_iter().filter_map(|key| self.last_on_key.insert(key.to_vec(), done.clone())).collect();
+            keys.into_iter().filter_map(|key| self.last_on_key.insert(key.to_vec(), finished.clone())).collect();
         if self.last_on_key.len() > 4 * PIPELINE_MAX {
             // Keys whose last command has finished need no entry.
-            self.last_on_key.retain(|_, done| done.has_changed().is_ok());
+            self.last_on_key.retain(|_, finished| finished.has_changed().is_ok());
         }
         self.bytes += size;
         self.running.push_back(
@@ -341,7 +342,7 @@ impl Pipeline {
                     while earlier.changed().await.is_ok() {}
                 }
                 let reply = commands.run(&name, &args).await;
-                drop(finished);
+                drop(running);
                 (reply, size)
             }
             .boxed(),
