@@ -16,7 +16,7 @@ use super::raft::{NodeId, PeerInfo, TypeConfig};
 use crate::storage::GroupId;
 
 /// ALPN of the peer protocol.
-pub const PEER_ALPN: &[u8] = b"grex-peer/1";
+pub const PEER_ALPN: &[u8] = b"grex-peer/2";
 
 /// One request and who sends it.
 #[derive(Debug, Serialize, Deserialize)]
@@ -36,6 +36,9 @@ pub enum PeerRequest {
     Hello {
         /// The dialer's addresses.
         info: PeerInfo,
+        /// Drawn at random when the dialer's process started: a new one means the peer restarted,
+        /// so any older connection to it is dead, whoever dialed it.
+        incarnation: u64,
     },
     /// Liveness, once per interval per node pair, with the sender's load.
     Ping {
@@ -93,8 +96,11 @@ pub enum RaftRpc {
 /// The answer to a [`PeerRequest`].
 #[derive(Debug, Serialize, Deserialize)]
 pub enum PeerResponse {
-    /// Hello accepted.
-    Welcome,
+    /// Hello accepted, with the answering process's incarnation (as in `Hello`).
+    Welcome {
+        /// The answering node's incarnation.
+        incarnation: u64,
+    },
     /// Ping answered, with the answering node's load.
     Pong {
         /// Jobs running or queued.

@@ -1,8 +1,10 @@
-//! The peer transport: QUIC (quinn) with mutual TLS under the cluster CA, ALPN `grex-peer/1`.
+//! The peer transport: QUIC (quinn) with mutual TLS under the cluster CA, ALPN `grex-peer/2`.
 //!
 //! Each pair of nodes keeps one long-lived connection. Either side dials when it has none; if
 //! both dial at once, both keep the connection dialed by the lower node id and close the other,
-//! so a pair converges on one connection, which both sides use and serve. A request is one
+//! so a pair converges on one connection, which both sides use and serve. A connection from a
+//! restarted peer (its hello carries a new incarnation) replaces the old one at once, whoever
+//! dialed that: the old one is dead, though QUIC would take its idle timeout to notice. A request is one
 //! bidirectional stream carrying one frame each way (`messages`), so a slow request never blocks
 //! another.
 //!
@@ -85,6 +87,8 @@ struct Link {
     connection: quinn::Connection,
     /// Which side dialed it (the lower id's connection wins a duplicate).
     dialed_by: NodeId,
+    /// The peer process's incarnation on the other end.
+    incarnation: u64,
 }
 
 #[derive(Default)]
@@ -101,6 +105,8 @@ struct PeerState {
 /// This node's side of every peer connection.
 pub struct Peers {
     me: NodeId,
+    /// Drawn at start; told to every peer in hellos.
+    incarnation: u64,
     cluster_id: String,
     endpoint: quinn::Endpoint,
     client_config: quinn::ClientConfig,
@@ -130,6 +136,7 @@ impl Peers {
         let (linked, _) = watch::channel(0);
         let peers = Arc::new(Peers {
             me,
+            incarnation: rand::random(),
             cluster_id,
             endpoint,
             client_config: client,
@@ -283,15 +290,15 @@ impl Peers {
         let hello = PeerFrame {
             cluster_id: self.cluster_id.clone(),
             from: self.me,
-            request: PeerRequest::Hello { info: PeerInfo::default() },
+            request: PeerRequest::Hello { info: PeerInfo::default(), incarnation: self.incarnation },
         };
         let bytes = encode_frame(&hello).map_err(|e| PeerError::Protocol(e.to_string()))?;
-        match exchange(&connection, &bytes).await {
-            Ok(PeerResponse::Welcome) => {}
+        let incarnation = match exchange(&connection, &bytes).await {
+            Ok(PeerResponse::Welcome { incarnation }) => incarnation,
             Ok(other) => return Err(PeerError::Protocol(format!("unexpected answer to hello: {other:?}"))),
             Err(e) => return Err(PeerError::Unreachable(to, e)),
-        }
-        Ok(self.register(to, connection, self.me))
+        };
+        Ok(self.register(to, connection, self.me, incarnation))
     }
 
     async fn dial(&self, addr: &str) -> anyhow::Result<quinn::Connection> {
@@ -304,21 +311,33 @@ impl Peers {
         Ok(tokio::time::timeout(DIAL_TIMEOUT, connecting).await.context("dial timed out")??)
     }
 
-    /// Keeps one connection per peer: a duplicate loses to the one the lower id dialed.
-    fn register(self: &Arc<Self>, peer: NodeId, connection: quinn::Connection, dialed_by: NodeId) -> quinn::Connection {
+    /// Keeps one connection per peer: a duplicate to the same peer process loses to the one the
+    /// lower id dialed; a connection to a restarted peer (another incarnation) wins.
+    fn register(
+        self: &Arc<Self>,
+        peer: NodeId,
+        connection: quinn::Connection,
+        dialed_by: NodeId,
+        incarnation: u64,
+    ) -> quinn::Connection {
         let winner = {
             let mut state = self.state();
             let entry = state.entry(peer).or_default();
             entry.last_seen = Some(Instant::now());
             let keep_old = match &entry.link {
-                Some(old) if old.connection.close_reason().is_none() => old.dialed_by < dialed_by,
+                Some(old) if old.connection.close_reason().is_none() => {
+                    old.incarnation == incarnation && old.dialed_by < dialed_by
+                }
                 _ => false,
             };
             if keep_old {
                 connection.close(2u32.into(), b"duplicate connection");
                 entry.link.as_ref().expect("checked").connection.clone()
             } else {
-                if let Some(old) = entry.link.replace(Link { connection: connection.clone(), dialed_by }) {
+                if let Some(old) = entry.link.replace(Link { connection: connection.clone(), dialed_by, incarnation }) {
+                    if old.incarnation != incarnation && old.connection.close_reason().is_none() {
+                        tracing::info!(peer = %super::node_id_text(peer), "a restarted peer reconnected; its old connection is closed");
+                    }
                     old.connection.close(2u32.into(), b"duplicate connection");
                 }
                 let this = self.clone();
@@ -477,9 +496,9 @@ async fn serve_stream(
                 tracing::warn!(%remote, cluster = %frame.cluster_id, "refused a peer of another cluster");
                 PeerResponse::Error(error(ErrorCode::BadRequest, "this node belongs to another cluster"))
             }
-            Ok(PeerFrame { from, request: PeerRequest::Hello { .. }, .. }) => {
-                peers.register(from, connection.clone(), from);
-                PeerResponse::Welcome
+            Ok(PeerFrame { from, request: PeerRequest::Hello { incarnation, .. }, .. }) => {
+                peers.register(from, connection.clone(), from, incarnation);
+                PeerResponse::Welcome { incarnation: peers.incarnation }
             }
             Ok(PeerFrame { from, request: PeerRequest::Ping { load }, .. }) => {
                 peers.saw(from, Some(load));
