@@ -4,9 +4,9 @@
 //! both dial at once, both keep the connection dialed by the lower node id and close the other,
 //! so a pair converges on one connection, which both sides use and serve. A connection from a
 //! restarted peer (its hello carries a new incarnation) replaces the old one at once, whoever
-//! dialed that: the old one is dead, though QUIC would take its idle timeout to notice. A request is one
-//! bidirectional stream carrying one frame each way (`messages`), so a slow request never blocks
-//! another.
+//! dialed that: the old one is dead, though QUIC would take its idle timeout to notice. A request
+//! is one bidirectional stream carrying one frame each way (`messages`), so a slow request never
+//! blocks another.
 //!
 //! Liveness is per node pair, shared by every flock: a heartbeat task per peer pings it every
 //! [`PING_INTERVAL`] (redialing with back-off when the connection is gone), and a peer not heard
@@ -324,18 +324,15 @@ impl Peers {
             let mut state = self.state();
             let entry = state.entry(peer).or_default();
             entry.last_seen = Some(Instant::now());
-            let keep_old = match &entry.link {
-                Some(old) if old.connection.close_reason().is_none() => {
-                    old.incarnation == incarnation && old.dialed_by < dialed_by
-                }
-                _ => false,
-            };
+            let live_old = entry.link.as_ref().filter(|old| old.connection.close_reason().is_none());
+            let restarted = live_old.is_some_and(|old| old.incarnation != incarnation);
+            let keep_old = live_old.is_some_and(|old| !restarted && old.dialed_by < dialed_by);
             if keep_old {
                 connection.close(2u32.into(), b"duplicate connection");
                 entry.link.as_ref().expect("checked").connection.clone()
             } else {
                 if let Some(old) = entry.link.replace(Link { connection: connection.clone(), dialed_by, incarnation }) {
-                    if old.incarnation != incarnation && old.connection.close_reason().is_none() {
+                    if restarted {
                         tracing::info!(peer = %super::node_id_text(peer), "a restarted peer reconnected; its old connection is closed");
                     }
                     old.connection.close(2u32.into(), b"duplicate connection");
