@@ -755,42 +755,6 @@ mod tests {
     }
 
     #[test]
-    fn random_bytes_and_splits_never_panic_and_agree_with_the_whole() {
-        let seed: u64 = std::env::var("GREX_TEST_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
-            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64)
-        });
-        println!("seed {seed} (GREX_TEST_SEED={seed} repeats this run)");
-        let mut state = seed | 1;
-        let mut next = move || {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state
-        };
-        let pieces: [&[u8]; 10] = [b"*", b"$", b"\r\n", b"3", b"-1", b"12", b"PING", b" ", b"\n", b"\xff"];
-        for _ in 0..20_000 {
-            let mut wire = Vec::new();
-            for _ in 0..(next() % 24) {
-                if next() % 4 == 0 {
-                    wire.push(next() as u8);
-                } else {
-                    wire.extend_from_slice(pieces[(next() % pieces.len() as u64) as usize]);
-                }
-            }
-            let whole = parse_command(&wire, &LIMITS);
-            if let Ok(Some((_, used))) = &whole {
-                assert!(*used <= wire.len());
-            }
-            // A prefix is never "complete" with a different answer than the whole, unless the
-            // whole is an error seen only later.
-            let cut = (next() as usize) % (wire.len() + 1);
-            if let Ok(Some(prefix)) = parse_command(&wire[..cut], &LIMITS) {
-                assert_eq!(Ok(Some(prefix)), whole, "seed {seed}: {wire:?} cut at {cut}");
-            }
-        }
-    }
-
-    #[test]
     fn replies_in_both_protocol_versions() {
         let map = Reply::Map(vec![(Reply::bulk("a"), Reply::Int(1))]);
         let mut two = Vec::new();
@@ -838,5 +802,104 @@ mod tests {
         let closed = tokio::time::timeout(Duration::from_secs(10), client.read_to_end(&mut rest)).await;
         assert!(closed.is_ok(), "the half-sent request kept its connection open");
         assert_eq!(rest, b"-ERR request not completed in time; connection closed\r\n");
+    }
+
+    /// Property tests of the parser over arbitrary bytes and arbitrary splits of the stream.
+    mod properties {
+        use super::*;
+        use proptest::collection::vec;
+        use proptest::prelude::*;
+        use proptest::test_runner::{Config, RngSeed};
+
+        /// A fixed seed per run, printed so that a failure can be replayed (`GREX_TEST_SEED=N`).
+        fn config() -> Config {
+            let seed: u64 = std::env::var("GREX_TEST_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
+                std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64)
+            });
+            println!("seed {seed} (GREX_TEST_SEED={seed} repeats this run)");
+            Config { cases: 3000, rng_seed: RngSeed::Fixed(seed), failure_persistence: None, ..Config::default() }
+        }
+
+        /// Feeds `wire` to the parser the way a connection reads it: in pieces cut at `cuts`, parsing
+        /// every complete command after each piece and keeping the rest buffered.
+        fn parse_streamed(wire: &[u8], cuts: &[usize]) -> Result<Vec<Vec<Vec<u8>>>, RespError> {
+            let mut ends: Vec<usize> = cuts.iter().map(|cut| cut % (wire.len() + 1)).collect();
+            ends.push(wire.len());
+            ends.sort_unstable();
+            let (mut buf, mut out, mut from) = (Vec::new(), Vec::new(), 0);
+            for end in ends {
+                buf.extend_from_slice(&wire[from..end]);
+                from = end;
+                while let Some((args, used)) = parse_command(&buf, &LIMITS)? {
+                    assert!(used > 0 && used <= buf.len(), "used {used} of {} bytes", buf.len());
+                    out.push(args);
+                    buf.drain(..used);
+                }
+            }
+            Ok(out)
+        }
+
+        fn encode(args: &[Vec<u8>]) -> Vec<u8> {
+            let mut wire = format!("*{}\r\n", args.len()).into_bytes();
+            for arg in args {
+                wire.extend_from_slice(format!("${}\r\n", arg.len()).as_bytes());
+                wire.extend_from_slice(arg);
+                wire.extend_from_slice(b"\r\n");
+            }
+            wire
+        }
+
+        /// Bytes that are mostly pieces of the protocol, so that the parser gets deep often.
+        fn protocol_noise() -> impl Strategy<Value = Vec<u8>> {
+            let piece = prop_oneof![
+                any::<u8>().prop_map(|b| vec![b]),
+                Just(b"*".to_vec()),
+                Just(b"$".to_vec()),
+                Just(b"\r\n".to_vec()),
+                Just(b"\n".to_vec()),
+                Just(b" ".to_vec()),
+                Just(b"\"".to_vec()),
+                (0i64..100).prop_map(|n| n.to_string().into_bytes()),
+                Just(b"-1".to_vec()),
+                Just(b"99999999999999999999".to_vec()),
+                Just(b"PING".to_vec()),
+            ];
+            vec(piece, 0..40).prop_map(|pieces| pieces.concat())
+        }
+
+        proptest! {
+            #![proptest_config(config())]
+
+            #[test]
+            fn any_bytes_in_any_pieces_parse_as_they_do_whole(
+                wire in prop_oneof![vec(any::<u8>(), 0..200), protocol_noise()],
+                cuts in vec(any::<usize>(), 0..8),
+            ) {
+                match parse_all(&wire) {
+                    Ok(commands) => prop_assert_eq!(parse_streamed(&wire, &cuts), Ok(commands)),
+                    // The error may show earlier or later in pieces, but it shows.
+                    Err(_) => prop_assert!(parse_streamed(&wire, &cuts).is_err()),
+                }
+            }
+
+            #[test]
+            fn commands_cut_anywhere_arrive_whole_and_in_order(
+                commands in vec(vec(vec(any::<u8>(), 0..20), 1..4), 1..6),
+                cuts in vec(any::<usize>(), 0..12),
+            ) {
+                let wire: Vec<u8> = commands.iter().flat_map(|args| encode(args)).collect();
+                prop_assert_eq!(parse_streamed(&wire, &cuts), Ok(commands));
+            }
+
+            #[test]
+            fn an_oversized_bulk_string_is_refused_before_its_bytes_arrive(
+                len in (LIMITS.bulk_bytes_max + 1)..1_000_000,
+                sent in 0usize..64,
+            ) {
+                let mut wire = format!("*2\r\n$4\r\nHSET\r\n${len}\r\n").into_bytes();
+                wire.resize(wire.len() + sent, b'a');
+                prop_assert!(matches!(parse_command(&wire, &LIMITS), Err(RespError::TooLarge(_))));
+            }
+        }
     }
 }
