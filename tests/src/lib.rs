@@ -99,6 +99,13 @@ impl GrexNode {
         *self = Self::spawn(&self.data, addrs.each_ref().map(String::as_str), std::mem::take(&mut self.args));
     }
 
+    /// Like [`restart`](Self::restart), but with `args` in place of the ones it was started with
+    /// (for example without `--credentials` and `--join`, as an operator restarts a member).
+    pub fn restart_with(&mut self, args: &[&str]) {
+        self.args = args.iter().map(|a| a.to_string()).collect();
+        self.restart();
+    }
+
     fn spawn(data: &Path, [http, quic, peer]: [&str; 3], args: Vec<String>) -> GrexNode {
         let log =
             std::fs::OpenOptions::new().create(true).append(true).open(log_path(data)).expect("open the node log");
@@ -244,18 +251,27 @@ impl TestCluster {
         let first = dir.path().join("node-0");
         let first_str = first.to_str().expect("UTF-8 path");
         grex(&["init", "--data", first_str, "--flocks", &TEST_FLOCKS.to_string()]);
-        let mut nodes = vec![GrexNode::start(&first, args)];
-        for i in 1..count {
-            let creds = dir.path().join(format!("node-{i}.creds"));
-            grex(&["cluster", "credentials", "--data", first_str, "--out", creds.to_str().expect("UTF-8 path")]);
-            let mut node_args = vec!["--credentials", creds.to_str().expect("UTF-8 path"), "--join", &nodes[0].peer];
-            node_args.extend_from_slice(args);
-            let node = GrexNode::start(&dir.path().join(format!("node-{i}")), &node_args);
-            nodes.push(node);
+        let mut cluster = TestCluster { nodes: vec![GrexNode::start(&first, args)], dir };
+        for _ in 1..count {
+            cluster.join(args);
         }
-        let cluster = TestCluster { nodes, dir };
         cluster.wait_formed(count).await;
         cluster
+    }
+
+    /// Starts one more node with `args`, joined through node 0 with credentials node 0 issued;
+    /// returns as soon as it listens (it has joined; the flocks have not moved yet).
+    pub fn join(&mut self, args: &[&str]) -> &mut GrexNode {
+        let i = self.nodes.len();
+        let first = self.dir.path().join("node-0");
+        let creds = self.dir.path().join(format!("node-{i}.creds"));
+        let creds = creds.to_str().expect("UTF-8 path");
+        grex(&["cluster", "credentials", "--data", first.to_str().expect("UTF-8 path"), "--out", creds]);
+        let mut node_args = vec!["--credentials", creds, "--join", &self.nodes[0].peer];
+        node_args.extend_from_slice(args);
+        let node = GrexNode::start(&self.dir.path().join(format!("node-{i}")), &node_args);
+        self.nodes.push(node);
+        &mut self.nodes[i]
     }
 
     /// Waits until node 0 sees `count` nodes, every flock with min(3, count) herders, and a

@@ -195,8 +195,25 @@ impl Cluster {
         tokio::spawn(cluster.clone().follow_members());
 
         let initialized = cluster.inner.meta.is_initialized().await?;
-        if !initialized {
+        if initialized {
+            // A restarted node greets every member its log names, at once: the member list it
+            // had applied may be older (applied state is synced about once a second), and its
+            // peers must hear of the restart now, not when their link to the old process times out.
+            let logged: BTreeMap<NodeId, PeerInfo> = {
+                let metrics = cluster.inner.meta.metrics();
+                let membership = metrics.borrow().membership_config.clone();
+                membership.membership().nodes().map(|(id, info)| (*id, info.clone())).collect()
+            };
+            peers.set_members(&logged);
+            if config.join.is_some() {
+                tracing::info!("already a member; --join is ignored");
+            }
+        } else {
             match &config.join {
+                None if !node.data_dir().join(identity::CA_KEY_FILE).exists() => anyhow::bail!(
+                    "this node has the credentials of a cluster it has not finished joining; start it with \
+                     --join PEER_ADDR (any member's peer address)"
+                ),
                 None => cluster.bootstrap().await?,
                 Some(addr) => {
                     let members = peers.hail(addr, info).await?;
@@ -204,8 +221,6 @@ impl Cluster {
                     tracing::info!(via = %addr, "joined the cluster");
                 }
             }
-        } else if config.join.is_some() {
-            tracing::info!("already a member; --join is ignored");
         }
         tokio::spawn(cluster.clone().supervise(load));
         Ok(cluster)
@@ -517,9 +532,9 @@ impl Cluster {
         // A membership change already under way (the previous joiner being promoted) makes
         // openraft refuse another; wait for it rather than fail the join.
         let deadline = Instant::now() + ROUTE_PATIENCE * 3;
-        loop {
-            match self.inner.meta.add_learner(id, info.clone(), true).await {
-                Ok(_) => break,
+        let added = loop {
+            match self.inner.meta.add_learner(id, info.clone(), false).await {
+                Ok(added) => break added.log_id,
                 Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(
                     ChangeMembershipError::InProgress(_),
                 ))) if Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(50)).await,
@@ -527,6 +542,27 @@ impl Cluster {
                     return PeerResponse::Error(error(ErrorCode::Unavailable, format!("adding the node failed: {e}")));
                 }
             }
+        };
+        // The joiner must hold the log up to its own admission before it hears it has joined:
+        // a node that restarts with an empty log is not a member in its own eyes. (openraft's
+        // blocking add_learner counts a learner as caught up while it lags by less than
+        // `replication_lag_threshold` entries, which an empty log does in a young cluster.)
+        let holds_admission = |m: &openraft::RaftMetrics<NodeId, PeerInfo>| {
+            m.replication.as_ref().and_then(|r| r.get(&id)).is_some_and(|matched| *matched >= Some(added))
+        };
+        let patience = deadline.saturating_duration_since(Instant::now()).max(ROUTE_PATIENCE);
+        if self
+            .inner
+            .meta
+            .wait(Some(patience))
+            .metrics(holds_admission, "the joiner holds its admission")
+            .await
+            .is_err()
+        {
+            return PeerResponse::Error(error(
+                ErrorCode::Unavailable,
+                "the new node did not receive the cluster's log in time; start it again with the same --join",
+            ));
         }
         if let Err(e) = self.meta_write(Command::AddNode { id, info }).await {
             return PeerResponse::Error(e);
