@@ -229,6 +229,9 @@ pub(crate) mod contract {
         assert_eq!(store.list_items(b"a", "y/", None, 10).unwrap(), ["y/1", "y/2", "y/3"]);
         assert_eq!(store.list_items(b"a", "y/", Some("y/1"), 1).unwrap(), ["y/2"]);
         assert_eq!(store.list_items(b"a", "z", None, 10).unwrap(), Vec::<String>::new());
+        assert_eq!(store.list_items(b"a", "", None, 10).unwrap(), ["y/1", "y/2", "y/3"]);
+        assert_eq!(store.list_items(b"a", "", None, 2).unwrap(), ["y/1", "y/2"]);
+        assert_eq!(store.get_item(b"a", "").unwrap(), None, "no item has the empty key");
     }
 
     pub(crate) fn logs_append_truncate_purge_and_flocks_clear(store: &dyn Store) {
@@ -253,10 +256,22 @@ pub(crate) mod contract {
         assert_eq!(store.log_last(7).unwrap(), None);
 
         let flock = crate::data::flock_of(b"a", store.meta().flock_count);
+        // Two more buckets of that flock: one emptied (it keeps its version), one with items.
+        let same_flock: Vec<Vec<u8>> = (0..)
+            .map(|i| format!("b{i}").into_bytes())
+            .filter(|b| crate::data::flock_of(b, store.meta().flock_count) == flock)
+            .take(2)
+            .collect();
+        store.commit(&[change(&same_flock[0], 1, &[("k", Some("v"))])]).unwrap();
+        store
+            .commit(&[change(&same_flock[0], 2, &[("k", None)]), change(&same_flock[1], 5, &[("k", Some("w"))])])
+            .unwrap();
         let buckets = store.flock_buckets(flock).unwrap();
-        assert_eq!(buckets.len(), 1);
-        assert_eq!(buckets[0].0, b"a");
-        assert_eq!(buckets[0].1.version, 1);
+        let found: Vec<(&[u8], u64, usize)> =
+            buckets.iter().map(|(b, data)| (b.as_slice(), data.version, data.len())).collect();
+        let mut expected = vec![(&b"a"[..], 1, 1), (&same_flock[0][..], 2, 0), (&same_flock[1][..], 5, 1)];
+        expected.sort();
+        assert_eq!(found, expected, "every bucket of the flock, in key order");
         store.write(&Batch { log: vec![LogOp::ClearFlock { flock }], changes: vec![], sync: SyncTo::All }).unwrap();
         assert_eq!(store.flock_buckets(flock).unwrap(), vec![]);
         assert_eq!(store.bucket_version(b"a").unwrap(), 0);
