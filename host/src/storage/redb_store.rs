@@ -13,18 +13,15 @@ use crate::data::{BucketData, flock_of};
 use crate::error::StoreError;
 
 /// The schema this binary reads and writes. Bump it with any change to the tables below.
-pub const SCHEMA_VERSION: u32 = 4;
+pub const SCHEMA_VERSION: u32 = 3;
 
 /// The log file's name is the state file's stem and this.
 const LOG_FILE_SUFFIX: &str = "-log.redb";
 
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
-/// (flock, bucket, item) → value, and the bucket's version (8 bytes, big-endian) under the item
-/// key [`VERSION_ROW`]: a change set rewrites one B-tree path, not one per table, and a flock's
-/// buckets sit together, for snapshots.
-const ITEMS: TableDefinition<(u32, &[u8], &str), &[u8]> = TableDefinition::new("bucket_items");
-/// The item key of a bucket's version row; no item has it, since item keys are never empty.
-const VERSION_ROW: &str = "";
+const ITEMS: TableDefinition<(&[u8], &str), &[u8]> = TableDefinition::new("items");
+/// (flock, bucket) → version: a flock's buckets sit together, for snapshots.
+const BUCKETS: TableDefinition<(u32, &[u8]), u64> = TableDefinition::new("buckets");
 const MODULES: TableDefinition<&[u8], &[u8]> = TableDefinition::new("modules");
 const MODULE_NAMES: TableDefinition<&str, &[u8]> = TableDefinition::new("module_names");
 /// In the log file: every group's entries in one sequence, in the order they were appended, so
@@ -173,10 +170,6 @@ impl RedbStore {
     }
 
     /// A write transaction on `db` that syncs on commit if `sync` (and the store is durable).
-    fn flock_of(&self, bucket: &[u8]) -> u32 {
-        flock_of(bucket, self.meta.flock_count)
-    }
-
     fn begin_write(&self, db: &Database, sync: bool) -> Result<redb::WriteTransaction, StoreError> {
         let mut txn = db.begin_write().map_err(engine)?;
         let durability = if sync { self.durability } else { Durability::None };
@@ -193,6 +186,7 @@ impl RedbStore {
         let txn = self.begin_write(&self.db, batch.sync == SyncTo::All)?;
         {
             let mut items = txn.open_table(ITEMS).map_err(engine)?;
+            let mut buckets = txn.open_table(BUCKETS).map_err(engine)?;
             let mut state = txn.open_table(RAFT_STATE).map_err(engine)?;
             for op in ops {
                 match op {
@@ -201,16 +195,20 @@ impl RedbStore {
                     }
                     LogOp::ClearFlock { flock } => {
                         let mut gone = Vec::new();
-                        for entry in items.range((*flock, &[][..], VERSION_ROW)..).map_err(engine)? {
+                        for entry in buckets.range((*flock, &[][..])..).map_err(engine)? {
                             let (key, _) = entry.map_err(engine)?;
-                            let (f, bucket, item) = key.value();
+                            let (f, bucket) = key.value();
                             if f != *flock {
                                 break;
                             }
-                            gone.push((bucket.to_vec(), item.to_owned()));
+                            gone.push(bucket.to_vec());
                         }
-                        for (bucket, item) in &gone {
-                            items.remove((*flock, bucket.as_slice(), item.as_str())).map_err(engine)?;
+                        for bucket in &gone {
+                            buckets.remove((*flock, bucket.as_slice())).map_err(engine)?;
+                            let keys: Vec<String> = read_items(&items, bucket)?.into_keys().collect();
+                            for item in keys {
+                                items.remove((bucket.as_slice(), item.as_str())).map_err(engine)?;
+                            }
                         }
                     }
                     LogOp::PutModule { id, name, wasm } => {
@@ -221,15 +219,14 @@ impl RedbStore {
                 }
             }
             for change in &batch.changes {
-                let bucket = change.bucket.as_slice();
                 for write in &change.writes {
-                    let key = (change.flock, bucket, write.item.as_str());
+                    let key = (change.bucket.as_slice(), write.item.as_str());
                     match &write.value {
                         Some(value) => items.insert(key, value.as_slice()).map_err(engine)?,
                         None => items.remove(key).map_err(engine)?,
                     };
                 }
-                items.insert((change.flock, bucket, VERSION_ROW), &change.version.to_be_bytes()[..]).map_err(engine)?;
+                buckets.insert((change.flock, change.bucket.as_slice()), change.version).map_err(engine)?;
             }
         }
         txn.commit().map_err(engine)
@@ -321,6 +318,7 @@ fn init_meta(db: &Database, flock_count: u32) -> Result<NodeMeta, StoreError> {
     };
     // Create every table so read transactions never meet a missing one.
     txn.open_table(ITEMS).map_err(engine)?;
+    txn.open_table(BUCKETS).map_err(engine)?;
     txn.open_table(MODULES).map_err(engine)?;
     txn.open_table(MODULE_NAMES).map_err(engine)?;
     txn.open_table(RAFT_STATE).map_err(engine)?;
@@ -328,37 +326,20 @@ fn init_meta(db: &Database, flock_count: u32) -> Result<NodeMeta, StoreError> {
     Ok(meta)
 }
 
-type ItemTable = (u32, &'static [u8], &'static str);
-type Items = BTreeMap<String, Vec<u8>>;
-
-/// A bucket's version and items (version 0 and no items if it was never written).
-fn read_bucket(
-    table: &impl ReadableTable<ItemTable, &'static [u8]>,
-    flock: u32,
+fn read_items(
+    table: &impl ReadableTable<(&'static [u8], &'static str), &'static [u8]>,
     bucket: &[u8],
-) -> Result<BucketData, StoreError> {
-    let mut version = 0;
+) -> Result<BTreeMap<String, Vec<u8>>, StoreError> {
     let mut items = BTreeMap::new();
-    for entry in table.range((flock, bucket, VERSION_ROW)..).map_err(engine)? {
+    for entry in table.range((bucket, "")..).map_err(engine)? {
         let (key, value) = entry.map_err(engine)?;
-        let (f, b, item) = key.value();
-        if f != flock || b != bucket {
+        let (b, item) = key.value();
+        if b != bucket {
             break;
         }
-        if item == VERSION_ROW {
-            version = read_version(value.value())?;
-        } else {
-            items.insert(item.to_owned(), value.value().to_vec());
-        }
+        items.insert(item.to_owned(), value.value().to_vec());
     }
-    Ok(BucketData::new(version, items))
-}
-
-fn read_version(bytes: &[u8]) -> Result<u64, StoreError> {
-    bytes
-        .try_into()
-        .map(u64::from_be_bytes)
-        .map_err(|_| StoreError::Corrupt(format!("a bucket version of {} bytes", bytes.len())))
+    Ok(items)
 }
 
 fn read_u32(bytes: &[u8]) -> Result<u32, StoreError> {
@@ -379,16 +360,16 @@ impl Store for RedbStore {
 
     fn load_bucket(&self, bucket: &[u8]) -> Result<BucketData, StoreError> {
         let txn = self.db.begin_read().map_err(engine)?;
-        read_bucket(&txn.open_table(ITEMS).map_err(engine)?, self.flock_of(bucket), bucket)
+        let key = (flock_of(bucket, self.meta.flock_count), bucket);
+        let version = txn.open_table(BUCKETS).map_err(engine)?.get(key).map_err(engine)?.map_or(0, |v| v.value());
+        let items = read_items(&txn.open_table(ITEMS).map_err(engine)?, bucket)?;
+        Ok(BucketData::new(version, items))
     }
 
     fn get_item(&self, bucket: &[u8], item: &str) -> Result<Option<Vec<u8>>, StoreError> {
-        if item == VERSION_ROW {
-            return Ok(None);
-        }
         let txn = self.db.begin_read().map_err(engine)?;
         let table = txn.open_table(ITEMS).map_err(engine)?;
-        Ok(table.get((self.flock_of(bucket), bucket, item)).map_err(engine)?.map(|v| v.value().to_vec()))
+        Ok(table.get((bucket, item)).map_err(engine)?.map(|v| v.value().to_vec()))
     }
 
     fn list_items(
@@ -404,15 +385,14 @@ impl Store for RedbStore {
             Some(after) if after >= prefix => after,
             _ => prefix,
         };
-        let flock = self.flock_of(bucket);
         let mut keys = Vec::new();
-        for entry in table.range((flock, bucket, start)..).map_err(engine)? {
+        for entry in table.range((bucket, start)..).map_err(engine)? {
             let (key, _) = entry.map_err(engine)?;
-            let (f, b, item) = key.value();
-            if f != flock || b != bucket || !item.starts_with(prefix) || keys.len() == limit {
+            let (b, item) = key.value();
+            if b != bucket || !item.starts_with(prefix) || keys.len() == limit {
                 break;
             }
-            if item != VERSION_ROW && Some(item) != start_after {
+            if Some(item) != start_after {
                 keys.push(item.to_owned());
             }
         }
@@ -421,11 +401,8 @@ impl Store for RedbStore {
 
     fn bucket_version(&self, bucket: &[u8]) -> Result<u64, StoreError> {
         let txn = self.db.begin_read().map_err(engine)?;
-        let table = txn.open_table(ITEMS).map_err(engine)?;
-        table
-            .get((self.flock_of(bucket), bucket, VERSION_ROW))
-            .map_err(engine)?
-            .map_or(Ok(0), |v| read_version(v.value()))
+        let table = txn.open_table(BUCKETS).map_err(engine)?;
+        Ok(table.get((flock_of(bucket, self.meta.flock_count), bucket)).map_err(engine)?.map_or(0, |v| v.value()))
     }
 
     fn write(&self, batch: &Batch) -> Result<(), StoreError> {
@@ -478,27 +455,18 @@ impl Store for RedbStore {
 
     fn flock_buckets(&self, flock: u32) -> Result<Vec<(Vec<u8>, BucketData)>, StoreError> {
         let txn = self.db.begin_read().map_err(engine)?;
+        let buckets = txn.open_table(BUCKETS).map_err(engine)?;
         let items = txn.open_table(ITEMS).map_err(engine)?;
-        // Every written bucket has a version row, the first of its rows.
-        let mut found: Vec<(Vec<u8>, u64, Items)> = Vec::new();
-        for entry in items.range((flock, &[][..], VERSION_ROW)..).map_err(engine)? {
-            let (key, value) = entry.map_err(engine)?;
-            let (f, bucket, item) = key.value();
+        let mut found = Vec::new();
+        for entry in buckets.range((flock, &[][..])..).map_err(engine)? {
+            let (key, version) = entry.map_err(engine)?;
+            let (f, bucket) = key.value();
             if f != flock {
                 break;
             }
-            if item == VERSION_ROW {
-                found.push((bucket.to_vec(), read_version(value.value())?, BTreeMap::new()));
-            } else {
-                match found.last_mut() {
-                    Some((b, _, items)) if b.as_slice() == bucket => {
-                        items.insert(item.to_owned(), value.value().to_vec());
-                    }
-                    _ => return Err(StoreError::Corrupt(format!("items of bucket {bucket:02x?} without a version"))),
-                }
-            }
+            found.push((bucket.to_vec(), BucketData::new(version.value(), read_items(&items, bucket)?)));
         }
-        Ok(found.into_iter().map(|(bucket, version, items)| (bucket, BucketData::new(version, items))).collect())
+        Ok(found)
     }
 
     fn put_module(&self, id: &ModuleId, name: &str, wasm: &[u8]) -> Result<(), StoreError> {
