@@ -351,6 +351,32 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn writes_queued_during_a_commit_go_to_disk_together_in_the_next_one() {
+        let (entered_tx, entered) = std::sync::mpsc::channel();
+        let (release, release_rx) = std::sync::mpsc::channel::<()>();
+        let release_rx = Mutex::new(release_rx);
+        let store = FaultyStore::new(MemoryStore::new(16), u64::MAX).before_each_write(move |n| {
+            if n == 0 {
+                entered_tx.send(()).unwrap();
+                release_rx.lock().unwrap().recv().unwrap();
+            }
+        });
+        let log = CommitLog::start(Arc::new(store), 256);
+        log.submit(change(b"first", 1)).unwrap();
+        entered.recv().unwrap();
+        // The committer is inside the first commit (its fsync, on a real disk): 100 jobs queue.
+        let mut last = 0;
+        for v in 1..=100 {
+            last = log.submit(change(format!("k{v}").as_bytes(), v)).unwrap();
+        }
+        release.send(()).unwrap();
+        log.wait_durable(last).await.unwrap();
+        assert_eq!(log.stats.commits.load(Ordering::Relaxed), 2, "one commit for the first, one for the rest");
+        assert_eq!(log.stats.change_sets.load(Ordering::Relaxed), 101);
+        log.stop();
+    }
+
+    #[tokio::test]
     async fn unsynced_state_is_readable_at_once_and_checkpointed_when_the_committer_goes_idle() {
         let store = Arc::new(MemoryStore::new(16));
         let log = CommitLog::start(store.clone(), 16);

@@ -1,5 +1,5 @@
 //! A [`Store`] wrapper that fails every commit after the first N, to test how the node reacts
-//! to a failing disk.
+//! to a failing disk, and can run a hook before each commit (to hold the committer in a write).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -7,17 +7,27 @@ use super::{Batch, GroupId, ModuleId, NodeMeta, Store};
 use crate::data::BucketData;
 use crate::error::StoreError;
 
+/// Called with the commit's number (from 0) before each commit.
+type WriteHook = Box<dyn Fn(u64) + Send + Sync>;
+
 /// Passes calls to `inner` until `commits_ok` commits have succeeded; later commits fail.
 pub struct FaultyStore<S> {
     inner: S,
     commits_ok: u64,
     commits: AtomicU64,
+    before_write: Option<WriteHook>,
 }
 
 impl<S: Store> FaultyStore<S> {
     /// Wraps `inner`, letting `commits_ok` commits through.
     pub fn new(inner: S, commits_ok: u64) -> Self {
-        FaultyStore { inner, commits_ok, commits: AtomicU64::new(0) }
+        FaultyStore { inner, commits_ok, commits: AtomicU64::new(0), before_write: None }
+    }
+
+    /// Runs `hook` with the commit's number before each commit (it may block the committer).
+    pub fn before_each_write(mut self, hook: impl Fn(u64) + Send + Sync + 'static) -> Self {
+        self.before_write = Some(Box::new(hook));
+        self
     }
 }
 
@@ -45,6 +55,9 @@ impl<S: Store> Store for FaultyStore<S> {
     }
     fn write(&self, batch: &Batch) -> Result<(), StoreError> {
         let n = self.commits.fetch_add(1, Ordering::SeqCst);
+        if let Some(hook) = &self.before_write {
+            hook(n);
+        }
         if n >= self.commits_ok {
             return Err(StoreError::Injected(n));
         }
