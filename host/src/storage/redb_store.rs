@@ -149,6 +149,17 @@ impl RedbStore {
     pub fn open(path: &Path, flock_count: u32, durable: bool) -> Result<Self, StoreError> {
         let log_path = log_path(path);
         let fresh = !path.exists();
+        // A new node creates its log file first: a crash before the state file exists leaves an
+        // empty log, which the next start takes up; a log that holds anything is not taken up.
+        let log = if fresh { Some(open_log(&log_path, true)?) } else { None };
+        if let Some((_, false)) = &log {
+            return Err(StoreError::Corrupt(format!(
+                "{} is missing beside {}, which holds a log; restore it from the same backup, or start this node from \
+                 an empty data directory",
+                path.display(),
+                log_path.display()
+            )));
+        }
         let db = Database::create(path).map_err(engine)?;
         // The schema check first: an older directory has no log file, and that is not the news.
         let meta = init_meta(&db, flock_count)?;
@@ -159,11 +170,10 @@ impl RedbStore {
                 path.display()
             )));
         }
-        let log = Database::create(&log_path).map_err(engine)?;
-        let txn = log.begin_write().map_err(engine)?;
-        txn.open_table(RAFT_LOG).map_err(engine)?;
-        txn.open_table(LOG_STATE).map_err(engine)?;
-        txn.commit().map_err(engine)?;
+        let log = match log {
+            Some((log, _)) => log,
+            None => open_log(&log_path, false)?.0,
+        };
         let index = Mutex::new(LogIndex::load(&log)?);
         let durability = if durable { Durability::Immediate } else { Durability::None };
         Ok(RedbStore { db, log, index, meta, durability })
@@ -279,6 +289,20 @@ impl RedbStore {
         }
         txn.commit().map_err(engine)
     }
+}
+
+/// Opens (or creates) the log file with its tables; with `check_empty`, also says whether it
+/// holds no entries and no log state (always true without).
+fn open_log(path: &Path, check_empty: bool) -> Result<(Database, bool), StoreError> {
+    let log = Database::create(path).map_err(engine)?;
+    let txn = log.begin_write().map_err(engine)?;
+    let entries = txn.open_table(RAFT_LOG).map_err(engine)?;
+    let state = txn.open_table(LOG_STATE).map_err(engine)?;
+    let empty =
+        !check_empty || (entries.first().map_err(engine)?.is_none() && state.first().map_err(engine)?.is_none());
+    drop((entries, state));
+    txn.commit().map_err(engine)?;
+    Ok((log, empty))
 }
 
 fn init_meta(db: &Database, flock_count: u32) -> Result<NodeMeta, StoreError> {
@@ -571,10 +595,28 @@ mod tests {
         assert_eq!(store.log_entries(META_GROUP, 0, u64::MAX, 2).unwrap(), meta[..2]);
         assert_eq!(store.log_last(META_GROUP).unwrap(), meta.last().cloned());
         drop(store);
+        std::fs::copy(dir.path().join("grex-log.redb"), dir.path().join("kept-log.redb")).unwrap();
         std::fs::remove_file(dir.path().join("grex-log.redb")).unwrap();
         let err = RedbStore::open(&path, 16, true).err().expect("a state file without its log must be refused");
         assert!(err.to_string().contains("grex-log.redb is missing"), "{err}");
         assert!(err.to_string().contains("empty data directory"), "{err}");
+        // And a log that holds entries, without its state file.
+        std::fs::remove_file(&path).unwrap();
+        std::fs::rename(dir.path().join("kept-log.redb"), dir.path().join("grex-log.redb")).unwrap();
+        let err = RedbStore::open(&path, 16, true).err().expect("a log without its state file must be refused");
+        assert!(err.to_string().contains("grex.redb is missing beside"), "{err}");
+        assert!(err.to_string().contains("holds a log"), "{err}");
+    }
+
+    #[test]
+    fn a_first_start_that_stopped_after_creating_the_log_file_starts_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("grex.redb");
+        // What a crash right after the log file was created leaves: an empty log, no state file.
+        drop(open_log(&dir.path().join("grex-log.redb"), false).unwrap());
+        let store = RedbStore::open(&path, 16, true).unwrap();
+        store.commit(&[]).unwrap();
+        assert_eq!(store.meta().flock_count, 16);
     }
 
     #[test]
