@@ -286,10 +286,6 @@ async fn a_node_killed_right_after_joining_greets_its_peers_when_it_restarts() {
     joined.kill9();
     joined.restart_with(&[]);
     let greeted = || cluster.nodes[..2].iter().any(|n| n.log().contains("a restarted peer reconnected"));
-    std::thread::sleep(Duration::from_secs(8));
-    for n in &cluster.nodes {
-        println!("==== {}\n{}", n.id, n.log());
-    }
     grex_tests::wait_until("a peer to replace its connection to the restarted node", PATIENCE, greeted);
     cluster.wait_formed(3).await;
     load_counter(&cluster, 2).await;
