@@ -529,39 +529,12 @@ impl Cluster {
         // Hails are relayed with the joiner's id as the sender's only on the first hop.
         tracing::info!(node = %node_id_text(id), peer = %info.peer, "a node asks to join");
         self.inner.peers.learn(id, &info);
-        // A membership change already under way (the previous joiner being promoted) makes
-        // openraft refuse another; wait for it rather than fail the join.
-        let deadline = Instant::now() + ROUTE_PATIENCE * 3;
-        let added = loop {
-            match self.inner.meta.add_learner(id, info.clone(), false).await {
-                Ok(added) => break added.log_id,
-                Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(
-                    ChangeMembershipError::InProgress(_),
-                ))) if Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(50)).await,
-                Err(e) => {
-                    return PeerResponse::Error(error(ErrorCode::Unavailable, format!("adding the node failed: {e}")));
-                }
-            }
-        };
-        // The joiner must hold the log up to its own admission before it hears it has joined:
-        // a node that restarts with an empty log is not a member in its own eyes. (openraft's
-        // blocking add_learner counts a learner as caught up while it lags by less than
-        // `replication_lag_threshold` entries, which an empty log does in a young cluster.)
-        let holds_admission = |m: &openraft::RaftMetrics<NodeId, PeerInfo>| {
-            m.replication.as_ref().and_then(|r| r.get(&id)).is_some_and(|matched| *matched >= Some(added))
-        };
-        let patience = deadline.saturating_duration_since(Instant::now()).max(ROUTE_PATIENCE);
-        if self
-            .inner
-            .meta
-            .wait(Some(patience))
-            .metrics(holds_admission, "the joiner holds its admission")
-            .await
-            .is_err()
-        {
+        // The joiner holds the log up to its own admission before it hears it has joined: a node
+        // that restarts with an empty log is not a member in its own eyes.
+        if let Err(e) = add_caught_up_learner(&self.inner.meta, id, info.clone(), ROUTE_PATIENCE * 3).await {
             return PeerResponse::Error(error(
                 ErrorCode::Unavailable,
-                "the new node did not receive the cluster's log in time; start it again with the same --join",
+                format!("adding the node failed: {e}; start it again with the same --join"),
             ));
         }
         if let Err(e) = self.meta_write(Command::AddNode { id, info }).await {
@@ -790,7 +763,7 @@ impl Cluster {
             tokio::spawn(async move {
                 for id in want.difference(&have) {
                     if let Some(info) = this.meta_state().nodes.get(id).cloned() {
-                        let _ = this.inner.meta.add_learner(*id, info, true).await;
+                        let _ = add_caught_up_learner(&this.inner.meta, *id, info, ROUTE_PATIENCE * 3).await;
                     }
                 }
                 if let Err(e) = this.inner.meta.change_membership(want, false).await {
@@ -834,7 +807,7 @@ impl Cluster {
         let nodes = self.meta_state().nodes;
         for id in want.difference(&have) {
             let Some(info) = nodes.get(id).cloned() else { return false };
-            if let Err(e) = raft.add_learner(*id, info, true).await {
+            if let Err(e) = add_caught_up_learner(raft, *id, info, ROUTE_PATIENCE * 3).await {
                 tracing::debug!(flock, error = %e, "adding a herder failed; will retry");
                 return false;
             }
@@ -850,6 +823,39 @@ impl Cluster {
             }
         }
     }
+}
+
+/// Adds `id` to `raft`'s group as a learner and waits until its log holds the entry that added it
+/// (and so everything before it), within `patience`. openraft's own blocking `add_learner` counts
+/// a learner as caught up while it lags by less than `replication_lag_threshold` entries, which an
+/// empty log does in any group younger than that; promoting such a learner would leave a voter
+/// that still has everything to fetch. A membership change already under way (another learner
+/// being promoted) is waited out.
+async fn add_caught_up_learner(
+    raft: &Raft,
+    id: NodeId,
+    info: PeerInfo,
+    patience: Duration,
+) -> std::result::Result<(), String> {
+    let deadline = Instant::now() + patience;
+    let added =
+        loop {
+            match raft.add_learner(id, info.clone(), false).await {
+                Ok(added) => break added.log_id,
+                Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(
+                    ChangeMembershipError::InProgress(_),
+                ))) if Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(50)).await,
+                Err(e) => return Err(e.to_string()),
+            }
+        };
+    let holds_it = |m: &openraft::RaftMetrics<NodeId, PeerInfo>| {
+        m.replication.as_ref().and_then(|r| r.get(&id)).is_some_and(|matched| *matched >= Some(added))
+    };
+    raft.wait(Some(deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(100))))
+        .metrics(holds_it, "the learner holds the entry that added it")
+        .await
+        .map(|_| ())
+        .map_err(|e| format!("the learner did not receive the log in time ({e})"))
 }
 
 impl Replicator for Cluster {
