@@ -374,6 +374,22 @@ impl Pipeline {
         }
         Ok(())
     }
+
+    /// Answers every running command, then adds `last`, and writes it all out: the connection
+    /// ends after this.
+    async fn close(
+        &mut self,
+        stream: &mut TcpStream,
+        out: &mut Vec<u8>,
+        resp3: bool,
+        last: Option<Reply>,
+    ) -> std::io::Result<()> {
+        self.finish(stream, out, resp3).await?;
+        if let Some(reply) = last {
+            reply.write(out, resp3);
+        }
+        stream.write_all(out).await
+    }
 }
 
 /// The keys a command works on, for ordering commands on one connection.
@@ -435,16 +451,13 @@ impl Connection {
                         let (reply, then) = self.execute(&name, &args).await;
                         reply.write(&mut out, self.resp3);
                         if matches!(then, Then::Close) {
-                            stream.write_all(&out).await?;
-                            return Ok(());
+                            return pipeline.close(&mut stream, &mut out, self.resp3, None).await;
                         }
                     }
                     Ok(None) => break,
                     Err(e) => {
-                        pipeline.finish(&mut stream, &mut out, self.resp3).await?;
-                        Reply::err(e.to_string()).write(&mut out, self.resp3);
-                        stream.write_all(&out).await?;
-                        return Ok(());
+                        let error = Some(Reply::err(e.to_string()));
+                        return pipeline.close(&mut stream, &mut out, self.resp3, error).await;
                     }
                 }
             }
@@ -462,17 +475,11 @@ impl Connection {
                 Some(reply) = pipeline.next() => reply.write(&mut out, self.resp3),
                 read = read_within(&mut stream, &mut chunk, patience), if pipeline.has_room() => match read? {
                     // The client is done sending: answer what it sent.
-                    Some(0) => {
-                        pipeline.finish(&mut stream, &mut out, self.resp3).await?;
-                        stream.write_all(&out).await?;
-                        return Ok(());
-                    }
+                    Some(0) => return pipeline.close(&mut stream, &mut out, self.resp3, None).await,
                     Some(read) => buf.extend_from_slice(&chunk[..read]),
                     None => {
-                        pipeline.finish(&mut stream, &mut out, self.resp3).await?;
-                        out.extend_from_slice(b"-ERR request not completed in time; connection closed\r\n");
-                        stream.write_all(&out).await?;
-                        return Ok(());
+                        let error = Some(Reply::err("request not completed in time; connection closed"));
+                        return pipeline.close(&mut stream, &mut out, self.resp3, error).await;
                     }
                 },
                 _ = stopped.changed() => return Ok(()),
@@ -708,12 +715,26 @@ mod tests {
     const LIMITS: RespLimits =
         RespLimits { bulk_bytes_max: 64, request_bytes_max: 100, half_sent_max: Duration::from_millis(300) };
 
+    /// Every command in `bytes`, read whole.
     fn parse_all(bytes: &[u8]) -> Result<Vec<Vec<Vec<u8>>>, RespError> {
-        let mut at = 0;
-        let mut out = Vec::new();
-        while let Some((args, used)) = parse_command(&bytes[at..], &LIMITS)? {
-            out.push(args);
-            at += used;
+        parse_streamed(bytes, &[])
+    }
+
+    /// Feeds `wire` to the parser the way a connection reads it: in pieces cut at `cuts`, parsing
+    /// every complete command after each piece and keeping the rest buffered.
+    fn parse_streamed(wire: &[u8], cuts: &[usize]) -> Result<Vec<Vec<Vec<u8>>>, RespError> {
+        let mut ends: Vec<usize> = cuts.iter().map(|cut| cut % (wire.len() + 1)).collect();
+        ends.push(wire.len());
+        ends.sort_unstable();
+        let (mut buf, mut out, mut from) = (Vec::new(), Vec::new(), 0);
+        for end in ends {
+            buf.extend_from_slice(&wire[from..end]);
+            from = end;
+            while let Some((args, used)) = parse_command(&buf, &LIMITS)? {
+                assert!(used > 0 && used <= buf.len(), "used {used} of {} bytes", buf.len());
+                out.push(args);
+                buf.drain(..used);
+            }
         }
         Ok(out)
     }
@@ -818,25 +839,6 @@ mod tests {
             });
             println!("seed {seed} (GREX_TEST_SEED={seed} repeats this run)");
             Config { cases: 3000, rng_seed: RngSeed::Fixed(seed), failure_persistence: None, ..Config::default() }
-        }
-
-        /// Feeds `wire` to the parser the way a connection reads it: in pieces cut at `cuts`, parsing
-        /// every complete command after each piece and keeping the rest buffered.
-        fn parse_streamed(wire: &[u8], cuts: &[usize]) -> Result<Vec<Vec<Vec<u8>>>, RespError> {
-            let mut ends: Vec<usize> = cuts.iter().map(|cut| cut % (wire.len() + 1)).collect();
-            ends.push(wire.len());
-            ends.sort_unstable();
-            let (mut buf, mut out, mut from) = (Vec::new(), Vec::new(), 0);
-            for end in ends {
-                buf.extend_from_slice(&wire[from..end]);
-                from = end;
-                while let Some((args, used)) = parse_command(&buf, &LIMITS)? {
-                    assert!(used > 0 && used <= buf.len(), "used {used} of {} bytes", buf.len());
-                    out.push(args);
-                    buf.drain(..used);
-                }
-            }
-            Ok(out)
         }
 
         fn encode(args: &[Vec<u8>]) -> Vec<u8> {

@@ -97,8 +97,10 @@ pub(super) async fn module(cmd: ModuleCommand) -> anyhow::Result<()> {
             Ok(())
         }
         ModuleCommand::Ls { target } => {
-            for module in connect(&target).await?.list_modules().await? {
-                writeln!(stdout(), "{}\t{}\t{}", module.name, module.id, module.size)?;
+            let modules = connect(&target).await?.list_modules().await?;
+            let mut out = stdout();
+            for module in modules {
+                writeln!(out, "{}\t{}\t{}", module.name, module.id, module.size)?;
             }
             Ok(())
         }
@@ -132,8 +134,9 @@ pub(super) async fn item(cmd: ItemCommand) -> anyhow::Result<()> {
             let mut after: Option<String> = None;
             loop {
                 let page = client.list_items(bucket.as_bytes(), &prefix, after.as_deref(), 1000).await?;
+                let mut out = stdout();
                 for key in &page {
-                    writeln!(stdout(), "{key}")?;
+                    writeln!(out, "{key}")?;
                 }
                 if page.len() < 1000 {
                     return Ok(());
@@ -164,9 +167,10 @@ fn stdout() -> std::io::StdoutLock<'static> {
 pub(super) async fn flock(cmd: FlockCommand) -> anyhow::Result<()> {
     let FlockCommand::Ls { target } = cmd;
     let map = connect(&target).await?.flocks().await?;
-    writeln!(stdout(), "flock map version {}", map.version)?;
+    let mut out = stdout();
+    writeln!(out, "flock map version {}", map.version)?;
     for (id, url) in &map.nodes {
-        writeln!(stdout(), "node {id} {url}")?;
+        writeln!(out, "node {id} {url}")?;
     }
     for flock in &map.flocks {
         let herders: Vec<String> = flock
@@ -175,7 +179,7 @@ pub(super) async fn flock(cmd: FlockCommand) -> anyhow::Result<()> {
             .map(|h| if Some(h) == flock.leader.as_ref() { format!("{h}*") } else { h.clone() })
             .collect();
         let changing = if flock.settled { "" } else { " (membership changing)" };
-        writeln!(stdout(), "{:>5} {}{changing}", flock.flock, herders.join(" "))?;
+        writeln!(out, "{:>5} {}{changing}", flock.flock, herders.join(" "))?;
     }
     Ok(())
 }

@@ -199,11 +199,11 @@ impl Cluster {
             // A restarted node greets every member its log names, at once: the member list it
             // had applied may be older (applied state is synced about once a second), and its
             // peers must hear of the restart now, not when their link to the old process times out.
-            let logged: BTreeMap<NodeId, PeerInfo> = {
-                let metrics = cluster.inner.meta.metrics();
-                let membership = metrics.borrow().membership_config.clone();
-                membership.membership().nodes().map(|(id, info)| (*id, info.clone())).collect()
-            };
+            let logged: BTreeMap<NodeId, PeerInfo> = (cluster.inner.meta.metrics().borrow().membership_config)
+                .membership()
+                .nodes()
+                .map(|(id, info)| (*id, info.clone()))
+                .collect();
             peers.set_members(&logged);
             if config.join.is_some() {
                 tracing::info!("already a member; --join is ignored");
