@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# Where a job's CPU goes: CPU time per job of every thread of every Grex node, and of the load
+# generator, under redis-benchmark (50 clients, 100k random keys, `FCALL counter` unless CMD is set).
+# Reads utime+stime of each thread from /proc before and after one run, after a warm-up run (the
+# first job on a node compiles the module). NODES is 1 (256 flocks) or 3 (replication 3,
+# leadership spread; redis-benchmark talks to node 0, which forwards to each key's leader).
+# Usage: scripts/cpu-per-job.sh NODES REQUESTS (release build and jobs first: cargo build --release
+# -p grex; scripts/build-jobs.sh). GREX=path picks another binary. Listens on 127.0.0.1 only.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+[ $# -eq 2 ] || { echo "usage: $0 NODES REQUESTS"; exit 2; }
+nodes=$1 requests=$2
+grex=${GREX:-target/release/grex}
+read -r -a cmd <<< "${CMD:-FCALL counter 1 key:__rand_int__}"
+data=$(mktemp -d)
+pids=()  # Grex nodes, by index (scripts/cluster-lib.sh)
+trap 'kill "${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$data"' EXIT
+source scripts/cluster-lib.sh
+if [ "$nodes" = 1 ]; then start 0 --flocks "${FLOCKS:-256}"; else start_cluster "$nodes"; fi
+wait_formed "$nodes"
+[ "$nodes" = 1 ] || wait_balanced "$nodes"
+redis-cli -p 17073 -x GREX.MODULE LOAD counter < target/jobs/wasm32-unknown-unknown/wasm/counter.wasm > /dev/null
+bench() { redis-benchmark -p 17073 -c 50 -r 100000 --csv "$@" "${cmd[@]}" 2>/dev/null | tail -1; }
+bench -n 3000 > /dev/null
+
+# One line per thread: node index, thread name, CPU ticks so far.
+ticks() {
+  local i t
+  for i in "${!pids[@]}"; do
+    for t in /proc/"${pids[$i]}"/task/*; do
+      echo "$i $(tr ' ' _ < "$t/comm") $(awk '{ print $14 + $15 }' "$t/stat")"
+    done
+  done
+}
+ticks > "$data/before"
+start_ns=$(date +%s%N)
+line=$(/usr/bin/time -f "%U %S" -o "$data/bench-cpu" redis-benchmark -p 17073 -c 50 -n "$requests" -r 100000 --csv "${cmd[@]}" 2>/dev/null | tail -1)
+end_ns=$(date +%s%N)
+ticks > "$data/after"
+echo "$line"
+python3 - "$data/before" "$data/after" "$data/bench-cpu" "$requests" "$start_ns" "$end_ns" "$(getconf CLK_TCK)" <<'EOF'
+import collections, sys
+before, after, bench_cpu, jobs, start, end, hz = sys.argv[1:]
+jobs, seconds, hz = int(jobs), (int(end) - int(start)) / 1e9, int(hz)
+used = collections.Counter()
+for path, sign in ((before, -1), (after, 1)):
+    for line in open(path):
+        node, thread, value = line.split()
+        used[(int(node), thread)] += sign * int(value)
+us = lambda ticks: ticks / hz / jobs * 1e6
+total = 0
+for node in sorted({n for n, _ in used}):
+    threads = sorted(((t, v) for (n, t), v in used.items() if n == node and v > 0), key=lambda x: -x[1])
+    node_ticks = sum(v for _, v in threads)
+    total += node_ticks / hz
+    print(f"node {node}: {us(node_ticks):4.0f} us/job  " + "  ".join(f"{t} {us(v):.0f}" for t, v in threads))
+bench = sum(map(float, open(bench_cpu).read().split()))
+print(f"redis-benchmark: {bench / jobs * 1e6:.0f} us/job; {jobs / seconds:,.0f} jobs/s; "
+      f"{(total + bench) / seconds:.2f} cores busy over {seconds:.1f} s")
+EOF
