@@ -11,20 +11,22 @@ import sys
 from collections import defaultdict
 from html import escape
 
-SYSTEMS = ["redis-none", "redis-always", "grex-1", "grex-3"]
+SYSTEMS = ["redis-none", "redis-always", "grex-1", "grex-3", "grex-3c"]
 LABELS = {
     "redis-none": "Redis, no persistence",
     "redis-always": "Redis, appendfsync always",
     "grex-1": "Grex, 1 node (durable)",
     "grex-3": "Grex, 3 nodes RF=3",
+    "grex-3c": "Grex, 3 nodes RF=3, cluster client",
 }
-COLOURS = {"redis-none": "#bbbbbb", "redis-always": "#777777", "grex-1": "#2b8cbe", "grex-3": "#08519c"}
+COLOURS = {"redis-none": "#bbbbbb", "redis-always": "#777777", "grex-1": "#2b8cbe", "grex-3": "#08519c", "grex-3c": "#41ab5d"}
 TESTS = ["counter EVAL", "counter FCALL", "HSET", "HGET"]
 # (Grex system, Redis system, Redis test, target): Grex's counter job against Redis's Lua HINCRBY.
 TARGETS = [
     ("grex-1", "redis-always", "counter EVAL", 3.0),
     ("grex-1", "redis-none", "counter EVAL", 1.0),
     ("grex-3", "redis-always", "counter EVAL", 1.5),
+    ("grex-3c", "redis-always", "counter EVAL", 1.5),
 ]
 
 
@@ -62,7 +64,7 @@ def summary(medians):
                 f"{ratio:.2f}x | >= {target:g}x ({verdict}) |"
             )
     for test in ["HSET", "HGET"]:
-        for grex in ["grex-1", "grex-3"]:
+        for grex in ["grex-1", "grex-3", "grex-3c"]:
             for redis in ["redis-always", "redis-none"]:
                 g, r = medians.get((grex, test)), medians.get((redis, test))
                 if g and r:

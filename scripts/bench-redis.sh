@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Grex against Redis with the same load generator (redis-benchmark), side by side in one run.
 # Systems: Redis 7 (Debian's redis-server) without persistence and with `appendfsync always`;
-# one durable Grex node; three Grex nodes with replication 3 (redis-benchmark talks to node 0,
-# which forwards to each key's flock leader, as it would for any cluster-unaware client).
+# one durable Grex node; three Grex nodes with replication 3, once through node 0 (which forwards
+# to each key's flock leader, as for any cluster-unaware client) and once with
+# `redis-benchmark --cluster`, which reads CLUSTER NODES and sends each key to its leader (keys
+# `key:{tag}:N`, the tag picking a slot of the client's node).
 # Tests, each with 50 clients, the same request count and 100k random keys:
 #   counter: Grex `FCALL counter 1 key` (the wasm job) / Redis `EVAL` and `FCALL` of Lua HINCRBY;
 #   HSET key f v; HGET key f.
@@ -85,11 +87,12 @@ for round in $(seq 1 "$rounds"); do
     bench "$system" "$port" HSET HSET key:__rand_int__ f v
     bench "$system" "$port" HGET HGET key:__rand_int__ f
   done
-  for target in grex-1:17123 grex-3:17073; do
-    system=${target%:*} port=${target#*:}
-    bench "$system" "$port" "counter FCALL" FCALL counter 1 key:__rand_int__
-    bench "$system" "$port" HSET HSET key:__rand_int__ f v
-    bench "$system" "$port" HGET HGET key:__rand_int__ f
+  for target in grex-1:17123 grex-3:17073 grex-3c:17073; do
+    system=${target%:*} port=${target#*:} key=key:__rand_int__ cluster=()
+    [ "$system" != grex-3c ] || { key="key:{tag}:__rand_int__"; cluster=(--cluster); }
+    bench "$system" "$port" "counter FCALL" "${cluster[@]}" FCALL counter 1 "$key"
+    bench "$system" "$port" HSET "${cluster[@]}" HSET "$key" f v
+    bench "$system" "$port" HGET "${cluster[@]}" HGET "$key" f
   done
 done
 python3 scripts/bench-redis-report.py "$out/results.csv" "$out/summary.md" "$out/plot.svg"

@@ -88,8 +88,16 @@ expect_match "canary" 'url' GREX.CANARY orders-9
 
 expect "unknown command" "ERR unknown command 'SET', with args beginning with: 'k' 'v' " SET k v
 expect "wrong arity" "ERR wrong number of arguments for 'hget' command" HGET k
-expect "cluster is not offered" "ERR This instance has cluster support disabled (any Grex node serves any key)" \
-  CLUSTER SLOTS
+
+# Redis Cluster's view: hash slots as Redis computes them; one node serves every slot.
+expect "cluster keyslot" "11058" CLUSTER KEYSLOT somekey
+expect "cluster keyslot of a hash tag" "2515" CLUSTER KEYSLOT "foo{hash_tag}"
+expect_match "cluster myid" '^[0-9a-f]{40}$' CLUSTER MYID
+expect "cluster slots" "$(printf '0\n16383\n127.0.0.1\n%s\n%s' "$port" "$(cli CLUSTER MYID)")" CLUSTER SLOTS
+expect_match "cluster nodes" "^[0-9a-f]{40} 127\.0\.0\.1:$port@[0-9]+ myself,master - 0 0 [0-9]+ connected 0-16383\$" CLUSTER NODES
+expect_match "cluster info" 'cluster_state:ok' CLUSTER INFO
+expect_match "cluster subcommands Grex does not offer" "^ERR unknown subcommand 'addslots'" CLUSTER ADDSLOTS 1
+expect "a cluster-mode redis-cli" "3" -c FCALL counter 1 "{orders-9}.returns" 3
 
 # Pipelining: 1,000 commands in one write, answered in order without errors.
 pipe=$(for i in $(seq 1 1000); do printf 'HSET pipe-%d f %d\r\n' $((i % 10)) "$i"; done | redis-cli -p "$port" --pipe 2>&1)

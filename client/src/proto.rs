@@ -20,10 +20,64 @@ pub const BUCKET_KEY_BYTES_MAX: usize = 512;
 /// The longest item key.
 pub const ITEM_KEY_BYTES_MAX: usize = 1024;
 
-/// The flock a bucket belongs to: `xxh3_64(bucket) mod flock_count` (a power of two).
+/// Hash slots, as in Redis Cluster: every key maps to one of them.
+pub const SLOTS: u32 = 16384;
+/// The most flocks a cluster can have: one per hash slot.
+pub const FLOCKS_MAX: u32 = SLOTS;
+
+/// The Redis Cluster hash slot of a key: CRC16 (XMODEM) mod 16384 of its hash tag (the bytes
+/// between its first `{` and the next `}`, when there are any) or else of the whole key. Keys with
+/// the same tag (`{customer-7}.orders`, `{customer-7}.cart`) share a slot, and so a flock.
+pub fn key_slot(key: &[u8]) -> u16 {
+    let tagged = key.iter().position(|&b| b == b'{').and_then(|open| {
+        let tag = &key[open + 1..];
+        tag.iter().position(|&b| b == b'}').filter(|&len| len > 0).map(|len| &tag[..len])
+    });
+    (crc16(tagged.unwrap_or(key)) as u32 % SLOTS) as u16
+}
+
+const CRC16_TABLE: [u16; 256] = {
+    let mut table = [0u16; 256];
+    let mut i = 0;
+    while i < 256 {
+        let mut crc = (i as u16) << 8;
+        let mut bit = 0;
+        while bit < 8 {
+            crc = if crc & 0x8000 != 0 { (crc << 1) ^ 0x1021 } else { crc << 1 };
+            bit += 1;
+        }
+        table[i] = crc;
+        i += 1;
+    }
+    table
+};
+
+/// CRC16-CCITT (XMODEM: polynomial 0x1021, initial value 0), the checksum Redis Cluster slots use.
+fn crc16(bytes: &[u8]) -> u16 {
+    bytes.iter().fold(0u16, |crc, &b| (crc << 8) ^ CRC16_TABLE[usize::from((crc >> 8) as u8 ^ b)])
+}
+
+/// The flock a bucket belongs to. Flock `f` of `F` holds the contiguous hash slots
+/// `f·16384/F ..= (f+1)·16384/F − 1` ([`flock_slots`]), so a Redis Cluster client's slot map
+/// routes a key to its flock's leader. `flock_count` is a power of two up to [`FLOCKS_MAX`].
 pub fn flock_of(bucket: &[u8], flock_count: u32) -> u32 {
-    debug_assert!(flock_count.is_power_of_two());
-    (xxhash_rust::xxh3::xxh3_64(bucket) & u64::from(flock_count - 1)) as u32
+    debug_assert!(flock_count.is_power_of_two() && flock_count <= FLOCKS_MAX);
+    u32::from(key_slot(bucket)) / (SLOTS / flock_count)
+}
+
+/// The first and last hash slot of a flock.
+pub fn flock_slots(flock: u32, flock_count: u32) -> (u16, u16) {
+    let width = SLOTS / flock_count;
+    ((flock * width) as u16, (flock * width + width - 1) as u16)
+}
+
+/// Checks a flock count: a power of two from 1 to [`FLOCKS_MAX`].
+pub fn check_flock_count(flock_count: u32) -> Result<(), String> {
+    if flock_count.is_power_of_two() && flock_count <= FLOCKS_MAX {
+        Ok(())
+    } else {
+        Err(format!("the flock count must be a power of two from 1 to {FLOCKS_MAX} (such as 256), not {flock_count}"))
+    }
 }
 
 /// Checks a bucket key: 1 to 512 bytes.
@@ -510,12 +564,42 @@ mod tests {
     }
 
     #[test]
-    fn flock_is_stable_and_in_range() {
-        assert_eq!(flock_of(b"customer-42", 256), flock_of(b"customer-42", 256));
-        for i in 0..1000u32 {
-            assert!(flock_of(&i.to_le_bytes(), 256) < 256);
+    fn key_slots_match_redis_cluster() {
+        // Values Redis itself gives (`CLUSTER KEYSLOT`, and the CRC16 check value of "123456789").
+        assert_eq!(crc16(b"123456789"), 0x31c3);
+        assert_eq!(key_slot(b"somekey"), 11058);
+        assert_eq!(key_slot(b"foo{hash_tag}"), 2515);
+        assert_eq!(key_slot(b"foo"), 12182);
+        assert_eq!(key_slot(b"{user1000}.following"), key_slot(b"{user1000}.followers"));
+        assert_eq!(key_slot(b"{user1000}.following"), key_slot(b"user1000"));
+        // Only the first `{...}` counts, an empty one means no tag, and `{` inside a tag is data.
+        assert_eq!(key_slot(b"foo{bar}{zap}"), key_slot(b"bar"));
+        assert_eq!(key_slot(b"foo{}{bar}"), crc16(b"foo{}{bar}") % 16384);
+        assert_eq!(key_slot(b"foo{{bar}}zap"), key_slot(b"{bar"));
+        assert_eq!(key_slot(b"no-closing{brace"), crc16(b"no-closing{brace") % 16384);
+    }
+
+    #[test]
+    fn a_flock_is_a_contiguous_range_of_slots() {
+        for flock_count in [1, 2, 256, FLOCKS_MAX] {
+            let mut next = 0u32;
+            for flock in 0..flock_count {
+                let (first, last) = flock_slots(flock, flock_count);
+                assert_eq!(u32::from(first), next, "{flock_count} flocks: flock {flock} starts where the last ended");
+                next = u32::from(last) + 1;
+            }
+            assert_eq!(next, SLOTS, "{flock_count} flocks cover every slot");
+        }
+        for i in 0..2000u32 {
+            let key = format!("customer-{i}");
+            let flock = flock_of(key.as_bytes(), 256);
+            let (first, last) = flock_slots(flock, 256);
+            assert!((first..=last).contains(&key_slot(key.as_bytes())), "{key} is in its flock's slots");
         }
         assert_eq!(flock_of(b"anything", 1), 0);
+        assert!(check_flock_count(256).is_ok() && check_flock_count(FLOCKS_MAX).is_ok());
+        assert!(check_flock_count(100).is_err() && check_flock_count(2 * FLOCKS_MAX).is_err());
+        assert!(check_flock_count(0).is_err());
     }
 
     #[test]

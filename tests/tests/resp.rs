@@ -257,6 +257,89 @@ async fn any_node_of_a_cluster_serves_any_key() {
     .await;
 }
 
+/// A `CLUSTER SLOTS` entry: first and last slot, then host, port and id of the primary and replicas.
+type SlotRange = (u16, u16, Vec<(String, u16, String)>);
+
+/// A cluster-aware client (the `redis` crate's `ClusterClient`) learns the slot map from any node,
+/// and the map sends every key to its flock's leader.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_clients_go_straight_to_each_flock_leader() {
+    let cluster = TestCluster::start(3, &["--resp", "127.0.0.1:0"]).await;
+    let resp_of = |id: &str| cluster.nodes[cluster.index_of(id)].resp.clone().expect("resp address");
+    let first = cluster.nodes[0].client().await;
+    first.put_module("counter", job_wasm("counter")).await.unwrap();
+    // Right after forming, node 0 leads every flock until idle flocks hand their lead back to
+    // their preferred herders; wait for that, so the leaders stay put while the test compares.
+    let map_client = cluster.nodes[0].http_client().await;
+    grex_tests::eventually("every flock led by its preferred herder", Duration::from_secs(30), || async {
+        map_client
+            .flocks()
+            .await
+            .is_ok_and(|map| map.flocks.iter().all(|f| f.leader.is_some() && f.leader.as_ref() == f.herders.first()))
+    })
+    .await;
+    // Where each key should go: its flock's leader, as the canary names it.
+    let keys: Vec<String> = (0..40).map(|i| format!("customer-{i}")).chain(["{customer-7}.cart".into()]).collect();
+    let mut leaders = Vec::new();
+    for key in &keys {
+        let canary = first.canary(key.as_bytes()).await.unwrap();
+        assert_eq!(canary.flock, grex_client::proto::flock_of(key.as_bytes(), grex_tests::TEST_FLOCKS));
+        leaders.push(resp_of(&canary.node).trim_start_matches("redis://").to_owned());
+    }
+    let seeds: Vec<String> = cluster.nodes.iter().map(|n| n.resp.clone().expect("resp address")).collect();
+    blocking(move || {
+        // CLUSTER SLOTS from one node, read as a client reads it: slot ranges to addresses.
+        let mut con = redis::Client::open(seeds[1].as_str()).unwrap().get_connection().unwrap();
+        let slots: Vec<SlotRange> = redis::cmd("CLUSTER")
+            .arg("SLOTS")
+            .query::<Vec<Value>>(&mut con)
+            .unwrap()
+            .into_iter()
+            .map(|range| {
+                let (first, last, nodes): SlotRange = match range {
+                    Value::Array(fields) => {
+                        let first = redis::from_redis_value(&fields[0]).unwrap();
+                        let last = redis::from_redis_value(&fields[1]).unwrap();
+                        let nodes = fields[2..].iter().map(|n| redis::from_redis_value(n).unwrap()).collect();
+                        (first, last, nodes)
+                    }
+                    other => panic!("a slot range is an array, not {other:?}"),
+                };
+                (first, last, nodes)
+            })
+            .collect();
+        assert_eq!(slots.first().map(|s| s.0), Some(0));
+        assert_eq!(slots.last().map(|s| s.1), Some(16383));
+        assert!(slots.windows(2).all(|w| w[0].1 + 1 == w[1].0), "ranges are contiguous: {slots:?}");
+        assert!(slots.iter().all(|(_, _, nodes)| nodes.len() == 3), "a primary and two replicas per range");
+        for (key, leader) in keys.iter().zip(&leaders) {
+            let slot: u16 = redis::cmd("CLUSTER").arg("KEYSLOT").arg(key).query(&mut con).unwrap();
+            let (_, _, nodes) = slots.iter().find(|(first, last, _)| (*first..=*last).contains(&slot)).unwrap();
+            assert_eq!(&format!("{}:{}", nodes[0].0, nodes[0].1), leader, "{key} (slot {slot}) maps to its leader");
+        }
+        let ids: std::collections::BTreeSet<&String> = slots.iter().map(|(_, _, nodes)| &nodes[0].2).collect();
+        assert_eq!(ids.len(), 3, "leadership is spread, so each node leads some slots");
+        let info: String = redis::cmd("CLUSTER").arg("INFO").query(&mut con).unwrap();
+        assert!(info.contains("cluster_state:ok"), "{info}");
+        let nodes: String = redis::cmd("CLUSTER").arg("NODES").query(&mut con).unwrap();
+        assert_eq!(nodes.lines().count(), 3, "{nodes}");
+        assert_eq!(nodes.lines().filter(|l| l.contains("myself")).count(), 1, "{nodes}");
+
+        // A real cluster client: it reads the map and routes by it.
+        let client = redis::cluster::ClusterClient::new(vec![seeds[0].as_str()]).unwrap();
+        let mut con = client.get_connection().unwrap();
+        for (i, key) in keys.iter().enumerate() {
+            let _: () = con.hset(key, "n", i).unwrap();
+            let count: String = redis::cmd("FCALL").arg("counter").arg(1).arg(key).arg(2).query(&mut con).unwrap();
+            assert_eq!(count, "2");
+            assert_eq!(con.hget::<_, _, usize>(key, "n").unwrap(), i);
+        }
+        let err = redis::cmd("CLUSTER").arg("ADDSLOTS").arg(1).query::<()>(&mut con).unwrap_err();
+        assert!(error_text(err).contains("unknown subcommand"));
+    })
+    .await;
+}
+
 /// `tests/redis-cli.sh`: redis-cli itself, the way a shell user types commands, against a node.
 #[test]
 fn redis_cli_script() {

@@ -64,6 +64,7 @@ pub async fn start(node: &Node, config: &ServeConfig) -> anyhow::Result<Servers>
     let mut resp_addr = None;
     if let Some(addr) = config.resp {
         let (bound, task) = resp::start(node.clone(), addr, stopped.clone()).await?;
+        urls.resp = Some(url_host(bound));
         resp_addr = Some(bound);
         tasks.push(task);
     }

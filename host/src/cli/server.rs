@@ -17,7 +17,7 @@ pub(super) struct NodeArgs {
     /// Decoded-bucket cache size in MiB.
     #[arg(long, default_value_t = 64)]
     cache_mib: usize,
-    /// Flocks for a new data directory (a power of two; fixed once created).
+    /// Flocks for a new data directory (a power of two up to 16384; fixed once created).
     #[arg(long, default_value_t = 256)]
     flocks: u32,
     /// Job executor threads (default: one per core).
@@ -131,7 +131,7 @@ pub(super) struct InitArgs {
     /// Data directory of the cluster's first node.
     #[arg(long)]
     data: PathBuf,
-    /// Flocks (a power of two, fixed for the cluster's life).
+    /// Flocks (a power of two up to 16384, fixed for the cluster's life).
     #[arg(long, default_value_t = 256)]
     flocks: u32,
     /// Herders per flock (odd).

@@ -74,9 +74,7 @@ pub struct Credentials {
 /// Creates a cluster in `dir`: cluster file, CA and this node's certificate. Refuses a directory
 /// that already belongs to a cluster.
 pub fn init(dir: &Path, flock_count: u32, replication: u32, names: &[String]) -> anyhow::Result<ClusterFile> {
-    if !flock_count.is_power_of_two() {
-        anyhow::bail!("the flock count must be a power of two (such as 256), not {flock_count}");
-    }
+    grex_client::proto::check_flock_count(flock_count).map_err(anyhow::Error::msg)?;
     if replication == 0 || replication.is_multiple_of(2) {
         anyhow::bail!("the replication factor must be odd (1, 3, 5), not {replication}");
     }

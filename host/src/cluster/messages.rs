@@ -16,7 +16,7 @@ use super::raft::{NodeId, PeerInfo, TypeConfig};
 use crate::storage::GroupId;
 
 /// ALPN of the peer protocol.
-pub const PEER_ALPN: &[u8] = b"grex-peer/2";
+pub const PEER_ALPN: &[u8] = b"grex-peer/3";
 
 /// One request and who sends it.
 #[derive(Debug, Serialize, Deserialize)]

@@ -46,7 +46,7 @@ use tokio::sync::watch;
 
 use crate::data::ChangeSet;
 use crate::error::{ErrorCode, RemoteError, Result, error};
-use crate::node::{Front, Node, Replicator, Ticket};
+use crate::node::{Front, Node, Replicator, RespNode, Ticket};
 use crate::storage::{GroupId, META_GROUP};
 use messages::{PeerRequest, PeerResponse, RaftRpc};
 use peer::{Handler, Peers};
@@ -154,6 +154,7 @@ impl Cluster {
             peer: peers.local_addr().to_string(),
             http: urls.http.unwrap_or_default(),
             quic: urls.quic.unwrap_or_default(),
+            resp: urls.resp.unwrap_or_default(),
         };
         let terms = Arc::new(LeaderTerms::new(file.flock_count));
         let (meta_tx, meta_state) = watch::channel(MetaState::default());
@@ -615,7 +616,7 @@ impl Cluster {
         let groups: Vec<GroupId> = std::iter::once(META_GROUP).chain(0..self.inner.file.flock_count).collect();
         let mut leaderless_since: Vec<Option<Instant>> = vec![None; groups.len()];
         let mut last_elect: Vec<Instant> = vec![Instant::now() - ELECT_BACKOFF; groups.len()];
-        let mut alive: BTreeSet<NodeId> = BTreeSet::new();
+        let mut alive: BTreeMap<NodeId, u64> = BTreeMap::new();
         let mut ticker = tokio::time::interval(SUPERVISE_EVERY);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut meta_changes = self.inner.meta_state.clone();
@@ -647,18 +648,27 @@ impl Cluster {
     }
 
     /// When a peer comes back (restart, healed partition), every group this node leads sends it
-    /// a heartbeat at once: it learns the current leaders and terms, and catches up, without
-    /// waiting for the next write. No group sends periodic heartbeats. True if the set of live
-    /// peers changed.
-    async fn greet_revived(&self, alive: &mut BTreeSet<NodeId>) -> bool {
-        let now: BTreeSet<NodeId> = {
+    /// a heartbeat at once: it learns the current leaders, terms and commit indexes, and catches
+    /// up, without waiting for the next write. A peer that restarted faster than the failure
+    /// detector notices counts as back too (its connection carries a new incarnation): a
+    /// restarted node re-applies its committed log only once a leader tells it what is
+    /// committed. No group sends periodic heartbeats. True if the set of live peers changed.
+    async fn greet_revived(&self, alive: &mut BTreeMap<NodeId, u64>) -> bool {
+        let now: BTreeMap<NodeId, u64> = {
             let state = self.inner.meta_state.borrow();
-            state.nodes.keys().copied().filter(|n| *n != self.inner.me && self.inner.peers.alive(*n)).collect()
+            state
+                .nodes
+                .keys()
+                .copied()
+                .filter(|n| *n != self.inner.me && self.inner.peers.alive(*n))
+                // Between connections a live peer keeps the incarnation it had.
+                .map(|n| (n, self.inner.peers.incarnation_of(n).or(alive.get(&n).copied()).unwrap_or(0)))
+                .collect()
         };
         if now == *alive {
             return false;
         }
-        let revived = now.difference(alive).next().is_some();
+        let revived = now.iter().any(|(n, incarnation)| alive.get(n) != Some(incarnation));
         *alive = now;
         if !revived {
             return true;
@@ -972,6 +982,20 @@ impl Front for Cluster {
                 })
                 .collect(),
         }
+    }
+
+    fn resp_nodes(&self) -> Vec<RespNode> {
+        let bus_port = |peer: &str| peer.rsplit_once(':').and_then(|(_, port)| port.parse().ok()).unwrap_or(0);
+        self.meta_state()
+            .nodes
+            .iter()
+            .filter(|(_, info)| !info.resp.is_empty())
+            .map(|(id, info)| RespNode {
+                id: node_id_text(*id),
+                resp: info.resp.clone(),
+                bus_port: bus_port(&info.peer),
+            })
+            .collect()
     }
 }
 

@@ -1,4 +1,4 @@
-//! The peer transport: QUIC (quinn) with mutual TLS under the cluster CA, ALPN `grex-peer/2`.
+//! The peer transport: QUIC (quinn) with mutual TLS under the cluster CA, ALPN `grex-peer/3`.
 //!
 //! Each pair of nodes keeps one long-lived connection. Either side dials when it has none; if
 //! both dial at once, both keep the connection dialed by the lower node id and close the other,
@@ -198,6 +198,13 @@ impl Peers {
             return false;
         }
         self.state().get(&id).and_then(|p| p.last_seen).is_some_and(|t| t.elapsed() < DEAD_AFTER)
+    }
+
+    /// The incarnation (drawn at each start) of the peer process at the other end of the current
+    /// connection, if there is one: it changes when the peer restarted, even too fast for
+    /// [`alive`](Self::alive) to have noticed.
+    pub fn incarnation_of(&self, id: NodeId) -> Option<u64> {
+        self.state().get(&id).and_then(|p| p.link.as_ref()).map(|l| l.incarnation)
     }
 
     /// The load a peer reported last (jobs running or queued).

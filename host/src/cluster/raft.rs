@@ -56,6 +56,8 @@ pub struct PeerInfo {
     pub http: String,
     /// QUIC URL for clients.
     pub quic: String,
+    /// Redis protocol address, `HOST:PORT` (empty when the node serves none).
+    pub resp: String,
 }
 
 impl fmt::Display for PeerInfo {

@@ -41,6 +41,19 @@ pub trait Front: Send + Sync + 'static {
     fn canary(&self, bucket: &[u8], read_only: bool) -> Result<Canary>;
     /// The flock map.
     fn flocks(&self) -> FlockMapInfo;
+    /// The member nodes that serve the Redis protocol.
+    fn resp_nodes(&self) -> Vec<RespNode>;
+}
+
+/// A member node as Redis Cluster clients see it (`CLUSTER SLOTS` and its kin).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RespNode {
+    /// The node's id.
+    pub id: String,
+    /// Its Redis protocol address, `HOST:PORT`.
+    pub resp: String,
+    /// Its peer port, shown where Redis shows its cluster bus port (0 when it has none).
+    pub bus_port: u16,
 }
 
 /// Resolves once a change set proposed to a flock's log is committed and applied (or failed), to
@@ -91,6 +104,8 @@ pub struct NodeUrls {
     pub http: Option<String>,
     /// `quic://HOST:PORT`.
     pub quic: Option<String>,
+    /// `HOST:PORT` of the Redis protocol listener.
+    pub resp: Option<String>,
 }
 
 /// A running node. Cheap to clone; every clone is the same node.
@@ -121,9 +136,7 @@ struct Inner {
 impl Node {
     /// Opens (or creates) the node's data directory and starts it.
     pub fn open(config: NodeConfig) -> anyhow::Result<Node> {
-        if !config.flock_count.is_power_of_two() {
-            anyhow::bail!("the flock count must be a power of two (such as 256), not {}", config.flock_count);
-        }
+        proto::check_flock_count(config.flock_count).map_err(anyhow::Error::msg)?;
         std::fs::create_dir_all(&config.data_dir)
             .map_err(|e| anyhow::anyhow!("cannot create the data directory {}: {e}", config.data_dir.display()))?;
         let path = config.data_dir.join(DB_FILE);
@@ -421,6 +434,15 @@ impl Node {
                 })
                 .collect(),
         }
+    }
+
+    /// The member nodes that serve the Redis protocol: on a single node, this one if it does.
+    pub fn resp_nodes(&self) -> Vec<RespNode> {
+        if let Some(front) = self.inner.front.get() {
+            return front.resp_nodes();
+        }
+        let me = self.id().to_owned();
+        self.urls().resp.map(|resp| RespNode { id: me, resp, bus_port: 0 }).into_iter().collect()
     }
 
     /// Routes this node's jobs, uploads and canaries through a cluster. Set once, before serving.

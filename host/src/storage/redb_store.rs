@@ -13,7 +13,7 @@ use crate::data::{BucketData, flock_of};
 use crate::error::StoreError;
 
 /// The schema this binary reads and writes. Bump it with any change to the tables below.
-pub const SCHEMA_VERSION: u32 = 3;
+pub const SCHEMA_VERSION: u32 = 4;
 
 /// The log file's name is the state file's stem and this.
 const LOG_FILE_SUFFIX: &str = "-log.redb";
@@ -327,7 +327,7 @@ fn init_meta(db: &Database, flock_count: u32) -> Result<NodeMeta, StoreError> {
                         hint: if found > SCHEMA_VERSION {
                             "run the newer grex binary that wrote it"
                         } else {
-                            "this data directory predates the current format; export and re-import it"
+                            "this data directory predates the current format: serve it with the grex version that wrote it, or start this one on a new --data directory"
                         },
                     });
                 }

@@ -12,6 +12,8 @@
 //! keys run at once (up to 256 per connection), commands on one key in order, and
 //! replies come back in order.
 
+mod cluster;
+
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -505,7 +507,7 @@ impl Connection {
             }
             "CLIENT" => Reply::ok(),
             "COMMAND" | "CONFIG" => Reply::Array(Vec::new()),
-            "CLUSTER" => Reply::err("This instance has cluster support disabled (any Grex node serves any key)"),
+            "CLUSTER" => cluster::command(&self.commands.node, rest),
             "GREX.MODULE" => self.commands.module(rest).await,
             _ => self.commands.run(name, args).await,
         };
