@@ -61,8 +61,16 @@ impl Topology {
         self.ranges.iter().map(|r| u32::from(r.last - r.first) + 1).sum()
     }
 
-    fn led_by<'a>(&'a self, id: &'a str) -> impl Iterator<Item = &'a SlotRange> {
-        self.ranges.iter().filter(move |r| r.primary == id)
+    /// The slot spans a node leads, adjacent ranges joined.
+    fn led_by(&self, id: &str) -> Vec<(u16, u16)> {
+        let mut spans: Vec<(u16, u16)> = Vec::new();
+        for r in self.ranges.iter().filter(|r| r.primary == id) {
+            match spans.last_mut() {
+                Some(span) if span.1 + 1 == r.first => span.1 = r.last,
+                _ => spans.push((r.first, r.last)),
+            }
+        }
+        spans
     }
 }
 
@@ -79,7 +87,9 @@ fn slot_ranges(me: &str, map: &FlockMapInfo, nodes: &[RespNode]) -> Vec<SlotRang
     let mut ranges: Vec<SlotRange> = Vec::new();
     for (flock, info) in map.flocks.iter().enumerate() {
         let primary = info.leader.as_deref().filter(|l| serves(l)).unwrap_or(me).to_owned();
-        let replicas: Vec<String> = info.herders.iter().filter(|h| **h != primary && serves(h)).cloned().collect();
+        // Sorted: herders' order (preferred leader first) differs between flocks of the same set.
+        let mut replicas: Vec<String> = info.herders.iter().filter(|h| **h != primary && serves(h)).cloned().collect();
+        replicas.sort();
         let (first, last) = proto::flock_slots(flock as u32, flock_count);
         match ranges.last_mut() {
             Some(r) if r.primary == primary && r.replicas == replicas => r.last = last,
@@ -166,7 +176,8 @@ fn shards(topology: &Topology) -> Reply {
     let shard = |n: &RespNode| {
         let slots: Vec<Reply> = topology
             .led_by(&n.id)
-            .flat_map(|r| [Reply::Int(i64::from(r.first)), Reply::Int(i64::from(r.last))])
+            .into_iter()
+            .flat_map(|(first, last)| [Reply::Int(i64::from(first)), Reply::Int(i64::from(last))])
             .collect();
         if slots.is_empty() {
             return None;
@@ -202,11 +213,11 @@ fn nodes(topology: &Topology) -> String {
             n.bus_port,
             topology.epoch
         );
-        for r in topology.led_by(&n.id) {
-            if r.first == r.last {
-                let _ = write!(text, " {}", r.first);
+        for (first, last) in topology.led_by(&n.id) {
+            if first == last {
+                let _ = write!(text, " {first}");
             } else {
-                let _ = write!(text, " {}-{}", r.first, r.last);
+                let _ = write!(text, " {first}-{last}");
             }
         }
         text.push('\n');
@@ -218,7 +229,7 @@ fn nodes(topology: &Topology) -> String {
 fn info(topology: &Topology) -> String {
     let served = topology.slots_served();
     let state = if served == proto::SLOTS { "ok" } else { "fail" };
-    let primaries = topology.nodes.iter().filter(|n| topology.led_by(&n.id).next().is_some()).count();
+    let primaries = topology.nodes.iter().filter(|n| !topology.led_by(&n.id).is_empty()).count();
     format!(
         "cluster_enabled:1\r\ncluster_state:{state}\r\ncluster_slots_assigned:{served}\r\ncluster_slots_ok:{served}\r\n\
          cluster_slots_pfail:0\r\ncluster_slots_fail:0\r\ncluster_known_nodes:{}\r\ncluster_size:{primaries}\r\n\
@@ -264,6 +275,25 @@ mod tests {
         let spans: Vec<_> = ranges.iter().map(|r| (r.first, r.last, r.primary.as_str())).collect();
         assert_eq!(spans, vec![(0, 8191, "a"), (8192, 12287, "b"), (12288, 16383, "c")]);
         assert_eq!(ranges[1].replicas, vec!["a".to_string(), "c".to_string()], "the other herders, in map order");
+    }
+
+    #[test]
+    fn herder_order_does_not_split_ranges_and_nodes_joins_what_one_node_leads() {
+        let nodes = vec![resp_node("a", 7000), resp_node("b", 7010), resp_node("c", 7020)];
+        let mut map = map(&[Some("a"), Some("a"), Some("b"), Some("a")], &["a", "b", "c"]);
+        map.flocks[1].herders = vec!["a".into(), "c".into(), "b".into()];
+        map.flocks[3].herders = vec!["c".into(), "a".into(), "b".into()];
+        let ranges = slot_ranges("a", &map, &nodes);
+        let spans: Vec<_> = ranges.iter().map(|r| (r.first, r.last, r.primary.as_str())).collect();
+        assert_eq!(spans, vec![(0, 8191, "a"), (8192, 12287, "b"), (12288, 16383, "a")]);
+        let topology = Topology { me: "a".into(), epoch: 1, nodes, ranges };
+        assert_eq!(topology.led_by("a"), vec![(0, 8191), (12288, 16383)]);
+        let mut split = slot_ranges("a", &map, &topology.nodes);
+        split[0].replicas = vec!["x".into()];
+        split.insert(1, SlotRange { first: 4096, last: 8191, primary: "a".into(), replicas: Vec::new() });
+        split[0].last = 4095;
+        let topology = Topology { ranges: split, ..topology };
+        assert_eq!(topology.led_by("a"), vec![(0, 8191), (12288, 16383)], "adjacent ranges of one primary are joined");
     }
 
     #[test]
