@@ -85,12 +85,12 @@ fn slot_ranges(me: &str, map: &FlockMapInfo, nodes: &[RespNode]) -> Vec<SlotRang
         return Vec::new();
     }
     let mut ranges: Vec<SlotRange> = Vec::new();
-    for (flock, info) in map.flocks.iter().enumerate() {
+    for info in &map.flocks {
         let primary = info.leader.as_deref().filter(|l| serves(l)).unwrap_or(me).to_owned();
         // Sorted: herders' order (preferred leader first) differs between flocks of the same set.
         let mut replicas: Vec<String> = info.herders.iter().filter(|h| **h != primary && serves(h)).cloned().collect();
         replicas.sort();
-        let (first, last) = proto::flock_slots(flock as u32, flock_count);
+        let (first, last) = proto::flock_slots(info.flock, flock_count);
         match ranges.last_mut() {
             Some(r) if r.primary == primary && r.replicas == replicas => r.last = last,
             _ => ranges.push(SlotRange { first, last, primary, replicas }),
