@@ -985,16 +985,11 @@ impl Front for Cluster {
     }
 
     fn resp_nodes(&self) -> Vec<RespNode> {
-        let bus_port = |peer: &str| peer.rsplit_once(':').and_then(|(_, port)| port.parse().ok()).unwrap_or(0);
         self.meta_state()
             .nodes
             .iter()
             .filter(|(_, info)| !info.resp.is_empty())
-            .map(|(id, info)| RespNode {
-                id: node_id_text(*id),
-                resp: info.resp.clone(),
-                bus_port: bus_port(&info.peer),
-            })
+            .map(|(id, info)| RespNode { id: node_id_text(*id), resp: info.resp.clone(), peer: info.peer.clone() })
             .collect()
     }
 }

@@ -52,8 +52,9 @@ pub struct RespNode {
     pub id: String,
     /// Its Redis protocol address, `HOST:PORT`.
     pub resp: String,
-    /// Its peer port, shown where Redis shows its cluster bus port (0 when it has none).
-    pub bus_port: u16,
+    /// Its peer address, `HOST:PORT` (empty when unknown); its port is shown where Redis shows
+    /// its cluster bus port.
+    pub peer: String,
 }
 
 /// Resolves once a change set proposed to a flock's log is committed and applied (or failed), to
@@ -436,13 +437,10 @@ impl Node {
         }
     }
 
-    /// The member nodes that serve the Redis protocol: on a single node, this one if it does.
+    /// The member nodes that serve the Redis protocol, as the cluster knows them (none on a node
+    /// outside a cluster).
     pub fn resp_nodes(&self) -> Vec<RespNode> {
-        if let Some(front) = self.inner.front.get() {
-            return front.resp_nodes();
-        }
-        let me = self.id().to_owned();
-        self.urls().resp.map(|resp| RespNode { id: me, resp, bus_port: 0 }).into_iter().collect()
+        self.inner.front.get().map(|front| front.resp_nodes()).unwrap_or_default()
     }
 
     /// Routes this node's jobs, uploads and canaries through a cluster. Set once, before serving.

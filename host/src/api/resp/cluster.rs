@@ -40,11 +40,12 @@ impl Topology {
     fn of(node: &Node) -> Topology {
         let me = node.id().to_owned();
         let mut nodes = node.resp_nodes();
-        // This node answers on the Redis protocol, even before the meta log has its address.
+        // This node answers on the Redis protocol even when no cluster (or not yet its meta log)
+        // names its address.
         if !nodes.iter().any(|n| n.id == me)
             && let Some(resp) = node.node_urls().resp
         {
-            nodes.push(RespNode { id: me.clone(), resp, bus_port: 0 });
+            nodes.push(RespNode { id: me.clone(), resp, peer: String::new() });
         }
         nodes.sort_by(|a, b| a.id.cmp(&b.id));
         let map = node.flocks();
@@ -206,13 +207,9 @@ fn nodes(topology: &Topology) -> String {
     for n in &topology.nodes {
         let (host, port) = host_port(&n.resp);
         let flags = if n.id == topology.me { "myself,master" } else { "master" };
-        let _ = write!(
-            text,
-            "{} {host}:{port}@{} {flags} - 0 0 {} connected",
-            cluster_name(&n.id),
-            n.bus_port,
-            topology.epoch
-        );
+        let bus_port = host_port(&n.peer).1;
+        let _ =
+            write!(text, "{} {host}:{port}@{bus_port} {flags} - 0 0 {} connected", cluster_name(&n.id), topology.epoch);
         for (first, last) in topology.led_by(&n.id) {
             if first == last {
                 let _ = write!(text, " {first}");
@@ -246,7 +243,7 @@ mod tests {
     use super::*;
 
     fn resp_node(id: &str, port: u16) -> RespNode {
-        RespNode { id: id.into(), resp: format!("127.0.0.1:{port}"), bus_port: port + 1 }
+        RespNode { id: id.into(), resp: format!("127.0.0.1:{port}"), peer: format!("127.0.0.1:{}", port + 1) }
     }
 
     fn map(leaders: &[Option<&str>], herders: &[&str]) -> FlockMapInfo {
