@@ -3,7 +3,7 @@
 # speed drifts, so only ratios within one run mean much): for each round and each binary, one
 # fresh node and then a fresh 3-node cluster (replication 3, leadership spread), each driven by redis-benchmark with
 # 50 clients and 100k random keys running `FCALL counter`. Prints medians per binary. FLOCKS sets
-# the flock count (default 256).
+# the flock count (default 256); NODES="3" runs only the clusters (default "1 3").
 # Usage: scripts/bench-compare.sh REQUESTS ROUNDS NAME=BINARY... (build the binaries first, e.g.
 # from two checkouts; the jobs come from scripts/build-jobs.sh).
 # Writes target/bench-compare/results.csv. Everything listens on 127.0.0.1 and stops at the end.
@@ -44,7 +44,7 @@ for round in $(seq 1 "$rounds"); do
   echo "-- round $round"
   for spec in "$@"; do
     name=${spec%%=*} grex=${spec#*=}
-    for nodes in 1 3; do
+    for nodes in ${NODES:-1 3}; do
       if [ "$nodes" = 1 ]; then start 0 --flocks "${FLOCKS:-256}"; else start_cluster 3; fi
       wait_formed "$nodes"
       [ "$nodes" = 1 ] || wait_balanced "$nodes"
