@@ -20,7 +20,6 @@ data=$(mktemp -d)
 pids=()  # Grex nodes, by index (scripts/cluster-lib.sh)
 trap 'kill "${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$data"' EXIT
 source scripts/cluster-lib.sh
-wasm=target/jobs/wasm32-unknown-unknown/wasm/counter.wasm
 
 stop_all() {
   kill "${pids[@]}" 2>/dev/null || true
@@ -45,10 +44,7 @@ for round in $(seq 1 "$rounds"); do
   for spec in "$@"; do
     name=${spec%%=*} grex=${spec#*=}
     for nodes in ${NODES:-1 3}; do
-      if [ "$nodes" = 1 ]; then start 0 --flocks "${FLOCKS:-256}"; else start_cluster 3; fi
-      wait_formed "$nodes"
-      [ "$nodes" = 1 ] || wait_balanced "$nodes"
-      redis-cli -p 17073 -x GREX.MODULE LOAD counter < "$wasm" > /dev/null
+      start_for_load "$nodes"
       run "$name" "$nodes"
       stop_all
     done

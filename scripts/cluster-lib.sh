@@ -48,3 +48,12 @@ wait_balanced() {
   done
   echo "leadership did not spread over $1 nodes:"; echo "$leaders"; exit 1
 }
+
+# start_for_load N: one node ($FLOCKS flocks, default 256) or a cluster of N with leadership
+# spread, formed, with the counter job loaded (as `counter`) through node 0's Redis port.
+start_for_load() {
+  if [ "$1" = 1 ]; then start 0 --flocks "${FLOCKS:-256}"; else start_cluster "$1"; fi
+  wait_formed "$1"
+  [ "$1" = 1 ] || wait_balanced "$1"
+  redis-cli -p 17073 -x GREX.MODULE LOAD counter < target/jobs/wasm32-unknown-unknown/wasm/counter.wasm > /dev/null
+}

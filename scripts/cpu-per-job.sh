@@ -16,10 +16,7 @@ data=$(mktemp -d)
 pids=()  # Grex nodes, by index (scripts/cluster-lib.sh)
 trap 'kill "${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$data"' EXIT
 source scripts/cluster-lib.sh
-if [ "$nodes" = 1 ]; then start 0 --flocks "${FLOCKS:-256}"; else start_cluster "$nodes"; fi
-wait_formed "$nodes"
-[ "$nodes" = 1 ] || wait_balanced "$nodes"
-redis-cli -p 17073 -x GREX.MODULE LOAD counter < target/jobs/wasm32-unknown-unknown/wasm/counter.wasm > /dev/null
+start_for_load "$nodes"
 bench() { redis-benchmark -p 17073 -c 50 -r 100000 --csv "$@" "${cmd[@]}" 2>/dev/null | tail -1; }
 bench -n 3000 > /dev/null
 

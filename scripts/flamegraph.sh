@@ -24,10 +24,7 @@ pids=()  # Grex nodes, by index (scripts/cluster-lib.sh)
 load=
 trap 'kill $load "${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$data"' EXIT
 source scripts/cluster-lib.sh
-if [ "$nodes" = 1 ]; then start 0 --flocks "${FLOCKS:-256}"; else start_cluster "$nodes"; fi
-wait_formed "$nodes"
-[ "$nodes" = 1 ] || wait_balanced "$nodes"
-redis-cli -p 17073 -x GREX.MODULE LOAD counter < target/jobs/wasm32-unknown-unknown/wasm/counter.wasm > /dev/null
+start_for_load "$nodes"
 redis-benchmark -p 17073 -c 50 -n 3000 -r 100000 "${cmd[@]}" > /dev/null 2>&1  # compiles the module everywhere
 
 redis-benchmark -p 17073 -c 50 -n 100000000 -r 100000 "${cmd[@]}" > /dev/null 2>&1 &
