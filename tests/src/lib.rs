@@ -262,12 +262,17 @@ impl TestCluster {
     /// Starts one more node with `args`, joined through node 0 with credentials node 0 issued;
     /// returns as soon as it listens (it has joined; the flocks have not moved yet).
     pub fn join(&mut self, args: &[&str]) -> &mut GrexNode {
+        self.join_via(0, args)
+    }
+
+    /// As [`TestCluster::join`], with the hail sent to node `via`.
+    pub fn join_via(&mut self, via: usize, args: &[&str]) -> &mut GrexNode {
         let i = self.nodes.len();
         let first = self.dir.path().join("node-0");
         let creds = self.dir.path().join(format!("node-{i}.creds"));
         let creds = creds.to_str().expect("UTF-8 path");
         grex(&["cluster", "credentials", "--data", first.to_str().expect("UTF-8 path"), "--out", creds]);
-        let mut node_args = vec!["--credentials", creds, "--join", &self.nodes[0].peer];
+        let mut node_args = vec!["--credentials", creds, "--join", &self.nodes[via].peer];
         node_args.extend_from_slice(args);
         let node = GrexNode::start(&self.dir.path().join(format!("node-{i}")), &node_args);
         self.nodes.push(node);

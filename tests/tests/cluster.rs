@@ -296,6 +296,22 @@ async fn a_node_killed_right_after_joining_greets_its_peers_when_it_restarts() {
     }
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_joins_through_any_member_is_recorded_under_its_own_id() {
+    let mut cluster = TestCluster::start(3, &[]).await;
+    // Through two different members: at least one of them is not the meta leader and passes the
+    // hail on.
+    cluster.join_via(1, &[]);
+    cluster.join_via(2, &[]);
+    cluster.wait_formed(5).await;
+    let map = cluster.nodes[0].http_client().await.flocks().await.unwrap();
+    let mut recorded = map.nodes.clone();
+    recorded.sort();
+    let mut expected: Vec<(String, String)> = cluster.nodes.iter().map(|n| (n.id.clone(), n.http.clone())).collect();
+    expected.sort();
+    assert_eq!(recorded, expected, "every node under its own id with its own address");
+}
+
 #[test]
 fn a_node_that_never_finished_joining_is_told_to_join_again() {
     let cluster_dir = tempfile::tempdir().unwrap();

@@ -340,6 +340,48 @@ async fn cluster_clients_go_straight_to_each_flock_leader() {
     .await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_restarted_on_another_port_is_found_there_by_cluster_clients() {
+    let mut cluster = TestCluster::start(3, &["--resp", "127.0.0.1:0"]).await;
+    cluster.nodes[0].client().await.put_module("counter", job_wasm("counter")).await.unwrap();
+    let address = |node: &GrexNode| node.resp.clone().expect("resp address").trim_start_matches("redis://").to_owned();
+    let old = address(&cluster.nodes[2]);
+    cluster.nodes[2].kill9();
+    let port = loop {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        if format!("127.0.0.1:{port}") != old {
+            break port;
+        }
+    };
+    cluster.nodes[2].restart_with(&["--resp", &format!("127.0.0.1:{port}")]);
+    let new = address(&cluster.nodes[2]);
+    assert_eq!(new, format!("127.0.0.1:{port}"));
+    let seed = cluster.nodes[0].resp.clone().expect("resp address");
+    grex_tests::eventually("node 0 to name node 2 at its new address", Duration::from_secs(30), || {
+        let (seed, old, new) = (seed.clone(), old.clone(), new.clone());
+        async move {
+            let nodes: String = blocking(move || {
+                let mut con = redis::Client::open(seed.as_str()).unwrap().get_connection().unwrap();
+                redis::cmd("CLUSTER").arg("NODES").query(&mut con).unwrap()
+            })
+            .await;
+            nodes.contains(&format!(" {new}@")) && !nodes.contains(&format!(" {old}@"))
+        }
+    })
+    .await;
+    assert!(cluster.nodes[2].log().contains("recorded this node's new addresses"), "{}", cluster.nodes[2].log());
+    // A cluster client that reads the map from any node reaches every key.
+    blocking(move || {
+        let mut con = redis::cluster::ClusterClient::new(vec![seed.as_str()]).unwrap().get_connection().unwrap();
+        for i in 0..30 {
+            let key = format!("moved-{i}");
+            let count: String = redis::cmd("FCALL").arg("counter").arg(1).arg(&key).arg(1).query(&mut con).unwrap();
+            assert_eq!(count, "1", "{key}");
+        }
+    })
+    .await;
+}
+
 /// `tests/redis-cli.sh`: redis-cli itself, the way a shell user types commands, against a node.
 #[test]
 fn redis_cli_script() {

@@ -16,7 +16,7 @@ use super::raft::{NodeId, PeerInfo, TypeConfig};
 use crate::storage::GroupId;
 
 /// ALPN of the peer protocol.
-pub const PEER_ALPN: &[u8] = b"grex-peer/3";
+pub const PEER_ALPN: &[u8] = b"grex-peer/4";
 
 /// One request and who sends it.
 #[derive(Debug, Serialize, Deserialize)]
@@ -68,8 +68,11 @@ pub enum PeerRequest {
         /// Read-only job.
         read_only: bool,
     },
-    /// A new node asks to join the cluster.
+    /// A node asks to join the cluster, or a member that restarted with other addresses asks to
+    /// have them recorded. A node that is not the meta leader passes it on unchanged.
     Hail {
+        /// The node that asks (not the sender when the hail is passed on).
+        id: NodeId,
         /// Its addresses.
         info: PeerInfo,
     },

@@ -135,11 +135,11 @@ impl Cluster {
         let slot: Arc<OnceLock<Cluster>> = Arc::new(OnceLock::new());
         let handler: Handler = {
             let slot = slot.clone();
-            Arc::new(move |from, request| {
+            Arc::new(move |_from, request| {
                 let slot = slot.clone();
                 async move {
                     match slot.get() {
-                        Some(cluster) => cluster.answer(from, request).await,
+                        Some(cluster) => cluster.answer(request).await,
                         None => PeerResponse::Error(error(ErrorCode::Unavailable, "the node is starting")),
                     }
                 }
@@ -224,6 +224,9 @@ impl Cluster {
             }
         }
         tokio::spawn(cluster.clone().supervise(load));
+        if initialized {
+            tokio::spawn(cluster.clone().advertise());
+        }
         Ok(cluster)
     }
 
@@ -472,7 +475,7 @@ impl Cluster {
     }
 
     /// Answers a request from a peer.
-    async fn answer(&self, from: NodeId, request: PeerRequest) -> PeerResponse {
+    async fn answer(&self, request: PeerRequest) -> PeerResponse {
         match request {
             PeerRequest::Raft { group, rpc } => self.answer_raft(group, rpc).await,
             PeerRequest::RaftBatch { items } => {
@@ -505,7 +508,7 @@ impl Cluster {
                     None => PeerResponse::NotLeader { leader: self.leader_of(flock).filter(|l| *l != self.inner.me) },
                 }
             }
-            PeerRequest::Hail { info } => self.admit(from, info).await,
+            PeerRequest::Hail { id, info } => self.admit(id, info).await,
             PeerRequest::PutModule { name, wasm } => PeerResponse::Module(self.store_module(name, wasm).await),
             PeerRequest::Hello { .. } | PeerRequest::Ping { .. } => {
                 PeerResponse::Error(error(ErrorCode::BadRequest, "handled by the transport"))
@@ -523,11 +526,10 @@ impl Cluster {
             return self
                 .inner
                 .peers
-                .call(leader, PeerRequest::Hail { info }, Duration::from_secs(60))
+                .call(leader, PeerRequest::Hail { id, info }, Duration::from_secs(60))
                 .await
                 .unwrap_or_else(|e| PeerResponse::Error(e.into()));
         }
-        // Hails are relayed with the joiner's id as the sender's only on the first hop.
         tracing::info!(node = %node_id_text(id), peer = %info.peer, "a node asks to join");
         self.inner.peers.learn(id, &info);
         // The joiner holds the log up to its own admission before it hears it has joined: a node
@@ -595,6 +597,47 @@ impl Cluster {
             if metrics.changed().await.is_err() {
                 return;
             }
+        }
+    }
+
+    /// A restarted member whose addresses changed (another `--http`, `--quic`, `--resp` or
+    /// `--peer` than it last ran with) has the meta leader record the new ones, as for a join, so
+    /// canaries, `CLUSTER` replies and its peers find it where it listens now.
+    async fn advertise(self) {
+        let (me, info) = (self.inner.me, self.inner.info.clone());
+        let mut state = self.inner.meta_state.clone();
+        let mut backoff = Duration::from_millis(200);
+        loop {
+            let recorded = state.borrow_and_update().nodes.get(&me).cloned();
+            if recorded.as_ref() == Some(&info) {
+                return;
+            }
+            if recorded.is_none() {
+                // Its applied meta state does not list it yet.
+                if state.changed().await.is_err() {
+                    return;
+                }
+                continue;
+            }
+            let answer = match self.leader_of(META_GROUP) {
+                Some(leader) if leader == me => self.admit(me, info.clone()).await,
+                Some(leader) => self
+                    .inner
+                    .peers
+                    .call(leader, PeerRequest::Hail { id: me, info: info.clone() }, Duration::from_secs(60))
+                    .await
+                    .unwrap_or_else(|e| PeerResponse::Error(e.into())),
+                None => PeerResponse::Error(error(ErrorCode::Unavailable, "no meta leader yet")),
+            };
+            match answer {
+                PeerResponse::Joined { .. } => {
+                    tracing::info!(was = %recorded.unwrap_or_default(), now = %info, "recorded this node's new addresses");
+                    return;
+                }
+                other => tracing::debug!(answer = ?other, "recording this node's new addresses failed; retrying"),
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(5));
         }
     }
 

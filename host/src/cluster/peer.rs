@@ -1,4 +1,4 @@
-//! The peer transport: QUIC (quinn) with mutual TLS under the cluster CA, ALPN `grex-peer/3`.
+//! The peer transport: QUIC (quinn) with mutual TLS under the cluster CA, ALPN `grex-peer/4`.
 //!
 //! Each pair of nodes keeps one long-lived connection. Either side dials when it has none; if
 //! both dial at once, both keep the connection dialed by the lower node id and close the other,
@@ -365,8 +365,11 @@ impl Peers {
     /// Asks the node at `addr` to let this node join; returns the cluster's members.
     pub async fn hail(self: &Arc<Self>, addr: &str, info: PeerInfo) -> anyhow::Result<Vec<(NodeId, PeerInfo)>> {
         let connection = self.dial(addr).await.with_context(|| format!("cannot reach {addr}"))?;
-        let frame =
-            PeerFrame { cluster_id: self.cluster_id.clone(), from: self.me, request: PeerRequest::Hail { info } };
+        let frame = PeerFrame {
+            cluster_id: self.cluster_id.clone(),
+            from: self.me,
+            request: PeerRequest::Hail { id: self.me, info },
+        };
         let answer = exchange(&connection, &encode_frame(&frame)?).await.map_err(|e| anyhow::anyhow!(e));
         connection.close(0u32.into(), b"hailed");
         match answer? {

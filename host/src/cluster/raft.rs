@@ -62,7 +62,7 @@ pub struct PeerInfo {
 
 impl fmt::Display for PeerInfo {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "peer={} http={}", self.peer, self.http)
+        write!(f, "peer={} http={} quic={} resp={}", self.peer, self.http, self.quic, self.resp)
     }
 }
 
