@@ -516,8 +516,9 @@ impl Cluster {
         }
     }
 
-    /// A new node hails: the meta leader adds it (as a learner, then a voter while there are
-    /// fewer than [`META_VOTERS_MAX`]); any other node passes the hail on to the meta leader.
+    /// A node hails, to join or to have its new addresses recorded: the meta leader adds it (as a
+    /// learner, then a voter while there are fewer than [`META_VOTERS_MAX`]; a member stays what
+    /// it is) and records its addresses; any other node passes the hail on to the meta leader.
     async fn admit(&self, id: NodeId, info: PeerInfo) -> PeerResponse {
         let Some(leader) = self.leader_of(META_GROUP) else {
             return PeerResponse::Error(error(ErrorCode::Unavailable, "the cluster has no meta leader; retry shortly"));
@@ -530,7 +531,12 @@ impl Cluster {
                 .await
                 .unwrap_or_else(|e| PeerResponse::Error(e.into()));
         }
-        tracing::info!(node = %node_id_text(id), peer = %info.peer, "a node asks to join");
+        match self.meta_state().nodes.get(&id) {
+            Some(was) => {
+                tracing::info!(node = %node_id_text(id), %was, now = %info, "a member hails again (a join not answered before, or new addresses)")
+            }
+            None => tracing::info!(node = %node_id_text(id), peer = %info.peer, "a node asks to join"),
+        }
         self.inner.peers.learn(id, &info);
         // The joiner holds the log up to its own admission before it hears it has joined: a node
         // that restarts with an empty log is not a member in its own eyes.
