@@ -739,11 +739,12 @@ impl Cluster {
     ) {
         let me = self.inner.me;
         let Some(raft) = self.group(group) else { return };
-        let (leader, state, votes) = {
+        let (leader, state, votes, leader_votes) = {
             let metrics = raft.metrics();
             let m = metrics.borrow();
-            let votes = m.membership_config.membership().get_joint_config().iter().any(|c| c.contains(&me));
-            (m.current_leader, m.state, votes)
+            let configs = m.membership_config.membership().get_joint_config();
+            let votes_in = |id: NodeId| configs.iter().any(|c| c.contains(&id));
+            (m.current_leader, m.state, votes_in(me), m.current_leader.is_some_and(votes_in))
         };
         if !votes {
             return;
@@ -752,7 +753,9 @@ impl Cluster {
             self.reconcile_flock(group);
         }
         let now = Instant::now();
-        let healthy = leader.is_some_and(|l| self.inner.peers.alive(l));
+        // A leader that a membership change left out of the group (the map moved the flock away
+        // from it) steps down once the change is applied: the group needs a new one.
+        let healthy = leader.is_some_and(|l| self.inner.peers.alive(l)) && leader_votes;
         if healthy {
             *leaderless_since = None;
             // Hand an idle flock's lead to its preferred, live herder (checked at the pace of
@@ -862,6 +865,10 @@ impl Cluster {
     async fn change_herders(&self, flock: u32) -> bool {
         let raft = &self.inner.flocks[flock as usize];
         let Some(want) = self.herders_wanted(flock) else { return false };
+        if !self.voters(flock).contains(&self.inner.me) {
+            // The last change left this node out; the group's next leader goes on from here.
+            return false;
+        }
         let have: BTreeSet<NodeId> = self.voters(flock).into_iter().collect();
         let nodes = self.meta_state().nodes;
         for id in want.difference(&have) {
@@ -871,10 +878,12 @@ impl Cluster {
                 return false;
             }
         }
+        let stays = want.contains(&self.inner.me);
         match raft.change_membership(want, false).await {
             Ok(_) => {
                 tracing::debug!(flock, "flock herders changed");
-                true
+                // A leader that left the group steps down: it must not change the group again.
+                stays
             }
             Err(e) => {
                 tracing::debug!(flock, error = %e, "flock membership change failed; will retry");
