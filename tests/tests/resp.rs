@@ -340,22 +340,49 @@ async fn cluster_clients_go_straight_to_each_flock_leader() {
     .await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_node_restarted_on_another_port_is_found_there_by_cluster_clients() {
-    let mut cluster = TestCluster::start(3, &["--resp", "127.0.0.1:0"]).await;
-    cluster.nodes[0].client().await.put_module("counter", job_wasm("counter")).await.unwrap();
+/// Kills `node` and starts it again with `--resp` on another free port; returns the old and the
+/// new `host:port`.
+fn restart_on_another_resp_port(node: &mut GrexNode) -> (String, String) {
     let address = |node: &GrexNode| node.resp.clone().expect("resp address").trim_start_matches("redis://").to_owned();
-    let old = address(&cluster.nodes[2]);
-    cluster.nodes[2].kill9();
+    let old = address(node);
+    node.kill9();
     let port = loop {
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
         if format!("127.0.0.1:{port}") != old {
             break port;
         }
     };
-    cluster.nodes[2].restart_with(&["--resp", &format!("127.0.0.1:{port}")]);
-    let new = address(&cluster.nodes[2]);
+    node.restart_with(&["--resp", &format!("127.0.0.1:{port}")]);
+    let new = address(node);
     assert_eq!(new, format!("127.0.0.1:{port}"));
+    (old, new)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lone_node_restarted_on_another_port_names_the_new_one() {
+    // A one-node cluster: the node leads the meta group and records its own new address.
+    let mut cluster = TestCluster::start(1, &["--resp", "127.0.0.1:0"]).await;
+    let (old, new) = restart_on_another_resp_port(&mut cluster.nodes[0]);
+    let seed = cluster.nodes[0].resp.clone().expect("resp address");
+    grex_tests::eventually("the node to name its new address", Duration::from_secs(30), || {
+        let (seed, old, new) = (seed.clone(), old.clone(), new.clone());
+        async move {
+            let nodes: String = blocking(move || {
+                let mut con = redis::Client::open(seed.as_str()).unwrap().get_connection().unwrap();
+                redis::cmd("CLUSTER").arg("NODES").query(&mut con).unwrap()
+            })
+            .await;
+            nodes.contains(&format!(" {new}@")) && !nodes.contains(&format!(" {old}@"))
+        }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_restarted_on_another_port_is_found_there_by_cluster_clients() {
+    let mut cluster = TestCluster::start(3, &["--resp", "127.0.0.1:0"]).await;
+    cluster.nodes[0].client().await.put_module("counter", job_wasm("counter")).await.unwrap();
+    let (old, new) = restart_on_another_resp_port(&mut cluster.nodes[2]);
     let seed = cluster.nodes[0].resp.clone().expect("resp address");
     grex_tests::eventually("node 0 to name node 2 at its new address", Duration::from_secs(30), || {
         let (seed, old, new) = (seed.clone(), old.clone(), new.clone());
