@@ -358,14 +358,10 @@ fn restart_on_another_resp_port(node: &mut GrexNode) -> (String, String) {
     (old, new)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_lone_node_restarted_on_another_port_names_the_new_one() {
-    // A one-node cluster: the node leads the meta group and records its own new address.
-    let mut cluster = TestCluster::start(1, &["--resp", "127.0.0.1:0"]).await;
-    let (old, new) = restart_on_another_resp_port(&mut cluster.nodes[0]);
-    let seed = cluster.nodes[0].resp.clone().expect("resp address");
-    grex_tests::eventually("the node to name its new address", Duration::from_secs(30), || {
-        let (seed, old, new) = (seed.clone(), old.clone(), new.clone());
+/// Waits until `CLUSTER NODES` asked of `seed` names the node at `new` and no longer at `old`.
+async fn wait_named_at(seed: &str, old: &str, new: &str) {
+    grex_tests::eventually(&format!("{seed} to name {new} instead of {old}"), Duration::from_secs(30), || {
+        let seed = seed.to_owned();
         async move {
             let nodes: String = blocking(move || {
                 let mut con = redis::Client::open(seed.as_str()).unwrap().get_connection().unwrap();
@@ -379,23 +375,21 @@ async fn a_lone_node_restarted_on_another_port_names_the_new_one() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lone_node_restarted_on_another_port_names_the_new_one() {
+    // A one-node cluster: the node leads the meta group and records its own new address.
+    let mut cluster = TestCluster::start(1, &["--resp", "127.0.0.1:0"]).await;
+    let (old, new) = restart_on_another_resp_port(&mut cluster.nodes[0]);
+    let seed = cluster.nodes[0].resp.clone().expect("resp address");
+    wait_named_at(&seed, &old, &new).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_restarted_on_another_port_is_found_there_by_cluster_clients() {
     let mut cluster = TestCluster::start(3, &["--resp", "127.0.0.1:0"]).await;
     cluster.nodes[0].client().await.put_module("counter", job_wasm("counter")).await.unwrap();
     let (old, new) = restart_on_another_resp_port(&mut cluster.nodes[2]);
     let seed = cluster.nodes[0].resp.clone().expect("resp address");
-    grex_tests::eventually("node 0 to name node 2 at its new address", Duration::from_secs(30), || {
-        let (seed, old, new) = (seed.clone(), old.clone(), new.clone());
-        async move {
-            let nodes: String = blocking(move || {
-                let mut con = redis::Client::open(seed.as_str()).unwrap().get_connection().unwrap();
-                redis::cmd("CLUSTER").arg("NODES").query(&mut con).unwrap()
-            })
-            .await;
-            nodes.contains(&format!(" {new}@")) && !nodes.contains(&format!(" {old}@"))
-        }
-    })
-    .await;
+    wait_named_at(&seed, &old, &new).await;
     // The meta leader applies the new addresses before its answer reaches node 2, which then logs.
     let restarted = &cluster.nodes[2];
     grex_tests::wait_until("node 2 to log that its new addresses are recorded", Duration::from_secs(30), || {
