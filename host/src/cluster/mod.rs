@@ -531,7 +531,8 @@ impl Cluster {
                 .await
                 .unwrap_or_else(|e| PeerResponse::Error(e.into()));
         }
-        match self.meta_state().nodes.get(&id) {
+        let recorded = self.inner.meta_state.borrow().nodes.get(&id).cloned();
+        match recorded {
             Some(was) => {
                 tracing::info!(node = %node_id_text(id), %was, now = %info, "a member hails again (a join not answered before, or new addresses)")
             }
@@ -625,17 +626,8 @@ impl Cluster {
                 }
                 continue;
             }
-            let answer = match self.leader_of(META_GROUP) {
-                Some(leader) if leader == me => self.admit(me, info.clone()).await,
-                Some(leader) => self
-                    .inner
-                    .peers
-                    .call(leader, PeerRequest::Hail { id: me, info: info.clone() }, Duration::from_secs(60))
-                    .await
-                    .unwrap_or_else(|e| PeerResponse::Error(e.into())),
-                None => PeerResponse::Error(error(ErrorCode::Unavailable, "no meta leader yet")),
-            };
-            match answer {
+            // As a hail to this node: admitted here if it leads the meta group, else passed on.
+            match self.admit(me, info.clone()).await {
                 PeerResponse::Joined { .. } => {
                     tracing::info!(was = %recorded.unwrap_or_default(), now = %info, "recorded this node's new addresses");
                     return;
@@ -865,11 +857,11 @@ impl Cluster {
     async fn change_herders(&self, flock: u32) -> bool {
         let raft = &self.inner.flocks[flock as usize];
         let Some(want) = self.herders_wanted(flock) else { return false };
-        if !self.voters(flock).contains(&self.inner.me) {
+        let have: BTreeSet<NodeId> = self.voters(flock).into_iter().collect();
+        if !have.contains(&self.inner.me) {
             // The last change left this node out; the group's next leader goes on from here.
             return false;
         }
-        let have: BTreeSet<NodeId> = self.voters(flock).into_iter().collect();
         let nodes = self.meta_state().nodes;
         for id in want.difference(&have) {
             let Some(info) = nodes.get(id).cloned() else { return false };
