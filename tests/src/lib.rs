@@ -6,9 +6,11 @@ use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use grex_client::Client;
+use grex_client::proto::FlockMapInfo;
 
 /// The workspace root.
 pub fn workspace_root() -> PathBuf {
@@ -61,6 +63,27 @@ pub fn wait_until(what: &str, timeout: Duration, mut condition: impl FnMut() -> 
     }
 }
 
+/// A loopback port that is free for TCP and UDP now, below the range the OS draws ports for
+/// outgoing connections from (32768 and up on Linux). A node restarted on a port that port 0 gave it
+/// could find the port taken meanwhile by some client's connection; ports down here are taken only
+/// by listeners.
+pub fn free_port() -> u16 {
+    static DRAWN: AtomicU64 = AtomicU64::new(0);
+    const FIRST: u64 = 20_000;
+    const COUNT: u64 = 12_000;
+    let salt = u64::from(std::process::id())
+        ^ std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
+    loop {
+        let drawn = DRAWN.fetch_add(1, Ordering::Relaxed);
+        let port = (FIRST + salt.wrapping_add(drawn.wrapping_mul(7_919)) % COUNT) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok()
+            && std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok()
+        {
+            return port;
+        }
+    }
+}
+
 /// A `grex serve` process.
 pub struct GrexNode {
     child: Option<Child>,
@@ -83,11 +106,12 @@ pub struct GrexNode {
 }
 
 impl GrexNode {
-    /// Starts `grex serve --data DATA` on loopback ports chosen by the OS, plus `args`, and waits
-    /// until it listens.
+    /// Starts `grex serve --data DATA` on free loopback ports ([`free_port`]), plus `args`, and
+    /// waits until it listens.
     pub fn start(data: &Path, args: &[&str]) -> GrexNode {
         let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
-        Self::spawn(data, ["127.0.0.1:0", "127.0.0.1:0", "127.0.0.1:0"], args)
+        let addrs = [(); 3].map(|()| format!("127.0.0.1:{}", free_port()));
+        Self::spawn(data, addrs.each_ref().map(String::as_str), args)
     }
 
     /// Starts the node again (after [`kill9`](Self::kill9) or [`terminate`](Self::terminate)) on
@@ -279,19 +303,30 @@ impl TestCluster {
         &mut self.nodes[i]
     }
 
-    /// Waits until node 0 sees `count` nodes, every flock with min(3, count) herders, and a
-    /// leader for every flock.
+    /// Waits until every node sees `count` nodes, every flock with min(3, count) herders and its
+    /// membership settled, and the same leader for every flock.
     pub async fn wait_formed(&self, count: usize) {
-        let client = self.nodes[0].http_client().await;
+        let mut clients = Vec::new();
+        for node in &self.nodes {
+            clients.push(node.http_client().await);
+        }
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
-            if let Ok(map) = client.flocks().await
-                && map.nodes.len() == count
-                && map.flocks.iter().all(|f| f.leader.is_some() && f.settled && f.herders.len() == count.min(3))
+            let mut views = Vec::new();
+            for client in &clients {
+                views.push(client.flocks().await.ok());
+            }
+            let formed = |map: &FlockMapInfo| {
+                map.nodes.len() == count
+                    && map.flocks.iter().all(|f| f.leader.is_some() && f.settled && f.herders.len() == count.min(3))
+            };
+            let leaders = |map: &FlockMapInfo| map.flocks.iter().map(|f| f.leader.clone()).collect::<Vec<_>>();
+            if let Some(Some(first)) = views.first()
+                && views.iter().all(|v| v.as_ref().is_some_and(|v| formed(v) && leaders(v) == leaders(first)))
             {
                 return;
             }
-            assert!(Instant::now() < deadline, "the cluster did not form within 60 s");
+            assert!(Instant::now() < deadline, "the cluster did not form within 60 s: {views:#?}");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }

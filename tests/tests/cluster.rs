@@ -314,6 +314,94 @@ async fn a_node_that_joins_through_any_member_is_recorded_under_its_own_id() {
     assert_eq!(recorded, expected, "every node under its own id with its own address");
 }
 
+/// Runs `ledger` on `bucket` through `client` (adding `amount`, or read-only with nothing to add),
+/// retrying while the cluster is between leaders; returns the record count.
+async fn ledger(client: &Client, bucket: &[u8], amount: Option<i64>) -> u64 {
+    let input = amount.map(|a| format!(r#"{{"description": "test", "other": "them", "amount": {a}}}"#));
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let read_only = input.is_none();
+        match client.run_job(bucket, "ledger", input.as_deref().unwrap_or("").as_bytes(), read_only).await {
+            Ok(out) => {
+                let report: serde_json::Value = serde_json::from_slice(&out.output).expect("a JSON report");
+                return report["count"].as_u64().expect("a count");
+            }
+            Err(e) if e.code() == Some(ErrorCode::Unavailable) && Instant::now() < deadline => {
+                // Every node is up: a write may meet a change of leader, but never hangs.
+                assert!(!e.to_string().contains("not committed within"), "{e}");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(e) => panic!("ledger on {} failed: {e}", String::from_utf8_lossy(bucket)),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_five_nodes_every_node_serves_every_flock_even_those_moved_away_from_it() {
+    // Three nodes herd every flock and take a write on each; two more join, and the map moves
+    // some of each flock's herders to them. A node the map moved a flock away from keeps its old
+    // view of that flock's group and its old copy of the data: it must neither route by that view
+    // nor answer reads from that copy.
+    let mut cluster = TestCluster::start(3, &[]).await;
+    cluster.nodes[0].client().await.put_module("ledger", job_wasm("ledger")).await.expect("upload ledger");
+    let mut buckets: Vec<Option<String>> = vec![None; TEST_FLOCKS as usize];
+    for i in 0.. {
+        let bucket = format!("customer-{i}");
+        buckets[proto::flock_of(bucket.as_bytes(), TEST_FLOCKS) as usize].get_or_insert(bucket);
+        if buckets.iter().all(Option::is_some) {
+            break;
+        }
+    }
+    let buckets: Vec<String> = buckets.into_iter().map(Option::unwrap).collect();
+    let first = cluster.nodes[0].client().await;
+    for bucket in &buckets {
+        assert_eq!(ledger(&first, bucket.as_bytes(), Some(1)).await, 1);
+    }
+    cluster.join_via(1, &[]);
+    cluster.join_via(2, &[]);
+    cluster.wait_formed(5).await;
+
+    let map = first.flocks().await.expect("flock map");
+    for old in &cluster.nodes[..3] {
+        let moved = map.flocks.iter().filter(|f| !f.herders.contains(&old.id)).count();
+        assert!(moved > 0, "the map moved no flock away from node {}: {map:?}", old.id);
+    }
+    let mut clients = Vec::new();
+    for node in &cluster.nodes {
+        clients.push(node.client().await);
+    }
+    // Writes through every node in turn: one history per bucket.
+    for (i, client) in clients.iter().enumerate() {
+        for bucket in &buckets {
+            assert_eq!(ledger(client, bucket.as_bytes(), Some(1)).await, i as u64 + 2, "{bucket} via node {i}");
+        }
+    }
+    // Reads through every node see them all (a follower may trail for a moment; a node answering
+    // from a copy it kept after the flock moved away would stay at 1).
+    for (i, client) in clients.iter().enumerate() {
+        for bucket in &buckets {
+            eventually(&format!("node {i} to read every write of {bucket}"), PATIENCE, || async {
+                ledger(client, bucket.as_bytes(), None).await == 6
+            })
+            .await;
+        }
+    }
+    // Every node's canary names the flock's leader.
+    eventually("every node's canaries to name the leader", PATIENCE, || async {
+        let map = first.flocks().await.expect("flock map");
+        let mut agree = true;
+        for client in &clients {
+            for bucket in &buckets {
+                let canary = client.canary(bucket.as_bytes()).await.expect("canary");
+                let leader = map.flocks[canary.flock as usize].leader.as_deref();
+                agree &= canary.role == "leader" && Some(canary.node.as_str()) == leader;
+            }
+        }
+        agree
+    })
+    .await;
+}
+
 #[test]
 fn a_node_that_never_finished_joining_is_told_to_join_again() {
     let cluster_dir = tempfile::tempdir().unwrap();
@@ -511,7 +599,11 @@ async fn malformed_peer_frames_get_an_error_and_the_node_serves_on() {
         println!("{what}: {message}");
     }
     // A well-formed frame from another cluster.
-    let stranger = PeerFrame { cluster_id: "another".into(), from: 7, request: PeerRequest::Ping { load: 0 } };
+    let stranger = PeerFrame {
+        cluster_id: "another".into(),
+        from: 7,
+        request: PeerRequest::Ping { load: 0, leads_version: 1, leads: None },
+    };
     let message = refused(exchange(&connection, &proto::encode_frame(&stranger).unwrap()).await);
     assert!(message.contains("another cluster"), "{message}");
 
@@ -519,7 +611,7 @@ async fn malformed_peer_frames_get_an_error_and_the_node_serves_on() {
     let ping = PeerFrame {
         cluster_id: credentials.cluster.cluster_id.clone(),
         from: 7,
-        request: PeerRequest::Ping { load: 0 },
+        request: PeerRequest::Ping { load: 0, leads_version: 1, leads: None },
     };
     assert!(matches!(exchange(&connection, &proto::encode_frame(&ping).unwrap()).await, PeerResponse::Pong { .. }));
     node.http_client().await.status().await.expect("status after the bad frames");

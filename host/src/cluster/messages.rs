@@ -16,7 +16,19 @@ use super::raft::{NodeId, PeerInfo, TypeConfig};
 use crate::storage::GroupId;
 
 /// ALPN of the peer protocol.
-pub const PEER_ALPN: &[u8] = b"grex-peer/4";
+pub const PEER_ALPN: &[u8] = b"grex-peer/5";
+
+/// A flock its sender leads (told to every peer with pings, so that nodes that do not herd the
+/// flock know where to send its jobs and canaries).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Lead {
+    /// Which flock.
+    pub flock: u32,
+    /// The term it leads in: of two claims, the later term wins.
+    pub term: u64,
+    /// The flock's voters are the herders the flock map names.
+    pub settled: bool,
+}
 
 /// One request and who sends it.
 #[derive(Debug, Serialize, Deserialize)]
@@ -40,10 +52,14 @@ pub enum PeerRequest {
         /// so any older connection to it is dead, whoever dialed it.
         incarnation: u64,
     },
-    /// Liveness, once per interval per node pair, with the sender's load.
+    /// Liveness, once per interval per node pair, with the sender's load and the flocks it leads.
     Ping {
         /// Jobs the sender is running or has queued.
         load: u64,
+        /// Goes up each time the sender's list of led flocks changes.
+        leads_version: u64,
+        /// The flocks the sender leads, when the receiver has not confirmed `leads_version` yet.
+        leads: Option<Vec<Lead>>,
     },
     /// A message of one flock's (or the meta group's) consensus.
     Raft {
@@ -108,6 +124,8 @@ pub enum PeerResponse {
     Pong {
         /// Jobs running or queued.
         load: u64,
+        /// The version of the pinging node's led flocks that the answering node holds (0: none).
+        leads_held: u64,
     },
     /// Answer to a log replication.
     Append(AppendEntriesResponse<NodeId>),

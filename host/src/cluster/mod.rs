@@ -14,6 +14,11 @@
 //!   answers canaries and runs the supervisor: elections driven by the failure detector, leader
 //!   balancing, and membership changes that follow the flock map.
 //!
+//! Who leads a flock, as a node sees it: a herder (named by the flock map and a voter in its view
+//! of the group) asks its group. Any other node cannot: its view of a group it was moved out of
+//! stopped when it left. It goes by the claims leaders send with their pings (`peer`), then by
+//! the last redirect it followed, then asks any live herder.
+//!
 //! Invariants: a node runs a mutating job for a flock only while it leads the flock in a term in
 //! which it has applied everything committed before (the `LeaderTerms` gate), and only while it can
 //! reach a majority of the flock's herders; the client hears back only after the change set is
@@ -48,7 +53,7 @@ use crate::data::ChangeSet;
 use crate::error::{ErrorCode, RemoteError, Result, error};
 use crate::node::{Front, Node, Replicator, RespNode, Ticket};
 use crate::storage::{GroupId, META_GROUP};
-use messages::{PeerRequest, PeerResponse, RaftRpc};
+use messages::{Lead, PeerRequest, PeerResponse, RaftRpc};
 use peer::{Handler, Peers};
 use placement::{FlockMap, place};
 use raft::{Command, LeaderTerms, MetaState, Network, Raft};
@@ -104,11 +109,31 @@ struct Inner {
     info: PeerInfo,
     /// Last leader this node heard of per flock (it may not herd the flock).
     hints: Vec<AtomicU64>,
+    /// Per flock, the peer that claims to lead it in the latest term (from their pings).
+    claims: Mutex<Vec<Option<Claim>>>,
     /// Flocks whose membership change is under way here.
     reconfiguring: Vec<AtomicBool>,
     meta_reconfiguring: AtomicBool,
     /// When each group last applied something here (for idle rebalancing).
     last_activity: Mutex<Vec<(u64, Instant)>>,
+}
+
+/// A peer's claim to lead a flock.
+#[derive(Clone, Copy, Debug)]
+struct Claim {
+    node: NodeId,
+    term: u64,
+    settled: bool,
+}
+
+/// What came of forwarding a job to a peer.
+enum Forwarded {
+    /// The job's outcome, for the client.
+    Answer(Result<JobOutput>),
+    /// The peer does not lead the flock; it named its best guess of who does, if any.
+    Redirect(Option<NodeId>),
+    /// The job did not run and may be tried again.
+    Failed(RemoteError),
 }
 
 /// A node id as text (how the API shows it).
@@ -182,6 +207,7 @@ impl Cluster {
                 terms,
                 info: info.clone(),
                 hints: (0..flock_count).map(|_| AtomicU64::new(0)).collect(),
+                claims: Mutex::new(vec![None; flock_count]),
                 reconfiguring: (0..flock_count).map(|_| AtomicBool::new(false)).collect(),
                 meta_reconfiguring: AtomicBool::new(false),
                 last_activity: Mutex::new(vec![(0, Instant::now()); flock_count]),
@@ -194,6 +220,7 @@ impl Cluster {
             tokio::spawn(cluster.clone().watch_leadership(flock as u32));
         }
         tokio::spawn(cluster.clone().follow_members());
+        tokio::spawn(cluster.clone().follow_claims());
 
         let initialized = cluster.inner.meta.is_initialized().await?;
         if initialized {
@@ -302,14 +329,59 @@ impl Cluster {
             .map_err(|e| error(ErrorCode::Unavailable, format!("the cluster could not record the change: {e}")))
     }
 
-    /// The leader of a group as this node knows it.
+    /// The leader of a group as this node knows it: from the group itself if this node herds it
+    /// (a leader the group's membership leaves out does not count), else from peers' claims, else
+    /// the last leader a redirect named.
     fn leader_of(&self, group: GroupId) -> Option<NodeId> {
         let raft = self.group(group)?;
-        let known = raft.metrics().borrow().current_leader;
-        known.or_else(|| {
+        if group == META_GROUP || self.herds(group) {
+            let metrics = raft.metrics();
+            let m = metrics.borrow();
+            let votes =
+                |id: &NodeId| m.membership_config.membership().get_joint_config().iter().any(|c| c.contains(id));
+            if let Some(leader) = m.current_leader.filter(votes) {
+                return Some(leader);
+            }
+        }
+        self.claimed_leader(group).or_else(|| {
             let hint = self.inner.hints.get(group as usize)?.load(Ordering::Relaxed);
             (hint != 0).then_some(hint)
         })
+    }
+
+    /// The live peer that claims to lead `flock` in the latest term.
+    fn claimed_leader(&self, flock: u32) -> Option<NodeId> {
+        let claim = self.claim(flock)?;
+        self.inner.peers.alive(claim.node).then_some(claim.node)
+    }
+
+    fn claim(&self, flock: u32) -> Option<Claim> {
+        *self.inner.claims.lock().unwrap_or_else(|p| p.into_inner()).get(flock as usize)?
+    }
+
+    /// True if this node herds `flock`: the flock map names it (or names nobody yet: a new
+    /// cluster's first map) and it votes in its view of the group. A node the map moved the flock
+    /// away from keeps a stale view of the group (nobody talks to it any more), so the map decides
+    /// first.
+    fn herds(&self, flock: u32) -> bool {
+        let me = self.inner.me;
+        let named = (self.inner.meta_state.borrow().map.herders.get(flock as usize))
+            .is_none_or(|h| h.is_empty() || h.contains(&me));
+        named
+            && self
+                .group(flock)
+                .is_some_and(|raft| raft.metrics().borrow().membership_config.membership().voter_ids().any(|v| v == me))
+    }
+
+    /// Where to send a job for `flock` this node does not run itself: its leader if known, else
+    /// any live herder (which knows the leader or redirects). `None` while this node itself is
+    /// about to lead (elected, not caught up yet).
+    fn route_target(&self, flock: u32) -> Option<NodeId> {
+        let me = self.inner.me;
+        match self.leader_of(flock) {
+            Some(leader) => (leader != me).then_some(leader),
+            None => self.herders(flock).into_iter().find(|h| *h != me && self.inner.peers.alive(*h)),
+        }
     }
 
     fn herders(&self, flock: u32) -> Vec<NodeId> {
@@ -326,10 +398,7 @@ impl Cluster {
     /// The voters of a group (itself included; for a flock this node does not herd, the herders
     /// in the flock map), and whether this node can reach a majority of them.
     fn quorum_view(&self, group: GroupId) -> (Vec<NodeId>, bool) {
-        let mut voters = self.voters(group);
-        if !voters.contains(&self.inner.me) && group != META_GROUP {
-            voters = self.herders(group);
-        }
+        let voters = if group == META_GROUP || self.herds(group) { self.voters(group) } else { self.herders(group) };
         let alive = voters.iter().filter(|v| self.inner.peers.alive(**v)).count();
         let majority = alive * 2 > voters.len();
         (voters, majority)
@@ -365,57 +434,26 @@ impl Cluster {
         if !read_only && !self.has_quorum(flock) {
             return Err(self.no_quorum(flock));
         }
+        // The leader the last redirect named, and how many redirects were followed: only the
+        // first goes at once, so nodes with stale views cannot bounce a job at network speed.
+        let (mut redirect, mut redirects) = (None::<NodeId>, 0);
         loop {
             if let Some(local) = self.try_here(flock, &bucket, &module, &input, read_only).await {
                 match local {
                     Err(e) if e.code == ErrorCode::Unavailable && Instant::now() < deadline => last_error = Some(e),
                     other => return other,
                 }
-            } else if let Some(leader) = self.leader_of(flock).filter(|l| !self.inner.peers.alive(*l)) {
-                // The failure detector has it down: wait for the election instead.
-                last_error = Some(error(
-                    ErrorCode::Unavailable,
-                    format!(
-                        "flock {flock}'s leader {leader:016x} is down and a new one is being elected; retry shortly"
-                    ),
-                ));
-            } else if let Some(leader) = self.leader_of(flock).filter(|l| *l != self.inner.me) {
-                let request = PeerRequest::Job {
-                    bucket: bucket.clone(),
-                    module: module.clone(),
-                    input: input.clone(),
-                    read_only,
-                };
-                let timeout = self.inner.node.config().limits.timeout() + Duration::from_secs(10);
-                self.inner.node.count_forwarded();
-                let call = self.inner.peers.call(leader, request, timeout);
-                let answer = tokio::select! {
-                    answer = call => answer,
-                    () = self.until_down(leader) => return Err(error(
-                        ErrorCode::Unavailable,
-                        "the node running the job went down before answering; the job may have committed, so read before retrying",
-                    )),
-                };
-                match answer {
-                    Ok(PeerResponse::Job(result)) => {
-                        self.inner.hints[flock as usize].store(leader, Ordering::Relaxed);
-                        return result;
-                    }
-                    Ok(PeerResponse::NotLeader { leader: hint }) => {
-                        self.inner.hints[flock as usize].store(hint.unwrap_or(0), Ordering::Relaxed);
-                        if hint.is_some() && hint != Some(leader) {
+            } else if let Some(target) = redirect.take().or_else(|| self.route_target(flock)) {
+                match self.forward_job(target, flock, &bucket, &module, &input, read_only).await {
+                    Forwarded::Answer(result) => return result,
+                    Forwarded::Redirect(hint) => {
+                        redirect = hint;
+                        redirects += 1;
+                        if redirects == 1 && hint.is_some() {
                             continue;
                         }
                     }
-                    Ok(PeerResponse::Error(e)) => return Err(e),
-                    Ok(other) => return Err(error(ErrorCode::Internal, format!("unexpected peer answer {other:?}"))),
-                    Err(e) if !read_only && e.may_have_arrived() => {
-                        return Err(error(
-                            ErrorCode::Unavailable,
-                            format!("{e}; the job may have committed, so read before retrying"),
-                        ));
-                    }
-                    Err(e) => last_error = Some(e.into()),
+                    Forwarded::Failed(e) => last_error = Some(e),
                 }
             }
             if Instant::now() >= deadline {
@@ -427,6 +465,57 @@ impl Cluster {
                 }));
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Sends a job to `target`, which should lead its flock.
+    async fn forward_job(
+        &self,
+        target: NodeId,
+        flock: u32,
+        bucket: &[u8],
+        module: &str,
+        input: &[u8],
+        read_only: bool,
+    ) -> Forwarded {
+        if !self.inner.peers.alive(target) {
+            // The failure detector has it down: wait for the election instead.
+            return Forwarded::Failed(error(
+                ErrorCode::Unavailable,
+                format!("flock {flock}'s leader {target:016x} is down and a new one is being elected; retry shortly"),
+            ));
+        }
+        let request =
+            PeerRequest::Job { bucket: bucket.to_vec(), module: module.to_owned(), input: input.to_vec(), read_only };
+        let timeout = self.inner.node.config().limits.timeout() + Duration::from_secs(10);
+        self.inner.node.count_forwarded();
+        let answer = tokio::select! {
+            answer = self.inner.peers.call(target, request, timeout) => answer,
+            () = self.until_down(target) => return Forwarded::Answer(Err(error(
+                ErrorCode::Unavailable,
+                "the node running the job went down before answering; the job may have committed, so read before retrying",
+            ))),
+        };
+        let hint = &self.inner.hints[flock as usize];
+        match answer {
+            Ok(PeerResponse::Job(result)) => {
+                hint.store(target, Ordering::Relaxed);
+                Forwarded::Answer(result)
+            }
+            Ok(PeerResponse::NotLeader { leader }) => {
+                let leader = leader.filter(|l| *l != self.inner.me && *l != target);
+                hint.store(leader.unwrap_or(0), Ordering::Relaxed);
+                Forwarded::Redirect(leader)
+            }
+            Ok(PeerResponse::Error(e)) => Forwarded::Answer(Err(e)),
+            Ok(other) => {
+                Forwarded::Answer(Err(error(ErrorCode::Internal, format!("unexpected peer answer {other:?}"))))
+            }
+            Err(e) if !read_only && e.may_have_arrived() => Forwarded::Answer(Err(error(
+                ErrorCode::Unavailable,
+                format!("{e}; the job may have committed, so read before retrying"),
+            ))),
+            Err(e) => Forwarded::Failed(e.into()),
         }
     }
 
@@ -447,7 +536,7 @@ impl Cluster {
         read_only: bool,
     ) -> Option<Result<JobOutput>> {
         let leads = self.inner.terms.get(flock).is_some();
-        let herds = read_only && self.voters(flock).contains(&self.inner.me);
+        let herds = read_only && self.herds(flock);
         if !leads && !herds {
             return None;
         }
@@ -585,7 +674,12 @@ impl Cluster {
         loop {
             let ready = {
                 let m = metrics.borrow_and_update();
-                let leads = m.state == ServerState::Leader;
+                // A leader that changed the group without itself stays openraft's leader until it
+                // hears of a later term (it would step down on a tick, and ticks are off); jobs it
+                // took now could be cut off by the next leader's election and never be answered.
+                let votes =
+                    m.membership_config.membership().get_joint_config().iter().any(|c| c.contains(&self.inner.me));
+                let leads = m.state == ServerState::Leader && votes;
                 let term = m.current_term;
                 let caught_up = m.last_applied.is_some_and(|l| l.leader_id.term == term);
                 if let Ok(mut activity) = self.inner.last_activity.lock() {
@@ -685,6 +779,41 @@ impl Cluster {
             if reconcile && self.inner.meta.metrics().borrow().state == ServerState::Leader {
                 self.reconcile_meta().await;
             }
+            self.publish_leads();
+        }
+    }
+
+    /// Tells peers (with the next pings) which flocks this node leads.
+    fn publish_leads(&self) {
+        let leads = (0..self.inner.file.flock_count)
+            .filter_map(|flock| {
+                let term = self.inner.terms.get(flock)?;
+                Some(Lead { flock, term, settled: self.herders_wanted(flock).is_none() })
+            })
+            .collect();
+        self.inner.peers.set_leads(leads);
+    }
+
+    /// Keeps the claims board in step with what peers say they lead: per flock, the claim of the
+    /// latest term.
+    async fn follow_claims(self) {
+        let mut heard = self.inner.peers.leads_heard();
+        loop {
+            heard.borrow_and_update();
+            let mut board: Vec<Option<Claim>> = vec![None; self.inner.file.flock_count as usize];
+            for (node, leads) in self.inner.peers.peer_leads() {
+                for lead in leads.iter() {
+                    if let Some(slot) = board.get_mut(lead.flock as usize)
+                        && slot.is_none_or(|c| lead.term > c.term)
+                    {
+                        *slot = Some(Claim { node, term: lead.term, settled: lead.settled });
+                    }
+                }
+            }
+            *self.inner.claims.lock().unwrap_or_else(|p| p.into_inner()) = board;
+            if heard.changed().await.is_err() {
+                return;
+            }
         }
     }
 
@@ -782,9 +911,12 @@ impl Cluster {
     }
 
     /// This node's place among a group's live voters in election order (the flock map's order
-    /// for flocks, then a rotation per group), or `None` if no majority is reachable, so an
-    /// election could not succeed.
+    /// for flocks, then a rotation per group), or `None` if this node should not call an
+    /// election: no majority is reachable, so it could not succeed, or the flock map no longer
+    /// names this node while a live voter is named (the group may have dropped this node without
+    /// it hearing so; its elections would only disturb the herders).
     fn election_rank(&self, group: GroupId, raft: &Raft) -> Option<u32> {
+        let me = self.inner.me;
         let mut voters: Vec<NodeId> = raft.metrics().borrow().membership_config.membership().voter_ids().collect();
         let preferred = if group == META_GROUP { Vec::new() } else { self.herders(group) };
         voters
@@ -793,7 +925,10 @@ impl Cluster {
         if live.len() * 2 <= voters.len() {
             return None;
         }
-        Some(live.iter().position(|v| *v == self.inner.me).unwrap_or(usize::MAX) as u32)
+        if group != META_GROUP && !preferred.contains(&me) && live.iter().any(|v| preferred.contains(v)) {
+            return None;
+        }
+        Some(live.iter().position(|v| *v == me).unwrap_or(usize::MAX) as u32)
     }
 
     /// On the meta leader: every member is in the flock map and the meta group's voters.
@@ -929,8 +1064,10 @@ impl Replicator for Cluster {
         // keeps proposals in call order.
         let receiver = futures::executor::block_on(raft.client_write_ff(Command::Change(change)))
             .map_err(|e| error(ErrorCode::Unavailable, format!("flock {flock} stopped: {e}")))?;
+        let metrics = raft.metrics();
         let ticket = async move {
             let Ok(answer) = tokio::time::timeout(COMMIT_PATIENCE, receiver).await else {
+                tracing::warn!(flock, group = %*metrics.borrow(), "a write was not committed in time");
                 return Err(error(
                     ErrorCode::Unavailable,
                     format!(
@@ -1024,7 +1161,12 @@ impl Front for Cluster {
                     flock: flock as u32,
                     herders: herders.iter().map(|h| node_id_text(*h)).collect(),
                     leader: self.leader_of(flock as u32).map(node_id_text),
-                    settled: self.herders_wanted(flock as u32).is_none(),
+                    // Only herders see the group; others go by its leader's claim.
+                    settled: if self.herds(flock as u32) {
+                        self.herders_wanted(flock as u32).is_none()
+                    } else {
+                        self.claim(flock as u32).is_some_and(|c| c.settled && self.inner.peers.alive(c.node))
+                    },
                     log_purged: self
                         .group(flock as u32)
                         .and_then(|raft| raft.metrics().borrow().purged.map(|l| l.index))

@@ -13,6 +13,10 @@
 //! from within [`DEAD_AFTER`] counts as down. The failure detector above (`supervisor`) turns that
 //! into elections; no flock runs timers of its own.
 //!
+//! Pings also carry what a node tells every peer about itself: its load, and the flocks it leads
+//! ([`Lead`]). The list travels only when it changed since the peer last confirmed it (pongs say
+//! which version they hold), so an idle cluster's pings stay a few bytes.
+//!
 //! A peer whose certificate is not from the cluster CA fails the TLS handshake; the refusal is
 //! logged with its address. A malformed or oversized frame gets an error answer and costs the
 //! node nothing but the stream.
@@ -30,7 +34,7 @@ use grex_client::proto::{decode_frame, encode_frame};
 use tokio::sync::{Semaphore, watch};
 
 use super::identity::{CA_FILE, NODE_CERT_FILE, NODE_KEY_FILE, PEER_SERVER_NAME};
-use super::messages::{PEER_ALPN, PeerFrame, PeerRequest, PeerResponse};
+use super::messages::{Lead, PEER_ALPN, PeerFrame, PeerRequest, PeerResponse};
 use super::raft::{NodeId, PeerInfo};
 use crate::api::quic::{read_frame, send_answer};
 use crate::error::{ErrorCode, RemoteError, error};
@@ -97,6 +101,13 @@ struct PeerState {
     link: Option<Link>,
     last_seen: Option<Instant>,
     load: u64,
+    /// The flocks the peer told this node it leads, and that list's version.
+    leads: Arc<Vec<Lead>>,
+    leads_version: u64,
+    /// The version of this node's list the peer confirmed holding.
+    leads_acked: u64,
+    /// The peer process the lists above belong to.
+    incarnation: u64,
     heartbeat: bool,
     /// Held while dialing, so concurrent callers share one new connection.
     dialing: Arc<tokio::sync::Mutex<()>>,
@@ -115,6 +126,11 @@ pub struct Peers {
     linked: watch::Sender<u64>,
     handler: Handler,
     load: Arc<AtomicU64>,
+    /// The flocks this node leads and that list's version (from 1, so a restarted node's first
+    /// list, even an empty one, replaces what its peers heard from its previous process).
+    leads: Mutex<(u64, Arc<Vec<Lead>>)>,
+    /// Counts lists heard from peers.
+    leads_heard: watch::Sender<u64>,
     stopped: AtomicBool,
     /// When set, all peer traffic is dropped (the partition test's in-process firewall).
     isolated: AtomicBool,
@@ -144,6 +160,8 @@ impl Peers {
             linked,
             handler,
             load,
+            leads: Mutex::new((1, Arc::new(Vec::new()))),
+            leads_heard: watch::channel(0).0,
             stopped: AtomicBool::new(false),
             isolated: AtomicBool::new(false),
         });
@@ -213,6 +231,24 @@ impl Peers {
             return self.load.load(Ordering::Relaxed);
         }
         self.state().get(&id).map_or(u64::MAX, |p| p.load)
+    }
+
+    /// Sets the flocks this node leads; peers hear of a change with their next ping.
+    pub fn set_leads(&self, leads: Vec<Lead>) {
+        let mut current = self.leads.lock().unwrap_or_else(|p| p.into_inner());
+        if *current.1 != leads {
+            *current = (current.0 + 1, Arc::new(leads));
+        }
+    }
+
+    /// What each peer last told this node it leads (peers that are down included).
+    pub fn peer_leads(&self) -> Vec<(NodeId, Arc<Vec<Lead>>)> {
+        self.state().iter().map(|(id, p)| (*id, p.leads.clone())).collect()
+    }
+
+    /// Changes whenever a peer tells a new list of led flocks.
+    pub fn leads_heard(&self) -> watch::Receiver<u64> {
+        self.leads_heard.subscribe()
     }
 
     /// Drops (or restores) all peer traffic of this node, as a network partition would.
@@ -331,6 +367,13 @@ impl Peers {
             let mut state = self.state();
             let entry = state.entry(peer).or_default();
             entry.last_seen = Some(Instant::now());
+            if entry.incarnation != incarnation {
+                // Another process: what the old one led and confirmed means nothing now.
+                entry.incarnation = incarnation;
+                entry.leads = Arc::default();
+                (entry.leads_version, entry.leads_acked) = (0, 0);
+                self.leads_heard.send_modify(|n| *n += 1);
+            }
             let live_old = entry.link.as_ref().filter(|old| old.connection.close_reason().is_none());
             let restarted = live_old.is_some_and(|old| old.incarnation != incarnation);
             let keep_old = live_old.is_some_and(|old| !restarted && old.dialed_by < dialed_by);
@@ -385,6 +428,28 @@ impl Peers {
         self.endpoint.close(0u32.into(), b"node stopping");
     }
 
+    /// The ping for `peer`: the led flocks go along unless it confirmed holding this version.
+    fn ping_for(&self, peer: NodeId) -> PeerRequest {
+        let (version, leads) = self.leads.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let acked = self.state().get(&peer).map_or(0, |p| p.leads_acked);
+        PeerRequest::Ping {
+            load: self.load.load(Ordering::Relaxed),
+            leads_version: version,
+            leads: (acked != version).then(|| leads.to_vec()),
+        }
+    }
+
+    /// Takes a peer's list of led flocks; returns the version held for it now.
+    fn heard(&self, peer: NodeId, version: u64, leads: Option<Vec<Lead>>) -> u64 {
+        let mut state = self.state();
+        let entry = state.entry(peer).or_default();
+        if let Some(leads) = leads {
+            (entry.leads, entry.leads_version) = (Arc::new(leads), version);
+            self.leads_heard.send_modify(|n| *n += 1);
+        }
+        entry.leads_version
+    }
+
     fn saw(&self, peer: NodeId, load: Option<u64>) {
         let mut state = self.state();
         let entry = state.entry(peer).or_default();
@@ -422,10 +487,13 @@ async fn heartbeat(peers: Arc<Peers>, id: NodeId) {
         if peers.isolated.load(Ordering::Relaxed) {
             continue;
         }
-        let load = peers.load.load(Ordering::Relaxed);
-        match peers.call(id, PeerRequest::Ping { load }, DEAD_AFTER).await {
-            Ok(PeerResponse::Pong { load }) => {
+        let ping = peers.ping_for(id);
+        match peers.call(id, ping, DEAD_AFTER).await {
+            Ok(PeerResponse::Pong { load, leads_held }) => {
                 peers.saw(id, Some(load));
+                if let Some(peer) = peers.state().get_mut(&id) {
+                    peer.leads_acked = leads_held;
+                }
                 backoff = PING_INTERVAL;
             }
             Ok(other) => tracing::warn!(peer = id, answer = ?other, "unexpected answer to a ping"),
@@ -507,9 +575,12 @@ async fn serve_stream(
                 peers.register(from, connection.clone(), from, incarnation);
                 PeerResponse::Welcome { incarnation: peers.incarnation }
             }
-            Ok(PeerFrame { from, request: PeerRequest::Ping { load }, .. }) => {
+            Ok(PeerFrame { from, request: PeerRequest::Ping { load, leads_version, leads }, .. }) => {
                 peers.saw(from, Some(load));
-                PeerResponse::Pong { load: peers.load.load(Ordering::Relaxed) }
+                PeerResponse::Pong {
+                    load: peers.load.load(Ordering::Relaxed),
+                    leads_held: peers.heard(from, leads_version, leads),
+                }
             }
             Ok(PeerFrame { from, request, .. }) => {
                 peers.saw(from, None);
