@@ -341,7 +341,7 @@ async fn with_five_nodes_every_node_serves_every_flock_even_those_moved_away_fro
     // Three nodes herd every flock and take a write on each; two more join, and the map moves
     // some of each flock's herders to them. A node the map moved a flock away from keeps its old
     // view of that flock's group and its old copy of the data: it must neither route by that view
-    // nor answer reads from that copy.
+    // nor answer reads from that copy. Then the node leading the most flocks dies.
     let mut cluster = TestCluster::start(3, &[]).await;
     cluster.nodes[0].client().await.put_module("ledger", job_wasm("ledger")).await.expect("upload ledger");
     let mut buckets: Vec<Option<String>> = vec![None; TEST_FLOCKS as usize];
@@ -400,6 +400,29 @@ async fn with_five_nodes_every_node_serves_every_flock_even_those_moved_away_fro
         agree
     })
     .await;
+
+    // The node leading the most flocks dies: the others elect new leaders, and every node that
+    // is left learns of them and routes there (claims of a dead node do not count).
+    let map = first.flocks().await.expect("flock map");
+    let led = |id: &str| map.flocks.iter().filter(|f| f.leader.as_deref() == Some(id)).count();
+    let victim = (0..5).max_by_key(|i| led(&cluster.nodes[*i].id)).expect("five nodes");
+    let dead = cluster.nodes[victim].id.clone();
+    cluster.nodes[victim].kill9();
+    println!("killed node {victim}, which led {} flocks", led(&dead));
+    let survivors: Vec<usize> = (0..5).filter(|i| *i != victim).collect();
+    for &i in &survivors {
+        eventually(&format!("node {i} to know a live leader for every flock"), PATIENCE, || async {
+            let map = clients[i].flocks().await.expect("flock map");
+            map.flocks.iter().all(|f| f.leader.as_ref().is_some_and(|l| *l != dead))
+        })
+        .await;
+    }
+    for (n, &i) in survivors.iter().enumerate() {
+        for bucket in &buckets {
+            let count = ledger(&clients[i], bucket.as_bytes(), Some(1)).await;
+            assert_eq!(count, 7 + n as u64, "{bucket} via node {i} after node {victim} died");
+        }
+    }
 }
 
 #[test]
