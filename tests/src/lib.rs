@@ -130,6 +130,15 @@ impl GrexNode {
         self.restart();
     }
 
+    /// Like [`restart_with`](Self::restart_with), with every address (HTTP, QUIC, peer) on a new
+    /// free port, as a node moved to another host would be.
+    pub fn restart_elsewhere(&mut self, args: &[&str]) {
+        assert!(self.child.is_none(), "the node is still running");
+        let addrs = [(); 3].map(|()| format!("127.0.0.1:{}", free_port()));
+        let args = args.iter().map(|a| a.to_string()).collect();
+        *self = Self::spawn(&self.data, addrs.each_ref().map(String::as_str), args);
+    }
+
     fn spawn(data: &Path, [http, quic, peer]: [&str; 3], args: Vec<String>) -> GrexNode {
         let log =
             std::fs::OpenOptions::new().create(true).append(true).open(log_path(data)).expect("open the node log");

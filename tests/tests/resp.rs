@@ -340,25 +340,32 @@ async fn cluster_clients_go_straight_to_each_flock_leader() {
     .await;
 }
 
-/// Kills `node` and starts it again with `--resp` on another free port; returns the old and the
-/// new `host:port`.
-fn restart_on_another_resp_port(node: &mut GrexNode) -> (String, String) {
+/// Kills `node` and starts it again with `--resp` on another free port (and, `elsewhere`, every
+/// other address on a new port too, as on another host); returns what `CLUSTER NODES` should
+/// name it by before and after: `host:port@` and, after, `host:port@bus` (the peer port).
+fn restart_on_new_ports(node: &mut GrexNode, elsewhere: bool) -> (String, String) {
     let address = |node: &GrexNode| node.resp.clone().expect("resp address").trim_start_matches("redis://").to_owned();
     let old = address(node);
     node.kill9();
-    let port = loop {
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        if format!("127.0.0.1:{port}") != old {
-            break port;
+    let resp = loop {
+        let resp = format!("127.0.0.1:{}", grex_tests::free_port());
+        if resp != old {
+            break resp;
         }
     };
-    node.restart_with(&["--resp", &format!("127.0.0.1:{port}")]);
-    let new = address(node);
-    assert_eq!(new, format!("127.0.0.1:{port}"));
-    (old, new)
+    let old_peer = node.peer.clone();
+    if elsewhere {
+        node.restart_elsewhere(&["--resp", &resp]);
+        assert_ne!(node.peer, old_peer);
+    } else {
+        node.restart_with(&["--resp", &resp]);
+    }
+    assert_eq!(address(node), resp);
+    let bus = node.peer.rsplit_once(':').expect("host:port").1;
+    (format!("{old}@"), format!("{resp}@{bus}"))
 }
 
-/// Waits until `CLUSTER NODES` asked of `seed` names the node at `new` and no longer at `old`.
+/// Waits until `CLUSTER NODES` asked of `seed` names a node `new` and none `old`.
 async fn wait_named_at(seed: &str, old: &str, new: &str) {
     grex_tests::eventually(&format!("{seed} to name {new} instead of {old}"), Duration::from_secs(30), || {
         let seed = seed.to_owned();
@@ -368,7 +375,7 @@ async fn wait_named_at(seed: &str, old: &str, new: &str) {
                 redis::cmd("CLUSTER").arg("NODES").query(&mut con).unwrap()
             })
             .await;
-            nodes.contains(&format!(" {new}@")) && !nodes.contains(&format!(" {old}@"))
+            nodes.contains(&format!(" {new} ")) && !nodes.contains(&format!(" {old}"))
         }
     })
     .await;
@@ -378,18 +385,25 @@ async fn wait_named_at(seed: &str, old: &str, new: &str) {
 async fn a_lone_node_restarted_on_another_port_names_the_new_one() {
     // A one-node cluster: the node leads the meta group and records its own new address.
     let mut cluster = TestCluster::start(1, &["--resp", "127.0.0.1:0"]).await;
-    let (old, new) = restart_on_another_resp_port(&mut cluster.nodes[0]);
+    let (old, new) = restart_on_new_ports(&mut cluster.nodes[0], false);
     let seed = cluster.nodes[0].resp.clone().expect("resp address");
     wait_named_at(&seed, &old, &new).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_node_restarted_on_another_port_is_found_there_by_cluster_clients() {
+async fn a_node_restarted_on_new_addresses_is_found_there_by_cluster_clients() {
+    // Every address changes, the peer address (the cluster bus port in `CLUSTER NODES`) included.
     let mut cluster = TestCluster::start(3, &["--resp", "127.0.0.1:0"]).await;
     cluster.nodes[0].client().await.put_module("counter", job_wasm("counter")).await.unwrap();
-    let (old, new) = restart_on_another_resp_port(&mut cluster.nodes[2]);
+    let (old, new) = restart_on_new_ports(&mut cluster.nodes[2], true);
     let seed = cluster.nodes[0].resp.clone().expect("resp address");
     wait_named_at(&seed, &old, &new).await;
+    let moved = (cluster.nodes[2].id.clone(), cluster.nodes[2].http.clone());
+    let other = cluster.nodes[1].http_client().await;
+    grex_tests::eventually("node 1 to list node 2 at its new HTTP address", Duration::from_secs(30), || async {
+        other.flocks().await.is_ok_and(|map| map.nodes.contains(&moved))
+    })
+    .await;
     // The meta leader applies the new addresses before its answer reaches node 2, which then logs.
     let restarted = &cluster.nodes[2];
     grex_tests::wait_until("node 2 to log that its new addresses are recorded", Duration::from_secs(30), || {
