@@ -84,6 +84,11 @@ pub fn free_port() -> u16 {
     }
 }
 
+/// Three free loopback addresses: a node's HTTP, QUIC and peer listeners.
+fn free_addrs() -> [String; 3] {
+    [(); 3].map(|()| format!("127.0.0.1:{}", free_port()))
+}
+
 /// A `grex serve` process.
 pub struct GrexNode {
     child: Option<Child>,
@@ -110,8 +115,7 @@ impl GrexNode {
     /// waits until it listens.
     pub fn start(data: &Path, args: &[&str]) -> GrexNode {
         let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
-        let addrs = [(); 3].map(|()| format!("127.0.0.1:{}", free_port()));
-        Self::spawn(data, addrs.each_ref().map(String::as_str), args)
+        Self::spawn(data, free_addrs().each_ref().map(String::as_str), args)
     }
 
     /// Starts the node again (after [`kill9`](Self::kill9) or [`terminate`](Self::terminate)) on
@@ -134,9 +138,8 @@ impl GrexNode {
     /// free port, as a node moved to another host would be.
     pub fn restart_elsewhere(&mut self, args: &[&str]) {
         assert!(self.child.is_none(), "the node is still running");
-        let addrs = [(); 3].map(|()| format!("127.0.0.1:{}", free_port()));
         let args = args.iter().map(|a| a.to_string()).collect();
-        *self = Self::spawn(&self.data, addrs.each_ref().map(String::as_str), args);
+        *self = Self::spawn(&self.data, free_addrs().each_ref().map(String::as_str), args);
     }
 
     fn spawn(data: &Path, [http, quic, peer]: [&str; 3], args: Vec<String>) -> GrexNode {

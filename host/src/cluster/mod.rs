@@ -136,6 +136,11 @@ enum Forwarded {
     Failed(RemoteError),
 }
 
+/// True if `id` votes in the group whose metrics these are (in either half of a joint membership).
+fn votes(metrics: &openraft::RaftMetrics<NodeId, PeerInfo>, id: NodeId) -> bool {
+    metrics.membership_config.membership().voter_ids().any(|v| v == id)
+}
+
 /// A node id as text (how the API shows it).
 pub fn node_id_text(id: NodeId) -> String {
     format!("{id:016x}")
@@ -337,26 +342,20 @@ impl Cluster {
         if group == META_GROUP || self.herds(group) {
             let metrics = raft.metrics();
             let m = metrics.borrow();
-            let votes =
-                |id: &NodeId| m.membership_config.membership().get_joint_config().iter().any(|c| c.contains(id));
-            if let Some(leader) = m.current_leader.filter(votes) {
+            if let Some(leader) = m.current_leader.filter(|l| votes(&m, *l)) {
                 return Some(leader);
             }
         }
-        self.claimed_leader(group).or_else(|| {
+        self.live_claim(group).map(|c| c.node).or_else(|| {
             let hint = self.inner.hints.get(group as usize)?.load(Ordering::Relaxed);
             (hint != 0).then_some(hint)
         })
     }
 
-    /// The live peer that claims to lead `flock` in the latest term.
-    fn claimed_leader(&self, flock: u32) -> Option<NodeId> {
-        let claim = self.claim(flock)?;
-        self.inner.peers.alive(claim.node).then_some(claim.node)
-    }
-
-    fn claim(&self, flock: u32) -> Option<Claim> {
-        *self.inner.claims.lock().unwrap_or_else(|p| p.into_inner()).get(flock as usize)?
+    /// The claim of the latest term to lead `flock`, if its claimant is alive.
+    fn live_claim(&self, flock: u32) -> Option<Claim> {
+        let claim = (*self.inner.claims.lock().unwrap_or_else(|p| p.into_inner()).get(flock as usize)?)?;
+        self.inner.peers.alive(claim.node).then_some(claim)
     }
 
     /// True if this node herds `flock`: the flock map names it (or names nobody yet: a new
@@ -367,10 +366,7 @@ impl Cluster {
         let me = self.inner.me;
         let named = (self.inner.meta_state.borrow().map.herders.get(flock as usize))
             .is_none_or(|h| h.is_empty() || h.contains(&me));
-        named
-            && self
-                .group(flock)
-                .is_some_and(|raft| raft.metrics().borrow().membership_config.membership().voter_ids().any(|v| v == me))
+        named && self.group(flock).is_some_and(|raft| votes(&raft.metrics().borrow(), me))
     }
 
     /// Where to send a job for `flock` this node does not run itself: its leader if known, else
@@ -677,9 +673,7 @@ impl Cluster {
                 // A leader that changed the group without itself stays openraft's leader until it
                 // hears of a later term (it would step down on a tick, and ticks are off); jobs it
                 // took now could be cut off by the next leader's election and never be answered.
-                let votes =
-                    m.membership_config.membership().get_joint_config().iter().any(|c| c.contains(&self.inner.me));
-                let leads = m.state == ServerState::Leader && votes;
+                let leads = m.state == ServerState::Leader && votes(&m, self.inner.me);
                 let term = m.current_term;
                 let caught_up = m.last_applied.is_some_and(|l| l.leader_id.term == term);
                 if let Ok(mut activity) = self.inner.last_activity.lock() {
@@ -863,9 +857,7 @@ impl Cluster {
         let (leader, state, votes, leader_votes) = {
             let metrics = raft.metrics();
             let m = metrics.borrow();
-            let configs = m.membership_config.membership().get_joint_config();
-            let votes_in = |id: NodeId| configs.iter().any(|c| c.contains(&id));
-            (m.current_leader, m.state, votes_in(me), m.current_leader.is_some_and(votes_in))
+            (m.current_leader, m.state, votes(&m, me), m.current_leader.is_some_and(|l| votes(&m, l)))
         };
         if !votes {
             return;
@@ -875,7 +867,8 @@ impl Cluster {
         }
         let now = Instant::now();
         // A leader that a membership change left out of the group (the map moved the flock away
-        // from it) steps down once the change is applied: the group needs a new one.
+        // from it) takes no more jobs (`watch_leadership`), though openraft keeps it leader until
+        // it hears of a later term: the group needs a new one.
         let healthy = leader.is_some_and(|l| self.inner.peers.alive(l)) && leader_votes;
         if healthy {
             *leaderless_since = None;
@@ -1009,7 +1002,8 @@ impl Cluster {
         match raft.change_membership(want, false).await {
             Ok(_) => {
                 tracing::debug!(flock, "flock herders changed");
-                // A leader that left the group steps down: it must not change the group again.
+                // A leader that left the group must not change it again (openraft would panic):
+                // the group's next leader goes on from here.
                 stays
             }
             Err(e) => {
@@ -1165,7 +1159,7 @@ impl Front for Cluster {
                     settled: if self.herds(flock as u32) {
                         self.herders_wanted(flock as u32).is_none()
                     } else {
-                        self.claim(flock as u32).is_some_and(|c| c.settled && self.inner.peers.alive(c.node))
+                        self.live_claim(flock as u32).is_some_and(|c| c.settled)
                     },
                     log_purged: self
                         .group(flock as u32)
