@@ -360,7 +360,11 @@ pub enum ErrorCode {
     /// The node cannot reach a majority of the flock's herders, so it refuses writes.
     NoQuorum,
     /// The flock has no reachable leader right now (an election is under way); retry shortly.
+    /// The job did not run: retrying it is safe.
     Unavailable,
+    /// The job ran, but the node could not learn whether its change set committed (its leader
+    /// went down or lost its lead first). It may have taken effect: read before retrying.
+    OutcomeUnknown,
 }
 
 impl ErrorCode {
@@ -391,6 +395,7 @@ impl ErrorCode {
             ErrorCode::Internal => "internal",
             ErrorCode::NoQuorum => "no_quorum",
             ErrorCode::Unavailable => "unavailable",
+            ErrorCode::OutcomeUnknown => "outcome_unknown",
         }
     }
 
@@ -415,7 +420,8 @@ impl ErrorCode {
             | ErrorCode::StorageFailed
             | ErrorCode::ShuttingDown
             | ErrorCode::NoQuorum
-            | ErrorCode::Unavailable => 503,
+            | ErrorCode::Unavailable
+            | ErrorCode::OutcomeUnknown => 503,
             ErrorCode::Internal => 500,
         }
     }

@@ -43,13 +43,32 @@ impl QuicTransport {
 
     pub(crate) async fn call(&self, request: &Request) -> Result<Response, ClientError> {
         let frame = encode_frame(request).map_err(|e| ClientError::Config(e.to_string()))?;
-        let (mut send, mut recv) =
-            self.connection.open_bi().await.map_err(|e| ClientError::Transport(e.to_string()))?;
-        send.write_all(&frame).await.map_err(|e| ClientError::Transport(e.to_string()))?;
-        send.finish().map_err(|e| ClientError::Transport(e.to_string()))?;
+        let (send, mut recv) = self.connection.open_bi().await.map_err(|e| ClientError::Transport(e.to_string()))?;
+        send_frame(send, &frame).await.map_err(|e| ClientError::Transport(e.to_string()))?;
         let answer = recv.read_to_end(FRAME_BYTES_MAX + 4).await.map_err(|e| ClientError::Transport(e.to_string()))?;
         decode_frame(&answer).map_err(|e| ClientError::Protocol(e.to_string()))
     }
+}
+
+/// Writes one whole frame on `send` and finishes the stream. If this future is dropped before
+/// the frame is written (a timeout, a cancelled caller), the stream is reset, not finished:
+/// quinn finishes a dropped stream, and the receiver would take the part that was sent for a
+/// whole, truncated frame.
+pub async fn send_frame(send: quinn::SendStream, frame: &[u8]) -> Result<quinn::SendStream, quinn::WriteError> {
+    struct ResetUnlessWritten(Option<quinn::SendStream>);
+    impl Drop for ResetUnlessWritten {
+        fn drop(&mut self) {
+            if let Some(send) = &mut self.0 {
+                let _ = send.reset(0u32.into());
+            }
+        }
+    }
+    let mut guard = ResetUnlessWritten(Some(send));
+    let send = guard.0.as_mut().expect("set above");
+    send.write_all(frame).await?;
+    // Finishing fails only on a stream already closed; the write above would have failed first.
+    let _ = send.finish();
+    Ok(guard.0.take().expect("set above"))
 }
 
 /// A QUIC client configuration that trusts exactly the certificates in `ca_file` (PEM).

@@ -1,6 +1,9 @@
 //! Test harness: builds the example jobs for wasm32, starts the real `grex` binary on loopback
 //! with ports chosen by the OS, and talks to it over QUIC and raw HTTP.
 
+pub mod list_append;
+pub mod nemesis;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
@@ -20,10 +23,16 @@ pub fn workspace_root() -> PathBuf {
 /// The `grex` binary, built from the current sources once per test process. Tests in this package
 /// cannot name another package's binary (`CARGO_BIN_EXE_*` is per package), and `cargo test -p
 /// grex-tests` alone would not rebuild it, so the harness asks cargo to, with the test's profile.
+/// `GREX_BIN=PATH` runs the tests against another binary instead (an older build, to show that a
+/// test finds the bug it guards against).
 pub fn grex_bin() -> PathBuf {
     static BUILT: OnceLock<PathBuf> = OnceLock::new();
     BUILT
         .get_or_init(|| {
+            if let Some(bin) = std::env::var_os("GREX_BIN") {
+                println!("testing the grex binary at {} (GREX_BIN)", Path::new(&bin).display());
+                return PathBuf::from(bin);
+            }
             let exe = std::env::current_exe().expect("test executable path");
             let profile_dir = exe.parent().and_then(Path::parent).expect("target/<profile>/deps/<test>");
             let mut cargo = Command::new(env!("CARGO"));
@@ -283,7 +292,12 @@ impl TestCluster {
     /// Starts `count` nodes with `args` each, and waits until every flock has its herders and a
     /// leader.
     pub async fn start(count: usize, args: &[&str]) -> TestCluster {
-        let dir = tempfile::tempdir().expect("temp dir");
+        // GREX_TEST_KEEP=1 keeps the data directories and node logs for a post-mortem.
+        let keep = std::env::var_os("GREX_TEST_KEEP").is_some();
+        let dir = tempfile::Builder::new().prefix("grex-test").disable_cleanup(keep).tempdir().expect("temp dir");
+        if keep {
+            println!("keeping the cluster's data and logs in {}", dir.path().display());
+        }
         let first = dir.path().join("node-0");
         let first_str = first.to_str().expect("UTF-8 path");
         grex(&["init", "--data", first_str, "--flocks", &TEST_FLOCKS.to_string()]);

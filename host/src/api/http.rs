@@ -16,9 +16,10 @@ use axum::{Json, Router};
 use grex_client::http::{FLOCK_HEADER, NODE_HEADER, VERSION_HEADER};
 use percent_encoding::percent_decode_str;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 
+use super::Gate;
 use crate::error::{ErrorCode, RemoteError, error};
 use crate::node::Node;
 
@@ -96,7 +97,7 @@ type ApiResult<T> = Result<T, ApiError>;
 pub(super) async fn start(
     node: Node,
     addr: SocketAddr,
-    mut stop: watch::Receiver<bool>,
+    mut gate: Gate,
 ) -> anyhow::Result<(SocketAddr, JoinHandle<()>)> {
     let listener = tokio::net::TcpListener::bind(addr)
         .await
@@ -105,6 +106,10 @@ pub(super) async fn start(
     let listener = LimitedListener { inner: listener, permits: Arc::new(Semaphore::new(CONNECTIONS_MAX)) };
     let app = router(node);
     let task = tokio::spawn(async move {
+        if !gate.opened().await {
+            return;
+        }
+        let mut stop = gate.stopped;
         let shutdown = async move {
             let _ = stop.wait_for(|s| *s).await;
         };

@@ -1,8 +1,11 @@
 //! The client-facing servers: HTTP/JSON (`http`), QUIC (`quic`) and the Redis protocol (`resp`),
 //! all thin layers over [`Node`], and the TLS identity QUIC serves (`tls`).
 //!
-//! [`start`] binds the listeners, records their URLs on the node and returns a [`Servers`] handle
-//! that stops them. `docs/wire.md` specifies both protocols.
+//! [`bind`] binds the listeners and records their URLs on the node, and returns a [`Servers`]
+//! handle that accepts nothing until [`Servers::open`]: a cluster node needs its URLs to start its
+//! cluster side, and must not answer a request before that side is wired in (a job run then would
+//! commit outside its flock's log). [`start`] does both for a node on its own. `docs/wire.md`
+//! specifies the protocols.
 
 mod http;
 pub(crate) mod quic;
@@ -37,42 +40,76 @@ pub struct Servers {
     pub quic_addr: Option<SocketAddr>,
     /// Where the Redis protocol listens.
     pub resp_addr: Option<SocketAddr>,
+    open: watch::Sender<bool>,
     stop: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
 }
 
-/// Starts the configured servers for `node`.
+/// When a server may accept: after [`Servers::open`], until [`Servers::stop`].
+#[derive(Clone)]
+pub(crate) struct Gate {
+    open: watch::Receiver<bool>,
+    /// Turns true when the servers stop.
+    pub(crate) stopped: watch::Receiver<bool>,
+}
+
+impl Gate {
+    /// Waits until the servers are opened: true, or false if they were stopped first.
+    pub(crate) async fn opened(&mut self) -> bool {
+        tokio::select! {
+            opened = self.open.wait_for(|o| *o) => opened.is_ok(),
+            _ = self.stopped.wait_for(|s| *s) => false,
+        }
+    }
+}
+
+/// Starts the configured servers for `node`, accepting at once (a node without a cluster side).
 pub async fn start(node: &Node, config: &ServeConfig) -> anyhow::Result<Servers> {
+    let servers = bind(node, config).await?;
+    servers.open();
+    Ok(servers)
+}
+
+/// Binds the configured listeners for `node` and records their URLs; nothing is accepted until
+/// [`Servers::open`] (connections wait in the kernel's and QUIC's accept queues meanwhile).
+pub async fn bind(node: &Node, config: &ServeConfig) -> anyhow::Result<Servers> {
     let (stop, stopped) = watch::channel(false);
+    let (open, opened) = watch::channel(false);
+    let gate = Gate { open: opened, stopped };
     let mut tasks = Vec::new();
     let mut urls = NodeUrls::default();
     let mut http_addr = None;
     let mut quic_addr = None;
     if let Some(addr) = config.http {
-        let (bound, task) = http::start(node.clone(), addr, stopped.clone()).await?;
+        let (bound, task) = http::start(node.clone(), addr, gate.clone()).await?;
         urls.http = Some(format!("http://{}", url_host(bound)));
         http_addr = Some(bound);
         tasks.push(task);
     }
     if let Some(addr) = config.quic {
         let identity = NodeIdentity::load_or_create(node.data_dir(), addr.ip())?;
-        let (bound, task) = quic::start(node.clone(), addr, &identity, stopped.clone())?;
+        let (bound, task) = quic::start(node.clone(), addr, &identity, gate.clone())?;
         urls.quic = Some(format!("quic://{}", url_host(bound)));
         quic_addr = Some(bound);
         tasks.push(task);
     }
     let mut resp_addr = None;
     if let Some(addr) = config.resp {
-        let (bound, task) = resp::start(node.clone(), addr, stopped.clone()).await?;
+        let (bound, task) = resp::start(node.clone(), addr, gate.clone()).await?;
         urls.resp = Some(url_host(bound));
         resp_addr = Some(bound);
         tasks.push(task);
     }
     node.set_urls(urls);
-    Ok(Servers { http_addr, quic_addr, resp_addr, stop, tasks })
+    Ok(Servers { http_addr, quic_addr, resp_addr, open, stop, tasks })
 }
 
 impl Servers {
+    /// Starts accepting requests.
+    pub fn open(&self) {
+        let _ = self.open.send(true);
+    }
+
     /// Stops accepting, lets requests in flight finish, and returns when the servers are down.
     pub async fn stop(self) {
         let _ = self.stop.send(true);

@@ -10,9 +10,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use grex_client::proto::{ALPN, FRAME_BYTES_MAX, Request, Response, decode_frame, encode_frame, frame_len};
-use tokio::sync::{Semaphore, watch};
+use grex_client::quic::send_frame;
+use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 
+use super::Gate;
 use super::tls::NodeIdentity;
 use crate::error::{ErrorCode, error};
 use crate::node::Node;
@@ -29,29 +31,33 @@ pub(super) fn start(
     node: Node,
     addr: SocketAddr,
     identity: &NodeIdentity,
-    mut stop: watch::Receiver<bool>,
+    mut gate: Gate,
 ) -> anyhow::Result<(SocketAddr, JoinHandle<()>)> {
     let endpoint = quinn::Endpoint::server(server_config(identity)?, addr)
         .map_err(|e| anyhow::anyhow!("cannot listen for QUIC on {addr}: {e}"))?;
     let bound = endpoint.local_addr()?;
     let task = tokio::spawn(async move {
         let connections = Arc::new(Semaphore::new(CONNECTIONS_MAX));
-        loop {
-            tokio::select! {
-                incoming = endpoint.accept() => {
-                    let Some(incoming) = incoming else { break };
-                    let Ok(permit) = connections.clone().try_acquire_owned() else {
-                        tracing::warn!(remote = %incoming.remote_address(), "refusing a QUIC connection: at the connection limit");
-                        incoming.refuse();
-                        continue;
-                    };
-                    let node = node.clone();
-                    tokio::spawn(async move {
-                        serve_connection(node, incoming).await;
-                        drop(permit);
-                    });
+        let mut stop = gate.stopped.clone();
+        // Stopped before it was opened: nothing to accept.
+        if gate.opened().await {
+            loop {
+                tokio::select! {
+                    incoming = endpoint.accept() => {
+                        let Some(incoming) = incoming else { break };
+                        let Ok(permit) = connections.clone().try_acquire_owned() else {
+                            tracing::warn!(remote = %incoming.remote_address(), "refusing a QUIC connection: at the connection limit");
+                            incoming.refuse();
+                            continue;
+                        };
+                        let node = node.clone();
+                        tokio::spawn(async move {
+                            serve_connection(node, incoming).await;
+                            drop(permit);
+                        });
+                    }
+                    _ = stop.wait_for(|s| *s) => break,
                 }
-                _ = stop.wait_for(|s| *s) => break,
             }
         }
         endpoint.close(0u32.into(), b"node shutting down");
@@ -132,13 +138,12 @@ pub(crate) async fn read_frame(recv: &mut quinn::RecvStream) -> Result<Vec<u8>, 
 /// `internal(message)`), then waits until the other side has it, so the stream is not reset
 /// under it.
 pub(crate) async fn send_answer<T: serde::Serialize>(
-    mut send: quinn::SendStream,
+    send: quinn::SendStream,
     answer: &T,
     internal: impl FnOnce(String) -> T,
 ) -> anyhow::Result<()> {
     let frame = encode_frame(answer).or_else(|e| encode_frame(&internal(format!("cannot encode the answer: {e}"))))?;
-    send.write_all(&frame).await?;
-    send.finish()?;
+    let send = send_frame(send, &frame).await?;
     let _ = send.stopped().await;
     Ok(())
 }

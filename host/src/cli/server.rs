@@ -251,8 +251,11 @@ async fn start_node(
     let mut config = node_args.config(data);
     config.flock_count = file.flock_count;
     let node = Node::open(config)?;
-    let servers = api::start(&node, &serve).await?;
+    // The cluster side needs the servers' URLs, and the servers must not take a request before
+    // the cluster side is wired in: bound first, opened last.
+    let servers = api::bind(&node, &serve).await?;
     let cluster = Cluster::start(node.clone(), file, cluster_config).await?;
+    servers.open();
     Ok(Running { node, servers, cluster })
 }
 

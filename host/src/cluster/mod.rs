@@ -25,11 +25,13 @@
 //! committed (durable on a majority) and applied here.
 
 pub mod identity;
+mod leadership;
 pub mod messages;
 mod outbox;
 mod peer;
 pub mod placement;
 mod raft;
+mod read_index;
 
 pub use identity::{ClusterFile, Credentials};
 pub use messages::PEER_ALPN;
@@ -53,10 +55,12 @@ use crate::data::ChangeSet;
 use crate::error::{ErrorCode, RemoteError, Result, error};
 use crate::node::{Front, Node, Replicator, RespNode, Ticket};
 use crate::storage::{GroupId, META_GROUP};
+use leadership::{LeadStart, LeadView, Outranked};
 use messages::{Lead, PeerRequest, PeerResponse, RaftRpc};
 use peer::{Handler, Peers};
 use placement::{FlockMap, place};
 use raft::{Command, LeaderTerms, MetaState, Network, Raft};
+use read_index::ReadRounds;
 
 /// How long a routed job keeps looking for its flock's leader (an election takes about 1 s).
 const ROUTE_PATIENCE: Duration = Duration::from_secs(4);
@@ -106,6 +110,10 @@ struct Inner {
     flocks: Vec<Raft>,
     meta_state: watch::Receiver<MetaState>,
     terms: Arc<LeaderTerms>,
+    /// Lead confirmations for jobs that changed nothing.
+    reads: Arc<ReadRounds>,
+    /// Per group, a voter whose longer log refused this node's vote: it should win instead.
+    outranked: Arc<Outranked>,
     info: PeerInfo,
     /// Last leader this node heard of per flock (it may not herd the flock).
     hints: Vec<AtomicU64>,
@@ -191,12 +199,13 @@ impl Cluster {
         let raft_config = Arc::new(raft::config(config.snapshot_logs).validate()?);
         let (log, sm) = raft::open_group(META_GROUP, &node, terms.clone(), Some(meta_tx))?;
         let outbox = outbox::Outbox::new(peers.clone());
-        let net = Network { group: META_GROUP, outbox: outbox.clone() };
+        let outranked = Arc::new(Outranked::default());
+        let net = Network { group: META_GROUP, outbox: outbox.clone(), outranked: outranked.clone() };
         let meta = Raft::new(me, raft_config.clone(), net, log, sm).await?;
         let mut flocks = Vec::new();
         for flock in 0..file.flock_count {
             let (log, sm) = raft::open_group(flock, &node, terms.clone(), None)?;
-            let net = Network { group: flock, outbox: outbox.clone() };
+            let net = Network { group: flock, outbox: outbox.clone(), outranked: outranked.clone() };
             flocks.push(Raft::new(me, raft_config.clone(), net, log, sm).await?);
         }
         let flock_count = file.flock_count as usize;
@@ -210,6 +219,8 @@ impl Cluster {
                 flocks,
                 meta_state,
                 terms,
+                reads: Arc::new(ReadRounds::new(flock_count as u32)),
+                outranked,
                 info: info.clone(),
                 hints: (0..flock_count).map(|_| AtomicU64::new(0)).collect(),
                 claims: Mutex::new(vec![None; flock_count]),
@@ -488,7 +499,7 @@ impl Cluster {
         let answer = tokio::select! {
             answer = self.inner.peers.call(target, request, timeout) => answer,
             () = self.until_down(target) => return Forwarded::Answer(Err(error(
-                ErrorCode::Unavailable,
+                ErrorCode::OutcomeUnknown,
                 "the node running the job went down before answering; the job may have committed, so read before retrying",
             ))),
         };
@@ -508,7 +519,7 @@ impl Cluster {
                 Forwarded::Answer(Err(error(ErrorCode::Internal, format!("unexpected peer answer {other:?}"))))
             }
             Err(e) if !read_only && e.may_have_arrived() => Forwarded::Answer(Err(error(
-                ErrorCode::Unavailable,
+                ErrorCode::OutcomeUnknown,
                 format!("{e}; the job may have committed, so read before retrying"),
             ))),
             Err(e) => Forwarded::Failed(e.into()),
@@ -667,22 +678,17 @@ impl Cluster {
     /// Publishes this node's readiness to lead each flock to the executors.
     async fn watch_leadership(self, flock: u32) {
         let mut metrics = self.inner.flocks[flock as usize].metrics();
+        let mut lead = LeadStart::default();
         loop {
             let ready = {
                 let m = metrics.borrow_and_update();
-                // A leader that changed the group without itself stays openraft's leader until it
-                // hears of a later term (it would step down on a tick, and ticks are off); jobs it
-                // took now could be cut off by the next leader's election and never be answered.
-                let leads = m.state == ServerState::Leader && votes(&m, self.inner.me);
-                let term = m.current_term;
-                let caught_up = m.last_applied.is_some_and(|l| l.leader_id.term == term);
                 if let Ok(mut activity) = self.inner.last_activity.lock() {
                     let applied = m.last_applied.map_or(0, |l| l.index);
                     if activity[flock as usize].0 != applied {
                         activity[flock as usize] = (applied, Instant::now());
                     }
                 }
-                if leads && caught_up { term } else { 0 }
+                lead.ready_term(&LeadView::of(&m, self.inner.me))
             };
             let before = self.inner.terms.set(flock, ready);
             if before != 0 && ready == 0 {
@@ -744,7 +750,7 @@ impl Cluster {
     async fn supervise(self, load: Arc<AtomicU64>) {
         let groups: Vec<GroupId> = std::iter::once(META_GROUP).chain(0..self.inner.file.flock_count).collect();
         let mut leaderless_since: Vec<Option<Instant>> = vec![None; groups.len()];
-        let mut last_elect: Vec<Instant> = vec![Instant::now() - ELECT_BACKOFF; groups.len()];
+        let mut next_elect: Vec<Instant> = vec![Instant::now(); groups.len()];
         let mut alive: BTreeMap<NodeId, u64> = BTreeMap::new();
         let mut ticker = tokio::time::interval(SUPERVISE_EVERY);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -767,7 +773,7 @@ impl Cluster {
             let sweep = reconcile || peers_changed || leaderless_since.iter().any(Option::is_some);
             for (i, &group) in groups.iter().enumerate() {
                 if sweep || group == META_GROUP {
-                    self.supervise_group(group, &mut leaderless_since[i], &mut last_elect[i], reconcile).await;
+                    self.supervise_group(group, &mut leaderless_since[i], &mut next_elect[i], reconcile).await;
                 }
             }
             if reconcile && self.inner.meta.metrics().borrow().state == ServerState::Leader {
@@ -849,7 +855,7 @@ impl Cluster {
         &self,
         group: GroupId,
         leaderless_since: &mut Option<Instant>,
-        last_elect: &mut Instant,
+        next_elect: &mut Instant,
         reconcile: bool,
     ) {
         let me = self.inner.me;
@@ -872,12 +878,13 @@ impl Cluster {
         let healthy = leader.is_some_and(|l| self.inner.peers.alive(l)) && leader_votes;
         if healthy {
             *leaderless_since = None;
+            self.inner.outranked.clear(group);
             // Hand an idle flock's lead to its preferred, live herder (checked at the pace of
             // reconciliation: it is never urgent).
             let idle = reconcile
                 && group != META_GROUP
                 && leader != Some(me)
-                && now - *last_elect > IDLE_FOR_REBALANCE
+                && now.saturating_duration_since(*next_elect) > IDLE_FOR_REBALANCE
                 && self
                     .inner
                     .last_activity
@@ -885,7 +892,7 @@ impl Cluster {
                     .map(|a| a[group as usize].1.elapsed() > IDLE_FOR_REBALANCE)
                     .unwrap_or(false);
             if idle && self.election_rank(group, raft) == Some(0) {
-                *last_elect = now;
+                *next_elect = now + ELECT_BACKOFF;
                 let _ = raft.trigger().elect().await;
             }
             return;
@@ -895,10 +902,17 @@ impl Cluster {
             *leaderless_since = None;
             return;
         };
+        // A live voter refused this node's last try because its log is longer: it can win and
+        // this node cannot, so leave it the election (it is not held back by this node's terms).
+        if self.inner.outranked.by(group).is_some_and(|v| self.inner.peers.alive(v)) {
+            return;
+        }
         let since = *leaderless_since.get_or_insert(now);
         let wait = ELECT_BACKOFF * rank.min(8);
-        if now - since >= wait && now - *last_elect >= ELECT_BACKOFF && state != ServerState::Leader {
-            *last_elect = now;
+        if now - since >= wait && now >= *next_elect && state != ServerState::Leader {
+            // The next try, if this one fails, after a random back-off: two candidates that
+            // collided in one term should not collide in every later one.
+            *next_elect = now + ELECT_BACKOFF.mul_f64(rand::random_range(1.0..2.0));
             let _ = raft.trigger().elect().await;
         }
     }
@@ -1063,7 +1077,7 @@ impl Replicator for Cluster {
             let Ok(answer) = tokio::time::timeout(COMMIT_PATIENCE, receiver).await else {
                 tracing::warn!(flock, group = %*metrics.borrow(), "a write was not committed in time");
                 return Err(error(
-                    ErrorCode::Unavailable,
+                    ErrorCode::OutcomeUnknown,
                     format!(
                         "the write was not committed within {} s (the flock cannot reach a majority); it may still take effect, so read before retrying",
                         COMMIT_PATIENCE.as_secs()
@@ -1072,19 +1086,31 @@ impl Replicator for Cluster {
             };
             match answer {
                 Ok(Ok(response)) => Ok(response.data.written),
-                Ok(Err(e)) => Err(error(
+                // Refused before it was appended: it never will be.
+                Ok(Err(e @ ClientWriteError::ForwardToLeader(_))) => Err(error(
                     ErrorCode::Unavailable,
+                    format!("the write was not taken ({e}); this node no longer leads flock {flock}, retry"),
+                )),
+                Ok(Err(e)) => Err(error(
+                    ErrorCode::OutcomeUnknown,
                     format!(
                         "the write was not committed ({e}); it may or may not have taken effect, so read before retrying"
                     ),
                 )),
                 Err(_) => Err(error(
-                    ErrorCode::Unavailable,
+                    ErrorCode::OutcomeUnknown,
                     "the flock's leader stepped down before the write committed; read before retrying",
                 )),
             }
         };
         Ok(ticket.boxed().shared())
+    }
+
+    fn confirm_lead(&self, flock: u32, term: u64) -> BoxFuture<'static, Result<()>> {
+        match self.inner.flocks.get(flock as usize) {
+            Some(raft) => self.inner.reads.confirm(raft, flock, term),
+            None => futures::future::ready(Err(error(ErrorCode::Internal, "no such flock"))).boxed(),
+        }
     }
 }
 

@@ -5,13 +5,13 @@
 //! and the receiver hands the appends of a batch to its committer together (one fsync). An idle
 //! lane sends a lone message at once, so batching adds no delay of its own.
 //!
-//! Snapshot chunks and messages over [`BATCH_BYTES_MAX`] go on their own exchange.
+//! Votes, snapshot chunks and messages over [`BATCH_BYTES_MAX`] go on their own exchange.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use grex_client::proto::{FRAME_BYTES_MAX, decode_frame, encode_frame};
+use grex_client::proto::{decode_frame, encode_frame};
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
 use super::messages::{PeerRequest, PeerResponse, RaftRpc};
@@ -24,8 +24,10 @@ use crate::storage::GroupId;
 const LANE_IN_FLIGHT: usize = 2;
 /// Messages waiting in a lane (each group has at most a few outstanding, so this is slack).
 const LANE_QUEUE_MAX: usize = 4096;
-/// The most encoded bytes in one batch; a larger message travels alone.
-pub const BATCH_BYTES_MAX: usize = FRAME_BYTES_MAX / 8;
+/// The most encoded bytes in one batch; a larger message travels alone. About two catch-up
+/// appends (each at most `raft::APPEND_BYTES_MAX` of entries): a batch is sent and answered well
+/// within [`BATCH_TIMEOUT`] even on a loaded node, so catching up never hangs on one large frame.
+pub const BATCH_BYTES_MAX: usize = 2 << 20;
 /// How long a batch may take as a whole.
 const BATCH_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long the receiver lets one message of a batch take before it answers an error for it, so
@@ -67,7 +69,9 @@ impl Outbox {
         timeout: Duration,
     ) -> Result<PeerResponse, PeerError> {
         let bytes = match &rpc {
-            RaftRpc::Snapshot(_) => None,
+            // Votes are rare and urgent: behind a batch of catch-up appends an election would
+            // time out, and the next one start, before the first vote even arrived.
+            RaftRpc::Snapshot(_) | RaftRpc::Vote(_) => None,
             _ => Some(encode_frame(&rpc).map_err(|e| PeerError::Protocol(e.to_string()))?),
         };
         let Some(bytes) = bytes.filter(|b| b.len() <= BATCH_BYTES_MAX) else {

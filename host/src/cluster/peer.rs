@@ -1,4 +1,4 @@
-//! The peer transport: QUIC (quinn) with mutual TLS under the cluster CA, ALPN `grex-peer/4`.
+//! The peer transport: QUIC (quinn) with mutual TLS under the cluster CA, ALPN `grex-peer/5`.
 //!
 //! Each pair of nodes keeps one long-lived connection. Either side dials when it has none; if
 //! both dial at once, both keep the connection dialed by the lower node id and close the other,
@@ -31,6 +31,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use futures::future::BoxFuture;
 use grex_client::proto::{decode_frame, encode_frame};
+use grex_client::quic::send_frame;
 use tokio::sync::{Semaphore, watch};
 
 use super::identity::{CA_FILE, NODE_CERT_FILE, NODE_KEY_FILE, PEER_SERVER_NAME};
@@ -468,12 +469,11 @@ async fn exchange(connection: &quinn::Connection, frame: &[u8]) -> Result<PeerRe
 
 /// Sends one request frame on an opened stream and reads the answer.
 async fn exchange_on(
-    mut send: quinn::SendStream,
+    send: quinn::SendStream,
     mut recv: quinn::RecvStream,
     frame: &[u8],
 ) -> Result<PeerResponse, String> {
-    send.write_all(frame).await.map_err(|e| e.to_string())?;
-    send.finish().map_err(|e| e.to_string())?;
+    send_frame(send, frame).await.map_err(|e| e.to_string())?;
     let answer = read_frame(&mut recv).await?;
     decode_frame(&answer).map_err(|e| format!("malformed answer: {e}"))
 }

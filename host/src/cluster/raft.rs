@@ -36,6 +36,7 @@ use openraft::{
 use serde::{Deserialize, Serialize};
 use tokio::sync::{oneshot, watch};
 
+use super::leadership::Outranked;
 use super::messages::{PeerResponse, RaftRpc};
 use super::outbox::Outbox;
 use super::peer::PeerError;
@@ -125,6 +126,7 @@ pub struct MetaState {
 const APPLIED_KEY: &str = "applied";
 const VOTE_KEY: &str = "vote";
 const PURGED_KEY: &str = "purged";
+const COMMITTED_KEY: &str = "committed";
 const META_STATE_KEY: &str = "meta_state";
 
 fn codec() -> impl bincode::config::Config {
@@ -335,6 +337,25 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn read_vote(&mut self) -> Result<Option<Vote<NodeId>>, StorageError<NodeId>> {
         self.inner.state(VOTE_KEY)
+    }
+
+    /// Queued with the log's part of the next write, not waited for, and synced with the next
+    /// append: a restarted node re-applies its log up to the last one that reached the disk at
+    /// once (`read_committed`), instead of serving its last checkpoint's state until a leader
+    /// tells it what is committed. The entries it names were submitted before it, so a write that
+    /// holds it follows the writes that hold them.
+    async fn save_committed(&mut self, committed: Option<LogId<NodeId>>) -> Result<(), StorageError<NodeId>> {
+        let op = LogOp::PutLogState { group: self.inner.group, key: COMMITTED_KEY, value: encode(&committed) };
+        self.inner.submit(vec![op], Vec::new(), SyncTo::Nothing).map_err(io_write)?;
+        Ok(())
+    }
+
+    async fn read_committed(&mut self) -> Result<Option<LogId<NodeId>>, StorageError<NodeId>> {
+        let committed: Option<LogId<NodeId>> = self.inner.state::<Option<LogId<NodeId>>>(COMMITTED_KEY)?.flatten();
+        let last = self.get_log_state().await?.last_log_id;
+        // Never past the log (it cannot be, by the order above; a damaged file should not stop the
+        // node from starting, it only re-applies less at once).
+        Ok(committed.filter(|c| Some(*c) <= last))
     }
 
     async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> Result<(), StorageError<NodeId>>
@@ -663,6 +684,35 @@ pub fn open_group(
 
 /// The least time a consensus message may take.
 const RAFT_RPC_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+/// An append carries at most this many bytes of entries (a single larger entry goes alone).
+pub const APPEND_BYTES_MAX: u64 = 1 << 20;
+
+/// About how many bytes an entry takes on the wire: its change set's keys and values.
+fn entry_bytes(entry: &Entry<TypeConfig>) -> u64 {
+    let payload = match &entry.payload {
+        EntryPayload::Normal(Command::Change(change)) => {
+            change.bucket.len()
+                + change.writes.iter().map(|w| w.item.len() + w.value.as_ref().map_or(0, Vec::len)).sum::<usize>()
+        }
+        EntryPayload::Normal(Command::PutModule { wasm, .. }) => wasm.len(),
+        _ => 0,
+    };
+    64 + payload as u64
+}
+
+/// How many of `entries`, from the first, fit in `budget` bytes: at least one.
+fn entries_that_fit(entries: &[Entry<TypeConfig>], budget: u64) -> u64 {
+    let mut total = 0;
+    let mut fit = 0;
+    for entry in entries {
+        total += entry_bytes(entry);
+        if total > budget && fit > 0 {
+            break;
+        }
+        fit += 1;
+    }
+    fit
+}
 
 /// Makes raft clients for one group.
 pub struct Network {
@@ -670,6 +720,8 @@ pub struct Network {
     pub group: GroupId,
     /// The node's consensus messages, batched per peer.
     pub outbox: Arc<Outbox>,
+    /// Where refused votes are noted.
+    pub outranked: Arc<Outranked>,
 }
 
 /// A raft client for one group and one target node.
@@ -677,6 +729,7 @@ pub struct GroupLink {
     group: GroupId,
     target: NodeId,
     outbox: Arc<Outbox>,
+    outranked: Arc<Outranked>,
 }
 
 impl RaftNetworkFactory<TypeConfig> for Network {
@@ -684,7 +737,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
 
     async fn new_client(&mut self, target: NodeId, node: &PeerInfo) -> GroupLink {
         self.outbox.peers().learn(target, node);
-        GroupLink { group: self.group, target, outbox: self.outbox.clone() }
+        GroupLink { group: self.group, target, outbox: self.outbox.clone(), outranked: self.outranked.clone() }
     }
 }
 
@@ -692,9 +745,15 @@ type RpcResult<T, E = openraft::error::Infallible> = Result<T, RPCError<NodeId, 
 
 impl GroupLink {
     async fn send<E: std::error::Error>(&self, rpc: RaftRpc, option: &RPCOption) -> RpcResult<PeerResponse, E> {
-        // openraft's TTL is the heartbeat interval; a busy or catching-up peer gets longer, and the
-        // failure detector, not this timeout, decides when a peer is down.
-        let timeout = option.hard_ttl().max(RAFT_RPC_TIMEOUT);
+        // openraft's TTL is the heartbeat interval; a busy or catching-up peer gets longer (and a
+        // second more per MiB sent), and the failure detector, not this timeout, decides when a
+        // peer is down.
+        let bytes = match &rpc {
+            RaftRpc::Append(append) => append.entries.iter().map(entry_bytes).sum(),
+            RaftRpc::Snapshot(chunk) => chunk.data.len() as u64,
+            RaftRpc::Vote(_) => 0,
+        };
+        let timeout = option.hard_ttl().max(RAFT_RPC_TIMEOUT) + std::time::Duration::from_secs(bytes >> 20);
         match self.outbox.send(self.target, self.group, rpc, timeout).await {
             Ok(PeerResponse::Error(e)) => Err(RPCError::Network(NetworkError::new(&e))),
             Ok(answer) => Ok(answer),
@@ -716,6 +775,12 @@ impl RaftNetwork<TypeConfig> for GroupLink {
         option: RPCOption,
     ) -> RpcResult<AppendEntriesResponse<NodeId>> {
         let entries = rpc.entries.len() as u64;
+        let fit = entries_that_fit(&rpc.entries, APPEND_BYTES_MAX);
+        if fit < entries {
+            // openraft sends fewer for the next few appends: catching up never hangs on one
+            // large frame, whatever the entries' sizes.
+            return Err(RPCError::PayloadTooLarge(PayloadTooLarge::new_entries_hint(fit)));
+        }
         match self.send(RaftRpc::Append(rpc), &option).await {
             Ok(PeerResponse::Append(r)) => Ok(r),
             Ok(other) => Err(unexpected(other)),
@@ -739,8 +804,14 @@ impl RaftNetwork<TypeConfig> for GroupLink {
     }
 
     async fn vote(&mut self, rpc: VoteRequest<NodeId>, option: RPCOption) -> RpcResult<VoteResponse<NodeId>> {
+        let mine = rpc.last_log_id;
         match self.send(RaftRpc::Vote(rpc), &option).await {
-            Ok(PeerResponse::Vote(r)) => Ok(r),
+            Ok(PeerResponse::Vote(r)) => {
+                if !r.vote_granted && r.last_log_id > mine {
+                    self.outranked.note(self.group, self.target);
+                }
+                Ok(r)
+            }
             Ok(other) => Err(unexpected(other)),
             Err(e) => Err(e),
         }

@@ -70,6 +70,11 @@ pub trait Replicator: Send + Sync + 'static {
     fn leader_term(&self, flock: u32) -> Option<u64>;
     /// Proposes a change set to the flock's log, in call order.
     fn propose(&self, flock: u32, change: crate::data::ChangeSet) -> Result<Ticket>;
+    /// Resolves once a majority of the flock's herders has confirmed, after this call, that this
+    /// node still leads `flock` in `term` (Raft's read index). A job that changed nothing proves nothing by
+    /// committing, so before its answer goes out this shows that no other leader could have
+    /// committed a change the job did not see; an error means the job must not be answered.
+    fn confirm_lead(&self, flock: u32, term: u64) -> futures::future::BoxFuture<'static, Result<()>>;
 }
 
 use std::collections::HashMap;
@@ -362,6 +367,14 @@ impl Node {
             WaitFor::Nothing => {}
             WaitFor::Seq(seq) => self.inner.commits.wait_durable(seq).await?,
             WaitFor::Ticket(ticket) => ticket.await.map(drop)?,
+            WaitFor::Read { term, seen } => {
+                if let Some(ticket) = seen {
+                    ticket.await?;
+                }
+                let replicator =
+                    self.inner.replicator.get().ok_or_else(|| error(ErrorCode::Internal, "no replicator"))?;
+                replicator.confirm_lead(flock, term).await?;
+            }
         }
         let finished = executed.result?;
         Ok(JobOutput {

@@ -54,8 +54,13 @@ pub(crate) enum WaitFor {
     Nothing,
     /// A standalone node's commit sequence.
     Seq(u64),
-    /// A change set proposed to a flock's log.
+    /// The job's change set, proposed to its flock's log. Its commit in this leader's term shows
+    /// that no other leader took over before the job ran.
     Ticket(Ticket),
+    /// A job that changed nothing, run on its flock's leader: the last change set of its bucket
+    /// it saw (if any), then a confirmation that this node still leads the flock
+    /// ([`super::Replicator::confirm_lead`]), so it did not read a deposed leader's state.
+    Read { term: u64, seen: Option<Ticket> },
 }
 
 /// A job that returned output.
@@ -230,9 +235,11 @@ impl Shard {
             Program::Wasm(module) => self.runtime.run(module, data, &input),
             Program::Builtin(op) => self.run_builtin(*op, data, job),
         };
+        let mut proposed = false;
         let result = match outcome {
             Ok(run) => {
                 if let Some(change) = run.change {
+                    proposed = replicator.is_some();
                     data.apply(&change);
                     let submitted = match &replicator {
                         None => self.commits.submit(change).map(|seq| last_seq = seq),
@@ -247,10 +254,12 @@ impl Shard {
             }
             Err(e) => Err(e),
         };
-        let wait = match (&replicator, &pending) {
+        let wait = match (&replicator, term) {
             (None, _) => WaitFor::Seq(last_seq),
-            (Some(_), Some(ticket)) => WaitFor::Ticket(ticket.clone()),
-            (Some(_), None) => WaitFor::Nothing,
+            // A follower's read-only job: its committed copy, as documented.
+            (Some(_), 0) => WaitFor::Nothing,
+            (Some(_), _) if proposed => WaitFor::Ticket(pending.clone().expect("proposed above")),
+            (Some(_), _) => WaitFor::Read { term, seen: pending.clone() },
         };
         let entry = CachedBucket { data, last_seq, term, pending };
         self.cache.put(job.bucket.clone(), entry, self.commits.durable_seq());

@@ -28,6 +28,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinHandle;
 
+use crate::api::Gate;
 use crate::data::builtin::{self, Builtin, BuiltinReply};
 use crate::error::RemoteError;
 use crate::node::Node;
@@ -239,17 +240,21 @@ fn line(out: &mut Vec<u8>, marker: u8, text: &[u8]) {
     out.extend_from_slice(b"\r\n");
 }
 
-/// Binds the RESP listener and serves until `stopped` turns true.
+/// Binds the RESP listener and serves from when `gate` opens until it stops.
 pub(crate) async fn start(
     node: Node,
     addr: SocketAddr,
-    mut stopped: watch::Receiver<bool>,
+    mut gate: Gate,
 ) -> anyhow::Result<(SocketAddr, JoinHandle<()>)> {
     let listener = TcpListener::bind(addr).await?;
     let bound = listener.local_addr()?;
     let limits = RespLimits::for_node(&node);
     let task = tokio::spawn(async move {
         let slots = Arc::new(Semaphore::new(CONNECTIONS_MAX));
+        if !gate.opened().await {
+            return;
+        }
+        let mut stopped = gate.stopped;
         loop {
             tokio::select! {
                 accepted = listener.accept() => {

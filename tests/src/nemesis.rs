@@ -1,0 +1,309 @@
+//! The nemesis: faults injected into real `grex serve` processes on a random schedule while the
+//! list-append workload runs, then healing and the check ([`crate::list_append`]).
+//!
+//! A run is fixed by its seed: the schedule (which fault, on which node, when, for how long) and
+//! each client thread's choices come from it, so a failing run prints the seed and
+//! `GREX_SEED=... cargo test ...` replays the same schedule (the threads' interleaving still
+//! varies).
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use crate::list_append::{self, Anomaly, Final, Kind, Op, Outcome, Tally};
+use crate::{TestCluster, job_wasm};
+
+/// One fault.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fault {
+    /// kill -9 a node, restart it on the same addresses and data after `down`.
+    Kill {
+        /// The victim.
+        node: usize,
+        /// How long it stays down.
+        down: Duration,
+    },
+    /// kill -9 the node leading the first bucket's flock (as the canary names it), restart it
+    /// after `down`.
+    KillLeader {
+        /// How long it stays down.
+        down: Duration,
+    },
+    /// SIGSTOP a node, SIGCONT it after `paused`.
+    Pause {
+        /// The victim.
+        node: usize,
+        /// How long it stays stopped.
+        paused: Duration,
+    },
+}
+
+/// Which faults a run draws from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mix {
+    /// Kills, leader kills (fast and slow restarts) and pauses, as the issue that found the
+    /// data loss ran them.
+    Mixed,
+    /// Only the flock leader's death, restarted within the failure detector's timeout or after it.
+    LeaderKills,
+    /// Only kills that keep a node down for 4 s (to time elections).
+    LongKills,
+}
+
+/// A run's settings.
+#[derive(Clone, Debug)]
+pub struct RunConfig {
+    /// The seed of everything random.
+    pub seed: u64,
+    /// Nodes in the cluster.
+    pub nodes: usize,
+    /// Buckets the workload spreads over.
+    pub buckets: usize,
+    /// Client threads.
+    pub workers: usize,
+    /// How long faults and load go on.
+    pub duration: Duration,
+    /// Faults to draw.
+    pub mix: Mix,
+    /// Extra `grex serve` arguments.
+    pub args: Vec<String>,
+}
+
+/// A fault as it happened.
+#[derive(Clone, Debug)]
+pub struct Event {
+    /// When it began, since the run began.
+    pub at: Duration,
+    /// The node it hit.
+    pub node: usize,
+    /// The fault.
+    pub fault: Fault,
+    /// For kills: how long until every flock had a leader other than the victim (`None` if
+    /// that had not happened by the restart).
+    pub leaderless: Option<Duration>,
+}
+
+/// What a run did and found.
+pub struct Report {
+    /// The seed.
+    pub seed: u64,
+    /// Every fault, in order.
+    pub events: Vec<Event>,
+    /// Counts of the history.
+    pub tally: Tally,
+    /// What the checker found.
+    pub anomalies: Vec<Anomaly>,
+}
+
+impl Report {
+    /// The schedule and findings, for a failure message.
+    pub fn describe(&self) -> String {
+        let mut out = format!("seed {} (GREX_SEED={} replays the schedule)\nschedule:\n", self.seed, self.seed);
+        for e in &self.events {
+            let gap =
+                e.leaderless.map(|g| format!(", leaders again after {:.2} s", g.as_secs_f64())).unwrap_or_default();
+            out.push_str(&format!("  {:>7.2}s node {} {:?}{gap}\n", e.at.as_secs_f64(), e.node, e.fault));
+        }
+        out.push_str(&format!("history: {:?}\n", self.tally));
+        for a in &self.anomalies {
+            out.push_str(&a.to_string());
+        }
+        out
+    }
+
+    /// The longest time any kill left a flock without a leader (kills whose victim stayed down
+    /// long enough to tell).
+    pub fn longest_leaderless(&self) -> Option<Duration> {
+        self.events.iter().filter_map(|e| e.leaderless).max()
+    }
+}
+
+/// The schedule of a run: faults 3–6 s apart, drawn from `mix`.
+pub fn schedule(rng: &mut StdRng, config: &RunConfig) -> Vec<(Duration, Fault)> {
+    let mut at = Duration::from_secs(2);
+    let mut faults = Vec::new();
+    let ms = |rng: &mut StdRng, lo: u64, hi: u64| Duration::from_millis(rng.random_range(lo..hi));
+    while at < config.duration {
+        let node = rng.random_range(0..config.nodes);
+        let fault = match (config.mix, rng.random_range(0..4)) {
+            (Mix::LongKills, _) => Fault::Kill { node, down: Duration::from_secs(4) },
+            (Mix::LeaderKills, 0 | 1) | (Mix::Mixed, 0) => Fault::KillLeader { down: ms(rng, 50, 400) },
+            (Mix::LeaderKills, _) | (Mix::Mixed, 1) => Fault::KillLeader { down: ms(rng, 1000, 3000) },
+            (Mix::Mixed, 2) => Fault::Kill { node, down: ms(rng, 1000, 3000) },
+            (Mix::Mixed, _) => Fault::Pause { node, paused: ms(rng, 2000, 4000) },
+        };
+        faults.push((at, fault));
+        let gap = ms(rng, 3000, 6000);
+        at += gap
+            + match fault {
+                Fault::Kill { down, .. } | Fault::KillLeader { down } => down,
+                Fault::Pause { paused, .. } => paused,
+            };
+    }
+    faults
+}
+
+/// Starts a cluster, loads `list-append`, runs the workload under the schedule, heals, reads the
+/// final state and checks the history.
+pub async fn run(config: RunConfig) -> Report {
+    println!("nemesis run: seed {} (GREX_SEED={} replays the schedule), {:?}", config.seed, config.seed, config);
+    let args: Vec<&str> = config.args.iter().map(String::as_str).collect();
+    let mut cluster = TestCluster::start(config.nodes, &args).await;
+    cluster.nodes[0].client().await.put_module("list-append", job_wasm("list_append")).await.expect("upload");
+    let addrs: Vec<String> = cluster.nodes.iter().map(|n| n.http_addr().to_owned()).collect();
+    let buckets: Vec<String> = (0..config.buckets).map(|b| format!("list-{}-{b}", config.seed % 1000)).collect();
+    wait_loaded(&addrs, &buckets[0]);
+
+    let mut rng = StdRng::seed_from_u64(config.seed);
+    let faults = schedule(&mut rng, &config);
+    let start = Instant::now();
+    let history = Arc::new(Mutex::new(Vec::new()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let workers: Vec<_> = (0..config.workers)
+        .map(|w| {
+            let (addrs, buckets, history, stop) = (addrs.clone(), buckets.clone(), history.clone(), stop.clone());
+            let mut rng = StdRng::seed_from_u64(config.seed ^ (w as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15));
+            std::thread::spawn(move || {
+                let mut next = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    let node = rng.random_range(0..addrs.len());
+                    let bucket = rng.random_range(0..buckets.len());
+                    let kind = if rng.random_bool(0.75) {
+                        next += 1;
+                        Kind::Append(w as u64 * 1_000_000_000 + next)
+                    } else {
+                        Kind::Read
+                    };
+                    let op = list_append::perform(start, w, (node, &addrs[node]), (bucket, &buckets[bucket]), kind);
+                    let failed = !matches!(op.outcome, Outcome::Ok(_));
+                    history.lock().unwrap_or_else(|p| p.into_inner()).push(op);
+                    if failed {
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
+                }
+            })
+        })
+        .collect();
+
+    let mut events = Vec::new();
+    for (at, fault) in faults {
+        if let Some(wait) = at.checked_sub(start.elapsed()) {
+            std::thread::sleep(wait);
+        }
+        events.push(inject(&mut cluster, &buckets[0], start, fault));
+    }
+    if let Some(rest) = config.duration.checked_sub(start.elapsed()) {
+        std::thread::sleep(rest);
+    }
+    stop.store(true, Ordering::Relaxed);
+    for w in workers {
+        let _ = w.join();
+    }
+    cluster.wait_formed(config.nodes).await;
+    let finals: Vec<Final> = buckets.iter().map(|b| final_state(&addrs, b)).collect();
+    let history: Vec<Op> = std::mem::take(&mut *history.lock().unwrap_or_else(|p| p.into_inner()));
+    let anomalies = list_append::check(&history, &finals);
+    Report { seed: config.seed, events, tally: list_append::tally(&history), anomalies }
+}
+
+/// Waits until a job runs on the first bucket through every node (the module reached them all).
+fn wait_loaded(addrs: &[String], bucket: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for addr in addrs {
+        while !matches!(list_append::run_job(addr, bucket, "read", Duration::from_secs(10)), Ok((200, _))) {
+            assert!(Instant::now() < deadline, "list-append did not run through {addr} within 30 s");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+fn inject(cluster: &mut TestCluster, bucket: &str, start: Instant, fault: Fault) -> Event {
+    let at = start.elapsed();
+    match fault {
+        Fault::Pause { node, paused } => {
+            cluster.nodes[node].signal("STOP");
+            std::thread::sleep(paused);
+            cluster.nodes[node].signal("CONT");
+            Event { at, node, fault, leaderless: None }
+        }
+        Fault::Kill { node, down } => kill_and_restart(cluster, node, down, at, fault),
+        Fault::KillLeader { down } => {
+            let node = leader_of(cluster, bucket).unwrap_or(0);
+            kill_and_restart(cluster, node, down, at, fault)
+        }
+    }
+}
+
+fn kill_and_restart(cluster: &mut TestCluster, node: usize, down: Duration, at: Duration, fault: Fault) -> Event {
+    let victim = cluster.nodes[node].id.clone();
+    cluster.nodes[node].kill9();
+    let killed = Instant::now();
+    let survivor = cluster.nodes[(node + 1) % cluster.nodes.len()].http_addr().to_owned();
+    let mut leaderless = None;
+    while killed.elapsed() < down {
+        if leaderless.is_none() && every_flock_led_by_other_than(&survivor, &victim) {
+            leaderless = Some(killed.elapsed());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    cluster.nodes[node].restart();
+    Event { at, node, fault, leaderless }
+}
+
+/// A GET's JSON answer, if `node` answers 200 within a second.
+fn get_json(node: &str, path: &str) -> Option<serde_json::Value> {
+    match list_append::request(node, "GET", path, b"", Duration::from_secs(1)) {
+        Ok((200, body)) => serde_json::from_slice(&body).ok(),
+        _ => None,
+    }
+}
+
+/// Whether `via` sees every flock led by a node other than `victim`.
+fn every_flock_led_by_other_than(via: &str, victim: &str) -> bool {
+    get_json(via, "/v1/flocks").is_some_and(|map| {
+        map["flocks"]
+            .as_array()
+            .is_some_and(|flocks| flocks.iter().all(|f| f["leader"].as_str().is_some_and(|l| l != victim)))
+    })
+}
+
+/// The node the canary names for `bucket`, asked of any node that answers.
+fn leader_of(cluster: &TestCluster, bucket: &str) -> Option<usize> {
+    let url = cluster.nodes.iter().find_map(|n| get_json(n.http_addr(), &format!("/v1/canary/{bucket}")))?;
+    let url = url["url"].as_str()?;
+    cluster.nodes.iter().position(|n| n.http == url)
+}
+
+/// The list a read returns through node 0 after healing, and every node's committed copy once
+/// they agree with it (followers apply what they learn is committed within moments).
+fn final_state(addrs: &[String], bucket: &str) -> Final {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let list = loop {
+        match list_append::run_job(&addrs[0], bucket, "read", Duration::from_secs(20)) {
+            Ok((200, body)) => break list_append::parse_list(&String::from_utf8_lossy(&body)).expect("a list"),
+            other => {
+                assert!(Instant::now() < deadline, "the final read of {bucket} failed: {other:?}");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    };
+    let copy = |addr: &str| match list_append::request(
+        addr,
+        "GET",
+        &format!("/v1/buckets/{bucket}/items/list"),
+        b"",
+        Duration::from_secs(10),
+    ) {
+        Ok((200, body)) => list_append::parse_list(&String::from_utf8_lossy(&body)).unwrap_or_default(),
+        _ => Vec::new(),
+    };
+    let mut copies: Vec<Vec<u64>> = addrs.iter().map(|a| copy(a)).collect();
+    while copies.iter().any(|c| *c != list) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+        copies = addrs.iter().map(|a| copy(a)).collect();
+    }
+    Final { list, copies }
+}
