@@ -113,6 +113,7 @@ pub enum Request {
         /// The alias.
         name: String,
         /// A wasm component, or a core module built with the guest SDK.
+        #[serde(with = "serde_bytes")]
         wasm: Vec<u8>,
     },
     /// Run a job.
@@ -122,6 +123,7 @@ pub enum Request {
         /// Module name or `sha256:HEX` id.
         module: String,
         /// Input bytes for the job.
+        #[serde(with = "serde_bytes")]
         input: Vec<u8>,
         /// Run without committing writes (a read-only job may not write).
         read_only: bool,
@@ -165,7 +167,7 @@ pub enum Response {
     /// A job ran.
     Job(JobOutput),
     /// An item's value.
-    Item(Vec<u8>),
+    Item(#[serde(with = "serde_bytes")] Vec<u8>),
     /// Item keys.
     Items(Vec<String>),
     /// The best node for a bucket.
@@ -212,6 +214,7 @@ pub struct ModuleInfo {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct JobOutput {
     /// What the job returned.
+    #[serde(with = "serde_bytes")]
     pub output: Vec<u8>,
     /// The bucket's version after the job (unchanged if the job wrote nothing).
     pub bucket_version: u64,

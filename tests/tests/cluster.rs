@@ -69,6 +69,16 @@ async fn wait_leader(cluster: &TestCluster, via: usize, bucket: &[u8]) -> usize 
     }
 }
 
+/// Waits until node `via` names a leader for `bucket` other than `gone`, which the test stopped or
+/// cut off. A job sent before then could be forwarded to `gone`, and its outcome would be unknown
+/// (`outcome_unknown`: the node cannot tell whether `gone` ran it before it went).
+async fn await_new_leader(cluster: &TestCluster, via: usize, bucket: &[u8], gone: usize) {
+    eventually("another node to lead the bucket's flock", PATIENCE, || async {
+        leader_of(cluster, via, bucket).await.is_some_and(|l| l != gone)
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_node_gives_one_result_and_the_canary_names_the_node_that_serves() {
     let cluster = TestCluster::start(3, &[]).await;
@@ -271,6 +281,7 @@ async fn a_restarted_node_is_reconnected_at_once_so_it_and_one_other_node_keep_s
     // ... so when a third node dies, the restarted node and the one left are a majority at once.
     cluster.nodes[others[1]].kill9();
     let killed = Instant::now();
+    await_new_leader(&cluster, others[0], bucket, others[1]).await;
     let count = increment(&cluster.nodes[others[0]].client().await, bucket, 1).await;
     println!("a write through the two survivors {:?} after the kill", killed.elapsed());
     assert_eq!(count, 2);
@@ -477,6 +488,7 @@ async fn a_restarted_follower_catches_up_from_the_log_and_from_a_snapshot_and_le
 
     // Behind by a few entries: the log catches it up.
     cluster.nodes[preferred].kill9();
+    await_new_leader(&cluster, other, bucket, preferred).await;
     for _ in 0..5 {
         increment(&writer, bucket, 1).await;
     }
@@ -486,6 +498,7 @@ async fn a_restarted_follower_catches_up_from_the_log_and_from_a_snapshot_and_le
 
     // Behind by more than the group keeps: the leader sends a snapshot.
     cluster.nodes[preferred].kill9();
+    await_new_leader(&cluster, other, bucket, preferred).await;
     for _ in 0..100 {
         increment(&writer, bucket, 1).await;
     }
@@ -538,6 +551,7 @@ async fn a_partitioned_node_refuses_writes_while_the_majority_goes_on() {
     assert!(refused.to_string().contains("majority"), "{refused}");
 
     // The other two elect a leader and go on.
+    await_new_leader(&cluster, majority, bucket, leader).await;
     assert_eq!(increment(&writer, bucket, 1).await, 2);
     assert_ne!(wait_leader(&cluster, majority, bucket).await, leader, "a new leader serves the flock");
 
@@ -564,7 +578,10 @@ async fn a_node_with_a_foreign_certificate_is_refused_and_the_refusal_logged() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("cannot reach"), "{stderr}");
     let node = &cluster.nodes[0];
-    eventually("the refusal in the node's log", PATIENCE, || async { node.log().contains("refused a peer") }).await;
+    eventually("the refusal in the node's log", PATIENCE, || async {
+        node.log().contains("refused a peer connection: the TLS handshake failed")
+    })
+    .await;
     // And the node serves on.
     node.http_client().await.status().await.expect("status after the refusal");
 }
@@ -638,4 +655,51 @@ async fn malformed_peer_frames_get_an_error_and_the_node_serves_on() {
     };
     assert!(matches!(exchange(&connection, &proto::encode_frame(&ping).unwrap()).await, PeerResponse::Pong { .. }));
     node.http_client().await.status().await.expect("status after the bad frames");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_500_entries_of_1_mib_behind_catches_up_from_the_log() {
+    // Snapshots only after 2,000 entries: the follower must catch up from the log.
+    let mut cluster = TestCluster::start(3, &["--snapshot-logs", "2000"]).await;
+    load_counter(&cluster, 0).await;
+    let writer_client = cluster.nodes[0].client().await;
+    writer_client.put_module("hostile", job_wasm("hostile")).await.expect("upload hostile");
+    let bucket: &[u8] = b"large-catch-up";
+    let leader = wait_leader(&cluster, 0, bucket).await;
+    let behind = (leader + 1) % 3;
+    let writer = cluster.nodes[leader].client().await;
+    cluster.nodes[behind].kill9();
+
+    // 500 change sets of one 1 MiB item each (one log entry each), then one increment: the
+    // follower holds the count only once it has applied every one of them.
+    const ENTRIES: usize = 500;
+    let started = Instant::now();
+    for i in 0..ENTRIES {
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            match writer.run_job(bucket, "hostile", b"big-changeset 1000000", false).await {
+                Ok(_) => break,
+                Err(e) if e.code() == Some(ErrorCode::Unavailable) && Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(20)).await
+                }
+                Err(e) => panic!("change set {i} of 1 MiB: {e}"),
+            }
+        }
+    }
+    assert_eq!(increment(&writer, bucket, 1).await, 1);
+    println!("wrote {ENTRIES} change sets of 1 MiB in {:?}", started.elapsed());
+
+    cluster.nodes[behind].restart();
+    let started = Instant::now();
+    let node = &cluster.nodes[behind];
+    eventually("the follower to catch up 500 MiB of log", Duration::from_secs(240), || async {
+        stored_count(node, bucket).await == 1
+    })
+    .await;
+    println!("caught up in {:?}", started.elapsed());
+    let chunk = node.http_client().await.get_item(bucket, "chunk/0").await.expect("the 1 MiB item");
+    assert_eq!(chunk.len(), 1 << 20);
+    let log = node.log();
+    assert!(!log.contains("installed a snapshot"), "caught up from a snapshot, not the log");
+    assert!(!log.contains("malformed peer frame"), "{log}");
 }

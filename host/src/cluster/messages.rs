@@ -80,6 +80,7 @@ pub enum PeerRequest {
         /// Module name or id.
         module: String,
         /// Job input.
+        #[serde(with = "serde_bytes")]
         input: Vec<u8>,
         /// Read-only job.
         read_only: bool,
@@ -97,6 +98,7 @@ pub enum PeerRequest {
         /// Name.
         name: String,
         /// Bytes as uploaded.
+        #[serde(with = "serde_bytes")]
         wasm: Vec<u8>,
     },
 }
@@ -109,7 +111,46 @@ pub enum RaftRpc {
     /// A candidate asks for a vote.
     Vote(VoteRequest<NodeId>),
     /// A chunk of a snapshot.
-    Snapshot(InstallSnapshotRequest<TypeConfig>),
+    Snapshot(#[serde(with = "snapshot_chunk")] InstallSnapshotRequest<TypeConfig>),
+}
+
+/// A snapshot chunk with its data as one byte string, not a sequence of numbers: the same bytes
+/// on the wire, encoded and decoded as one copy instead of one call per byte.
+mod snapshot_chunk {
+    use openraft::raft::InstallSnapshotRequest;
+    use openraft::{SnapshotMeta, Vote};
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    use crate::cluster::raft::{NodeId, PeerInfo, TypeConfig};
+
+    #[derive(Serialize)]
+    struct Out<'a> {
+        vote: &'a Vote<NodeId>,
+        meta: &'a SnapshotMeta<NodeId, PeerInfo>,
+        offset: u64,
+        #[serde(with = "serde_bytes")]
+        data: &'a [u8],
+        done: bool,
+    }
+
+    #[derive(Deserialize)]
+    struct In {
+        vote: Vote<NodeId>,
+        meta: SnapshotMeta<NodeId, PeerInfo>,
+        offset: u64,
+        #[serde(with = "serde_bytes")]
+        data: Vec<u8>,
+        done: bool,
+    }
+
+    pub fn serialize<S: Serializer>(c: &InstallSnapshotRequest<TypeConfig>, s: S) -> Result<S::Ok, S::Error> {
+        Out { vote: &c.vote, meta: &c.meta, offset: c.offset, data: &c.data, done: c.done }.serialize(s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<InstallSnapshotRequest<TypeConfig>, D::Error> {
+        let In { vote, meta, offset, data, done } = In::deserialize(d)?;
+        Ok(InstallSnapshotRequest { vote, meta, offset, data, done })
+    }
 }
 
 /// The answer to a [`PeerRequest`].

@@ -36,7 +36,7 @@ pub const BATCH_ITEM_PATIENCE: Duration = Duration::from_secs(3);
 
 /// One group's message, encoded (a frame of its own, so the receiver decodes it with the
 /// frame size limit).
-pub type BatchItem = (GroupId, Vec<u8>);
+pub type BatchItem = (GroupId, serde_bytes::ByteBuf);
 
 struct Pending {
     item: BatchItem,
@@ -80,7 +80,7 @@ impl Outbox {
         let (answer, answered) = oneshot::channel();
         let lane = self.lane(to);
         let exchange = async {
-            lane.send(Pending { item: (group, bytes), answer })
+            lane.send(Pending { item: (group, serde_bytes::ByteBuf::from(bytes)), answer })
                 .await
                 .map_err(|_| PeerError::Unreachable(to, "the node is stopping".into()))?;
             answered.await.map_err(|_| PeerError::Lost(to, "the batch was dropped".into()))?

@@ -523,12 +523,24 @@ async fn accept_loop(peers: Arc<Peers>) {
         tokio::spawn(async move {
             match incoming.await {
                 Ok(connection) => serve_connection(peers, connection).await,
-                Err(e) => {
-                    tracing::warn!(%remote, error = %e, "refused a peer connection (its certificate must come from this cluster's CA)")
+                Err(e) if is_tls_failure(&e) => {
+                    tracing::warn!(%remote, error = %e, "refused a peer connection: the TLS handshake failed (both sides' certificates must come from this cluster's CA)")
                 }
+                Err(e) => tracing::warn!(%remote, error = %e, "a peer connection failed before it was set up"),
             }
             drop(permit);
         });
+    }
+}
+
+/// Whether a handshake failed in TLS, on either side (QUIC's crypto error codes carry a TLS
+/// alert), not by a timeout or the other side going away.
+fn is_tls_failure(e: &quinn::ConnectionError) -> bool {
+    let crypto = |code: quinn::TransportErrorCode| u64::from(code) & !0xff == 0x100;
+    match e {
+        quinn::ConnectionError::TransportError(t) => crypto(t.code),
+        quinn::ConnectionError::ConnectionClosed(close) => crypto(close.error_code),
+        _ => false,
     }
 }
 

@@ -34,6 +34,7 @@ use openraft::{
     RaftSnapshotBuilder, SnapshotMeta, StorageError, StorageIOError, StoredMembership, Vote,
 };
 use serde::{Deserialize, Serialize};
+use serde_bytes::ByteBuf;
 use tokio::sync::{oneshot, watch};
 
 use super::leadership::Outranked;
@@ -88,6 +89,7 @@ pub enum Command {
         /// SHA-256 of the bytes.
         id: ModuleId,
         /// The bytes as uploaded.
+        #[serde(with = "serde_bytes")]
         wasm: Vec<u8>,
     },
 }
@@ -310,6 +312,38 @@ impl RaftLogReader<TypeConfig> for LogStore {
         }
         Ok(entries.into_values().collect())
     }
+
+    /// What replication sends next: from `start`, entries up to [`APPEND_BYTES_MAX`] of payload
+    /// (at least one). Read in runs sized by the mean entry so far, so a follower far behind costs
+    /// the leader about one append's worth of reads and memory, whatever the entries' sizes.
+    async fn limited_get_log_entries(
+        &mut self,
+        start: u64,
+        end: u64,
+    ) -> Result<Vec<Entry<TypeConfig>>, StorageError<NodeId>> {
+        let mut entries = Vec::new();
+        let mut bytes = 0;
+        let mut from = start;
+        let mut run = 1;
+        while from < end {
+            let to = end.min(from + run);
+            let read = self.try_get_log_entries(from..to).await?;
+            if read.is_empty() {
+                break;
+            }
+            for entry in read {
+                bytes += entry_bytes(&entry);
+                if bytes > APPEND_BYTES_MAX && !entries.is_empty() {
+                    return Ok(entries);
+                }
+                entries.push(entry);
+            }
+            from = to;
+            let mean = (bytes / entries.len() as u64).max(1);
+            run = (APPEND_BYTES_MAX.saturating_sub(bytes) / mean).clamp(1, 1024);
+        }
+        Ok(entries)
+    }
 }
 
 impl RaftLogStorage<TypeConfig> for LogStore {
@@ -413,7 +447,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 }
 
 /// One bucket in a snapshot: key, version, items.
-type SnapshotBucket = (Vec<u8>, u64, Vec<(String, Vec<u8>)>);
+type SnapshotBucket = (ByteBuf, u64, Vec<(String, ByteBuf)>);
 
 /// The parts of a flock snapshot: every bucket with its version and items.
 #[derive(Serialize, Deserialize)]
@@ -425,7 +459,7 @@ struct FlockSnapshot {
 #[derive(Serialize, Deserialize)]
 struct MetaSnapshot {
     state: MetaState,
-    modules: Vec<(String, ModuleId, Vec<u8>)>,
+    modules: Vec<(String, ModuleId, ByteBuf)>,
 }
 
 /// Per-flock leadership as the node's executors see it: the term in which this node leads the
@@ -482,7 +516,7 @@ impl StateMachine {
             let mut modules = Vec::new();
             for (name, id) in self.inner.store.module_names().map_err(io_read)? {
                 if let Some(wasm) = self.inner.store.module_bytes(&id).map_err(io_read)? {
-                    modules.push((name, id, wasm));
+                    modules.push((name, id, ByteBuf::from(wasm)));
                 }
             }
             encode(&MetaSnapshot { state, modules })
@@ -493,7 +527,11 @@ impl StateMachine {
                 .flock_buckets(self.inner.group)
                 .map_err(io_read)?
                 .into_iter()
-                .map(|(bucket, data)| (bucket, data.version, data.into_items().into_iter().collect()))
+                .map(|(bucket, data)| {
+                    let version = data.version;
+                    let items = data.into_items().into_iter().map(|(k, v)| (k, ByteBuf::from(v))).collect();
+                    (ByteBuf::from(bucket), version, items)
+                })
                 .collect();
             encode(&FlockSnapshot { buckets })
         };
@@ -624,7 +662,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             let mut log: Vec<LogOp> = snap
                 .modules
                 .iter()
-                .map(|(name, id, wasm)| LogOp::PutModule { id: *id, name: name.clone(), wasm: wasm.clone() })
+                .map(|(name, id, wasm)| LogOp::PutModule { id: *id, name: name.clone(), wasm: wasm.to_vec() })
                 .collect();
             log.push(LogOp::PutState { group, key: META_STATE_KEY, value: encode(&snap.state) });
             log.push(self.applied_op());
@@ -639,10 +677,13 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 .buckets
                 .into_iter()
                 .map(|(bucket, version, items)| ChangeSet {
-                    bucket,
+                    bucket: bucket.into_vec(),
                     flock: group,
                     version,
-                    writes: items.into_iter().map(|(item, value)| ItemWrite { item, value: Some(value) }).collect(),
+                    writes: items
+                        .into_iter()
+                        .map(|(item, value)| ItemWrite { item, value: Some(value.into_vec()) })
+                        .collect(),
                 })
                 .collect();
             let log = vec![LogOp::ClearFlock { flock: group }, self.applied_op()];
@@ -730,6 +771,29 @@ pub struct GroupLink {
     target: NodeId,
     outbox: Arc<Outbox>,
     outranked: Arc<Outranked>,
+    /// The append of entries under way, if openraft gave up waiting for it.
+    in_flight: Option<InFlightAppend>,
+}
+
+/// An append of entries that outlives openraft's wait for it.
+///
+/// openraft waits for an append only one heartbeat interval (450 ms) and then sends it again.
+/// An append of a megabyte to a busy follower can take longer, and would then be cancelled and
+/// resent forever. So the append runs as its own task, and the next call that sends the same
+/// entries (or more after them, from the same point, in the same term) waits for that task
+/// instead of starting over. An answer is handed out once; an append with no entries (a
+/// heartbeat, which confirms the lead for reads) is never shared.
+struct InFlightAppend {
+    vote: Vote<NodeId>,
+    prev: Option<LogId<NodeId>>,
+    last: LogId<NodeId>,
+    task: tokio::task::JoinHandle<Result<PeerResponse, PeerError>>,
+}
+
+impl Drop for InFlightAppend {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
 }
 
 impl RaftNetworkFactory<TypeConfig> for Network {
@@ -737,29 +801,72 @@ impl RaftNetworkFactory<TypeConfig> for Network {
 
     async fn new_client(&mut self, target: NodeId, node: &PeerInfo) -> GroupLink {
         self.outbox.peers().learn(target, node);
-        GroupLink { group: self.group, target, outbox: self.outbox.clone(), outranked: self.outranked.clone() }
+        GroupLink {
+            group: self.group,
+            target,
+            outbox: self.outbox.clone(),
+            outranked: self.outranked.clone(),
+            in_flight: None,
+        }
     }
 }
 
 type RpcResult<T, E = openraft::error::Infallible> = Result<T, RPCError<NodeId, PeerInfo, RaftError<NodeId, E>>>;
 
+/// How long a consensus message may take before this node gives up on it: a busy or catching-up
+/// peer gets at least [`RAFT_RPC_TIMEOUT`], and a second more per MiB sent. The failure detector,
+/// not this timeout, decides when a peer is down.
+fn rpc_timeout(rpc: &RaftRpc, option: &RPCOption) -> std::time::Duration {
+    let bytes = match rpc {
+        RaftRpc::Append(append) => append.entries.iter().map(entry_bytes).sum(),
+        RaftRpc::Snapshot(chunk) => chunk.data.len() as u64,
+        RaftRpc::Vote(_) => 0,
+    };
+    option.hard_ttl().max(RAFT_RPC_TIMEOUT) + std::time::Duration::from_secs(bytes >> 20)
+}
+
+/// A peer's answer as openraft takes it.
+fn answer<E: std::error::Error>(answer: Result<PeerResponse, PeerError>) -> RpcResult<PeerResponse, E> {
+    match answer {
+        Ok(PeerResponse::Error(e)) => Err(RPCError::Network(NetworkError::new(&e))),
+        Ok(answer) => Ok(answer),
+        Err(e @ PeerError::Unreachable(..)) => Err(RPCError::Unreachable(Unreachable::new(&e))),
+        Err(e) => Err(RPCError::Network(NetworkError::new(&e))),
+    }
+}
+
 impl GroupLink {
     async fn send<E: std::error::Error>(&self, rpc: RaftRpc, option: &RPCOption) -> RpcResult<PeerResponse, E> {
-        // openraft's TTL is the heartbeat interval; a busy or catching-up peer gets longer (and a
-        // second more per MiB sent), and the failure detector, not this timeout, decides when a
-        // peer is down.
-        let bytes = match &rpc {
-            RaftRpc::Append(append) => append.entries.iter().map(entry_bytes).sum(),
-            RaftRpc::Snapshot(chunk) => chunk.data.len() as u64,
-            RaftRpc::Vote(_) => 0,
-        };
-        let timeout = option.hard_ttl().max(RAFT_RPC_TIMEOUT) + std::time::Duration::from_secs(bytes >> 20);
-        match self.outbox.send(self.target, self.group, rpc, timeout).await {
-            Ok(PeerResponse::Error(e)) => Err(RPCError::Network(NetworkError::new(&e))),
-            Ok(answer) => Ok(answer),
-            Err(e @ PeerError::Unreachable(..)) => Err(RPCError::Unreachable(Unreachable::new(&e))),
-            Err(e) => Err(RPCError::Network(NetworkError::new(&e))),
+        let timeout = rpc_timeout(&rpc, option);
+        answer(self.outbox.send(self.target, self.group, rpc, timeout).await)
+    }
+
+    /// Sends an append of entries ending at `last`, or waits for the one under way that sends
+    /// the same entries or fewer of them (see [`InFlightAppend`]). Returns the answer and the
+    /// last entry that append sent.
+    async fn send_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        last: LogId<NodeId>,
+        option: &RPCOption,
+    ) -> (RpcResult<PeerResponse>, LogId<NodeId>) {
+        let joins =
+            self.in_flight.as_ref().is_some_and(|f| f.vote == rpc.vote && f.prev == rpc.prev_log_id && f.last <= last);
+        if !joins {
+            let (vote, prev) = (rpc.vote, rpc.prev_log_id);
+            let rpc = RaftRpc::Append(rpc);
+            let timeout = rpc_timeout(&rpc, option);
+            let (outbox, target, group) = (self.outbox.clone(), self.target, self.group);
+            let task = tokio::spawn(async move { outbox.send(target, group, rpc, timeout).await });
+            // Replacing an append under way cancels it.
+            self.in_flight = Some(InFlightAppend { vote, prev, last, task });
         }
+        let flight = self.in_flight.as_mut().expect("set above");
+        let result = (&mut flight.task).await;
+        let sent = flight.last;
+        self.in_flight = None;
+        let result = result.unwrap_or_else(|e| Err(PeerError::Lost(self.target, format!("the append failed: {e}"))));
+        (answer(result), sent)
     }
 }
 
@@ -781,7 +888,17 @@ impl RaftNetwork<TypeConfig> for GroupLink {
             // large frame, whatever the entries' sizes.
             return Err(RPCError::PayloadTooLarge(PayloadTooLarge::new_entries_hint(fit)));
         }
-        match self.send(RaftRpc::Append(rpc), &option).await {
+        let answer = match rpc.entries.last().map(|e| e.log_id) {
+            Some(last) => match self.send_entries(rpc, last, &option).await {
+                // The append under way sent fewer entries than this call asked for.
+                (Ok(PeerResponse::Append(AppendEntriesResponse::Success)), sent) if sent < last => {
+                    Ok(PeerResponse::Append(AppendEntriesResponse::PartialSuccess(Some(sent))))
+                }
+                (answer, _) => answer,
+            },
+            None => self.send(RaftRpc::Append(rpc), &option).await,
+        };
+        match answer {
             Ok(PeerResponse::Append(r)) => Ok(r),
             Ok(other) => Err(unexpected(other)),
             Err(RPCError::Network(e)) if e.to_string().contains("limit") && entries > 1 => {
@@ -835,6 +952,10 @@ pub fn config(snapshot_logs: u64) -> openraft::Config {
         enable_heartbeat: false,
         enable_elect: false,
         max_payload_entries: 256,
+        // openraft gives each snapshot chunk this long (and drops the whole transfer when one
+        // takes longer): a loaded follower writing a chunk must not restart the transfer.
+        install_snapshot_timeout: 10_000,
+        snapshot_max_chunk_size: 1 << 20,
         snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(snapshot_logs.max(1)),
         max_in_snapshot_log_to_keep: snapshot_logs / 5,
         ..Default::default()

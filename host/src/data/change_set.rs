@@ -8,6 +8,7 @@ pub struct ItemWrite {
     /// Item key.
     pub item: String,
     /// New value, or `None` for a delete.
+    #[serde(with = "serde_bytes")]
     pub value: Option<Vec<u8>>,
 }
 
@@ -16,6 +17,7 @@ pub struct ItemWrite {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ChangeSet {
     /// Bucket key.
+    #[serde(with = "serde_bytes")]
     pub bucket: Vec<u8>,
     /// The bucket's flock.
     pub flock: u32,

@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# Soak: one fault test of tests/tests/faults.rs run many times, each with a fresh seed, against a
+# release build; one line per run, then a summary (failures with their seeds, and for kills the
+# time until every flock had a leader again).
+#
+#   scripts/soak.sh [RUNS] [TEST]    RUNS: default 50; TEST: a test name in tests/tests/faults.rs,
+#                                    default kills_pauses_and_restarts_lose_nothing_and_return_no_stale_list
+#   GREX_FAULT_SECS=20               seconds of faults per run
+#   GREX_SOAK_DIR=DIR                where the runs' logs go (default: a new temporary directory)
+#
+# Replay one run: GREX_SEED=<seed> cargo test --release -p grex-tests --test faults <TEST> -- --nocapture
+set -euo pipefail
+cd "$(dirname "$0")/.."
+runs=${1:-50}
+test=${2:-kills_pauses_and_restarts_lose_nothing_and_return_no_stale_list}
+export GREX_FAULT_SECS=${GREX_FAULT_SECS:-20}
+dir=${GREX_SOAK_DIR:-$(mktemp -d -t grex-soak.XXXXXX)}
+mkdir -p "$dir"
+
+scripts/build-jobs.sh > /dev/null
+cargo test --release -q -p grex-tests --test faults --no-run 2> "$dir/build.log" || { cat "$dir/build.log"; exit 1; }
+echo "soak: $runs runs of $test, $GREX_FAULT_SECS s of faults each; logs in $dir"
+
+failed=()
+for i in $(seq 1 "$runs"); do
+  log="$dir/run-$i.log"
+  started=$(date +%s)
+  if cargo test --release -q -p grex-tests --test faults -- --exact "$test" --nocapture --test-threads 1 > "$log" 2>&1; then
+    status=ok
+  else
+    status=FAILED
+  fi
+  seed=$(grep -m1 -oE 'seed [0-9]+' "$log" | cut -d' ' -f2 || true)
+  faults=$(grep -cE '^ +[0-9.]+s node ' "$log" || true)
+  longest=$(grep -oE 'leaders again after [0-9.]+ s' "$log" | awk '{print $4}' | sort -n | tail -1 || true)
+  history=$(grep -m1 -oE 'history: .*' "$log" | sed 's/history: //' || true)
+  printf 'run %3d  seed %-20s  %-6s  %2s faults  longest leaderless %5s s  %ss  %s\n' \
+    "$i" "${seed:-?}" "$status" "$faults" "${longest:--}" "$(($(date +%s) - started))" "$history"
+  [ "$status" = ok ] || failed+=("run $i seed ${seed:-?}: $log")
+done
+
+echo
+echo "== summary: $runs runs of $test"
+echo "passed: $((runs - ${#failed[@]})), failed: ${#failed[@]}"
+for f in "${failed[@]}"; do echo "  $f"; done
+# Every kill the nemesis timed: how long until every flock had a leader other than the victim.
+gaps=$(cat "$dir"/run-*.log | grep -oE 'leaders again after [0-9.]+ s' | awk '{print $4}' | sort -n || true)
+untimed=$(cat "$dir"/run-*.log | grep -E '^ +[0-9.]+s node [0-9]+ (Kill|KillLeader)' | grep -vc 'leaders again' || true)
+if [ -n "$gaps" ]; then
+  count=$(echo "$gaps" | wc -l)
+  within=$(echo "$gaps" | awk '$1 <= 2.0' | wc -l)
+  echo "kills timed: $count; every flock led again within 2 s after $within of them; kills without a leader before the restart: $untimed"
+  echo "$gaps" | awk '{a[NR]=$1} END {printf "leaderless after a kill: median %.2f s, p99 %.2f s, max %.2f s\n", a[int((NR+1)/2)], a[int(NR*0.99+0.999)], a[NR]}'
+  # Per run: the longest gap.
+  runs_within=0
+  for log in "$dir"/run-*.log; do
+    longest=$(grep -oE 'leaders again after [0-9.]+ s' "$log" | awk '{print $4}' | sort -n | tail -1)
+    [ -n "$longest" ] && awk -v g="$longest" 'BEGIN { exit !(g <= 2.0) }' && runs_within=$((runs_within + 1))
+  done
+  echo "runs whose longest leaderless gap was within 2 s: $runs_within of $runs"
+fi
+[ ${#failed[@]} -eq 0 ]
