@@ -7,6 +7,7 @@
 #                                    default kills_pauses_and_restarts_lose_nothing_and_return_no_stale_list
 #   GREX_FAULT_SECS=20               seconds of faults per run
 #   GREX_SOAK_DIR=DIR                where the runs' logs go (default: a new temporary directory)
+#   GREX_SOAK_PROFILE=debug          test a debug build instead (reuses the test suite's build)
 #
 # Replay one run: GREX_SEED=<seed> cargo test --release -p grex-tests --test faults <TEST> -- --nocapture
 set -euo pipefail
@@ -15,17 +16,19 @@ runs=${1:-50}
 test=${2:-kills_pauses_and_restarts_lose_nothing_and_return_no_stale_list}
 export GREX_FAULT_SECS=${GREX_FAULT_SECS:-20}
 dir=${GREX_SOAK_DIR:-$(mktemp -d -t grex-soak.XXXXXX)}
+profile=(--release)
+[ "${GREX_SOAK_PROFILE:-release}" = debug ] && profile=()
 mkdir -p "$dir"
 
 scripts/build-jobs.sh > /dev/null
-cargo test --release -q -p grex-tests --test faults --no-run 2> "$dir/build.log" || { cat "$dir/build.log"; exit 1; }
+cargo test "${profile[@]}" -q -p grex-tests --test faults --no-run 2> "$dir/build.log" || { cat "$dir/build.log"; exit 1; }
 echo "soak: $runs runs of $test, $GREX_FAULT_SECS s of faults each; logs in $dir"
 
 failed=()
 for i in $(seq 1 "$runs"); do
   log="$dir/run-$i.log"
   started=$(date +%s)
-  if cargo test --release -q -p grex-tests --test faults -- --exact "$test" --nocapture --test-threads 1 > "$log" 2>&1; then
+  if cargo test "${profile[@]}" -q -p grex-tests --test faults -- --exact "$test" --nocapture --test-threads 1 > "$log" 2>&1; then
     status=ok
   else
     status=FAILED
