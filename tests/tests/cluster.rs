@@ -26,18 +26,24 @@ async fn load_counter(cluster: &TestCluster, via: usize) {
 /// Adds `step` to `bucket`'s counter through `client`, retrying while the cluster reports it
 /// is between leaders or out of reach of a majority; returns the new count.
 async fn increment(client: &Client, bucket: &[u8], step: i64) -> i64 {
+    let out = run_served(client, bucket, "counter", step.to_string().as_bytes()).await;
+    String::from_utf8(out.output).expect("text").parse().expect("a count")
+}
+
+/// Runs `module` on `bucket`, retrying while the cluster is between leaders or reconnecting
+/// after a partition heals; panics on any other error.
+async fn run_served(client: &Client, bucket: &[u8], module: &str, input: &[u8]) -> proto::JobOutput {
     let deadline = Instant::now() + PATIENCE;
     loop {
-        match client.run_job(bucket, "counter", step.to_string().as_bytes(), false).await {
-            Ok(out) => return String::from_utf8(out.output).expect("text").parse().expect("a count"),
-            // Between leaders, or reconnecting after a partition heals.
+        match client.run_job(bucket, module, input, false).await {
+            Ok(out) => return out,
             Err(e)
                 if matches!(e.code(), Some(ErrorCode::Unavailable | ErrorCode::NoQuorum))
                     && Instant::now() < deadline =>
             {
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
-            Err(e) => panic!("increment failed: {e}"),
+            Err(e) => panic!("{module} on {} failed: {e}", String::from_utf8_lossy(bucket)),
         }
     }
 }
@@ -674,17 +680,8 @@ async fn a_follower_500_entries_of_1_mib_behind_catches_up_from_the_log() {
     // follower holds the count only once it has applied every one of them.
     const ENTRIES: usize = 500;
     let started = Instant::now();
-    for i in 0..ENTRIES {
-        let deadline = Instant::now() + PATIENCE;
-        loop {
-            match writer.run_job(bucket, "hostile", b"big-changeset 1000000", false).await {
-                Ok(_) => break,
-                Err(e) if e.code() == Some(ErrorCode::Unavailable) && Instant::now() < deadline => {
-                    tokio::time::sleep(Duration::from_millis(20)).await
-                }
-                Err(e) => panic!("change set {i} of 1 MiB: {e}"),
-            }
-        }
+    for _ in 0..ENTRIES {
+        run_served(&writer, bucket, "hostile", b"big-changeset 1000000").await;
     }
     assert_eq!(increment(&writer, bucket, 1).await, 1);
     println!("wrote {ENTRIES} change sets of 1 MiB in {:?}", started.elapsed());

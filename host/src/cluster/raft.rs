@@ -741,20 +741,6 @@ fn entry_bytes(entry: &Entry<TypeConfig>) -> u64 {
     64 + payload as u64
 }
 
-/// How many of `entries`, from the first, fit in `budget` bytes: at least one.
-fn entries_that_fit(entries: &[Entry<TypeConfig>], budget: u64) -> u64 {
-    let mut total = 0;
-    let mut fit = 0;
-    for entry in entries {
-        total += entry_bytes(entry);
-        if total > budget && fit > 0 {
-            break;
-        }
-        fit += 1;
-    }
-    fit
-}
-
 /// Makes raft clients for one group.
 pub struct Network {
     /// The group.
@@ -881,13 +867,9 @@ impl RaftNetwork<TypeConfig> for GroupLink {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> RpcResult<AppendEntriesResponse<NodeId>> {
+        // At most APPEND_BYTES_MAX of entries: the log reader reads no more per append
+        // (`limited_get_log_entries`).
         let entries = rpc.entries.len() as u64;
-        let fit = entries_that_fit(&rpc.entries, APPEND_BYTES_MAX);
-        if fit < entries {
-            // openraft sends fewer for the next few appends: catching up never hangs on one
-            // large frame, whatever the entries' sizes.
-            return Err(RPCError::PayloadTooLarge(PayloadTooLarge::new_entries_hint(fit)));
-        }
         let answer = match rpc.entries.last().map(|e| e.log_id) {
             Some(last) => match self.send_entries(rpc, last, &option).await {
                 // The append under way sent fewer entries than this call asked for.
