@@ -9,7 +9,7 @@
 #   GREX_SOAK_DIR=DIR                where the runs' logs go (default: a new temporary directory)
 #   GREX_SOAK_PROFILE=debug          test a debug build instead (reuses the test suite's build)
 #
-# Replay one run: GREX_SEED=<seed> cargo test --release -p grex-tests --test faults <TEST> -- --nocapture
+# Replay one run: GREX_SEED=<seed> cargo test --release --workspace --test faults <TEST> -- --nocapture
 set -euo pipefail
 cd "$(dirname "$0")/.."
 runs=${1:-50}
@@ -21,14 +21,23 @@ profile=(--release)
 mkdir -p "$dir"
 
 scripts/build-jobs.sh > /dev/null
-cargo test "${profile[@]}" -q -p grex-tests --test faults --no-run 2> "$dir/build.log" || { cat "$dir/build.log"; exit 1; }
+# Build once and run copies, so that editing or rebuilding the tree during a soak changes nothing.
+mkdir -p "$dir/bin"
+cargo build "${profile[@]}" -q --workspace --bin grex 2> "$dir/build.log" || { cat "$dir/build.log"; exit 1; }
+tests=$(cargo test "${profile[@]}" -q --workspace --test faults --no-run --message-format=json 2>> "$dir/build.log") \
+  || { cat "$dir/build.log"; exit 1; }
+faults=$(echo "$tests" | grep -oE '"executable":"[^"]+"' | cut -d'"' -f4 | tail -1)
+target=$(dirname "$(dirname "$faults")")
+cp "$faults" "$dir/bin/faults"
+cp "$target/grex" "$dir/bin/grex"
+export GREX_BIN="$dir/bin/grex"
 echo "soak: $runs runs of $test, $GREX_FAULT_SECS s of faults each; logs in $dir"
 
 failed=()
 for i in $(seq 1 "$runs"); do
   log="$dir/run-$i.log"
   started=$(date +%s)
-  if cargo test "${profile[@]}" -q -p grex-tests --test faults -- --exact "$test" --nocapture --test-threads 1 > "$log" 2>&1; then
+  if "$dir/bin/faults" --exact "$test" --nocapture --test-threads 1 > "$log" 2>&1; then
     status=ok
   else
     status=FAILED

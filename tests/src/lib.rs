@@ -36,7 +36,20 @@ pub fn grex_bin() -> PathBuf {
             let exe = std::env::current_exe().expect("test executable path");
             let profile_dir = exe.parent().and_then(Path::parent).expect("target/<profile>/deps/<test>");
             let mut cargo = Command::new(env!("CARGO"));
-            cargo.current_dir(workspace_root()).args(["build", "--quiet", "-p", "grex", "--bin", "grex"]);
+            // `--workspace`, as `scripts/test.sh` and `scripts/soak.sh` build the tests: features
+            // unify over the packages built, so `-p grex` alone would rebuild shared dependencies
+            // with other features, and the next test build would rebuild them back.
+            cargo.current_dir(workspace_root()).args(["build", "--quiet", "--workspace", "--bin", "grex"]);
+            // What `cargo test` sets for this test process, not for builds: ring's build script
+            // tracks CARGO_MANIFEST_DIR, so passing it on would rebuild the TLS stack here and
+            // again in the next `cargo test`.
+            for (key, _) in std::env::vars_os() {
+                let key = key.to_string_lossy();
+                let per_test = ["CARGO_MANIFEST_", "CARGO_PKG_", "CARGO_CRATE_", "CARGO_PRIMARY_", "CARGO_TARGET_TMPDIR"];
+                if per_test.iter().any(|prefix| key.starts_with(prefix)) {
+                    cargo.env_remove(key.as_ref());
+                }
+            }
             if profile_dir.file_name().is_some_and(|p| p == "release") {
                 cargo.arg("--release");
             }
