@@ -368,6 +368,9 @@ pub enum ErrorCode {
     /// The job ran, but the node could not learn whether its change set committed (its leader
     /// went down or lost its lead first). It may have taken effect: read before retrying.
     OutcomeUnknown,
+    /// The request's body did not arrive in time (HTTP); nothing ran. (Codes are encoded by
+    /// index: new ones go at the end.)
+    RequestTimeout,
 }
 
 impl ErrorCode {
@@ -375,6 +378,7 @@ impl ErrorCode {
     pub fn as_str(self) -> &'static str {
         match self {
             ErrorCode::BadRequest => "bad_request",
+            ErrorCode::RequestTimeout => "request_timeout",
             ErrorCode::UnsupportedMediaType => "unsupported_media_type",
             ErrorCode::InvalidBucketKey => "invalid_bucket_key",
             ErrorCode::InvalidItemKey => "invalid_item_key",
@@ -408,6 +412,7 @@ impl ErrorCode {
             ErrorCode::BadRequest | ErrorCode::InvalidBucketKey | ErrorCode::InvalidItemKey => 400,
             ErrorCode::ModuleInvalid => 400,
             ErrorCode::ItemNotFound | ErrorCode::ModuleNotFound => 404,
+            ErrorCode::RequestTimeout => 408,
             ErrorCode::ModuleTooLarge | ErrorCode::InputTooLarge => 413,
             ErrorCode::UnsupportedMediaType => 415,
             ErrorCode::JobFailed
@@ -442,16 +447,40 @@ impl fmt::Display for ErrorCode {
 pub struct RemoteError {
     /// What kind of failure.
     pub code: ErrorCode,
-    /// What failed and what to do about it.
-    #[serde(rename = "error")]
+    /// What failed and what to do about it; at most [`ERROR_MESSAGE_BYTES_MAX`] bytes (longer
+    /// ones, a job's own error text say, are cut, also when decoded from the wire).
+    #[serde(rename = "error", deserialize_with = "bounded_message")]
     pub message: String,
 }
 
+/// The longest error message, in bytes, that a node sends or a client accepts.
+pub const ERROR_MESSAGE_BYTES_MAX: usize = 4096;
+
 impl RemoteError {
-    /// An error with a code and message.
+    /// An error with a code and message (cut to [`ERROR_MESSAGE_BYTES_MAX`]).
     pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
-        RemoteError { code, message: message.into() }
+        RemoteError { code, message: bound_message(message.into()) }
     }
+}
+
+/// `message` cut at a character boundary to [`ERROR_MESSAGE_BYTES_MAX`] bytes, saying how much
+/// was cut.
+fn bound_message(mut message: String) -> String {
+    if message.len() <= ERROR_MESSAGE_BYTES_MAX {
+        return message;
+    }
+    let total = message.len();
+    let mut end = ERROR_MESSAGE_BYTES_MAX - 64;
+    while !message.is_char_boundary(end) {
+        end -= 1;
+    }
+    message.truncate(end);
+    message.push_str(&format!("... ({} more bytes cut)", total - end));
+    message
+}
+
+fn bounded_message<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<String, D::Error> {
+    String::deserialize(deserializer).map(bound_message)
 }
 
 /// A frame that could not be encoded or decoded.
@@ -525,6 +554,23 @@ pub fn decode_frame<T: DeserializeOwned>(frame: &[u8]) -> Result<T, FrameError> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn long_error_messages_are_cut_when_made_and_when_decoded() {
+        // Multi-byte characters around the cut: it lands on a character boundary.
+        let long = "é".repeat(ERROR_MESSAGE_BYTES_MAX);
+        let made = RemoteError::new(ErrorCode::JobFailed, long.clone());
+        assert!(made.message.len() <= ERROR_MESSAGE_BYTES_MAX, "{}", made.message.len());
+        assert!(made.message.ends_with("more bytes cut)"), "{}", &made.message[made.message.len() - 40..]);
+        let short = RemoteError::new(ErrorCode::JobFailed, "short");
+        assert_eq!(short.message, "short");
+        // From a peer that does not cut: cut on the way in.
+        let unbounded = RemoteError { code: ErrorCode::JobFailed, message: long };
+        let decoded: RemoteError = decode_frame(&encode_frame(&unbounded).unwrap()).unwrap();
+        assert_eq!(decoded, made);
+        let json: RemoteError = serde_json::from_str(&serde_json::to_string(&unbounded).unwrap()).unwrap();
+        assert_eq!(json, made);
+    }
 
     #[test]
     fn frames_round_trip() {

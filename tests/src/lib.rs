@@ -45,7 +45,8 @@ pub fn grex_bin() -> PathBuf {
             // again in the next `cargo test`.
             for (key, _) in std::env::vars_os() {
                 let key = key.to_string_lossy();
-                let per_test = ["CARGO_MANIFEST_", "CARGO_PKG_", "CARGO_CRATE_", "CARGO_PRIMARY_", "CARGO_TARGET_TMPDIR"];
+                let per_test =
+                    ["CARGO_MANIFEST_", "CARGO_PKG_", "CARGO_CRATE_", "CARGO_PRIMARY_", "CARGO_TARGET_TMPDIR"];
                 if per_test.iter().any(|prefix| key.starts_with(prefix)) {
                     cargo.env_remove(key.as_ref());
                 }

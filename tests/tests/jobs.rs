@@ -161,6 +161,30 @@ async fn each_hostile_job_fails_with_its_named_error_and_the_node_keeps_serving(
 }
 
 #[tokio::test]
+async fn huge_errors_stack_exhaustion_and_endless_host_calls_end_with_named_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = GrexNode::start(dir.path(), &["--timeout-ms", "300"]);
+    let client = node.client().await;
+    client.put_module("hostile", job_wasm("hostile")).await.unwrap();
+    let err = client.run_job(b"victim", "hostile", b"recurse 100000000", false).await.unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::JobTrapped), "{err}");
+    assert!(err.to_string().contains("stack"), "a stack overflow should say so: {err}");
+    let err = client.run_job(b"victim", "hostile", b"host-calls", false).await.unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::JobTimeout), "{err}");
+    // A shallow recursion still works: the limit is on depth, not on recursion.
+    let shallow = client.run_job(b"victim", "hostile", b"recurse 50", false).await;
+    assert!(shallow.is_ok(), "{shallow:?}");
+    // A 10 MiB error message is cut, over QUIC and HTTP alike.
+    let err = client.run_job(b"victim", "hostile", b"big-error 10000000", false).await.unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::JobFailed), "{err}");
+    assert!(err.to_string().len() < 2 * grex_client::proto::ERROR_MESSAGE_BYTES_MAX, "{} bytes", err.to_string().len());
+    let answer =
+        grex_tests::http(node.http_addr(), "POST", "/v1/jobs/victim?module=hostile", &[], b"big-error 10000000");
+    assert_eq!(answer.status, 422);
+    assert!(answer.body.len() < 2 * grex_client::proto::ERROR_MESSAGE_BYTES_MAX, "{} bytes", answer.body.len());
+}
+
+#[tokio::test]
 async fn fuel_limit_stops_a_spinning_job_with_its_own_error() {
     let dir = tempfile::tempdir().unwrap();
     let node = GrexNode::start(dir.path(), &["--fuel", "5000000"]);

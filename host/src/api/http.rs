@@ -2,78 +2,54 @@
 //! everything else is JSON. Errors are `{"error": "...", "code": "..."}` with a fitting status.
 
 use std::collections::HashMap;
+use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::{DefaultBodyLimit, Query, State};
-use axum::http::{HeaderMap, HeaderValue, StatusCode, Uri, header};
+use axum::http::{HeaderMap, HeaderValue, Request, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
-use axum::{Json, Router};
+use axum::{Extension, Json, Router};
 use grex_client::http::{FLOCK_HEADER, NODE_HEADER, VERSION_HEADER};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use percent_encoding::percent_decode_str;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
+use tower::ServiceExt;
 
 use super::Gate;
+use super::conns::{Conn, ConnTable, accept_loop};
 use crate::error::{ErrorCode, RemoteError, error};
 use crate::node::Node;
 
-/// HTTP connections served at once; further ones wait in the kernel's accept queue.
+/// HTTP connections open at once; when all are taken, the longest-idle one is closed for a new
+/// client, and while all are busy new ones wait in the kernel's accept queue (see `conns`).
 pub const CONNECTIONS_MAX: usize = 1024;
 
 /// Bytes of JSON or headers around a body that the limits do not count.
 const BODY_SLACK_BYTES: usize = 64 << 10;
 
-/// A TCP listener that holds at most [`CONNECTIONS_MAX`] connections open: each accepted stream
-/// carries a permit, given back when the connection closes.
-struct LimitedListener {
-    inner: tokio::net::TcpListener,
-    permits: Arc<Semaphore>,
+/// How long a client may take over things that should be quick.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct HttpTimeouts {
+    /// From a connection's start, or the end of its last response, to the end of the next
+    /// request's head; a connection that misses it is closed (half-sent heads and idle
+    /// keep-alive connections alike).
+    pub head: Duration,
+    /// From the end of a request's head to the end of its body; a body that misses it is answered
+    /// `request_timeout`.
+    pub body: Duration,
 }
 
-impl axum::serve::Listener for LimitedListener {
-    type Io = LimitedStream;
-    type Addr = SocketAddr;
-
-    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        let permit = self.permits.clone().acquire_owned().await.expect("the semaphore is never closed");
-        let (stream, addr) = axum::serve::Listener::accept(&mut self.inner).await;
-        (LimitedStream { inner: stream, _permit: permit }, addr)
-    }
-
-    fn local_addr(&self) -> std::io::Result<Self::Addr> {
-        self.inner.local_addr()
-    }
-}
-
-/// A connection and its permit.
-struct LimitedStream {
-    inner: tokio::net::TcpStream,
-    _permit: OwnedSemaphorePermit,
-}
-
-impl AsyncRead for LimitedStream {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_read(cx, buf)
-    }
-}
-
-impl AsyncWrite for LimitedStream {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+impl Default for HttpTimeouts {
+    fn default() -> Self {
+        HttpTimeouts { head: Duration::from_secs(10), body: Duration::from_secs(30) }
     }
 }
 
@@ -99,29 +75,91 @@ pub(super) async fn start(
     addr: SocketAddr,
     mut gate: Gate,
 ) -> anyhow::Result<(SocketAddr, JoinHandle<()>)> {
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot listen for HTTP on {addr}: {e}"))?;
+    let listener =
+        TcpListener::bind(addr).await.map_err(|e| anyhow::anyhow!("cannot listen for HTTP on {addr}: {e}"))?;
     let bound = listener.local_addr()?;
-    let listener = LimitedListener { inner: listener, permits: Arc::new(Semaphore::new(CONNECTIONS_MAX)) };
-    let app = router(node);
+    let timeouts = HttpTimeouts::default();
+    let app = router(node, timeouts);
     let task = tokio::spawn(async move {
         if !gate.opened().await {
             return;
         }
-        let mut stop = gate.stopped;
-        let shutdown = async move {
-            let _ = stop.wait_for(|s| *s).await;
-        };
-        if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(shutdown).await {
-            tracing::error!(error = %e, "HTTP server failed");
-        }
+        serve(listener, app, ConnTable::new(CONNECTIONS_MAX), timeouts, gate.stopped).await;
     });
     Ok((bound, task))
 }
 
+/// Accepts and serves connections until `stopped`, then lets the requests in progress finish.
+async fn serve(
+    listener: TcpListener,
+    app: Router,
+    table: Arc<ConnTable>,
+    timeouts: HttpTimeouts,
+    stopped: watch::Receiver<bool>,
+) {
+    accept_loop(&listener, &table, stopped.clone(), "HTTP", |stream, remote, conn| {
+        tokio::spawn(serve_connection(stream, conn, app.clone(), timeouts, stopped.clone(), remote));
+    })
+    .await;
+    table.closed().await;
+}
+
+async fn serve_connection(
+    stream: TcpStream,
+    conn: Conn,
+    app: Router,
+    timeouts: HttpTimeouts,
+    mut stopped: watch::Receiver<bool>,
+    remote: SocketAddr,
+) {
+    let conn = Arc::new(conn);
+    let service = hyper::service::service_fn({
+        let conn = conn.clone();
+        move |request: Request<Incoming>| {
+            let busy = conn.busy();
+            let app = app.clone();
+            async move {
+                let response = app.oneshot(request).await?;
+                // Busy until hyper has sent the body and drops it.
+                Ok::<_, Infallible>(response.map(|body| {
+                    Body::new(body.map_frame(move |frame| {
+                        let _ = &busy;
+                        frame
+                    }))
+                }))
+            }
+        }
+    });
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new()).header_read_timeout(timeouts.head);
+    let connection = http.serve_connection(TokioIo::new(stream), service);
+    tokio::pin!(connection);
+    let finished = tokio::select! {
+        result = connection.as_mut() => Some(result),
+        _ = conn.evicted() => {
+            tracing::debug!(%remote, "closing an idle HTTP connection for a new one");
+            None
+        }
+        _ = stopped.wait_for(|s| *s) => None,
+    };
+    // Asked to close: at once if no request is in progress (hyper's graceful shutdown would wait
+    // for a half-sent head), else after the response. The connection is not being polled here, so
+    // no request can start between the check and the close.
+    let result = match finished {
+        Some(result) => result,
+        None if !conn.is_busy() => Ok(()),
+        None => {
+            connection.as_mut().graceful_shutdown();
+            connection.await
+        }
+    };
+    if let Err(e) = result {
+        tracing::debug!(%remote, error = %e, "HTTP connection ended");
+    }
+}
+
 /// The API's routes.
-pub(crate) fn router(node: Node) -> Router {
+fn router(node: Node, timeouts: HttpTimeouts) -> Router {
     Router::new()
         .route("/v1/modules", get(list_modules))
         .route("/v1/modules/{name}", put(put_module))
@@ -134,6 +172,7 @@ pub(crate) fn router(node: Node) -> Router {
         .fallback(not_found)
         // Bodies are read with the node's own limits, so the errors are ours (JSON, named).
         .layer(DefaultBodyLimit::disable())
+        .layer(Extension(timeouts))
         .with_state(node)
 }
 
@@ -161,11 +200,32 @@ fn segment_text(uri: &Uri, index: usize, name: &str) -> ApiResult<String> {
         .map_err(|_| ApiError(error(ErrorCode::BadRequest, format!("`{name}` in the path must be UTF-8"))))
 }
 
-async fn read_body(body: Body, max: usize, what: &str, code: ErrorCode) -> ApiResult<Vec<u8>> {
-    axum::body::to_bytes(body, max)
-        .await
-        .map(|b| b.to_vec())
-        .map_err(|_| ApiError(error(code, format!("the {what} is over the {max}-byte limit"))))
+/// A request's body, at most `max` bytes, within the body timeout. A declared length over the
+/// limit is refused before any of the body is read.
+async fn read_body(
+    body: Body,
+    headers: &HeaderMap,
+    timeouts: HttpTimeouts,
+    max: usize,
+    what: &str,
+    code: ErrorCode,
+) -> ApiResult<Vec<u8>> {
+    let too_large = || ApiError(error(code, format!("the {what} is over the {max}-byte limit")));
+    let declared = headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    if declared.is_some_and(|length| length > max as u64) {
+        return Err(too_large());
+    }
+    match tokio::time::timeout(timeouts.body, axum::body::to_bytes(body, max)).await {
+        Ok(Ok(bytes)) => Ok(bytes.to_vec()),
+        Ok(Err(_)) => Err(too_large()),
+        Err(_) => Err(ApiError(error(
+            ErrorCode::RequestTimeout,
+            format!(
+                "the {what} did not arrive within {} s of the request's head; send the whole body at once",
+                timeouts.body.as_secs_f64()
+            ),
+        ))),
+    }
 }
 
 fn content_type(headers: &HeaderMap) -> Option<String> {
@@ -186,6 +246,7 @@ fn require_content_type(headers: &HeaderMap, allowed: &[&str], hint: &str) -> Ap
 
 async fn put_module(
     State(node): State<Node>,
+    Extension(timeouts): Extension<HttpTimeouts>,
     uri: Uri,
     headers: HeaderMap,
     body: Body,
@@ -197,7 +258,7 @@ async fn put_module(
         "curl: --data-binary @job.wasm -H 'content-type: application/wasm'",
     )?;
     let max = node.config().limits.module_bytes_max;
-    let wasm = read_body(body, max, "module", ErrorCode::ModuleTooLarge).await?;
+    let wasm = read_body(body, &headers, timeouts, max, "module", ErrorCode::ModuleTooLarge).await?;
     Ok(Json(node.put_module(&name, wasm).await?))
 }
 
@@ -207,6 +268,7 @@ async fn list_modules(State(node): State<Node>) -> Json<serde_json::Value> {
 
 async fn run_job(
     State(node): State<Node>,
+    Extension(timeouts): Extension<HttpTimeouts>,
     uri: Uri,
     Query(query): Query<HashMap<String, String>>,
     headers: HeaderMap,
@@ -232,7 +294,8 @@ async fn run_job(
         "curl -d sends form encoding: use --data-binary with -H 'content-type: application/octet-stream'",
     )?;
     let max = node.config().limits.input_bytes_max;
-    let input = read_body(body, max + BODY_SLACK_BYTES, "job input", ErrorCode::InputTooLarge).await?;
+    let input =
+        read_body(body, &headers, timeouts, max + BODY_SLACK_BYTES, "job input", ErrorCode::InputTooLarge).await?;
     let out = node.run_job(&bucket, module, input, read_only).await?;
     let mut response = (StatusCode::OK, out.output).into_response();
     let headers = response.headers_mut();
@@ -289,23 +352,97 @@ async fn status(State(node): State<Node>) -> Json<grex_client::Status> {
 
 #[cfg(test)]
 mod tests {
-    use std::time::Duration;
-
-    use axum::serve::Listener;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     use super::*;
 
+    const QUICK: HttpTimeouts = HttpTimeouts { head: Duration::from_millis(300), body: Duration::from_millis(300) };
+    const PATIENT: HttpTimeouts = HttpTimeouts { head: Duration::from_secs(60), body: Duration::from_secs(60) };
+
+    /// A node's HTTP server on a real socket; it stops when the sender is dropped.
+    async fn serve_test_node(
+        dir: &std::path::Path,
+        connections: usize,
+        timeouts: HttpTimeouts,
+    ) -> (SocketAddr, watch::Sender<bool>) {
+        let node = Node::open(crate::NodeConfig::new(dir)).unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stopped) = watch::channel(false);
+        tokio::spawn(serve(listener, router(node, timeouts), ConnTable::new(connections), timeouts, stopped));
+        (addr, stop)
+    }
+
+    /// Everything the server sends until it closes the connection, or `None` if it is still open
+    /// after 5 s.
+    async fn read_until_closed(stream: &mut TcpStream) -> Option<String> {
+        let mut answer = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut answer)).await;
+        read.ok().map(|_| String::from_utf8_lossy(&answer).into_owned())
+    }
+
     #[tokio::test]
-    async fn the_listener_holds_back_connections_beyond_its_limit_until_one_closes() {
-        let inner = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = inner.local_addr().unwrap();
-        let mut listener = LimitedListener { inner, permits: Arc::new(Semaphore::new(1)) };
-        let _first_client = tokio::net::TcpStream::connect(addr).await.unwrap();
-        let _second_client = tokio::net::TcpStream::connect(addr).await.unwrap();
-        let (first, _) = listener.accept().await;
-        let held_back = tokio::time::timeout(Duration::from_millis(100), listener.accept()).await;
-        assert!(held_back.is_err(), "a second connection was accepted while the only permit was taken");
-        drop(first);
-        let (_second, _) = listener.accept().await;
+    async fn a_half_sent_head_and_an_idle_keep_alive_connection_are_closed_after_the_head_timeout() {
+        let dir = tempfile::tempdir().unwrap();
+        let (addr, _stop) = serve_test_node(dir.path(), 16, QUICK).await;
+        let mut half_sent = TcpStream::connect(addr).await.unwrap();
+        half_sent.write_all(b"GET /v1/status HTTP/1.1\r\nhost: grex\r\n").await.unwrap();
+        let mut keep_alive = TcpStream::connect(addr).await.unwrap();
+        keep_alive.write_all(b"GET /v1/status HTTP/1.1\r\nhost: grex\r\n\r\n").await.unwrap();
+
+        assert!(read_until_closed(&mut half_sent).await.is_some(), "a half-sent head kept its connection open");
+        let answer = read_until_closed(&mut keep_alive).await.expect("an idle keep-alive connection stayed open");
+        assert!(answer.starts_with("HTTP/1.1 200"), "the complete request was not answered: {answer}");
+    }
+
+    #[tokio::test]
+    async fn a_declared_body_over_the_limit_is_refused_before_it_is_sent() {
+        let dir = tempfile::tempdir().unwrap();
+        let (addr, _stop) = serve_test_node(dir.path(), 16, PATIENT).await;
+        let mut client = TcpStream::connect(addr).await.unwrap();
+        let head = "POST /v1/jobs/b?module=m HTTP/1.1\r\nhost: grex\r\nconnection: close\r\n\
+                    content-length: 1000000000000\r\n\r\n";
+        client.write_all(head.as_bytes()).await.unwrap();
+        let answer = read_until_closed(&mut client).await.expect("no answer to a 1 TB content-length");
+        assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+        assert!(answer.contains("input_too_large"), "{answer}");
+    }
+
+    #[tokio::test]
+    async fn a_body_that_stalls_is_answered_request_timeout() {
+        let dir = tempfile::tempdir().unwrap();
+        let (addr, _stop) = serve_test_node(dir.path(), 16, QUICK).await;
+        let mut client = TcpStream::connect(addr).await.unwrap();
+        let head =
+            "POST /v1/jobs/b?module=m HTTP/1.1\r\nhost: grex\r\nconnection: close\r\ncontent-length: 100\r\n\r\n";
+        client.write_all(head.as_bytes()).await.unwrap();
+        client.write_all(&[b'x'; 10]).await.unwrap();
+        let answer = read_until_closed(&mut client).await.expect("a stalled body kept its connection open");
+        assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+        assert!(answer.contains("request_timeout"), "{answer}");
+    }
+
+    #[tokio::test]
+    async fn with_every_connection_taken_by_idle_clients_a_new_client_is_served() {
+        let dir = tempfile::tempdir().unwrap();
+        let (addr, _stop) = serve_test_node(dir.path(), 4, PATIENT).await;
+        let mut idle = Vec::new();
+        for _ in 0..4 {
+            let mut client = TcpStream::connect(addr).await.unwrap();
+            client.write_all(b"GET /v1/status HTTP/1.1\r\nhost: grex\r\n").await.unwrap();
+            idle.push(client);
+        }
+        for _ in 0..3 {
+            let mut client = TcpStream::connect(addr).await.unwrap();
+            client.write_all(b"GET /v1/status HTTP/1.1\r\nhost: grex\r\nconnection: close\r\n\r\n").await.unwrap();
+            let answer = read_until_closed(&mut client).await.expect("a new client was not served");
+            assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        }
+        // The longest-idle connection made room for the first newcomer (the others found its
+        // place free), and nothing was answered on it; the rest stay open.
+        let answer = read_until_closed(&mut idle[0]).await.expect("the longest-idle connection was not closed");
+        assert_eq!(answer, "", "an idle connection got an answer to its half-sent request");
+        let still_open = tokio::time::timeout(Duration::from_millis(200), idle[1].read(&mut [0; 16])).await;
+        assert!(still_open.is_err(), "a second idle connection was closed: {still_open:?}");
     }
 }

@@ -7,6 +7,7 @@
 //! commit outside its flock's log). [`start`] does both for a node on its own. `docs/wire.md`
 //! specifies the protocols.
 
+mod conns;
 mod http;
 pub(crate) mod quic;
 pub mod resp;

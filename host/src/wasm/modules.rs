@@ -135,15 +135,21 @@ fn to_component(wasm: &[u8]) -> Result<Vec<u8>> {
             head.join(" ")
         )));
     }
-    wit_component::ComponentEncoder::default()
-        .validate(true)
-        .module(wasm)
-        .and_then(|mut encoder| encoder.encode())
-        .map_err(|e| {
-            invalid(format!(
-                "the core module cannot be made into a grex:job component ({e:#}); build it with grex-sdk and its job! macro"
-            ))
-        })
+    // wit-component assumes a well-formed module (a truncated one can make it panic): validate
+    // first, and treat a panic that still gets through as an invalid module too.
+    wasmparser::Validator::new().validate_all(wasm).map_err(|e| {
+        invalid(format!("the core module is not valid wasm ({e}); upload the whole .wasm file cargo built"))
+    })?;
+    let encode = || wit_component::ComponentEncoder::default().validate(true).module(wasm)?.encode();
+    match std::panic::catch_unwind(encode) {
+        Ok(Ok(component)) => Ok(component),
+        Ok(Err(e)) => Err(invalid(format!(
+            "the core module cannot be made into a grex:job component ({e:#}); build it with grex-sdk and its job! macro"
+        ))),
+        Err(_) => Err(invalid(
+            "the core module's component type cannot be read; build it with grex-sdk and its job! macro".to_owned(),
+        )),
+    }
 }
 
 #[cfg(test)]

@@ -1,7 +1,7 @@
 //! Running one job: a fresh store and instance, the limits armed, the outcome classified.
 
 use wasmtime::Store;
-use wasmtime::Trap;
+use wasmtime::{Trap, WasmBacktrace};
 
 use super::engine::Runtime;
 use super::host_fns::JobState;
@@ -105,10 +105,28 @@ fn classify_failure(e: wasmtime::Error, state: &JobState, runtime: &Runtime) -> 
                 limits.fuel.unwrap_or(0)
             ),
         ),
+        Some(Trap::MemoryOutOfBounds) if state.panic_message.is_none() && stack_exhausted(&e) => error(
+            ErrorCode::JobTrapped,
+            "the job trapped: stack overflow (its stack, in its linear memory, ran out: too deep a recursion or \
+             too large locals; recurse less, or link it with a larger stack, e.g. -C link-arg=-zstack-size=4194304)",
+        ),
         Some(trap) => {
             let cause = state.panic_message.clone().unwrap_or_else(|| trap.to_string());
             error(ErrorCode::JobTrapped, format!("the job trapped: {cause}"))
         }
         None => error(ErrorCode::JobTrapped, format!("the job failed to run: {e:#}")),
     }
+}
+
+/// Whether an out-of-bounds access is the job's stack running out. Rust and C put a wasm module's
+/// stack in its linear memory, and an overflow shows as an out-of-bounds access (the stack pointer
+/// went below 0) with a backtrace of one recursion: wasmtime keeps the innermost 20 frames, and
+/// when they are full and hold at most 3 distinct functions, the job was recursing deeply.
+fn stack_exhausted(e: &wasmtime::Error) -> bool {
+    let Some(trace) = e.downcast_ref::<WasmBacktrace>() else { return false };
+    let frames = trace.frames();
+    let mut functions: Vec<u32> = frames.iter().map(|frame| frame.func_index()).collect();
+    functions.sort_unstable();
+    functions.dedup();
+    frames.len() >= 16 && functions.len() <= 3
 }

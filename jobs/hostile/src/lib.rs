@@ -10,6 +10,9 @@
 //! | `big-changeset N` | writes N bytes into items of 1 MiB (change-set limit) |
 //! | `fail` | writes an item, then returns an error (nothing commits) |
 //! | `big-item N` | writes one item of N bytes (item limit) |
+//! | `big-error N` | returns an error message of N bytes (error messages are cut) |
+//! | `recurse N` | recurses N calls deep, with a stack array in each (stack exhaustion) |
+//! | `host-calls` | calls the host without end (deadline) |
 
 use grex_sdk::{Bucket, Error};
 
@@ -36,6 +39,11 @@ fn hostile(bucket: &mut Bucket, input: &[u8]) -> Result<Vec<u8>, Error> {
             bucket.put_bytes("big", &vec![1u8; size]);
             Ok(Vec::new())
         }
+        "big-error" => Err(Error::msg("e".repeat(size))),
+        "recurse" => Ok(recurse(size as u64).to_le_bytes().to_vec()),
+        "host-calls" => loop {
+            std::hint::black_box(bucket.get_bytes("missing"));
+        },
         "fail" => {
             bucket.put_text("written-before-failing", "should never commit");
             Err(Error::msg("the hostile job failed on purpose"))
@@ -49,6 +57,13 @@ fn spin() -> ! {
     loop {
         x = std::hint::black_box(x.wrapping_add(1));
     }
+}
+
+/// Recursion the optimizer cannot flatten: each call keeps an array on the stack.
+#[inline(never)]
+fn recurse(depth: u64) -> u64 {
+    let frame = std::hint::black_box([depth; 32]);
+    if depth == 0 { 0 } else { recurse(depth - 1).wrapping_add(frame[depth as usize % 32]) }
 }
 
 fn balloon() -> ! {

@@ -7,8 +7,9 @@
 //! the commands.
 //!
 //! Limits: a request's size is bounded (bulk strings by [`RespLimits::bulk_bytes_max`], argument
-//! count, inline lines), a connection that leaves a request half-sent for
-//! [`REQUEST_IDLE_TIMEOUT`] is closed, and connections are capped. Pipelined commands on different
+//! count, inline lines), a request must arrive whole within [`REQUEST_IDLE_TIMEOUT`] of its first
+//! byte or the connection is closed, and connections are capped: when all are taken, the one idle
+//! longest (no command running) is closed for a new client (`api::conns`). Pipelined commands on different
 //! keys run at once (up to 256 per connection), commands on one key in order, and
 //! replies come back in order.
 
@@ -25,21 +26,24 @@ use futures::{FutureExt, StreamExt};
 use grex_client::proto::{self, ErrorCode};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
+use tokio::time::Instant;
 
 use crate::api::Gate;
+use crate::api::conns::{Conn, ConnTable, accept_loop};
 use crate::data::builtin::{self, Builtin, BuiltinReply};
 use crate::error::RemoteError;
 use crate::node::Node;
 
-/// Open connections at most; further ones are refused with an error reply.
+/// Open connections at most; when all are taken, the longest-idle one is closed for a new client,
+/// and while all are busy, new ones wait to be accepted.
 const CONNECTIONS_MAX: usize = 1024;
 /// Arguments in one command at most.
 const ARGS_MAX: usize = 1024 * 1024;
 /// An inline command (or a length line) longer than this is refused.
 const INLINE_BYTES_MAX: usize = 64 * 1024;
-/// A connection with part of a request buffered and nothing more for this long is closed.
+/// A request not whole this long after its first byte arrived closes its connection.
 pub const REQUEST_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Replies buffered before they are written out, while more pipelined requests wait.
 const REPLY_FLUSH_BYTES: usize = 64 * 1024;
@@ -57,7 +61,8 @@ pub struct RespLimits {
     pub bulk_bytes_max: usize,
     /// The largest whole request.
     pub request_bytes_max: usize,
-    /// How long part of a request may sit in the buffer before the connection is closed.
+    /// How long a request may take to arrive, from its first byte, before the connection is
+    /// closed.
     pub half_sent_max: Duration,
 }
 
@@ -250,36 +255,33 @@ pub(crate) async fn start(
     let bound = listener.local_addr()?;
     let limits = RespLimits::for_node(&node);
     let task = tokio::spawn(async move {
-        let slots = Arc::new(Semaphore::new(CONNECTIONS_MAX));
         if !gate.opened().await {
             return;
         }
-        let mut stopped = gate.stopped;
-        loop {
-            tokio::select! {
-                accepted = listener.accept() => {
-                    let Ok((mut stream, remote)) = accepted else { continue };
-                    let _ = stream.set_nodelay(true);
-                    let Ok(permit) = slots.clone().try_acquire_owned() else {
-                        tracing::warn!(%remote, "refusing a RESP connection: at the connection limit");
-                        let _ = stream.write_all(b"-ERR max number of clients reached\r\n").await;
-                        continue;
-                    };
-                    let commands = Commands { node: node.clone(), follower_reads: false };
-                    let connection = Connection { commands, limits, resp3: false };
-                    let stopped = stopped.clone();
-                    tokio::spawn(async move {
-                        if let Err(e) = connection.serve(stream, stopped).await {
-                            tracing::debug!(%remote, error = %e, "RESP connection ended");
-                        }
-                        drop(permit);
-                    });
-                }
-                _ = stopped.changed() => break,
-            }
-        }
+        serve(listener, node, limits, ConnTable::new(CONNECTIONS_MAX), gate.stopped).await;
     });
     Ok((bound, task))
+}
+
+/// Accepts and serves connections until `stopped`.
+async fn serve(
+    listener: TcpListener,
+    node: Node,
+    limits: RespLimits,
+    table: Arc<ConnTable>,
+    stopped: watch::Receiver<bool>,
+) {
+    accept_loop(&listener, &table, stopped.clone(), "RESP", |stream, remote, conn| {
+        let commands = Commands { node: node.clone(), follower_reads: false };
+        let connection = Connection { commands, limits, resp3: false };
+        let stopped = stopped.clone();
+        tokio::spawn(async move {
+            if let Err(e) = connection.serve(stream, conn, stopped).await {
+                tracing::debug!(%remote, error = %e, "RESP connection ended");
+            }
+        });
+    })
+    .await;
 }
 
 struct Connection {
@@ -428,11 +430,22 @@ fn runs_alone(name: &str) -> bool {
 }
 
 impl Connection {
-    async fn serve(mut self, mut stream: TcpStream, mut stopped: watch::Receiver<bool>) -> std::io::Result<()> {
+    /// Serves one connection until the client closes it, the table asks it to make room while no
+    /// command runs, a request takes too long to arrive, or the server stops.
+    async fn serve(
+        mut self,
+        mut stream: TcpStream,
+        conn: Conn,
+        mut stopped: watch::Receiver<bool>,
+    ) -> std::io::Result<()> {
         let mut buf: Vec<u8> = Vec::with_capacity(16 * 1024);
         let mut out: Vec<u8> = Vec::with_capacity(16 * 1024);
         let mut chunk = vec![0u8; 64 * 1024];
         let mut pipeline = Pipeline::default();
+        // When the request buffered in part must be whole: its first byte's arrival plus
+        // `half_sent_max`.
+        let mut deadline: Option<Instant> = None;
+        let mut busy = None;
         loop {
             // Start every complete command buffered, as far as the pipeline has room.
             let mut consumed = 0;
@@ -443,6 +456,7 @@ impl Connection {
                         if args.is_empty() {
                             continue;
                         }
+                        busy.get_or_insert_with(|| conn.busy());
                         let name = String::from_utf8_lossy(&args[0]).to_ascii_uppercase();
                         if !runs_alone(&name) {
                             if pipeline.is_empty() && consumed == buf.len() {
@@ -469,26 +483,42 @@ impl Connection {
                 }
             }
             buf.drain(..consumed);
+            // The clock of the request in part runs from its first byte, and only while it is
+            // being read: a new one begins where a whole one was taken, or with the next read.
+            if buf.is_empty() {
+                deadline = None;
+            } else if consumed > 0 || !pipeline.has_room() {
+                deadline = Some(Instant::now() + self.limits.half_sent_max);
+            }
             pipeline.take_ready(&mut out, self.resp3);
             if !out.is_empty() {
                 stream.write_all(&out).await?;
                 out.clear();
             }
-            // Wait for a reply or for more bytes (while there is room to start more): with part
-            // of a request buffered, for at most `half_sent_max`; with nothing buffered, as long
-            // as the client likes.
-            let patience = if buf.is_empty() { None } else { Some(self.limits.half_sent_max) };
+            if pipeline.is_empty() {
+                busy = None;
+            }
+            // Wait for a reply, for more bytes (while there is room to start more), for the
+            // deadline of a request in part, or, with no command running, for the table to ask
+            // this connection to make room.
+            let reading = pipeline.has_room();
             tokio::select! {
                 Some(reply) = pipeline.next() => reply.write(&mut out, self.resp3),
-                read = read_within(&mut stream, &mut chunk, patience), if pipeline.has_room() => match read? {
+                read = stream.read(&mut chunk), if reading => match read? {
                     // The client is done sending: answer what it sent.
-                    Some(0) => return pipeline.close(&mut stream, &mut out, self.resp3, None).await,
-                    Some(read) => buf.extend_from_slice(&chunk[..read]),
-                    None => {
-                        let error = Some(Reply::err("request not completed in time; connection closed"));
-                        return pipeline.close(&mut stream, &mut out, self.resp3, error).await;
+                    0 => return pipeline.close(&mut stream, &mut out, self.resp3, None).await,
+                    read => {
+                        if buf.is_empty() {
+                            deadline = Some(Instant::now() + self.limits.half_sent_max);
+                        }
+                        buf.extend_from_slice(&chunk[..read]);
                     }
                 },
+                _ = tokio::time::sleep_until(deadline.unwrap_or_else(Instant::now)), if reading && deadline.is_some() => {
+                    let error = Some(Reply::err("request not completed in time; connection closed"));
+                    return pipeline.close(&mut stream, &mut out, self.resp3, error).await;
+                }
+                _ = conn.evicted(), if pipeline.is_empty() => return Ok(()),
                 _ = stopped.changed() => return Ok(()),
             }
         }
@@ -685,21 +715,6 @@ impl Commands {
     }
 }
 
-/// One read, or `None` if `patience` ran out first.
-async fn read_within(
-    stream: &mut TcpStream,
-    chunk: &mut [u8],
-    patience: Option<Duration>,
-) -> std::io::Result<Option<usize>> {
-    match patience {
-        None => stream.read(chunk).await.map(Some),
-        Some(limit) => match tokio::time::timeout(limit, stream.read(chunk)).await {
-            Ok(read) => read.map(Some),
-            Err(_) => Ok(None),
-        },
-    }
-}
-
 fn arity(name: &str) -> Reply {
     Reply::err(format!("wrong number of arguments for '{}' command", name.to_ascii_lowercase()))
 }
@@ -798,19 +813,71 @@ mod tests {
         assert_eq!(err, b"-ERR bad  thing\r\n");
     }
 
-    /// A node's RESP connection on a real socket, with the test limits.
-    async fn connect_to_test_node(dir: &std::path::Path) -> (TcpStream, watch::Sender<bool>) {
+    /// A node's RESP server on a real socket, with the test limits and room for `connections`;
+    /// it stops when the sender is dropped.
+    async fn serve_test_node(dir: &std::path::Path, connections: usize) -> (SocketAddr, watch::Sender<bool>) {
         let node = Node::open(crate::NodeConfig::new(dir)).unwrap();
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (stop, stopped) = watch::channel(false);
-        tokio::spawn(async move {
-            let (stream, _) = listener.accept().await.unwrap();
-            let connection =
-                Connection { commands: Commands { node, follower_reads: false }, limits: LIMITS, resp3: false };
-            let _ = connection.serve(stream, stopped).await;
-        });
+        tokio::spawn(serve(listener, node, LIMITS, ConnTable::new(connections), stopped));
+        (addr, stop)
+    }
+
+    async fn connect_to_test_node(dir: &std::path::Path) -> (TcpStream, watch::Sender<bool>) {
+        let (addr, stop) = serve_test_node(dir, 16).await;
         (TcpStream::connect(addr).await.unwrap(), stop)
+    }
+
+    async fn ping(client: &mut TcpStream) {
+        client.write_all(b"*1\r\n$4\r\nPING\r\n").await.unwrap();
+        let mut pong = [0; 7];
+        tokio::time::timeout(Duration::from_secs(5), client.read_exact(&mut pong)).await.expect("no PONG").unwrap();
+        assert_eq!(&pong, b"+PONG\r\n");
+    }
+
+    #[tokio::test]
+    async fn a_request_dripped_a_byte_at_a_time_is_dropped_its_limit_after_its_first_byte() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut client, _stop) = connect_to_test_node(dir.path()).await;
+        let request = b"*2\r\n$4\r\nECHO\r\n$40\r\n0123456789012345678901234567890123456789\r\n";
+        let started = std::time::Instant::now();
+        let mut closed_after = None;
+        for byte in request {
+            if client.write_all(&[*byte]).await.is_err() {
+                closed_after = Some(started.elapsed());
+                break;
+            }
+            // Each byte comes well within the limit; the request as a whole does not.
+            let mut answer = [0; 64];
+            if let Ok(read) = tokio::time::timeout(LIMITS.half_sent_max / 3, client.read(&mut answer)).await {
+                let read = read.unwrap_or(0);
+                assert!(answer[..read].starts_with(b"-ERR request not completed in time"), "{:?}", &answer[..read]);
+                closed_after = Some(started.elapsed());
+                break;
+            }
+        }
+        let closed_after = closed_after.expect("a dripped request kept its connection open to the end");
+        assert!(closed_after < LIMITS.half_sent_max * 4, "closed only after {closed_after:?}");
+    }
+
+    #[tokio::test]
+    async fn with_every_connection_taken_by_idle_clients_a_new_client_is_served() {
+        let dir = tempfile::tempdir().unwrap();
+        let (addr, _stop) = serve_test_node(dir.path(), 3).await;
+        let mut idle = Vec::new();
+        for _ in 0..3 {
+            let mut client = TcpStream::connect(addr).await.unwrap();
+            ping(&mut client).await;
+            idle.push(client);
+        }
+        let mut newcomer = TcpStream::connect(addr).await.unwrap();
+        ping(&mut newcomer).await;
+        // The first (longest idle) made room; the others still answer.
+        let mut rest = Vec::new();
+        let closed = tokio::time::timeout(Duration::from_secs(5), idle[0].read_to_end(&mut rest)).await;
+        assert!(closed.is_ok() && rest.is_empty(), "the longest-idle connection was not closed: {rest:?}");
+        ping(&mut idle[2]).await;
     }
 
     #[tokio::test]
