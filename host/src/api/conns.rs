@@ -97,9 +97,8 @@ impl ConnTable {
                     state.conns.insert(id, entry);
                     return Conn { table: self.clone(), id, evict };
                 }
-                let evicting = state.conns.values().filter(|e| e.evicting).count();
-                // One eviction per connection waiting is enough; the rest wait for those.
-                if evicting == 0
+                // One eviction at a time is enough; the rest wait for it.
+                if !state.conns.values().any(|e| e.evicting)
                     && let Some(victim) = state.conns.values_mut().filter(|e| e.busy == 0).min_by_key(|e| e.idle_since)
                 {
                     victim.evicting = true;
