@@ -180,6 +180,7 @@ impl GrexNode {
                 std::env::var("GREX_TEST_LOG")
                     .unwrap_or_else(|_| "warn,grex::cluster=info,grex::job=off,openraft=off".into()),
             )
+            .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(log)
             .spawn()
@@ -209,6 +210,11 @@ impl GrexNode {
             child: Some(child),
             args,
         }
+    }
+
+    /// The arguments it was started with (after the listen addresses).
+    pub fn args(&self) -> &[String] {
+        &self.args
     }
 
     /// What the node has logged (its standard error) in every run so far.
@@ -251,6 +257,31 @@ impl GrexNode {
         let Some(mut child) = self.child.take() else { return false };
         let _ = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status();
         child.wait().map(|s| s.success()).unwrap_or(false)
+    }
+
+    /// Writes a line to the process's standard input (`--fault-injection` reads commands there).
+    pub fn tell(&mut self, line: &str) {
+        use std::io::Write;
+        let child = self.child.as_mut().expect("the node is running");
+        let stdin = child.stdin.as_mut().expect("piped stdin");
+        writeln!(stdin, "{line}").and_then(|()| stdin.flush()).expect("write to the node's stdin");
+    }
+
+    /// Waits up to `timeout` for the process to exit by itself; its exit code if it did (the
+    /// node is then down, to be [`restart`](Self::restart)ed).
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<Option<i32>> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let child = self.child.as_mut()?;
+            if let Ok(Some(status)) = child.try_wait() {
+                self.child = None;
+                return Some(status.code());
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
 
     /// Whether the process is still running.

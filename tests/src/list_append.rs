@@ -146,13 +146,25 @@ pub fn request(
     body: &[u8],
     timeout: Duration,
 ) -> Result<(u16, Vec<u8>), (bool, String)> {
+    request_typed(node, method, path, "text/plain", body, timeout)
+}
+
+/// [`request`] with a body of `content_type`.
+pub fn request_typed(
+    node: &str,
+    method: &str,
+    path: &str,
+    content_type: &str,
+    body: &[u8],
+    timeout: Duration,
+) -> Result<(u16, Vec<u8>), (bool, String)> {
     let addr: SocketAddr = node.parse().map_err(|e| (false, format!("bad address {node}: {e}")))?;
     let mut stream =
         TcpStream::connect_timeout(&addr, Duration::from_secs(1)).map_err(|e| (false, format!("connect: {e}")))?;
     let _ = stream.set_read_timeout(Some(timeout));
     let _ = stream.set_write_timeout(Some(timeout));
     let head = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {node}\r\nConnection: close\r\nContent-Type: text/plain\r\n\
+        "{method} {path} HTTP/1.1\r\nHost: {node}\r\nConnection: close\r\nContent-Type: {content_type}\r\n\
          Content-Length: {}\r\n\r\n",
         body.len()
     );

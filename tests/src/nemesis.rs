@@ -39,6 +39,46 @@ pub enum Fault {
         /// How long it stays stopped.
         paused: Duration,
     },
+    /// Cut a node off from every other node (both sides drop the traffic); heal after `lasting`.
+    Isolate {
+        /// The node on its own.
+        node: usize,
+        /// How long the partition lasts.
+        lasting: Duration,
+    },
+    /// Cut the traffic between `node` and the next node only: each still reaches the others, so
+    /// no side is a clean minority.
+    CutPair {
+        /// One end; the other is the next node.
+        node: usize,
+        /// How long the cut lasts.
+        lasting: Duration,
+    },
+    /// The node's disk fails: every commit from then on fails, and the node must stop by itself;
+    /// it is restarted with a working disk `down` after it stopped.
+    DiskFail {
+        /// The victim.
+        node: usize,
+        /// How long it stays down.
+        down: Duration,
+    },
+    /// A new node joins through `node` (flocks move to it while the other faults go on).
+    Join {
+        /// The node the join is sent to.
+        node: usize,
+    },
+}
+
+impl Fault {
+    /// How long the fault lasts (0 for a join: it only starts one).
+    fn lasting(&self) -> Duration {
+        match *self {
+            Fault::Kill { down, .. } | Fault::KillLeader { down } | Fault::DiskFail { down, .. } => down,
+            Fault::Pause { paused, .. } => paused,
+            Fault::Isolate { lasting, .. } | Fault::CutPair { lasting, .. } => lasting,
+            Fault::Join { .. } => Duration::ZERO,
+        }
+    }
 }
 
 /// Which faults a run draws from.
@@ -51,6 +91,11 @@ pub enum Mix {
     LeaderKills,
     /// Only kills that keep a node down for 4 s (to time elections).
     LongKills,
+    /// Partitions (a node cut off from the rest, or only two nodes from each other) and kills.
+    Partitions,
+    /// Every fault: kills, pauses, partitions, failing disks, a node joining, module uploads
+    /// (nodes need `--fault-injection`).
+    Everything,
 }
 
 /// A run's settings.
@@ -84,6 +129,8 @@ pub struct Event {
     /// For kills: how long until every flock had a leader other than the victim (`None` if
     /// that had not happened by the restart).
     pub leaderless: Option<Duration>,
+    /// What else happened (a failed disk: how soon the node stopped).
+    pub note: String,
 }
 
 /// What a run did and found.
@@ -96,6 +143,17 @@ pub struct Report {
     pub tally: Tally,
     /// What the checker found.
     pub anomalies: Vec<Anomaly>,
+    /// Module uploads: acknowledged, and every one of them on every node at the end.
+    pub uploads: Uploads,
+}
+
+/// Module uploads made during a run.
+#[derive(Clone, Debug, Default)]
+pub struct Uploads {
+    /// Names whose upload was acknowledged.
+    pub acknowledged: Vec<String>,
+    /// Uploads that failed or got no answer.
+    pub failed: usize,
 }
 
 impl Report {
@@ -105,9 +163,16 @@ impl Report {
         for e in &self.events {
             let gap =
                 e.leaderless.map(|g| format!(", leaders again after {:.2} s", g.as_secs_f64())).unwrap_or_default();
-            out.push_str(&format!("  {:>7.2}s node {} {:?}{gap}\n", e.at.as_secs_f64(), e.node, e.fault));
+            out.push_str(&format!("  {:>7.2}s node {} {:?}{gap}{}\n", e.at.as_secs_f64(), e.node, e.fault, e.note));
         }
         out.push_str(&format!("history: {:?}\n", self.tally));
+        if !self.uploads.acknowledged.is_empty() || self.uploads.failed > 0 {
+            out.push_str(&format!(
+                "module uploads: {} acknowledged, {} failed or unanswered\n",
+                self.uploads.acknowledged.len(),
+                self.uploads.failed
+            ));
+        }
         for a in &self.anomalies {
             out.push_str(&a.to_string());
         }
@@ -121,27 +186,32 @@ impl Report {
     }
 }
 
-/// The schedule of a run: faults 3–6 s apart, drawn from `mix`.
+/// The schedule of a run: faults 3–6 s apart, drawn from `mix`. At most one join a run.
 pub fn schedule(rng: &mut StdRng, config: &RunConfig) -> Vec<(Duration, Fault)> {
     let mut at = Duration::from_secs(2);
     let mut faults = Vec::new();
     let ms = |rng: &mut StdRng, lo: u64, hi: u64| Duration::from_millis(rng.random_range(lo..hi));
+    let mut joined = false;
     while at < config.duration {
         let node = rng.random_range(0..config.nodes);
-        let fault = match (config.mix, rng.random_range(0..4)) {
+        let fault = match (config.mix, rng.random_range(0..8)) {
             (Mix::LongKills, _) => Fault::Kill { node, down: Duration::from_secs(4) },
-            (Mix::LeaderKills, 0 | 1) | (Mix::Mixed, 0) => Fault::KillLeader { down: ms(rng, 50, 400) },
-            (Mix::LeaderKills, _) | (Mix::Mixed, 1) => Fault::KillLeader { down: ms(rng, 1000, 3000) },
-            (Mix::Mixed, 2) => Fault::Kill { node, down: ms(rng, 1000, 3000) },
-            (Mix::Mixed, _) => Fault::Pause { node, paused: ms(rng, 2000, 4000) },
+            (Mix::LeaderKills, 0..4) | (Mix::Mixed, 0 | 1) => Fault::KillLeader { down: ms(rng, 50, 400) },
+            (Mix::LeaderKills, _) | (Mix::Mixed, 2 | 3) => Fault::KillLeader { down: ms(rng, 1000, 3000) },
+            (Mix::Mixed, 4 | 5) | (Mix::Partitions | Mix::Everything, 0) => {
+                Fault::Kill { node, down: ms(rng, 1000, 3000) }
+            }
+            (Mix::Mixed, _) | (Mix::Everything, 1) => Fault::Pause { node, paused: ms(rng, 2000, 4000) },
+            (Mix::Partitions, 1..5) | (Mix::Everything, 2 | 3) => Fault::Isolate { node, lasting: ms(rng, 1000, 5000) },
+            (Mix::Partitions, _) | (Mix::Everything, 4) => Fault::CutPair { node, lasting: ms(rng, 1000, 5000) },
+            (Mix::Everything, 5) if !joined => {
+                joined = true;
+                Fault::Join { node }
+            }
+            (Mix::Everything, _) => Fault::DiskFail { node, down: ms(rng, 500, 2000) },
         };
         faults.push((at, fault));
-        let gap = ms(rng, 3000, 6000);
-        at += gap
-            + match fault {
-                Fault::Kill { down, .. } | Fault::KillLeader { down } => down,
-                Fault::Pause { paused, .. } => paused,
-            };
+        at += ms(rng, 3000, 6000) + fault.lasting();
     }
     faults
 }
@@ -188,12 +258,24 @@ pub async fn run(config: RunConfig) -> Report {
         })
         .collect();
 
+    let uploader = (config.mix == Mix::Everything).then(|| {
+        let (addrs, stop) = (addrs.clone(), stop.clone());
+        let mut rng = StdRng::seed_from_u64(config.seed ^ 0x5eed_0f00_u64);
+        let seed = config.seed;
+        std::thread::spawn(move || upload_modules(&addrs, &stop, &mut rng, seed))
+    });
+
     let mut events = Vec::new();
+    let mut anomalies = Vec::new();
     for (at, fault) in faults {
         if let Some(wait) = at.checked_sub(start.elapsed()) {
             std::thread::sleep(wait);
         }
-        events.push(inject(&mut cluster, &buckets[0], start, fault));
+        let (event, anomaly) = inject(&mut cluster, &buckets[0], start, fault);
+        // As it happens, so a run that fails before its report still shows its schedule.
+        println!("fault at {:>7.2}s node {} {:?}{}", event.at.as_secs_f64(), event.node, event.fault, event.note);
+        events.push(event);
+        anomalies.extend(anomaly);
     }
     if let Some(rest) = config.duration.checked_sub(start.elapsed()) {
         std::thread::sleep(rest);
@@ -202,11 +284,68 @@ pub async fn run(config: RunConfig) -> Report {
     for w in workers {
         let _ = w.join();
     }
-    cluster.wait_formed(config.nodes).await;
-    let finals: Vec<Final> = buckets.iter().map(|b| final_state(&addrs, b)).collect();
+    let uploads = uploader.map(|u| u.join().expect("the uploader panicked")).unwrap_or_default();
+    let count = cluster.nodes.len();
+    cluster.wait_formed(count).await;
+    let nodes: Vec<(String, String)> = cluster.nodes.iter().map(|n| (n.id.clone(), n.http_addr().to_owned())).collect();
+    let finals: Vec<Final> = buckets.iter().map(|b| final_state(&nodes, b)).collect();
     let history: Vec<Op> = std::mem::take(&mut *history.lock().unwrap_or_else(|p| p.into_inner()));
-    let anomalies = list_append::check(&history, &finals);
-    Report { seed: config.seed, events, tally: list_append::tally(&history), anomalies }
+    anomalies.extend(list_append::check(&history, &finals));
+    anomalies.extend(modules_lost(&nodes, &uploads));
+    Report { seed: config.seed, events, tally: list_append::tally(&history), anomalies, uploads }
+}
+
+/// Uploads the `counter` module under a new name through a random node about once a second
+/// until `stop`.
+fn upload_modules(addrs: &[String], stop: &AtomicBool, rng: &mut StdRng, seed: u64) -> Uploads {
+    let wasm = job_wasm("counter");
+    let mut uploads = Uploads::default();
+    let mut n = 0;
+    while !stop.load(Ordering::Relaxed) {
+        std::thread::sleep(Duration::from_millis(rng.random_range(500..1500)));
+        n += 1;
+        let name = format!("up-{}-{n}", seed % 1000);
+        let node = &addrs[rng.random_range(0..addrs.len())];
+        let path = format!("/v1/modules/{name}");
+        match list_append::request_typed(node, "PUT", &path, "application/wasm", &wasm, Duration::from_secs(20)) {
+            Ok((200, _)) => uploads.acknowledged.push(name),
+            _ => uploads.failed += 1,
+        }
+    }
+    uploads
+}
+
+/// Every acknowledged upload must be listed by every node once the faults healed.
+fn modules_lost(nodes: &[(String, String)], uploads: &Uploads) -> Vec<Anomaly> {
+    let listed = |addr: &str| -> Vec<String> {
+        get_json(addr, "/v1/modules")
+            .and_then(|m| {
+                m["modules"]
+                    .as_array()
+                    .map(|a| a.iter().filter_map(|m| m["name"].as_str().map(str::to_owned)).collect())
+            })
+            .unwrap_or_default()
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for (id, addr) in nodes {
+        let missing = loop {
+            let have = listed(addr);
+            let missing: Vec<&String> = uploads.acknowledged.iter().filter(|n| !have.contains(n)).collect();
+            if missing.is_empty() || Instant::now() >= deadline {
+                break missing;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        if !missing.is_empty() {
+            return vec![Anomaly {
+                kind: "module-lost",
+                bucket: 0,
+                what: format!("node {id} ({addr}) does not list acknowledged uploads {missing:?}"),
+                ops: Vec::new(),
+            }];
+        }
+    }
+    Vec::new()
 }
 
 /// Waits until a job runs on the first bucket through every node (the module reached them all).
@@ -220,19 +359,86 @@ fn wait_loaded(addrs: &[String], bucket: &str) {
     }
 }
 
-fn inject(cluster: &mut TestCluster, bucket: &str, start: Instant, fault: Fault) -> Event {
+fn inject(cluster: &mut TestCluster, bucket: &str, start: Instant, fault: Fault) -> (Event, Option<Anomaly>) {
     let at = start.elapsed();
+    let event = |node: usize| Event { at, node, fault, leaderless: None, note: String::new() };
+    let count = cluster.nodes.len();
     match fault {
         Fault::Pause { node, paused } => {
             cluster.nodes[node].signal("STOP");
             std::thread::sleep(paused);
             cluster.nodes[node].signal("CONT");
-            Event { at, node, fault, leaderless: None }
+            (event(node), None)
         }
-        Fault::Kill { node, down } => kill_and_restart(cluster, node, down, at, fault),
+        Fault::Kill { node, down } => (kill_and_restart(cluster, node, down, at, fault), None),
         Fault::KillLeader { down } => {
             let node = leader_of(cluster, bucket).unwrap_or(0);
-            kill_and_restart(cluster, node, down, at, fault)
+            (kill_and_restart(cluster, node, down, at, fault), None)
+        }
+        Fault::Isolate { node, lasting } => {
+            let others: Vec<usize> = (0..count).filter(|n| *n != node).collect();
+            partition(cluster, &[(node, others)], lasting);
+            (event(node), None)
+        }
+        Fault::CutPair { node, lasting } => {
+            let other = (node + 1) % count;
+            partition(cluster, &[(node, vec![other])], lasting);
+            (event(node), None)
+        }
+        Fault::DiskFail { node, down } => {
+            cluster.nodes[node].tell("disk fail");
+            let failed = Instant::now();
+            let mut event = event(node);
+            let anomaly = match cluster.nodes[node].wait_exit(Duration::from_secs(15)) {
+                Some(code) => {
+                    event.note =
+                        format!(", stopped by itself after {:.2} s (exit {code:?})", failed.elapsed().as_secs_f64());
+                    None
+                }
+                None => {
+                    cluster.nodes[node].kill9();
+                    Some(Anomaly {
+                        kind: "disk-fail-not-stopped",
+                        bucket: 0,
+                        what: format!("node {node} was still running 15 s after its disk failed"),
+                        ops: Vec::new(),
+                    })
+                }
+            };
+            std::thread::sleep(down);
+            cluster.nodes[node].restart();
+            (event, anomaly)
+        }
+        Fault::Join { node } => {
+            let args = cluster.nodes[0].args().to_vec();
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            cluster.join_via(node, &args);
+            let mut event = event(node);
+            event.note = format!(", node {} joined", cluster.nodes.len() - 1);
+            (event, None)
+        }
+    }
+}
+
+/// Cuts the traffic between each `(node, others)` pair's node and each of its others, on both
+/// sides, for `lasting`; then heals every cut.
+fn partition(cluster: &mut TestCluster, cuts: &[(usize, Vec<usize>)], lasting: Duration) {
+    let mut cut: Vec<Vec<String>> = vec![Vec::new(); cluster.nodes.len()];
+    for (node, others) in cuts {
+        for other in others {
+            cut[*node].push(cluster.nodes[*other].id.clone());
+            cut[*other].push(cluster.nodes[*node].id.clone());
+        }
+    }
+    for (node, ids) in cut.iter().enumerate() {
+        if !ids.is_empty() {
+            cluster.nodes[node].tell(&format!("cut {}", ids.join(" ")));
+        }
+    }
+    std::thread::sleep(lasting);
+    for (node, ids) in cut.iter().enumerate() {
+        if !ids.is_empty() {
+            cluster.nodes[node].tell("cut");
         }
     }
 }
@@ -250,7 +456,7 @@ fn kill_and_restart(cluster: &mut TestCluster, node: usize, down: Duration, at: 
         std::thread::sleep(Duration::from_millis(20));
     }
     cluster.nodes[node].restart();
-    Event { at, node, fault, leaderless }
+    Event { at, node, fault, leaderless, note: String::new() }
 }
 
 /// A GET's JSON answer, if `node` answers 200 within a second.
@@ -277,12 +483,13 @@ fn leader_of(cluster: &TestCluster, bucket: &str) -> Option<usize> {
     cluster.nodes.iter().position(|n| n.http == url)
 }
 
-/// The list a read returns through node 0 after healing, and every node's committed copy once
-/// they agree with it (followers apply what they learn is committed within moments).
-fn final_state(addrs: &[String], bucket: &str) -> Final {
+/// The list a read returns through node 0 after healing, and the committed copy of every node
+/// that herds the bucket's flock once they agree with it (followers apply what they learn is
+/// committed within moments).
+fn final_state(nodes: &[(String, String)], bucket: &str) -> Final {
     let deadline = Instant::now() + Duration::from_secs(30);
     let list = loop {
-        match list_append::run_job(&addrs[0], bucket, "read", Duration::from_secs(20)) {
+        match list_append::run_job(&nodes[0].1, bucket, "read", Duration::from_secs(20)) {
             Ok((200, body)) => break list_append::parse_list(&String::from_utf8_lossy(&body)).expect("a list"),
             other => {
                 assert!(Instant::now() < deadline, "the final read of {bucket} failed: {other:?}");
@@ -290,6 +497,9 @@ fn final_state(addrs: &[String], bucket: &str) -> Final {
             }
         }
     };
+    let herders = herders_of(&nodes[0].1, bucket);
+    let addrs: Vec<&str> =
+        nodes.iter().filter(|(id, _)| herders.is_empty() || herders.contains(id)).map(|(_, a)| a.as_str()).collect();
     let copy = |addr: &str| match list_append::request(
         addr,
         "GET",
@@ -306,4 +516,18 @@ fn final_state(addrs: &[String], bucket: &str) -> Final {
         copies = addrs.iter().map(|a| copy(a)).collect();
     }
     Final { list, copies }
+}
+
+/// The ids of the nodes that herd `bucket`'s flock, as `via` sees the map.
+fn herders_of(via: &str, bucket: &str) -> Vec<String> {
+    let Some(flock) = get_json(via, &format!("/v1/canary/{bucket}")).and_then(|c| c["flock"].as_u64()) else {
+        return Vec::new();
+    };
+    get_json(via, "/v1/flocks")
+        .and_then(|map| {
+            map["flocks"].as_array()?.iter().find(|f| f["flock"].as_u64() == Some(flock)).and_then(|f| {
+                f["herders"].as_array().map(|h| h.iter().filter_map(|h| h.as_str().map(str::to_owned)).collect())
+            })
+        })
+        .unwrap_or_default()
 }

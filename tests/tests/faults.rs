@@ -1,6 +1,7 @@
 //! Faults against real `grex serve` processes, checked with the list-append checker
 //! (`grex_tests::list_append`): kill -9 and restart, the flock leader's death, pauses longer than
-//! the failure detector's timeout, and restarts under load. Each test is randomized from a seed
+//! the failure detector's timeout, restarts under load, partitions (whole and between two nodes),
+//! failing disks, a node joining and module uploads. Each test is randomized from a seed
 //! it prints (`GREX_SEED=... replays the schedule`); `scripts/soak.sh` runs many more.
 
 use std::time::Duration;
@@ -64,4 +65,21 @@ async fn with_one_node_of_three_down_every_flock_has_a_leader_again_within_3_s()
         report.describe()
     );
     assert!(longest < Duration::from_secs(3), "{kills} kills, longest leaderless {longest:?}:\n{}", report.describe());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partitions_lose_nothing_and_a_cut_off_leader_returns_no_stale_list() {
+    let mut config = config(Mix::Partitions);
+    config.args = vec!["--fault-injection".into()];
+    let report = nemesis::run(config).await;
+    assert_clean(&report);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failing_disks_a_join_and_module_uploads_under_faults_lose_nothing() {
+    let mut config = config(Mix::Everything);
+    config.args = vec!["--fault-injection".into()];
+    let report = nemesis::run(config).await;
+    assert_clean(&report);
+    assert!(!report.uploads.acknowledged.is_empty(), "no module upload was acknowledged:\n{}", report.describe());
 }

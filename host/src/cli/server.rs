@@ -2,6 +2,8 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::Context;
 use clap::Args;
@@ -10,6 +12,7 @@ use crate::api::{self, ServeConfig};
 use crate::cluster::{Cluster, ClusterConfig, ClusterFile, identity};
 use crate::config::{Limits, NodeConfig};
 use crate::node::Node;
+use crate::storage::FaultyStore;
 
 /// Settings shared by `serve` and `dev`.
 #[derive(Args, Clone, Debug)]
@@ -111,7 +114,8 @@ pub(super) struct ServeArgs {
     /// Threads for network I/O (HTTP, QUIC, TLS); jobs run on their own executor threads.
     #[arg(long, default_value_t = 1)]
     io_threads: usize,
-    /// For failure tests: SIGUSR1 cuts this node off from its peers, SIGUSR2 reconnects it.
+    /// For failure tests: SIGUSR1 cuts this node off from its peers, SIGUSR2 reconnects it, and
+    /// stdin takes `cut ID...` (partitions) and `disk fail` lines.
     #[arg(long, hide = true)]
     fault_injection: bool,
     #[command(flatten)]
@@ -245,12 +249,18 @@ async fn start_node(
     serve: ServeConfig,
     peer: SocketAddr,
     join: Option<String>,
+    disk_fault: Option<Arc<AtomicBool>>,
 ) -> anyhow::Result<Running> {
     let cluster_config = ClusterConfig { join, snapshot_logs: node_args.snapshot_logs, ..ClusterConfig::new(peer) };
     let file = ClusterFile::load(data)?.context("the data directory holds no cluster")?;
     let mut config = node_args.config(data);
     config.flock_count = file.flock_count;
-    let node = Node::open(config)?;
+    let node = match disk_fault {
+        Some(switch) => {
+            Node::open_wrapped(config, |store| Arc::new(FaultyStore::new(store, u64::MAX).failing_when(switch)))?
+        }
+        None => Node::open(config)?,
+    };
     // The cluster side needs the servers' URLs, and the servers must not take a request before
     // the cluster side is wired in: bound first, opened last.
     let servers = api::bind(&node, &serve).await?;
@@ -262,25 +272,63 @@ async fn start_node(
 /// Runs a node until SIGTERM or ctrl-c.
 pub(super) async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     prepare_data(&args.data, args.credentials.as_deref(), args.join.is_some(), args.node.flocks, args.replication)?;
+    let disk_fault = args.fault_injection.then(|| Arc::new(AtomicBool::new(false)));
     let running = start_node(
         &args.data,
         &args.node,
         ServeConfig { http: Some(args.http), quic: Some(args.quic), resp: args.resp },
         args.peer,
         args.join.clone(),
+        disk_fault.clone(),
     )
     .await?;
     announce(&running);
-    if args.fault_injection {
-        inject_faults(running.cluster.clone())?;
+    if let Some(disk) = disk_fault {
+        inject_faults(running.cluster.clone(), disk)?;
     }
-    wait_for_signal().await;
+    let commits = running.node.commits().clone();
+    tokio::select! {
+        () = wait_for_signal() => {}
+        failure = commits.failed() => {
+            // The node's memory may hold writes the disk never took, and its log on disk is the
+            // truth: stop at once, so the cluster elects other leaders, and start over from disk.
+            tracing::error!(error = %failure.message, "the disk failed; stopping (restart the node once the disk works)");
+            std::process::exit(DISK_FAILED_EXIT);
+        }
+    }
     shut_down(running).await;
     Ok(())
 }
 
-/// SIGUSR1 isolates the node from its peers (a network partition), SIGUSR2 ends that.
-fn inject_faults(cluster: Cluster) -> anyhow::Result<()> {
+/// The exit status of a node that stopped because a commit to its disk failed.
+pub const DISK_FAILED_EXIT: i32 = 3;
+
+/// Fault injection for failure tests (`--fault-injection`): SIGUSR1 isolates the node from its
+/// peers (a network partition), SIGUSR2 ends that; lines on stdin:
+///
+/// - `cut ID...`: drop all traffic with these peers (one side of a partition), restore the rest;
+///   `cut` alone restores all;
+/// - `disk fail`: every commit from now on fails (the node then stops, as on a real disk error).
+fn inject_faults(cluster: Cluster, disk: Arc<AtomicBool>) -> anyhow::Result<()> {
+    let reader = cluster.clone();
+    std::thread::Builder::new().name("grex-fault-injection".into()).spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::stdin().lock().lines() {
+            let Ok(line) = line else { return };
+            let words: Vec<&str> = line.split_whitespace().collect();
+            match words.as_slice() {
+                ["cut", peers @ ..] => match reader.set_cut_off(peers) {
+                    Ok(()) => tracing::warn!(?peers, "fault injection: traffic with these peers cut"),
+                    Err(e) => tracing::error!(error = %e, "fault injection: bad `cut` line"),
+                },
+                ["disk", "fail"] => {
+                    tracing::warn!("fault injection: the disk fails from now on");
+                    disk.store(true, Ordering::SeqCst);
+                }
+                _ => tracing::error!(%line, "fault injection: unknown command (cut ID... | disk fail)"),
+            }
+        }
+    })?;
     #[cfg(unix)]
     {
         use tokio::signal::unix::{SignalKind, signal};
@@ -328,7 +376,7 @@ pub(super) async fn dev(args: DevArgs) -> anyhow::Result<()> {
         };
         let peer = SocketAddr::from(([127, 0, 0, 1], port + 2));
         let join = (fresh && i > 0).then(|| format!("127.0.0.1:{}", args.port + 2));
-        let running = start_node(&dir, &args.node, serve, peer, join).await?;
+        let running = start_node(&dir, &args.node, serve, peer, join, None).await?;
         announce(&running);
         nodes.push(running);
     }

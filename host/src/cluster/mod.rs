@@ -24,6 +24,7 @@
 //! reach a majority of the flock's herders; the client hears back only after the change set is
 //! committed (durable on a majority) and applied here.
 
+pub mod decide;
 pub mod identity;
 mod leadership;
 pub mod messages;
@@ -55,6 +56,7 @@ use crate::data::ChangeSet;
 use crate::error::{ErrorCode, RemoteError, Result, error};
 use crate::node::{Front, Node, Replicator, RespNode, Ticket};
 use crate::storage::{GroupId, META_GROUP};
+use decide::{ElectionTimer, GroupSight, Verdict};
 use leadership::{LeadStart, LeadView, Outranked};
 use messages::{Lead, PeerRequest, PeerResponse, RaftRpc};
 use peer::{Handler, Peers};
@@ -69,10 +71,6 @@ const SUPERVISE_EVERY: Duration = Duration::from_millis(100);
 /// How often membership is checked against the flock map when the map has not changed (a change
 /// is acted on at the next tick).
 const RECONCILE_EVERY: Duration = Duration::from_secs(1);
-/// Between election attempts for one group.
-const ELECT_BACKOFF: Duration = Duration::from_millis(300);
-/// A flock with no writes for this long may hand leadership to its preferred herder.
-const IDLE_FOR_REBALANCE: Duration = Duration::from_secs(2);
 /// How long a proposed change set may take to commit before its job is answered with an error.
 const COMMIT_PATIENCE: Duration = Duration::from_secs(10);
 /// Meta voters at most; further nodes follow the meta group as learners.
@@ -293,6 +291,14 @@ impl Cluster {
         self.inner.peers.set_isolated(isolated);
     }
 
+    /// Drops all peer traffic with `peers` (ids as [`node_id_text`] writes them) and restores
+    /// it with every other peer: this node's side of a network partition.
+    pub fn set_cut_off(&self, peers: &[&str]) -> anyhow::Result<()> {
+        let ids = peers.iter().map(|p| parse_node_id(p)).collect::<anyhow::Result<BTreeSet<NodeId>>>()?;
+        self.inner.peers.set_cut_off(ids);
+        Ok(())
+    }
+
     /// Stops every group and the peer endpoint.
     pub async fn shutdown(&self) {
         for raft in std::iter::once(&self.inner.meta).chain(self.inner.flocks.iter()) {
@@ -384,11 +390,7 @@ impl Cluster {
     /// any live herder (which knows the leader or redirects). `None` while this node itself is
     /// about to lead (elected, not caught up yet).
     fn route_target(&self, flock: u32) -> Option<NodeId> {
-        let me = self.inner.me;
-        match self.leader_of(flock) {
-            Some(leader) => (leader != me).then_some(leader),
-            None => self.herders(flock).into_iter().find(|h| *h != me && self.inner.peers.alive(*h)),
-        }
+        decide::route(self.inner.me, self.leader_of(flock), &self.herders(flock), &|n| self.inner.peers.alive(n))
     }
 
     fn herders(&self, flock: u32) -> Vec<NodeId> {
@@ -749,8 +751,8 @@ impl Cluster {
     /// changes that follow the flock map. One task per node, ticking every [`SUPERVISE_EVERY`].
     async fn supervise(self, load: Arc<AtomicU64>) {
         let groups: Vec<GroupId> = std::iter::once(META_GROUP).chain(0..self.inner.file.flock_count).collect();
-        let mut leaderless_since: Vec<Option<Instant>> = vec![None; groups.len()];
-        let mut next_elect: Vec<Instant> = vec![Instant::now(); groups.len()];
+        let mut timers = vec![ElectionTimer::default(); groups.len()];
+        let origin = Instant::now();
         let mut alive: BTreeMap<NodeId, u64> = BTreeMap::new();
         let mut ticker = tokio::time::interval(SUPERVISE_EVERY);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -770,10 +772,10 @@ impl Cluster {
             // Leaders only die or come back when the failure detector's view changes: between
             // such changes (and elections under way) an idle node looks at its groups only at
             // the pace of reconciliation.
-            let sweep = reconcile || peers_changed || leaderless_since.iter().any(Option::is_some);
+            let sweep = reconcile || peers_changed || timers.iter().any(ElectionTimer::leaderless);
             for (i, &group) in groups.iter().enumerate() {
                 if sweep || group == META_GROUP {
-                    self.supervise_group(group, &mut leaderless_since[i], &mut next_elect[i], reconcile).await;
+                    self.supervise_group(group, &mut timers[i], origin.elapsed(), reconcile).await;
                 }
             }
             if reconcile && self.inner.meta.metrics().borrow().state == ServerState::Leader {
@@ -851,19 +853,14 @@ impl Cluster {
         true
     }
 
-    async fn supervise_group(
-        &self,
-        group: GroupId,
-        leaderless_since: &mut Option<Instant>,
-        next_elect: &mut Instant,
-        reconcile: bool,
-    ) {
+    async fn supervise_group(&self, group: GroupId, timer: &mut ElectionTimer, now: Duration, reconcile: bool) {
         let me = self.inner.me;
         let Some(raft) = self.group(group) else { return };
-        let (leader, state, votes, leader_votes) = {
+        let (leader, state, votes, leader_votes, voters) = {
             let metrics = raft.metrics();
             let m = metrics.borrow();
-            (m.current_leader, m.state, votes(&m, me), m.current_leader.is_some_and(|l| votes(&m, l)))
+            let voters: Vec<NodeId> = m.membership_config.membership().voter_ids().collect();
+            (m.current_leader, m.state, votes(&m, me), m.current_leader.is_some_and(|l| votes(&m, l)), voters)
         };
         if !votes {
             return;
@@ -871,71 +868,40 @@ impl Cluster {
         if reconcile && state == ServerState::Leader && group != META_GROUP {
             self.reconcile_flock(group);
         }
-        let now = Instant::now();
-        // A leader that a membership change left out of the group (the map moved the flock away
-        // from it) takes no more jobs (`watch_leadership`), though openraft keeps it leader until
-        // it hears of a later term: the group needs a new one.
-        let healthy = leader.is_some_and(|l| self.inner.peers.alive(l)) && leader_votes;
-        if healthy {
-            *leaderless_since = None;
-            self.inner.outranked.clear(group);
-            // Hand an idle flock's lead to its preferred, live herder (checked at the pace of
-            // reconciliation: it is never urgent).
-            let idle = reconcile
-                && group != META_GROUP
-                && leader != Some(me)
-                && now.saturating_duration_since(*next_elect) > IDLE_FOR_REBALANCE
-                && self
-                    .inner
-                    .last_activity
-                    .lock()
-                    .map(|a| a[group as usize].1.elapsed() > IDLE_FOR_REBALANCE)
-                    .unwrap_or(false);
-            if idle && self.election_rank(group, raft) == Some(0) {
-                *next_elect = now + ELECT_BACKOFF;
-                let _ = raft.trigger().elect().await;
-            }
-            return;
-        }
-        let Some(rank) = self.election_rank(group, raft) else {
-            // No majority reachable: nothing to do until the failure detector's view changes.
-            *leaderless_since = None;
-            return;
+        let preferred = if group == META_GROUP { Vec::new() } else { self.herders(group) };
+        let sight = GroupSight {
+            me,
+            group,
+            leader,
+            leader_votes,
+            voters: &voters,
+            preferred: &preferred,
+            outranked_by: self.inner.outranked.by(group),
         };
-        // A live voter refused this node's last try because its log is longer: it can win and
-        // this node cannot, so leave it the election (it is not held back by this node's terms).
-        if self.inner.outranked.by(group).is_some_and(|v| self.inner.peers.alive(v)) {
-            return;
-        }
-        let since = *leaderless_since.get_or_insert(now);
-        let wait = ELECT_BACKOFF * rank.min(8);
-        if now - since >= wait && now >= *next_elect && state != ServerState::Leader {
-            // The next try, if this one fails, after a random back-off: two candidates that
-            // collided in one term should not collide in every later one.
-            *next_elect = now + ELECT_BACKOFF.mul_f64(rand::random_range(1.0..2.0));
+        let alive = |n| self.inner.peers.alive(n);
+        let verdict = decide::verdict(&sight, &alive);
+        let leading = state == ServerState::Leader;
+        let elect = match verdict {
+            Verdict::Led => {
+                self.inner.outranked.clear(group);
+                // Hand an idle flock's lead to its preferred, live herder (checked at the pace
+                // of reconciliation: it is never urgent).
+                let idle_for =
+                    (self.inner.last_activity.lock()).map(|a| a[group as usize].1.elapsed()).unwrap_or(Duration::ZERO);
+                reconcile
+                    && group != META_GROUP
+                    && timer.take_back_now(
+                        now,
+                        idle_for,
+                        leader == Some(me),
+                        decide::election_rank(me, group, &voters, &preferred, &alive) == Some(0),
+                    )
+            }
+            verdict => timer.elect_now(verdict, now, leading, rand::random_range(1.0..2.0)),
+        };
+        if elect {
             let _ = raft.trigger().elect().await;
         }
-    }
-
-    /// This node's place among a group's live voters in election order (the flock map's order
-    /// for flocks, then a rotation per group), or `None` if this node should not call an
-    /// election: no majority is reachable, so it could not succeed, or the flock map no longer
-    /// names this node while a live voter is named (the group may have dropped this node without
-    /// it hearing so; its elections would only disturb the herders).
-    fn election_rank(&self, group: GroupId, raft: &Raft) -> Option<u32> {
-        let me = self.inner.me;
-        let mut voters: Vec<NodeId> = raft.metrics().borrow().membership_config.membership().voter_ids().collect();
-        let preferred = if group == META_GROUP { Vec::new() } else { self.herders(group) };
-        voters
-            .sort_by_key(|v| (preferred.iter().position(|p| p == v).unwrap_or(usize::MAX), v.rotate_left(group % 64)));
-        let live: Vec<NodeId> = voters.iter().copied().filter(|v| self.inner.peers.alive(*v)).collect();
-        if live.len() * 2 <= voters.len() {
-            return None;
-        }
-        if group != META_GROUP && !preferred.contains(&me) && live.iter().any(|v| preferred.contains(v)) {
-            return None;
-        }
-        Some(live.iter().position(|v| *v == me).unwrap_or(usize::MAX) as u32)
     }
 
     /// On the meta leader: every member is in the flock map and the meta group's voters.

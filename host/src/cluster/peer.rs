@@ -21,7 +21,7 @@
 //! logged with its address. A malformed or oversized frame gets an error answer and costs the
 //! node nothing but the stream.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -135,6 +135,8 @@ pub struct Peers {
     stopped: AtomicBool,
     /// When set, all peer traffic is dropped (the partition test's in-process firewall).
     isolated: AtomicBool,
+    /// Peers whose traffic is dropped (fault injection: one side of a partition).
+    cut_off: Mutex<BTreeSet<NodeId>>,
 }
 
 impl Peers {
@@ -165,6 +167,7 @@ impl Peers {
             leads_heard: watch::channel(0).0,
             stopped: AtomicBool::new(false),
             isolated: AtomicBool::new(false),
+            cut_off: Mutex::new(BTreeSet::new()),
         });
         tokio::spawn(accept_loop(peers.clone()));
         Ok(peers)
@@ -213,7 +216,7 @@ impl Peers {
         if id == self.me {
             return true;
         }
-        if self.isolated.load(Ordering::Relaxed) {
+        if self.is_cut(id) {
             return false;
         }
         self.state().get(&id).and_then(|p| p.last_seen).is_some_and(|t| t.elapsed() < DEAD_AFTER)
@@ -264,6 +267,23 @@ impl Peers {
         }
     }
 
+    /// Drops (or, for peers not in `peers`, restores) all traffic with the given peers, as one
+    /// side of a network partition would. Both sides of a partition are told.
+    pub fn set_cut_off(&self, peers: BTreeSet<NodeId>) {
+        let mut state = self.state();
+        for id in &peers {
+            if let Some(link) = state.get_mut(id).and_then(|p| p.link.take()) {
+                link.connection.close(3u32.into(), b"cut off");
+            }
+        }
+        *self.cut_off.lock().unwrap_or_else(|p| p.into_inner()) = peers;
+    }
+
+    /// Whether traffic with `peer` is dropped.
+    fn is_cut(&self, peer: NodeId) -> bool {
+        self.isolated.load(Ordering::Relaxed) || self.cut_off.lock().unwrap_or_else(|p| p.into_inner()).contains(&peer)
+    }
+
     /// Sends one request to a peer and waits for the answer.
     pub async fn call(
         self: &Arc<Self>,
@@ -301,8 +321,8 @@ impl Peers {
     /// The dial runs as its own task, so a caller that gives up (a ping's short timeout on a
     /// loaded machine) does not cancel it: the next caller finds the connection made.
     async fn connection(self: &Arc<Self>, to: NodeId) -> Result<quinn::Connection, PeerError> {
-        if self.isolated.load(Ordering::Relaxed) {
-            return Err(PeerError::Unreachable(to, "this node is isolated".into()));
+        if self.is_cut(to) {
+            return Err(PeerError::Unreachable(to, "the peer is cut off from this node".into()));
         }
         if let Some(connection) = self.link(to) {
             return Ok(connection);
@@ -484,7 +504,7 @@ async fn heartbeat(peers: Arc<Peers>, id: NodeId) {
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     while !peers.stopped.load(Ordering::Relaxed) {
         ticker.tick().await;
-        if peers.isolated.load(Ordering::Relaxed) {
+        if peers.is_cut(id) {
             continue;
         }
         let ping = peers.ping_for(id);
@@ -578,6 +598,11 @@ async fn serve_stream(
             Err(e) => {
                 tracing::warn!(%remote, error = %e, "malformed peer frame");
                 PeerResponse::Error(error(ErrorCode::BadRequest, e.to_string()))
+            }
+            Ok(frame) if peers.is_cut(frame.from) => {
+                // Dropped, as a partition would: the peer sees its connection go.
+                connection.close(3u32.into(), b"cut off");
+                return Ok(());
             }
             Ok(frame) if frame.cluster_id != peers.cluster_id => {
                 tracing::warn!(%remote, cluster = %frame.cluster_id, "refused a peer of another cluster");

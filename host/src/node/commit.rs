@@ -168,6 +168,19 @@ impl CommitLog {
         }
     }
 
+    /// Resolves once a commit has failed, with the failure (never, while the disk works).
+    pub async fn failed(&self) -> RemoteError {
+        let mut rx = self.durable.subscribe();
+        match rx.wait_for(|d| matches!(d, Durable::Failed { .. })).await {
+            Ok(failed) => match &*failed {
+                Durable::Failed { reason, .. } => storage_failed(reason),
+                Durable::Upto(_) => unreachable!("waited for a failure"),
+            },
+            // The sender lives as long as `self`.
+            Err(_) => std::future::pending().await,
+        }
+    }
+
     /// Waits until change set `seq` is durable (returns at once for 0).
     pub async fn wait_durable(&self, seq: u64) -> Result<(), RemoteError> {
         let mut rx = self.durable.subscribe();

@@ -142,13 +142,19 @@ struct Inner {
 impl Node {
     /// Opens (or creates) the node's data directory and starts it.
     pub fn open(config: NodeConfig) -> anyhow::Result<Node> {
+        Node::open_wrapped(config, |store| Arc::new(store))
+    }
+
+    /// [`open`](Self::open), with the store passed through `wrap` first (fault injection wraps
+    /// it in a store whose disk can be made to fail).
+    pub fn open_wrapped(config: NodeConfig, wrap: impl FnOnce(RedbStore) -> Arc<dyn Store>) -> anyhow::Result<Node> {
         proto::check_flock_count(config.flock_count).map_err(anyhow::Error::msg)?;
         std::fs::create_dir_all(&config.data_dir)
             .map_err(|e| anyhow::anyhow!("cannot create the data directory {}: {e}", config.data_dir.display()))?;
         let path = config.data_dir.join(DB_FILE);
         let store = RedbStore::open(&path, config.flock_count, config.durable)
             .map_err(|e| anyhow::anyhow!("cannot open {}: {e}", path.display()))?;
-        Node::with_store(config, Arc::new(store), Arc::new(SystemClock))
+        Node::with_store(config, wrap(store), Arc::new(SystemClock))
     }
 
     /// Starts a node over any store, with a chosen clock (tests use these seams).

@@ -1,7 +1,9 @@
-//! A [`Store`] wrapper that fails every commit after the first N, to test how the node reacts
-//! to a failing disk, and can run a hook before each commit (to hold the committer in a write).
+//! A [`Store`] wrapper that fails every commit after the first N (or from the moment a switch is
+//! set), to test how the node reacts to a failing disk, and can run a hook before each commit (to
+//! hold the committer in a write).
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use super::{Batch, GroupId, ModuleId, NodeMeta, Store};
 use crate::data::BucketData;
@@ -16,12 +18,20 @@ pub struct FaultyStore<S> {
     commits_ok: u64,
     commits: AtomicU64,
     before_write: Option<WriteHook>,
+    /// When set, every commit from then on fails.
+    failing: Option<Arc<AtomicBool>>,
 }
 
 impl<S: Store> FaultyStore<S> {
     /// Wraps `inner`, letting `commits_ok` commits through.
     pub fn new(inner: S, commits_ok: u64) -> Self {
-        FaultyStore { inner, commits_ok, commits: AtomicU64::new(0), before_write: None }
+        FaultyStore { inner, commits_ok, commits: AtomicU64::new(0), before_write: None, failing: None }
+    }
+
+    /// Fails every commit made while `switch` is set (`grex serve --fault-injection`'s disk).
+    pub fn failing_when(mut self, switch: Arc<AtomicBool>) -> Self {
+        self.failing = Some(switch);
+        self
     }
 
     /// Runs `hook` with the commit's number before each commit (it may block the committer).
@@ -58,7 +68,7 @@ impl<S: Store> Store for FaultyStore<S> {
         if let Some(hook) = &self.before_write {
             hook(n);
         }
-        if n >= self.commits_ok {
+        if n >= self.commits_ok || self.failing.as_ref().is_some_and(|f| f.load(Ordering::SeqCst)) {
             return Err(StoreError::Injected(n));
         }
         self.inner.write(batch)
