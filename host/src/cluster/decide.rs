@@ -36,7 +36,7 @@ pub struct GroupSight<'a> {
     /// The flock map's herders of the group, preferred leader first (empty for the meta group).
     pub preferred: &'a [NodeId],
     /// The live voter that refused this node's last vote because its log is longer, if any
-    /// within [`OUTRANKED_FOR`](super::leadership::OUTRANKED_FOR).
+    /// within the outranking window (`leadership::OUTRANKED_FOR`).
     pub outranked_by: Option<NodeId>,
 }
 
