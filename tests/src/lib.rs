@@ -3,6 +3,7 @@
 
 pub mod list_append;
 pub mod nemesis;
+pub mod sim;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;

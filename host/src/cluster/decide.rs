@@ -12,6 +12,13 @@ use std::time::Duration;
 use super::raft::NodeId;
 use crate::storage::{GroupId, META_GROUP};
 
+/// How often the supervisor looks at every group.
+pub const SUPERVISE_EVERY: Duration = Duration::from_millis(100);
+
+/// How long a voter refuses to vote after it last heard from a leader (openraft's leader lease,
+/// its `election_timeout_max`): a live leader is not deposed by a node that merely lost sight of it.
+pub const VOTE_LEASE: Duration = Duration::from_millis(600);
+
 /// How long after a leader is lost the first voter in election order calls an election; the
 /// next ones wait this much longer each. Also the least time between two tries of one node.
 pub const ELECT_BACKOFF: Duration = Duration::from_millis(300);

@@ -26,7 +26,7 @@
 
 pub mod decide;
 pub mod identity;
-mod leadership;
+pub mod leadership;
 pub mod messages;
 mod outbox;
 mod peer;
@@ -36,7 +36,7 @@ mod read_index;
 
 pub use identity::{ClusterFile, Credentials};
 pub use messages::PEER_ALPN;
-pub use peer::peer_client_config;
+pub use peer::{DEAD_AFTER, PING_INTERVAL, peer_client_config};
 pub use raft::{NodeId, PeerInfo, SNAPSHOT_LOGS_DEFAULT};
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -56,7 +56,7 @@ use crate::data::ChangeSet;
 use crate::error::{ErrorCode, RemoteError, Result, error};
 use crate::node::{Front, Node, Replicator, RespNode, Ticket};
 use crate::storage::{GroupId, META_GROUP};
-use decide::{ElectionTimer, GroupSight, Verdict};
+use decide::{ElectionTimer, GroupSight, SUPERVISE_EVERY, Verdict};
 use leadership::{LeadStart, LeadView, Outranked};
 use messages::{Lead, PeerRequest, PeerResponse, RaftRpc};
 use peer::{Handler, Peers};
@@ -66,8 +66,6 @@ use read_index::ReadRounds;
 
 /// How long a routed job keeps looking for its flock's leader (an election takes about 1 s).
 const ROUTE_PATIENCE: Duration = Duration::from_secs(4);
-/// How often the supervisor looks at every group.
-const SUPERVISE_EVERY: Duration = Duration::from_millis(100);
 /// How often membership is checked against the flock map when the map has not changed (a change
 /// is acted on at the next tick).
 const RECONCILE_EVERY: Duration = Duration::from_secs(1);

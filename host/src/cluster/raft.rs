@@ -929,7 +929,7 @@ pub fn config(snapshot_logs: u64) -> openraft::Config {
         cluster_name: "grex".into(),
         heartbeat_interval: 450,
         election_timeout_min: 500,
-        election_timeout_max: 600,
+        election_timeout_max: super::decide::VOTE_LEASE.as_millis() as u64,
         enable_tick: false,
         enable_heartbeat: false,
         enable_elect: false,
