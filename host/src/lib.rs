@@ -23,6 +23,9 @@ pub mod node;
 pub mod storage;
 pub mod wasm;
 
+#[cfg(test)]
+pub(crate) mod testing;
+
 pub use config::{Limits, NodeConfig};
 pub use error::{ErrorCode, RemoteError};
 pub use node::Node;

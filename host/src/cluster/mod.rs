@@ -926,8 +926,10 @@ impl Cluster {
                         let _ = add_caught_up_learner(&this.inner.meta, *id, info, ROUTE_PATIENCE * 3).await;
                     }
                 }
-                if let Err(e) = this.inner.meta.change_membership(want, false).await {
-                    tracing::warn!(error = %e, "meta membership change failed");
+                match tokio::time::timeout(ROUTE_PATIENCE * 3, this.inner.meta.change_membership(want, false)).await {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(e)) => tracing::warn!(error = %e, "meta membership change failed"),
+                    Err(_) => tracing::warn!("a meta membership change did not commit in time; will retry"),
                 }
                 this.inner.meta_reconfiguring.store(false, Ordering::Release);
             });
@@ -972,12 +974,19 @@ impl Cluster {
         for id in want.difference(&have) {
             let Some(info) = nodes.get(id).cloned() else { return false };
             if let Err(e) = add_caught_up_learner(raft, *id, info, ROUTE_PATIENCE * 3).await {
-                tracing::debug!(flock, error = %e, "adding a herder failed; will retry");
+                tracing::info!(flock, error = %e, "adding a herder failed; will retry");
                 return false;
             }
         }
         let stays = want.contains(&self.inner.me);
-        match raft.change_membership(want, false).await {
+        // Bounded, so that a change that cannot commit (its leader cut off) does not hold the
+        // flock's reconfiguration flag for ever: the supervisor tries again, and a change still
+        // under way is then waited out in `add_caught_up_learner`.
+        let Ok(changed) = tokio::time::timeout(ROUTE_PATIENCE * 3, raft.change_membership(want, false)).await else {
+            tracing::warn!(flock, group = %*raft.metrics().borrow(), "a flock membership change did not commit in time; will retry");
+            return false;
+        };
+        match changed {
             Ok(_) => {
                 tracing::debug!(flock, "flock herders changed");
                 // A leader that left the group must not change it again (openraft would panic):
@@ -1007,7 +1016,11 @@ async fn add_caught_up_learner(
     let deadline = Instant::now() + patience;
     let added =
         loop {
-            match raft.add_learner(id, info.clone(), false).await {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let Ok(answer) = tokio::time::timeout(left, raft.add_learner(id, info.clone(), false)).await else {
+                return Err("the entry adding the learner did not commit in time".into());
+            };
+            match answer {
                 Ok(added) => break added.log_id,
                 Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(
                     ChangeMembershipError::InProgress(_),

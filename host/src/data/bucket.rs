@@ -297,4 +297,117 @@ mod tests {
         assert!(view.get("a").unwrap().is_some());
         assert!(view.finish(b"k", 0).1.is_none());
     }
+
+    /// A model-based test: random gets, puts, deletes and listings on a view must answer as a
+    /// plain map of the committed items with the job's writes laid over it, limits included, and
+    /// the change set the view ends with must turn the committed bucket into that map.
+    mod model {
+        use std::collections::BTreeMap;
+
+        use proptest::collection::vec;
+        use proptest::prelude::*;
+
+        use super::*;
+
+        const KEYS: [&str; 6] = ["a", "a/1", "a/2", "b", "b/1", "c"];
+        const ITEM_MAX: usize = 6;
+        const CHANGE_MAX: usize = 24;
+
+        #[derive(Clone, Debug)]
+        enum Step {
+            Get(&'static str),
+            Put(&'static str, Vec<u8>),
+            Delete(&'static str),
+            List(&'static str, Option<&'static str>, usize),
+        }
+
+        fn step() -> impl Strategy<Value = Step> {
+            let key = || prop::sample::select(&KEYS[..]);
+            prop_oneof![
+                key().prop_map(Step::Get),
+                (key(), vec(any::<u8>(), 0..ITEM_MAX + 2)).prop_map(|(k, v)| Step::Put(k, v)),
+                key().prop_map(Step::Delete),
+                (prop::sample::select(&["", "a", "a/", "b/", "z"][..]), prop::option::of(key()), 0usize..5)
+                    .prop_map(|(prefix, after, limit)| Step::List(prefix, after, limit)),
+            ]
+        }
+
+        /// The model's listing: keys with the prefix, after `after`, at most `limit`.
+        fn listing(map: &BTreeMap<String, Vec<u8>>, prefix: &str, after: Option<&str>, limit: usize) -> Vec<String> {
+            map.keys()
+                .filter(|k| k.starts_with(prefix) && after.is_none_or(|a| k.as_str() > a))
+                .take(limit)
+                .cloned()
+                .collect()
+        }
+
+        proptest! {
+            #![proptest_config(crate::testing::proptest_config(1000))]
+
+            #[test]
+            fn a_view_answers_as_a_map_with_the_writes_laid_over(
+                base in prop::collection::btree_map(prop::sample::select(&KEYS[..]).prop_map(String::from), vec(any::<u8>(), 0..4), 0..6),
+                steps in vec(step(), 0..30),
+            ) {
+                let committed = BucketData::new(4, base.clone());
+                let mut view = JobView::new(committed.clone(), ITEM_MAX, CHANGE_MAX);
+                let mut model = base;
+                // What the change set would hold: per key, its item bytes plus value bytes.
+                let mut written: BTreeMap<&str, usize> = BTreeMap::new();
+                for step in steps {
+                    match step {
+                        Step::Get(k) => prop_assert_eq!(view.get(k).unwrap(), model.get(k).map(Vec::as_slice)),
+                        Step::Put(k, v) => {
+                            let mut sizes = written.clone();
+                            sizes.insert(k, k.len() + v.len());
+                            let total: usize = sizes.values().sum();
+                            match view.put(k, v.clone()) {
+                                Ok(()) => {
+                                    prop_assert!(v.len() <= ITEM_MAX && total <= CHANGE_MAX);
+                                    written = sizes;
+                                    model.insert(k.to_string(), v);
+                                }
+                                Err(ViewError::ItemTooLarge { .. }) => prop_assert!(v.len() > ITEM_MAX),
+                                Err(ViewError::ChangeSetTooLarge { bytes, .. }) => {
+                                    prop_assert!(total > CHANGE_MAX);
+                                    prop_assert_eq!(bytes, total);
+                                }
+                                Err(e) => prop_assert!(false, "unexpected {e}"),
+                            }
+                        }
+                        Step::Delete(k) => {
+                            let existed = model.contains_key(k);
+                            let mut sizes = written.clone();
+                            if existed || written.contains_key(k) {
+                                sizes.insert(k, k.len());
+                            }
+                            let total: usize = sizes.values().sum();
+                            match view.delete(k) {
+                                Ok(found) => {
+                                    prop_assert_eq!(found, existed);
+                                    written = sizes;
+                                    model.remove(k);
+                                }
+                                Err(ViewError::ChangeSetTooLarge { .. }) => prop_assert!(total > CHANGE_MAX),
+                                Err(e) => prop_assert!(false, "unexpected {e}"),
+                            }
+                        }
+                        Step::List(prefix, after, limit) => {
+                            prop_assert_eq!(view.list(prefix, after, limit), listing(&model, prefix, after, limit));
+                        }
+                    }
+                }
+                let (before, change) = view.finish(b"k", 0);
+                prop_assert_eq!(&before, &committed);
+                let mut after = committed;
+                if let Some(change) = change {
+                    prop_assert_eq!(change.version, 5);
+                    after.apply(&change);
+                } else {
+                    prop_assert!(written.is_empty());
+                }
+                prop_assert_eq!(after.into_items(), model);
+            }
+        }
+    }
 }

@@ -73,6 +73,10 @@ impl Store for MemoryStore {
         for op in &batch.log {
             match op {
                 LogOp::Append { group, entries } => {
+                    // An entry at an index the log has replaces it and everything after (as in redb).
+                    if let Some((first, _)) = entries.first() {
+                        state.log.retain(|(g, i), _| g != group || i < first);
+                    }
                     for (index, entry) in entries {
                         state.log.insert((*group, *index), entry.clone());
                     }

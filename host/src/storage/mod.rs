@@ -49,7 +49,8 @@ pub const META_GROUP: GroupId = u32::MAX;
 /// One replicated-log operation, written in the same transaction as the batch's change sets.
 #[derive(Clone, Debug)]
 pub enum LogOp {
-    /// Appends (or overwrites) entries, by index.
+    /// Appends entries, by index; an entry at an index the log holds replaces it and every later
+    /// entry (a conflicting suffix).
     Append {
         /// The log.
         group: GroupId,
@@ -187,6 +188,16 @@ pub trait Store: Send + Sync + 'static {
 }
 
 #[cfg(test)]
+pub(crate) mod testing_changes {
+    use crate::data::{ChangeSet, ItemWrite};
+
+    /// A change set of `bucket` in a cluster of `flock_count` flocks.
+    pub(crate) fn change_set(bucket: &[u8], flock_count: u32, version: u64, writes: Vec<ItemWrite>) -> ChangeSet {
+        ChangeSet { bucket: bucket.to_vec(), flock: crate::data::flock_of(bucket, flock_count), version, writes }
+    }
+}
+
+#[cfg(test)]
 pub(crate) mod contract {
     //! One test suite every store must pass, checked against a `BTreeMap` model.
 
@@ -196,15 +207,11 @@ pub(crate) mod contract {
     use crate::data::ItemWrite;
 
     fn change(bucket: &[u8], version: u64, writes: &[(&str, Option<&str>)]) -> ChangeSet {
-        ChangeSet {
-            bucket: bucket.to_vec(),
-            flock: crate::data::flock_of(bucket, 16),
-            version,
-            writes: writes
-                .iter()
-                .map(|(k, v)| ItemWrite { item: k.to_string(), value: v.map(|v| v.as_bytes().to_vec()) })
-                .collect(),
-        }
+        let writes = writes
+            .iter()
+            .map(|(k, v)| ItemWrite { item: k.to_string(), value: v.map(|v| v.as_bytes().to_vec()) })
+            .collect();
+        super::testing_changes::change_set(bucket, 16, version, writes)
     }
 
     pub(crate) fn items_versions_and_listing_follow_commits(store: &dyn Store) {

@@ -458,8 +458,11 @@ impl Store for RedbStore {
     }
 
     fn log_last(&self, group: GroupId) -> Result<Option<(u64, Vec<u8>)>, StoreError> {
-        let last =
-            self.index().groups.get(&group).and_then(|s| Some((s.first + s.seqs.len() as u64 - 1, *s.seqs.back()?)));
+        let last = self.index().groups.get(&group).and_then(|s| {
+            // An empty group (every entry truncated or purged) has no last entry, whatever its `first`.
+            let seq = *s.seqs.back()?;
+            Some((s.first + s.seqs.len() as u64 - 1, seq))
+        });
         let Some((index, seq)) = last else { return Ok(None) };
         let txn = self.log.begin_read().map_err(engine)?;
         let table = txn.open_table(RAFT_LOG).map_err(engine)?;
@@ -633,5 +636,176 @@ mod tests {
         let err = RedbStore::open(&path, 16, false).err().expect("schema 99 must be refused");
         assert!(err.to_string().contains("schema version 99"), "{err}");
         assert!(err.to_string().contains("newer grex"), "{err}");
+    }
+
+    /// A model-based test: random sequences of writes (change sets, log appends, truncations,
+    /// purges, log and state values, flock clears, modules) and reopenings, after each of which
+    /// the redb store must answer every query as the in-memory store does.
+    mod model {
+        use proptest::collection::vec;
+        use proptest::prelude::*;
+
+        use super::*;
+        use crate::data::{ChangeSet, ItemWrite};
+        use crate::storage::MemoryStore;
+        use crate::storage::testing_changes::change_set;
+
+        const FLOCKS: u32 = 4;
+        const BUCKETS: [&[u8]; 4] = [b"a", b"b", b"cc", b"dd"];
+        const ITEMS: [&str; 4] = ["x", "y/1", "y/2", "z"];
+        const GROUPS: [GroupId; 2] = [1, META_GROUP];
+
+        #[derive(Clone, Debug)]
+        enum Step {
+            Write(Batch),
+            Reopen,
+        }
+
+        fn log_op() -> impl Strategy<Value = LogOp> {
+            let group = prop::sample::select(&GROUPS[..]);
+            prop_oneof![
+                (group.clone(), 1u64..12, 0usize..5, any::<u8>()).prop_map(|(group, from, n, tag)| LogOp::Append {
+                    group,
+                    entries: (from..from + n as u64).map(|i| (i, vec![tag, i as u8])).collect(),
+                }),
+                (group.clone(), 1u64..12).prop_map(|(group, from)| LogOp::TruncateFrom { group, from }),
+                (group.clone(), 0u64..8).prop_map(|(group, upto)| LogOp::PurgeUpto { group, upto }),
+                (group.clone(), prop::sample::select(&["vote", "purged"][..]), vec(any::<u8>(), 0..4))
+                    .prop_map(|(group, key, value)| LogOp::PutLogState { group, key, value }),
+                (group, vec(any::<u8>(), 0..4)).prop_map(|(group, value)| LogOp::PutState {
+                    group,
+                    key: "applied",
+                    value
+                }),
+                (0..FLOCKS).prop_map(|flock| LogOp::ClearFlock { flock }),
+                (any::<u8>(), prop::sample::select(&["m", "n"][..]), vec(any::<u8>(), 0..8))
+                    .prop_map(|(id, name, wasm)| LogOp::PutModule { id: [id % 3; 32], name: name.into(), wasm }),
+            ]
+        }
+
+        fn change() -> impl Strategy<Value = ChangeSet> {
+            let write = (prop::sample::select(&ITEMS[..]), prop::option::of(vec(any::<u8>(), 0..6)));
+            (prop::sample::select(&BUCKETS[..]), 1u64..50, vec(write, 1..4)).prop_map(|(bucket, version, writes)| {
+                let writes = writes.into_iter().map(|(item, value)| ItemWrite { item: item.into(), value }).collect();
+                change_set(bucket, FLOCKS, version, writes)
+            })
+        }
+
+        fn step() -> impl Strategy<Value = Step> {
+            let sync = prop::sample::select(&[SyncTo::Nothing, SyncTo::Log, SyncTo::All][..]);
+            prop_oneof![
+                9 => (vec(log_op(), 0..4), vec(change(), 0..3), sync)
+                    .prop_map(|(log, changes, sync)| Step::Write(Batch { log, changes, sync })),
+                1 => Just(Step::Reopen),
+            ]
+        }
+
+        fn same_answers(redb: &RedbStore, memory: &MemoryStore) -> Result<(), TestCaseError> {
+            for bucket in BUCKETS {
+                prop_assert_eq!(redb.load_bucket(bucket).unwrap(), memory.load_bucket(bucket).unwrap());
+                prop_assert_eq!(redb.bucket_version(bucket).unwrap(), memory.bucket_version(bucket).unwrap());
+                for item in ITEMS {
+                    prop_assert_eq!(redb.get_item(bucket, item).unwrap(), memory.get_item(bucket, item).unwrap());
+                }
+                for (prefix, after, limit) in
+                    [("", None, 10), ("y/", None, 1), ("y/", Some("y/1"), 5), ("", Some("x"), 2)]
+                {
+                    prop_assert_eq!(
+                        redb.list_items(bucket, prefix, after, limit).unwrap(),
+                        memory.list_items(bucket, prefix, after, limit).unwrap()
+                    );
+                }
+            }
+            for flock in 0..FLOCKS {
+                prop_assert_eq!(redb.flock_buckets(flock).unwrap(), memory.flock_buckets(flock).unwrap());
+            }
+            for group in GROUPS {
+                prop_assert_eq!(redb.log_last(group).unwrap(), memory.log_last(group).unwrap());
+                prop_assert_eq!(
+                    redb.log_entries(group, 0, u64::MAX, 100).unwrap(),
+                    memory.log_entries(group, 0, u64::MAX, 100).unwrap()
+                );
+                prop_assert_eq!(redb.log_entries(group, 3, 7, 2).unwrap(), memory.log_entries(group, 3, 7, 2).unwrap());
+                for key in ["vote", "purged", "applied"] {
+                    prop_assert_eq!(redb.log_state(group, key).unwrap(), memory.log_state(group, key).unwrap());
+                }
+            }
+            prop_assert_eq!(redb.module_names().unwrap(), memory.module_names().unwrap());
+            for id in 0..3u8 {
+                prop_assert_eq!(redb.module_bytes(&[id; 32]).unwrap(), memory.module_bytes(&[id; 32]).unwrap());
+                prop_assert_eq!(redb.module_size(&[id; 32]).unwrap(), memory.module_size(&[id; 32]).unwrap());
+            }
+            Ok(())
+        }
+
+        /// A log grows without gaps (as openraft writes it): moves each append of `batch` to start
+        /// at most one past the last entry its group holds by then.
+        fn close_gaps(batch: &mut Batch, memory: &MemoryStore) {
+            // Per group, its first and last index as the batch goes.
+            let mut span: BTreeMap<GroupId, Option<(u64, u64)>> = GROUPS
+                .iter()
+                .map(|g| {
+                    let first = memory.log_entries(*g, 0, u64::MAX, 1).unwrap().first().map(|(i, _)| *i);
+                    (*g, first.zip(memory.log_last(*g).unwrap().map(|(i, _)| i)))
+                })
+                .collect();
+            for op in &mut batch.log {
+                match op {
+                    LogOp::Append { group, entries } if !entries.is_empty() => {
+                        let held = span[group];
+                        if let Some((_, last)) = held
+                            && entries[0].0 > last + 1
+                        {
+                            let shift = entries[0].0 - (last + 1);
+                            entries.iter_mut().for_each(|(i, _)| *i -= shift);
+                        }
+                        let (from, to) = (entries[0].0, entries[entries.len() - 1].0);
+                        let first = held.map_or(from, |(first, _)| first.min(from));
+                        span.insert(*group, Some((first, to)));
+                    }
+                    LogOp::TruncateFrom { group, from } => {
+                        let held = span[group];
+                        span.insert(
+                            *group,
+                            held.and_then(|(first, last)| (*from > first).then(|| (first, last.min(*from - 1)))),
+                        );
+                    }
+                    LogOp::PurgeUpto { group, upto } => {
+                        let held = span[group];
+                        span.insert(
+                            *group,
+                            held.and_then(|(first, last)| (*upto < last).then(|| (first.max(*upto + 1), last))),
+                        );
+                    }
+                    _ => {}
+                }
+            }
+        }
+
+        proptest! {
+            #![proptest_config(crate::testing::proptest_config(64))]
+
+            #[test]
+            fn redb_answers_as_the_in_memory_store_does(steps in vec(step(), 1..40)) {
+                let dir = tempfile::tempdir().unwrap();
+                let path = dir.path().join("grex.redb");
+                let mut redb = RedbStore::open(&path, FLOCKS, false).unwrap();
+                let memory = MemoryStore::new(FLOCKS);
+                for step in steps {
+                    match step {
+                        Step::Write(mut batch) => {
+                            close_gaps(&mut batch, &memory);
+                            redb.write(&batch).unwrap();
+                            memory.write(&batch).unwrap();
+                        }
+                        Step::Reopen => {
+                            drop(redb);
+                            redb = RedbStore::open(&path, FLOCKS, false).unwrap();
+                        }
+                    }
+                    same_answers(&redb, &memory)?;
+                }
+            }
+        }
     }
 }

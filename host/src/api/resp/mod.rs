@@ -904,15 +904,9 @@ mod tests {
         use super::*;
         use proptest::collection::vec;
         use proptest::prelude::*;
-        use proptest::test_runner::{Config, RngSeed};
 
-        /// A fixed seed per run, printed so that a failure can be replayed (`GREX_TEST_SEED=N`).
-        fn config() -> Config {
-            let seed: u64 = std::env::var("GREX_TEST_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
-                std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64)
-            });
-            println!("seed {seed} (GREX_TEST_SEED={seed} repeats this run)");
-            Config { cases: 3000, rng_seed: RngSeed::Fixed(seed), failure_persistence: None, ..Config::default() }
+        fn config() -> proptest::test_runner::Config {
+            crate::testing::proptest_config(3000)
         }
 
         fn encode(args: &[Vec<u8>]) -> Vec<u8> {
