@@ -292,6 +292,7 @@ pub async fn run(config: RunConfig) -> Report {
     let history: Vec<Op> = std::mem::take(&mut *history.lock().unwrap_or_else(|p| p.into_inner()));
     anomalies.extend(list_append::check(&history, &finals));
     anomalies.extend(modules_lost(&nodes, &uploads));
+    anomalies.extend(panics(&cluster));
     Report { seed: config.seed, events, tally: list_append::tally(&history), anomalies, uploads }
 }
 
@@ -316,6 +317,25 @@ fn upload_modules(addrs: &[String], stop: &AtomicBool, rng: &mut StdRng, seed: u
 }
 
 /// Every acknowledged upload must be listed by every node once the faults healed.
+/// A panic in any node's log: a task of the node died (the process may live on without it).
+fn panics(cluster: &TestCluster) -> Vec<Anomaly> {
+    let found = cluster.nodes.iter().find_map(|n| {
+        let log = n.log();
+        let at = log.find("panicked at")?;
+        let line = log[at..].lines().take(2).collect::<Vec<_>>().join(" ");
+        Some((n.id.clone(), line))
+    });
+    found
+        .map(|(id, line)| Anomaly {
+            kind: "node-panicked",
+            bucket: 0,
+            what: format!("node {id}: {line}"),
+            ops: Vec::new(),
+        })
+        .into_iter()
+        .collect()
+}
+
 fn modules_lost(nodes: &[(String, String)], uploads: &Uploads) -> Vec<Anomaly> {
     let listed = |addr: &str| -> Vec<String> {
         get_json(addr, "/v1/modules")

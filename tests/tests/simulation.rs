@@ -1,11 +1,11 @@
 //! The cluster's decisions under thousands of seeded fault schedules, in one process
 //! (`grex_tests::sim`). `GREX_SEED` picks the first schedule's seed (printed), `GREX_SIM_SCHEDULES`
-//! how many run (200 by default; `scripts/simulate.sh` runs many more in a release build).
+//! how many run (1000 by default; `scripts/simulate.sh` runs many more in a release build).
 
 use grex_tests::sim::{self, Mutation};
 
 fn schedules() -> u64 {
-    std::env::var("GREX_SIM_SCHEDULES").ok().and_then(|s| s.parse().ok()).unwrap_or(200)
+    std::env::var("GREX_SIM_SCHEDULES").ok().and_then(|s| s.parse().ok()).unwrap_or(1000)
 }
 
 fn threads() -> usize {
@@ -52,7 +52,7 @@ fn find_with(mutation: Mutation, count: u64) -> sim::Report {
 fn the_checker_catches_a_leader_that_runs_jobs_before_it_caught_up() {
     // The data-loss bug: a leader restored at restart ran jobs against its checkpoint, so it
     // answered stale lists and its change sets overwrote acknowledged appends.
-    let report = find_with(Mutation::NoReadiness, 400);
+    let report = find_with(Mutation::NoReadiness, 1000);
     let kinds: Vec<&str> = report.anomalies.iter().map(|a| a.kind).collect();
     assert!(
         kinds.iter().any(|k| ["lost", "stale", "not-a-prefix"].contains(k)),
@@ -62,7 +62,7 @@ fn the_checker_catches_a_leader_that_runs_jobs_before_it_caught_up() {
 
 #[test]
 fn the_checker_catches_reads_answered_without_confirming_the_lead() {
-    let report = find_with(Mutation::NoReadConfirm, 400);
+    let report = find_with(Mutation::NoReadConfirm, 1000);
     let kinds: Vec<&str> = report.anomalies.iter().map(|a| a.kind).collect();
     assert!(kinds.contains(&"stale"), "expected a stale read, found {kinds:?}");
 }

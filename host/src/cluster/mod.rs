@@ -884,8 +884,10 @@ impl Cluster {
                 self.inner.outranked.clear(group);
                 // Hand an idle flock's lead to its preferred, live herder (checked at the pace
                 // of reconciliation: it is never urgent).
-                let idle_for =
-                    (self.inner.last_activity.lock()).map(|a| a[group as usize].1.elapsed()).unwrap_or(Duration::ZERO);
+                // (The meta group has no activity record: `get` finds none and it is never handed.)
+                let idle_for = (self.inner.last_activity.lock().ok())
+                    .and_then(|a| a.get(group as usize).map(|(_, at)| at.elapsed()))
+                    .unwrap_or(Duration::ZERO);
                 reconcile
                     && group != META_GROUP
                     && timer.take_back_now(
