@@ -1066,7 +1066,10 @@ impl Sim {
             return;
         }
         if node.paused_until > self.now {
-            // Its answer waits until the client gives up.
+            // The request waits in the node's socket; it is routed when the node resumes.
+            let (inc, deadline) = (node.inc, node.paused_until + ROUTE_PATIENCE);
+            self.nodes[n].routing.insert(op, Routing { deadline, redirect: None, redirects: 0, forwarded_to: None });
+            self.at(Duration::ZERO, Event::Route(n, inc, op));
             return;
         }
         let voters: Vec<usize> = self.herder_indexes();
