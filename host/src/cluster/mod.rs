@@ -982,8 +982,8 @@ impl Cluster {
         }
         let stays = want.contains(&self.inner.me);
         // Bounded, so that a change that cannot commit (its leader cut off) does not hold the
-        // flock's reconfiguration flag for ever: the supervisor tries again, and a change still
-        // under way is then waited out in `add_caught_up_learner`.
+        // flock's reconfiguration flag for ever: the supervisor tries again later (openraft
+        // refuses a second change while the first is still under way).
         let Ok(changed) = tokio::time::timeout(ROUTE_PATIENCE * 3, raft.change_membership(want, false)).await else {
             tracing::warn!(flock, group = %*raft.metrics().borrow(), "a flock membership change did not commit in time; will retry");
             return false;
