@@ -2,6 +2,8 @@
 
 use proptest::test_runner::{Config, RngSeed};
 
+use crate::data::{ChangeSet, ItemWrite};
+
 /// A property test's settings: `cases` cases from a seed that `GREX_SEED` sets (else the clock),
 /// printed so that a failure can be replayed.
 pub fn proptest_config(cases: u32) -> Config {
@@ -10,4 +12,9 @@ pub fn proptest_config(cases: u32) -> Config {
     });
     println!("seed {seed} (GREX_SEED={seed} replays this run)");
     Config { cases, rng_seed: RngSeed::Fixed(seed), failure_persistence: None, ..Config::default() }
+}
+
+/// A change set of `bucket` in a cluster of `flock_count` flocks.
+pub fn change_set(bucket: &[u8], flock_count: u32, version: u64, writes: Vec<ItemWrite>) -> ChangeSet {
+    ChangeSet { bucket: bucket.to_vec(), flock: crate::data::flock_of(bucket, flock_count), version, writes }
 }

@@ -628,6 +628,11 @@ impl Sim {
         self.nodes.iter().filter(|n| n.herder).map(|n| n.id).collect()
     }
 
+    /// Node `n`'s failure detector holds a majority of the herders alive (grex's `has_quorum`).
+    fn sees_majority(&self, n: usize) -> bool {
+        self.majority(self.herder_indexes().into_iter().filter(|v| self.alive(n, *v)).count())
+    }
+
     fn majority(&self, count: usize) -> bool {
         count * 2 > self.voters().len()
     }
@@ -1072,9 +1077,7 @@ impl Sim {
             self.at(Duration::ZERO, Event::Route(n, inc, op));
             return;
         }
-        let voters: Vec<usize> = self.herder_indexes();
-        let live = voters.iter().filter(|v| self.alive(n, **v)).count();
-        if matches!(kind, Kind::Append(_)) && !self.majority(live) {
+        if matches!(kind, Kind::Append(_)) && !self.sees_majority(n) {
             self.complete(op, Outcome::Failed("no_quorum".into()));
             return;
         }
@@ -1118,8 +1121,7 @@ impl Sim {
     }
 
     fn run_here(&mut self, n: usize, op: usize, to: ReplyTo) {
-        let live = self.herder_indexes().iter().filter(|v| self.alive(n, **v)).count();
-        if matches!(self.ops[op].kind, Kind::Append(_)) && !self.majority(live) {
+        if matches!(self.ops[op].kind, Kind::Append(_)) && !self.sees_majority(n) {
             self.answer(n, op, to, Outcome::Failed("no_quorum".into()));
             return;
         }

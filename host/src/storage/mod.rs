@@ -188,16 +188,6 @@ pub trait Store: Send + Sync + 'static {
 }
 
 #[cfg(test)]
-pub(crate) mod testing_changes {
-    use crate::data::{ChangeSet, ItemWrite};
-
-    /// A change set of `bucket` in a cluster of `flock_count` flocks.
-    pub(crate) fn change_set(bucket: &[u8], flock_count: u32, version: u64, writes: Vec<ItemWrite>) -> ChangeSet {
-        ChangeSet { bucket: bucket.to_vec(), flock: crate::data::flock_of(bucket, flock_count), version, writes }
-    }
-}
-
-#[cfg(test)]
 pub(crate) mod contract {
     //! One test suite every store must pass, checked against a `BTreeMap` model.
 
@@ -211,7 +201,7 @@ pub(crate) mod contract {
             .iter()
             .map(|(k, v)| ItemWrite { item: k.to_string(), value: v.map(|v| v.as_bytes().to_vec()) })
             .collect();
-        super::testing_changes::change_set(bucket, 16, version, writes)
+        crate::testing::change_set(bucket, 16, version, writes)
     }
 
     pub(crate) fn items_versions_and_listing_follow_commits(store: &dyn Store) {

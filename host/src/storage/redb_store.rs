@@ -648,7 +648,7 @@ mod tests {
         use super::*;
         use crate::data::{ChangeSet, ItemWrite};
         use crate::storage::MemoryStore;
-        use crate::storage::testing_changes::change_set;
+        use crate::testing::change_set;
 
         const FLOCKS: u32 = 4;
         const BUCKETS: [&[u8]; 4] = [b"a", b"b", b"cc", b"dd"];
