@@ -441,9 +441,18 @@ pub fn http(addr: &str, method: &str, path: &str, headers: &[(&str, &str)], body
     }
     request.push_str("\r\n");
     stream.write_all(request.as_bytes()).expect("send head");
-    stream.write_all(body).expect("send body");
+    // A node may answer before it reads the body (a declared length over a limit) and close: the
+    // rest of the body then meets a closed connection, and the answer is still there to read.
+    if let Err(e) = stream.write_all(body) {
+        assert!(
+            matches!(e.kind(), std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset),
+            "send body: {e}"
+        );
+    }
     let mut answer = Vec::new();
-    stream.read_to_end(&mut answer).expect("read answer");
+    if let Err(e) = stream.read_to_end(&mut answer) {
+        assert!(e.kind() == std::io::ErrorKind::ConnectionReset && !answer.is_empty(), "read answer: {e}");
+    }
     let split = answer.windows(4).position(|w| w == b"\r\n\r\n").expect("HTTP head");
     let head = String::from_utf8_lossy(&answer[..split]).to_string();
     let status = head.split_whitespace().nth(1).and_then(|s| s.parse().ok()).expect("status code");
