@@ -18,8 +18,11 @@
 //!   route by), and forwarding with one redirect, retries every 50 ms and a 4 s patience.
 //!
 //! Faults: crash and restart (slow, or faster than the failure detector notices), pauses longer
-//! than the detector's timeout, one node cut off, two nodes cut from each other, message loss.
-//! After them the cluster must serve a read within 10 s and every herder must hold the same list.
+//! than the detector's timeout, one node cut off, two nodes cut from each other, message loss,
+//! and a node joining: the flock map moves the flock onto it, and the leader changes the group's
+//! membership as grex does (learner, catch-up, joint change; one change at a time).
+//! After them the cluster must serve a read within 10 s, and every herder the map names must hold
+//! the same list and have the map's herders as its committed membership.
 //! Each schedule is random from its seed; the same seed replays the same run exactly.
 //!
 //! [`Mutation`] switches a safeguard off, to show the checker catches what it guards against.
@@ -169,8 +172,56 @@ pub fn run(seed: u64, mutation: Mutation) -> Report {
 #[derive(Clone)]
 struct Entry {
     term: u64,
-    /// The whole list the job computed; `None` for a leader's blank entry.
+    /// The whole list the job computed; `None` for a leader's blank entry or a membership change.
     list: Option<Rc<[u64]>>,
+    /// A membership change: the group's membership from this entry on (as openraft, a node uses
+    /// the latest one in its log, committed or not).
+    config: Option<Rc<Config>>,
+}
+
+impl Entry {
+    fn blank(term: u64) -> Entry {
+        Entry { term, list: None, config: None }
+    }
+}
+
+/// A group's membership: its voters, in a joint change also the new voters (a decision then needs
+/// a majority of each), and learners that receive the log without voting.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct Config {
+    voters: Vec<usize>,
+    joint: Vec<usize>,
+    learners: Vec<usize>,
+}
+
+impl Config {
+    /// Who votes: both sides of a joint change.
+    fn voter_ids(&self) -> Vec<usize> {
+        let mut all: Vec<usize> = self.voters.iter().chain(&self.joint).copied().collect();
+        all.sort_unstable();
+        all.dedup();
+        all
+    }
+
+    fn votes(&self, n: usize) -> bool {
+        self.voters.contains(&n) || self.joint.contains(&n)
+    }
+
+    /// Who the leader sends the log to (itself included).
+    fn members(&self) -> Vec<usize> {
+        let mut all = self.voter_ids();
+        all.extend(&self.learners);
+        all.sort_unstable();
+        all.dedup();
+        all
+    }
+
+    /// Whether the nodes `has` holds make a decision: a majority of the voters, and in a joint
+    /// change a majority of the new voters too.
+    fn quorum(&self, has: impl Fn(usize) -> bool) -> bool {
+        let majority = |set: &[usize]| set.iter().filter(|v| has(**v)).count() * 2 > set.len();
+        majority(&self.voters) && (self.joint.is_empty() || majority(&self.joint))
+    }
 }
 
 #[derive(Clone)]
@@ -206,6 +257,11 @@ enum Fault {
     Cut(Vec<(usize, usize)>),
     Heal(Vec<(usize, usize)>),
     Loss(f64),
+    /// The flock map moves the flock: `add` replaces `drop` among its herders (a node joined).
+    Move {
+        add: usize,
+        drop: usize,
+    },
 }
 
 struct Timed {
@@ -269,7 +325,7 @@ struct Lead {
 
 struct Node {
     id: NodeId,
-    herder: bool,
+    index: usize,
     up: bool,
     inc: u64,
     paused_until: Duration,
@@ -278,6 +334,8 @@ struct Node {
     voted_for: Option<usize>,
     led_term: bool,
     log: Vec<Entry>,
+    /// The membership entries of the log by index, after the initial membership at index 0.
+    configs: Vec<(u64, Rc<Config>)>,
     checkpoint: (u64, u64, Rc<[u64]>),
     // Volatile.
     role: Role,
@@ -303,6 +361,28 @@ struct Node {
 impl Node {
     fn last(&self) -> (u64, u64) {
         (self.log.last().map_or(0, |e| e.term), self.log.len() as u64)
+    }
+
+    /// The membership this node goes by: the latest in its log.
+    fn config(&self) -> &Config {
+        &self.configs.last().expect("the initial membership").1
+    }
+
+    fn votes(&self) -> bool {
+        self.config().votes(self.index)
+    }
+
+    fn push(&mut self, entry: Entry) {
+        if let Some(config) = &entry.config {
+            self.configs.push((self.log.len() as u64 + 1, config.clone()));
+        }
+        self.log.push(entry);
+    }
+
+    /// Drops the entries from `index` on (a conflicting suffix), and the memberships they held.
+    fn truncate(&mut self, index: u64) {
+        self.log.truncate(index as usize - 1);
+        self.configs.retain(|(at, _)| *at == 0 || *at < index);
     }
 
     fn term_at(&self, index: u64) -> u64 {
@@ -353,7 +433,7 @@ impl Sim {
         let nodes: Vec<Node> = (0..schedule.nodes)
             .map(|i| Node {
                 id: rng.random::<u64>() | 1,
-                herder: i < 3,
+                index: i,
                 up: true,
                 inc: 0,
                 paused_until: Duration::ZERO,
@@ -361,6 +441,7 @@ impl Sim {
                 voted_for: None,
                 led_term: false,
                 log: Vec::new(),
+                configs: vec![(0, Rc::new(Config { voters: vec![0, 1, 2], ..Config::default() }))],
                 checkpoint: (0, 0, Rc::from([])),
                 role: Role::Follower,
                 leader: None,
@@ -458,6 +539,14 @@ impl Sim {
         for op in 0..self.ops.len() {
             self.complete(op, Outcome::Unknown("no answer when the run ended".into()));
         }
+        if self.final_read.is_some() {
+            for h in self.map_herders() {
+                if !self.settled(h) {
+                    let what = format!("node {h}'s membership is {:?}, not the map's herders", self.nodes[h].config());
+                    self.anomaly("membership-unsettled", what);
+                }
+            }
+        }
         if self.final_read.is_none() {
             self.anomaly(
                 "unavailable",
@@ -469,13 +558,22 @@ impl Sim {
     /// The final read is in and every herder holds it.
     fn converged(&self) -> bool {
         let Some(list) = &self.final_read else { return false };
-        self.nodes.iter().filter(|n| n.herder).all(|n| n.state == *list)
+        self.map_herders().iter().all(|h| self.nodes[*h].state == *list && self.settled(*h))
     }
 
     fn finals(&mut self) -> Option<Final> {
         let list = self.final_read.clone()?;
-        let copies = self.nodes.iter().filter(|n| n.herder).map(|n| n.state.to_vec()).collect();
+        let copies = self.map_herders().iter().map(|h| self.nodes[*h].state.to_vec()).collect();
         Some(Final { list: list.to_vec(), copies })
+    }
+
+    /// Node `n`'s membership is the map's herders, committed.
+    fn settled(&self, n: usize) -> bool {
+        let node = &self.nodes[n];
+        let mut want = self.map_herders();
+        want.sort_unstable();
+        let (at, config) = node.configs.last().expect("a membership");
+        config.voters == want && config.joint.is_empty() && *at <= node.commit
     }
 
     fn longest_unavailable(&self) -> Duration {
@@ -496,6 +594,12 @@ impl Sim {
     /// Random faults over the first `faults_for` of the run, each healed before it ends.
     fn plan_faults(&mut self) {
         let end = self.schedule.faults_for;
+        // Most runs with a fourth node: it joins, and the map moves the flock onto it.
+        if self.nodes.len() > 3 && self.rng.random_bool(0.7) {
+            let at = self.ms(300..end.as_millis() as u64);
+            let drop = self.rng.random_range(0..3);
+            self.at(at, Event::Fault(Fault::Move { add: 3, drop }));
+        }
         let mut t = self.ms(200..800);
         while t < end {
             let n = self.rng.random_range(0..self.nodes.len());
@@ -624,24 +728,24 @@ impl Sim {
         self.alive(n, self.index_of(id))
     }
 
-    fn voters(&self) -> Vec<NodeId> {
-        self.nodes.iter().filter(|n| n.herder).map(|n| n.id).collect()
+    /// The flock map's herders, as node indexes.
+    fn map_herders(&self) -> Vec<usize> {
+        self.herders.iter().map(|id| self.index_of(*id)).collect()
     }
 
-    /// Node `n`'s failure detector holds a majority of the herders alive (grex's `has_quorum`).
+    /// Node `n`'s failure detector holds a majority of the voters alive (grex's `has_quorum`: its
+    /// view of the group's voters if it votes, else the map's herders).
     fn sees_majority(&self, n: usize) -> bool {
-        self.majority(self.herder_indexes().into_iter().filter(|v| self.alive(n, *v)).count())
-    }
-
-    fn majority(&self, count: usize) -> bool {
-        count * 2 > self.voters().len()
+        let node = &self.nodes[n];
+        let voters = if node.votes() { node.config().voter_ids() } else { self.map_herders() };
+        voters.iter().filter(|v| self.alive(n, **v)).count() * 2 > voters.len()
     }
 
     /// The flock's leader as node `n` knows it: from the group if it herds it, else from claims.
     fn leader_of(&self, n: usize) -> Option<usize> {
         let node = &self.nodes[n];
-        if node.herder
-            && let Some(leader) = node.leader
+        if node.votes()
+            && let Some(leader) = node.leader.filter(|l| node.config().votes(*l))
         {
             return Some(leader);
         }
@@ -671,11 +775,11 @@ impl Sim {
             self.nodes[n].routing.remove(&op);
             self.complete(op, Outcome::Unknown("outcome_unknown: the node running the job went down".into()));
         }
-        if !self.nodes[n].herder {
+        if !self.nodes[n].votes() {
             return;
         }
-        let voters = self.voters();
         let node = &self.nodes[n];
+        let voters: Vec<NodeId> = node.config().voter_ids().iter().map(|v| self.nodes[*v].id).collect();
         let outranked_by = node
             .outranked
             .filter(|(_, at)| self.now.saturating_sub(*at) < OUTRANKED_FOR)
@@ -684,7 +788,7 @@ impl Sim {
             me: node.id,
             group: GROUP,
             leader: node.leader.map(|l| self.nodes[l].id),
-            leader_votes: true,
+            leader_votes: node.leader.is_some_and(|l| node.config().votes(l)),
             voters: &voters,
             preferred: &self.herders,
             outranked_by,
@@ -700,7 +804,11 @@ impl Sim {
         let node = &mut self.nodes[n];
         if reconcile {
             node.last_reconcile = now;
+            if leading {
+                self.reconcile(n);
+            }
         }
+        let node = &mut self.nodes[n];
         let elect = match verdict {
             Verdict::Led => {
                 node.outranked = None;
@@ -727,15 +835,45 @@ impl Sim {
         self.step_down(n);
         self.nodes[n].role = Role::Candidate;
         let (term, last) = (self.nodes[n].term, self.nodes[n].last());
-        for v in self.herder_indexes() {
+        for v in self.nodes[n].config().voter_ids() {
             if v != n {
                 self.send(n, v, Msg::Vote { term, last });
             }
         }
     }
 
-    fn herder_indexes(&self) -> Vec<usize> {
-        (0..self.nodes.len()).filter(|i| self.nodes[*i].herder).collect()
+    /// On a leader that votes: takes the group one step towards the map's herders, as
+    /// `Cluster::change_herders` does (add the new herders as learners, let them catch up, change
+    /// the voters through a joint membership). One change at a time, each once the last committed.
+    fn reconcile(&mut self, n: usize) {
+        let map = self.map_herders();
+        let node = &self.nodes[n];
+        let (at, config) = node.configs.last().map(|(at, c)| (*at, c.clone())).expect("a membership");
+        if !config.votes(n) || at > node.commit {
+            return;
+        }
+        let mut want = map.clone();
+        want.sort_unstable();
+        let next = if !config.joint.is_empty() {
+            Config { voters: config.joint.clone(), ..Config::default() }
+        } else if config.voters == want {
+            return;
+        } else if let Some(missing) =
+            Some(want.iter().filter(|m| !config.members().contains(m)).copied().collect::<Vec<_>>())
+            && !missing.is_empty()
+        {
+            let mut learners = config.learners.clone();
+            learners.extend(missing);
+            Config { learners, ..(*config).clone() }
+        } else if want.iter().all(|m| config.votes(*m) || node.lead.matched.get(m).is_some_and(|i| *i >= at)) {
+            Config { voters: config.voters.clone(), joint: want, learners: Vec::new() }
+        } else {
+            return;
+        };
+        self.trace(|| format!("node {n} changes the membership to {next:?}"));
+        let term = self.nodes[n].term;
+        self.nodes[n].push(Entry { term, list: None, config: Some(Rc::new(next)) });
+        self.replicate_all(n);
     }
 
     /// A higher term was seen: this node follows.
@@ -782,22 +920,15 @@ impl Sim {
         self.trace(|| {
             format!("node {n} leads term {term} (log {:?}, applied {:?})", self.nodes[n].last(), self.nodes[n].applied)
         });
-        let peers = self.herder_indexes();
         let node = &mut self.nodes[n];
         node.role = Role::Leader;
         node.led_term = true;
         node.leader = Some(n);
         node.outranked = None;
         if blank {
-            node.log.push(Entry { term, list: None });
+            node.push(Entry::blank(term));
         }
-        // The first message to each follower carries the last entry.
-        let next = (node.log.len() as u64).max(1);
         node.lead = Lead::default();
-        for p in peers.into_iter().filter(|p| *p != n) {
-            node.lead.next.insert(p, next);
-            node.lead.matched.insert(p, 0);
-        }
         self.refresh_ready(n);
         self.replicate_all(n);
     }
@@ -806,7 +937,7 @@ impl Sim {
         let mutation = self.schedule.mutation;
         let node = &mut self.nodes[n];
         let view = LeadView {
-            leads: node.role == Role::Leader,
+            leads: node.role == Role::Leader && node.votes(),
             term: node.term,
             log_last: node.log.len() as u64,
             applied: (node.applied.1 > 0).then_some(node.applied),
@@ -822,7 +953,15 @@ impl Sim {
         if self.nodes[n].role != Role::Leader {
             return;
         }
-        let followers: Vec<usize> = self.nodes[n].lead.next.keys().copied().collect();
+        // Every member of the latest membership gets the log; the first message to a new one
+        // carries the last entry.
+        let node = &mut self.nodes[n];
+        let followers: Vec<usize> = node.config().members().into_iter().filter(|f| *f != n).collect();
+        let last = (node.log.len() as u64).max(1);
+        for f in &followers {
+            node.lead.next.entry(*f).or_insert(last);
+            node.lead.matched.entry(*f).or_insert(0);
+        }
         for f in followers {
             let node = &self.nodes[n];
             let lead = &node.lead;
@@ -866,7 +1005,8 @@ impl Sim {
                 }
                 if granted {
                     node.votes.insert(from);
-                    if self.majority(self.nodes[n].votes.len()) {
+                    let node = &self.nodes[n];
+                    if node.config().quorum(|v| node.votes.contains(&v)) {
                         self.become_leader(n, true);
                     }
                 } else if last > node.last() {
@@ -970,9 +1110,9 @@ impl Sim {
                     let what = format!("node {n} truncated its log at {index}, below its commit index {}", node.commit);
                     self.anomaly("committed-truncated", what);
                 }
-                self.nodes[n].log.truncate(index as usize - 1);
+                self.nodes[n].truncate(index);
             }
-            self.nodes[n].log.push(entry);
+            self.nodes[n].push(entry);
         }
         let node = &mut self.nodes[n];
         let matched = prev_index + count;
@@ -999,12 +1139,14 @@ impl Sim {
         if round > 0 && round == lead.rounds_started {
             lead.round_acks.insert(f);
         }
-        // Commit: the highest index of this term a majority holds.
-        let mut indexes: Vec<u64> = lead.matched.values().copied().chain([node.log.len() as u64]).collect();
-        indexes.sort_unstable_by(|a, b| b.cmp(a));
-        let quorum_index = indexes[indexes.len() / 2];
-        if quorum_index > node.commit && node.term_at(quorum_index) == node.term {
-            node.commit = quorum_index;
+        // Commit: the highest index of this term that a quorum of the membership holds.
+        let node = &self.nodes[n];
+        let holds =
+            |index: u64| node.config().quorum(|v| v == n || node.lead.matched.get(&v).is_some_and(|m| *m >= index));
+        let commit =
+            (node.commit + 1..=node.log.len() as u64).rev().find(|i| node.term_at(*i) == node.term && holds(*i));
+        if let Some(index) = commit {
+            self.nodes[n].commit = index;
             self.apply(n);
         }
         self.confirm_reads(n);
@@ -1145,7 +1287,7 @@ impl Sim {
             match self.ops[op].kind {
                 Kind::Append(v) => {
                     let list: Rc<[u64]> = node.state.iter().copied().chain([v]).collect();
-                    node.log.push(Entry { term: node.term, list: Some(list.clone()) });
+                    node.push(Entry { term: node.term, list: Some(list.clone()), config: None });
                     let index = node.log.len() as u64;
                     node.lead.running = Some((op, to, index, list));
                     self.replicate_all(n);
@@ -1167,13 +1309,13 @@ impl Sim {
     /// Answers reads whose confirmation round a majority acknowledged; starts the next round.
     fn confirm_reads(&mut self, n: usize) {
         let now = self.now;
-        let voters = self.voters().len();
         let node = &mut self.nodes[n];
         if node.role != Role::Leader {
             return;
         }
+        let acked = node.config().quorum(|v| v == n || node.lead.round_acks.contains(&v));
         let lead = &mut node.lead;
-        let confirmed = if lead.round_since.is_some() && (lead.round_acks.len() + 1) * 2 > voters {
+        let confirmed = if lead.round_since.is_some() && acked {
             lead.round_since = None;
             lead.rounds_started
         } else {
@@ -1264,6 +1406,14 @@ impl Sim {
                 }
             }
             Fault::Loss(p) => self.loss = p.max(0.0),
+            Fault::Move { add, drop } => {
+                let (add, drop) = (self.nodes[add].id, self.nodes[drop].id);
+                for h in &mut self.herders {
+                    if *h == drop {
+                        *h = add;
+                    }
+                }
+            }
         }
     }
 
