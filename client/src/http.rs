@@ -62,10 +62,11 @@ impl HttpTransport {
     }
 
     async fn send(&self, call: HttpCall) -> Result<(StatusCode, hyper::HeaderMap, Bytes), ClientError> {
-        let transport = |e: &dyn std::fmt::Display| ClientError::Transport(format!("{}: {e}", self.host_port));
-        let stream = tokio::net::TcpStream::connect(&self.host_port).await.map_err(|e| transport(&e))?;
+        let unreachable = |e: &dyn std::fmt::Display| ClientError::Unreachable(format!("{}: {e}", self.host_port));
+        let no_answer = |e: &dyn std::fmt::Display| ClientError::NoAnswer(format!("{}: {e}", self.host_port));
+        let stream = tokio::net::TcpStream::connect(&self.host_port).await.map_err(|e| unreachable(&e))?;
         let (mut sender, connection) =
-            hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(|e| transport(&e))?;
+            hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(|e| unreachable(&e))?;
         tokio::spawn(connection);
         let mut builder = hyper::Request::builder().method(call.method).uri(call.path).header(HOST, &self.host_port);
         if let Some(content_type) = call.content_type {
@@ -73,11 +74,11 @@ impl HttpTransport {
         }
         let request =
             builder.body(Full::new(Bytes::from(call.body))).map_err(|e| ClientError::Config(e.to_string()))?;
-        let response = sender.send_request(request).await.map_err(|e| transport(&e))?;
+        let response = sender.send_request(request).await.map_err(|e| no_answer(&e))?;
         let status = response.status();
         let headers = response.headers().clone();
         let body =
-            Limited::new(response.into_body(), FRAME_BYTES_MAX).collect().await.map_err(|e| transport(&e))?.to_bytes();
+            Limited::new(response.into_body(), FRAME_BYTES_MAX).collect().await.map_err(|e| no_answer(&e))?.to_bytes();
         Ok((status, headers, body))
     }
 }

@@ -34,9 +34,13 @@ pub enum ClientError {
     /// The node answered with an error.
     #[error(transparent)]
     Remote(#[from] RemoteError),
-    /// The node could not be reached or the connection broke.
+    /// The node could not be reached: the request was not sent, so it took no effect.
     #[error("cannot reach the node: {0}")]
-    Transport(String),
+    Unreachable(String),
+    /// The request was sent but no answer came (the connection broke, or the node stopped): a job
+    /// may or may not have run and committed. Read before retrying a change that must not repeat.
+    #[error("no answer from the node (the request may or may not have taken effect): {0}")]
+    NoAnswer(String),
     /// The URL or the client's settings are unusable.
     #[error("{0}")]
     Config(String),

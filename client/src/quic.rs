@@ -26,26 +26,27 @@ impl QuicTransport {
         let host = host.trim_start_matches('[').trim_end_matches(']');
         let addr: SocketAddr = tokio::net::lookup_host(host_port)
             .await
-            .map_err(|e| ClientError::Transport(format!("cannot resolve {host_port}: {e}")))?
+            .map_err(|e| ClientError::Unreachable(format!("cannot resolve {host_port}: {e}")))?
             .next()
-            .ok_or_else(|| ClientError::Transport(format!("{host_port} resolves to no address")))?;
+            .ok_or_else(|| ClientError::Unreachable(format!("{host_port} resolves to no address")))?;
         let bind: SocketAddr = if addr.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" }.parse().expect("valid literal");
         let mut endpoint = quinn::Endpoint::client(bind)
-            .map_err(|e| ClientError::Transport(format!("cannot open a UDP socket: {e}")))?;
+            .map_err(|e| ClientError::Unreachable(format!("cannot open a UDP socket: {e}")))?;
         endpoint.set_default_client_config(client_config(ca_file)?);
         let connection = endpoint
             .connect(addr, host)
-            .map_err(|e| ClientError::Transport(format!("{host_port}: {e}")))?
+            .map_err(|e| ClientError::Unreachable(format!("{host_port}: {e}")))?
             .await
-            .map_err(|e| ClientError::Transport(format!("{host_port}: {e}")))?;
+            .map_err(|e| ClientError::Unreachable(format!("{host_port}: {e}")))?;
         Ok(QuicTransport { _endpoint: endpoint, connection })
     }
 
     pub(crate) async fn call(&self, request: &Request) -> Result<Response, ClientError> {
         let frame = encode_frame(request).map_err(|e| ClientError::Config(e.to_string()))?;
-        let (send, mut recv) = self.connection.open_bi().await.map_err(|e| ClientError::Transport(e.to_string()))?;
-        send_frame(send, &frame).await.map_err(|e| ClientError::Transport(e.to_string()))?;
-        let answer = recv.read_to_end(FRAME_BYTES_MAX + 4).await.map_err(|e| ClientError::Transport(e.to_string()))?;
+        let (send, mut recv) = self.connection.open_bi().await.map_err(|e| ClientError::Unreachable(e.to_string()))?;
+        // From here on the node may have the request: a failure leaves its outcome unknown.
+        send_frame(send, &frame).await.map_err(|e| ClientError::NoAnswer(e.to_string()))?;
+        let answer = recv.read_to_end(FRAME_BYTES_MAX + 4).await.map_err(|e| ClientError::NoAnswer(e.to_string()))?;
         decode_frame(&answer).map_err(|e| ClientError::Protocol(e.to_string()))
     }
 }

@@ -5,7 +5,10 @@
 //! connection per node, and sends the flock's jobs there. Every job's answer names the node that
 //! ran it; when that is not the node the router chose (leadership moved), or the chosen node
 //! cannot be reached, the router forgets the flock's route and asks for a fresh canary next
-//! time. A job never fails because of a stale route: the node it reached forwards it.
+//! time. A job never fails because of a stale route: the node it reached forwards it, and a job
+//! that could not be sent to the chosen node is sent through the seed node instead. A job that
+//! was sent but got no answer is never sent again ([`ClientError::NoAnswer`]): it may have
+//! committed, and only the caller can tell whether running it twice is harmless.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -67,7 +70,7 @@ impl Router {
         let client = self.client(&url).await;
         let result = match &client {
             Ok(client) => client.run_job(bucket, module, input, read_only).await,
-            Err(e) => Err(ClientError::Transport(e.to_string())),
+            Err(e) => Err(ClientError::Unreachable(e.to_string())),
         };
         match result {
             Ok(out) => {
@@ -76,11 +79,16 @@ impl Router {
                 }
                 Ok(out)
             }
-            Err(ClientError::Transport(_)) if url != self.seed_url => {
-                // The chosen node is gone: drop it and let the seed node route this job.
-                self.forget(flock);
-                self.clients.lock().unwrap_or_else(|p| p.into_inner()).remove(&url);
+            Err(ClientError::Unreachable(_)) if url != self.seed_url => {
+                // The chosen node is gone and never saw the job: drop it and let the seed node
+                // route the job.
+                self.forget_node(flock, &url);
                 self.seed.run_job(bucket, module, input, read_only).await
+            }
+            Err(e @ ClientError::NoAnswer(_)) => {
+                // The job may have run: report that, and route afresh next time.
+                self.forget_node(flock, &url);
+                Err(e)
             }
             Err(e) => Err(e),
         }
@@ -109,6 +117,14 @@ impl Router {
 
     fn forget(&self, flock: u32) {
         self.routes.lock().unwrap_or_else(|p| p.into_inner()).remove(&flock);
+    }
+
+    /// Forgets `flock`'s route and the connection to `url` (not the seed's).
+    fn forget_node(&self, flock: u32, url: &str) {
+        self.forget(flock);
+        if url != self.seed_url {
+            self.clients.lock().unwrap_or_else(|p| p.into_inner()).remove(url);
+        }
     }
 
     async fn client(&self, url: &str) -> Result<Arc<Client>, ClientError> {

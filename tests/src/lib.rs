@@ -1,6 +1,7 @@
 //! Test harness: builds the example jobs for wasm32, starts the real `grex` binary on loopback
 //! with ports chosen by the OS, and talks to it over QUIC and raw HTTP.
 
+pub mod clients;
 pub mod list_append;
 pub mod nemesis;
 pub mod sim;

@@ -1,8 +1,10 @@
 //! The list-append workload and its checker (in the style of Jepsen's Elle list-append).
 //!
 //! Client threads run the `list-append` job (`jobs/list-append`) against a few buckets through
-//! random nodes over HTTP: `append V` with a value no one else ever sends, or `read`. Each
-//! operation is recorded with when it was invoked and completed and what came of it:
+//! random nodes, over HTTP, QUIC, the Redis protocol or the canary-following [`grex_client::Router`]
+//! ([`crate::clients`]): `append V` with a value no one else ever sends, `read`, or `read` as a
+//! read-only job (which a follower may answer). Each operation is recorded with when it was invoked
+//! and completed and what came of it:
 //!
 //! - **ok**, with the whole list the job returned;
 //! - **failed** (definite): the job certainly did not commit. The codes that say so are
@@ -14,14 +16,15 @@
 //! [`check`] then verifies, per bucket, against the final list read after the faults healed:
 //! every node's committed copy is that list; it has no duplicates and no value never sent;
 //! every acknowledged append is in it and no definitely failed one is; every list an operation
-//! returned is a prefix of it; and real-time order holds: an operation invoked after another
-//! completed returns at least what that one returned.
+//! returned is a prefix of it (so a follower's read-only answer is a committed prefix); and
+//! real-time order holds for appends and reads through the leader: an operation invoked after
+//! another completed returns at least what that one returned.
 
 use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// Error codes that mean the job did not commit.
 pub const DEFINITE_CODES: &[&str] = &[
@@ -49,6 +52,34 @@ pub enum Kind {
     Append(u64),
     /// Read the list (through the mutating path, so it must see the latest state).
     Read,
+    /// Read the list with a read-only job, which a follower may answer from its applied state:
+    /// a committed prefix, possibly behind the latest.
+    FollowerRead,
+}
+
+impl fmt::Display for Kind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Kind::Append(v) => write!(f, "append {v}"),
+            Kind::Read => f.write_str("read"),
+            Kind::FollowerRead => f.write_str("read-only read"),
+        }
+    }
+}
+
+/// How an operation reached the cluster.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Via {
+    /// `POST /v1/jobs/...` to the chosen node.
+    Http,
+    /// The native protocol (QUIC with TLS) to the chosen node.
+    Quic,
+    /// `FCALL` / `FCALL_RO` on the chosen node's Redis protocol port.
+    Resp,
+    /// A [`grex_client::Router`] seeded with the chosen node: it follows the bucket's canary.
+    Router,
+    /// A simulated client ([`crate::sim`]).
+    Simulated,
 }
 
 /// What came of an operation.
@@ -71,6 +102,8 @@ pub struct Op {
     pub bucket: usize,
     /// Index of the node it was sent to.
     pub node: usize,
+    /// How it was sent.
+    pub via: Via,
     /// What it asked.
     pub kind: Kind,
     /// When it was sent, since the run began.
@@ -83,10 +116,7 @@ pub struct Op {
 
 impl fmt::Display for Op {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let kind = match self.kind {
-            Kind::Append(v) => format!("append {v}"),
-            Kind::Read => "read".to_string(),
-        };
+        let kind = self.kind;
         let outcome = match &self.outcome {
             Outcome::Ok(list) => {
                 let tail: Vec<String> = list.iter().rev().take(3).rev().map(u64::to_string).collect();
@@ -97,11 +127,12 @@ impl fmt::Display for Op {
         };
         write!(
             f,
-            "[{:>8.3}s .. {:>8.3}s] worker {} node {} bucket {} {kind} -> {outcome}",
+            "[{:>8.3}s .. {:>8.3}s] worker {} node {} ({:?}) bucket {} {kind} -> {outcome}",
             self.invoked.as_secs_f64(),
             self.completed.as_secs_f64(),
             self.worker,
             self.node,
+            self.via,
             self.bucket
         )
     }
@@ -111,19 +142,30 @@ impl fmt::Display for Op {
 pub fn classify(status: u16, body: &[u8]) -> Outcome {
     let text = String::from_utf8_lossy(body);
     if status == 200 {
-        return match parse_list(&text) {
-            Some(list) => Outcome::Ok(list),
-            None => Outcome::Unknown(format!("200 with a body that is no list: {text}")),
-        };
+        return listed(&text);
     }
     let json: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
-    let code = json["code"].as_str().unwrap_or("").to_string();
-    let message = json["error"].as_str().unwrap_or(&text).to_string();
+    let code = json["code"].as_str().unwrap_or("");
+    let message = json["error"].as_str().map(str::to_owned).unwrap_or_else(|| text.to_string());
+    by_code(code, &format!("{status} {code}: {message}"))
+}
+
+/// A job's output as an outcome: the list it returned.
+pub fn listed(text: &str) -> Outcome {
+    match parse_list(text) {
+        Some(list) => Outcome::Ok(list),
+        None => Outcome::Unknown(format!("an answer that is no list: {text}")),
+    }
+}
+
+/// An error answer with `code`, described by `what`: definite when the code says the job did
+/// not commit ([`DEFINITE_CODES`]) and the message does not admit that it may have.
+pub fn by_code(code: &str, what: &str) -> Outcome {
     let maybe = ["may have", "may still", "may or may not", "read before retrying"];
-    if DEFINITE_CODES.contains(&code.as_str()) && !maybe.iter().any(|m| message.contains(m)) {
-        Outcome::Failed(format!("{status} {code}: {message}"))
+    if DEFINITE_CODES.contains(&code) && !maybe.iter().any(|m| what.contains(m)) {
+        Outcome::Failed(what.to_owned())
     } else {
-        Outcome::Unknown(format!("{status} {code}: {message}"))
+        Outcome::Unknown(what.to_owned())
     }
 }
 
@@ -181,19 +223,23 @@ pub fn request_typed(
     Ok((status, answer[split + 4..].to_vec()))
 }
 
-/// One operation against `node`, timed from `start`.
-pub fn perform(start: Instant, worker: usize, node: (usize, &str), bucket: (usize, &str), kind: Kind) -> Op {
-    let input = match kind {
+/// The job's input for `kind`.
+pub fn input(kind: Kind) -> String {
+    match kind {
         Kind::Append(v) => format!("append {v}"),
-        Kind::Read => "read".to_string(),
-    };
-    let invoked = start.elapsed();
-    let outcome = match run_job(node.1, bucket.1, &input, Duration::from_secs(20)) {
+        Kind::Read | Kind::FollowerRead => "read".to_string(),
+    }
+}
+
+/// Runs `kind` over HTTP on `node` (`host:port`); the outcome.
+pub fn perform_http(node: &str, bucket: &str, kind: Kind, timeout: Duration) -> Outcome {
+    let read_only = if kind == Kind::FollowerRead { "&read_only=true" } else { "" };
+    let path = format!("/v1/jobs/{bucket}?module=list-append{read_only}");
+    match request(node, "POST", &path, input(kind).as_bytes(), timeout) {
         Ok((status, body)) => classify(status, &body),
         Err((false, why)) => Outcome::Failed(format!("not sent: {why}")),
         Err((true, why)) => Outcome::Unknown(why),
-    };
-    Op { worker, bucket: bucket.0, node: node.0, kind, invoked, completed: start.elapsed(), outcome }
+    }
 }
 
 /// What a bucket holds after the run: the list a read job returned once the faults healed, and
@@ -262,13 +308,14 @@ fn check_bucket(bucket: usize, ops: &[&Op], fin: &Final, out: &mut Vec<Anomaly>)
     if position.len() != list.len() {
         let mut seen = HashSet::new();
         let dup = list.iter().find(|v| !seen.insert(**v)).copied().unwrap_or_default();
-        push("duplicate", format!("value {dup} is in the final list twice"), Vec::new());
+        let sent_by = ops.iter().filter(|o| o.kind == Kind::Append(dup)).map(|o| (*o).clone()).collect();
+        push("duplicate", format!("value {dup} is in the final list twice"), sent_by);
     }
     let sent: HashMap<u64, &Op> = ops
         .iter()
         .filter_map(|o| match o.kind {
             Kind::Append(v) => Some((v, *o)),
-            Kind::Read => None,
+            Kind::Read | Kind::FollowerRead => None,
         })
         .collect();
     for v in list {
@@ -314,12 +361,13 @@ fn check_bucket(bucket: usize, ops: &[&Op], fin: &Final, out: &mut Vec<Anomaly>)
 }
 
 /// An operation invoked after another completed must return at least as long a list (all lists
-/// being prefixes of one final list, longer means later).
+/// being prefixes of one final list, longer means later). Read-only reads are exempt: a follower
+/// may answer them from a committed state that trails the leader.
 fn check_real_time(ops: &[&Op], push: &mut impl FnMut(&'static str, String, Vec<Op>)) {
     let mut by_completion: Vec<(&Op, usize)> = ops
         .iter()
         .filter_map(|o| match &o.outcome {
-            Outcome::Ok(list) => Some((*o, list.len())),
+            Outcome::Ok(list) if o.kind != Kind::FollowerRead => Some((*o, list.len())),
             _ => None,
         })
         .collect();
@@ -361,21 +409,35 @@ pub struct Tally {
     pub ops: usize,
     /// Acknowledged appends.
     pub appends_ok: usize,
-    /// Acknowledged reads.
+    /// Acknowledged reads through the leader.
     pub reads_ok: usize,
+    /// Acknowledged read-only reads.
+    pub follower_reads_ok: usize,
     /// Definite failures.
     pub failed: usize,
     /// Unknown outcomes.
     pub unknown: usize,
+    /// Acknowledged operations by the way they were sent: HTTP, QUIC, Redis protocol, router.
+    pub ok_via: [usize; 4],
 }
 
 /// Counts `history`.
 pub fn tally(history: &[Op]) -> Tally {
     let mut t = Tally { ops: history.len(), ..Tally::default() };
     for op in history {
+        let via = match op.via {
+            Via::Http | Via::Simulated => 0,
+            Via::Quic => 1,
+            Via::Resp => 2,
+            Via::Router => 3,
+        };
+        if let Outcome::Ok(_) = op.outcome {
+            t.ok_via[via] += 1;
+        }
         match (&op.kind, &op.outcome) {
             (Kind::Append(_), Outcome::Ok(_)) => t.appends_ok += 1,
             (Kind::Read, Outcome::Ok(_)) => t.reads_ok += 1,
+            (Kind::FollowerRead, Outcome::Ok(_)) => t.follower_reads_ok += 1,
             (_, Outcome::Failed(_)) => t.failed += 1,
             (_, Outcome::Unknown(_)) => t.unknown += 1,
         }
@@ -392,6 +454,7 @@ mod tests {
             worker: 0,
             bucket: 0,
             node: 0,
+            via: Via::Http,
             kind,
             invoked: Duration::from_millis(invoked_ms),
             completed: Duration::from_millis(completed_ms),
@@ -438,6 +501,22 @@ mod tests {
             op(10, 11, Kind::Read, Outcome::Ok(vec![1])),
         ];
         assert_eq!(kinds(&check(&h, &[fin(&[1, 2])])), vec!["stale"]);
+    }
+
+    #[test]
+    fn a_read_only_read_may_trail_but_must_be_a_committed_prefix() {
+        let trailing = vec![
+            op(0, 5, Kind::Append(1), Outcome::Ok(vec![1])),
+            op(6, 9, Kind::Append(2), Outcome::Ok(vec![1, 2])),
+            op(10, 11, Kind::FollowerRead, Outcome::Ok(vec![1])),
+        ];
+        assert!(check(&trailing, &[fin(&[1, 2])]).is_empty());
+        let uncommitted = vec![
+            op(0, 5, Kind::Append(1), Outcome::Ok(vec![1])),
+            op(6, 9, Kind::Append(2), Outcome::Unknown("timeout".into())),
+            op(10, 11, Kind::FollowerRead, Outcome::Ok(vec![1, 2])),
+        ];
+        assert_eq!(kinds(&check(&uncommitted, &[fin(&[1])])), vec!["not-a-prefix"]);
     }
 
     #[test]

@@ -13,7 +13,8 @@ use std::time::{Duration, Instant};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use crate::list_append::{self, Anomaly, Final, Kind, Op, Outcome, Tally};
+use crate::clients::{Clients, Endpoint};
+use crate::list_append::{self, Anomaly, Final, Kind, Op, Outcome, Tally, Via};
 use crate::{TestCluster, job_wasm};
 
 /// One fault.
@@ -21,6 +22,14 @@ use crate::{TestCluster, job_wasm};
 pub enum Fault {
     /// kill -9 a node, restart it on the same addresses and data after `down`.
     Kill {
+        /// The victim.
+        node: usize,
+        /// How long it stays down.
+        down: Duration,
+    },
+    /// kill -9 a node, restart it after `down` with every address (HTTP, QUIC, peer, Redis) on a
+    /// new port, as a node moved to another host would be.
+    Move {
         /// The victim.
         node: usize,
         /// How long it stays down.
@@ -73,7 +82,10 @@ impl Fault {
     /// How long the fault lasts (0 for a join: it only starts one).
     fn lasting(&self) -> Duration {
         match *self {
-            Fault::Kill { down, .. } | Fault::KillLeader { down } | Fault::DiskFail { down, .. } => down,
+            Fault::Kill { down, .. }
+            | Fault::Move { down, .. }
+            | Fault::KillLeader { down }
+            | Fault::DiskFail { down, .. } => down,
             Fault::Pause { paused, .. } => paused,
             Fault::Isolate { lasting, .. } | Fault::CutPair { lasting, .. } => lasting,
             Fault::Join { .. } => Duration::ZERO,
@@ -84,14 +96,15 @@ impl Fault {
 /// Which faults a run draws from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Mix {
-    /// Kills, leader kills (fast and slow restarts) and pauses, as the issue that found the
-    /// data loss ran them.
+    /// Kills (some restarting on new addresses), leader kills (fast and slow restarts) and
+    /// pauses.
     Mixed,
     /// Only the flock leader's death, restarted within the failure detector's timeout or after it.
     LeaderKills,
     /// Only kills that keep a node down for 4 s (to time elections).
     LongKills,
-    /// Partitions (a node cut off from the rest, or only two nodes from each other) and kills.
+    /// Partitions (a node cut off from the rest, or only two nodes from each other), kills and
+    /// moves.
     Partitions,
     /// Every fault: kills, pauses, partitions, failing disks, a node joining, module uploads
     /// (nodes need `--fault-injection`).
@@ -198,9 +211,14 @@ pub fn schedule(rng: &mut StdRng, config: &RunConfig) -> Vec<(Duration, Fault)> 
             (Mix::LongKills, _) => Fault::Kill { node, down: Duration::from_secs(4) },
             (Mix::LeaderKills, 0..4) | (Mix::Mixed, 0 | 1) => Fault::KillLeader { down: ms(rng, 50, 400) },
             (Mix::LeaderKills, _) | (Mix::Mixed, 2 | 3) => Fault::KillLeader { down: ms(rng, 1000, 3000) },
-            (Mix::Mixed, 4 | 5) | (Mix::Partitions | Mix::Everything, 0) => {
-                Fault::Kill { node, down: ms(rng, 1000, 3000) }
+            (Mix::Mixed, 4) | (Mix::Partitions | Mix::Everything, 0) => {
+                if rng.random_bool(0.5) {
+                    Fault::Kill { node, down: ms(rng, 1000, 3000) }
+                } else {
+                    Fault::Move { node, down: ms(rng, 1000, 3000) }
+                }
             }
+            (Mix::Mixed, 5) => Fault::Kill { node, down: ms(rng, 1000, 3000) },
             (Mix::Mixed, _) | (Mix::Everything, 1) => Fault::Pause { node, paused: ms(rng, 2000, 4000) },
             (Mix::Partitions, 1..5) | (Mix::Everything, 2 | 3) => Fault::Isolate { node, lasting: ms(rng, 1000, 5000) },
             (Mix::Partitions, _) | (Mix::Everything, 4) => Fault::CutPair { node, lasting: ms(rng, 1000, 5000) },
@@ -220,9 +238,11 @@ pub fn schedule(rng: &mut StdRng, config: &RunConfig) -> Vec<(Duration, Fault)> 
 /// final state and checks the history.
 pub async fn run(config: RunConfig) -> Report {
     println!("nemesis run: seed {} (GREX_SEED={} replays the schedule), {:?}", config.seed, config.seed, config);
-    let args: Vec<&str> = config.args.iter().map(String::as_str).collect();
+    let mut args: Vec<&str> = config.args.iter().map(String::as_str).collect();
+    args.extend(["--resp", "127.0.0.1:0"]);
     let mut cluster = TestCluster::start(config.nodes, &args).await;
     cluster.nodes[0].client().await.put_module("list-append", job_wasm("list_append")).await.expect("upload");
+    let endpoints = Arc::new(Mutex::new(cluster.nodes.iter().map(Endpoint::of).collect::<Vec<_>>()));
     let addrs: Vec<String> = cluster.nodes.iter().map(|n| n.http_addr().to_owned()).collect();
     let buckets: Vec<String> = (0..config.buckets).map(|b| format!("list-{}-{b}", config.seed % 1000)).collect();
     wait_loaded(&addrs, &buckets[0]);
@@ -234,20 +254,29 @@ pub async fn run(config: RunConfig) -> Report {
     let stop = Arc::new(AtomicBool::new(false));
     let workers: Vec<_> = (0..config.workers)
         .map(|w| {
-            let (addrs, buckets, history, stop) = (addrs.clone(), buckets.clone(), history.clone(), stop.clone());
+            let (endpoints, buckets, history, stop) =
+                (endpoints.clone(), buckets.clone(), history.clone(), stop.clone());
             let mut rng = StdRng::seed_from_u64(config.seed ^ (w as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15));
             std::thread::spawn(move || {
+                let mut clients = Clients::new();
                 let mut next = 0u64;
                 while !stop.load(Ordering::Relaxed) {
-                    let node = rng.random_range(0..addrs.len());
-                    let bucket = rng.random_range(0..buckets.len());
-                    let kind = if rng.random_bool(0.75) {
-                        next += 1;
-                        Kind::Append(w as u64 * 1_000_000_000 + next)
-                    } else {
-                        Kind::Read
+                    let (node, endpoint) = {
+                        let endpoints = endpoints.lock().unwrap_or_else(|p| p.into_inner());
+                        let node = rng.random_range(0..endpoints.len());
+                        (node, endpoints[node].clone())
                     };
-                    let op = list_append::perform(start, w, (node, &addrs[node]), (bucket, &buckets[bucket]), kind);
+                    let bucket = rng.random_range(0..buckets.len());
+                    let kind = match rng.random_range(0..8) {
+                        0..6 => {
+                            next += 1;
+                            Kind::Append(w as u64 * 1_000_000_000 + next)
+                        }
+                        6 => Kind::Read,
+                        _ => Kind::FollowerRead,
+                    };
+                    let via = [Via::Http, Via::Quic, Via::Resp, Via::Router][rng.random_range(0..4)];
+                    let op = clients.perform(start, w, (node, &endpoint), (bucket, &buckets[bucket]), kind, via);
                     let failed = !matches!(op.outcome, Outcome::Ok(_));
                     history.lock().unwrap_or_else(|p| p.into_inner()).push(op);
                     if failed {
@@ -259,10 +288,10 @@ pub async fn run(config: RunConfig) -> Report {
         .collect();
 
     let uploader = (config.mix == Mix::Everything).then(|| {
-        let (addrs, stop) = (addrs.clone(), stop.clone());
+        let (endpoints, stop) = (endpoints.clone(), stop.clone());
         let mut rng = StdRng::seed_from_u64(config.seed ^ 0x5eed_0f00_u64);
         let seed = config.seed;
-        std::thread::spawn(move || upload_modules(&addrs, &stop, &mut rng, seed))
+        std::thread::spawn(move || upload_modules(&endpoints, &stop, &mut rng, seed))
     });
 
     let mut events = Vec::new();
@@ -272,6 +301,7 @@ pub async fn run(config: RunConfig) -> Report {
             std::thread::sleep(wait);
         }
         let (event, anomaly) = inject(&mut cluster, &buckets[0], start, fault);
+        *endpoints.lock().unwrap_or_else(|p| p.into_inner()) = cluster.nodes.iter().map(Endpoint::of).collect();
         // As it happens, so a run that fails before its report still shows its schedule.
         println!("fault at {:>7.2}s node {} {:?}{}", event.at.as_secs_f64(), event.node, event.fault, event.note);
         events.push(event);
@@ -282,7 +312,7 @@ pub async fn run(config: RunConfig) -> Report {
     }
     stop.store(true, Ordering::Relaxed);
     for w in workers {
-        let _ = w.join();
+        w.join().expect("a workload thread panicked");
     }
     let uploads = uploader.map(|u| u.join().expect("the uploader panicked")).unwrap_or_default();
     let count = cluster.nodes.len();
@@ -298,7 +328,7 @@ pub async fn run(config: RunConfig) -> Report {
 
 /// Uploads the `counter` module under a new name through a random node about once a second
 /// until `stop`.
-fn upload_modules(addrs: &[String], stop: &AtomicBool, rng: &mut StdRng, seed: u64) -> Uploads {
+fn upload_modules(endpoints: &Mutex<Vec<Endpoint>>, stop: &AtomicBool, rng: &mut StdRng, seed: u64) -> Uploads {
     let wasm = job_wasm("counter");
     let mut uploads = Uploads::default();
     let mut n = 0;
@@ -306,7 +336,11 @@ fn upload_modules(addrs: &[String], stop: &AtomicBool, rng: &mut StdRng, seed: u
         std::thread::sleep(Duration::from_millis(rng.random_range(500..1500)));
         n += 1;
         let name = format!("up-{}-{n}", seed % 1000);
-        let node = &addrs[rng.random_range(0..addrs.len())];
+        let node = {
+            let endpoints = endpoints.lock().unwrap_or_else(|p| p.into_inner());
+            endpoints[rng.random_range(0..endpoints.len())].http.clone()
+        };
+        let node = &node;
         let path = format!("/v1/modules/{name}");
         match list_append::request_typed(node, "PUT", &path, "application/wasm", &wasm, Duration::from_secs(20)) {
             Ok((200, _)) => uploads.acknowledged.push(name),
@@ -390,7 +424,9 @@ fn inject(cluster: &mut TestCluster, bucket: &str, start: Instant, fault: Fault)
             cluster.nodes[node].signal("CONT");
             (event(node), None)
         }
-        Fault::Kill { node, down } => (kill_and_restart(cluster, node, down, at, fault), None),
+        Fault::Kill { node, down } | Fault::Move { node, down } => {
+            (kill_and_restart(cluster, node, down, at, fault), None)
+        }
         Fault::KillLeader { down } => {
             let node = leader_of(cluster, bucket).unwrap_or(0);
             (kill_and_restart(cluster, node, down, at, fault), None)
@@ -475,8 +511,16 @@ fn kill_and_restart(cluster: &mut TestCluster, node: usize, down: Duration, at: 
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    cluster.nodes[node].restart();
-    Event { at, node, fault, leaderless, note: String::new() }
+    let mut note = String::new();
+    if let Fault::Move { .. } = fault {
+        let args = cluster.nodes[node].args().to_vec();
+        let old = cluster.nodes[node].http.clone();
+        cluster.nodes[node].restart_elsewhere(&args.iter().map(String::as_str).collect::<Vec<_>>());
+        note = format!(", moved from {old} to {}", cluster.nodes[node].http);
+    } else {
+        cluster.nodes[node].restart();
+    }
+    Event { at, node, fault, leaderless, note }
 }
 
 /// A GET's JSON answer, if `node` answers 200 within a second.

@@ -39,7 +39,7 @@ use grex::cluster::{DEAD_AFTER, NodeId, PING_INTERVAL};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use crate::list_append::{self, Anomaly, Final, Kind, Op, Outcome};
+use crate::list_append::{self, Anomaly, Final, Kind, Op, Outcome, Via};
 
 /// The simulated flock's group id.
 const GROUP: u32 = 7;
@@ -1292,7 +1292,7 @@ impl Sim {
                     node.lead.running = Some((op, to, index, list));
                     self.replicate_all(n);
                 }
-                Kind::Read => {
+                Kind::Read | Kind::FollowerRead => {
                     let list = node.state.clone();
                     if self.schedule.mutation == Mutation::NoReadConfirm {
                         self.answer(n, op, to, Outcome::Ok(list.to_vec()));
@@ -1373,6 +1373,7 @@ impl Sim {
             worker: worker.min(1_000),
             bucket: 0,
             node,
+            via: Via::Simulated,
             kind,
             invoked,
             completed: self.now,

@@ -197,7 +197,7 @@ async fn killing_the_leader_mid_stream_loses_no_acknowledged_increment() {
             while !stop.load(Ordering::Relaxed) {
                 let result = match &client {
                     Some(c) => c.run_job(bucket, "counter", b"1", false).await,
-                    None => Err(ClientError::Transport("not connected".into())),
+                    None => Err(ClientError::Unreachable("not connected".into())),
                 };
                 match result {
                     Ok(_) => {
@@ -206,7 +206,7 @@ async fn killing_the_leader_mid_stream_loses_no_acknowledged_increment() {
                     Err(e) => {
                         // The increment may or may not have happened.
                         unanswered.fetch_add(1, Ordering::Relaxed);
-                        if matches!(e, ClientError::Transport(_)) {
+                        if matches!(e, ClientError::Unreachable(_) | ClientError::NoAnswer(_)) {
                             at = (at + 1) % urls.len();
                             client = Client::connect(&urls[at].0, Some(&urls[at].1)).await.ok();
                         }
