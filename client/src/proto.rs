@@ -371,6 +371,8 @@ pub enum ErrorCode {
     /// The request's body did not arrive in time (HTTP); nothing ran. (Codes are encoded by
     /// index: new ones go at the end.)
     RequestTimeout,
+    /// The module did not compile within the node's compile deadline or memory cap.
+    ModuleTooComplex,
 }
 
 impl ErrorCode {
@@ -386,6 +388,7 @@ impl ErrorCode {
             ErrorCode::ModuleNotFound => "module_not_found",
             ErrorCode::ModuleInvalid => "module_invalid",
             ErrorCode::ModuleTooLarge => "module_too_large",
+            ErrorCode::ModuleTooComplex => "module_too_complex",
             ErrorCode::InputTooLarge => "input_too_large",
             ErrorCode::JobFailed => "job_failed",
             ErrorCode::JobTrapped => "job_trapped",
@@ -423,7 +426,8 @@ impl ErrorCode {
             | ErrorCode::OutputTooLarge
             | ErrorCode::ItemTooLarge
             | ErrorCode::ChangeSetTooLarge
-            | ErrorCode::ReadOnlyViolation => 422,
+            | ErrorCode::ReadOnlyViolation
+            | ErrorCode::ModuleTooComplex => 422,
             ErrorCode::Overloaded
             | ErrorCode::StorageFailed
             | ErrorCode::ShuttingDown

@@ -24,6 +24,11 @@ pub struct Limits {
     pub module_bytes_max: usize,
     /// Log lines one job may write; more are counted and dropped.
     pub log_lines_max: u32,
+    /// How long compiling one module may take (`module_too_complex`; only when compiling out of
+    /// process, see [`NodeConfig::compiler`]).
+    pub compile_timeout_ms: u64,
+    /// The heap compiling one module may use (`module_too_complex`; likewise).
+    pub compile_memory_bytes_max: usize,
 }
 
 impl Default for Limits {
@@ -38,6 +43,8 @@ impl Default for Limits {
             change_set_bytes_max: 32 << 20,
             module_bytes_max: 32 << 20,
             log_lines_max: 64,
+            compile_timeout_ms: 30_000,
+            compile_memory_bytes_max: 1 << 30,
         }
     }
 }
@@ -68,6 +75,11 @@ pub struct NodeConfig {
     pub commit_queue_max: usize,
     /// Limits on each job.
     pub limits: Limits,
+    /// A `grex` binary to compile modules in, one child process per compile, under
+    /// [`Limits::compile_timeout_ms`] and [`Limits::compile_memory_bytes_max`]. `None` compiles in
+    /// this process, with no bound on time or memory (for embedding, where no `grex` binary is
+    /// at hand); `grex serve` and `grex dev` set it to themselves.
+    pub compiler: Option<PathBuf>,
 }
 
 impl NodeConfig {
@@ -83,6 +95,7 @@ impl NodeConfig {
             shard_queue_max: 1024,
             commit_queue_max: 4096,
             limits: Limits::default(),
+            compiler: None,
         }
     }
 }

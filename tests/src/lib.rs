@@ -496,3 +496,31 @@ where
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
+
+/// A valid component that is slow and memory-hungry to compile: one core module of `functions`
+/// functions, each `adds` additions long (about 3 bytes of wasm per addition). It exports no
+/// `run`, so it could never be a job; it only has to get as far as the compiler.
+pub fn compile_bomb(functions: u32, adds: u32) -> Vec<u8> {
+    use wasm_encoder::{
+        CodeSection, Component, Function, FunctionSection, Instruction, Module, ModuleSection, TypeSection, ValType,
+    };
+    let mut types = TypeSection::new();
+    types.ty().function([ValType::I32], [ValType::I32]);
+    let mut funcs = FunctionSection::new();
+    let mut code = CodeSection::new();
+    for f in 0..functions {
+        funcs.function(0);
+        let mut body = Function::new([]);
+        body.instruction(&Instruction::LocalGet(0));
+        for a in 0..adds {
+            body.instruction(&Instruction::I32Const((f ^ a) as i32)).instruction(&Instruction::I32Add);
+        }
+        body.instruction(&Instruction::End);
+        code.function(&body);
+    }
+    let mut module = Module::new();
+    module.section(&types).section(&funcs).section(&code);
+    let mut component = Component::new();
+    component.section(&ModuleSection(&module));
+    component.finish()
+}

@@ -43,6 +43,45 @@ fn malformed_wasm_is_refused_with_a_reason() {
     assert_eq!((run.status, run.body.as_slice()), (200, &b"1"[..]));
 }
 
+/// A module that compiles for longer than the node allows is refused with `module_too_complex`;
+/// the compile (a child process) is stopped, and the node keeps serving.
+#[test]
+fn a_module_that_compiles_too_long_is_refused_and_the_node_keeps_serving() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = GrexNode::start(dir.path(), &["--compile-timeout-secs", "1"]);
+    let addr = node.http_addr();
+    let ct = [("content-type", "application/wasm")];
+    // 20,000 small functions, about 12 MB of wasm: many seconds of Cranelift even in a release
+    // build, in little memory.
+    let bomb = grex_tests::compile_bomb(20_000, 130);
+    let answer = http(addr, "PUT", "/v1/modules/bomb", &ct, &bomb);
+    assert_error(&answer, 422, "module_too_complex", "--compile-timeout-secs");
+    let put = http(addr, "PUT", "/v1/modules/counter", &ct, &job_wasm("counter"));
+    assert_eq!(put.status, 200, "{}", String::from_utf8_lossy(&put.body));
+    let run = http(addr, "POST", "/v1/jobs/b?module=counter", &[], b"");
+    assert_eq!((run.status, run.body.as_slice()), (200, &b"1"[..]));
+    let listed = http(addr, "GET", "/v1/modules", &[], b"").json();
+    assert!(!listed.to_string().contains("bomb"), "the refused module was kept: {listed}");
+}
+
+/// A module whose compile needs more memory than the node allows is refused with
+/// `module_too_complex`, while a job module compiles under the same cap.
+#[test]
+fn a_module_that_compiles_too_big_is_refused_and_small_ones_still_compile() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = GrexNode::start(dir.path(), &["--compile-memory-mib", "96", "--compile-timeout-secs", "600"]);
+    let addr = node.http_addr();
+    let ct = [("content-type", "application/wasm")];
+    let put = http(addr, "PUT", "/v1/modules/counter", &ct, &job_wasm("counter"));
+    assert_eq!(put.status, 200, "{}", String::from_utf8_lossy(&put.body));
+    // One function of 200,000 additions: about 1 MB of wasm that takes Cranelift over 2 GiB.
+    let bomb = grex_tests::compile_bomb(1, 200_000);
+    let answer = http(addr, "PUT", "/v1/modules/bomb", &ct, &bomb);
+    assert_error(&answer, 422, "module_too_complex", "--compile-memory-mib");
+    let run = http(addr, "POST", "/v1/jobs/b?module=counter", &[], b"");
+    assert_eq!((run.status, run.body.as_slice()), (200, &b"1"[..]));
+}
+
 #[test]
 fn unknown_module_names_say_how_to_upload_one() {
     let (_dir, node) = start();

@@ -60,6 +60,17 @@ enum Command {
     },
     /// Load a node with concurrent jobs and print throughput and latency.
     Bench(bench::BenchArgs),
+    /// Compile one module (component bytes on stdin, code on stdout): what a node runs in a
+    /// child process to bound a compile's time and memory.
+    #[command(hide = true)]
+    CompileModule {
+        /// Cap on this process's heap.
+        #[arg(long)]
+        memory_bytes_max: usize,
+        /// Compile fuel metering in.
+        #[arg(long)]
+        fuel: bool,
+    },
 }
 
 /// Which node a client command talks to.
@@ -77,6 +88,9 @@ pub struct Target {
 /// Runs the command line; returns the process's exit code.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Command::CompileModule { memory_bytes_max, fuel } = cli.command {
+        return crate::wasm::compile::child_main(memory_bytes_max, crate::wasm::compile::CodeSettings { fuel });
+    }
     let server = matches!(cli.command, Command::Serve(_) | Command::Dev(_));
     // openraft reports every unreachable peer on every retry; the supervisor logs what matters.
     init_logging(if server { "info,openraft=off" } else { "warn" });
@@ -113,6 +127,7 @@ pub fn main() -> ExitCode {
             Command::Canary { bucket, target } => client::canary(&bucket, &target).await,
             Command::Status { target } => client::status(&target).await,
             Command::Bench(args) => bench::bench(args).await,
+            Command::CompileModule { .. } => unreachable!("handled before the runtime starts"),
         }
     });
     match result {

@@ -53,6 +53,12 @@ pub(super) struct NodeArgs {
     /// Largest module upload.
     #[arg(long, default_value_t = Limits::default().module_bytes_max)]
     module_bytes_max: usize,
+    /// How long compiling one module may take, in seconds (then `module_too_complex`).
+    #[arg(long, default_value_t = Limits::default().compile_timeout_ms / 1000)]
+    compile_timeout_secs: u64,
+    /// The memory compiling one module may use, in MiB (then `module_too_complex`).
+    #[arg(long, default_value_t = Limits::default().compile_memory_bytes_max >> 20)]
+    compile_memory_mib: usize,
     /// Log entries each flock keeps before it snapshots its state (a herder further behind
     /// catches up from the snapshot).
     #[arg(long, default_value_t = crate::cluster::SNAPSHOT_LOGS_DEFAULT)]
@@ -78,7 +84,11 @@ impl NodeArgs {
             change_set_bytes_max: self.change_set_bytes_max,
             module_bytes_max: self.module_bytes_max,
             log_lines_max: Limits::default().log_lines_max,
+            compile_timeout_ms: self.compile_timeout_secs * 1000,
+            compile_memory_bytes_max: self.compile_memory_mib << 20,
         };
+        // Compile in child processes of this very binary, so a module's compile is bounded.
+        config.compiler = std::env::current_exe().ok();
         config
     }
 }

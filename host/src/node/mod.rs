@@ -160,8 +160,11 @@ impl Node {
     /// Starts a node over any store, with a chosen clock (tests use these seams).
     pub fn with_store(config: NodeConfig, store: Arc<dyn Store>, clock: Arc<dyn Clock>) -> anyhow::Result<Node> {
         let shard_count = config.shards.max(1);
-        let runtime = Runtime::new(config.limits.clone(), shard_count as u32 + 1)
+        let mut runtime = Runtime::new(config.limits.clone(), shard_count as u32 + 1)
             .map_err(|e| anyhow::anyhow!("cannot start the wasm runtime: {e}"))?;
+        if let Some(program) = &config.compiler {
+            runtime = runtime.with_compiler(program.clone());
+        }
         let code_dir = config.data_dir.join(CODE_DIR);
         let runtime = Arc::new(
             runtime

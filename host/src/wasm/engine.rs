@@ -8,6 +8,8 @@ use std::time::Duration;
 use wasmtime::component::{HasSelf, Linker};
 use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
 
+use super::compile::{CodeSettings, Compiler};
+
 use super::host_fns::{JobState, JobWorld};
 use super::modules::Modules;
 use crate::config::Limits;
@@ -42,6 +44,18 @@ impl Runtime {
         let ticker = Ticker::spawn(engine.clone());
         let modules = Modules::new(engine.clone(), linker, MODULES_CACHED_MAX);
         Ok(Runtime { engine, modules, limits, ticker })
+    }
+
+    /// Compiles modules in child processes of `program` (a `grex` binary), under the limits'
+    /// compile deadline and memory cap.
+    pub fn with_compiler(mut self, program: std::path::PathBuf) -> Self {
+        let compiler = Compiler {
+            program,
+            timeout: Duration::from_millis(self.limits.compile_timeout_ms),
+            memory_bytes_max: self.limits.compile_memory_bytes_max,
+        };
+        self.modules.set_compiler(compiler, code_settings(&self.limits));
+        self
     }
 
     /// Keeps compiled modules in `dir` too, so a restart loads them instead of compiling again.
@@ -152,15 +166,14 @@ fn engine_config(limits: &Limits, instances: u32) -> Config {
         .max_memory_size(limits.memory_bytes_max)
         .linear_memory_keep_resident(MEMORY_KEEP_RESIDENT_BYTES)
         .table_keep_resident(TABLE_KEEP_RESIDENT_BYTES);
-    let mut config = Config::new();
+    let mut config = code_settings(limits).config();
+    config.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
     config
-        .wasm_component_model(true)
-        .concurrency_support(false)
-        .epoch_interruption(true)
-        .consume_fuel(limits.fuel.is_some())
-        .max_wasm_stack(512 << 10)
-        .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
-    config
+}
+
+/// What the code compiled under `limits` depends on.
+fn code_settings(limits: &Limits) -> CodeSettings {
+    CodeSettings { fuel: limits.fuel.is_some() }
 }
 
 #[cfg(test)]

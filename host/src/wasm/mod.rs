@@ -13,6 +13,7 @@
 //! - Deadlines use epoch interruption (a ticker thread, [`EPOCH_TICK_MS`]); fuel is optional.
 //!   Both are armed before instantiation, since instantiation already runs guest code.
 
+pub mod compile;
 mod engine;
 mod host_fns;
 mod modules;

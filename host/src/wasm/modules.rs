@@ -15,6 +15,7 @@ use sha2::{Digest, Sha256};
 use wasmtime::Engine;
 use wasmtime::component::{Component, Linker};
 
+use super::compile::{CodeSettings, Compiler};
 use super::host_fns::{JobState, JobWorldPre};
 use crate::error::{ErrorCode, RemoteError, Result, error};
 use crate::storage::ModuleId;
@@ -44,12 +45,19 @@ pub(crate) struct Modules {
     linker: Linker<JobState>,
     cache: Mutex<LruCache<ModuleId, Arc<LoadedModule>>>,
     code_dir: Option<PathBuf>,
+    /// Compiles in a child process when set; in this process otherwise.
+    compiler: Option<(Compiler, CodeSettings)>,
 }
 
 impl Modules {
     pub(crate) fn new(engine: Engine, linker: Linker<JobState>, capacity: usize) -> Self {
         let capacity = NonZeroUsize::new(capacity.max(1)).expect("at least 1");
-        Modules { engine, linker, cache: Mutex::new(LruCache::new(capacity)), code_dir: None }
+        Modules { engine, linker, cache: Mutex::new(LruCache::new(capacity)), code_dir: None, compiler: None }
+    }
+
+    /// Compiles in child processes from now on ([`super::compile`]).
+    pub(crate) fn set_compiler(&mut self, compiler: Compiler, settings: CodeSettings) {
+        self.compiler = Some((compiler, settings));
     }
 
     /// Keeps compiled code in `dir` (`<module id>.cwasm`) as well as in memory.
@@ -71,10 +79,26 @@ impl Modules {
             }
         }
         let component_bytes = to_component(wasm)?;
-        let component = Component::new(&self.engine, &component_bytes)
-            .map_err(|e| invalid(format!("the component does not compile: {e:#}")))?;
+        let Some((compiler, settings)) = &self.compiler else {
+            let component = Component::new(&self.engine, &component_bytes)
+                .map_err(|e| invalid(format!("the component does not compile: {e:#}")))?;
+            if let Some(path) = path
+                && let Err(e) = component.serialize().map_err(std::io::Error::other).and_then(|c| write_code(&c, &path))
+            {
+                tracing::warn!(path = %path.display(), error = %e, "cannot keep compiled code on disk");
+            }
+            return Ok(component);
+        };
+        let started = std::time::Instant::now();
+        let code = compiler.compile(&component_bytes, *settings)?;
+        // Safety: the code was compiled just now by this node's own binary (the same trust as the
+        // code directory); wasmtime checks that it fits this engine.
+        let component = unsafe { Component::deserialize(&self.engine, &code) }.map_err(|e| {
+            error(ErrorCode::Internal, format!("the compiler's code does not load in this engine: {e:#}"))
+        })?;
+        tracing::debug!(bytes = wasm.len(), ms = started.elapsed().as_millis() as u64, "module compiled");
         if let Some(path) = path
-            && let Err(e) = write_code(&component, &path)
+            && let Err(e) = write_code(&code, &path)
         {
             tracing::warn!(path = %path.display(), error = %e, "cannot keep compiled code on disk");
         }
@@ -112,8 +136,7 @@ impl Modules {
 }
 
 /// Writes compiled code next to its final name and renames it, so a crash never leaves a torn file.
-fn write_code(component: &Component, path: &Path) -> std::io::Result<()> {
-    let code = component.serialize().map_err(|e| std::io::Error::other(e.to_string()))?;
+fn write_code(code: &[u8], path: &Path) -> std::io::Result<()> {
     let tmp = path.with_extension("cwasm.tmp");
     std::fs::write(&tmp, code)?;
     std::fs::rename(&tmp, path)
