@@ -1,7 +1,11 @@
 //! Bad input of every kind gets a clear 4xx error with a stable code, and loses nothing.
 
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::Duration;
+
 use grex_client::ErrorCode;
-use grex_tests::{GrexNode, http, job_wasm};
+use grex_tests::{GrexNode, http, job_wasm, wait_until};
 
 fn start() -> (tempfile::TempDir, GrexNode) {
     let dir = tempfile::tempdir().unwrap();
@@ -178,4 +182,102 @@ async fn malformed_quic_frames_get_an_error_answer_and_the_node_keeps_serving() 
     }
     let client = node.client().await;
     assert_eq!(client.run_job(b"b", "counter", b"", false).await.unwrap().output, b"1");
+}
+
+/// Sends `bytes` on a new connection to `addr` and returns everything the other side answers
+/// before it closes (a node may refuse and close before it read all of it).
+fn exchange(addr: &str, bytes: &[u8]) -> Vec<u8> {
+    let mut stream = TcpStream::connect(addr).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let _ = stream.write_all(bytes);
+    let mut answer = Vec::new();
+    let _ = stream.read_to_end(&mut answer);
+    answer
+}
+
+/// Whether everything sent on `stream` (a loopback connection) has been read by the other side's
+/// program: nothing in this side's send queue nor in the other side's receive queue
+/// (`/proc/net/tcp`).
+fn all_read(stream: &TcpStream) -> bool {
+    let hex = |addr: std::net::SocketAddr| match addr {
+        std::net::SocketAddr::V4(a) => format!("{:08X}:{:04X}", u32::from_le_bytes(a.ip().octets()), a.port()),
+        std::net::SocketAddr::V6(_) => unreachable!("loopback IPv4 only"),
+    };
+    let (here, there) = (hex(stream.local_addr().unwrap()), hex(stream.peer_addr().unwrap()));
+    let table = std::fs::read_to_string("/proc/net/tcp").unwrap();
+    let queues = |local: &str, remote: &str| {
+        table.lines().find_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            (fields.get(1) == Some(&local) && fields.get(2) == Some(&remote)).then(|| {
+                let (tx, rx) = fields[4].split_once(':').unwrap();
+                (u64::from_str_radix(tx, 16).unwrap(), u64::from_str_radix(rx, 16).unwrap())
+            })
+        })
+    };
+    matches!((queues(&here, &there), queues(&there, &here)), (Some((0, _)), Some((_, 0))))
+}
+
+/// `HSET key f <value>` as the Redis protocol sends it, then `QUIT`.
+fn hset(key: &str, value: &[u8]) -> Vec<u8> {
+    let mut wire =
+        format!("*4\r\n$4\r\nHSET\r\n${}\r\n{key}\r\n$1\r\nf\r\n${}\r\n", key.len(), value.len()).into_bytes();
+    wire.extend_from_slice(value);
+    wire.extend_from_slice(b"\r\n*1\r\n$4\r\nQUIT\r\n");
+    wire
+}
+
+/// Large requests received in part share one node-wide budget (`--request-buffer-mib`) over HTTP,
+/// the Redis protocol and QUIC: while one upload holds most of it, a large request over any of
+/// them is refused with `overloaded` (small ones still run), and once the upload goes away the
+/// budget is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_requests_in_part_share_one_node_wide_budget() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = GrexNode::start(dir.path(), &["--request-buffer-mib", "2", "--resp", "127.0.0.1:0"]);
+    let addr = node.http_addr().to_owned();
+    let resp = node.resp.clone().unwrap().trim_start_matches("redis://").to_owned();
+    let put = http(&addr, "PUT", "/v1/modules/counter", &[("content-type", "application/wasm")], &job_wasm("counter"));
+    assert_eq!(put.status, 200);
+
+    // The holder: an upload that announces 8 MiB and sends 1.5 MiB of it. What is left of the
+    // budget is under 0.6 MiB.
+    let mut holder = TcpStream::connect(&addr).unwrap();
+    let head = format!("PUT /v1/modules/big HTTP/1.1\r\nHost: {addr}\r\nContent-Length: {}\r\n\r\n", 8 << 20);
+    holder.write_all(head.as_bytes()).unwrap();
+    holder.write_all(&vec![0u8; 3 << 19]).unwrap();
+    // Only once the node has read all of it is its claim whole (else a request that came
+    // first could hold the budget, and the upload would be the one refused).
+    wait_until("the node to read all the upload sent", Duration::from_secs(20), || all_read(&holder));
+    // Large, but within every per-request limit (a job's input is at most 1 MiB).
+    let large = vec![b'v'; 900 << 10];
+    let refused = exchange(&resp, &hset("k", &large));
+    let refused = String::from_utf8_lossy(&refused);
+    assert!(refused.contains("--request-buffer-mib") && refused.contains("(overloaded)"), "{refused}");
+
+    let over_http = http(&addr, "PUT", "/v1/modules/other", &[("content-type", "application/wasm")], &large);
+    assert_error(&over_http, 503, "overloaded", "--request-buffer-mib");
+    let small = http(&addr, "POST", "/v1/jobs/b?module=counter", &[], b"");
+    assert_eq!((small.status, small.body.as_slice()), (200, &b"1"[..]));
+
+    let config = grex_client::quic::client_config(&node.ca).unwrap();
+    let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    endpoint.set_default_client_config(config);
+    let connection = endpoint.connect(node.quic.trim_start_matches("quic://").parse().unwrap(), "127.0.0.1").unwrap();
+    let connection = connection.await.unwrap();
+    let (mut send, mut recv) = connection.open_bi().await.unwrap();
+    let mut frame = (large.len() as u32).to_be_bytes().to_vec();
+    frame.extend_from_slice(&large);
+    let _ = send.write_all(&frame).await;
+    let answer = recv.read_to_end(1 << 20).await.unwrap();
+    match grex_client::proto::decode_frame::<grex_client::Response>(&answer).unwrap() {
+        grex_client::Response::Error(e) => assert_eq!(e.code, ErrorCode::Overloaded, "{e}"),
+        other => panic!("a large QUIC request was not refused: {other:?}"),
+    }
+
+    drop(holder);
+    let mut answer = Vec::new();
+    wait_until("a large Redis request to be served once the upload is gone", Duration::from_secs(20), || {
+        answer = exchange(&resp, &hset("k", &large));
+        answer.starts_with(b":")
+    });
 }

@@ -24,6 +24,7 @@ use tokio::task::JoinHandle;
 use tower::ServiceExt;
 
 use super::Gate;
+use super::budget::ReadBudget;
 use super::conns::{Conn, ConnTable, accept_loop};
 use crate::error::{ErrorCode, RemoteError, error};
 use crate::node::Node;
@@ -74,12 +75,13 @@ pub(super) async fn start(
     node: Node,
     addr: SocketAddr,
     mut gate: Gate,
+    budget: Arc<ReadBudget>,
 ) -> anyhow::Result<(SocketAddr, JoinHandle<()>)> {
     let listener =
         TcpListener::bind(addr).await.map_err(|e| anyhow::anyhow!("cannot listen for HTTP on {addr}: {e}"))?;
     let bound = listener.local_addr()?;
     let timeouts = HttpTimeouts::default();
-    let app = router(node, timeouts);
+    let app = router(node, timeouts, budget);
     let task = tokio::spawn(async move {
         if !gate.opened().await {
             return;
@@ -159,7 +161,7 @@ async fn serve_connection(
 }
 
 /// The API's routes.
-fn router(node: Node, timeouts: HttpTimeouts) -> Router {
+fn router(node: Node, timeouts: HttpTimeouts, budget: Arc<ReadBudget>) -> Router {
     Router::new()
         .route("/v1/modules", get(list_modules))
         .route("/v1/modules/{name}", put(put_module))
@@ -173,6 +175,7 @@ fn router(node: Node, timeouts: HttpTimeouts) -> Router {
         // Bodies are read with the node's own limits, so the errors are ours (JSON, named).
         .layer(DefaultBodyLimit::disable())
         .layer(Extension(timeouts))
+        .layer(Extension(budget))
         .with_state(node)
 }
 
@@ -200,12 +203,13 @@ fn segment_text(uri: &Uri, index: usize, name: &str) -> ApiResult<String> {
         .map_err(|_| ApiError(error(ErrorCode::BadRequest, format!("`{name}` in the path must be UTF-8"))))
 }
 
-/// A request's body, at most `max` bytes, within the body timeout. A declared length over the
-/// limit is refused before any of the body is read.
+/// A request's body, at most `max` bytes, within the body timeout, holding a claim on the node's
+/// budget for large requests while it arrives. A declared length over the limit is refused before
+/// any of the body is read.
 async fn read_body(
     body: Body,
     headers: &HeaderMap,
-    timeouts: HttpTimeouts,
+    (timeouts, budget): (HttpTimeouts, &Arc<ReadBudget>),
     max: usize,
     what: &str,
     code: ErrorCode,
@@ -215,9 +219,24 @@ async fn read_body(
     if declared.is_some_and(|length| length > max as u64) {
         return Err(too_large());
     }
-    match tokio::time::timeout(timeouts.body, axum::body::to_bytes(body, max)).await {
-        Ok(Ok(bytes)) => Ok(bytes.to_vec()),
-        Ok(Err(_)) => Err(too_large()),
+    let read = async {
+        let mut body = body;
+        let mut claim = budget.claim();
+        let mut bytes = Vec::new();
+        while let Some(frame) = body.frame().await {
+            let frame = frame
+                .map_err(|e| ApiError(error(ErrorCode::BadRequest, format!("the {what} could not be read: {e}"))))?;
+            let Ok(data) = frame.into_data() else { continue };
+            if bytes.len() + data.len() > max {
+                return Err(too_large());
+            }
+            claim.set(bytes.len() + data.len())?;
+            bytes.extend_from_slice(&data);
+        }
+        Ok(bytes)
+    };
+    match tokio::time::timeout(timeouts.body, read).await {
+        Ok(result) => result,
         Err(_) => Err(ApiError(error(
             ErrorCode::RequestTimeout,
             format!(
@@ -247,6 +266,7 @@ fn require_content_type(headers: &HeaderMap, allowed: &[&str], hint: &str) -> Ap
 async fn put_module(
     State(node): State<Node>,
     Extension(timeouts): Extension<HttpTimeouts>,
+    Extension(budget): Extension<Arc<ReadBudget>>,
     uri: Uri,
     headers: HeaderMap,
     body: Body,
@@ -258,7 +278,7 @@ async fn put_module(
         "curl: --data-binary @job.wasm -H 'content-type: application/wasm'",
     )?;
     let max = node.config().limits.module_bytes_max;
-    let wasm = read_body(body, &headers, timeouts, max, "module", ErrorCode::ModuleTooLarge).await?;
+    let wasm = read_body(body, &headers, (timeouts, &budget), max, "module", ErrorCode::ModuleTooLarge).await?;
     Ok(Json(node.put_module(&name, wasm).await?))
 }
 
@@ -269,6 +289,7 @@ async fn list_modules(State(node): State<Node>) -> Json<serde_json::Value> {
 async fn run_job(
     State(node): State<Node>,
     Extension(timeouts): Extension<HttpTimeouts>,
+    Extension(budget): Extension<Arc<ReadBudget>>,
     uri: Uri,
     Query(query): Query<HashMap<String, String>>,
     headers: HeaderMap,
@@ -295,7 +316,8 @@ async fn run_job(
     )?;
     let max = node.config().limits.input_bytes_max;
     let input =
-        read_body(body, &headers, timeouts, max + BODY_SLACK_BYTES, "job input", ErrorCode::InputTooLarge).await?;
+        read_body(body, &headers, (timeouts, &budget), max + BODY_SLACK_BYTES, "job input", ErrorCode::InputTooLarge)
+            .await?;
     let out = node.run_job(&bucket, module, input, read_only).await?;
     let mut response = (StatusCode::OK, out.output).into_response();
     let headers = response.headers_mut();
@@ -355,6 +377,7 @@ mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     use super::*;
+    use crate::api::budget::REQUEST_BUFFER_BYTES_DEFAULT;
 
     const QUICK: HttpTimeouts = HttpTimeouts { head: Duration::from_millis(300), body: Duration::from_millis(300) };
     const PATIENT: HttpTimeouts = HttpTimeouts { head: Duration::from_secs(60), body: Duration::from_secs(60) };
@@ -369,7 +392,13 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (stop, stopped) = watch::channel(false);
-        tokio::spawn(serve(listener, router(node, timeouts), ConnTable::new(connections), timeouts, stopped));
+        tokio::spawn(serve(
+            listener,
+            router(node, timeouts, ReadBudget::new(REQUEST_BUFFER_BYTES_DEFAULT)),
+            ConnTable::new(connections),
+            timeouts,
+            stopped,
+        ));
         (addr, stop)
     }
 

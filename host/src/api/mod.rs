@@ -7,6 +7,7 @@
 //! commit outside its flock's log). [`start`] does both for a node on its own. `docs/wire.md`
 //! specifies the protocols.
 
+pub mod budget;
 mod conns;
 mod http;
 pub(crate) mod quic;
@@ -31,6 +32,9 @@ pub struct ServeConfig {
     pub quic: Option<SocketAddr>,
     /// Redis protocol (RESP2/RESP3) listener.
     pub resp: Option<SocketAddr>,
+    /// Bytes of large requests received in part, over every listener ([`budget`]); `None` is
+    /// [`budget::REQUEST_BUFFER_BYTES_DEFAULT`].
+    pub request_buffer_bytes_max: Option<usize>,
 }
 
 /// Running servers.
@@ -77,26 +81,28 @@ pub async fn bind(node: &Node, config: &ServeConfig) -> anyhow::Result<Servers> 
     let (stop, stopped) = watch::channel(false);
     let (open, opened) = watch::channel(false);
     let gate = Gate { open: opened, stopped };
+    let budget =
+        budget::ReadBudget::new(config.request_buffer_bytes_max.unwrap_or(budget::REQUEST_BUFFER_BYTES_DEFAULT));
     let mut tasks = Vec::new();
     let mut urls = NodeUrls::default();
     let mut http_addr = None;
     let mut quic_addr = None;
     if let Some(addr) = config.http {
-        let (bound, task) = http::start(node.clone(), addr, gate.clone()).await?;
+        let (bound, task) = http::start(node.clone(), addr, gate.clone(), budget.clone()).await?;
         urls.http = Some(format!("http://{}", url_host(bound)));
         http_addr = Some(bound);
         tasks.push(task);
     }
     if let Some(addr) = config.quic {
         let identity = NodeIdentity::load_or_create(node.data_dir(), addr.ip())?;
-        let (bound, task) = quic::start(node.clone(), addr, &identity, gate.clone())?;
+        let (bound, task) = quic::start(node.clone(), addr, &identity, gate.clone(), budget.clone())?;
         urls.quic = Some(format!("quic://{}", url_host(bound)));
         quic_addr = Some(bound);
         tasks.push(task);
     }
     let mut resp_addr = None;
     if let Some(addr) = config.resp {
-        let (bound, task) = resp::start(node.clone(), addr, gate.clone()).await?;
+        let (bound, task) = resp::start(node.clone(), addr, gate.clone(), budget.clone()).await?;
         urls.resp = Some(url_host(bound));
         resp_addr = Some(bound);
         tasks.push(task);

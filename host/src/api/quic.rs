@@ -15,8 +15,9 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 
 use super::Gate;
+use super::budget::{Claim, FREE_BYTES, ReadBudget};
 use super::tls::NodeIdentity;
-use crate::error::{ErrorCode, error};
+use crate::error::{ErrorCode, RemoteError, error};
 use crate::node::Node;
 
 /// Client connections served at once; more are refused.
@@ -32,6 +33,7 @@ pub(super) fn start(
     addr: SocketAddr,
     identity: &NodeIdentity,
     mut gate: Gate,
+    budget: Arc<ReadBudget>,
 ) -> anyhow::Result<(SocketAddr, JoinHandle<()>)> {
     let endpoint = quinn::Endpoint::server(server_config(identity)?, addr)
         .map_err(|e| anyhow::anyhow!("cannot listen for QUIC on {addr}: {e}"))?;
@@ -50,9 +52,9 @@ pub(super) fn start(
                             incoming.refuse();
                             continue;
                         };
-                        let node = node.clone();
+                        let (node, budget) = (node.clone(), budget.clone());
                         tokio::spawn(async move {
-                            serve_connection(node, incoming).await;
+                            serve_connection(node, incoming, budget).await;
                             drop(permit);
                         });
                     }
@@ -84,7 +86,7 @@ fn server_config(identity: &NodeIdentity) -> anyhow::Result<quinn::ServerConfig>
     Ok(config)
 }
 
-async fn serve_connection(node: Node, incoming: quinn::Incoming) {
+async fn serve_connection(node: Node, incoming: quinn::Incoming, budget: Arc<ReadBudget>) {
     let remote = incoming.remote_address();
     let connection = match incoming.await {
         Ok(c) => c,
@@ -94,44 +96,77 @@ async fn serve_connection(node: Node, incoming: quinn::Incoming) {
         }
     };
     while let Ok((send, recv)) = connection.accept_bi().await {
-        let node = node.clone();
+        let (node, claim) = (node.clone(), budget.claim());
         tokio::spawn(async move {
-            if let Err(e) = serve_stream(node, send, recv).await {
+            if let Err(e) = serve_stream(node, send, recv, claim).await {
                 tracing::debug!(%remote, error = %e, "QUIC request stream failed");
             }
         });
     }
 }
 
-async fn serve_stream(node: Node, send: quinn::SendStream, mut recv: quinn::RecvStream) -> anyhow::Result<()> {
-    let response = match tokio::time::timeout(REQUEST_READ_TIMEOUT, read_request(&mut recv)).await {
+async fn serve_stream(
+    node: Node,
+    send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+    mut claim: Claim,
+) -> anyhow::Result<()> {
+    let read = read_frame_within(&mut recv, Some(&mut claim));
+    let response = match tokio::time::timeout(REQUEST_READ_TIMEOUT, read).await {
         Err(_) => Response::Error(error(
             ErrorCode::BadRequest,
             format!("the request did not arrive within {} s", REQUEST_READ_TIMEOUT.as_secs()),
         )),
-        Ok(Err(e)) => Response::Error(error(ErrorCode::BadRequest, e.to_string())),
-        Ok(Ok(request)) => node.handle(request).await,
+        Ok(Err(e)) => Response::Error(e),
+        Ok(Ok(frame)) => {
+            // Whole: the bytes are the request's now, not a request in part.
+            drop(claim);
+            match decode_frame::<Request>(&frame) {
+                Ok(request) => node.handle(request).await,
+                Err(e) => Response::Error(error(ErrorCode::BadRequest, e.to_string())),
+            }
+        }
     };
     send_answer(send, &response, |e| Response::Error(error(ErrorCode::Internal, e))).await
-}
-
-async fn read_request(recv: &mut quinn::RecvStream) -> anyhow::Result<Request> {
-    let frame = read_frame(recv).await.map_err(anyhow::Error::msg)?;
-    Ok(decode_frame(&frame)?)
 }
 
 /// Reads one whole frame (header included) from a stream. Memory grows with the bytes that
 /// actually arrive (bounded by QUIC flow control), not with the length the sender announces.
 pub(crate) async fn read_frame(recv: &mut quinn::RecvStream) -> Result<Vec<u8>, String> {
+    read_frame_within(recv, None).await.map_err(|e| e.message)
+}
+
+/// [`read_frame`], holding the bytes received so far on `claim` (when given): a frame that would
+/// take the node over its budget for requests in part is refused with `overloaded`.
+async fn read_frame_within(
+    recv: &mut quinn::RecvStream,
+    mut claim: Option<&mut Claim>,
+) -> Result<Vec<u8>, RemoteError> {
+    let bad = |message: String| error(ErrorCode::BadRequest, message);
     let mut header = [0u8; 4];
-    recv.read_exact(&mut header).await.map_err(|e| format!("reading a frame header: {e}"))?;
-    let len = frame_len(header).map_err(|e| e.to_string())?;
+    recv.read_exact(&mut header).await.map_err(|e| bad(format!("reading a frame header: {e}")))?;
+    let len = frame_len(header).map_err(|e| bad(e.to_string()))?;
     debug_assert!(len <= FRAME_BYTES_MAX);
-    let body = recv.read_to_end(len).await.map_err(|e| format!("reading a {len}-byte frame: {e}"))?;
-    let mut frame = Vec::with_capacity(4 + body.len());
+    let mut frame = Vec::with_capacity(4 + len.min(FREE_BYTES));
     frame.extend_from_slice(&header);
-    frame.extend_from_slice(&body);
-    Ok(frame)
+    while frame.len() < 4 + len {
+        let chunk = recv.read_chunk(4 + len - frame.len(), true).await;
+        match chunk.map_err(|e| bad(format!("reading a {len}-byte frame: {e}")))? {
+            Some(chunk) => {
+                if let Some(claim) = claim.as_deref_mut() {
+                    claim.set(frame.len() + chunk.bytes.len())?;
+                }
+                frame.extend_from_slice(&chunk.bytes);
+            }
+            None => return Err(bad(format!("the stream ended {} bytes into a {len}-byte frame", frame.len() - 4))),
+        }
+    }
+    // The sender must finish the stream after the frame: anything more is not a frame of ours.
+    match recv.read_chunk(1, true).await {
+        Ok(None) => Ok(frame),
+        Ok(Some(_)) => Err(bad(format!("more bytes followed the {len}-byte frame"))),
+        Err(e) => Err(bad(format!("reading a {len}-byte frame: {e}"))),
+    }
 }
 
 /// Writes one answer frame and finishes the stream (an answer that cannot be encoded becomes

@@ -56,6 +56,10 @@ pub(super) struct NodeArgs {
     /// How long compiling one module may take, in seconds (then `module_too_complex`).
     #[arg(long, default_value_t = Limits::default().compile_timeout_ms / 1000)]
     compile_timeout_secs: u64,
+    /// MiB of large requests (over 64 KiB each) the node holds while they arrive, over every
+    /// connection and protocol; a request that would go over is refused with `overloaded`.
+    #[arg(long, default_value_t = crate::api::budget::REQUEST_BUFFER_BYTES_DEFAULT >> 20)]
+    request_buffer_mib: usize,
     /// The memory compiling one module may use, in MiB (then `module_too_complex`).
     #[arg(long, default_value_t = Limits::default().compile_memory_bytes_max >> 20)]
     compile_memory_mib: usize,
@@ -286,7 +290,12 @@ pub(super) async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let running = start_node(
         &args.data,
         &args.node,
-        ServeConfig { http: Some(args.http), quic: Some(args.quic), resp: args.resp },
+        ServeConfig {
+            http: Some(args.http),
+            quic: Some(args.quic),
+            resp: args.resp,
+            request_buffer_bytes_max: Some(args.node.request_buffer_mib << 20),
+        },
         args.peer,
         args.join.clone(),
         disk_fault.clone(),
@@ -383,6 +392,7 @@ pub(super) async fn dev(args: DevArgs) -> anyhow::Result<()> {
             http: Some(SocketAddr::from(([127, 0, 0, 1], port))),
             quic: Some(SocketAddr::from(([127, 0, 0, 1], port + 1))),
             resp: Some(SocketAddr::from(([127, 0, 0, 1], port + 3))),
+            request_buffer_bytes_max: Some(args.node.request_buffer_mib << 20),
         };
         let peer = SocketAddr::from(([127, 0, 0, 1], port + 2));
         let join = (fresh && i > 0).then(|| format!("127.0.0.1:{}", args.port + 2));

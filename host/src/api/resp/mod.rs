@@ -31,6 +31,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use crate::api::Gate;
+use crate::api::budget::{Claim, ReadBudget};
 use crate::api::conns::{Conn, ConnTable, accept_loop};
 use crate::data::builtin::{self, Builtin, BuiltinReply};
 use crate::error::RemoteError;
@@ -250,6 +251,7 @@ pub(crate) async fn start(
     node: Node,
     addr: SocketAddr,
     mut gate: Gate,
+    budget: Arc<ReadBudget>,
 ) -> anyhow::Result<(SocketAddr, JoinHandle<()>)> {
     let listener = TcpListener::bind(addr).await?;
     let bound = listener.local_addr()?;
@@ -258,7 +260,7 @@ pub(crate) async fn start(
         if !gate.opened().await {
             return;
         }
-        serve(listener, node, limits, ConnTable::new(CONNECTIONS_MAX), gate.stopped).await;
+        serve(listener, node, limits, budget, ConnTable::new(CONNECTIONS_MAX), gate.stopped).await;
     });
     Ok((bound, task))
 }
@@ -268,12 +270,13 @@ async fn serve(
     listener: TcpListener,
     node: Node,
     limits: RespLimits,
+    budget: Arc<ReadBudget>,
     table: Arc<ConnTable>,
     stopped: watch::Receiver<bool>,
 ) {
     accept_loop(&listener, &table, stopped.clone(), "RESP", |stream, remote, conn| {
         let commands = Commands { node: node.clone(), follower_reads: false };
-        let connection = Connection { commands, limits, resp3: false };
+        let connection = Connection { commands, limits, claim: budget.claim(), resp3: false };
         let stopped = stopped.clone();
         tokio::spawn(async move {
             if let Err(e) = connection.serve(stream, conn, stopped).await {
@@ -287,6 +290,8 @@ async fn serve(
 struct Connection {
     commands: Commands,
     limits: RespLimits,
+    /// The bytes buffered and not yet taken as commands, held on the node's budget.
+    claim: Claim,
     resp3: bool,
 }
 
@@ -483,6 +488,8 @@ impl Connection {
                 }
             }
             buf.drain(..consumed);
+            // Shrinking: never refused.
+            let _ = self.claim.set(buf.len());
             // The clock of the request in part runs from its first byte, and only while it is
             // being read: a new one begins where a whole one was taken, or with the next read.
             if buf.is_empty() {
@@ -510,6 +517,9 @@ impl Connection {
                     read => {
                         if buf.is_empty() {
                             deadline = Some(Instant::now() + self.limits.half_sent_max);
+                        }
+                        if let Err(e) = self.claim.set(buf.len() + read) {
+                            return pipeline.close(&mut stream, &mut out, self.resp3, Some(remote_error(&e))).await;
                         }
                         buf.extend_from_slice(&chunk[..read]);
                     }
@@ -733,6 +743,7 @@ fn remote_error(e: &RemoteError) -> Reply {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::api::budget::REQUEST_BUFFER_BYTES_DEFAULT;
 
     const LIMITS: RespLimits =
         RespLimits { bulk_bytes_max: 64, request_bytes_max: 100, half_sent_max: Duration::from_millis(300) };
@@ -820,7 +831,14 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (stop, stopped) = watch::channel(false);
-        tokio::spawn(serve(listener, node, LIMITS, ConnTable::new(connections), stopped));
+        tokio::spawn(serve(
+            listener,
+            node,
+            LIMITS,
+            ReadBudget::new(REQUEST_BUFFER_BYTES_DEFAULT),
+            ConnTable::new(connections),
+            stopped,
+        ));
         (addr, stop)
     }
 

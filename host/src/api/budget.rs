@@ -1,0 +1,112 @@
+//! The node-wide budget for bytes of requests received in part, over every HTTP, QUIC and Redis
+//! protocol connection (as Redis bounds its clients' query buffers with `maxmemory-clients`).
+//!
+//! Per-connection limits alone do not bound a node: 1,024 Redis connections each holding most
+//! of a 33 MiB request would hold 32 GiB. So every request being received holds a [`Claim`] on
+//! the budget for what it has buffered beyond [`FREE_BYTES`]; the claim grows as bytes arrive and
+//! is given back when the request is whole (or abandoned). A request that would take the node over
+//! its budget is refused (`overloaded`, safe to retry) and its connection or stream closed, so the
+//! memory of half-read requests stays under the budget however many clients send at once. Small
+//! requests never touch the budget: they are bounded by the connection limits.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use crate::error::{ErrorCode, RemoteError, error};
+
+/// Bytes of one request that need no claim: every ordinary request fits.
+pub const FREE_BYTES: usize = 64 << 10;
+
+/// The default budget.
+pub const REQUEST_BUFFER_BYTES_DEFAULT: usize = 256 << 20;
+
+/// Bytes claimed out of a maximum.
+#[derive(Debug)]
+pub struct ReadBudget {
+    used: AtomicUsize,
+    max: usize,
+}
+
+impl ReadBudget {
+    /// A budget of `max` bytes.
+    pub fn new(max: usize) -> Arc<ReadBudget> {
+        Arc::new(ReadBudget { used: AtomicUsize::new(0), max })
+    }
+
+    /// A claim of nothing yet, for one request.
+    pub fn claim(self: &Arc<Self>) -> Claim {
+        Claim { budget: self.clone(), held: 0 }
+    }
+
+    /// Bytes claimed now.
+    pub fn used(&self) -> usize {
+        self.used.load(Ordering::Relaxed)
+    }
+}
+
+/// One request's share of the budget; given back on drop.
+#[derive(Debug)]
+pub struct Claim {
+    budget: Arc<ReadBudget>,
+    held: usize,
+}
+
+impl Claim {
+    /// Accounts for the request having `buffered` bytes: holds what is over [`FREE_BYTES`], or
+    /// refuses (holding what it held before) if that would take the node over its budget.
+    pub fn set(&mut self, buffered: usize) -> Result<(), RemoteError> {
+        let want = buffered.saturating_sub(FREE_BYTES);
+        if want <= self.held {
+            self.budget.used.fetch_sub(self.held - want, Ordering::Relaxed);
+            self.held = want;
+            return Ok(());
+        }
+        let more = want - self.held;
+        let max = self.budget.max;
+        self.budget
+            .used
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |used| (used + more <= max).then_some(used + more))
+            .map_err(|_| {
+                error(
+                    ErrorCode::Overloaded,
+                    format!(
+                        "the node is already receiving {} MiB of large requests, its limit \
+                         (--request-buffer-mib); retry shortly, or send large requests one at a time",
+                        max >> 20
+                    ),
+                )
+            })?;
+        self.held = want;
+        Ok(())
+    }
+}
+
+impl Drop for Claim {
+    fn drop(&mut self) {
+        self.budget.used.fetch_sub(self.held, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn claims_share_the_budget_and_give_it_back() {
+        let budget = ReadBudget::new(1 << 20);
+        let mut a = budget.claim();
+        let mut b = budget.claim();
+        a.set(FREE_BYTES).unwrap();
+        assert_eq!(budget.used(), 0, "small requests are free");
+        a.set(FREE_BYTES + (768 << 10)).unwrap();
+        let refused = b.set(FREE_BYTES + (512 << 10)).unwrap_err();
+        assert_eq!(refused.code, ErrorCode::Overloaded);
+        assert!(refused.message.contains("--request-buffer-mib"), "{}", refused.message);
+        b.set(FREE_BYTES + (256 << 10)).unwrap();
+        assert_eq!(budget.used(), 1 << 20);
+        a.set(0).unwrap();
+        assert_eq!(budget.used(), 256 << 10);
+        drop(b);
+        assert_eq!(budget.used(), 0);
+    }
+}
