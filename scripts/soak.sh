@@ -66,9 +66,21 @@ if [ -n "$gaps" ]; then
   # Per run: the longest gap.
   runs_within=0
   for log in "$dir"/run-*.log; do
-    longest=$(grep -oE 'leaders again after [0-9.]+ s' "$log" | awk '{print $4}' | sort -n | tail -1)
+    longest=$(grep -oE 'leaders again after [0-9.]+ s' "$log" | awk '{print $4}' | sort -n | tail -1 || true)
     [ -n "$longest" ] && awk -v g="$longest" 'BEGIN { exit !(g <= 2.0) }' && runs_within=$((runs_within + 1))
   done
   echo "runs whose longest leaderless gap was within 2 s: $runs_within of $runs"
 fi
+# Availability: per fault kind, the longest stretch with nothing acknowledged from the fault's
+# start to 3 s after its end.
+cat "$dir"/run-*.log | grep -E '^ +[0-9.]+s node [0-9]+ [A-Za-z]+.*nothing acknowledged for' \
+  | sed -E 's/^ +[0-9.]+s node [0-9]+ ([A-Za-z]+).*nothing acknowledged for ([0-9.]+) s.*/\1 \2/' \
+  | sort -k1,1 -k2,2n \
+  | awk '{ v[$1] = v[$1] " " $2; n[$1]++ }
+         END { for (k in n) { split(substr(v[k], 2), a, " ");
+                 printf "%-10s faults: %4d; longest stretch with nothing acknowledged (fault start to 3 s after its end): median %.2f s, max %.2f s\n",
+                        k, n[k], a[int((n[k] + 1) / 2)], a[n[k]] } }'
+# Operations acknowledged, over all runs.
+cat "$dir"/run-*.log | grep -oE '^history: Tally \{ ops: [0-9]+, appends_ok: [0-9]+, reads_ok: [0-9]+, follower_reads_ok: [0-9]+' \
+  | awk -F'[:,]' '{ ops += $3; ok += $5 + $7 + $9 } END { if (ops) printf "operations: %d, acknowledged: %d (%.1f %%)\n", ops, ok, 100 * ok / ops }'
 [ ${#failed[@]} -eq 0 ]

@@ -144,6 +144,25 @@ pub struct Event {
     pub leaderless: Option<Duration>,
     /// What else happened (a failed disk: how soon the node stopped).
     pub note: String,
+    /// The longest stretch, from the fault until [`RECOVERY`] after it ended, in which no
+    /// operation was acknowledged.
+    pub unavailable: Duration,
+}
+
+/// How long after a fault ends its effects are still counted against it.
+pub const RECOVERY: Duration = Duration::from_secs(3);
+
+/// The longest time in `[from, to]` between acknowledgements in `acked` (completion times,
+/// sorted), counting from `from` and up to `to`.
+fn longest_gap(acked: &[Duration], from: Duration, to: Duration) -> Duration {
+    let inside = acked.iter().copied().filter(|t| (from..=to).contains(t));
+    let mut last = from;
+    let mut longest = Duration::ZERO;
+    for t in inside.chain([to]) {
+        longest = longest.max(t - last);
+        last = t;
+    }
+    longest
 }
 
 /// What a run did and found.
@@ -176,7 +195,14 @@ impl Report {
         for e in &self.events {
             let gap =
                 e.leaderless.map(|g| format!(", leaders again after {:.2} s", g.as_secs_f64())).unwrap_or_default();
-            out.push_str(&format!("  {:>7.2}s node {} {:?}{gap}{}\n", e.at.as_secs_f64(), e.node, e.fault, e.note));
+            out.push_str(&format!(
+                "  {:>7.2}s node {} {:?}{gap}{}, nothing acknowledged for {:.2} s\n",
+                e.at.as_secs_f64(),
+                e.node,
+                e.fault,
+                e.note,
+                e.unavailable.as_secs_f64()
+            ));
         }
         out.push_str(&format!("history: {:?}\n", self.tally));
         if !self.uploads.acknowledged.is_empty() || self.uploads.failed > 0 {
@@ -320,6 +346,15 @@ pub async fn run(config: RunConfig) -> Report {
     let nodes: Vec<(String, String)> = cluster.nodes.iter().map(|n| (n.id.clone(), n.http_addr().to_owned())).collect();
     let finals: Vec<Final> = buckets.iter().map(|b| final_state(&nodes, b)).collect();
     let history: Vec<Op> = std::mem::take(&mut *history.lock().unwrap_or_else(|p| p.into_inner()));
+    let mut acked: Vec<Duration> =
+        history.iter().filter(|o| matches!(o.outcome, Outcome::Ok(_))).map(|o| o.completed).collect();
+    acked.sort();
+    for e in &mut events {
+        // A fault's event is recorded when its injection returns: kills, pauses and cuts have
+        // lasted their time by then.
+        let end = (e.at + e.fault.lasting() + RECOVERY).min(config.duration);
+        e.unavailable = longest_gap(&acked, e.at, end.max(e.at));
+    }
     anomalies.extend(list_append::check(&history, &finals));
     anomalies.extend(modules_lost(&nodes, &uploads));
     anomalies.extend(panics(&cluster));
@@ -415,7 +450,8 @@ fn wait_loaded(addrs: &[String], bucket: &str) {
 
 fn inject(cluster: &mut TestCluster, bucket: &str, start: Instant, fault: Fault) -> (Event, Option<Anomaly>) {
     let at = start.elapsed();
-    let event = |node: usize| Event { at, node, fault, leaderless: None, note: String::new() };
+    let event =
+        |node: usize| Event { at, node, fault, leaderless: None, note: String::new(), unavailable: Duration::ZERO };
     let count = cluster.nodes.len();
     match fault {
         Fault::Pause { node, paused } => {
@@ -520,7 +556,7 @@ fn kill_and_restart(cluster: &mut TestCluster, node: usize, down: Duration, at: 
     } else {
         cluster.nodes[node].restart();
     }
-    Event { at, node, fault, leaderless, note }
+    Event { at, node, fault, leaderless, note, unavailable: Duration::ZERO }
 }
 
 /// A GET's JSON answer, if `node` answers 200 within a second.
