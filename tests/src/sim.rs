@@ -76,6 +76,9 @@ pub enum Mutation {
     NoReadiness,
     /// A job that wrote nothing is answered without confirming the lead.
     NoReadConfirm,
+    /// A herder answers a read-only job from the newest entry of its log, committed or not,
+    /// instead of from its applied state.
+    FollowerReadsUnapplied,
 }
 
 /// One simulated run's shape, all drawn from its seed.
@@ -1196,13 +1199,13 @@ impl Sim {
 
     fn invoke(&mut self, worker: usize, kind: Option<Kind>) {
         let n = self.rng.random_range(0..self.nodes.len());
-        let kind = kind.unwrap_or_else(|| {
-            if self.rng.random_bool(0.7) {
+        let kind = kind.unwrap_or_else(|| match self.rng.random_range(0..10) {
+            0..7 => {
                 self.next_value += 1;
                 Kind::Append(self.next_value)
-            } else {
-                Kind::Read
             }
+            7 | 8 => Kind::Read,
+            _ => Kind::FollowerRead,
         });
         let op = self.ops.len();
         self.ops.push(ClientOp { worker, node: n, kind, invoked: self.now, done: false });
@@ -1221,6 +1224,17 @@ impl Sim {
         }
         if matches!(kind, Kind::Append(_)) && !self.sees_majority(n) {
             self.complete(op, Outcome::Failed("no_quorum".into()));
+            return;
+        }
+        if kind == Kind::FollowerRead && self.herders.contains(&node.id) {
+            // A read-only job on a herder runs there, against what it applied.
+            let list = match self.schedule.mutation {
+                Mutation::FollowerReadsUnapplied => {
+                    node.log.iter().rev().find_map(|e| e.list.clone()).unwrap_or_else(|| node.state.clone())
+                }
+                _ => node.state.clone(),
+            };
+            self.complete(op, Outcome::Ok(list.to_vec()));
             return;
         }
         let deadline = self.now + ROUTE_PATIENCE;

@@ -66,3 +66,10 @@ fn the_checker_catches_reads_answered_without_confirming_the_lead() {
     let kinds: Vec<&str> = report.anomalies.iter().map(|a| a.kind).collect();
     assert!(kinds.contains(&"stale"), "expected a stale read, found {kinds:?}");
 }
+
+#[test]
+fn the_checker_catches_read_only_jobs_answered_from_uncommitted_entries() {
+    let report = find_with(Mutation::FollowerReadsUnapplied, 1000);
+    let kinds: Vec<&str> = report.anomalies.iter().map(|a| a.kind).collect();
+    assert!(kinds.contains(&"not-a-prefix"), "expected an uncommitted answer, found {kinds:?}");
+}
