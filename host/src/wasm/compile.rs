@@ -11,9 +11,9 @@
 //!
 //! At most [`COMPILES_AT_ONCE`] children run at once; other compiles wait their turn.
 //!
-//! A child that is killed, runs out of its memory, or exits by a signal gives
-//! `module_too_complex`; one that finds the module invalid exits with [`EXIT_INVALID`] and the
-//! reason on stderr, which becomes `module_invalid` with that reason.
+//! A child killed at the deadline, out of its memory, or ended by a signal (a stack overflow)
+//! gives `module_too_complex`, each with its own message; one that finds the module invalid exits
+//! with [`EXIT_INVALID`] and the reason on stderr, which becomes `module_invalid` with that reason.
 
 use std::io::{Read, Write};
 use std::path::PathBuf;
@@ -167,11 +167,14 @@ impl Compiler {
                 Ok(code)
             }
             Some(EXIT_INVALID) => Err(error(ErrorCode::ModuleInvalid, stderr)),
-            _ if out_of_memory(&stderr) || status.code().is_none() => Err(too_complex(format!(
+            _ if out_of_memory(&stderr) => Err(too_complex(format!(
                 "compiling the module needed more than {} MiB (raise --compile-memory-mib, or split the module)",
                 self.memory_bytes_max >> 20
             ))),
-            _ => Err(error(ErrorCode::Internal, format!("the compiler failed ({status}): {stderr}"))),
+            // Killed by a signal without running out of memory: a stack overflow on a deeply
+            // nested function, say.
+            None => Err(too_complex(format!("the compiler gave up on the module ({status}): {stderr}"))),
+            Some(_) => Err(error(ErrorCode::Internal, format!("the compiler failed ({status}): {stderr}"))),
         }
     }
 }
