@@ -29,14 +29,14 @@ struct Route {
 
 /// A cluster client that goes to the right node directly. Cheap to share between tasks.
 pub struct Router {
-    seed: Arc<Client>,
     seed_url: String,
     ca: Option<PathBuf>,
     quic: bool,
     flock_count: u32,
     /// Flock → the node its canary named.
     routes: Mutex<HashMap<u32, Route>>,
-    /// URL → connection.
+    /// URL → connection. A connection that failed is dropped, and made again on next use (a QUIC
+    /// connection does not survive its node's restart).
     clients: Mutex<HashMap<String, Arc<Client>>>,
 }
 
@@ -47,7 +47,6 @@ impl Router {
         let seed = Arc::new(Client::connect(url, ca_file).await?);
         let flock_count = seed.status().await?.flock_count;
         Ok(Router {
-            seed: seed.clone(),
             seed_url: url.to_owned(),
             ca: ca_file.map(Path::to_path_buf),
             quic: url.starts_with("quic://"),
@@ -67,12 +66,7 @@ impl Router {
     ) -> Result<JobOutput, ClientError> {
         let flock = proto::flock_of(bucket, self.flock_count);
         let (url, expected) = self.route(flock, bucket).await;
-        let client = self.client(&url).await;
-        let result = match &client {
-            Ok(client) => client.run_job(bucket, module, input, read_only).await,
-            Err(e) => Err(ClientError::Unreachable(e.to_string())),
-        };
-        match result {
+        match self.call(&url, |c| async move { c.run_job(bucket, module, input, read_only).await }).await {
             Ok(out) => {
                 if expected.as_deref().is_some_and(|node| node != out.node) {
                     self.forget(flock);
@@ -80,14 +74,14 @@ impl Router {
                 Ok(out)
             }
             Err(ClientError::Unreachable(_)) if url != self.seed_url => {
-                // The chosen node is gone and never saw the job: drop it and let the seed node
-                // route the job.
-                self.forget_node(flock, &url);
-                self.seed.run_job(bucket, module, input, read_only).await
+                // The chosen node is gone and never saw the job: route afresh next time, and let
+                // the seed node route this job.
+                self.forget(flock);
+                self.call(&self.seed_url, |c| async move { c.run_job(bucket, module, input, read_only).await }).await
             }
             Err(e @ ClientError::NoAnswer(_)) => {
-                // The job may have run: report that, and route afresh next time.
-                self.forget_node(flock, &url);
+                // The job may have run: never re-sent; route afresh next time.
+                self.forget(flock);
                 Err(e)
             }
             Err(e) => Err(e),
@@ -96,7 +90,7 @@ impl Router {
 
     /// The canary the router would follow for `bucket` (asked of the seed node).
     pub async fn canary(&self, bucket: &[u8]) -> Result<Canary, ClientError> {
-        self.seed.canary(bucket).await
+        self.call(&self.seed_url, |c| async move { c.canary(bucket).await }).await
     }
 
     /// The URL to send `flock`'s jobs to, and the node id expected there (`None`: the seed,
@@ -105,7 +99,7 @@ impl Router {
         if let Some(route) = self.routes.lock().unwrap_or_else(|p| p.into_inner()).get(&flock).cloned() {
             return (route.url, Some(route.node));
         }
-        let Ok(canary) = self.seed.canary(bucket).await else { return (self.seed_url.clone(), None) };
+        let Ok(canary) = self.canary(bucket).await else { return (self.seed_url.clone(), None) };
         let url = match canary.quic {
             Some(quic) if self.quic => quic,
             _ => canary.url,
@@ -119,12 +113,26 @@ impl Router {
         self.routes.lock().unwrap_or_else(|p| p.into_inner()).remove(&flock);
     }
 
-    /// Forgets `flock`'s route and the connection to `url` (not the seed's).
-    fn forget_node(&self, flock: u32, url: &str) {
-        self.forget(flock);
-        if url != self.seed_url {
-            self.clients.lock().unwrap_or_else(|p| p.into_inner()).remove(url);
+    /// Makes one call on the connection to `url` (made if there is none); a connection the call
+    /// found broken is dropped. A connection that cannot be made is [`ClientError::Unreachable`].
+    async fn call<T, F, Fut>(&self, url: &str, call: F) -> Result<T, ClientError>
+    where
+        F: FnOnce(Arc<Client>) -> Fut,
+        Fut: Future<Output = Result<T, ClientError>>,
+    {
+        let client = self.client(url).await.map_err(|e| match e {
+            e @ ClientError::Unreachable(_) => e,
+            other => ClientError::Unreachable(other.to_string()),
+        })?;
+        let result = call(client.clone()).await;
+        if matches!(result, Err(ClientError::Unreachable(_) | ClientError::NoAnswer(_))) {
+            let mut clients = self.clients.lock().unwrap_or_else(|p| p.into_inner());
+            // Not one another task made since.
+            if clients.get(url).is_some_and(|c| Arc::ptr_eq(c, &client)) {
+                clients.remove(url);
+            }
         }
+        result
     }
 
     async fn client(&self, url: &str) -> Result<Arc<Client>, ClientError> {
@@ -134,7 +142,7 @@ impl Router {
         let client = Arc::new(Client::connect(url, self.ca.as_deref()).await?);
         let mut clients = self.clients.lock().unwrap_or_else(|p| p.into_inner());
         if clients.len() >= CONNECTIONS_MAX {
-            clients.retain(|u, _| u == &self.seed_url);
+            clients.clear();
         }
         Ok(clients.entry(url.to_owned()).or_insert(client).clone())
     }

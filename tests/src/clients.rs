@@ -50,7 +50,7 @@ pub struct Clients {
     runtime: tokio::runtime::Runtime,
     quic: HashMap<String, Client>,
     resp: HashMap<String, redis::Connection>,
-    /// The router and the QUIC URL of the node it was seeded with.
+    /// The router, and the QUIC URL of the node it was seeded with.
     router: Option<(String, Router)>,
 }
 
@@ -110,15 +110,16 @@ impl Clients {
         outcome
     }
 
+    /// Through the worker's router, seeded with the first node it was sent to and kept while it
+    /// works: it follows canaries, and makes connections again after a node restarts. Only when
+    /// even its seed cannot be reached (down, or moved to new ports) is it replaced, seeded with
+    /// `node`.
     fn router(&mut self, node: &Endpoint, bucket: &str, kind: Kind) -> Outcome {
         let Clients { runtime, router, .. } = self;
-        if router.as_ref().is_none_or(|(seed, _)| *seed != node.quic) {
+        if router.is_none() {
             match runtime.block_on(timed(Router::connect(&node.quic, Some(&node.ca)))) {
                 Ok(r) => *router = Some((node.quic.clone(), r)),
-                Err(why) => {
-                    *router = None;
-                    return Outcome::Failed(format!("not sent: {why}"));
-                }
+                Err(why) => return Outcome::Failed(format!("not sent: {why}")),
             }
         }
         let (_, r) = router.as_ref().expect("connected above");
@@ -126,7 +127,7 @@ impl Clients {
         let job = r.run_job(bucket.as_bytes(), "list-append", input.as_bytes(), kind == Kind::FollowerRead);
         let result = runtime.block_on(async { tokio::time::timeout(ANSWER_WAIT, job).await });
         let outcome = client_outcome(result);
-        if matches!(outcome, Outcome::Unknown(_)) || not_sent(&outcome) {
+        if not_sent(&outcome) {
             *router = None;
         }
         outcome

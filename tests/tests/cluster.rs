@@ -87,7 +87,7 @@ async fn await_new_leader(cluster: &TestCluster, via: usize, bucket: &[u8], gone
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_node_gives_one_result_and_the_canary_names_the_node_that_serves() {
-    let cluster = TestCluster::start(3, &[]).await;
+    let mut cluster = TestCluster::start(3, &[]).await;
     load_counter(&cluster, 1).await;
     let mut clients = Vec::new();
     for node in &cluster.nodes {
@@ -164,6 +164,14 @@ async fn every_node_gives_one_result_and_the_canary_names_the_node_that_serves()
     eventually("leadership to spread over every node", PATIENCE, || async {
         let map = clients[0].flocks().await.expect("flock map");
         cluster.nodes.iter().all(|n| map.flocks.iter().any(|f| f.leader.as_deref() == Some(n.id.as_str())))
+    })
+    .await;
+
+    // A router outlives its seed node's restart (its QUIC connection does not): it connects again.
+    cluster.nodes[1].kill9();
+    cluster.nodes[1].restart();
+    eventually("the router to reach its restarted seed node again", PATIENCE, || async {
+        router.canary(b"acct").await.is_ok()
     })
     .await;
 }
