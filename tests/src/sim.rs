@@ -598,10 +598,21 @@ impl Sim {
     fn plan_faults(&mut self) {
         let end = self.schedule.faults_for;
         // Most runs with a fourth node: it joins, and the map moves the flock onto it.
+        // Some of those move it again later: back onto the node it left (whose copy is stale by
+        // then), or off the node that joined.
         if self.nodes.len() > 3 && self.rng.random_bool(0.7) {
             let at = self.ms(300..end.as_millis() as u64);
             let drop = self.rng.random_range(0..3);
             self.at(at, Event::Fault(Fault::Move { add: 3, drop }));
+            if self.rng.random_bool(0.4) {
+                let later = (at + self.ms(500..4_000)).min(end);
+                let (add, drop) = if self.rng.random_bool(0.5) {
+                    (drop, (drop + self.rng.random_range(1..3)) % 3)
+                } else {
+                    (drop, 3)
+                };
+                self.at(later, Event::Fault(Fault::Move { add, drop }));
+            }
         }
         let mut t = self.ms(200..800);
         while t < end {
