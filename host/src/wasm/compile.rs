@@ -193,6 +193,9 @@ fn too_complex(message: String) -> RemoteError {
 /// [`EXIT_INVALID`] with the reason on stderr.
 pub fn child_main(memory_bytes_max: usize, settings: CodeSettings) -> std::process::ExitCode {
     use std::process::ExitCode;
+    // Safety: prctl with PR_SET_PDEATHSIG only sets which signal this process gets when its
+    // parent dies: a node killed mid-compile leaves no compiler running on.
+    unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) };
     if let Err(e) = cap_heap(memory_bytes_max) {
         eprintln!("cannot cap the compiler's memory: {e}");
         return ExitCode::FAILURE;
