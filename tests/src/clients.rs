@@ -100,7 +100,7 @@ impl Clients {
             }
         };
         let input = list_append::input(kind);
-        let job = client.run_job(bucket.as_bytes(), "list-append", input.as_bytes(), kind == Kind::FollowerRead);
+        let job = client.run_job(bucket.as_bytes(), list_append::MODULE, input.as_bytes(), kind == Kind::FollowerRead);
         let result = runtime.block_on(async { tokio::time::timeout(ANSWER_WAIT, job).await });
         let outcome = client_outcome(result);
         if matches!(outcome, Outcome::Unknown(_)) || not_sent(&outcome) {
@@ -124,7 +124,7 @@ impl Clients {
         }
         let (_, r) = router.as_ref().expect("connected above");
         let input = list_append::input(kind);
-        let job = r.run_job(bucket.as_bytes(), "list-append", input.as_bytes(), kind == Kind::FollowerRead);
+        let job = r.run_job(bucket.as_bytes(), list_append::MODULE, input.as_bytes(), kind == Kind::FollowerRead);
         let result = runtime.block_on(async { tokio::time::timeout(ANSWER_WAIT, job).await });
         let outcome = client_outcome(result);
         if not_sent(&outcome) {
@@ -146,7 +146,7 @@ impl Clients {
         };
         let command = if kind == Kind::FollowerRead { "FCALL_RO" } else { "FCALL" };
         let mut cmd = redis::cmd(command);
-        cmd.arg("list-append").arg(1).arg(bucket);
+        cmd.arg(list_append::MODULE).arg(1).arg(bucket);
         for word in list_append::input(kind).split(' ') {
             cmd.arg(word);
         }

@@ -26,6 +26,9 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
 
+/// The name the workload's module is uploaded under.
+pub const MODULE: &str = "list-append";
+
 /// Error codes that mean the job did not commit.
 pub const DEFINITE_CODES: &[&str] = &[
     "unavailable",
@@ -174,9 +177,11 @@ pub fn parse_list(text: &str) -> Option<Vec<u64>> {
     text.split_whitespace().map(|v| v.parse().ok()).collect()
 }
 
-/// Runs the job on `node` (an HTTP `host:port`) with `input`: see [`request`].
-pub fn run_job(node: &str, bucket: &str, input: &str, timeout: Duration) -> Result<(u16, Vec<u8>), (bool, String)> {
-    request(node, "POST", &format!("/v1/jobs/{bucket}?module=list-append"), input.as_bytes(), timeout)
+/// Runs `kind` as the job on `node` (an HTTP `host:port`): see [`request`].
+pub fn run_job(node: &str, bucket: &str, kind: Kind, timeout: Duration) -> Result<(u16, Vec<u8>), (bool, String)> {
+    let read_only = if kind == Kind::FollowerRead { "&read_only=true" } else { "" };
+    let path = format!("/v1/jobs/{bucket}?module={MODULE}{read_only}");
+    request(node, "POST", &path, input(kind).as_bytes(), timeout)
 }
 
 /// One HTTP/1.1 request; the answer's status and body, or why none came. `Err((sent, why))`:
@@ -233,9 +238,7 @@ pub fn input(kind: Kind) -> String {
 
 /// Runs `kind` over HTTP on `node` (`host:port`); the outcome.
 pub fn perform_http(node: &str, bucket: &str, kind: Kind, timeout: Duration) -> Outcome {
-    let read_only = if kind == Kind::FollowerRead { "&read_only=true" } else { "" };
-    let path = format!("/v1/jobs/{bucket}?module=list-append{read_only}");
-    match request(node, "POST", &path, input(kind).as_bytes(), timeout) {
+    match run_job(node, bucket, kind, timeout) {
         Ok((status, body)) => classify(status, &body),
         Err((false, why)) => Outcome::Failed(format!("not sent: {why}")),
         Err((true, why)) => Outcome::Unknown(why),

@@ -267,7 +267,7 @@ pub async fn run(config: RunConfig) -> Report {
     let mut args: Vec<&str> = config.args.iter().map(String::as_str).collect();
     args.extend(["--resp", "127.0.0.1:0"]);
     let mut cluster = TestCluster::start(config.nodes, &args).await;
-    cluster.nodes[0].client().await.put_module("list-append", job_wasm("list_append")).await.expect("upload");
+    cluster.nodes[0].client().await.put_module(list_append::MODULE, job_wasm("list_append")).await.expect("upload");
     let endpoints = Arc::new(Mutex::new(cluster.nodes.iter().map(Endpoint::of).collect::<Vec<_>>()));
     let addrs: Vec<String> = cluster.nodes.iter().map(|n| n.http_addr().to_owned()).collect();
     let buckets: Vec<String> = (0..config.buckets).map(|b| format!("list-{}-{b}", config.seed % 1000)).collect();
@@ -441,7 +441,7 @@ fn modules_lost(nodes: &[(String, String)], uploads: &Uploads) -> Vec<Anomaly> {
 fn wait_loaded(addrs: &[String], bucket: &str) {
     let deadline = Instant::now() + Duration::from_secs(30);
     for addr in addrs {
-        while !matches!(list_append::run_job(addr, bucket, "read", Duration::from_secs(10)), Ok((200, _))) {
+        while !matches!(list_append::run_job(addr, bucket, Kind::Read, Duration::from_secs(10)), Ok((200, _))) {
             assert!(Instant::now() < deadline, "list-append did not run through {addr} within 30 s");
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -589,7 +589,7 @@ fn leader_of(cluster: &TestCluster, bucket: &str) -> Option<usize> {
 fn final_state(nodes: &[(String, String)], bucket: &str) -> Final {
     let deadline = Instant::now() + Duration::from_secs(30);
     let list = loop {
-        match list_append::run_job(&nodes[0].1, bucket, "read", Duration::from_secs(20)) {
+        match list_append::run_job(&nodes[0].1, bucket, Kind::Read, Duration::from_secs(20)) {
             Ok((200, body)) => break list_append::parse_list(&String::from_utf8_lossy(&body)).expect("a list"),
             other => {
                 assert!(Instant::now() < deadline, "the final read of {bucket} failed: {other:?}");

@@ -56,7 +56,11 @@ impl Claim {
     /// refuses (holding what it held before) if that would take the node over its budget.
     pub fn set(&mut self, buffered: usize) -> Result<(), RemoteError> {
         let want = buffered.saturating_sub(FREE_BYTES);
-        if want <= self.held {
+        if want == self.held {
+            // The common case (a small request, or no change): the shared counter is untouched.
+            return Ok(());
+        }
+        if want < self.held {
             self.budget.used.fetch_sub(self.held - want, Ordering::Relaxed);
             self.held = want;
             return Ok(());

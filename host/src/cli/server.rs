@@ -53,13 +53,13 @@ pub(super) struct NodeArgs {
     /// Largest module upload.
     #[arg(long, default_value_t = Limits::default().module_bytes_max)]
     module_bytes_max: usize,
-    /// How long compiling one module may take, in seconds (then `module_too_complex`).
-    #[arg(long, default_value_t = Limits::default().compile_timeout_ms / 1000)]
-    compile_timeout_secs: u64,
     /// MiB of large requests (over 64 KiB each) the node holds while they arrive, over every
     /// connection and protocol; a request that would go over is refused with `overloaded`.
     #[arg(long, default_value_t = crate::api::budget::REQUEST_BUFFER_BYTES_DEFAULT >> 20)]
     request_buffer_mib: usize,
+    /// How long compiling one module may take, in seconds (then `module_too_complex`).
+    #[arg(long, default_value_t = Limits::default().compile_timeout_ms / 1000)]
+    compile_timeout_secs: u64,
     /// The memory compiling one module may use, in MiB (then `module_too_complex`).
     #[arg(long, default_value_t = Limits::default().compile_memory_bytes_max >> 20)]
     compile_memory_mib: usize,
