@@ -79,6 +79,20 @@ pub enum Mutation {
     /// A herder answers a read-only job from the newest entry of its log, committed or not,
     /// instead of from its applied state.
     FollowerReadsUnapplied,
+    /// A voter that refused a candidate because its own log is longer still leaves the election
+    /// to the herders when the map moved the flock away from it.
+    NoRightToRun,
+}
+
+impl Mutation {
+    /// Every mutation, for choosing one by name.
+    pub const ALL: [Mutation; 5] = [
+        Mutation::None,
+        Mutation::NoReadiness,
+        Mutation::NoReadConfirm,
+        Mutation::FollowerReadsUnapplied,
+        Mutation::NoRightToRun,
+    ];
 }
 
 /// One simulated run's shape, all drawn from its seed.
@@ -94,10 +108,6 @@ pub struct Schedule {
     pub faults_for: Duration,
     /// The safeguard switched off, if any.
     pub mutation: Mutation,
-    /// Whether some runs with a join move the flock a second time (`GREX_SIM_SECOND_MOVE=1`).
-    /// Off by default: it finds a liveness fault not fixed yet (docs/reliability.md, seed
-    /// 5046094745894230446), and the suite must stay green.
-    pub second_moves: bool,
 }
 
 impl Schedule {
@@ -110,7 +120,6 @@ impl Schedule {
             workers: rng.random_range(2..=6),
             faults_for: Duration::from_millis(rng.random_range(3_000..10_000)),
             mutation,
-            second_moves: std::env::var("GREX_SIM_SECOND_MOVE").is_ok_and(|v| v == "1"),
         }
     }
 }
@@ -360,6 +369,8 @@ struct Node {
     lead_start: LeadStart,
     ready_term: u64,
     outranked: Option<(usize, Duration)>,
+    /// When this node last refused a candidate because its own log is longer.
+    outranks: Option<Duration>,
     active_at: Duration,
     last_reconcile: Duration,
     lead: Lead,
@@ -465,6 +476,7 @@ impl Sim {
                 lead_start: LeadStart::default(),
                 ready_term: 0,
                 outranked: None,
+                outranks: None,
                 active_at: Duration::ZERO,
                 last_reconcile: Duration::ZERO,
                 lead: Lead::default(),
@@ -609,7 +621,7 @@ impl Sim {
             let at = self.ms(300..end.as_millis() as u64);
             let drop = self.rng.random_range(0..3);
             self.at(at, Event::Fault(Fault::Move { add: 3, drop }));
-            if self.schedule.second_moves && self.rng.random_bool(0.4) {
+            if self.rng.random_bool(0.4) {
                 let later = (at + self.ms(500..4_000)).min(end);
                 let (add, drop) = if self.rng.random_bool(0.5) {
                     (drop, (drop + self.rng.random_range(1..3)) % 3)
@@ -811,6 +823,7 @@ impl Sim {
             voters: &voters,
             preferred: &self.herders,
             outranked_by,
+            outranks: node.outranks.is_some_and(|at| self.now.saturating_sub(at) < OUTRANKED_FOR),
         };
         let alive = |id: NodeId| self.alive_id(n, id);
         let verdict = decide::verdict(&sight, &alive);
@@ -831,6 +844,7 @@ impl Sim {
         let elect = match verdict {
             Verdict::Led => {
                 node.outranked = None;
+                node.outranks = None;
                 reconcile && node.timer.take_back_now(now, idle_for, node.leader == Some(n), rank_first)
             }
             verdict => node.timer.elect_now(verdict, now, leading, jitter),
@@ -1071,16 +1085,20 @@ impl Sim {
         let node = &self.nodes[n];
         // The leader's lease: a voter that heard from a live leader lately does not vote.
         let leased = node.leader.is_some_and(|l| l != candidate) && self.now < node.lease_until;
-        if term < node.term || leased {
-            let reply = Msg::VoteReply { term: node.term, granted: false, last: node.last() };
-            self.send(n, candidate, reply);
-            return;
-        }
-        self.observe_term(n, term);
+        let granted = if term < node.term || leased {
+            false
+        } else {
+            self.observe_term(n, term);
+            let node = &mut self.nodes[n];
+            let granted = last >= node.last() && node.voted_for.is_none_or(|v| v == candidate);
+            if granted {
+                node.voted_for = Some(candidate);
+            }
+            granted
+        };
         let node = &mut self.nodes[n];
-        let granted = last >= node.last() && node.voted_for.is_none_or(|v| v == candidate);
-        if granted {
-            node.voted_for = Some(candidate);
+        if !granted && node.last() > last && self.schedule.mutation != Mutation::NoRightToRun {
+            node.outranks = Some(self.now);
         }
         let reply = Msg::VoteReply { term: node.term, granted, last: node.last() };
         self.send(n, candidate, reply);
@@ -1472,6 +1490,7 @@ impl Sim {
         node.lead_start = LeadStart::default();
         node.ready_term = 0;
         node.outranked = None;
+        node.outranks = None;
         node.lead = Lead::default();
         node.routing.clear();
         // openraft restores a node whose persisted vote was its own and committed as leader.

@@ -45,6 +45,11 @@ pub struct GroupSight<'a> {
     /// The live voter that refused this node's last vote because its log is longer, if any
     /// within the outranking window (`leadership::OUTRANKED_FOR`).
     pub outranked_by: Option<NodeId>,
+    /// This node refused a candidate's vote within that window because its own log is longer.
+    /// The candidates it refused defer to it, so it must run even if the map moved the group
+    /// away from it: it may hold an entry no other voter has (a membership change it began as
+    /// leader), and then no one else can win.
+    pub outranks: bool,
 }
 
 /// The supervisor's verdict on one group.
@@ -53,7 +58,8 @@ pub enum Verdict {
     /// The group has a live leader that votes in it.
     Led,
     /// No majority of the voters is reachable (or the map moved the group away from this node
-    /// while a herder it names is up): an election could not succeed or would only disturb.
+    /// while a herder it names is up, and no voter defers to it): an election could not succeed
+    /// or would only disturb.
     Hopeless,
     /// A live voter with a longer log refused this node: leave it the election.
     Defer,
@@ -69,7 +75,10 @@ pub fn verdict(sight: &GroupSight<'_>, alive: &dyn Fn(NodeId) -> bool) -> Verdic
     if sight.leader.is_some_and(alive) && sight.leader_votes {
         return Verdict::Led;
     }
-    let Some(rank) = election_rank(sight.me, sight.group, sight.voters, sight.preferred, alive) else {
+    // A node the map moved the group away from still runs when the others defer to it: without
+    // the map's order only the majority rule holds it back.
+    let preferred = if sight.outranks { &[][..] } else { sight.preferred };
+    let Some(rank) = election_rank(sight.me, sight.group, sight.voters, preferred, alive) else {
         return Verdict::Hopeless;
     };
     if sight.outranked_by.is_some_and(alive) {
@@ -175,7 +184,7 @@ mod tests {
     const C: NodeId = 3;
 
     fn sight<'a>(me: NodeId, leader: Option<NodeId>, voters: &'a [NodeId], preferred: &'a [NodeId]) -> GroupSight<'a> {
-        GroupSight { me, group: 0, leader, leader_votes: true, voters, preferred, outranked_by: None }
+        GroupSight { me, group: 0, leader, leader_votes: true, voters, preferred, outranked_by: None, outranks: false }
     }
 
     #[test]
@@ -217,6 +226,12 @@ mod tests {
         // With no herder the map names up, the voters still elect among themselves.
         let moved = [4, 5, 6];
         assert_eq!(verdict(&sight(A, None, &voters, &moved), &|n| n < 4), Verdict::Leaderless { rank: 0 });
+        // The bug this guards: the leader began the move, lost the lead with the new membership
+        // in its log alone, and refused every herder's vote for it, so they deferred to it while
+        // it left the election to them; the flock had no leader for good.
+        let refusing = GroupSight { outranks: true, ..sight(A, None, &voters, &preferred) };
+        assert!(matches!(verdict(&refusing, &|_| true), Verdict::Leaderless { .. }));
+        assert_eq!(verdict(&refusing, &|n| n == A), Verdict::Hopeless);
     }
 
     #[test]

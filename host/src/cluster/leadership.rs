@@ -11,7 +11,8 @@
 //! stood when it took the lead, and an entry of its own term: then its state holds every entry
 //! committed before its term, and every later entry is one it proposed itself.
 //!
-//! Also here: [`Outranked`], what a refused candidate learns about a better one.
+//! Also here: [`Refusals`], what a refused candidate learns about a better one, and what the voter
+//! that refused it remembers.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -74,33 +75,35 @@ impl LeadStart {
 }
 
 /// How long a node holds back its elections for a group after a live voter refused its vote
-/// because that voter's log is longer.
+/// because that voter's log is longer (and how long that voter keeps the right to run).
 pub const OUTRANKED_FOR: Duration = Duration::from_secs(3);
 
-/// Per group, the last voter that refused this node's vote because its own log is longer.
+/// Per group, the last vote refused because the voter's log is longer: the candidate keeps one
+/// (`outranked`: who refused it) and the voter another (`outranks`: whom it refused).
 ///
 /// Two survivors of a leader's death whose logs differ can stall a group: the one with the shorter
 /// log can never win (the other refuses it), and while it keeps calling elections it raises the
 /// term under the other one, whose elections then collide with it. Raft's pre-vote avoids that;
 /// openraft 0.9 has none, so a refused candidate learns from the refusal (the answer carries the
-/// voter's last log id) and leaves the election to the better candidate for a while.
+/// voter's last log id) and leaves the election to the better candidate for a while. The voter
+/// learns it too: it must then run even where it otherwise would not (the map moved the group
+/// away from it), or no one does.
 #[derive(Default)]
-pub struct Outranked {
+pub struct Refusals {
     by: Mutex<HashMap<GroupId, (NodeId, Instant)>>,
 }
 
-impl Outranked {
-    /// Notes that `voter` refused this node's vote in `group` and holds a longer log.
-    pub fn note(&self, group: GroupId, voter: NodeId) {
-        self.lock().insert(group, (voter, Instant::now()));
+impl Refusals {
+    /// Notes a vote refused in `group` for log length; `other` is the node at the far end.
+    pub fn note(&self, group: GroupId, other: NodeId) {
+        self.lock().insert(group, (other, Instant::now()));
     }
 
-    /// The voter this node should leave `group`'s election to, if it refused this node within
-    /// [`OUTRANKED_FOR`].
-    pub fn by(&self, group: GroupId) -> Option<NodeId> {
+    /// The node at the far end of `group`'s last such refusal, if it was within [`OUTRANKED_FOR`].
+    pub fn recent(&self, group: GroupId) -> Option<NodeId> {
         let mut by = self.lock();
         match by.get(&group) {
-            Some((voter, at)) if at.elapsed() < OUTRANKED_FOR => Some(*voter),
+            Some((other, at)) if at.elapsed() < OUTRANKED_FOR => Some(*other),
             Some(_) => {
                 by.remove(&group);
                 None

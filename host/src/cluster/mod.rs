@@ -57,7 +57,7 @@ use crate::error::{ErrorCode, RemoteError, Result, error};
 use crate::node::{Front, Node, Replicator, RespNode, Ticket};
 use crate::storage::{GroupId, META_GROUP};
 use decide::{ElectionTimer, GroupSight, SUPERVISE_EVERY, Verdict};
-use leadership::{LeadStart, LeadView, Outranked};
+use leadership::{LeadStart, LeadView, Refusals};
 use messages::{Lead, PeerRequest, PeerResponse, RaftRpc};
 use peer::{Handler, Peers};
 use placement::{FlockMap, place};
@@ -109,7 +109,9 @@ struct Inner {
     /// Lead confirmations for jobs that changed nothing.
     reads: Arc<ReadRounds>,
     /// Per group, a voter whose longer log refused this node's vote: it should win instead.
-    outranked: Arc<Outranked>,
+    outranked: Arc<Refusals>,
+    /// Per group, a candidate this node refused because its own log is longer: it must run.
+    outranks: Refusals,
     info: PeerInfo,
     /// Last leader this node heard of per flock (it may not herd the flock).
     hints: Vec<AtomicU64>,
@@ -195,7 +197,7 @@ impl Cluster {
         let raft_config = Arc::new(raft::config(config.snapshot_logs).validate()?);
         let (log, sm) = raft::open_group(META_GROUP, &node, terms.clone(), Some(meta_tx))?;
         let outbox = outbox::Outbox::new(peers.clone());
-        let outranked = Arc::new(Outranked::default());
+        let outranked = Arc::new(Refusals::default());
         let net = Network { group: META_GROUP, outbox: outbox.clone(), outranked: outranked.clone() };
         let meta = Raft::new(me, raft_config.clone(), net, log, sm).await?;
         let mut flocks = Vec::new();
@@ -217,6 +219,7 @@ impl Cluster {
                 terms,
                 reads: Arc::new(ReadRounds::new(flock_count as u32)),
                 outranked,
+                outranks: Refusals::default(),
                 info: info.clone(),
                 hints: (0..flock_count).map(|_| AtomicU64::new(0)).collect(),
                 claims: Mutex::new(vec![None; flock_count]),
@@ -563,7 +566,17 @@ impl Cluster {
             RaftRpc::Append(req) => {
                 raft.append_entries(req).await.map_or_else(|e| failed(e.to_string()), PeerResponse::Append)
             }
-            RaftRpc::Vote(req) => raft.vote(req).await.map_or_else(|e| failed(e.to_string()), PeerResponse::Vote),
+            RaftRpc::Vote(req) => {
+                let (candidate, theirs) = (req.vote.leader_id().voted_for(), req.last_log_id);
+                let answer = raft.vote(req).await;
+                if let (Ok(answer), Some(candidate)) = (&answer, candidate)
+                    && !answer.vote_granted
+                    && answer.last_log_id > theirs
+                {
+                    self.inner.outranks.note(group, candidate);
+                }
+                answer.map_or_else(|e| failed(e.to_string()), PeerResponse::Vote)
+            }
             RaftRpc::Snapshot(req) => {
                 raft.install_snapshot(req).await.map_or_else(|e| failed(e.to_string()), PeerResponse::Snapshot)
             }
@@ -874,7 +887,8 @@ impl Cluster {
             leader_votes,
             voters: &voters,
             preferred: &preferred,
-            outranked_by: self.inner.outranked.by(group),
+            outranked_by: self.inner.outranked.recent(group),
+            outranks: self.inner.outranks.recent(group).is_some(),
         };
         let alive = |n| self.inner.peers.alive(n);
         let verdict = decide::verdict(&sight, &alive);
@@ -882,6 +896,7 @@ impl Cluster {
         let elect = match verdict {
             Verdict::Led => {
                 self.inner.outranked.clear(group);
+                self.inner.outranks.clear(group);
                 // Hand an idle flock's lead to its preferred, live herder (checked at the pace
                 // of reconciliation: it is never urgent).
                 // (The meta group has no activity record: `get` finds none and it is never handed.)
@@ -900,6 +915,12 @@ impl Cluster {
             verdict => timer.elect_now(verdict, now, leading, rand::random_range(1.0..2.0)),
         };
         if elect {
+            if sight.outranks && !preferred.is_empty() && !preferred.contains(&me) {
+                tracing::info!(
+                    group,
+                    "calling an election for a flock the map moved away: a herder deferred to this node's longer log"
+                );
+            }
             let _ = raft.trigger().elect().await;
         }
     }

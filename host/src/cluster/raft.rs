@@ -37,7 +37,7 @@ use serde::{Deserialize, Serialize};
 use serde_bytes::ByteBuf;
 use tokio::sync::{oneshot, watch};
 
-use super::leadership::Outranked;
+use super::leadership::Refusals;
 use super::messages::{PeerResponse, RaftRpc};
 use super::outbox::Outbox;
 use super::peer::PeerError;
@@ -748,7 +748,7 @@ pub struct Network {
     /// The node's consensus messages, batched per peer.
     pub outbox: Arc<Outbox>,
     /// Where refused votes are noted.
-    pub outranked: Arc<Outranked>,
+    pub outranked: Arc<Refusals>,
 }
 
 /// A raft client for one group and one target node.
@@ -756,7 +756,7 @@ pub struct GroupLink {
     group: GroupId,
     target: NodeId,
     outbox: Arc<Outbox>,
-    outranked: Arc<Outranked>,
+    outranked: Arc<Refusals>,
     /// The append of entries under way, if openraft gave up waiting for it.
     in_flight: Option<InFlightAppend>,
 }
