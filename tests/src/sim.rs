@@ -1,8 +1,8 @@
 //! A deterministic simulation of one flock: its herders' elections, leader readiness, routing and
 //! jobs on a simulated network and clock, in one thread, checked like the process tests.
 //!
-//! The decisions are grex's own code: [`decide::verdict`], [`ElectionTimer`], [`decide::route`]
-//! and [`LeadStart::ready_term`], with grex's constants (ping interval, dead-after, supervision
+//! The decisions are grex's own code: [`decide::verdict`], [`ElectionTimer`], [`decide::route`],
+//! [`decide::relay`] and [`LeadStart::ready_term`], with grex's constants (ping interval, dead-after, supervision
 //! pace, vote lease, outranking window). Around them runs a model of the rest, as grex runs it:
 //!
 //! - Raft as openraft 0.9 runs in grex: no timers of its own (elections only when the supervisor
@@ -15,7 +15,8 @@
 //!   computed (as a change set does), answered once applied; a read confirmed by a heartbeat
 //!   round sent after it ran (the read index);
 //! - a failure detector fed by pings that carry the sender's ready leads (the claims non-herders
-//!   route by), and forwarding with one redirect, retries every 50 ms and a 4 s patience.
+//!   route by), and forwarding with one redirect, retries every 50 ms and a 4 s patience; a job
+//!   for a leader the entry node has down goes through a herder that passes it on once.
 //!
 //! Faults: crash and restart (slow, or faster than the failure detector notices), pauses longer
 //! than the detector's timeout, one node cut off, two nodes cut from each other, message loss,
@@ -82,16 +83,19 @@ pub enum Mutation {
     /// A voter that refused a candidate because its own log is longer still leaves the election
     /// to the herders when the map moved the flock away from it.
     NoRightToRun,
+    /// Followers go on following a live leader that no longer claims the flock.
+    FollowUnclaimed,
 }
 
 impl Mutation {
     /// Every mutation, for choosing one by name.
-    pub const ALL: [Mutation; 5] = [
+    pub const ALL: [Mutation; 6] = [
         Mutation::None,
         Mutation::NoReadiness,
         Mutation::NoReadConfirm,
         Mutation::FollowerReadsUnapplied,
         Mutation::NoRightToRun,
+        Mutation::FollowUnclaimed,
     ];
 }
 
@@ -243,14 +247,44 @@ impl Config {
 
 #[derive(Clone)]
 enum Msg {
-    Ping { lead: u64 },
-    Vote { term: u64, last: (u64, u64) },
-    VoteReply { term: u64, granted: bool, last: (u64, u64) },
-    Append { term: u64, prev: (u64, u64), entries: Vec<Entry>, commit: u64, round: u64 },
-    AppendReply { term: u64, ok: bool, matched: u64, round: u64 },
-    Job { op: usize },
-    NotLeader { op: usize, leader: Option<usize> },
-    JobReply { op: usize, outcome: Outcome },
+    Ping {
+        lead: u64,
+    },
+    Vote {
+        term: u64,
+        last: (u64, u64),
+    },
+    VoteReply {
+        term: u64,
+        granted: bool,
+        last: (u64, u64),
+    },
+    Append {
+        term: u64,
+        prev: (u64, u64),
+        entries: Vec<Entry>,
+        commit: u64,
+        round: u64,
+    },
+    AppendReply {
+        term: u64,
+        ok: bool,
+        matched: u64,
+        round: u64,
+    },
+    /// With `relay`, the sender cannot reach the leader: pass the job on if this node can.
+    Job {
+        op: usize,
+        relay: bool,
+    },
+    NotLeader {
+        op: usize,
+        leader: Option<usize>,
+    },
+    JobReply {
+        op: usize,
+        outcome: Outcome,
+    },
 }
 
 enum Event {
@@ -324,6 +358,8 @@ struct Routing {
     redirect: Option<usize>,
     redirects: u32,
     forwarded_to: Option<usize>,
+    /// `forwarded_to` passes the job on to a leader this node cannot reach.
+    relayed: bool,
 }
 
 #[derive(Default)]
@@ -375,6 +411,9 @@ struct Node {
     last_reconcile: Duration,
     lead: Lead,
     routing: BTreeMap<usize, Routing>,
+    /// Jobs this node passed on for a node that could not reach the leader: op → (that node, the
+    /// leader).
+    relaying: BTreeMap<usize, (usize, usize)>,
 }
 
 impl Node {
@@ -481,6 +520,7 @@ impl Sim {
                 last_reconcile: Duration::ZERO,
                 lead: Lead::default(),
                 routing: BTreeMap::new(),
+                relaying: BTreeMap::new(),
             })
             .collect();
         // The flock map's order of the herders: its first is the preferred leader.
@@ -806,6 +846,15 @@ impl Sim {
             self.nodes[n].routing.remove(&op);
             self.complete(op, Outcome::Unknown("outcome_unknown: the node running the job went down".into()));
         }
+        let lost: Vec<(usize, usize)> = (self.nodes[n].relaying.iter())
+            .filter(|(_, (_, leader))| !self.alive(n, *leader))
+            .map(|(op, (origin, _))| (*op, *origin))
+            .collect();
+        for (op, origin) in lost {
+            self.nodes[n].relaying.remove(&op);
+            let outcome = Outcome::Unknown("outcome_unknown: the node running the job went down".into());
+            self.send(n, origin, Msg::JobReply { op, outcome });
+        }
         if !self.nodes[n].votes() {
             return;
         }
@@ -815,11 +864,18 @@ impl Sim {
             .outranked
             .filter(|(_, at)| self.now.saturating_sub(*at) < OUTRANKED_FOR)
             .map(|(v, _)| self.nodes[v].id);
+        // A leader claims the flock in its pings once it is ready.
+        let claimed = node.leader.is_none_or(|l| l == n || node.claims[l] > 0)
+            || self.schedule.mutation == Mutation::FollowUnclaimed;
+        let now = self.now;
+        let leader_unclaimed = self.nodes[n].timer.unclaimed(now, claimed);
+        let node = &self.nodes[n];
         let sight = GroupSight {
             me: node.id,
             group: GROUP,
             leader: node.leader.map(|l| self.nodes[l].id),
             leader_votes: node.leader.is_some_and(|l| node.config().votes(l)),
+            leader_unclaimed,
             voters: &voters,
             preferred: &self.herders,
             outranked_by,
@@ -1050,15 +1106,26 @@ impl Sim {
                 self.on_append(n, from, term, prev, entries, commit, round)
             }
             Msg::AppendReply { term, ok, matched, round } => self.on_append_reply(n, from, term, ok, matched, round),
-            Msg::Job { op } => {
+            Msg::Job { op, relay } => {
                 if self.nodes[n].ready_term > 0 {
                     self.run_here(n, op, ReplyTo::Node(from));
-                } else {
-                    let leader = self.leader_of(n);
-                    self.send(n, from, Msg::NotLeader { op, leader });
+                    return;
+                }
+                let leader = self.leader_of(n).filter(|l| *l != n);
+                match leader {
+                    Some(l) if relay && self.alive(n, l) => {
+                        self.nodes[n].relaying.insert(op, (from, l));
+                        self.send(n, l, Msg::Job { op, relay: false });
+                    }
+                    leader => self.send(n, from, Msg::NotLeader { op, leader }),
                 }
             }
             Msg::NotLeader { op, leader } => {
+                if let Some((origin, target)) = self.nodes[n].relaying.remove(&op) {
+                    let leader = leader.filter(|l| *l != n && *l != target);
+                    self.send(n, origin, Msg::NotLeader { op, leader });
+                    return;
+                }
                 let Some(r) = self.nodes[n].routing.get_mut(&op) else { return };
                 let target = r.forwarded_to.take();
                 r.redirect = leader.filter(|l| *l != n && Some(*l) != target);
@@ -1073,8 +1140,12 @@ impl Sim {
                 }
             }
             Msg::JobReply { op, outcome } => {
-                if self.nodes[n].routing.remove(&op).is_some() {
-                    self.nodes[n].hint = Some(from);
+                if let Some((origin, _)) = self.nodes[n].relaying.remove(&op) {
+                    self.send(n, origin, Msg::JobReply { op, outcome });
+                } else if let Some(r) = self.nodes[n].routing.remove(&op) {
+                    if !r.relayed {
+                        self.nodes[n].hint = Some(from);
+                    }
                     self.complete(op, outcome);
                 }
             }
@@ -1252,7 +1323,9 @@ impl Sim {
         if node.paused_until > self.now {
             // The request waits in the node's socket; it is routed when the node resumes.
             let (inc, deadline) = (node.inc, node.paused_until + ROUTE_PATIENCE);
-            self.nodes[n].routing.insert(op, Routing { deadline, redirect: None, redirects: 0, forwarded_to: None });
+            self.nodes[n]
+                .routing
+                .insert(op, Routing { deadline, redirect: None, redirects: 0, forwarded_to: None, relayed: false });
             self.at(Duration::ZERO, Event::Route(n, inc, op));
             return;
         }
@@ -1272,7 +1345,9 @@ impl Sim {
             return;
         }
         let deadline = self.now + ROUTE_PATIENCE;
-        self.nodes[n].routing.insert(op, Routing { deadline, redirect: None, redirects: 0, forwarded_to: None });
+        self.nodes[n]
+            .routing
+            .insert(op, Routing { deadline, redirect: None, redirects: 0, forwarded_to: None, relayed: false });
         self.route(n, op);
     }
 
@@ -1294,12 +1369,18 @@ impl Sim {
             let route = decide::route(me, leader, &self.herders, &|id| self.alive_id(n, id));
             route.map(|id| self.index_of(id))
         });
-        if let Some(t) = target
-            && self.alive(n, t)
-        {
-            self.nodes[n].routing.get_mut(&op).expect("routing").forwarded_to = Some(t);
-            self.send(n, t, Msg::Job { op });
-            return;
+        if let Some(t) = target {
+            let via = decide::relay(me, self.nodes[t].id, &self.herders, &|id| self.alive_id(n, id));
+            let (to, relay) = match via {
+                Some(via) => (self.index_of(via), true),
+                None => (t, false),
+            };
+            if self.alive(n, to) {
+                let r = self.nodes[n].routing.get_mut(&op).expect("routing");
+                (r.forwarded_to, r.relayed) = (Some(to), relay);
+                self.send(n, to, Msg::Job { op, relay });
+                return;
+            }
         }
         if self.now >= self.nodes[n].routing[&op].deadline {
             self.nodes[n].routing.remove(&op);
@@ -1439,6 +1520,7 @@ impl Sim {
                 let node = &mut self.nodes[n];
                 node.up = false;
                 node.routing.clear();
+                node.relaying.clear();
             }
             Fault::Restart(n) => self.restart(n),
             Fault::Pause(n, lasting) => self.nodes[n].paused_until = self.now + lasting,
@@ -1493,6 +1575,7 @@ impl Sim {
         node.outranks = None;
         node.lead = Lead::default();
         node.routing.clear();
+        node.relaying.clear();
         // openraft restores a node whose persisted vote was its own and committed as leader.
         if node.led_term && node.voted_for == Some(n) {
             self.become_leader(n, false);

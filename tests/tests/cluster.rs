@@ -577,6 +577,75 @@ async fn a_partitioned_node_refuses_writes_while_the_majority_goes_on() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_entering_at_either_end_of_a_cut_between_two_nodes_go_round_through_the_third() {
+    let mut cluster = TestCluster::start(3, &["--fault-injection"]).await;
+    load_counter(&cluster, 0).await;
+    let bucket: &[u8] = b"round";
+    // The cut goes between the flock's preferred herder, leading, and another: the third is then
+    // never handed the lead (which would let both ends reach it directly).
+    let flock = proto::flock_of(bucket, TEST_FLOCKS) as usize;
+    let observer = cluster.nodes[2].http_client().await;
+    let deadline = Instant::now() + PATIENCE;
+    let herders = loop {
+        if let Ok(map) = observer.flocks().await
+            && let info = &map.flocks[flock]
+            && info.herders.len() == 3
+            && info.leader.as_ref() == Some(&info.herders[0])
+        {
+            break info.herders.clone();
+        }
+        assert!(Instant::now() < deadline, "the flock's preferred herder did not lead it within {PATIENCE:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let ends = [cluster.index_of(&herders[0]), cluster.index_of(&herders[1])];
+    let clients = [cluster.nodes[ends[0]].client().await, cluster.nodes[ends[1]].client().await];
+    assert_eq!(increment(&clients[1], bucket, 1).await, 1);
+
+    // Only the two of them lose each other; each still reaches the third node, so the flock keeps
+    // a majority. Which end leads it may change once (while the leader was idle, the third node's
+    // lease on it ran out and the other end's election can win); the end that does not lead can
+    // reach the leader only through the third node.
+    let ids = ends.map(|n| cluster.nodes[n].id.clone());
+    cluster.nodes[ends[0]].tell(&format!("cut {}", ids[1]));
+    cluster.nodes[ends[1]].tell(&format!("cut {}", ids[0]));
+    // Until each end's failure detector notices, jobs may still go straight across and be lost on
+    // the way (`outcome_unknown`), or wait for an election that cannot be won (`unavailable`).
+    count_despite_unknowns(&clients[0], bucket).await;
+    let mut count = count_despite_unknowns(&clients[1], bucket).await;
+    for round in 0..6 {
+        let out = clients[round % 2]
+            .run_job(bucket, "counter", b"1", false)
+            .await
+            .unwrap_or_else(|e| panic!("a job entering at node {} during the cut failed: {e}", ends[round % 2]));
+        let next: i64 = String::from_utf8(out.output).expect("text").parse().expect("a count");
+        assert_eq!(next, count + 1, "each job ran once");
+        count = next;
+    }
+
+    // Healed, the end that lost the lead may call an election and unseat the leader: jobs in
+    // flight then have unknown outcomes, but the flock serves on.
+    cluster.nodes[ends[0]].tell("cut");
+    cluster.nodes[ends[1]].tell("cut");
+    assert!(count_despite_unknowns(&clients[1], bucket).await > count);
+}
+
+/// Adds 1 to `bucket`'s counter through `client` until a job succeeds, retrying on `unavailable`
+/// and `outcome_unknown` (which may have counted too); returns the count it answered.
+async fn count_despite_unknowns(client: &Client, bucket: &[u8]) -> i64 {
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        match client.run_job(bucket, "counter", b"1", false).await {
+            Ok(out) => return String::from_utf8(out.output).expect("text").parse().expect("a count"),
+            Err(e) if matches!(e.code(), Some(ErrorCode::Unavailable | ErrorCode::OutcomeUnknown)) => {
+                assert!(Instant::now() < deadline, "no job ran within {PATIENCE:?}: {e}");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(e) => panic!("a counter job failed: {e}"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_with_a_foreign_certificate_is_refused_and_the_refusal_logged() {
     let cluster = TestCluster::start(1, &[]).await;
     let foreign = cluster.dir.path().join("foreign");

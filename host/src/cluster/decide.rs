@@ -26,6 +26,13 @@ pub const ELECT_BACKOFF: Duration = Duration::from_millis(300);
 /// A flock's lead goes back to its preferred herder once the flock has been idle this long.
 pub const IDLE_FOR_REBALANCE: Duration = Duration::from_secs(2);
 
+/// How long a live leader may go without claiming its flock in its pings before its followers
+/// stop counting it as their leader. A leader claims a flock once it is ready for jobs, within
+/// moments of its election; one that stays unready this long cannot serve (a membership change
+/// left it out), or it stepped down on a later term its followers have not heard of, and then
+/// nothing else would tell them: it calls no elections and sends them nothing.
+pub const UNCLAIMED_FOR: Duration = Duration::from_secs(2);
+
 /// What a voter of a group sees when its supervisor looks.
 #[derive(Clone, Copy, Debug)]
 pub struct GroupSight<'a> {
@@ -38,6 +45,9 @@ pub struct GroupSight<'a> {
     /// That leader votes in the group's membership (a leader a membership change left out
     /// stays leader in openraft's view until it hears of a later term, but takes no jobs).
     pub leader_votes: bool,
+    /// That leader, another node, has not claimed the group for [`UNCLAIMED_FOR`]
+    /// ([`ElectionTimer::unclaimed`]).
+    pub leader_unclaimed: bool,
     /// The voters of the group, in this node's view of its membership.
     pub voters: &'a [NodeId],
     /// The flock map's herders of the group, preferred leader first (empty for the meta group).
@@ -55,7 +65,7 @@ pub struct GroupSight<'a> {
 /// The supervisor's verdict on one group.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Verdict {
-    /// The group has a live leader that votes in it.
+    /// The group has a live leader that votes in it (and, if another node, claims it).
     Led,
     /// No majority of the voters is reachable (or the map moved the group away from this node
     /// while a herder it names is up, and no voter defers to it): an election could not succeed
@@ -72,7 +82,7 @@ pub enum Verdict {
 
 /// The verdict on one group, given which nodes the failure detector holds alive.
 pub fn verdict(sight: &GroupSight<'_>, alive: &dyn Fn(NodeId) -> bool) -> Verdict {
-    if sight.leader.is_some_and(alive) && sight.leader_votes {
+    if sight.leader.is_some_and(alive) && sight.leader_votes && !sight.leader_unclaimed {
         return Verdict::Led;
     }
     // A node the map moved the group away from still runs when the others defer to it: without
@@ -119,9 +129,21 @@ pub fn election_rank(
 pub struct ElectionTimer {
     leaderless_since: Option<Duration>,
     next_try: Duration,
+    unclaimed_since: Option<Duration>,
 }
 
 impl ElectionTimer {
+    /// Called at every supervision of the group: `claimed` is false while the leader this node
+    /// knows, another node, does not claim the group in its pings. True once that has lasted
+    /// [`UNCLAIMED_FOR`] (then [`GroupSight::leader_unclaimed`]).
+    pub fn unclaimed(&mut self, now: Duration, claimed: bool) -> bool {
+        if claimed {
+            self.unclaimed_since = None;
+            return false;
+        }
+        now.saturating_sub(*self.unclaimed_since.get_or_insert(now)) >= UNCLAIMED_FOR
+    }
+
     /// Called at every supervision of the group with its verdict; true when this node should call
     /// an election now. `leading`: this node is already the group's leader (or becoming it);
     /// `jitter`: a random number in `1.0..2.0` that scales the back-off after this try.
@@ -175,6 +197,18 @@ pub fn route(me: NodeId, leader: Option<NodeId>, herders: &[NodeId], alive: &dyn
     }
 }
 
+/// Through which node a job goes when this node's failure detector has `target` (where [`route`]
+/// sends it) down: a live herder other than both, which passes it on if it still reaches `target`.
+/// A cut between two nodes leaves the rest of the flock whole: without the relay, jobs entering at
+/// either end for a flock the other leads would wait out the routing patience. `None` while
+/// `target` looks alive, or when no such herder is up (then the node waits for an election).
+pub fn relay(me: NodeId, target: NodeId, herders: &[NodeId], alive: &dyn Fn(NodeId) -> bool) -> Option<NodeId> {
+    if alive(target) {
+        return None;
+    }
+    herders.iter().copied().find(|h| *h != me && *h != target && alive(*h))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -184,7 +218,17 @@ mod tests {
     const C: NodeId = 3;
 
     fn sight<'a>(me: NodeId, leader: Option<NodeId>, voters: &'a [NodeId], preferred: &'a [NodeId]) -> GroupSight<'a> {
-        GroupSight { me, group: 0, leader, leader_votes: true, voters, preferred, outranked_by: None, outranks: false }
+        GroupSight {
+            me,
+            group: 0,
+            leader,
+            leader_votes: true,
+            leader_unclaimed: false,
+            voters,
+            preferred,
+            outranked_by: None,
+            outranks: false,
+        }
     }
 
     #[test]
@@ -235,11 +279,42 @@ mod tests {
     }
 
     #[test]
+    fn a_leader_that_stops_claiming_its_flock_is_no_longer_followed() {
+        // The bug this guards: the leader committed a membership change that left it out, or
+        // stepped down on a later term these followers never heard of; alive and silent, it kept
+        // them from electing anyone for good.
+        let voters = [A, B, C];
+        let mut timer = ElectionTimer::default();
+        let s = Duration::from_secs;
+        assert!(!timer.unclaimed(s(10), false));
+        assert!(!timer.unclaimed(s(10) + UNCLAIMED_FOR / 2, false));
+        assert!(timer.unclaimed(s(10) + UNCLAIMED_FOR, false));
+        let silent = GroupSight { leader_unclaimed: true, ..sight(A, Some(B), &voters, &voters) };
+        assert_eq!(verdict(&silent, &|_| true), Verdict::Leaderless { rank: 0 });
+        // A claim starts the count again.
+        assert!(!timer.unclaimed(s(20), true));
+        assert!(!timer.unclaimed(s(20) + UNCLAIMED_FOR / 2, false));
+    }
+
+    #[test]
     fn a_job_goes_to_the_leader_or_else_to_a_live_herder() {
         let herders = [A, B, C];
         assert_eq!(route(A, Some(B), &herders, &|_| true), Some(B));
         assert_eq!(route(A, Some(A), &herders, &|_| true), None);
         assert_eq!(route(A, None, &herders, &|n| n != B), Some(C));
         assert_eq!(route(4, None, &herders, &|n| n == 4), None);
+    }
+
+    #[test]
+    fn a_job_for_a_leader_this_node_cannot_reach_goes_through_a_herder_that_can() {
+        let herders = [A, B, C];
+        // A cut between A and B (B leads): A relays through C.
+        assert_eq!(relay(A, B, &herders, &|n| n != B), Some(C));
+        // B looks alive: no relay, the job goes to B itself.
+        assert_eq!(relay(A, B, &herders, &|_| true), None);
+        // A alone: nobody to relay through; A waits for an election.
+        assert_eq!(relay(A, B, &herders, &|n| n == A), None);
+        // A node outside the flock relays through any live herder but the unreachable one.
+        assert_eq!(relay(4, B, &herders, &|n| n != B), Some(A));
     }
 }

@@ -16,7 +16,7 @@ use super::raft::{NodeId, PeerInfo, TypeConfig};
 use crate::storage::GroupId;
 
 /// ALPN of the peer protocol.
-pub const PEER_ALPN: &[u8] = b"grex-peer/5";
+pub const PEER_ALPN: &[u8] = b"grex-peer/6";
 
 /// A flock its sender leads (told to every peer with pings, so that nodes that do not herd the
 /// flock know where to send its jobs and canaries).
@@ -73,7 +73,8 @@ pub enum PeerRequest {
         /// Each message's group and its encoded [`RaftRpc`].
         items: Vec<BatchItem>,
     },
-    /// Run a job here (the sender found that this node leads the bucket's flock).
+    /// Run a job here (the sender found that this node leads the bucket's flock, or, with `relay`,
+    /// that this node can reach the leader when the sender cannot).
     Job {
         /// Bucket key.
         bucket: Vec<u8>,
@@ -84,6 +85,9 @@ pub enum PeerRequest {
         input: Vec<u8>,
         /// Read-only job.
         read_only: bool,
+        /// The sender cannot reach the flock's leader: a node that does not run the job passes it
+        /// on to the leader it knows, if it reaches it (once: a passed-on job is not relayed again).
+        relay: bool,
     },
     /// A node asks to join the cluster, or a member that restarted with other addresses asks to
     /// have them recorded. A node that is not the meta leader passes it on unchanged.

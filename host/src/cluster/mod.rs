@@ -454,7 +454,11 @@ impl Cluster {
                     other => return other,
                 }
             } else if let Some(target) = redirect.take().or_else(|| self.route_target(flock)) {
-                match self.forward_job(target, flock, &bucket, &module, &input, read_only).await {
+                // A leader this node cannot reach may still lead the others (a cut between two
+                // nodes): a herder that reaches it passes the job on.
+                let via = decide::relay(self.inner.me, target, &self.herders(flock), &|n| self.inner.peers.alive(n));
+                let relay = via.is_some();
+                match self.forward_job(via.unwrap_or(target), &bucket, &module, &input, read_only, relay).await {
                     Forwarded::Answer(result) => return result,
                     Forwarded::Redirect(hint) => {
                         redirect = hint;
@@ -478,16 +482,18 @@ impl Cluster {
         }
     }
 
-    /// Sends a job to `target`, which should lead its flock.
+    /// Sends a job to `target`, which should lead its flock (or, with `relay`, pass it on to the
+    /// leader, which this node cannot reach).
     async fn forward_job(
         &self,
         target: NodeId,
-        flock: u32,
         bucket: &[u8],
         module: &str,
         input: &[u8],
         read_only: bool,
+        relay: bool,
     ) -> Forwarded {
+        let flock = proto::flock_of(bucket, self.inner.file.flock_count);
         if !self.inner.peers.alive(target) {
             // The failure detector has it down: wait for the election instead.
             return Forwarded::Failed(error(
@@ -495,8 +501,13 @@ impl Cluster {
                 format!("flock {flock}'s leader {target:016x} is down and a new one is being elected; retry shortly"),
             ));
         }
-        let request =
-            PeerRequest::Job { bucket: bucket.to_vec(), module: module.to_owned(), input: input.to_vec(), read_only };
+        let request = PeerRequest::Job {
+            bucket: bucket.to_vec(),
+            module: module.to_owned(),
+            input: input.to_vec(),
+            read_only,
+            relay,
+        };
         let timeout = self.inner.node.config().limits.timeout() + Duration::from_secs(10);
         self.inner.node.count_forwarded();
         let answer = tokio::select! {
@@ -509,7 +520,9 @@ impl Cluster {
         let hint = &self.inner.hints[flock as usize];
         match answer {
             Ok(PeerResponse::Job(result)) => {
-                hint.store(target, Ordering::Relaxed);
+                if !relay {
+                    hint.store(target, Ordering::Relaxed);
+                }
                 Forwarded::Answer(result)
             }
             Ok(PeerResponse::NotLeader { leader }) => {
@@ -607,14 +620,25 @@ impl Cluster {
                 });
                 PeerResponse::RaftBatch(futures::future::join_all(answers).await)
             }
-            PeerRequest::Job { bucket, module, input, read_only } => {
+            PeerRequest::Job { bucket, module, input, read_only, relay } => {
                 if bucket.len() > proto::BUCKET_KEY_BYTES_MAX {
                     return PeerResponse::Job(proto::check_bucket_key(&bucket).map(|_| unreachable!()));
                 }
                 let flock = proto::flock_of(&bucket, self.inner.file.flock_count);
-                match self.try_here(flock, &bucket, &module, &input, read_only).await {
-                    Some(result) => PeerResponse::Job(result),
-                    None => PeerResponse::NotLeader { leader: self.leader_of(flock).filter(|l| *l != self.inner.me) },
+                if let Some(result) = self.try_here(flock, &bucket, &module, &input, read_only).await {
+                    return PeerResponse::Job(result);
+                }
+                let leader = self.leader_of(flock).filter(|l| *l != self.inner.me);
+                match leader {
+                    // Passed on once, never relayed again: a job travels at most two hops.
+                    Some(target) if relay && self.inner.peers.alive(target) => {
+                        match self.forward_job(target, &bucket, &module, &input, read_only, false).await {
+                            Forwarded::Answer(result) => PeerResponse::Job(result),
+                            Forwarded::Redirect(hint) => PeerResponse::NotLeader { leader: hint },
+                            Forwarded::Failed(_) => PeerResponse::NotLeader { leader },
+                        }
+                    }
+                    leader => PeerResponse::NotLeader { leader },
                 }
             }
             PeerRequest::Hail { id, info } => self.admit(id, info).await,
@@ -880,11 +904,19 @@ impl Cluster {
             self.reconcile_flock(group);
         }
         let preferred = if group == META_GROUP { Vec::new() } else { self.herders(group) };
+        // Flock leaders claim their flocks in their pings (the meta group has no claims).
+        let claimed = match leader {
+            Some(leader) if leader != me && group != META_GROUP => {
+                self.live_claim(group).is_some_and(|c| c.node == leader)
+            }
+            _ => true,
+        };
         let sight = GroupSight {
             me,
             group,
             leader,
             leader_votes,
+            leader_unclaimed: timer.unclaimed(now, claimed),
             voters: &voters,
             preferred: &preferred,
             outranked_by: self.inner.outranked.recent(group),

@@ -1,4 +1,4 @@
-//! The peer transport: QUIC (quinn) with mutual TLS under the cluster CA, ALPN `grex-peer/5`.
+//! The peer transport: QUIC (quinn) with mutual TLS under the cluster CA, ALPN `grex-peer/6`.
 //!
 //! Each pair of nodes keeps one long-lived connection. Either side dials when it has none; if
 //! both dial at once, both keep the connection dialed by the lower node id and close the other,
