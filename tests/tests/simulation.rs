@@ -80,43 +80,37 @@ fn the_checker_catches_read_only_jobs_answered_from_uncommitted_entries() {
     find_with(Mutation::FollowerReadsUnapplied, 1000, &["not-a-prefix"]);
 }
 
-#[test]
-fn the_checker_catches_a_flock_left_without_a_leader_after_a_move() {
-    // Found by `scripts/simulate.sh`: the map moved the flock off its leader, which began the
-    // membership change, lost the lead with the new membership in its log alone and refused
-    // every herder's vote for it; they deferred to it, it left the election to them, and the
-    // flock had no leader for good. Liveness faults are too rare for a short sweep to find (about
-    // 2 in 100,000 schedules), so this replays the schedule that found it. If the simulation's
-    // draws change, find a new one with `GREX_SIM_MUTATION=NoRightToRun scripts/simulate.sh`.
-    const SEED: u64 = 17049935921601566318;
-    let mutated = sim::run(SEED, Mutation::NoRightToRun);
+/// Replays `seed`, a schedule a sweep found leaving the flock unavailable with `mutation`'s
+/// safeguard off: it must still fail so, and pass with the safeguard on. Liveness faults are too
+/// rare for a short sweep to find, so each is kept as its seed; if the simulation's draws change,
+/// find a new one with `GREX_SIM_MUTATION=<mutation> scripts/simulate.sh`.
+fn replay_liveness_fault(seed: u64, mutation: Mutation) {
+    let mutated = sim::run(seed, mutation);
     println!("{}", mutated.explain());
     assert!(
         mutated.anomalies.iter().any(|a| a.kind == "unavailable"),
-        "seed {SEED} no longer leaves the flock leaderless with {:?}: find another",
-        Mutation::NoRightToRun
+        "seed {seed} no longer leaves the flock unavailable with {mutation:?}: find another"
     );
-    let fixed = sim::run(SEED, Mutation::None);
+    let fixed = sim::run(seed, Mutation::None);
     assert!(fixed.anomalies.is_empty(), "{}", fixed.explain());
 }
 
 #[test]
+fn the_checker_catches_a_flock_left_without_a_leader_after_a_move() {
+    // Found by `scripts/simulate.sh` (about 1 in 12,000 schedules with the fix off): the map
+    // moved the flock off its leader, which began the membership change, lost the lead with the
+    // new membership in its log alone and refused every herder's vote for it; they deferred to
+    // it, it left the election to them, and the flock had no leader for good.
+    replay_liveness_fault(17049935921601566318, Mutation::NoRightToRun);
+}
+
+#[test]
 fn the_checker_catches_followers_that_wait_on_a_leader_that_left() {
-    // Found by `scripts/simulate.sh` (GREX_SEED=20261215): the leader moved the flock off itself
-    // (joint, then final membership) under message loss, and a candidate's later term made it
-    // step down before the followers had the final membership. They still counted it, alive and
-    // voting in their joint view, as their leader; it sent them nothing more and called no
-    // election (it no longer votes), and the candidate, which the map had dropped meanwhile, left
-    // the election to them. Rare (1 in 100,000), so this replays it; if the simulation's draws
-    // change, find a new one with `GREX_SIM_MUTATION=FollowUnclaimed scripts/simulate.sh`.
-    const SEED: u64 = 17827011094143258550;
-    let mutated = sim::run(SEED, Mutation::FollowUnclaimed);
-    println!("{}", mutated.explain());
-    assert!(
-        mutated.anomalies.iter().any(|a| a.kind == "unavailable"),
-        "seed {SEED} no longer stalls with {:?}: find another",
-        Mutation::FollowUnclaimed
-    );
-    let fixed = sim::run(SEED, Mutation::None);
-    assert!(fixed.anomalies.is_empty(), "{}", fixed.explain());
+    // Found by `scripts/simulate.sh` (GREX_SEED=20261215, 1 in 100,000 schedules): the leader
+    // moved the flock off itself (joint, then final membership) under message loss, and a
+    // candidate's later term ended its lead before the followers had the final membership. They
+    // still counted it, alive and voting in their joint view, as their leader; it sent them
+    // nothing more and called no election (it no longer votes), and the candidate, which the map
+    // had dropped meanwhile, left the election to them.
+    replay_liveness_fault(17827011094143258550, Mutation::FollowUnclaimed);
 }
