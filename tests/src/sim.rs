@@ -865,10 +865,12 @@ impl Sim {
             .filter(|(_, at)| self.now.saturating_sub(*at) < OUTRANKED_FOR)
             .map(|(v, _)| self.nodes[v].id);
         // A leader claims the flock in its pings once it is ready.
-        let claimed = node.leader.is_none_or(|l| l == n || node.claims[l] > 0)
-            || self.schedule.mutation == Mutation::FollowUnclaimed;
+        let unclaimed_by = node
+            .leader
+            .filter(|l| *l != n && node.claims[*l] == 0 && self.schedule.mutation != Mutation::FollowUnclaimed)
+            .map(|l| self.nodes[l].id);
         let now = self.now;
-        let leader_unclaimed = self.nodes[n].timer.unclaimed(now, claimed);
+        let leader_unclaimed = self.nodes[n].timer.unclaimed(now, unclaimed_by);
         let node = &self.nodes[n];
         let sight = GroupSight {
             me: node.id,

@@ -129,19 +129,25 @@ pub fn election_rank(
 pub struct ElectionTimer {
     leaderless_since: Option<Duration>,
     next_try: Duration,
-    unclaimed_since: Option<Duration>,
+    /// The leader that has not claimed the group, and since when.
+    unclaimed_since: Option<(NodeId, Duration)>,
 }
 
 impl ElectionTimer {
-    /// Called at every supervision of the group: `claimed` is false while the leader this node
-    /// knows, another node, does not claim the group in its pings. True once that has lasted
-    /// [`UNCLAIMED_FOR`] (then [`GroupSight::leader_unclaimed`]).
-    pub fn unclaimed(&mut self, now: Duration, claimed: bool) -> bool {
-        if claimed {
+    /// Called at every supervision of the group: `unclaimed_by` is the leader this node knows, if
+    /// it is another node that does not claim the group in its pings. True once the same leader
+    /// has gone unclaimed for [`UNCLAIMED_FOR`] (then [`GroupSight::leader_unclaimed`]); a new
+    /// leader gets the whole time to become ready.
+    pub fn unclaimed(&mut self, now: Duration, unclaimed_by: Option<NodeId>) -> bool {
+        let Some(leader) = unclaimed_by else {
             self.unclaimed_since = None;
             return false;
-        }
-        now.saturating_sub(*self.unclaimed_since.get_or_insert(now)) >= UNCLAIMED_FOR
+        };
+        let (_, since) = match self.unclaimed_since {
+            Some((l, since)) if l == leader => (l, since),
+            _ => *self.unclaimed_since.insert((leader, now)),
+        };
+        now.saturating_sub(since) >= UNCLAIMED_FOR
     }
 
     /// Called at every supervision of the group with its verdict; true when this node should call
@@ -286,14 +292,16 @@ mod tests {
         let voters = [A, B, C];
         let mut timer = ElectionTimer::default();
         let s = Duration::from_secs;
-        assert!(!timer.unclaimed(s(10), false));
-        assert!(!timer.unclaimed(s(10) + UNCLAIMED_FOR / 2, false));
-        assert!(timer.unclaimed(s(10) + UNCLAIMED_FOR, false));
+        assert!(!timer.unclaimed(s(10), Some(B)));
+        assert!(!timer.unclaimed(s(10) + UNCLAIMED_FOR / 2, Some(B)));
+        assert!(timer.unclaimed(s(10) + UNCLAIMED_FOR, Some(B)));
         let silent = GroupSight { leader_unclaimed: true, ..sight(A, Some(B), &voters, &voters) };
         assert_eq!(verdict(&silent, &|_| true), Verdict::Leaderless { rank: 0 });
-        // A claim starts the count again.
-        assert!(!timer.unclaimed(s(20), true));
-        assert!(!timer.unclaimed(s(20) + UNCLAIMED_FOR / 2, false));
+        // A claim starts the count again, and so does another leader.
+        assert!(!timer.unclaimed(s(20), None));
+        assert!(!timer.unclaimed(s(20) + UNCLAIMED_FOR / 2, Some(B)));
+        assert!(!timer.unclaimed(s(20) + UNCLAIMED_FOR, Some(C)));
+        assert!(timer.unclaimed(s(20) + UNCLAIMED_FOR * 2, Some(C)));
     }
 
     #[test]

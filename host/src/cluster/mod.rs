@@ -905,18 +905,14 @@ impl Cluster {
         }
         let preferred = if group == META_GROUP { Vec::new() } else { self.herders(group) };
         // Flock leaders claim their flocks in their pings (the meta group has no claims).
-        let claimed = match leader {
-            Some(leader) if leader != me && group != META_GROUP => {
-                self.live_claim(group).is_some_and(|c| c.node == leader)
-            }
-            _ => true,
-        };
+        let unclaimed_by =
+            leader.filter(|l| *l != me && group != META_GROUP && self.live_claim(group).is_none_or(|c| c.node != *l));
         let sight = GroupSight {
             me,
             group,
             leader,
             leader_votes,
-            leader_unclaimed: timer.unclaimed(now, claimed),
+            leader_unclaimed: timer.unclaimed(now, unclaimed_by),
             voters: &voters,
             preferred: &preferred,
             outranked_by: self.inner.outranked.recent(group),
