@@ -2,8 +2,9 @@
 //! jobs on a simulated network and clock, in one thread, checked like the process tests.
 //!
 //! The decisions are grex's own code: [`decide::verdict`], [`ElectionTimer`], [`decide::route`],
-//! [`decide::relay`] and [`LeadStart::ready_term`], with grex's constants (ping interval, dead-after, supervision
-//! pace, vote lease, outranking window). Around them runs a model of the rest, as grex runs it:
+//! [`decide::relay`] and [`LeadStart::ready_term`], with grex's constants (ping interval,
+//! dead-after, supervision pace, vote lease, outranking window, unclaimed-leader time). Around them
+//! runs a model of the rest, as grex runs it:
 //!
 //! - Raft as openraft 0.9 runs in grex: no timers of its own (elections only when the supervisor
 //!   calls one, heartbeats only when a leader has something to say or confirms its lead), votes
