@@ -26,7 +26,11 @@ async fn load_counter(cluster: &TestCluster, via: usize) {
 /// Adds `step` to `bucket`'s counter through `client`, retrying while the cluster reports it
 /// is between leaders or out of reach of a majority; returns the new count.
 async fn increment(client: &Client, bucket: &[u8], step: i64) -> i64 {
-    let out = run_served(client, bucket, "counter", step.to_string().as_bytes()).await;
+    count_in(run_served(client, bucket, "counter", step.to_string().as_bytes()).await)
+}
+
+/// The count a `counter` job answered.
+fn count_in(out: proto::JobOutput) -> i64 {
     String::from_utf8(out.output).expect("text").parse().expect("a count")
 }
 
@@ -617,7 +621,7 @@ async fn jobs_entering_at_either_end_of_a_cut_between_two_nodes_go_round_through
             .run_job(bucket, "counter", b"1", false)
             .await
             .unwrap_or_else(|e| panic!("a job entering at node {} during the cut failed: {e}", ends[round % 2]));
-        let next: i64 = String::from_utf8(out.output).expect("text").parse().expect("a count");
+        let next = count_in(out);
         assert_eq!(next, count + 1, "each job ran once");
         count = next;
     }
@@ -635,7 +639,7 @@ async fn count_despite_unknowns(client: &Client, bucket: &[u8]) -> i64 {
     let deadline = Instant::now() + PATIENCE;
     loop {
         match client.run_job(bucket, "counter", b"1", false).await {
-            Ok(out) => return String::from_utf8(out.output).expect("text").parse().expect("a count"),
+            Ok(out) => return count_in(out),
             Err(e) if matches!(e.code(), Some(ErrorCode::Unavailable | ErrorCode::OutcomeUnknown)) => {
                 assert!(Instant::now() < deadline, "no job ran within {PATIENCE:?}: {e}");
                 tokio::time::sleep(Duration::from_millis(20)).await;

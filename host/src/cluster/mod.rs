@@ -455,8 +455,11 @@ impl Cluster {
                 }
             } else if let Some(target) = redirect.take().or_else(|| self.route_target(flock)) {
                 // A leader this node cannot reach may still lead the others (a cut between two
-                // nodes): a herder that reaches it passes the job on.
-                let via = decide::relay(self.inner.me, target, &self.herders(flock), &|n| self.inner.peers.alive(n));
+                // nodes): a herder that reaches it passes the job on. (The herders are looked up
+                // only then: this runs for every forwarded job.)
+                let alive = |n| self.inner.peers.alive(n);
+                let via = (!alive(target)).then(|| decide::relay(self.inner.me, target, &self.herders(flock), &alive));
+                let via = via.flatten();
                 let relay = via.is_some();
                 match self.forward_job(via.unwrap_or(target), &bucket, &module, &input, read_only, relay).await {
                     Forwarded::Answer(result) => return result,
