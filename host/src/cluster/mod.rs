@@ -25,6 +25,7 @@
 //! committed (durable on a majority) and applied here.
 
 pub mod decide;
+pub mod engine;
 pub mod identity;
 pub mod leadership;
 pub mod messages;

@@ -1,0 +1,688 @@
+//! The consensus engine: one per node, driving every group it takes part in (each flock it
+//! herds, and the meta group) with raft-rs's sans-IO [`RawNode`], per-group state as data.
+//!
+//! The engine does no I/O and reads no clock. Everything enters through its methods (`step`
+//! for peers' messages, `tick` for time, `propose`, `peer_down` from the failure detector,
+//! `persisted` and `applied` from the driver) and everything leaves through [`Engine::output`]:
+//!
+//! - `messages`: one list per peer holding every group's messages, to go out as one frame;
+//! - `write`: every group's new entries, hard state and snapshot, as one durable write (one
+//!   fsync for all groups). The driver writes them in order and reports each with
+//!   [`Engine::persisted`]. A leader's messages go out at once, before its own write (Raft
+//!   allows it, so leader and follower writes overlap); a follower's answers are held until
+//!   the write they depend on is durable;
+//! - `committed`: entries to apply, per group, in order (configuration changes are already
+//!   applied to the group; the driver applies the data and reports with [`Engine::applied`]);
+//! - `reads`: read-index answers; `changed`: groups whose role or leader changed.
+//!
+//! An idle group costs a tick and memory: no task, channel or timer of its own. A leader's
+//! commit index reaches its followers on the next append or heartbeat, never in a round of
+//! its own (`skip_bcast_commit`).
+//!
+//! Elections: every group has raft's own election timer, a backstop of a few seconds. The node
+//! pair failure detector makes them fast: [`Engine::peer_down`] lets this node vote at once in
+//! the groups the lost node led and schedules its own campaign, staggered by a rank per group
+//! so the herders do not split their votes. Pre-vote and check-quorum keep a node that lost
+//! only its own link to the leader from deposing it.
+//!
+//! Determinism: raft-rs draws its randomized election timeouts from a thread-local generator;
+//! the engine replaces each with one drawn from its own seeded generator, so a seeded schedule
+//! of inputs gives the same outputs.
+
+pub mod log;
+mod logging;
+#[cfg(test)]
+mod scenarios;
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::mem;
+
+use protobuf::Message as _;
+use raft::prelude::{ConfChangeV2, Entry, EntryType, HardState, Message, Snapshot};
+use raft::{RawNode, SnapshotStatus};
+
+pub use log::{BOOTSTRAP_INDEX, EntrySource, GroupLog, entry_bytes};
+pub use raft::ReadState;
+pub use raft::StateRole;
+pub use raft::prelude::ConfState;
+
+use crate::storage::GroupId;
+
+/// A node's id (never 0: raft-rs reserves it).
+pub type NodeId = u64;
+
+/// Bytes of a configuration change entry parsed at most (a real one is tens of bytes; the
+/// bound keeps the protobuf parser, which recurses, away from deep input).
+const CONF_CHANGE_BYTES_MAX: usize = 64 * 1024;
+
+/// How the engine runs its groups. Times are in ticks (the driver's tick is 100 ms).
+#[derive(Clone, Debug)]
+pub struct EngineConfig {
+    /// Ticks between a leader's heartbeats.
+    pub heartbeat_ticks: usize,
+    /// Ticks without a leader before a follower runs on its own (the backstop; the failure
+    /// detector starts elections sooner). Randomized in `[election_ticks, 2 × election_ticks)`.
+    pub election_ticks: usize,
+    /// Ticks between the campaigns of successive herders once the leader's node is lost.
+    pub campaign_stagger_ticks: u64,
+    /// Bytes of entries in one append message.
+    pub max_msg_bytes: u64,
+    /// Append messages in flight to one follower.
+    pub max_inflight_msgs: usize,
+    /// Bytes of proposed, uncommitted entries a leader accepts before refusing more.
+    pub max_uncommitted_bytes: u64,
+    /// Bytes of committed entries handed out to apply per group per output.
+    pub max_apply_bytes: u64,
+    /// Applied, durable entries a group keeps in memory for followers that lag a little.
+    pub cached_entries: u64,
+    /// Seed of the election timeouts.
+    pub seed: u64,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            heartbeat_ticks: 10,
+            election_ticks: 30,
+            campaign_stagger_ticks: 3,
+            max_msg_bytes: 1 << 20,
+            max_inflight_msgs: 256,
+            max_uncommitted_bytes: 64 << 20,
+            max_apply_bytes: 4 << 20,
+            cached_entries: 64,
+            seed: 0x6772_6578,
+        }
+    }
+}
+
+/// One group's message.
+#[derive(Clone, Debug)]
+pub struct Envelope {
+    /// The group.
+    pub group: GroupId,
+    /// raft-rs's message.
+    pub message: Message,
+}
+
+/// What of one group an engine write makes durable.
+#[derive(Clone, Debug, Default)]
+pub struct GroupWrite {
+    /// The group.
+    pub group: GroupId,
+    /// A snapshot that replaces the group's log (written before `entries`).
+    pub snapshot: Option<Snapshot>,
+    /// Entries to append; an entry at an index the log holds replaces it and every later one.
+    pub entries: Vec<Entry>,
+    /// The new hard state (term, vote, commit).
+    pub hard_state: Option<HardState>,
+}
+
+/// One durable write for every group: written in order of `id`, then reported with
+/// [`Engine::persisted`]. A write with no groups still waits for the writes before it.
+#[derive(Clone, Debug, Default)]
+pub struct Write {
+    /// Sequence number.
+    pub id: u64,
+    /// What each group needs written.
+    pub groups: Vec<GroupWrite>,
+}
+
+/// Committed entries of one group, to apply in order.
+#[derive(Clone, Debug)]
+pub struct Committed {
+    /// The group.
+    pub group: GroupId,
+    /// The entries (an entry with no data is a leader's no-op or a configuration change).
+    pub entries: Vec<Entry>,
+    /// The configuration after each configuration change among `entries`, by index: the
+    /// driver stores it with its applied point.
+    pub conf_states: Vec<(u64, ConfState)>,
+}
+
+/// Everything an engine asks of the world after its inputs.
+#[derive(Debug, Default)]
+pub struct Output {
+    /// Per peer, every group's messages to it, in order.
+    pub messages: BTreeMap<NodeId, Vec<Envelope>>,
+    /// The durable write this output needs (absent if nothing waits on one).
+    pub write: Option<Write>,
+    /// Entries to apply.
+    pub committed: Vec<Committed>,
+    /// Answers to read-index requests: a read may be served once the group has applied `index`.
+    pub reads: Vec<(GroupId, ReadState)>,
+    /// Groups whose role, leader or readiness to lead changed.
+    pub changed: Vec<GroupId>,
+}
+
+impl Output {
+    /// Whether there is nothing to do.
+    pub fn is_empty(&self) -> bool {
+        self.messages.is_empty()
+            && self.write.is_none()
+            && self.committed.is_empty()
+            && self.reads.is_empty()
+            && self.changed.is_empty()
+    }
+}
+
+/// Why a proposal or request was not taken.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Refusal {
+    /// This node has no such group.
+    NoGroup,
+    /// This node does not lead the group; `leader` is who does, if known.
+    NotLeader {
+        /// The leader this node knows of.
+        leader: Option<NodeId>,
+    },
+    /// The group has too much uncommitted (or a configuration change is under way).
+    Busy,
+}
+
+/// Where a proposal went: it is committed as proposed if the entry at `index` has `term`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Proposal {
+    /// Log index of the entry.
+    pub index: u64,
+    /// Term it was proposed in.
+    pub term: u64,
+}
+
+/// A group's leadership as this node sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Lead {
+    /// This node's role.
+    pub role: StateRole,
+    /// The leader, if known.
+    pub leader: Option<NodeId>,
+    /// This node's current term.
+    pub term: u64,
+    /// This node leads and has applied everything committed before its term: it may serve.
+    pub ready: bool,
+}
+
+struct Group {
+    raw: RawNode<GroupLog>,
+    /// When this node campaigns, and the leader whose loss made it.
+    campaign: Option<(u64, NodeId)>,
+    /// The election timeout this engine last set (see the module's notes on determinism).
+    timeout: usize,
+    /// Configurations of configuration changes handed out and not yet applied by the driver.
+    confs: VecDeque<(u64, ConfState)>,
+    lead: Lead,
+}
+
+struct Unwritten {
+    id: u64,
+    readies: Vec<(GroupId, u64)>,
+    /// Snapshots in the write, by group and index: the state they hold is applied once durable.
+    snapshots: Vec<(GroupId, u64)>,
+    held: Vec<(NodeId, Envelope)>,
+}
+
+/// The engine. See the module's notes.
+pub struct Engine {
+    me: NodeId,
+    config: EngineConfig,
+    logger: slog::Logger,
+    groups: BTreeMap<GroupId, Group>,
+    /// Groups that may have something to hand out.
+    active: BTreeSet<GroupId>,
+    changed: BTreeSet<GroupId>,
+    ticks: u64,
+    rng: u64,
+    next_write: u64,
+    unwritten: VecDeque<Unwritten>,
+    outgoing: BTreeMap<NodeId, Vec<Envelope>>,
+}
+
+fn lead_of(raw: &RawNode<GroupLog>) -> Lead {
+    let raft = &raw.raft;
+    Lead {
+        role: raft.state,
+        leader: (raft.leader_id != raft::INVALID_ID).then_some(raft.leader_id),
+        term: raft.term,
+        ready: raft.state == StateRole::Leader && raft.apply_to_current_term(),
+    }
+}
+
+impl Engine {
+    /// An engine for node `me`, with no groups yet.
+    pub fn new(me: NodeId, config: EngineConfig) -> Engine {
+        assert_ne!(me, 0, "node id 0 is reserved by raft");
+        let rng = config.seed | 1;
+        Engine {
+            me,
+            config,
+            logger: logging::logger(),
+            groups: BTreeMap::new(),
+            active: BTreeSet::new(),
+            changed: BTreeSet::new(),
+            ticks: 0,
+            rng,
+            next_write: 1,
+            unwritten: VecDeque::new(),
+            outgoing: BTreeMap::new(),
+        }
+    }
+
+    /// This node's id.
+    pub fn id(&self) -> NodeId {
+        self.me
+    }
+
+    fn raft_config(&self, applied: u64) -> raft::Config {
+        raft::Config {
+            id: self.me,
+            election_tick: self.config.election_ticks,
+            heartbeat_tick: self.config.heartbeat_ticks,
+            applied,
+            max_size_per_msg: self.config.max_msg_bytes,
+            max_inflight_msgs: self.config.max_inflight_msgs,
+            check_quorum: true,
+            pre_vote: true,
+            skip_bcast_commit: true,
+            batch_append: true,
+            max_uncommitted_size: self.config.max_uncommitted_bytes,
+            max_committed_size_per_ready: self.config.max_apply_bytes,
+            ..Default::default()
+        }
+    }
+
+    fn next_random(&mut self) -> u64 {
+        // xorshift64*: enough to spread election timeouts, and reproducible from the seed.
+        self.rng ^= self.rng >> 12;
+        self.rng ^= self.rng << 25;
+        self.rng ^= self.rng >> 27;
+        self.rng.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    /// Starts taking part in `group` with the log `log` (restored from disk, or new).
+    pub fn add_group(&mut self, group: GroupId, log: GroupLog) -> anyhow::Result<()> {
+        anyhow::ensure!(!self.groups.contains_key(&group), "group {group} is already running");
+        let applied = log.applied().0;
+        let raw = RawNode::new(&self.raft_config(applied), log, &self.logger)
+            .map_err(|e| anyhow::anyhow!("group {group}: {e}"))?;
+        let lead = lead_of(&raw);
+        self.groups.insert(group, Group { raw, campaign: None, timeout: 0, confs: VecDeque::new(), lead });
+        self.settle(group);
+        Ok(())
+    }
+
+    /// Stops taking part in `group` (its log stays wherever the driver keeps it).
+    pub fn remove_group(&mut self, group: GroupId) -> Option<GroupLog> {
+        self.active.remove(&group);
+        let g = self.groups.remove(&group)?;
+        Some(g.raw.raft.r.raft_log.store)
+    }
+
+    /// Whether this node takes part in `group`.
+    pub fn has_group(&self, group: GroupId) -> bool {
+        self.groups.contains_key(&group)
+    }
+
+    /// The groups this node takes part in.
+    pub fn group_ids(&self) -> impl Iterator<Item = GroupId> + '_ {
+        self.groups.keys().copied()
+    }
+
+    /// After anything touched a group: replace raft's random election timeout with a seeded
+    /// one, and note a change of leadership.
+    fn settle(&mut self, group: GroupId) {
+        let (min, span) = (self.config.election_ticks, self.config.election_ticks.max(1));
+        let draw = min + (self.next_random() % span as u64) as usize;
+        let Some(g) = self.groups.get_mut(&group) else { return };
+        if g.raw.raft.randomized_election_timeout() != g.timeout {
+            g.raw.raft.set_randomized_election_timeout(draw);
+            g.timeout = draw;
+        }
+        let lead = lead_of(&g.raw);
+        if lead != g.lead {
+            g.lead = lead;
+            self.changed.insert(group);
+        }
+        if g.raw.has_ready() {
+            self.active.insert(group);
+        }
+    }
+
+    /// One tick of time for every group.
+    pub fn tick(&mut self) {
+        self.ticks += 1;
+        let ids: Vec<GroupId> = self.groups.keys().copied().collect();
+        for group in ids {
+            let g = self.groups.get_mut(&group).expect("listed");
+            g.raw.tick();
+            hand_over_if_removed(&mut g.raw);
+            if let Some((at, lost)) = g.campaign
+                && at <= self.ticks
+            {
+                g.campaign = None;
+                let raft = &g.raw.raft;
+                let leaderless = raft.leader_id == raft::INVALID_ID || raft.leader_id == lost;
+                if leaderless && raft.state != StateRole::Leader {
+                    let _ = g.raw.campaign();
+                }
+            }
+            self.settle(group);
+        }
+    }
+
+    /// The failure detector lost `node`: in the groups it led, this node votes at once and
+    /// campaigns after its rank's wait.
+    pub fn peer_down(&mut self, node: NodeId) {
+        let stagger = self.config.campaign_stagger_ticks;
+        for (&group, g) in self.groups.iter_mut() {
+            let raft = &mut g.raw.raft;
+            if raft.leader_id != node || raft.state == StateRole::Leader {
+                continue;
+            }
+            let voters: Vec<NodeId> = raft.prs().conf().voters().ids().iter().filter(|&v| v != node).collect();
+            if !voters.contains(&self.me) {
+                continue;
+            }
+            raft.election_elapsed = raft.election_elapsed.max(raft.election_timeout());
+            let rank = campaign_rank(group, self.me, &voters);
+            g.campaign = Some((self.ticks + 1 + rank * stagger, node));
+        }
+    }
+
+    /// Sending to `node` failed: leaders probe it again instead of streaming to it.
+    pub fn report_unreachable(&mut self, node: NodeId) {
+        for (&group, g) in self.groups.iter_mut() {
+            if g.raw.raft.state == StateRole::Leader && g.raw.raft.prs().get(node).is_some() {
+                g.raw.report_unreachable(node);
+                self.active.insert(group);
+            }
+        }
+    }
+
+    /// A snapshot of `group` sent to `to` was installed (or failed to arrive).
+    pub fn report_snapshot(&mut self, group: GroupId, to: NodeId, installed: bool) {
+        if let Some(g) = self.groups.get_mut(&group) {
+            let status = if installed { SnapshotStatus::Finish } else { SnapshotStatus::Failure };
+            g.raw.report_snapshot(to, status);
+            self.active.insert(group);
+        }
+    }
+
+    /// Peers' messages. Those for groups this node does not take part in come back, for the
+    /// driver to decide on (a new herder's first message, or a stale one).
+    pub fn step(&mut self, messages: impl IntoIterator<Item = Envelope>) -> Vec<Envelope> {
+        let mut unknown = Vec::new();
+        for envelope in messages {
+            let Some(g) = self.groups.get_mut(&envelope.group) else {
+                unknown.push(envelope);
+                continue;
+            };
+            if let Err(e) = g.raw.step(envelope.message) {
+                tracing::debug!(target: "grex::raft", group = envelope.group, "message not taken: {e}");
+            }
+            self.settle(envelope.group);
+        }
+        unknown
+    }
+
+    fn leader_refusal(&self, group: GroupId) -> Result<&Group, Refusal> {
+        let g = self.groups.get(&group).ok_or(Refusal::NoGroup)?;
+        if g.raw.raft.state != StateRole::Leader {
+            return Err(Refusal::NotLeader { leader: g.lead.leader });
+        }
+        Ok(g)
+    }
+
+    /// Proposes an entry to `group` (this node must lead it).
+    pub fn propose(&mut self, group: GroupId, data: Vec<u8>) -> Result<Proposal, Refusal> {
+        self.leader_refusal(group)?;
+        let g = self.groups.get_mut(&group).expect("checked");
+        let before = g.raw.raft.raft_log.last_index();
+        g.raw.propose(Vec::new(), data).map_err(|_| Refusal::Busy)?;
+        let index = g.raw.raft.raft_log.last_index();
+        let term = g.raw.raft.term;
+        self.settle(group);
+        if index == before { Err(Refusal::Busy) } else { Ok(Proposal { index, term }) }
+    }
+
+    /// Proposes a configuration change to `group` (this node must lead it).
+    pub fn propose_conf_change(&mut self, group: GroupId, change: ConfChangeV2) -> Result<Proposal, Refusal> {
+        self.leader_refusal(group)?;
+        let g = self.groups.get_mut(&group).expect("checked");
+        let before = g.raw.raft.raft_log.last_index();
+        g.raw.propose_conf_change(Vec::new(), change).map_err(|_| Refusal::Busy)?;
+        let index = g.raw.raft.raft_log.last_index();
+        let term = g.raw.raft.term;
+        self.settle(group);
+        if index == before { Err(Refusal::Busy) } else { Ok(Proposal { index, term }) }
+    }
+
+    /// Asks the leader for the commit index a linearizable read must wait for; the answer comes
+    /// in [`Output::reads`] with `context`.
+    pub fn read_index(&mut self, group: GroupId, context: Vec<u8>) -> Result<(), Refusal> {
+        let g = self.groups.get_mut(&group).ok_or(Refusal::NoGroup)?;
+        g.raw.read_index(context);
+        self.settle(group);
+        Ok(())
+    }
+
+    /// Starts an election in `group` now.
+    pub fn campaign(&mut self, group: GroupId) -> Result<(), Refusal> {
+        let g = self.groups.get_mut(&group).ok_or(Refusal::NoGroup)?;
+        let _ = g.raw.campaign();
+        self.settle(group);
+        Ok(())
+    }
+
+    /// Hands the lead of `group` to `to` (this node must lead it).
+    pub fn transfer_leader(&mut self, group: GroupId, to: NodeId) -> Result<(), Refusal> {
+        self.leader_refusal(group)?;
+        let g = self.groups.get_mut(&group).expect("checked");
+        g.raw.transfer_leader(to);
+        self.settle(group);
+        Ok(())
+    }
+
+    /// The driver applied `group`'s committed entries up to `index`.
+    pub fn applied(&mut self, group: GroupId, index: u64) {
+        let cached = self.config.cached_entries;
+        let Some(g) = self.groups.get_mut(&group) else { return };
+        let last = g.raw.raft.raft_log.last_index();
+        g.raw.advance_apply_to(index);
+        if g.raw.raft.raft_log.last_index() > last && g.raw.raft.state == StateRole::Leader {
+            // Applying a joint configuration made the leader propose leaving it: send it now
+            // rather than at the next heartbeat.
+            g.raw.raft.bcast_append();
+        }
+        let mut conf = None;
+        while g.confs.front().is_some_and(|&(at, _)| at <= index) {
+            conf = g.confs.pop_front().map(|(_, conf)| conf);
+        }
+        let term = g.raw.raft.raft_log.term(index).unwrap_or(0);
+        let store = g.raw.mut_store();
+        let conf = conf.unwrap_or_else(|| store.conf_state());
+        store.set_applied(index, term, conf);
+        let persisted = g.raw.raft.raft_log.persisted;
+        g.raw.mut_store().evict(index.min(persisted).saturating_sub(cached));
+        self.settle(group);
+    }
+
+    /// The driver holds `group`'s state durably up to `upto`: the log may start after it.
+    pub fn purge(&mut self, group: GroupId, upto: u64) {
+        if let Some(g) = self.groups.get_mut(&group) {
+            let applied = g.raw.raft.raft_log.applied;
+            g.raw.mut_store().purge(upto.min(applied));
+        }
+    }
+
+    /// The driver wrote every write up to `id` durably (a snapshot in one is then applied).
+    pub fn persisted(&mut self, id: u64) {
+        while self.unwritten.front().is_some_and(|w| w.id <= id) {
+            let written = self.unwritten.pop_front().expect("checked");
+            for (group, number) in written.readies {
+                if let Some(g) = self.groups.get_mut(&group) {
+                    g.raw.on_persist_ready(number);
+                    self.active.insert(group);
+                }
+            }
+            for (group, index) in written.snapshots {
+                self.applied(group, index);
+            }
+            for (to, envelope) in written.held {
+                self.outgoing.entry(to).or_default().push(envelope);
+            }
+        }
+    }
+
+    /// A group's leadership as this node sees it.
+    pub fn lead(&self, group: GroupId) -> Option<Lead> {
+        self.groups.get(&group).map(|g| g.lead)
+    }
+
+    /// The voters of `group` (both halves of a joint configuration) and its learners.
+    pub fn members(&self, group: GroupId) -> Option<(BTreeSet<NodeId>, BTreeSet<NodeId>)> {
+        let g = self.groups.get(&group)?;
+        let conf = g.raw.raft.prs().conf();
+        Some((conf.voters().ids().iter().collect(), conf.learners().iter().copied().collect()))
+    }
+
+    /// `group`'s log: (first index, last index, committed index, applied index).
+    pub fn log_state(&self, group: GroupId) -> Option<(u64, u64, u64, u64)> {
+        let g = self.groups.get(&group)?;
+        let log = &g.raw.raft.raft_log;
+        Some((log.first_index(), log.last_index(), log.committed, log.applied))
+    }
+
+    /// Bytes of log entries the engine holds in memory, over all groups.
+    pub fn mem_bytes(&self) -> u64 {
+        self.groups.values().map(|g| g.raw.store().mem_bytes()).sum()
+    }
+
+    /// Collects what every group has to hand out. Call until it returns an empty output.
+    pub fn output(&mut self) -> Output {
+        let mut out = Output::default();
+        let mut writes = Vec::new();
+        let mut readies = Vec::new();
+        let mut held = Vec::new();
+        let mut snapshots = Vec::new();
+        for group in mem::take(&mut self.active) {
+            let Some(g) = self.groups.get_mut(&group) else { continue };
+            if !g.raw.has_ready() {
+                continue;
+            }
+            let mut rd = g.raw.ready();
+            for read in rd.take_read_states() {
+                out.reads.push((group, read));
+            }
+            let snapshot = (!rd.snapshot().is_empty()).then(|| rd.snapshot().clone());
+            if let Some(snapshot) = &snapshot {
+                g.raw.mut_store().apply_snapshot(snapshot);
+                g.confs.clear();
+                snapshots.push((group, snapshot.get_metadata().index));
+            }
+            let entries = rd.take_entries();
+            g.raw.mut_store().append(&entries);
+            let hard_state = rd.hs().cloned();
+            if let Some(hs) = &hard_state {
+                g.raw.mut_store().set_hard_state(hs.clone());
+            }
+            for message in rd.take_messages() {
+                out.messages.entry(message.to).or_default().push(Envelope { group, message });
+            }
+            for message in rd.take_persisted_messages() {
+                held.push((message.to, Envelope { group, message }));
+            }
+            let committed = rd.take_committed_entries();
+            if snapshot.is_some() || !entries.is_empty() || hard_state.is_some() {
+                writes.push(GroupWrite { group, snapshot, entries, hard_state });
+            }
+            readies.push((group, rd.number()));
+            g.raw.advance_append_async(rd);
+            if !committed.is_empty() {
+                let conf_states = apply_conf_changes(group, &mut g.raw, &committed);
+                g.confs.extend(conf_states.iter().cloned());
+                out.committed.push(Committed { group, entries: committed, conf_states });
+            }
+            self.settle(group);
+        }
+        for (to, envelopes) in mem::take(&mut self.outgoing) {
+            out.messages.entry(to).or_default().extend(envelopes);
+        }
+        if !readies.is_empty() {
+            let id = self.next_write;
+            self.next_write += 1;
+            if writes.is_empty() && self.unwritten.is_empty() {
+                // Nothing to make durable, nothing before it: done at once.
+                for (group, number) in readies {
+                    if let Some(g) = self.groups.get_mut(&group) {
+                        g.raw.on_persist_ready(number);
+                        self.active.insert(group);
+                    }
+                }
+                for (to, envelope) in held {
+                    out.messages.entry(to).or_default().push(envelope);
+                }
+            } else {
+                self.unwritten.push_back(Unwritten { id, readies, snapshots, held });
+                out.write = Some(Write { id, groups: writes });
+            }
+        }
+        out.changed = mem::take(&mut self.changed).into_iter().collect();
+        out
+    }
+}
+
+/// Applies the configuration changes among `entries` to the group; returns the configuration
+/// after each.
+fn apply_conf_changes(group: GroupId, raw: &mut RawNode<GroupLog>, entries: &[Entry]) -> Vec<(u64, ConfState)> {
+    let mut confs = Vec::new();
+    for entry in entries {
+        let change = match entry.get_entry_type() {
+            EntryType::EntryNormal => continue,
+            _ if entry.data.len() > CONF_CHANGE_BYTES_MAX => {
+                Err(protobuf::ProtobufError::WireError(protobuf::error::WireError::Other))
+            }
+            // Grex proposes only version 2 changes.
+            EntryType::EntryConfChange => Err(protobuf::ProtobufError::WireError(protobuf::error::WireError::Other)),
+            EntryType::EntryConfChangeV2 => ConfChangeV2::parse_from_bytes(&entry.data),
+        };
+        match change.map_err(anyhow::Error::from).and_then(|c| raw.apply_conf_change(&c).map_err(Into::into)) {
+            Ok(conf) => confs.push((entry.index, conf)),
+            Err(e) => tracing::error!(group, index = entry.index, "configuration change not applied: {e}"),
+        }
+    }
+    if !confs.is_empty() {
+        hand_over_if_removed(raw);
+    }
+    confs
+}
+
+/// A leader that a configuration change left out of its group hands the lead to the voter
+/// with the longest log (raft-rs would keep it leading a group it is not in). The heir may
+/// refuse while it has a configuration change to apply, so this runs again every tick until a
+/// new leader takes over.
+fn hand_over_if_removed(raw: &mut RawNode<GroupLog>) {
+    let raft = &mut raw.raft;
+    let me = raft.id;
+    if raft.state != StateRole::Leader || raft.prs().conf().voters().contains(me) {
+        return;
+    }
+    raft.abort_leader_transfer();
+    let raft = &raw.raft;
+    let heir = raft
+        .prs()
+        .iter()
+        .filter(|&(&id, _)| id != me && raft.prs().conf().voters().contains(id))
+        .max_by_key(|&(&id, progress)| (progress.matched, std::cmp::Reverse(id)))
+        .map(|(&id, _)| id);
+    if let Some(heir) = heir {
+        raw.transfer_leader(heir);
+    }
+}
+
+/// Which place in the order of campaigns `me` takes in `group` among `voters` (0 goes first).
+/// A hash of group and node spreads first places over the nodes.
+fn campaign_rank(group: GroupId, me: NodeId, voters: &[NodeId]) -> u64 {
+    let key =
+        |node: NodeId| xxhash_rust::xxh3::xxh3_64(&[group.to_le_bytes().as_slice(), &node.to_le_bytes()].concat());
+    let mine = key(me);
+    voters.iter().filter(|&&v| v != me && key(v) < mine).count() as u64
+}
