@@ -4,7 +4,6 @@
 pub mod clients;
 pub mod list_append;
 pub mod nemesis;
-pub mod sim;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;

@@ -92,8 +92,7 @@ pub fn main() -> ExitCode {
         return crate::wasm::compile::child_main(memory_bytes_max, crate::wasm::compile::CodeSettings { fuel });
     }
     let server = matches!(cli.command, Command::Serve(_) | Command::Dev(_));
-    // openraft reports every unreachable peer on every retry; the supervisor logs what matters.
-    init_logging(if server { "info,openraft=off" } else { "warn" });
+    init_logging(if server { "info" } else { "warn" });
     let io_threads = match &cli.command {
         Command::Serve(args) => args.io_threads(),
         // Several nodes share one process.

@@ -1,22 +1,39 @@
 //! What nodes say to each other. Every peer request is one [`PeerFrame`] on its own QUIC stream
 //! and gets one [`PeerResponse`]; both travel in the same length-prefixed, versioned bincode
 //! frames as client traffic (`grex_client::proto::encode_frame`), with the same size limit.
-//! Each subsystem owns a variant: raft traffic (alone or batched per peer), job forwarding,
+//! Each subsystem owns a variant: consensus traffic (one frame per peer per round), job forwarding,
 //! membership, liveness.
 
+use std::fmt;
+
 use grex_client::proto::{JobOutput, ModuleInfo, RemoteError};
-use openraft::raft::{
-    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse, VoteRequest,
-    VoteResponse,
-};
 use serde::{Deserialize, Serialize};
 
-use super::outbox::BatchItem;
-use super::raft::{NodeId, PeerInfo, TypeConfig};
+use super::engine::NodeId;
+use super::wire::RaftMessage;
 use crate::storage::GroupId;
 
-/// ALPN of the peer protocol.
-pub const PEER_ALPN: &[u8] = b"grex-peer/6";
+/// ALPN of the peer protocol (version 7: one consensus engine per node, raft-rs messages).
+pub const PEER_ALPN: &[u8] = b"grex-peer/7";
+
+/// Where a node answers.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerInfo {
+    /// Peer (QUIC, mutual TLS) address, `HOST:PORT`.
+    pub peer: String,
+    /// HTTP URL for clients.
+    pub http: String,
+    /// QUIC URL for clients.
+    pub quic: String,
+    /// Redis protocol address, `HOST:PORT` (empty when the node serves none).
+    pub resp: String,
+}
+
+impl fmt::Display for PeerInfo {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "peer={} http={} quic={} resp={}", self.peer, self.http, self.quic, self.resp)
+    }
+}
 
 /// A flock its sender leads (told to every peer with pings, so that nodes that do not herd the
 /// flock know where to send its jobs and canaries).
@@ -61,17 +78,24 @@ pub enum PeerRequest {
         /// The flocks the sender leads, when the receiver has not confirmed `leads_version` yet.
         leads: Option<Vec<Lead>>,
     },
-    /// A message of one flock's (or the meta group's) consensus.
+    /// Consensus messages of every group, from one round of the sender's engine (answered
+    /// with [`PeerResponse::Ack`] once handed to this node's engine; the answers travel as
+    /// messages of their own).
     Raft {
-        /// Which group.
-        group: GroupId,
-        /// The message.
-        rpc: RaftRpc,
+        /// The messages, in order.
+        messages: Vec<RaftMessage>,
     },
-    /// Consensus messages of several groups, answered together in order (`outbox`).
-    RaftBatch {
-        /// Each message's group and its encoded [`RaftRpc`].
-        items: Vec<BatchItem>,
+    /// A chunk of a group's snapshot; the last one carries the snapshot message.
+    SnapshotChunk {
+        /// The group.
+        group: GroupId,
+        /// Where the chunk starts in the snapshot's data (0 starts a new snapshot).
+        offset: u64,
+        /// The chunk.
+        #[serde(with = "serde_bytes")]
+        data: Vec<u8>,
+        /// With the last chunk: the message that installs it.
+        message: Option<RaftMessage>,
     },
     /// Run a job here (the sender found that this node leads the bucket's flock, or, with `relay`,
     /// that this node can reach the leader when the sender cannot).
@@ -107,56 +131,6 @@ pub enum PeerRequest {
     },
 }
 
-/// A consensus message.
-#[derive(Debug, Serialize, Deserialize)]
-pub enum RaftRpc {
-    /// Log replication (and the leader's commit point).
-    Append(AppendEntriesRequest<TypeConfig>),
-    /// A candidate asks for a vote.
-    Vote(VoteRequest<NodeId>),
-    /// A chunk of a snapshot.
-    Snapshot(#[serde(with = "snapshot_chunk")] InstallSnapshotRequest<TypeConfig>),
-}
-
-/// A snapshot chunk with its data as one byte string, not a sequence of numbers: the same bytes
-/// on the wire, encoded and decoded as one copy instead of one call per byte.
-mod snapshot_chunk {
-    use openraft::raft::InstallSnapshotRequest;
-    use openraft::{SnapshotMeta, Vote};
-    use serde::{Deserialize, Deserializer, Serialize, Serializer};
-
-    use crate::cluster::raft::{NodeId, PeerInfo, TypeConfig};
-
-    #[derive(Serialize)]
-    struct Out<'a> {
-        vote: &'a Vote<NodeId>,
-        meta: &'a SnapshotMeta<NodeId, PeerInfo>,
-        offset: u64,
-        #[serde(with = "serde_bytes")]
-        data: &'a [u8],
-        done: bool,
-    }
-
-    #[derive(Deserialize)]
-    struct In {
-        vote: Vote<NodeId>,
-        meta: SnapshotMeta<NodeId, PeerInfo>,
-        offset: u64,
-        #[serde(with = "serde_bytes")]
-        data: Vec<u8>,
-        done: bool,
-    }
-
-    pub fn serialize<S: Serializer>(c: &InstallSnapshotRequest<TypeConfig>, s: S) -> Result<S::Ok, S::Error> {
-        Out { vote: &c.vote, meta: &c.meta, offset: c.offset, data: &c.data, done: c.done }.serialize(s)
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<InstallSnapshotRequest<TypeConfig>, D::Error> {
-        let In { vote, meta, offset, data, done } = In::deserialize(d)?;
-        Ok(InstallSnapshotRequest { vote, meta, offset, data, done })
-    }
-}
-
 /// The answer to a [`PeerRequest`].
 #[derive(Debug, Serialize, Deserialize)]
 pub enum PeerResponse {
@@ -172,14 +146,8 @@ pub enum PeerResponse {
         /// The version of the pinging node's led flocks that the answering node holds (0: none).
         leads_held: u64,
     },
-    /// Answer to a log replication.
-    Append(AppendEntriesResponse<NodeId>),
-    /// Answer to a vote request.
-    Vote(VoteResponse<NodeId>),
-    /// Answer to a snapshot chunk.
-    Snapshot(InstallSnapshotResponse<NodeId>),
-    /// Answers to a [`PeerRequest::RaftBatch`], one per message, in order.
-    RaftBatch(Vec<PeerResponse>),
+    /// Taken (consensus messages, snapshot chunks).
+    Ack,
     /// The job's result.
     Job(Result<JobOutput, RemoteError>),
     /// This node does not lead the flock; `leader` is its best guess of who does.

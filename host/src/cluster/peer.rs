@@ -34,9 +34,10 @@ use grex_client::proto::{decode_frame, encode_frame};
 use grex_client::quic::send_frame;
 use tokio::sync::{Semaphore, watch};
 
+use super::engine::NodeId;
 use super::identity::{CA_FILE, NODE_CERT_FILE, NODE_KEY_FILE, PEER_SERVER_NAME};
+use super::messages::PeerInfo;
 use super::messages::{Lead, PEER_ALPN, PeerFrame, PeerRequest, PeerResponse};
-use super::raft::{NodeId, PeerInfo};
 use crate::api::quic::{read_frame, send_answer};
 use crate::error::{ErrorCode, RemoteError, error};
 

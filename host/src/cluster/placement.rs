@@ -10,7 +10,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
-use super::raft::NodeId;
+use super::engine::NodeId;
 
 /// Flock → herders, versioned. `herders[f][0]` is flock f's preferred leader.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]

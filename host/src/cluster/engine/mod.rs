@@ -86,7 +86,7 @@ impl Default for EngineConfig {
             election_ticks: 30,
             campaign_stagger_ticks: 3,
             max_msg_bytes: 1 << 20,
-            max_inflight_msgs: 256,
+            max_inflight_msgs: 32,
             max_uncommitted_bytes: 64 << 20,
             max_apply_bytes: 4 << 20,
             cached_entries: 64,
@@ -353,7 +353,6 @@ impl Engine {
         for group in ids {
             let g = self.groups.get_mut(&group).expect("listed");
             g.raw.tick();
-            hand_over_if_removed(&mut g.raw);
             if let Some((at, lost)) = g.campaign
                 && at <= self.ticks
             {
@@ -544,6 +543,14 @@ impl Engine {
         Some((conf.voters().ids().iter().collect(), conf.learners().iter().copied().collect()))
     }
 
+    /// On `group`'s leader: each member's matched index (empty elsewhere).
+    pub fn matched(&self, group: GroupId) -> BTreeMap<NodeId, u64> {
+        let Some(g) = self.groups.get(&group).filter(|g| g.raw.raft.state == StateRole::Leader) else {
+            return BTreeMap::new();
+        };
+        g.raw.raft.prs().iter().map(|(&id, progress)| (id, progress.matched)).collect()
+    }
+
     /// `group`'s log: (first index, last index, committed index, applied index).
     pub fn log_state(&self, group: GroupId) -> Option<(u64, u64, u64, u64)> {
         let g = self.groups.get(&group)?;
@@ -655,27 +662,27 @@ fn apply_conf_changes(group: GroupId, raw: &mut RawNode<GroupLog>, entries: &[En
     confs
 }
 
-/// A leader that a configuration change left out of its group hands the lead to the voter
-/// with the longest log (raft-rs would keep it leading a group it is not in). The heir may
-/// refuse while it has a configuration change to apply, so this runs again every tick until a
-/// new leader takes over.
+/// A leader that a configuration change left out of its group steps down at once, and tells
+/// the voter with the longest log to campaign now (raft-rs would keep it leading a group it is
+/// not in, and cannot commit there: it has no progress of its own). If that voter cannot run yet
+/// (it has a configuration change to apply), the group elects at raft's election timeout.
 fn hand_over_if_removed(raw: &mut RawNode<GroupLog>) {
-    let raft = &mut raw.raft;
+    let raft = &raw.raft;
     let me = raft.id;
     if raft.state != StateRole::Leader || raft.prs().conf().voters().contains(me) {
         return;
     }
-    raft.abort_leader_transfer();
-    let raft = &raw.raft;
     let heir = raft
         .prs()
         .iter()
         .filter(|&(&id, _)| id != me && raft.prs().conf().voters().contains(id))
         .max_by_key(|&(&id, progress)| (progress.matched, std::cmp::Reverse(id)))
         .map(|(&id, _)| id);
+    let term = raft.term;
     if let Some(heir) = heir {
-        raw.transfer_leader(heir);
+        raw.raft.send_timeout_now(heir);
     }
+    raw.raft.become_follower(term, raft::INVALID_ID);
 }
 
 /// Which place in the order of campaigns `me` takes in `group` among `voters` (0 goes first).

@@ -1,0 +1,1127 @@
+//! The consensus engine's driver: the one task that owns the node's [`Engine`] and connects it
+//! to the world. Time (a 100 ms tick), peers' frames, proposals and the failure detector come in
+//! on one channel; each round it takes the engine's output and
+//!
+//! - sends each peer one frame with every group's messages (a lane per peer, so a frame under
+//!   way batches the next round's messages behind it); a snapshot goes in chunks beside them,
+//!   its data read from the store;
+//! - hands the round's durable write (every group's entries and hard state) to the node's group
+//!   committer, one fsync for all groups, and tells the engine when it is on disk;
+//! - applies committed entries: a flock's change sets go to the store (without an fsync: the log
+//!   holds them), the meta group's commands to the meta state; proposals waiting on them are
+//!   answered;
+//! - publishes each group's leadership: a flock's lead is handed to the node's executors
+//!   ([`LeaderTerms`]) once the leader has applied everything before its term and the store
+//!   holds it.
+//!
+//! Disk layout of a group (log file): entries by index ([`WireEntry`]), `hard_state`, `base` (the
+//! index and term the log starts after); state file: `applied` (the [`AppliedPoint`]: index,
+//! term and configuration the state holds) and, for the meta group, `meta_state`.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use raft::prelude::{ConfChangeV2, Entry, EntryType, MessageType};
+use serde::{Deserialize, Serialize};
+use serde_bytes::ByteBuf;
+use tokio::sync::{mpsc, oneshot, watch};
+
+use super::engine::{
+    Committed, Engine, EngineConfig, EntrySource, Envelope, GroupLog, Lead, Output, Proposal, Refusal, StateRole,
+    Write as EngineWrite,
+};
+use super::messages::{PeerRequest, PeerResponse};
+use super::peer::Peers;
+use super::placement::FlockMap;
+use super::wire::{self, AppliedPoint, RaftMessage, WireConf, WireEntry, WireHardState};
+use super::{NodeId, PeerInfo};
+use crate::data::{ChangeSet, ItemWrite};
+use crate::error::{ErrorCode, RemoteError, Result, error};
+use crate::node::{Node, Write};
+use crate::storage::{GroupId, LogOp, META_GROUP, ModuleId, Store, SyncTo};
+
+/// The engine's tick.
+pub const TICK: Duration = Duration::from_millis(100);
+/// Log entries a group keeps before it purges the applied ones (keeping a fifth of them for
+/// followers that lag a little).
+pub const SNAPSHOT_LOGS_DEFAULT: u64 = 5000;
+/// Inputs waiting for the driver.
+const INPUTS_MAX: usize = 8192;
+/// Bytes of snapshot data in one peer frame.
+const SNAPSHOT_CHUNK_BYTES: usize = 8 << 20;
+/// Bytes of entries in one frame of consensus messages.
+const FRAME_BYTES: usize = 8 << 20;
+/// Messages waiting in the lane to one peer.
+const LANE_MESSAGES_MAX: usize = 16_384;
+/// How long a peer frame of consensus messages may take.
+const FRAME_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a read-index round may take before its reads are refused.
+const READ_PATIENCE: Duration = Duration::from_secs(5);
+
+const HARD_STATE_KEY: &str = "hard_state";
+const BASE_KEY: &str = "base";
+const APPLIED_KEY: &str = "applied";
+const META_STATE_KEY: &str = "meta_state";
+
+/// A log entry's payload.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum Command {
+    /// A flock group's entry: one job's change set.
+    Change(ChangeSet),
+    /// Meta group: a node joined (or has new addresses).
+    AddNode {
+        /// Its id.
+        id: NodeId,
+        /// Its addresses.
+        info: PeerInfo,
+    },
+    /// Meta group: a new flock map.
+    SetFlockMap(FlockMap),
+    /// Meta group: a module, stored on every node.
+    PutModule {
+        /// Name to point at it.
+        name: String,
+        /// SHA-256 of the bytes.
+        id: ModuleId,
+        /// The bytes as uploaded.
+        #[serde(with = "serde_bytes")]
+        wasm: Vec<u8>,
+    },
+}
+
+/// The membership and node list the meta group agrees on.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MetaState {
+    /// Every member and its addresses.
+    pub nodes: BTreeMap<NodeId, PeerInfo>,
+    /// Flock → herders.
+    pub map: FlockMap,
+}
+
+/// The parts of a flock snapshot: every bucket with its version and items.
+#[derive(Serialize, Deserialize)]
+struct FlockSnapshot {
+    buckets: Vec<(ByteBuf, u64, Vec<(String, ByteBuf)>)>,
+}
+
+/// The meta group's snapshot: its state and every named module.
+#[derive(Serialize, Deserialize)]
+struct MetaSnapshot {
+    state: MetaState,
+    modules: Vec<(String, ModuleId, ByteBuf)>,
+}
+
+/// Per-flock leadership as the node's executors see it: the term in which this node leads the
+/// flock and has applied everything before it, or 0.
+pub struct LeaderTerms(Vec<AtomicU64>);
+
+impl LeaderTerms {
+    /// All zero.
+    pub fn new(flocks: u32) -> Self {
+        LeaderTerms((0..flocks).map(|_| AtomicU64::new(0)).collect())
+    }
+
+    /// The ready leader term of `flock`, if any.
+    pub fn get(&self, flock: u32) -> Option<u64> {
+        match self.0.get(flock as usize)?.load(Ordering::Acquire) {
+            0 => None,
+            term => Some(term),
+        }
+    }
+
+    fn set(&self, flock: u32, term: u64) -> u64 {
+        self.0.get(flock as usize).map_or(0, |t| t.swap(term, Ordering::AcqRel))
+    }
+}
+
+/// A group as the rest of the node sees it, published by the driver.
+#[derive(Clone, Debug)]
+pub struct GroupView {
+    /// Leadership.
+    pub lead: Lead,
+    /// Voters (both halves of a joint configuration).
+    pub voters: BTreeSet<NodeId>,
+    /// Learners.
+    pub learners: BTreeSet<NodeId>,
+    /// First log index.
+    pub first: u64,
+    /// Applied index.
+    pub applied: u64,
+    /// On the leader: each member's matched index.
+    pub matched: BTreeMap<NodeId, u64>,
+}
+
+/// What enters the driver.
+enum Input {
+    Frame { messages: Vec<RaftMessage>, snapshot: Option<Vec<u8>> },
+    Propose { group: GroupId, data: Vec<u8>, reply: oneshot::Sender<Result<u64>> },
+    ConfChange { group: GroupId, change: ConfChangeV2, reply: oneshot::Sender<Result<u64>> },
+    ReadIndex { group: GroupId, term: u64, reply: oneshot::Sender<Result<()>> },
+    Transfer(GroupId, NodeId),
+    PeerDown(NodeId),
+    Unreachable(NodeId),
+    SnapshotSent { group: GroupId, to: NodeId, installed: bool },
+    Persisted { id: u64, result: std::result::Result<(), String> },
+    StoreHolds { group: GroupId, term: u64 },
+    Stop,
+}
+
+/// The handle to the driver. Cheap to clone.
+#[derive(Clone)]
+pub struct Consensus {
+    tx: mpsc::Sender<Input>,
+    /// Inputs from threads that must not block (the committer's callbacks).
+    events: mpsc::UnboundedSender<Input>,
+    views: Arc<RwLock<BTreeMap<GroupId, GroupView>>>,
+    meta: watch::Receiver<MetaState>,
+}
+
+fn stopped() -> RemoteError {
+    error(ErrorCode::ShuttingDown, "the node's consensus engine stopped")
+}
+
+impl Consensus {
+    /// Starts the driver over the node's store. `bootstrap`: this node founds a new cluster
+    /// (every group starts with it as the only voter).
+    pub async fn start(
+        me: NodeId,
+        node: Node,
+        peers: Arc<Peers>,
+        terms: Arc<LeaderTerms>,
+        snapshot_logs: u64,
+        bootstrap: bool,
+    ) -> anyhow::Result<Consensus> {
+        let store = node.store().clone();
+        let source: Arc<dyn EntrySource> = Arc::new(StoreEntries { store: store.clone() });
+        let mut engine = Engine::new(me, EngineConfig { seed: me ^ rand::random::<u64>(), ..EngineConfig::default() });
+        let flocks = node.flock_count();
+        let mut applied_conf = BTreeMap::new();
+        let meta_state: MetaState = read_state(store.as_ref(), META_GROUP, META_STATE_KEY)?.unwrap_or_default();
+        if bootstrap {
+            let conf = WireConf { voters: vec![me], ..WireConf::default() };
+            let mut log = Vec::new();
+            for group in std::iter::once(META_GROUP).chain(0..flocks) {
+                let index = super::engine::BOOTSTRAP_INDEX;
+                let point = AppliedPoint { index, term: index, conf: conf.clone() };
+                let hard = WireHardState { term: index, vote: 0, commit: index };
+                log.push(LogOp::PutLogState { group, key: HARD_STATE_KEY, value: wire::encode(&hard) });
+                log.push(LogOp::PutLogState { group, key: BASE_KEY, value: wire::encode(&(index, index)) });
+                log.push(LogOp::PutState { group, key: APPLIED_KEY, value: wire::encode(&point) });
+            }
+            node.commits()
+                .submit_write(Write { log, changes: Vec::new(), sync: SyncTo::All, done: None })
+                .map_err(|e| anyhow::anyhow!("{}", e.message))?;
+            node.commits().settle().await;
+        }
+        for group in std::iter::once(META_GROUP).chain(0..flocks) {
+            if let Some((log, conf)) = open_group(store.as_ref(), group, &source)? {
+                applied_conf.insert(group, conf);
+                engine.add_group(group, log)?;
+            } else if group == META_GROUP {
+                // A joining node: the meta leader's snapshot brings the meta group.
+                engine.add_group(group, GroupLog::empty(group, source.clone()))?;
+            }
+        }
+        let (tx, rx) = mpsc::channel(INPUTS_MAX);
+        let (events, events_rx) = mpsc::unbounded_channel();
+        let (meta_tx, meta) = watch::channel(meta_state.clone());
+        let views = Arc::new(RwLock::new(BTreeMap::new()));
+        let handle = Consensus { tx: tx.clone(), events: events.clone(), views: views.clone(), meta };
+        let mut driver = Driver {
+            engine,
+            node,
+            peers,
+            terms,
+            handle: handle.clone(),
+            source,
+            views,
+            meta_tx,
+            meta_state,
+            applied_conf,
+            snapshot_logs,
+            proposals: BTreeMap::new(),
+            conf_changes: BTreeMap::new(),
+            reads_waiting: BTreeMap::new(),
+            reads: BTreeMap::new(),
+            next_read: 1,
+            lanes: BTreeMap::new(),
+            written: BTreeMap::new(),
+            failed: false,
+        };
+        if bootstrap {
+            for group in driver.engine.group_ids().collect::<Vec<_>>() {
+                let _ = driver.engine.campaign(group);
+            }
+        }
+        driver.drain();
+        tokio::spawn(driver.run(rx, events_rx));
+        Ok(handle)
+    }
+
+    /// Hands a frame of peer messages to the engine (waits while the driver is busy).
+    pub async fn deliver(&self, messages: Vec<RaftMessage>, snapshot: Option<Vec<u8>>) -> Result<()> {
+        self.tx.send(Input::Frame { messages, snapshot }).await.map_err(|_| stopped())
+    }
+
+    /// Proposes an entry to `group`; resolves once it is applied here (with the committer
+    /// sequence of the write that holds its effects), or with an error if it was refused or
+    /// replaced by another leader's entry.
+    pub fn propose(&self, group: GroupId, data: Vec<u8>) -> Result<oneshot::Receiver<Result<u64>>> {
+        let (reply, rx) = oneshot::channel();
+        // From a synchronous caller (the executors): the channel is bounded, so this waits only
+        // while the driver is far behind.
+        self.tx.try_send(Input::Propose { group, data, reply }).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(_) => {
+                error(ErrorCode::Overloaded, "the consensus engine has too many requests queued; retry shortly")
+            }
+            mpsc::error::TrySendError::Closed(_) => stopped(),
+        })?;
+        Ok(rx)
+    }
+
+    /// Proposes a command to `group` and waits until it is applied here.
+    pub async fn write(&self, group: GroupId, command: &Command) -> Result<u64> {
+        let (reply, rx) = oneshot::channel();
+        let data = wire::encode(command);
+        self.tx.send(Input::Propose { group, data, reply }).await.map_err(|_| stopped())?;
+        rx.await.map_err(|_| stopped())?
+    }
+
+    /// Proposes a configuration change; resolves with its index once it is applied here.
+    pub async fn change_conf(&self, group: GroupId, change: ConfChangeV2) -> Result<u64> {
+        let (reply, rx) = oneshot::channel();
+        self.tx.send(Input::ConfChange { group, change, reply }).await.map_err(|_| stopped())?;
+        rx.await.map_err(|_| stopped())?
+    }
+
+    /// Resolves once a majority confirmed, after this call, that this node leads `group` in `term`.
+    pub async fn confirm_lead(&self, group: GroupId, term: u64) -> Result<()> {
+        let (reply, rx) = oneshot::channel();
+        self.tx.send(Input::ReadIndex { group, term, reply }).await.map_err(|_| stopped())?;
+        rx.await.map_err(|_| stopped())?
+    }
+
+    /// Hands the lead of `group` to `to`.
+    pub async fn transfer(&self, group: GroupId, to: NodeId) {
+        let _ = self.tx.send(Input::Transfer(group, to)).await;
+    }
+
+    /// The failure detector lost `node` (or saw it restart).
+    pub async fn peer_down(&self, node: NodeId) {
+        let _ = self.tx.send(Input::PeerDown(node)).await;
+    }
+
+    /// Stops the driver.
+    pub async fn stop(&self) {
+        let _ = self.tx.send(Input::Stop).await;
+    }
+
+    /// A group as last published.
+    pub fn view(&self, group: GroupId) -> Option<GroupView> {
+        self.views.read().unwrap_or_else(|p| p.into_inner()).get(&group).cloned()
+    }
+
+    /// The meta state as applied here.
+    pub fn meta(&self) -> watch::Receiver<MetaState> {
+        self.meta.clone()
+    }
+}
+
+/// Reads a group's named value.
+fn read_state<T: serde::de::DeserializeOwned>(
+    store: &dyn Store,
+    group: GroupId,
+    key: &str,
+) -> anyhow::Result<Option<T>> {
+    match store.log_state(group, key)? {
+        Some(bytes) => wire::decode(&bytes).map(Some).map_err(|e| anyhow::anyhow!("group {group}'s {key}: {e}")),
+        None => Ok(None),
+    }
+}
+
+/// Opens a group from the store: `None` if this node holds nothing of it.
+fn open_group(
+    store: &dyn Store,
+    group: GroupId,
+    source: &Arc<dyn EntrySource>,
+) -> anyhow::Result<Option<(GroupLog, WireConf)>> {
+    let hard: Option<WireHardState> = read_state(store, group, HARD_STATE_KEY)?;
+    let applied: Option<AppliedPoint> = read_state(store, group, APPLIED_KEY)?;
+    if hard.is_none() && applied.is_none() {
+        return Ok(None);
+    }
+    let applied = applied.unwrap_or_default();
+    let mut base: (u64, u64) = read_state(store, group, BASE_KEY)?.unwrap_or((0, 0));
+    let mut terms: Vec<(u64, u64)> = Vec::new();
+    let mut last = base.0;
+    let mut from = base.0 + 1;
+    loop {
+        let chunk = store.log_entries(group, from, u64::MAX, 1024)?;
+        let Some(&(end, _)) = chunk.last() else { break };
+        for (index, bytes) in &chunk {
+            let entry: WireEntry =
+                wire::decode(bytes).map_err(|e| anyhow::anyhow!("group {group} entry {index}: {e}"))?;
+            if terms.last().is_none_or(|&(_, t)| t != entry.term) {
+                terms.push((entry.index, entry.term));
+            }
+            last = entry.index;
+        }
+        from = end + 1;
+    }
+    let term_at = |index: u64| -> Option<u64> {
+        if index == base.0 {
+            return Some(base.1);
+        }
+        let run = terms.partition_point(|&(first, _)| first <= index);
+        (index > base.0 && index <= last && run > 0).then(|| terms[run - 1].1)
+    };
+    if applied.index > base.0 && term_at(applied.index) != Some(applied.term) {
+        // A snapshot's state was written but not the log it replaced (the two are separate
+        // transactions): the log starts after the snapshot.
+        tracing::warn!(group, applied = applied.index, "the log does not reach the applied state; starting after it");
+        base = (applied.index, applied.term);
+        terms.clear();
+        last = applied.index;
+    }
+    let state =
+        raft::RaftState { hard_state: hard.unwrap_or_default().into(), conf_state: applied.conf.clone().into() };
+    let log = GroupLog::restore(group, state, base, last, terms, applied.metadata(), source.clone());
+    Ok(Some((log, applied.conf)))
+}
+
+/// Entries that left the engine's memory, read back from the store's log.
+struct StoreEntries {
+    store: Arc<dyn Store>,
+}
+
+impl EntrySource for StoreEntries {
+    fn entries(&self, group: GroupId, low: u64, high: u64, max_bytes: u64) -> anyhow::Result<Vec<Entry>> {
+        let mut out = Vec::new();
+        let mut bytes = 0u64;
+        let mut from = low;
+        while from < high {
+            let chunk = self.store.log_entries(group, from, high, 256)?;
+            if chunk.is_empty() {
+                anyhow::bail!("group {group}: log entry {from} is missing from the store");
+            }
+            for (index, encoded) in chunk {
+                let entry: Entry = wire::decode::<WireEntry>(&encoded)
+                    .and_then(Entry::try_from)
+                    .map_err(|e| anyhow::anyhow!("group {group} entry {index}: {e}"))?;
+                bytes += super::engine::entry_bytes(&entry);
+                if !out.is_empty() && bytes > max_bytes {
+                    return Ok(out);
+                }
+                out.push(entry);
+                from = index + 1;
+            }
+        }
+        Ok(out)
+    }
+}
+
+struct Waiter {
+    term: u64,
+    reply: oneshot::Sender<Result<u64>>,
+}
+
+struct ReadRound {
+    group: GroupId,
+    started: Instant,
+    waiting: Vec<(u64, oneshot::Sender<Result<()>>)>,
+    /// The commit index the leader confirmed, once it has.
+    index: Option<u64>,
+}
+
+struct Driver {
+    engine: Engine,
+    node: Node,
+    peers: Arc<Peers>,
+    terms: Arc<LeaderTerms>,
+    handle: Consensus,
+    source: Arc<dyn EntrySource>,
+    views: Arc<RwLock<BTreeMap<GroupId, GroupView>>>,
+    meta_tx: watch::Sender<MetaState>,
+    meta_state: MetaState,
+    /// Per group, the configuration at the last applied entry.
+    applied_conf: BTreeMap<GroupId, WireConf>,
+    snapshot_logs: u64,
+    /// Proposals waiting to be applied, by group and index.
+    proposals: BTreeMap<(GroupId, u64), Waiter>,
+    conf_changes: BTreeMap<(GroupId, u64), Waiter>,
+    /// Reads waiting for the next read-index round of their group.
+    reads_waiting: BTreeMap<GroupId, Vec<(u64, oneshot::Sender<Result<()>>)>>,
+    /// Rounds under way, by context.
+    reads: BTreeMap<u64, ReadRound>,
+    next_read: u64,
+    lanes: BTreeMap<NodeId, mpsc::Sender<RaftMessage>>,
+    /// Per flock, the committer sequence of its last applied write.
+    written: BTreeMap<GroupId, u64>,
+    failed: bool,
+}
+
+impl Driver {
+    async fn run(mut self, mut rx: mpsc::Receiver<Input>, mut events: mpsc::UnboundedReceiver<Input>) {
+        let mut ticker = tokio::time::interval(TICK);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let input = tokio::select! {
+                biased;
+                Some(event) = events.recv() => event,
+                Some(input) = rx.recv() => input,
+                _ = ticker.tick() => {
+                    self.engine.tick();
+                    self.expire_reads();
+                    self.drain();
+                    continue;
+                }
+                else => return,
+            };
+            if !self.handle_input(input) {
+                break;
+            }
+            // Everything that queued meanwhile joins this round.
+            while let Ok(event) = events.try_recv() {
+                self.handle_input(event);
+            }
+            for _ in 0..256 {
+                let Ok(input) = rx.try_recv() else { break };
+                if !self.handle_input(input) {
+                    return self.stop();
+                }
+            }
+            self.drain();
+        }
+        self.stop();
+    }
+
+    fn stop(&mut self) {
+        for (_, waiter) in std::mem::take(&mut self.proposals) {
+            let _ = waiter.reply.send(Err(stopped()));
+        }
+        for flock in 0..self.node.flock_count() {
+            self.terms.set(flock, 0);
+        }
+    }
+
+    /// Takes one input; false to stop.
+    fn handle_input(&mut self, input: Input) -> bool {
+        match input {
+            Input::Frame { messages, snapshot } => {
+                let mut data = snapshot;
+                let envelopes: Vec<Envelope> = messages
+                    .into_iter()
+                    .filter_map(|m| {
+                        let snap = if m.is_snapshot() { data.take() } else { None };
+                        match m.into_message(snap) {
+                            Ok((group, message)) => Some(Envelope { group, message }),
+                            Err(e) => {
+                                tracing::warn!("a peer sent a malformed consensus message: {e}");
+                                None
+                            }
+                        }
+                    })
+                    .collect();
+                for stray in self.engine.step(envelopes) {
+                    self.adopt(stray);
+                }
+            }
+            Input::Propose { group, data, reply } => match self.engine.propose(group, data) {
+                Ok(Proposal { index, term }) => {
+                    self.proposals.insert((group, index), Waiter { term, reply });
+                }
+                Err(refusal) => {
+                    let _ = reply.send(Err(refused(group, refusal)));
+                }
+            },
+            Input::ConfChange { group, change, reply } => match self.engine.propose_conf_change(group, change) {
+                Ok(Proposal { index, term }) => {
+                    self.conf_changes.insert((group, index), Waiter { term, reply });
+                }
+                Err(refusal) => {
+                    let _ = reply.send(Err(refused(group, refusal)));
+                }
+            },
+            Input::ReadIndex { group, term, reply } => {
+                self.reads_waiting.entry(group).or_default().push((term, reply));
+            }
+            Input::Transfer(group, to) => {
+                let _ = self.engine.transfer_leader(group, to);
+            }
+            Input::PeerDown(node) => self.engine.peer_down(node),
+            Input::Unreachable(node) => self.engine.report_unreachable(node),
+            Input::SnapshotSent { group, to, installed } => self.engine.report_snapshot(group, to, installed),
+            Input::Persisted { id, result } => match result {
+                Ok(()) => self.engine.persisted(id),
+                Err(e) => {
+                    // Fail-stop: the committer refuses every later write too.
+                    tracing::error!(error = %e, "the consensus log could not be written; this node stops taking part");
+                    self.failed = true;
+                }
+            },
+            Input::StoreHolds { group, term } => {
+                let lead = self.engine.lead(group);
+                if lead.is_some_and(|l| l.ready && l.term == term) && group != META_GROUP {
+                    self.terms.set(group, term);
+                }
+            }
+            Input::Stop => return false,
+        }
+        true
+    }
+
+    /// A message for a group this node does not run: a leader's first message to a new herder
+    /// starts the group (empty; the leader sends a snapshot). Others are stale and dropped.
+    fn adopt(&mut self, envelope: Envelope) {
+        let from_leader = matches!(
+            envelope.message.get_msg_type(),
+            MessageType::MsgAppend | MessageType::MsgHeartbeat | MessageType::MsgSnapshot
+        );
+        let group = envelope.group;
+        let known = group == META_GROUP || group < self.node.flock_count();
+        if !from_leader || !known {
+            return;
+        }
+        tracing::info!(group, from = envelope.message.from, "joining a group its leader added this node to");
+        if let Err(e) = self.engine.add_group(group, GroupLog::empty(group, self.source.clone())) {
+            tracing::warn!(group, "could not start the group: {e}");
+            return;
+        }
+        self.engine.step([envelope]);
+    }
+
+    /// Takes every output the engine has, until it has none.
+    fn drain(&mut self) {
+        if self.failed {
+            return;
+        }
+        self.start_reads();
+        for _ in 0..64 {
+            let out = self.engine.output();
+            if out.is_empty() {
+                break;
+            }
+            self.handle_output(out);
+        }
+        self.publish_views();
+    }
+
+    fn handle_output(&mut self, out: Output) {
+        for (to, envelopes) in out.messages {
+            for envelope in envelopes {
+                let message = RaftMessage::of(envelope.group, &envelope.message);
+                if message.is_snapshot() {
+                    self.send_snapshot(to, message);
+                } else {
+                    self.send(to, message);
+                }
+            }
+        }
+        if let Some(write) = out.write {
+            self.persist(write);
+        }
+        for committed in out.committed {
+            self.apply(committed);
+        }
+        for (group, read) in out.reads {
+            let ctx = read.request_ctx.as_slice().try_into().map(u64::from_be_bytes).unwrap_or(0);
+            if let Some(round) = self.reads.get_mut(&ctx).filter(|r| r.group == group) {
+                round.index = Some(read.index);
+            }
+        }
+        self.finish_reads();
+        for group in out.changed {
+            self.lead_changed(group);
+        }
+    }
+
+    /// Queues a message on the lane to its peer.
+    fn send(&mut self, to: NodeId, message: RaftMessage) {
+        let lane =
+            self.lanes.entry(to).or_insert_with(|| spawn_lane(to, self.peers.clone(), self.handle.events.clone()));
+        if lane.try_send(message).is_err() {
+            // A lane that cannot keep up loses messages, as a network would: raft sends again.
+            tracing::debug!(to = %format!("{to:016x}"), "the lane to a peer is full; a consensus message is dropped");
+        }
+    }
+
+    /// Turns the engine's write into one committer write.
+    fn persist(&mut self, write: EngineWrite) {
+        let id = write.id;
+        let mut log = Vec::new();
+        let mut changes = Vec::new();
+        let mut sync = SyncTo::Log;
+        let mut installed = Vec::new();
+        for gw in write.groups {
+            let group = gw.group;
+            if let Some(snapshot) = gw.snapshot {
+                let point = AppliedPoint::of(snapshot.get_metadata());
+                log.push(LogOp::TruncateFrom { group, from: 0 });
+                log.push(LogOp::PutLogState { group, key: BASE_KEY, value: wire::encode(&(point.index, point.term)) });
+                match self.install(group, &snapshot.data, &mut log, &mut changes) {
+                    Ok(meta) => installed.push((group, point.index, meta)),
+                    Err(e) => tracing::error!(group, "a snapshot could not be read: {e}"),
+                }
+                log.push(LogOp::PutState { group, key: APPLIED_KEY, value: wire::encode(&point) });
+                self.applied_conf.insert(group, point.conf.clone());
+                sync = SyncTo::All;
+            }
+            if !gw.entries.is_empty() {
+                let entries = gw.entries.iter().map(|e| (e.index, wire::encode(&WireEntry::from(e)))).collect();
+                log.push(LogOp::Append { group, entries });
+            }
+            if let Some(hs) = gw.hard_state {
+                log.push(LogOp::PutLogState {
+                    group,
+                    key: HARD_STATE_KEY,
+                    value: wire::encode(&WireHardState::from(&hs)),
+                });
+            }
+        }
+        let events = self.handle.events.clone();
+        let node = self.node.clone();
+        let meta_tx = self.meta_tx.clone();
+        // The committer calls back on its own thread, outside the runtime.
+        let rt = tokio::runtime::Handle::current();
+        let done = Box::new(move |result: std::result::Result<(), String>| {
+            if result.is_ok() {
+                for (group, index, meta) in installed {
+                    tracing::info!(group, index, "installed a snapshot");
+                    match meta {
+                        Some((state, modules)) => {
+                            for (name, id, size) in modules {
+                                node.module_replicated(&name, id, size);
+                            }
+                            meta_tx.send_replace(state);
+                        }
+                        None => {
+                            let node = node.clone();
+                            rt.spawn(async move { node.drop_flock(group).await });
+                        }
+                    }
+                }
+            }
+            let _ = events.send(Input::Persisted { id, result });
+        });
+        if let Err(e) = self.node.commits().submit_write(Write { log, changes, sync, done: Some(done) }) {
+            tracing::error!(error = %e.message, "the consensus log could not be written; this node stops taking part");
+            self.failed = true;
+        }
+    }
+
+    /// Adds the writes that install a snapshot's data; for the meta group, returns its state and
+    /// modules (published once written).
+    #[allow(clippy::type_complexity)]
+    fn install(
+        &mut self,
+        group: GroupId,
+        data: &[u8],
+        log: &mut Vec<LogOp>,
+        changes: &mut Vec<ChangeSet>,
+    ) -> std::result::Result<Option<(MetaState, Vec<(String, ModuleId, u64)>)>, String> {
+        if group == META_GROUP {
+            let snap: MetaSnapshot = wire::decode(data)?;
+            let modules = snap.modules.iter().map(|(name, id, wasm)| (name.clone(), *id, wasm.len() as u64)).collect();
+            for (name, id, wasm) in snap.modules {
+                log.push(LogOp::PutModule { id, name, wasm: wasm.into_vec() });
+            }
+            log.push(LogOp::PutState { group, key: META_STATE_KEY, value: wire::encode(&snap.state) });
+            self.meta_state = snap.state.clone();
+            return Ok(Some((snap.state, modules)));
+        }
+        let snap: FlockSnapshot = wire::decode(data)?;
+        log.push(LogOp::ClearFlock { flock: group });
+        changes.extend(snap.buckets.into_iter().map(|(bucket, version, items)| ChangeSet {
+            bucket: bucket.into_vec(),
+            flock: group,
+            version,
+            writes: items.into_iter().map(|(item, value)| ItemWrite { item, value: Some(value.into_vec()) }).collect(),
+        }));
+        self.terms.set(group, 0);
+        Ok(None)
+    }
+
+    /// Applies a group's committed entries and answers the proposals among them.
+    fn apply(&mut self, committed: Committed) {
+        let group = committed.group;
+        let Some(last) = committed.entries.last() else { return };
+        let (last_index, last_term) = (last.index, last.term);
+        let mut changes = Vec::new();
+        let mut log = Vec::new();
+        let mut modules = Vec::new();
+        let mut meta_changed = false;
+        for entry in &committed.entries {
+            if entry.get_entry_type() != EntryType::EntryNormal || entry.data.is_empty() {
+                continue;
+            }
+            match wire::decode::<Command>(&entry.data) {
+                Ok(Command::Change(change)) if group != META_GROUP => changes.push(change),
+                Ok(Command::Change(_)) => {
+                    tracing::error!(index = entry.index, "the meta log holds a change set; ignored")
+                }
+                Ok(_) if group != META_GROUP => {
+                    tracing::error!(group, index = entry.index, "a flock log holds a meta command; ignored")
+                }
+                Ok(command) => {
+                    meta_changed = true;
+                    match command {
+                        Command::AddNode { id, info } => {
+                            self.meta_state.nodes.insert(id, info);
+                        }
+                        Command::SetFlockMap(map) => {
+                            if map.version > self.meta_state.map.version {
+                                self.meta_state.map = map;
+                            }
+                        }
+                        Command::PutModule { name, id, wasm } => {
+                            modules.push((name.clone(), id, wasm.len() as u64));
+                            log.push(LogOp::PutModule { id, name, wasm });
+                        }
+                        Command::Change(_) => unreachable!("matched above"),
+                    }
+                }
+                Err(e) => tracing::error!(group, index = entry.index, "an entry could not be decoded: {e}"),
+            }
+        }
+        if let Some((_, conf)) = committed.conf_states.last() {
+            self.applied_conf.insert(group, WireConf::from(conf));
+        }
+        let conf = self.applied_conf.get(&group).cloned().unwrap_or_default();
+        let point = AppliedPoint { index: last_index, term: last_term, conf };
+        log.push(LogOp::PutState { group, key: APPLIED_KEY, value: wire::encode(&point) });
+        if meta_changed {
+            log.push(LogOp::PutState { group, key: META_STATE_KEY, value: wire::encode(&self.meta_state) });
+        }
+        let leading = group != META_GROUP && self.terms.get(group).is_some();
+        // A ready leader's cache holds what it proposed (and keeps each bucket until this write
+        // is in the store): nothing waits on the write. A follower's cached copies are stale and
+        // go once the store has the new state; the meta state is published once written.
+        let touched: Vec<(Vec<u8>, u64)> =
+            if leading { Vec::new() } else { changes.iter().map(|c| (c.bucket.clone(), c.version)).collect() };
+        let node = self.node.clone();
+        let meta = meta_changed.then(|| (self.meta_tx.clone(), self.meta_state.clone()));
+        let rt = tokio::runtime::Handle::current();
+        let done: Option<crate::node::WriteDone> = if touched.is_empty() && meta.is_none() && modules.is_empty() {
+            None
+        } else {
+            Some(Box::new(move |result: std::result::Result<(), String>| {
+                if result.is_err() {
+                    return;
+                }
+                for (name, id, size) in modules {
+                    node.module_replicated(&name, id, size);
+                }
+                if let Some((tx, state)) = meta {
+                    tx.send_if_modified(|old| {
+                        let changed = *old != state;
+                        *old = state;
+                        changed
+                    });
+                }
+                if !touched.is_empty() {
+                    let node = node.clone();
+                    rt.spawn(async move {
+                        for (bucket, version) in touched {
+                            node.applied(group, bucket, version).await;
+                        }
+                    });
+                }
+            }))
+        };
+        let seq = match self.node.commits().submit_write(Write { log, changes, sync: SyncTo::Nothing, done }) {
+            Ok(seq) => seq,
+            Err(e) => {
+                tracing::error!(error = %e.message, "applying committed entries failed; this node stops taking part");
+                self.failed = true;
+                return;
+            }
+        };
+        self.written.insert(group, seq);
+        for entry in &committed.entries {
+            for waiters in [&mut self.proposals, &mut self.conf_changes] {
+                if let Some(waiter) = waiters.remove(&(group, entry.index)) {
+                    let answer = if waiter.term == entry.term {
+                        Ok(if entry.get_entry_type() == EntryType::EntryNormal { seq } else { entry.index })
+                    } else {
+                        Err(error(
+                            ErrorCode::OutcomeUnknown,
+                            "the flock's leader changed before the write committed, and the new leader's log \
+                             replaced it; it did not take effect, but read before retrying",
+                        ))
+                    };
+                    let _ = waiter.reply.send(answer);
+                }
+            }
+        }
+        self.engine.applied(group, last_index);
+        self.maybe_purge(group, last_index);
+    }
+
+    /// Purges a group's applied log once it holds more than `snapshot_logs` entries (after a
+    /// checkpoint: the store holds their effects durably first).
+    fn maybe_purge(&mut self, group: GroupId, applied: u64) {
+        let Some((first, ..)) = self.engine.log_state(group) else { return };
+        if applied < first + self.snapshot_logs {
+            return;
+        }
+        let upto = applied - self.snapshot_logs / 5;
+        let Ok(term) = self.source_term(group, upto) else { return };
+        self.engine.purge(group, upto);
+        let log = vec![
+            LogOp::PurgeUpto { group, upto },
+            LogOp::PutLogState { group, key: BASE_KEY, value: wire::encode(&(upto, term)) },
+        ];
+        let _ = self.node.commits().submit_write(Write { log, changes: Vec::new(), sync: SyncTo::All, done: None });
+    }
+
+    fn source_term(&self, group: GroupId, index: u64) -> anyhow::Result<u64> {
+        let entries = self.source.entries(group, index, index + 1, u64::MAX)?;
+        entries.first().map(|e| e.term).ok_or_else(|| anyhow::anyhow!("no entry {index}"))
+    }
+
+    fn lead_changed(&mut self, group: GroupId) {
+        let Some(lead) = self.engine.lead(group) else { return };
+        if group == META_GROUP {
+            return;
+        }
+        if lead.ready {
+            // Ready once the store holds everything applied before the term (a job loads its
+            // bucket from there).
+            let seq = self.written.get(&group).copied().unwrap_or(0);
+            let commits = self.node.commits().clone();
+            let events = self.handle.events.clone();
+            tokio::spawn(async move {
+                let _ = commits.wait_durable(seq).await;
+                let _ = events.send(Input::StoreHolds { group, term: lead.term });
+            });
+        } else if self.terms.set(group, 0) != 0 {
+            // Lost the lead: cached writes of that term may never commit.
+            let node = self.node.clone();
+            tokio::spawn(async move { node.drop_flock(group).await });
+        }
+    }
+
+    fn publish_views(&mut self) {
+        let mut views = self.views.write().unwrap_or_else(|p| p.into_inner());
+        for group in self.engine.group_ids().collect::<Vec<_>>() {
+            let (Some(lead), Some((voters, learners)), Some((first, _, _, applied))) =
+                (self.engine.lead(group), self.engine.members(group), self.engine.log_state(group))
+            else {
+                continue;
+            };
+            let matched = if lead.role == StateRole::Leader { self.engine.matched(group) } else { BTreeMap::new() };
+            views.insert(group, GroupView { lead, voters, learners, first, applied, matched });
+        }
+    }
+
+    /// Starts a read-index round for every group with reads waiting and none under way.
+    fn start_reads(&mut self) {
+        let busy: BTreeSet<GroupId> = self.reads.values().map(|r| r.group).collect();
+        let groups: Vec<GroupId> = self.reads_waiting.keys().copied().filter(|g| !busy.contains(g)).collect();
+        for group in groups {
+            let waiting = self.reads_waiting.remove(&group).unwrap_or_default();
+            let ctx = self.next_read;
+            self.next_read += 1;
+            if let Err(refusal) = self.engine.read_index(group, ctx.to_be_bytes().to_vec()) {
+                for (_, reply) in waiting {
+                    let _ = reply.send(Err(refused(group, refusal)));
+                }
+                continue;
+            }
+            self.reads.insert(ctx, ReadRound { group, started: Instant::now(), waiting, index: None });
+        }
+    }
+
+    /// Answers the rounds whose index is applied.
+    fn finish_reads(&mut self) {
+        let done: Vec<u64> = self
+            .reads
+            .iter()
+            .filter(|(_, r)| {
+                r.index.is_some_and(|i| self.engine.log_state(r.group).is_some_and(|(_, _, _, applied)| applied >= i))
+            })
+            .map(|(ctx, _)| *ctx)
+            .collect();
+        for ctx in done {
+            let round = self.reads.remove(&ctx).expect("listed");
+            let lead = self.engine.lead(round.group);
+            for (term, reply) in round.waiting {
+                let answer = match lead {
+                    Some(l) if l.role == StateRole::Leader && l.term == term => Ok(()),
+                    _ => Err(not_confirmed(round.group, "the lead moved to another term")),
+                };
+                let _ = reply.send(answer);
+            }
+        }
+    }
+
+    fn expire_reads(&mut self) {
+        let late: Vec<u64> =
+            self.reads.iter().filter(|(_, r)| r.started.elapsed() > READ_PATIENCE).map(|(c, _)| *c).collect();
+        for ctx in late {
+            let round = self.reads.remove(&ctx).expect("listed");
+            for (_, reply) in round.waiting {
+                let _ = reply.send(Err(not_confirmed(round.group, "a majority did not answer in time")));
+            }
+        }
+        self.finish_reads();
+    }
+
+    /// Sends a snapshot of `message.group` to `to`: its data read from the store now (the state
+    /// at or after the applied point read first, which becomes the snapshot's point: applying a
+    /// change set again gives the same state, so a newer state under an older point is sound).
+    fn send_snapshot(&mut self, to: NodeId, mut message: RaftMessage) {
+        let group = message.group;
+        let node = self.node.clone();
+        let peers = self.peers.clone();
+        let events = self.handle.events.clone();
+        tokio::spawn(async move {
+            node.commits().settle().await;
+            let store = node.store().clone();
+            let built = tokio::task::spawn_blocking(move || build_snapshot(store.as_ref(), group)).await;
+            let installed = match built {
+                Ok(Ok((point, data))) => {
+                    message.snapshot = Some(point);
+                    send_chunks(&peers, to, message, data).await
+                }
+                Ok(Err(e)) => {
+                    tracing::warn!(group, "could not build a snapshot: {e}");
+                    false
+                }
+                Err(e) => {
+                    tracing::warn!(group, "building a snapshot failed: {e}");
+                    false
+                }
+            };
+            let _ = events.send(Input::SnapshotSent { group, to, installed });
+        });
+    }
+}
+
+/// Reads a group's snapshot: its applied point, then its state.
+fn build_snapshot(store: &dyn Store, group: GroupId) -> anyhow::Result<(AppliedPoint, Vec<u8>)> {
+    let point: AppliedPoint =
+        read_state(store, group, APPLIED_KEY)?.ok_or_else(|| anyhow::anyhow!("group {group} has no applied state"))?;
+    let data = if group == META_GROUP {
+        let state: MetaState = read_state(store, group, META_STATE_KEY)?.unwrap_or_default();
+        let mut modules = Vec::new();
+        for (name, id) in store.module_names()? {
+            if let Some(wasm) = store.module_bytes(&id)? {
+                modules.push((name, id, ByteBuf::from(wasm)));
+            }
+        }
+        wire::encode(&MetaSnapshot { state, modules })
+    } else {
+        let buckets = store
+            .flock_buckets(group)?
+            .into_iter()
+            .map(|(bucket, data)| {
+                let version = data.version;
+                let items = data.into_items().into_iter().map(|(k, v)| (k, ByteBuf::from(v))).collect();
+                (ByteBuf::from(bucket), version, items)
+            })
+            .collect();
+        wire::encode(&FlockSnapshot { buckets })
+    };
+    Ok((point, data))
+}
+
+/// Sends a snapshot's data in chunks, the message with the last; true once the peer took it.
+async fn send_chunks(peers: &Arc<Peers>, to: NodeId, message: RaftMessage, data: Vec<u8>) -> bool {
+    let group = message.group;
+    let mut offset = 0;
+    let mut message = Some(message);
+    loop {
+        let end = (offset + SNAPSHOT_CHUNK_BYTES).min(data.len());
+        let last = end == data.len();
+        let request = PeerRequest::SnapshotChunk {
+            group,
+            offset: offset as u64,
+            data: data[offset..end].to_vec(),
+            message: if last { message.take() } else { None },
+        };
+        match peers.call(to, request, Duration::from_secs(60)).await {
+            Ok(PeerResponse::Ack) => {}
+            Ok(other) => {
+                tracing::info!(group, to = %format!("{to:016x}"), answer = ?other, "a snapshot chunk was refused");
+                return false;
+            }
+            Err(e) => {
+                tracing::info!(group, to = %format!("{to:016x}"), error = %e, "sending a snapshot failed");
+                return false;
+            }
+        }
+        if last {
+            return true;
+        }
+        offset = end;
+    }
+}
+
+/// The lane to one peer: sends queued messages as one frame at a time, each frame at most
+/// [`FRAME_BYTES`] of entries (a larger message goes alone); a frame under way gathers the next
+/// one behind it.
+fn spawn_lane(to: NodeId, peers: Arc<Peers>, events: mpsc::UnboundedSender<Input>) -> mpsc::Sender<RaftMessage> {
+    let (tx, mut rx) = mpsc::channel::<RaftMessage>(LANE_MESSAGES_MAX);
+    tokio::spawn(async move {
+        let mut next: Option<RaftMessage> = None;
+        loop {
+            let first = match next.take() {
+                Some(message) => message,
+                None => match rx.recv().await {
+                    Some(message) => message,
+                    None => return,
+                },
+            };
+            let mut bytes = message_bytes(&first);
+            let mut messages = vec![first];
+            while let Ok(more) = rx.try_recv() {
+                let size = message_bytes(&more);
+                if bytes + size > FRAME_BYTES {
+                    next = Some(more);
+                    break;
+                }
+                bytes += size;
+                messages.push(more);
+            }
+            match peers.call(to, PeerRequest::Raft { messages }, FRAME_TIMEOUT).await {
+                Ok(PeerResponse::Ack) => {}
+                Ok(_) | Err(_) => {
+                    let _ = events.send(Input::Unreachable(to));
+                }
+            }
+        }
+    });
+    tx
+}
+
+/// About how many bytes a message takes in a frame.
+fn message_bytes(message: &RaftMessage) -> usize {
+    64 + message.entries.iter().map(|e| e.data.len() + 24).sum::<usize>()
+}
+
+fn refused(group: GroupId, refusal: Refusal) -> RemoteError {
+    match refusal {
+        Refusal::NoGroup => error(ErrorCode::Unavailable, format!("this node does not take part in group {group}")),
+        Refusal::NotLeader { .. } => error(
+            ErrorCode::Unavailable,
+            format!("this node no longer leads group {group}; the write was not taken, retry"),
+        ),
+        Refusal::Busy => error(
+            ErrorCode::Overloaded,
+            format!("group {group} has too much uncommitted (or a membership change under way); retry shortly"),
+        ),
+    }
+}
+
+fn not_confirmed(group: GroupId, why: &str) -> RemoteError {
+    error(
+        ErrorCode::Unavailable,
+        format!(
+            "this node could not confirm that it still leads flock {group} ({why}); the job changed nothing, so \
+             retry (another node may lead it now)"
+        ),
+    )
+}
