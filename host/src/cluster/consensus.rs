@@ -250,8 +250,12 @@ impl Consensus {
             written: BTreeMap::new(),
             failed: false,
         };
-        if bootstrap {
-            for group in driver.engine.group_ids().collect::<Vec<_>>() {
+        // A group this node is the only voter of (a new cluster, a one-node cluster after a
+        // restart) is led by it at once, not after an election timeout.
+        for group in driver.engine.group_ids().collect::<Vec<_>>() {
+            let alone =
+                driver.engine.members(group).is_some_and(|(voters, _)| voters.len() == 1 && voters.contains(&me));
+            if alone {
                 let _ = driver.engine.campaign(group);
             }
         }
@@ -803,11 +807,38 @@ impl Driver {
         let node = self.node.clone();
         let meta = meta_changed.then(|| (self.meta_tx.clone(), self.meta_state.clone()));
         let rt = tokio::runtime::Handle::current();
-        let done: Option<crate::node::WriteDone> = if touched.is_empty() && meta.is_none() && modules.is_empty() {
+        // The proposals among these entries: answered with the write's sequence once it is
+        // queued; the meta group's once it is written (its readers read the store).
+        let mut answers = Vec::new();
+        for entry in &committed.entries {
+            for waiters in [&mut self.proposals, &mut self.conf_changes] {
+                if let Some(waiter) = waiters.remove(&(group, entry.index)) {
+                    let outcome = if waiter.term != entry.term {
+                        // Another entry holds its index: it can never commit.
+                        Err(error(
+                            ErrorCode::Unavailable,
+                            "the flock's leader changed before the write committed, and the new leader's log \
+                             replaced it: it did not take effect; retry",
+                        ))
+                    } else if entry.get_entry_type() == EntryType::EntryNormal {
+                        Ok(None)
+                    } else {
+                        Ok(Some(entry.index))
+                    };
+                    answers.push((waiter.reply, outcome));
+                }
+            }
+        }
+        let after_write = if group == META_GROUP { std::mem::take(&mut answers) } else { Vec::new() };
+        let quiet = touched.is_empty() && meta.is_none() && modules.is_empty() && after_write.is_empty();
+        let done: Option<crate::node::WriteDone> = if quiet {
             None
         } else {
             Some(Box::new(move |result: std::result::Result<(), String>| {
-                if result.is_err() {
+                if let Err(e) = &result {
+                    for (reply, _) in after_write {
+                        let _ = reply.send(Err(error(ErrorCode::StorageFailed, format!("applying failed: {e}"))));
+                    }
                     return;
                 }
                 for (name, id, size) in modules {
@@ -819,6 +850,9 @@ impl Driver {
                         *old = state;
                         changed
                     });
+                }
+                for (reply, outcome) in after_write {
+                    let _ = reply.send(outcome.map(|index| index.unwrap_or(0)));
                 }
                 if !touched.is_empty() {
                     let node = node.clone();
@@ -839,21 +873,8 @@ impl Driver {
             }
         };
         self.written.insert(group, seq);
-        for entry in &committed.entries {
-            for waiters in [&mut self.proposals, &mut self.conf_changes] {
-                if let Some(waiter) = waiters.remove(&(group, entry.index)) {
-                    let answer = if waiter.term == entry.term {
-                        Ok(if entry.get_entry_type() == EntryType::EntryNormal { seq } else { entry.index })
-                    } else {
-                        Err(error(
-                            ErrorCode::OutcomeUnknown,
-                            "the flock's leader changed before the write committed, and the new leader's log \
-                             replaced it; it did not take effect, but read before retrying",
-                        ))
-                    };
-                    let _ = waiter.reply.send(answer);
-                }
-            }
+        for (reply, outcome) in answers {
+            let _ = reply.send(outcome.map(|index| index.unwrap_or(seq)));
         }
         self.engine.applied(group, last_index);
         self.maybe_purge(group, last_index);
