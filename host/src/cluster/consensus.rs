@@ -100,10 +100,13 @@ pub struct MetaState {
     pub map: FlockMap,
 }
 
+/// One bucket in a snapshot: key, version, items.
+type SnapshotBucket = (ByteBuf, u64, Vec<(String, ByteBuf)>);
+
 /// The parts of a flock snapshot: every bucket with its version and items.
 #[derive(Serialize, Deserialize)]
 struct FlockSnapshot {
-    buckets: Vec<(ByteBuf, u64, Vec<(String, ByteBuf)>)>,
+    buckets: Vec<SnapshotBucket>,
 }
 
 /// The meta group's snapshot: its state and every named module.
@@ -431,10 +434,13 @@ struct Waiter {
     reply: oneshot::Sender<Result<u64>>,
 }
 
+/// A read waiting for its lead to be confirmed in its term.
+type ReadWaiter = (u64, oneshot::Sender<Result<()>>);
+
 struct ReadRound {
     group: GroupId,
     started: Instant,
-    waiting: Vec<(u64, oneshot::Sender<Result<()>>)>,
+    waiting: Vec<ReadWaiter>,
     /// The commit index the leader confirmed, once it has.
     index: Option<u64>,
 }
@@ -456,7 +462,7 @@ struct Driver {
     proposals: BTreeMap<(GroupId, u64), Waiter>,
     conf_changes: BTreeMap<(GroupId, u64), Waiter>,
     /// Reads waiting for the next read-index round of their group.
-    reads_waiting: BTreeMap<GroupId, Vec<(u64, oneshot::Sender<Result<()>>)>>,
+    reads_waiting: BTreeMap<GroupId, Vec<ReadWaiter>>,
     /// Rounds under way, by context.
     reads: BTreeMap<u64, ReadRound>,
     next_read: u64,

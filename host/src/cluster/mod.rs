@@ -342,10 +342,7 @@ impl Cluster {
                 ));
             }
             buffer.extend_from_slice(&data);
-            match message {
-                Some(message) => Some((message, partial.remove(&(from, group)).unwrap_or_default())),
-                None => None,
-            }
+            message.map(|message| (message, partial.remove(&(from, group)).unwrap_or_default()))
         };
         let Some((message, data)) = complete else { return PeerResponse::Ack };
         match self.inner.consensus.deliver(vec![message], Some(data)).await {
