@@ -25,7 +25,10 @@ ticks() {
   local i t
   for i in "${!pids[@]}"; do
     for t in /proc/"${pids[$i]}"/task/*; do
-      echo "$i $(tr ' ' _ < "$t/comm") $(awk '{ print $14 + $15 }' "$t/stat")"
+      # A thread may end between the listing and the read (blocking-pool threads come and go).
+      local name stat
+      name=$(tr ' ' _ < "$t/comm" 2>/dev/null) && stat=$(awk '{ print $14 + $15 }' "$t/stat" 2>/dev/null) \
+        && echo "$i $name $stat"
     done
   done
 }

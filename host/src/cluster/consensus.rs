@@ -227,6 +227,9 @@ impl Consensus {
                 engine.add_group(group, GroupLog::empty(group, source.clone()))?;
             }
         }
+        // Every node serves what the meta group holds (modules, the map): its followers hear of
+        // each commit at once.
+        engine.set_eager_commit(META_GROUP, true);
         let (tx, rx) = mpsc::channel(INPUTS_MAX);
         let (events, events_rx) = mpsc::unbounded_channel();
         let (meta_tx, meta) = watch::channel(meta_state.clone());

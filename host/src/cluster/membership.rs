@@ -114,6 +114,16 @@ impl Cluster {
                     .call(leader, PeerRequest::PutModule { name, wasm }, Duration::from_secs(60))
                     .await
                 {
+                    Ok(PeerResponse::Module(Ok(info))) => {
+                        // Read your writes: jobs sent here right after the upload find the module.
+                        let deadline = Instant::now() + Duration::from_secs(5);
+                        while !self.inner.node.modules().iter().any(|m| m.name == info.name && m.id == info.id)
+                            && Instant::now() < deadline
+                        {
+                            tokio::time::sleep(Duration::from_millis(5)).await;
+                        }
+                        Ok(info)
+                    }
                     Ok(PeerResponse::Module(result)) => result,
                     Ok(PeerResponse::Error(e)) => Err(e),
                     Ok(other) => Err(error(ErrorCode::Internal, format!("unexpected peer answer {other:?}"))),

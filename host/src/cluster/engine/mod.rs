@@ -309,6 +309,15 @@ impl Engine {
         Ok(())
     }
 
+    /// Whether `group`'s leader tells its followers of a new commit index at once, in a round
+    /// of its own (off by default: it rides on the next append or heartbeat). For groups whose
+    /// followers must see each change soon, not for throughput.
+    pub fn set_eager_commit(&mut self, group: GroupId, eager: bool) {
+        if let Some(g) = self.groups.get_mut(&group) {
+            g.raw.skip_bcast_commit(!eager);
+        }
+    }
+
     /// Stops taking part in `group` (its log stays wherever the driver keeps it).
     pub fn remove_group(&mut self, group: GroupId) -> Option<GroupLog> {
         self.active.remove(&group);
