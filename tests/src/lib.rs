@@ -523,3 +523,4 @@ pub fn compile_bomb(functions: u32, adds: u32) -> Vec<u8> {
     component.section(&ModuleSection(&module));
     component.finish()
 }
+pub mod sim;

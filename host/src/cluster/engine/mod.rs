@@ -75,6 +75,10 @@ pub struct EngineConfig {
     pub max_apply_bytes: u64,
     /// Applied, durable entries a group keeps in memory for followers that lag a little.
     pub cached_entries: u64,
+    /// Ticks a follower may stay waiting for a snapshot before its leader counts the snapshot
+    /// as lost and sends again (the driver reports most outcomes sooner; this covers a receiver
+    /// that took the snapshot and crashed before answering).
+    pub snapshot_patience_ticks: u64,
     /// Seed of the election timeouts.
     pub seed: u64,
 }
@@ -90,6 +94,7 @@ impl Default for EngineConfig {
             max_uncommitted_bytes: 64 << 20,
             max_apply_bytes: 4 << 20,
             cached_entries: 64,
+            snapshot_patience_ticks: 100,
             seed: 0x6772_6578,
         }
     }
@@ -210,6 +215,8 @@ struct Group {
     /// Configurations of configuration changes handed out and not yet applied by the driver.
     confs: VecDeque<(u64, ConfState)>,
     lead: Lead,
+    /// Followers waiting for a snapshot from this leader, since which tick.
+    snapshots: BTreeMap<NodeId, u64>,
 }
 
 struct Unwritten {
@@ -304,7 +311,10 @@ impl Engine {
         let raw = RawNode::new(&self.raft_config(applied), log, &self.logger)
             .map_err(|e| anyhow::anyhow!("group {group}: {e}"))?;
         let lead = lead_of(&raw);
-        self.groups.insert(group, Group { raw, campaign: None, timeout: 0, confs: VecDeque::new(), lead });
+        self.groups.insert(
+            group,
+            Group { raw, campaign: None, timeout: 0, confs: VecDeque::new(), lead, snapshots: BTreeMap::new() },
+        );
         self.settle(group);
         Ok(())
     }
@@ -362,6 +372,7 @@ impl Engine {
         for group in ids {
             let g = self.groups.get_mut(&group).expect("listed");
             g.raw.tick();
+            expire_snapshots(g, self.ticks, self.config.snapshot_patience_ticks);
             if let Some((at, lost)) = g.campaign
                 && at <= self.ticks
             {
@@ -692,6 +703,24 @@ fn hand_over_if_removed(raw: &mut RawNode<GroupLog>) {
         raw.raft.send_timeout_now(heir);
     }
     raw.raft.become_follower(term, raft::INVALID_ID);
+}
+
+/// A leader counts a snapshot as lost when its follower has waited for it `patience` ticks.
+fn expire_snapshots(g: &mut Group, now: u64, patience: u64) {
+    if g.raw.raft.state != StateRole::Leader {
+        g.snapshots.clear();
+        return;
+    }
+    let waiting: Vec<NodeId> =
+        g.raw.raft.prs().iter().filter(|(_, p)| p.state == raft::ProgressState::Snapshot).map(|(&id, _)| id).collect();
+    g.snapshots.retain(|id, _| waiting.contains(id));
+    for id in waiting {
+        let since = *g.snapshots.entry(id).or_insert(now);
+        if now - since >= patience {
+            g.snapshots.remove(&id);
+            g.raw.report_snapshot(id, SnapshotStatus::Failure);
+        }
+    }
 }
 
 /// Which place in the order of campaigns `me` takes in `group` among `voters` (0 goes first).
