@@ -1,4 +1,4 @@
-//! The peer transport: QUIC (quinn) with mutual TLS under the cluster CA, ALPN `grex-peer/6`.
+//! The peer transport: QUIC (quinn) with mutual TLS under the cluster CA, ALPN `grex-peer/7` (`messages::PEER_ALPN`).
 //!
 //! Each pair of nodes keeps one long-lived connection. Either side dials when it has none; if
 //! both dial at once, both keep the connection dialed by the lower node id and close the other,
@@ -10,8 +10,8 @@
 //!
 //! Liveness is per node pair, shared by every flock: a heartbeat task per peer pings it every
 //! [`PING_INTERVAL`] (redialing with back-off when the connection is gone), and a peer not heard
-//! from within [`DEAD_AFTER`] counts as down. The failure detector above (`supervisor`) turns that
-//! into elections; no flock runs timers of its own.
+//! from within [`DEAD_AFTER`] counts as down. The supervisor (`supervision`) tells the consensus
+//! engine, which elects at once in the groups the lost peer led.
 //!
 //! Pings also carry what a node tells every peer about itself: its load, and the flocks it leads
 //! ([`Lead`]). The list travels only when it changed since the peer last confirmed it (pongs say

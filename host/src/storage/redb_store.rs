@@ -13,7 +13,7 @@ use crate::data::{BucketData, flock_of};
 use crate::error::StoreError;
 
 /// The schema this binary reads and writes. Bump it with any change to the tables below.
-pub const SCHEMA_VERSION: u32 = 4;
+pub const SCHEMA_VERSION: u32 = 5;
 
 /// The log file's name is the state file's stem and this.
 const LOG_FILE_SUFFIX: &str = "-log.redb";
