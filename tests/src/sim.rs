@@ -345,6 +345,12 @@ impl Sim {
                     return;
                 }
                 let envelope = *envelope;
+                if snapshot {
+                    // The transfer arrived: the sender hears so (as the driver does on the ack).
+                    let engine = self.nodes.get_mut(&from).unwrap().engine.as_mut().unwrap();
+                    engine.report_snapshot(GROUP, to, true);
+                    self.pump(from);
+                }
                 self.heard(to, from);
                 let node = self.nodes.get_mut(&to).unwrap();
                 let stray = node.engine.as_mut().unwrap().step([envelope]);

@@ -57,6 +57,8 @@ const FRAME_BYTES: usize = 8 << 20;
 const LANE_MESSAGES_MAX: usize = 16_384;
 /// How long a peer frame of consensus messages may take.
 const FRAME_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a proposal is remembered for its answer (its caller gives up after 10 s).
+const PROPOSAL_KEPT: Duration = Duration::from_secs(60);
 /// How long a read-index round may take before its reads are refused.
 const READ_PATIENCE: Duration = Duration::from_secs(5);
 
@@ -434,6 +436,7 @@ impl EntrySource for StoreEntries {
 
 struct Waiter {
     term: u64,
+    since: Instant,
     reply: oneshot::Sender<Result<u64>>,
 }
 
@@ -477,37 +480,49 @@ struct Driver {
 
 impl Driver {
     async fn run(mut self, mut rx: mpsc::Receiver<Input>, mut events: mpsc::UnboundedReceiver<Input>) {
-        let mut ticker = tokio::time::interval(TICK);
-        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut next_tick = tokio::time::Instant::now() + TICK;
         loop {
             let input = tokio::select! {
                 biased;
-                Some(event) = events.recv() => event,
-                Some(input) = rx.recv() => input,
-                _ = ticker.tick() => {
-                    self.engine.tick();
-                    self.expire_reads();
-                    self.drain();
-                    continue;
-                }
+                Some(event) = events.recv() => Some(event),
+                Some(input) = rx.recv() => Some(input),
+                _ = tokio::time::sleep_until(next_tick) => None,
                 else => return,
             };
-            if !self.handle_input(input) {
-                break;
-            }
-            // Everything that queued meanwhile joins this round.
-            while let Ok(event) = events.try_recv() {
-                self.handle_input(event);
-            }
-            for _ in 0..256 {
-                let Ok(input) = rx.try_recv() else { break };
+            if let Some(input) = input {
                 if !self.handle_input(input) {
-                    return self.stop();
+                    break;
                 }
+                // Everything that queued meanwhile joins this round.
+                while let Ok(event) = events.try_recv() {
+                    self.handle_input(event);
+                }
+                for _ in 0..256 {
+                    let Ok(input) = rx.try_recv() else { break };
+                    if !self.handle_input(input) {
+                        return self.stop();
+                    }
+                }
+            }
+            // Time goes on under load too: a busy loop must not starve elections and heartbeats.
+            let now = tokio::time::Instant::now();
+            if now >= next_tick {
+                next_tick = now + TICK;
+                self.engine.tick();
+                self.expire_reads();
+                self.expire_proposals();
             }
             self.drain();
         }
         self.stop();
+    }
+
+    /// Forgets proposals long past their callers' patience (a group this node left, say, whose
+    /// entries it will never apply).
+    fn expire_proposals(&mut self) {
+        let stale = |w: &Waiter| w.since.elapsed() > PROPOSAL_KEPT;
+        self.proposals.retain(|_, w| !stale(w));
+        self.conf_changes.retain(|_, w| !stale(w));
     }
 
     fn stop(&mut self) {
@@ -543,7 +558,7 @@ impl Driver {
             }
             Input::Propose { group, data, reply } => match self.engine.propose(group, data) {
                 Ok(Proposal { index, term }) => {
-                    self.proposals.insert((group, index), Waiter { term, reply });
+                    self.proposals.insert((group, index), Waiter { term, since: Instant::now(), reply });
                 }
                 Err(refusal) => {
                     let _ = reply.send(Err(refused(group, refusal)));
@@ -551,7 +566,7 @@ impl Driver {
             },
             Input::ConfChange { group, change, reply } => match self.engine.propose_conf_change(group, change) {
                 Ok(Proposal { index, term }) => {
-                    self.conf_changes.insert((group, index), Waiter { term, reply });
+                    self.conf_changes.insert((group, index), Waiter { term, since: Instant::now(), reply });
                 }
                 Err(refusal) => {
                     let _ = reply.send(Err(refused(group, refusal)));
