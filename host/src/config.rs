@@ -1,4 +1,4 @@
-//! Node configuration and job limits, with the defaults of DESIGN.md.
+//! Node configuration and job limits, with their defaults (`grex serve --help` lists them).
 
 use std::path::PathBuf;
 use std::time::Duration;

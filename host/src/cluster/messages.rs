@@ -61,10 +61,8 @@ pub struct PeerFrame {
 /// A request from one node to another.
 #[derive(Debug, Serialize, Deserialize)]
 pub enum PeerRequest {
-    /// First request on a new connection: who is dialing and where it listens.
+    /// First request on a new connection: which process of the dialing node this is.
     Hello {
-        /// The dialer's addresses.
-        info: PeerInfo,
         /// Drawn at random when the dialer's process started: a new one means the peer restarted,
         /// so any older connection to it is dead, whoever dialed it.
         incarnation: u64,

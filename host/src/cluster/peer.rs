@@ -355,7 +355,7 @@ impl Peers {
         let hello = PeerFrame {
             cluster_id: self.cluster_id.clone(),
             from: self.me,
-            request: PeerRequest::Hello { info: PeerInfo::default(), incarnation: self.incarnation },
+            request: PeerRequest::Hello { incarnation: self.incarnation },
         };
         let bytes = encode_frame(&hello).map_err(|e| PeerError::Protocol(e.to_string()))?;
         let incarnation = match exchange(&connection, &bytes).await {

@@ -84,6 +84,8 @@ impl Cluster {
         // The leader the last redirect named, and how many redirects were followed: only the
         // first goes at once, so nodes with stale views cannot bounce a job at network speed.
         let (mut redirect, mut redirects) = (None::<NodeId>, 0);
+        // A job counts as forwarded once, however many tries and redirects it takes.
+        let mut counted = false;
         loop {
             if let Some(local) = self.try_here(flock, &bucket, &module, &input, read_only).await {
                 match local {
@@ -98,6 +100,9 @@ impl Cluster {
                 let via = (!alive(target)).then(|| decide::relay(self.inner.me, target, &self.herders(flock), &alive));
                 let via = via.flatten();
                 let relay = via.is_some();
+                if !std::mem::replace(&mut counted, true) {
+                    self.inner.node.count_forwarded();
+                }
                 match self.forward_job(via.unwrap_or(target), &bucket, &module, &input, read_only, relay).await {
                     Forwarded::Answer(result) => return result,
                     Forwarded::Redirect(hint) => {
@@ -149,7 +154,6 @@ impl Cluster {
             relay,
         };
         let timeout = self.inner.node.config().limits.timeout() + Duration::from_secs(10);
-        self.inner.node.count_forwarded();
         let answer = tokio::select! {
             answer = self.inner.peers.call(target, request, timeout) => answer,
             () = self.until_down(target) => return Forwarded::Answer(Err(error(
@@ -230,6 +234,7 @@ impl Cluster {
         match leader {
             // Passed on once, never relayed again: a job travels at most two hops.
             Some(target) if relay && self.inner.peers.alive(target) => {
+                self.inner.node.count_forwarded();
                 match self.forward_job(target, &bucket, &module, &input, read_only, false).await {
                     Forwarded::Answer(result) => PeerResponse::Job(result),
                     Forwarded::Redirect(hint) => PeerResponse::NotLeader { leader: hint },
