@@ -168,6 +168,9 @@ struct Job {
     forwarded: bool,
 }
 
+/// A read waiting for its read-index round: (op, term, list it saw, index of what it saw).
+type WaitingRead = (usize, u64, Vec<u64>, u64);
+
 struct Node {
     id: NodeId,
     engine: Option<Engine>,
@@ -185,7 +188,7 @@ struct Node {
     /// Appends waiting to be applied: index → (op, term, list).
     proposals: BTreeMap<u64, (usize, u64, Vec<u64>)>,
     /// Reads waiting for a read-index round: context → (op, term, list, index they saw).
-    reads: BTreeMap<u64, Vec<(usize, u64, Vec<u64>, u64)>>,
+    reads: BTreeMap<u64, Vec<WaitingRead>>,
     /// Reads confirmed, waiting for the index: (op, term, list, read index, index they saw).
     confirmed: Vec<(usize, u64, Vec<u64>, u64, u64)>,
     next_read: u64,
