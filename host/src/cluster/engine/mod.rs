@@ -452,22 +452,25 @@ impl Engine {
 
     /// Proposes an entry to `group` (this node must lead it).
     pub fn propose(&mut self, group: GroupId, data: Vec<u8>) -> Result<Proposal, Refusal> {
-        self.leader_refusal(group)?;
-        let g = self.groups.get_mut(&group).expect("checked");
-        let before = g.raw.raft.raft_log.last_index();
-        g.raw.propose(Vec::new(), data).map_err(|_| Refusal::Busy)?;
-        let index = g.raw.raft.raft_log.last_index();
-        let term = g.raw.raft.term;
-        self.settle(group);
-        if index == before { Err(Refusal::Busy) } else { Ok(Proposal { index, term }) }
+        self.append_as_leader(group, |raw| raw.propose(Vec::new(), data))
     }
 
     /// Proposes a configuration change to `group` (this node must lead it).
     pub fn propose_conf_change(&mut self, group: GroupId, change: ConfChangeV2) -> Result<Proposal, Refusal> {
+        self.append_as_leader(group, |raw| raw.propose_conf_change(Vec::new(), change))
+    }
+
+    /// Runs `append` on `group`'s leader; where the entry went, or why it went nowhere (raft-rs
+    /// drops a proposal silently when the group is transferring its lead or over its limits).
+    fn append_as_leader(
+        &mut self,
+        group: GroupId,
+        append: impl FnOnce(&mut RawNode<GroupLog>) -> raft::Result<()>,
+    ) -> Result<Proposal, Refusal> {
         self.leader_refusal(group)?;
         let g = self.groups.get_mut(&group).expect("checked");
         let before = g.raw.raft.raft_log.last_index();
-        g.raw.propose_conf_change(Vec::new(), change).map_err(|_| Refusal::Busy)?;
+        append(&mut g.raw).map_err(|_| Refusal::Busy)?;
         let index = g.raw.raft.raft_log.last_index();
         let term = g.raw.raft.term;
         self.settle(group);
