@@ -267,6 +267,8 @@ impl Consensus {
                 let _ = driver.engine.campaign(group);
             }
         }
+        let all = driver.engine.group_ids().collect();
+        driver.publish_views(all);
         driver.drain();
         tokio::spawn(driver.run(rx, events_rx));
         Ok(handle)
@@ -511,6 +513,9 @@ impl Driver {
                 self.engine.tick();
                 self.expire_reads();
                 self.expire_proposals();
+                // Every view once a tick (a leader's followers' progress moves without output).
+                let all = self.engine.group_ids().collect();
+                self.publish_views(all);
             }
             self.drain();
         }
@@ -626,14 +631,19 @@ impl Driver {
             return;
         }
         self.start_reads();
+        // Groups this round touched: their views are published now, the others' each tick.
+        let mut touched = BTreeSet::new();
         for _ in 0..64 {
             let out = self.engine.output();
             if out.is_empty() {
                 break;
             }
+            touched.extend(out.changed.iter().copied());
+            touched.extend(out.committed.iter().map(|c| c.group));
+            touched.extend(out.write.iter().flat_map(|w| w.groups.iter().map(|g| g.group)));
             self.handle_output(out);
         }
-        self.publish_views();
+        self.publish_views(touched);
     }
 
     fn handle_output(&mut self, out: Output) {
@@ -948,9 +958,9 @@ impl Driver {
         }
     }
 
-    fn publish_views(&mut self) {
+    fn publish_views(&mut self, groups: BTreeSet<GroupId>) {
         let mut views = self.views.write().unwrap_or_else(|p| p.into_inner());
-        for group in self.engine.group_ids().collect::<Vec<_>>() {
+        for group in groups {
             let (Some(lead), Some((voters, learners)), Some((first, _, _, applied))) =
                 (self.engine.lead(group), self.engine.members(group), self.engine.log_state(group))
             else {
