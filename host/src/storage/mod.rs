@@ -21,6 +21,7 @@
 mod faulty;
 mod memory;
 mod redb_store;
+mod segment_log;
 
 pub use faulty::FaultyStore;
 pub use memory::MemoryStore;

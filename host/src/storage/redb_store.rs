@@ -1,22 +1,23 @@
-//! The redb implementation of [`Store`]: two files, the state (`grex.redb`) and the cluster's
-//! replicated logs (`grex-log.redb`), so that syncing an append writes only log pages, and the
-//! state's pages reach the disk at checkpoints (see the module docs of `storage`).
+//! The redb implementation of [`Store`]: the state in one redb file (`grex.redb`), and the
+//! cluster's replicated logs beside it in append-only segments (`grex-log/`, [`SegmentLog`]), so
+//! that syncing an append writes only the appended bytes, and the state's pages reach the disk at
+//! checkpoints (see the module docs of `storage`).
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
 
+use super::segment_log::{SEGMENT_BYTES, SegmentLog};
 use super::{Batch, GroupId, LogOp, ModuleId, NodeMeta, Store, SyncTo};
 use crate::data::{BucketData, flock_of};
 use crate::error::StoreError;
 
 /// The schema this binary reads and writes. Bump it with any change to the tables below.
-pub const SCHEMA_VERSION: u32 = 5;
+pub const SCHEMA_VERSION: u32 = 6;
 
-/// The log file's name is the state file's stem and this.
-const LOG_FILE_SUFFIX: &str = "-log.redb";
+/// The log directory's name is the state file's stem and this.
+const LOG_DIR_SUFFIX: &str = "-log";
 
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 const ITEMS: TableDefinition<(&[u8], &str), &[u8]> = TableDefinition::new("items");
@@ -24,15 +25,6 @@ const ITEMS: TableDefinition<(&[u8], &str), &[u8]> = TableDefinition::new("items
 const BUCKETS: TableDefinition<(u32, &[u8]), u64> = TableDefinition::new("buckets");
 const MODULES: TableDefinition<&[u8], &[u8]> = TableDefinition::new("modules");
 const MODULE_NAMES: TableDefinition<&str, &[u8]> = TableDefinition::new("module_names");
-/// In the log file: every group's entries in one sequence, in the order they were appended, so
-/// that one commit's appends of many flocks write the tail of one B-tree, not one per flock. The
-/// value is the group (u32 BE), the entry's index (u64 BE) and the encoded entry; where each
-/// group's entries are is kept in memory ([`LogIndex`]). Beside it, the log's own values (vote,
-/// purge point).
-const RAFT_LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("raft_log");
-/// Bytes before the entry in a `raft_log` value.
-const LOG_HEADER: usize = 12;
-const LOG_STATE: TableDefinition<(u32, &str), &[u8]> = TableDefinition::new("log_state");
 /// In the state file: each group's state machine values (applied point, meta state).
 const RAFT_STATE: TableDefinition<(u32, &str), &[u8]> = TableDefinition::new("raft_state");
 
@@ -44,102 +36,18 @@ fn engine(e: impl Into<redb::Error>) -> StoreError {
     StoreError::Engine(e.into().to_string())
 }
 
-/// A node's data in two redb files: the state, and the replicated logs.
+/// A node's data: the state in a redb file, the replicated logs in segments beside it.
 pub struct RedbStore {
     db: Database,
-    log: Database,
-    index: Mutex<LogIndex>,
+    log: SegmentLog,
     meta: NodeMeta,
     durability: Durability,
 }
 
-/// Where each group's log entries are in `raft_log`. Only the committer changes it (and the
-/// table); readers take the sequences under the lock and read them after, so an entry removed
-/// meanwhile is skipped.
-#[derive(Default)]
-struct LogIndex {
-    groups: HashMap<GroupId, GroupSeqs>,
-    next_seq: u64,
-}
-
-/// One group's entries: the one with index `first + i` is at sequence `seqs[i]`.
-#[derive(Default)]
-struct GroupSeqs {
-    first: u64,
-    seqs: VecDeque<u64>,
-}
-
-impl GroupSeqs {
-    /// Forgets the entries with index `>= from`; returns their sequences.
-    fn truncate_from(&mut self, from: u64) -> Vec<u64> {
-        let keep = from.saturating_sub(self.first).min(self.seqs.len() as u64) as usize;
-        self.seqs.split_off(keep).into()
-    }
-
-    /// Forgets the entries with index `<= upto`; returns their sequences.
-    fn purge_upto(&mut self, upto: u64) -> Vec<u64> {
-        let gone = (upto + 1).saturating_sub(self.first).min(self.seqs.len() as u64) as usize;
-        self.first += gone as u64;
-        self.seqs.drain(..gone).collect()
-    }
-
-    /// Records the entry with index `index` at `seq`; the group's entries must stay contiguous.
-    fn push(&mut self, index: u64, seq: u64) -> Result<(), StoreError> {
-        if self.seqs.is_empty() {
-            self.first = index;
-        } else if index != self.first + self.seqs.len() as u64 {
-            return Err(StoreError::Corrupt(format!(
-                "log entry {index} does not follow entry {}",
-                self.first + self.seqs.len() as u64 - 1
-            )));
-        }
-        self.seqs.push_back(seq);
-        Ok(())
-    }
-
-    /// The sequences of entries with index in `from..to`, at most `limit`, with their indexes.
-    fn range(&self, from: u64, to: u64, limit: usize) -> Vec<(u64, u64)> {
-        let end = self.first + self.seqs.len() as u64;
-        let (from, to) = (from.max(self.first), to.min(end));
-        (from..to.max(from)).take(limit).map(|i| (i, self.seqs[(i - self.first) as usize])).collect()
-    }
-}
-
-impl LogIndex {
-    /// Reads where every entry is (once, on open).
-    fn load(db: &Database) -> Result<LogIndex, StoreError> {
-        let mut index = LogIndex::default();
-        let txn = db.begin_read().map_err(engine)?;
-        for row in txn.open_table(RAFT_LOG).map_err(engine)?.iter().map_err(engine)? {
-            let (seq, value) = row.map_err(engine)?;
-            let (group, entry) = log_header(value.value())?;
-            index.groups.entry(group).or_default().push(entry, seq.value())?;
-            index.next_seq = seq.value() + 1;
-        }
-        Ok(index)
-    }
-}
-
-/// The entry in a `raft_log` value.
-fn log_entry(value: &[u8]) -> Result<Vec<u8>, StoreError> {
-    value.get(LOG_HEADER..).map(<[u8]>::to_vec).ok_or_else(|| StoreError::Corrupt("a log row has no header".into()))
-}
-
-/// The group and index a `raft_log` value starts with.
-fn log_header(value: &[u8]) -> Result<(GroupId, u64), StoreError> {
-    match (value.get(..4), value.get(4..LOG_HEADER)) {
-        (Some(group), Some(index)) => Ok((
-            u32::from_be_bytes(group.try_into().expect("4 bytes")),
-            u64::from_be_bytes(index.try_into().expect("8 bytes")),
-        )),
-        _ => Err(StoreError::Corrupt(format!("a log row of {} bytes has no header", value.len()))),
-    }
-}
-
-/// Where the log file of the state file at `path` is.
+/// Where the log of the state file at `path` is.
 fn log_path(path: &Path) -> PathBuf {
     let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or("grex");
-    path.with_file_name(format!("{stem}{LOG_FILE_SUFFIX}"))
+    path.with_file_name(format!("{stem}{LOG_DIR_SUFFIX}"))
 }
 
 impl RedbStore {
@@ -147,12 +55,17 @@ impl RedbStore {
     /// flocks and a new node id if they do not exist. With `durable`, commits are fsync'd as
     /// their batch says.
     pub fn open(path: &Path, flock_count: u32, durable: bool) -> Result<Self, StoreError> {
+        Self::open_with_segments(path, flock_count, durable, SEGMENT_BYTES)
+    }
+
+    /// [`RedbStore::open`] with log segments of at most `segment_bytes` (small in tests).
+    fn open_with_segments(path: &Path, flock_count: u32, durable: bool, segment_bytes: u64) -> Result<Self, StoreError> {
         let log_path = log_path(path);
         let fresh = !path.exists();
-        // A new node creates its log file first: a crash before the state file exists leaves an
-        // empty log, which the next start takes up; a log that holds anything is not taken up.
-        let log = if fresh { Some(open_log(&log_path, true)?) } else { None };
-        if let Some((_, false)) = &log {
+        // A new node creates its log first: a crash before the state file exists leaves an empty
+        // log, which the next start takes up; a log that holds anything is not taken up.
+        let log = if fresh { Some(SegmentLog::open(&log_path, durable, segment_bytes)?) } else { None };
+        if log.as_ref().is_some_and(|log| !log.is_empty()) {
             return Err(StoreError::Corrupt(format!(
                 "{} is missing beside {}, which holds a log; restore it from the same backup, or start this node from \
                  an empty data directory",
@@ -161,7 +74,7 @@ impl RedbStore {
             )));
         }
         let db = Database::create(path).map_err(engine)?;
-        // The schema check first: an older directory has no log file, and that is not the news.
+        // The schema check first: an older directory has no log directory, and that is not the news.
         let meta = init_meta(&db, flock_count)?;
         if !fresh && !log_path.exists() {
             return Err(StoreError::Corrupt(format!(
@@ -171,12 +84,11 @@ impl RedbStore {
             )));
         }
         let log = match log {
-            Some((log, _)) => log,
-            None => open_log(&log_path, false)?.0,
+            Some(log) => log,
+            None => SegmentLog::open(&log_path, durable, segment_bytes)?,
         };
-        let index = Mutex::new(LogIndex::load(&log)?);
         let durability = if durable { Durability::Immediate } else { Durability::None };
-        Ok(RedbStore { db, log, index, meta, durability })
+        Ok(RedbStore { db, log, meta, durability })
     }
 
     /// A write transaction on `db` that syncs on commit if `sync` (and the store is durable).
@@ -185,10 +97,6 @@ impl RedbStore {
         let durability = if sync { self.durability } else { Durability::None };
         txn.set_durability(durability).map_err(|e| StoreError::Engine(e.to_string()))?;
         Ok(txn)
-    }
-
-    fn index(&self) -> std::sync::MutexGuard<'_, LogIndex> {
-        self.index.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Commits the state's part of a batch (synced only for a checkpoint).
@@ -225,7 +133,7 @@ impl RedbStore {
                         txn.open_table(MODULES).map_err(engine)?.insert(&id[..], wasm.as_slice()).map_err(engine)?;
                         txn.open_table(MODULE_NAMES).map_err(engine)?.insert(name.as_str(), &id[..]).map_err(engine)?;
                     }
-                    _ => unreachable!("log operations are written by write_log"),
+                    _ => unreachable!("log operations are written to the log"),
                 }
             }
             for change in &batch.changes {
@@ -241,68 +149,6 @@ impl RedbStore {
         }
         txn.commit().map_err(engine)
     }
-
-    /// Commits the log's part of a batch.
-    fn write_log(&self, ops: &[&LogOp], sync: SyncTo) -> Result<(), StoreError> {
-        let txn = self.begin_write(&self.log, sync >= SyncTo::Log)?;
-        {
-            let mut log = txn.open_table(RAFT_LOG).map_err(engine)?;
-            let mut state = txn.open_table(LOG_STATE).map_err(engine)?;
-            // Only this thread changes the index; readers skip rows it no longer names.
-            let mut index = self.index();
-            let mut row = Vec::new();
-            for op in ops {
-                match op {
-                    LogOp::Append { group, entries } => {
-                        for (i, entry) in entries {
-                            let seq = index.next_seq;
-                            index.next_seq += 1;
-                            let seqs = index.groups.entry(*group).or_default();
-                            // An entry at an index the log has replaces it and everything after.
-                            for old in seqs.truncate_from(*i) {
-                                log.remove(old).map_err(engine)?;
-                            }
-                            seqs.push(*i, seq)?;
-                            row.clear();
-                            row.extend_from_slice(&group.to_be_bytes());
-                            row.extend_from_slice(&i.to_be_bytes());
-                            row.extend_from_slice(entry);
-                            log.insert(seq, row.as_slice()).map_err(engine)?;
-                        }
-                    }
-                    LogOp::TruncateFrom { group, from } => {
-                        for seq in index.groups.entry(*group).or_default().truncate_from(*from) {
-                            log.remove(seq).map_err(engine)?;
-                        }
-                    }
-                    LogOp::PurgeUpto { group, upto } => {
-                        for seq in index.groups.entry(*group).or_default().purge_upto(*upto) {
-                            log.remove(seq).map_err(engine)?;
-                        }
-                    }
-                    LogOp::PutLogState { group, key, value } => {
-                        state.insert((*group, *key), value.as_slice()).map_err(engine)?;
-                    }
-                    _ => unreachable!("state operations are written by write_state"),
-                }
-            }
-        }
-        txn.commit().map_err(engine)
-    }
-}
-
-/// Opens (or creates) the log file with its tables; with `check_empty`, also says whether it
-/// holds no entries and no log state (always true without).
-fn open_log(path: &Path, check_empty: bool) -> Result<(Database, bool), StoreError> {
-    let log = Database::create(path).map_err(engine)?;
-    let txn = log.begin_write().map_err(engine)?;
-    let entries = txn.open_table(RAFT_LOG).map_err(engine)?;
-    let state = txn.open_table(LOG_STATE).map_err(engine)?;
-    let empty =
-        !check_empty || (entries.first().map_err(engine)?.is_none() && state.first().map_err(engine)?.is_none());
-    drop((entries, state));
-    txn.commit().map_err(engine)?;
-    Ok((log, empty))
 }
 
 fn init_meta(db: &Database, flock_count: u32) -> Result<NodeMeta, StoreError> {
@@ -436,44 +282,23 @@ impl Store for RedbStore {
             self.write_state(&state_ops, batch)?;
         }
         if !log_ops.is_empty() {
-            self.write_log(&log_ops, batch.sync)?;
+            self.log.write(&log_ops, batch.sync >= SyncTo::Log)?;
         }
         Ok(())
     }
 
     fn log_entries(&self, group: GroupId, from: u64, to: u64, limit: usize) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
-        let wanted = match self.index().groups.get(&group) {
-            Some(seqs) => seqs.range(from, to, limit),
-            None => return Ok(Vec::new()),
-        };
-        let txn = self.log.begin_read().map_err(engine)?;
-        let table = txn.open_table(RAFT_LOG).map_err(engine)?;
-        let mut entries = Vec::with_capacity(wanted.len());
-        for (index, seq) in wanted {
-            if let Some(value) = table.get(seq).map_err(engine)? {
-                entries.push((index, log_entry(value.value())?));
-            }
-        }
-        Ok(entries)
+        self.log.entries(group, from, to, limit)
     }
 
     fn log_last(&self, group: GroupId) -> Result<Option<(u64, Vec<u8>)>, StoreError> {
-        let last = self.index().groups.get(&group).and_then(|s| {
-            // An empty group (every entry truncated or purged) has no last entry, whatever its `first`.
-            let seq = *s.seqs.back()?;
-            Some((s.first + s.seqs.len() as u64 - 1, seq))
-        });
-        let Some((index, seq)) = last else { return Ok(None) };
-        let txn = self.log.begin_read().map_err(engine)?;
-        let table = txn.open_table(RAFT_LOG).map_err(engine)?;
-        table.get(seq).map_err(engine)?.map(|v| Ok((index, log_entry(v.value())?))).transpose()
+        self.log.last(group)
     }
 
     fn log_state(&self, group: GroupId, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
-        // The names of the two tables do not overlap.
-        let txn = self.log.begin_read().map_err(engine)?;
-        if let Some(value) = txn.open_table(LOG_STATE).map_err(engine)?.get((group, key)).map_err(engine)? {
-            return Ok(Some(value.value().to_vec()));
+        // The names of the log's values and the state machine's do not overlap.
+        if let Some(value) = self.log.value(group, key) {
+            return Ok(Some(value));
         }
         let txn = self.db.begin_read().map_err(engine)?;
         let table = txn.open_table(RAFT_STATE).map_err(engine)?;
@@ -567,7 +392,7 @@ mod tests {
     }
 
     #[test]
-    fn state_and_log_are_two_files_and_a_missing_log_is_refused_with_advice() {
+    fn state_and_log_are_apart_and_a_missing_log_is_refused_with_advice() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("grex.redb");
         let store = RedbStore::open(&path, 16, true).unwrap();
@@ -587,7 +412,7 @@ mod tests {
         ];
         store.write(&Batch { log, changes: Vec::new(), sync: SyncTo::Log }).unwrap();
         drop(store);
-        assert!(dir.path().join("grex-log.redb").exists());
+        assert!(dir.path().join("grex-log").is_dir());
         let store = RedbStore::open(&path, 16, true).unwrap();
         let mut three: Vec<_> = (1..=3).map(|i| entry(3, i)).collect();
         three.push((4, b"new 4".to_vec()));
@@ -598,14 +423,13 @@ mod tests {
         assert_eq!(store.log_entries(META_GROUP, 0, u64::MAX, 2).unwrap(), meta[..2]);
         assert_eq!(store.log_last(META_GROUP).unwrap(), meta.last().cloned());
         drop(store);
-        std::fs::copy(dir.path().join("grex-log.redb"), dir.path().join("kept-log.redb")).unwrap();
-        std::fs::remove_file(dir.path().join("grex-log.redb")).unwrap();
+        std::fs::rename(dir.path().join("grex-log"), dir.path().join("kept-log")).unwrap();
         let err = RedbStore::open(&path, 16, true).err().expect("a state file without its log must be refused");
-        assert!(err.to_string().contains("grex-log.redb is missing"), "{err}");
+        assert!(err.to_string().contains("grex-log is missing"), "{err}");
         assert!(err.to_string().contains("empty data directory"), "{err}");
         // And a log that holds entries, without its state file.
         std::fs::remove_file(&path).unwrap();
-        std::fs::rename(dir.path().join("kept-log.redb"), dir.path().join("grex-log.redb")).unwrap();
+        std::fs::rename(dir.path().join("kept-log"), dir.path().join("grex-log")).unwrap();
         let err = RedbStore::open(&path, 16, true).err().expect("a log without its state file must be refused");
         assert!(err.to_string().contains("grex.redb is missing beside"), "{err}");
         assert!(err.to_string().contains("holds a log"), "{err}");
@@ -616,7 +440,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("grex.redb");
         // What a crash right after the log file was created leaves: an empty log, no state file.
-        drop(open_log(&dir.path().join("grex-log.redb"), false).unwrap());
+        drop(SegmentLog::open(&dir.path().join("grex-log"), true, SEGMENT_BYTES).unwrap());
         let store = RedbStore::open(&path, 16, true).unwrap();
         store.commit(&[]).unwrap();
         assert_eq!(store.meta().flock_count, 16);
@@ -738,7 +562,7 @@ mod tests {
             Ok(())
         }
 
-        /// A log grows without gaps (as openraft writes it): moves each append of `batch` to start
+        /// A log grows without gaps (as raft writes it): moves each append of `batch` to start
         /// at most one past the last entry its group holds by then.
         fn close_gaps(batch: &mut Batch, memory: &MemoryStore) {
             // Per group, its first and last index as the batch goes.
@@ -789,7 +613,9 @@ mod tests {
             fn redb_answers_as_the_in_memory_store_does(steps in vec(step(), 1..40)) {
                 let dir = tempfile::tempdir().unwrap();
                 let path = dir.path().join("grex.redb");
-                let mut redb = RedbStore::open(&path, FLOCKS, false).unwrap();
+                // Tiny segments: the log starts, copies forward and deletes segments all the time.
+                let open = || RedbStore::open_with_segments(&path, FLOCKS, false, 256).unwrap();
+                let mut redb = open();
                 let memory = MemoryStore::new(FLOCKS);
                 for step in steps {
                     match step {
@@ -800,7 +626,7 @@ mod tests {
                         }
                         Step::Reopen => {
                             drop(redb);
-                            redb = RedbStore::open(&path, FLOCKS, false).unwrap();
+                            redb = open();
                         }
                     }
                     same_answers(&redb, &memory)?;
