@@ -195,13 +195,16 @@ struct Node {
     /// Jobs waiting for a leader, retried on each tick.
     waiting: Vec<(Job, Time)>,
     last_heard: BTreeMap<NodeId, Time>,
+    /// Each peer's incarnation as its last ping said.
+    incarnations: BTreeMap<NodeId, u64>,
     alive: BTreeSet<NodeId>,
 }
 
 #[derive(Debug)]
 enum Event {
     Deliver { from: NodeId, to: NodeId, incarnation: u64, envelope: Box<Envelope> },
-    Ping { from: NodeId, to: NodeId },
+    /// A failure detector's ping, with the sender's incarnation (a restarted process has a new one).
+    Ping { from: NodeId, to: NodeId, incarnation: u64 },
     WriteDone { node: NodeId, incarnation: u64 },
     Tick(NodeId),
     PingRound,
@@ -277,6 +280,7 @@ impl Sim {
                 next_read: 1,
                 waiting: Vec::new(),
                 last_heard: BTreeMap::new(),
+                incarnations: BTreeMap::new(),
                 alive: (1..=NODES).collect(),
             };
             node.engine = Some(open_engine(&node, seed));
@@ -360,12 +364,18 @@ impl Sim {
                 assert!(stray.is_empty(), "every node runs the group");
                 self.pump(to);
             }
-            Event::Ping { from, to } => {
+            Event::Ping { from, to, incarnation } => {
                 if self.linked(from, to) && self.nodes[&to].engine.is_some() {
                     if let Some(until) = self.nodes[&to].paused_until {
-                        self.at(until + 1, Event::Ping { from, to });
+                        self.at(until + 1, Event::Ping { from, to, incarnation });
                     } else {
                         self.heard(to, from);
+                        // As the real detector: a peer that came back as a new process leads nothing.
+                        let node = self.nodes.get_mut(&to).unwrap();
+                        let before = node.incarnations.insert(from, incarnation);
+                        if before.is_some_and(|b| b != incarnation) {
+                            node.engine.as_mut().unwrap().peer_down(from);
+                        }
                     }
                 }
             }
@@ -411,7 +421,8 @@ impl Sim {
                     for to in 1..=NODES {
                         if from != to && self.up(from) {
                             let delay = self.rng.random_range(50..2_000);
-                            self.after(delay, Event::Ping { from, to });
+                            let incarnation = self.nodes[&from].incarnation;
+                            self.after(delay, Event::Ping { from, to, incarnation });
                         }
                     }
                 }
@@ -804,7 +815,7 @@ impl Sim {
     }
 
     /// After the faults: every node up, a read through the leader, and every node's copy.
-    fn finals(&mut self) -> Vec<Final> {
+    fn finals(&mut self) -> Result<Vec<Final>, Anomaly> {
         for id in 1..=NODES {
             if self.nodes[&id].engine.is_none() {
                 self.restart(id);
@@ -817,7 +828,6 @@ impl Sim {
         self.run(end);
         let leader =
             (1..=NODES).find(|id| self.nodes[id].engine.as_ref().and_then(|e| e.lead(GROUP)).is_some_and(|l| l.ready));
-        let leader = leader.unwrap_or_else(|| panic!("no leader after the faults healed"));
         if std::env::var("GREX_SIM_DEBUG").is_ok() {
             for id in 1..=NODES {
                 let n = &self.nodes[&id];
@@ -836,12 +846,20 @@ impl Sim {
                 );
             }
         }
-        (0..BUCKETS)
+        let Some(leader) = leader else {
+            return Err(Anomaly {
+                kind: "unavailable",
+                bucket: 0,
+                what: format!("no leader {} s after the faults healed", SETTLE_TIME / 1_000_000),
+                ops: Vec::new(),
+            });
+        };
+        Ok((0..BUCKETS)
             .map(|bucket| Final {
                 list: self.nodes[&leader].machine.lists[bucket].clone(),
                 copies: (1..=NODES).map(|id| self.nodes[&id].machine.lists[bucket].clone()).collect(),
             })
-            .collect()
+            .collect())
     }
 }
 
@@ -879,7 +897,10 @@ pub fn run(seed: u64, mutation: Option<Mutation>) -> Report {
     for op in unfinished {
         sim.history[op].completed = Duration::from_micros(sim.now);
     }
-    let anomalies = list_append::check(&sim.history, &finals);
+    let anomalies = match finals {
+        Ok(finals) => list_append::check(&sim.history, &finals),
+        Err(unavailable) => vec![unavailable],
+    };
     Report {
         seed,
         ops: sim.history.len(),

@@ -49,6 +49,9 @@ pub const TICK: Duration = Duration::from_millis(100);
 pub const SNAPSHOT_LOGS_DEFAULT: u64 = 5000;
 /// Inputs waiting for the driver.
 const INPUTS_MAX: usize = 8192;
+/// Ticks between republishing every group's view (each is also published in any round that
+/// stepped or changed it; this catches what moves without either).
+const VIEWS_REFRESH_TICKS: u64 = 10;
 /// Bytes of snapshot data in one peer frame.
 const SNAPSHOT_CHUNK_BYTES: usize = 8 << 20;
 /// Bytes of entries in one frame of consensus messages.
@@ -256,6 +259,8 @@ impl Consensus {
             next_read: 1,
             lanes: BTreeMap::new(),
             written: BTreeMap::new(),
+            stepped: BTreeSet::new(),
+            ticks: 0,
             failed: false,
         };
         // A group this node is the only voter of (a new cluster, a one-node cluster after a
@@ -335,6 +340,11 @@ impl Consensus {
     /// A group as last published.
     pub fn view(&self, group: GroupId) -> Option<GroupView> {
         self.views.read().unwrap_or_else(|p| p.into_inner()).get(&group).cloned()
+    }
+
+    /// A group's leadership and applied index, without copying the rest of its view.
+    pub fn lead_and_applied(&self, group: GroupId) -> Option<(Lead, u64)> {
+        self.views.read().unwrap_or_else(|p| p.into_inner()).get(&group).map(|v| (v.lead, v.applied))
     }
 
     /// The meta state as applied here.
@@ -477,6 +487,9 @@ struct Driver {
     lanes: BTreeMap<NodeId, mpsc::Sender<RaftMessage>>,
     /// Per flock, the committer sequence of its last applied write.
     written: BTreeMap<GroupId, u64>,
+    /// Groups that took a peer's message this round (their view is republished after it).
+    stepped: BTreeSet<GroupId>,
+    ticks: u64,
     failed: bool,
 }
 
@@ -511,11 +524,13 @@ impl Driver {
             if now >= next_tick {
                 next_tick = now + TICK;
                 self.engine.tick();
+                self.ticks += 1;
                 self.expire_reads();
                 self.expire_proposals();
-                // Every view once a tick (a leader's followers' progress moves without output).
-                let all = self.engine.group_ids().collect();
-                self.publish_views(all);
+                if self.ticks.is_multiple_of(VIEWS_REFRESH_TICKS) {
+                    let all = self.engine.group_ids().collect();
+                    self.publish_views(all);
+                }
             }
             self.drain();
         }
@@ -557,6 +572,7 @@ impl Driver {
                         }
                     })
                     .collect();
+                self.stepped.extend(envelopes.iter().map(|e| e.group));
                 for stray in self.engine.step(envelopes) {
                     self.adopt(stray);
                 }
@@ -631,8 +647,9 @@ impl Driver {
             return;
         }
         self.start_reads();
-        // Groups this round touched: their views are published now, the others' each tick.
-        let mut touched = BTreeSet::new();
+        // Groups this round touched (a follower's answer moves its leader's view without output):
+        // their views are published now, every view now and then.
+        let mut touched = std::mem::take(&mut self.stepped);
         for _ in 0..64 {
             let out = self.engine.output();
             if out.is_empty() {

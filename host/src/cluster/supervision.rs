@@ -54,14 +54,15 @@ impl Cluster {
                 }
             }
             for flock in 0..flocks {
-                let Some(view) = self.inner.consensus.view(flock) else { continue };
+                let Some((lead, applied)) = self.inner.consensus.lead_and_applied(flock) else { continue };
                 let seen = &mut activity[flock as usize];
-                if seen.0 != view.applied {
-                    *seen = (view.applied, Instant::now());
+                if seen.0 != applied {
+                    *seen = (applied, Instant::now());
                 }
-                if view.lead.role != StateRole::Leader || !reconcile {
+                if lead.role != StateRole::Leader || !reconcile {
                     continue;
                 }
+                let Some(view) = self.inner.consensus.view(flock) else { continue };
                 self.reconcile_flock(flock);
                 // Hand an idle flock's lead to its preferred herder (checked at the pace of
                 // reconciliation: it is never urgent).

@@ -15,9 +15,17 @@
 //!   applied to the group; the driver applies the data and reports with [`Engine::applied`]);
 //! - `reads`: read-index answers; `changed`: groups whose role or leader changed.
 //!
-//! An idle group costs a tick and memory: no task, channel or timer of its own. A leader's
-//! commit index reaches its followers on the next append or heartbeat, never in a round of
-//! its own (`skip_bcast_commit`).
+//! No group has a task, channel or timer of its own, and an idle group costs only memory: once
+//! a group has had nothing to do for [`EngineConfig::hibernate_ticks`] (a leader whose
+//! followers hold and have applied its whole log, a follower of a known leader with its whole
+//! log committed), it sleeps: it is no longer ticked, so a leader sends no heartbeats and a
+//! follower runs no election timer. Anything but a heartbeat wakes it (a proposal, an append, a
+//! vote request, a read, `peer_down`), and the failure detector stands in for the timers while
+//! it sleeps: a lost leader's followers learn of it from [`Engine::peer_down`] (TiKV's
+//! hibernate regions work the same way). A sleeping follower rejects pre-votes as a ticking
+//! one does within its leader's lease, so one node that lost its link alone cannot depose a
+//! leader the others still reach. A leader's commit index reaches its followers on the next
+//! append or heartbeat, never in a round of its own (`skip_bcast_commit`).
 //!
 //! Elections: every group has raft's own election timer, a backstop of a few seconds. The node
 //! pair failure detector makes them fast: [`Engine::peer_down`] lets this node vote at once in
@@ -38,7 +46,7 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::mem;
 
 use protobuf::Message as _;
-use raft::prelude::{ConfChangeV2, Entry, EntryType, HardState, Message, Snapshot};
+use raft::prelude::{ConfChangeV2, Entry, EntryType, HardState, Message, MessageType, Snapshot};
 use raft::{RawNode, SnapshotStatus};
 
 pub use log::{BOOTSTRAP_INDEX, EntrySource, GroupLog, entry_bytes};
@@ -79,6 +87,10 @@ pub struct EngineConfig {
     /// as lost and sends again (the driver reports most outcomes sooner; this covers a receiver
     /// that took the snapshot and crashed before answering).
     pub snapshot_patience_ticks: u64,
+    /// Ticks a group must have had nothing to do before it sleeps (see the module's notes);
+    /// less than `election_ticks`, so a follower sleeps before it misses its leader's heartbeats.
+    /// 0: groups never sleep.
+    pub hibernate_ticks: u64,
     /// Seed of the election timeouts.
     pub seed: u64,
 }
@@ -95,6 +107,7 @@ impl Default for EngineConfig {
             max_apply_bytes: 4 << 20,
             cached_entries: 64,
             snapshot_patience_ticks: 100,
+            hibernate_ticks: 20,
             seed: 0x6772_6578,
         }
     }
@@ -217,6 +230,50 @@ struct Group {
     lead: Lead,
     /// Followers waiting for a snapshot from this leader, since which tick.
     snapshots: BTreeMap<NodeId, u64>,
+    /// Ticks in a row the group had nothing to do.
+    idle: u64,
+    /// Not ticked until something wakes it.
+    asleep: bool,
+}
+
+impl Group {
+    /// Its leader `lost` is gone: this node (if a voter without it) votes at once and campaigns
+    /// after its rank's wait, counted from tick `at`.
+    fn campaign_without(&mut self, group: GroupId, me: NodeId, lost: NodeId, at: u64, stagger: u64) {
+        let raft = &mut self.raw.raft;
+        let voters: Vec<NodeId> = raft.prs().conf().voters().ids().iter().filter(|&v| v != lost).collect();
+        if !voters.contains(&me) {
+            return;
+        }
+        raft.election_elapsed = raft.election_elapsed.max(raft.election_timeout());
+        self.campaign = Some((at + campaign_rank(group, me, &voters) * stagger, lost));
+        self.wake();
+    }
+
+    fn wake(&mut self) {
+        self.idle = 0;
+        self.asleep = false;
+    }
+
+    /// Whether the group has nothing to do that a tick could move on: a leader whose members
+    /// all hold its whole log, committed and applied; a follower of a known leader with its
+    /// whole log committed and applied.
+    fn quiet(&self) -> bool {
+        let raft = &self.raw.raft;
+        let log = &raft.raft_log;
+        let settled = log.committed == log.last_index() && log.applied == log.committed && self.confs.is_empty();
+        match raft.state {
+            StateRole::Leader => {
+                settled
+                    && self.snapshots.is_empty()
+                    && raft.lead_transferee.is_none()
+                    && raft.read_only.pending_read_count() == 0
+                    && raft.prs().iter().all(|(_, p)| p.matched == log.last_index())
+            }
+            StateRole::Follower => settled && raft.leader_id != raft::INVALID_ID,
+            _ => false,
+        }
+    }
 }
 
 struct Unwritten {
@@ -313,7 +370,16 @@ impl Engine {
         let lead = lead_of(&raw);
         self.groups.insert(
             group,
-            Group { raw, campaign: None, timeout: 0, confs: VecDeque::new(), lead, snapshots: BTreeMap::new() },
+            Group {
+                raw,
+                campaign: None,
+                timeout: 0,
+                confs: VecDeque::new(),
+                lead,
+                snapshots: BTreeMap::new(),
+                idle: 0,
+                asleep: false,
+            },
         );
         self.settle(group);
         Ok(())
@@ -365,12 +431,19 @@ impl Engine {
         }
     }
 
-    /// One tick of time for every group.
+    /// One tick of time for every group that is awake.
     pub fn tick(&mut self) {
         self.ticks += 1;
-        let ids: Vec<GroupId> = self.groups.keys().copied().collect();
+        let hibernate = self.config.hibernate_ticks;
+        let ids: Vec<GroupId> = self.groups.iter().filter(|(_, g)| !g.asleep).map(|(id, _)| *id).collect();
         for group in ids {
             let g = self.groups.get_mut(&group).expect("listed");
+            if g.quiet() && g.campaign.is_none() {
+                g.idle += 1;
+                g.asleep = hibernate > 0 && g.idle >= hibernate;
+            } else {
+                g.idle = 0;
+            }
             g.raw.tick();
             expire_snapshots(g, self.ticks, self.config.snapshot_patience_ticks);
             if let Some((at, lost)) = g.campaign
@@ -381,6 +454,10 @@ impl Engine {
                 let leaderless = raft.leader_id == raft::INVALID_ID || raft.leader_id == lost;
                 if leaderless && raft.state != StateRole::Leader {
                     let _ = g.raw.campaign();
+                    if g.raw.raft.state == StateRole::Follower {
+                        // raft refuses while a configuration change waits to be applied: next tick.
+                        g.campaign = Some((at, lost));
+                    }
                 }
             }
             self.settle(group);
@@ -388,21 +465,18 @@ impl Engine {
     }
 
     /// The failure detector lost `node`: in the groups it led, this node votes at once and
-    /// campaigns after its rank's wait.
+    /// campaigns after its rank's wait; the groups this node leads with it wake.
     pub fn peer_down(&mut self, node: NodeId) {
+        let (me, at) = (self.me, self.ticks + 1);
         let stagger = self.config.campaign_stagger_ticks;
         for (&group, g) in self.groups.iter_mut() {
-            let raft = &mut g.raw.raft;
-            if raft.leader_id != node || raft.state == StateRole::Leader {
-                continue;
+            let raft = &g.raw.raft;
+            if raft.state == StateRole::Leader && raft.prs().get(node).is_some() {
+                // It may come back as a new process that knows no leader: heartbeats tell it.
+                g.wake();
+            } else if raft.leader_id == node && raft.state != StateRole::Leader {
+                g.campaign_without(group, me, node, at, stagger);
             }
-            let voters: Vec<NodeId> = raft.prs().conf().voters().ids().iter().filter(|&v| v != node).collect();
-            if !voters.contains(&self.me) {
-                continue;
-            }
-            raft.election_elapsed = raft.election_elapsed.max(raft.election_timeout());
-            let rank = campaign_rank(group, self.me, &voters);
-            g.campaign = Some((self.ticks + 1 + rank * stagger, node));
         }
     }
 
@@ -410,6 +484,7 @@ impl Engine {
     pub fn report_unreachable(&mut self, node: NodeId) {
         for (&group, g) in self.groups.iter_mut() {
             if g.raw.raft.state == StateRole::Leader && g.raw.raft.prs().get(node).is_some() {
+                g.wake();
                 g.raw.report_unreachable(node);
                 self.active.insert(group);
             }
@@ -420,6 +495,7 @@ impl Engine {
     pub fn report_snapshot(&mut self, group: GroupId, to: NodeId, installed: bool) {
         if let Some(g) = self.groups.get_mut(&group) {
             let status = if installed { SnapshotStatus::Finish } else { SnapshotStatus::Failure };
+            g.wake();
             g.raw.report_snapshot(to, status);
             self.active.insert(group);
         }
@@ -434,6 +510,23 @@ impl Engine {
                 unknown.push(envelope);
                 continue;
             };
+            // Heartbeats keep a group asleep, and so do pre-votes to a follower: it answers them
+            // as one within its leader's lease does, and its own failure detector wakes it if the
+            // leader is really gone. A leader wakes on a pre-vote: a member does not hear it (it
+            // restarted, or its link was cut), and heartbeats tell it who leads.
+            // A pre-vote from the leader itself: it restarted and leads no more.
+            let raft = &g.raw.raft;
+            let (kind, from) = (envelope.message.get_msg_type(), envelope.message.from);
+            let keeps_asleep = match kind {
+                MessageType::MsgHeartbeat | MessageType::MsgHeartbeatResponse => true,
+                MessageType::MsgRequestPreVote => raft.state != StateRole::Leader && raft.leader_id != from,
+                _ => false,
+            };
+            if kind == MessageType::MsgRequestPreVote && raft.state == StateRole::Follower && raft.leader_id == from {
+                g.campaign_without(envelope.group, self.me, from, self.ticks + 1, self.config.campaign_stagger_ticks);
+            } else if !keeps_asleep {
+                g.wake();
+            }
             if let Err(e) = g.raw.step(envelope.message) {
                 tracing::debug!(target: "grex::raft", group = envelope.group, "message not taken: {e}");
             }
@@ -469,6 +562,7 @@ impl Engine {
     ) -> Result<Proposal, Refusal> {
         self.leader_refusal(group)?;
         let g = self.groups.get_mut(&group).expect("checked");
+        g.wake();
         let before = g.raw.raft.raft_log.last_index();
         append(&mut g.raw).map_err(|_| Refusal::Busy)?;
         let index = g.raw.raft.raft_log.last_index();
@@ -481,6 +575,7 @@ impl Engine {
     /// in [`Output::reads`] with `context`.
     pub fn read_index(&mut self, group: GroupId, context: Vec<u8>) -> Result<(), Refusal> {
         let g = self.groups.get_mut(&group).ok_or(Refusal::NoGroup)?;
+        g.wake();
         g.raw.read_index(context);
         self.settle(group);
         Ok(())
@@ -489,6 +584,7 @@ impl Engine {
     /// Starts an election in `group` now.
     pub fn campaign(&mut self, group: GroupId) -> Result<(), Refusal> {
         let g = self.groups.get_mut(&group).ok_or(Refusal::NoGroup)?;
+        g.wake();
         let _ = g.raw.campaign();
         self.settle(group);
         Ok(())
@@ -498,6 +594,7 @@ impl Engine {
     pub fn transfer_leader(&mut self, group: GroupId, to: NodeId) -> Result<(), Refusal> {
         self.leader_refusal(group)?;
         let g = self.groups.get_mut(&group).expect("checked");
+        g.wake();
         g.raw.transfer_leader(to);
         self.settle(group);
         Ok(())
@@ -629,6 +726,18 @@ impl Engine {
             if !committed.is_empty() {
                 let conf_states = apply_conf_changes(group, &mut g.raw, &committed);
                 g.confs.extend(conf_states.iter().cloned());
+                let raft = &g.raw.raft;
+                let leader = raft.leader_id;
+                if !conf_states.is_empty()
+                    && raft.state == StateRole::Follower
+                    && leader != raft::INVALID_ID
+                    && !raft.prs().conf().voters().contains(leader)
+                {
+                    // The change left the leader out: it hands over with TimeoutNow, which its
+                    // heir ignores while it has the change to apply, so each voter also
+                    // campaigns after its rank's wait, as when the leader's node is lost.
+                    g.campaign_without(group, self.me, leader, self.ticks + 1, self.config.campaign_stagger_ticks);
+                }
                 out.committed.push(Committed { group, entries: committed, conf_states });
             }
             self.settle(group);
@@ -688,7 +797,8 @@ fn apply_conf_changes(group: GroupId, raw: &mut RawNode<GroupLog>, entries: &[En
 /// A leader that a configuration change left out of its group steps down at once, and tells
 /// the voter with the longest log to campaign now (raft-rs would keep it leading a group it is
 /// not in, and cannot commit there: it has no progress of its own). If that voter cannot run yet
-/// (it has a configuration change to apply), the group elects at raft's election timeout.
+/// (it has a configuration change to apply), the voters campaign once they applied it (see
+/// `Engine::output`).
 fn hand_over_if_removed(raw: &mut RawNode<GroupLog>) {
     let raft = &raw.raft;
     let me = raft.id;

@@ -414,8 +414,12 @@ fn a_lost_leader_is_replaced_within_the_stagger_not_the_election_timeout() {
 }
 
 #[test]
-fn without_the_failure_detector_the_election_timer_still_replaces_a_leader() {
+fn without_the_failure_detector_the_election_timer_still_replaces_the_leader_of_a_busy_group() {
     let mut cluster = Cluster::new(&[1, 2, 3], &[G], 3);
+    // Groups that never sleep: a sleeping group has no timer running (see the test below).
+    for node in cluster.nodes.values_mut() {
+        node.engine.config.hibernate_ticks = 0;
+    }
     let (leader, _) = cluster.elect(G);
     cluster.down.insert(leader);
     let (next, ticks) = cluster.elect(G);
@@ -664,4 +668,59 @@ fn the_same_seed_gives_the_same_run() {
         println!("seed {seed}");
         assert_eq!(run(seed), run(seed));
     }
+}
+
+#[test]
+fn an_idle_group_sleeps_and_sends_nothing_until_a_proposal_wakes_it() {
+    let mut cluster = Cluster::new(&[1, 2, 3], &[G], 11);
+    let (leader, _) = cluster.elect(G);
+    cluster.propose(leader, G, "before").unwrap();
+    cluster.tick(EngineConfig::default().hibernate_ticks as usize + 15);
+    let frames: Vec<usize> = cluster.nodes.values().map(|n| n.frames).collect();
+    cluster.tick(500);
+    assert_eq!(cluster.nodes.values().map(|n| n.frames).collect::<Vec<_>>(), frames, "a sleeping group sends nothing");
+    assert_eq!(cluster.leader(G), Some(leader));
+    let proposal = cluster.propose(leader, G, "after").unwrap();
+    cluster.tick(12);
+    for id in [1, 2, 3] {
+        assert!(cluster.committed_as_proposed(id, G, proposal), "node {id}");
+        assert_eq!(cluster.applied(id, G), ["before", "after"], "node {id}");
+    }
+}
+
+#[test]
+fn the_failure_detector_wakes_a_sleeping_group_to_replace_its_lost_leader() {
+    let mut cluster = Cluster::new(&[1, 2, 3], &[G], 12);
+    let (leader, _) = cluster.elect(G);
+    cluster.tick(EngineConfig::default().hibernate_ticks as usize + 15);
+    cluster.down.insert(leader);
+    cluster.tick(500);
+    assert!(
+        cluster.nodes.iter().filter(|(id, _)| **id != leader).all(|(_, n)| n.engine.lead(G).unwrap().leader == Some(leader)),
+        "asleep, the followers run no timer of their own"
+    );
+    for id in [1, 2, 3].into_iter().filter(|&id| id != leader) {
+        cluster.nodes.get_mut(&id).unwrap().engine.peer_down(leader);
+    }
+    let (next, ticks) = cluster.elect(G);
+    assert_ne!(next, leader);
+    assert!(ticks < EngineConfig::default().election_ticks, "elected after {ticks} ticks");
+    let proposal = cluster.propose(next, G, "after").unwrap();
+    cluster.tick(12);
+    assert!(cluster.committed_as_proposed(next, G, proposal));
+}
+
+#[test]
+fn a_member_restarted_while_its_group_sleeps_learns_the_leader_and_catches_up() {
+    let mut cluster = Cluster::new(&[1, 2, 3], &[G], 13);
+    let (leader, _) = cluster.elect(G);
+    cluster.propose(leader, G, "before").unwrap();
+    cluster.tick(EngineConfig::default().hibernate_ticks as usize + 15);
+    let member = [1, 2, 3].into_iter().find(|&id| id != leader).unwrap();
+    cluster.restart(member);
+    // The leader's failure detector sees the new process; the restarted node's sees the leader.
+    cluster.nodes.get_mut(&leader).unwrap().engine.peer_down(member);
+    cluster.tick(40);
+    assert_eq!(cluster.nodes[&member].engine.lead(G).unwrap().leader, Some(leader));
+    assert_eq!(cluster.applied(member, G), ["before"]);
 }
