@@ -202,14 +202,31 @@ struct Node {
 
 #[derive(Debug)]
 enum Event {
-    Deliver { from: NodeId, to: NodeId, incarnation: u64, envelope: Box<Envelope> },
+    Deliver {
+        from: NodeId,
+        to: NodeId,
+        incarnation: u64,
+        envelope: Box<Envelope>,
+    },
     /// A failure detector's ping, with the sender's incarnation (a restarted process has a new one).
-    Ping { from: NodeId, to: NodeId, incarnation: u64 },
-    WriteDone { node: NodeId, incarnation: u64 },
+    Ping {
+        from: NodeId,
+        to: NodeId,
+        incarnation: u64,
+    },
+    WriteDone {
+        node: NodeId,
+        incarnation: u64,
+    },
     Tick(NodeId),
     PingRound,
-    Invoke { worker: usize },
-    Job { node: NodeId, job: Job },
+    Invoke {
+        worker: usize,
+    },
+    Job {
+        node: NodeId,
+        job: Job,
+    },
     Restart(NodeId),
     Resume(NodeId),
     Heal,

@@ -2,7 +2,8 @@
 //!
 //! [`RedbStore`] keeps the state in one redb file (`grex.redb` in the data directory): items,
 //! bucket versions, modules and their names, and node metadata with a schema version checked on
-//! open; the cluster's replicated logs are in a second one (`grex-log.redb`). `docs/storage.md`
+//! open; the cluster's replicated logs are append-only segments beside it (`grex-log/`,
+//! `segment_log`). `docs/storage.md`
 //! lists the tables. [`MemoryStore`] is the same contract in memory, for tests; [`FaultyStore`]
 //! wraps any store and fails after N operations, for fault tests.
 //!
@@ -11,7 +12,7 @@
 //! store, what the batch's [`SyncTo`] names is on disk (fsync'd) with everything of that part
 //! written before it. Many jobs share one write: that is the node's group commit.
 //!
-//! The replicated logs of the cluster (`cluster::raft`) live here too, as opaque bytes: log entries
+//! The replicated logs of the cluster (`cluster::consensus`) live here too, as opaque bytes: log entries
 //! read by (group, index) and a few named values per group: the log's own (vote, purge point) and
 //! the state machine's (applied point, meta state). A cluster node's log part is synced on every
 //! append and its state part only now and then (a checkpoint): applying an entry the log holds

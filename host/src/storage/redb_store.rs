@@ -59,7 +59,12 @@ impl RedbStore {
     }
 
     /// [`RedbStore::open`] with log segments of at most `segment_bytes` (small in tests).
-    fn open_with_segments(path: &Path, flock_count: u32, durable: bool, segment_bytes: u64) -> Result<Self, StoreError> {
+    fn open_with_segments(
+        path: &Path,
+        flock_count: u32,
+        durable: bool,
+        segment_bytes: u64,
+    ) -> Result<Self, StoreError> {
         let log_path = log_path(path);
         let fresh = !path.exists();
         // A new node creates its log first: a crash before the state file exists leaves an empty

@@ -221,7 +221,7 @@ impl Index {
     }
 
     /// Where the live records of `segment` are: its entries (per group, descending) and values.
-    fn live_in(&self, segment: u64) -> (Vec<(GroupId, u64, Loc)>, Vec<(GroupId, String, Vec<u8>)>) {
+    fn live_in(&self, segment: u64) -> Live {
         let mut entries = Vec::new();
         for (group, e) in &self.groups {
             for (i, loc) in e.locs.iter().enumerate().rev() {
@@ -236,8 +236,16 @@ impl Index {
             .filter(|(_, v)| v.segment == segment)
             .map(|((group, key), v)| (*group, key.clone(), v.value.clone()))
             .collect();
-        (entries, values)
+        Live { entries, values }
     }
+}
+
+/// The records of a segment that are still current.
+struct Live {
+    /// Group, index, where.
+    entries: Vec<(GroupId, u64, Loc)>,
+    /// Group, name, value.
+    values: Vec<(GroupId, String, Vec<u8>)>,
 }
 
 /// Reads a frame body's fields.
@@ -500,7 +508,7 @@ impl SegmentLog {
                 if live * 2 > size {
                     return Ok(());
                 }
-                let (entries, values) = self.index().live_in(number);
+                let Live { entries, values } = self.index().live_in(number);
                 let mut body = Vec::with_capacity(live as usize);
                 let mut entry = Vec::new();
                 for (group, index, loc) in entries {
@@ -617,7 +625,10 @@ mod tests {
         let log = SegmentLog::open(dir.path(), true, SEGMENT_BYTES).unwrap();
         assert!(log.is_empty());
         write(&log, &[append(1, 1, 10), append(2, 5, 3), LogOp::PutLogState { group: 1, key: "vote", value: vec![1] }]);
-        write(&log, &[LogOp::TruncateFrom { group: 1, from: 8 }, append(1, 8, 1), LogOp::PurgeUpto { group: 2, upto: 5 }]);
+        write(
+            &log,
+            &[LogOp::TruncateFrom { group: 1, from: 8 }, append(1, 8, 1), LogOp::PurgeUpto { group: 2, upto: 5 }],
+        );
         write(&log, &[LogOp::PutLogState { group: 1, key: "vote", value: vec![2] }]);
         for log in [log, SegmentLog::open(dir.path(), true, SEGMENT_BYTES).unwrap()] {
             assert!(!log.is_empty());
@@ -648,7 +659,11 @@ mod tests {
             std::fs::write(&path, &torn).unwrap();
             let log = SegmentLog::open(dir.path(), true, SEGMENT_BYTES).unwrap();
             assert_eq!(log.entries(7, 0, u64::MAX, 10).unwrap(), expected(7, 1..3), "the torn write is gone");
-            assert_eq!(std::fs::metadata(&path).unwrap().len(), sizes[1], "the segment is cut after the last whole frame");
+            assert_eq!(
+                std::fs::metadata(&path).unwrap().len(),
+                sizes[1],
+                "the segment is cut after the last whole frame"
+            );
             write(&log, &[append(7, 3, 2)]);
             drop(log);
             let log = SegmentLog::open(dir.path(), true, SEGMENT_BYTES).unwrap();

@@ -696,7 +696,11 @@ fn the_failure_detector_wakes_a_sleeping_group_to_replace_its_lost_leader() {
     cluster.down.insert(leader);
     cluster.tick(500);
     assert!(
-        cluster.nodes.iter().filter(|(id, _)| **id != leader).all(|(_, n)| n.engine.lead(G).unwrap().leader == Some(leader)),
+        cluster
+            .nodes
+            .iter()
+            .filter(|(id, _)| **id != leader)
+            .all(|(_, n)| n.engine.lead(G).unwrap().leader == Some(leader)),
         "asleep, the followers run no timer of their own"
     );
     for id in [1, 2, 3].into_iter().filter(|&id| id != leader) {
