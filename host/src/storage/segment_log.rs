@@ -344,7 +344,10 @@ struct Writer {
     active: u64,
     file: Arc<File>,
     size: u64,
-    body: Vec<u8>,
+    /// A frame was written without a sync since the last one.
+    unsynced: bool,
+    /// The buffer frames are encoded in, kept between writes.
+    frame: Vec<u8>,
 }
 
 /// The replicated logs of every group, in segment files under one directory.
@@ -420,11 +423,13 @@ impl SegmentLog {
             index.segments.get_mut(&number).expect("inserted above").size = offset as u64;
         }
         let writer = match index.segments.iter().next_back() {
-            Some((active, s)) => Writer { active: *active, file: s.file.clone(), size: s.size, body: Vec::new() },
+            Some((active, s)) => {
+                Writer { active: *active, file: s.file.clone(), size: s.size, unsynced: false, frame: Vec::new() }
+            }
             None => {
                 let file = Arc::new(create_segment(dir, durable, 1)?);
                 index.segments.insert(1, Segment { file: file.clone(), size: 0, live: 0 });
-                Writer { active: 1, file, size: 0, body: Vec::new() }
+                Writer { active: 1, file, size: 0, unsynced: false, frame: Vec::new() }
             }
         };
         Ok(SegmentLog {
@@ -452,6 +457,12 @@ impl SegmentLog {
 
     /// Creates segment `number` and makes it the one appended to.
     fn start_segment(&self, writer: &mut Writer, number: u64) -> Result<(), StoreError> {
+        // A later sync of the new segment would not cover the old one's unsynced frames.
+        if writer.unsynced && self.durable {
+            let path = segment_path(&self.dir, writer.active);
+            writer.file.sync_data().map_err(|e| io("syncing", &path, e))?;
+            writer.unsynced = false;
+        }
         let file = Arc::new(create_segment(&self.dir, self.durable, number)?);
         self.index().segments.insert(number, Segment { file: file.clone(), size: 0, live: 0 });
         (writer.active, writer.file, writer.size) = (number, file, 0);
@@ -462,38 +473,46 @@ impl SegmentLog {
     /// then frees space the write made dead.
     pub fn write(&self, ops: &[&LogOp], sync: bool) -> Result<(), StoreError> {
         let mut writer = self.writer();
-        let mut body = std::mem::take(&mut writer.body);
-        body.clear();
-        encode(ops, &mut body);
-        let result = self.append(&mut writer, &body, sync).and_then(|_| self.reclaim(&mut writer));
-        writer.body = body;
+        let mut frame = std::mem::take(&mut writer.frame);
+        frame.clear();
+        frame.resize(FRAME_HEADER, 0);
+        encode(ops, &mut frame);
+        let result = self.append(&mut writer, &mut frame, sync).and_then(|_| self.reclaim(&mut writer));
+        writer.frame = frame;
         result
     }
 
     /// Writes one frame (starting a new segment first if this one is full) and replays it into
-    /// the index.
-    fn append(&self, writer: &mut Writer, body: &[u8], sync: bool) -> Result<(), StoreError> {
-        if body.is_empty() {
+    /// the index. `frame` is the body behind [`FRAME_HEADER`] bytes that this fills in, so the
+    /// records are written from where they were encoded, in one `pwrite`.
+    fn append(&self, writer: &mut Writer, frame: &mut [u8], sync: bool) -> Result<(), StoreError> {
+        let body_len = frame.len() - FRAME_HEADER;
+        if body_len == 0 {
+            // Nothing to add, but what earlier writes left unsynced must be on disk now.
+            if sync && self.durable && writer.unsynced {
+                let path = segment_path(&self.dir, writer.active);
+                writer.file.sync_data().map_err(|e| io("syncing", &path, e))?;
+                writer.unsynced = false;
+            }
             return Ok(());
         }
-        if writer.size > 0 && writer.size + (FRAME_HEADER + body.len()) as u64 > self.segment_bytes {
+        if writer.size > 0 && writer.size + frame.len() as u64 > self.segment_bytes {
             self.start_segment(writer, writer.active + 1)?;
         }
         let (segment, offset) = (writer.active, writer.size);
-        let header = frame_header(segment, offset, body);
+        let header = frame_header(segment, offset, &frame[FRAME_HEADER..]);
+        frame[..FRAME_HEADER].copy_from_slice(&header);
         let path = || segment_path(&self.dir, segment);
         // One write of header and body: a frame is torn or whole, never interleaved.
-        let mut frame = Vec::with_capacity(FRAME_HEADER + body.len());
-        frame.extend_from_slice(&header);
-        frame.extend_from_slice(body);
-        writer.file.write_all_at(&frame, offset).map_err(|e| io("appending to", &path(), e))?;
+        writer.file.write_all_at(frame, offset).map_err(|e| io("appending to", &path(), e))?;
         if sync && self.durable {
             writer.file.sync_data().map_err(|e| io("syncing", &path(), e))?;
         }
+        writer.unsynced = !sync;
         writer.size += frame.len() as u64;
         let mut index = self.index();
         index.segments.get_mut(&segment).expect("the active segment is indexed").size = writer.size;
-        index.replay(segment, offset + FRAME_HEADER as u64, body)
+        index.replay(segment, offset + FRAME_HEADER as u64, &frame[FRAME_HEADER..])
     }
 
     /// Deletes sealed segments that hold nothing live, oldest first, copying forward what little
@@ -509,7 +528,8 @@ impl SegmentLog {
                     return Ok(());
                 }
                 let Live { entries, values } = self.index().live_in(number);
-                let mut body = Vec::with_capacity(live as usize);
+                let mut body = Vec::with_capacity(FRAME_HEADER + live as usize);
+                body.resize(FRAME_HEADER, 0);
                 let mut entry = Vec::new();
                 for (group, index, loc) in entries {
                     entry.resize(loc.len as usize, 0);
@@ -520,7 +540,7 @@ impl SegmentLog {
                 for (group, key, value) in values {
                     encode_value(&mut body, group, &key, &value);
                 }
-                self.append(writer, &body, true)?;
+                self.append(writer, &mut body, true)?;
                 let still = self.index().segments.get(&number).map_or(0, |s| s.live);
                 if still > 0 {
                     return Err(StoreError::Engine(format!(
