@@ -734,6 +734,27 @@ async fn malformed_peer_frames_get_an_error_and_the_node_serves_on() {
     let message = refused(exchange(&connection, &proto::encode_frame(&stranger).unwrap()).await);
     assert!(message.contains("another cluster"), "{message}");
 
+    // A forwarded job whose bucket key no client could send: empty, or over the limit.
+    for bucket in [Vec::new(), vec![b'k'; proto::BUCKET_KEY_BYTES_MAX + 1]] {
+        let job = PeerFrame {
+            cluster_id: credentials.cluster.cluster_id.clone(),
+            from: 7,
+            request: PeerRequest::Job {
+                bucket: bucket.clone(),
+                module: "counter".into(),
+                input: Vec::new(),
+                read_only: false,
+                relay: true,
+            },
+        };
+        match exchange(&connection, &proto::encode_frame(&job).unwrap()).await {
+            PeerResponse::Job(Err(e)) => {
+                assert_eq!(e.code, ErrorCode::InvalidBucketKey, "{} bytes: {e:?}", bucket.len())
+            }
+            other => panic!("a {}-byte bucket key was not refused: {other:?}", bucket.len()),
+        }
+    }
+
     // The same connection still works, and so does the node.
     let ping = PeerFrame {
         cluster_id: credentials.cluster.cluster_id.clone(),

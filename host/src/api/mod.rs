@@ -94,7 +94,7 @@ pub async fn bind(node: &Node, config: &ServeConfig) -> anyhow::Result<Servers> 
         tasks.push(task);
     }
     if let Some(addr) = config.quic {
-        let identity = NodeIdentity::load_or_create(node.data_dir(), addr.ip())?;
+        let identity = tls::load_or_create(node.data_dir(), addr.ip())?;
         let (bound, task) = quic::start(node.clone(), addr, &identity, gate.clone(), budget.clone())?;
         urls.quic = Some(format!("quic://{}", url_host(bound)));
         quic_addr = Some(bound);

@@ -9,35 +9,15 @@
 use std::net::IpAddr;
 use std::path::Path;
 
-use anyhow::Context;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use crate::cluster::identity::NODE_CERT_FILE;
+pub use crate::cluster::identity::{CA_FILE, NodeIdentity};
 
-pub use crate::cluster::identity::CA_FILE;
-use crate::cluster::identity::{NODE_CERT_FILE, NODE_KEY_FILE};
-
-/// A certificate chain and its key.
-pub struct NodeIdentity {
-    /// Node certificate, then the CA.
-    pub chain: Vec<CertificateDer<'static>>,
-    /// The node's private key.
-    pub key: PrivateKeyDer<'static>,
-}
-
-impl NodeIdentity {
-    /// Loads the identity in `dir`, creating the CA and node certificate if they are missing.
-    pub fn load_or_create(dir: &Path, listen_ip: IpAddr) -> anyhow::Result<Self> {
-        if !dir.join(NODE_CERT_FILE).exists() {
-            create(dir, listen_ip)?;
-        }
-        let read =
-            |name: &str| std::fs::read(dir.join(name)).with_context(|| format!("reading {name} in {}", dir.display()));
-        let mut chain: Vec<CertificateDer<'static>> =
-            rustls_pemfile::certs(&mut read(NODE_CERT_FILE)?.as_slice()).collect::<Result<_, _>>()?;
-        chain.extend(rustls_pemfile::certs(&mut read(CA_FILE)?.as_slice()).collect::<Result<Vec<_>, _>>()?);
-        let key = rustls_pemfile::private_key(&mut read(NODE_KEY_FILE)?.as_slice())?
-            .with_context(|| format!("{NODE_KEY_FILE} holds no private key"))?;
-        Ok(NodeIdentity { chain, key })
+/// Loads the identity in `dir`, creating the CA and node certificate if they are missing.
+pub fn load_or_create(dir: &Path, listen_ip: IpAddr) -> anyhow::Result<NodeIdentity> {
+    if !dir.join(NODE_CERT_FILE).exists() {
+        create(dir, listen_ip)?;
     }
+    NodeIdentity::load(dir)
 }
 
 fn create(dir: &Path, listen_ip: IpAddr) -> anyhow::Result<()> {

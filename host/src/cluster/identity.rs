@@ -17,6 +17,7 @@ use std::path::Path;
 
 use anyhow::Context;
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use serde::{Deserialize, Serialize};
 
 /// The cluster file in a data directory.
@@ -133,6 +134,33 @@ pub fn import(dir: &Path, credentials: &Credentials) -> anyhow::Result<()> {
     write_file(&dir.join(CA_FILE), &credentials.ca_pem, false)?;
     write_file(&dir.join(CLUSTER_FILE), &serde_json::to_string_pretty(&credentials.cluster)?, false)?;
     Ok(())
+}
+
+/// This node's TLS identity, as the data directory holds it: the one place it is read, for the
+/// client-facing QUIC server (`api::quic`) and the peer transport (`peer`) alike.
+pub struct NodeIdentity {
+    /// Node certificate, then the CA.
+    pub chain: Vec<CertificateDer<'static>>,
+    /// The node's private key.
+    pub key: PrivateKeyDer<'static>,
+    /// The cluster CA's certificates: the only roots a peer trusts.
+    pub ca: Vec<CertificateDer<'static>>,
+}
+
+impl NodeIdentity {
+    /// Reads the identity in `dir`.
+    pub fn load(dir: &Path) -> anyhow::Result<Self> {
+        let read =
+            |name: &str| std::fs::read(dir.join(name)).with_context(|| format!("reading {name} in {}", dir.display()));
+        let mut chain: Vec<CertificateDer<'static>> =
+            rustls_pemfile::certs(&mut read(NODE_CERT_FILE)?.as_slice()).collect::<Result<_, _>>()?;
+        let ca: Vec<CertificateDer<'static>> =
+            rustls_pemfile::certs(&mut read(CA_FILE)?.as_slice()).collect::<Result<_, _>>()?;
+        chain.extend(ca.iter().cloned());
+        let key = rustls_pemfile::private_key(&mut read(NODE_KEY_FILE)?.as_slice())?
+            .with_context(|| format!("{NODE_KEY_FILE} holds no private key"))?;
+        Ok(NodeIdentity { chain, key, ca })
+    }
 }
 
 fn ca_params() -> anyhow::Result<CertificateParams> {

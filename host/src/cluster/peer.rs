@@ -35,7 +35,7 @@ use grex_client::quic::send_frame;
 use tokio::sync::{Semaphore, watch};
 
 use super::engine::NodeId;
-use super::identity::{CA_FILE, NODE_CERT_FILE, NODE_KEY_FILE, PEER_SERVER_NAME};
+use super::identity::{NodeIdentity, PEER_SERVER_NAME};
 use super::messages::PeerInfo;
 use super::messages::{Lead, PEER_ALPN, PeerFrame, PeerRequest, PeerResponse};
 use crate::api::quic::{read_frame, send_answer};
@@ -637,15 +637,7 @@ pub fn peer_client_config(dir: &Path) -> anyhow::Result<quinn::ClientConfig> {
 
 /// Server and client TLS for peers: both present the node certificate and trust only the CA.
 fn tls_configs(dir: &Path) -> anyhow::Result<(quinn::ServerConfig, quinn::ClientConfig)> {
-    let read =
-        |name: &str| std::fs::read(dir.join(name)).with_context(|| format!("reading {name} in {}", dir.display()));
-    let mut chain: Vec<rustls::pki_types::CertificateDer<'static>> =
-        rustls_pemfile::certs(&mut read(NODE_CERT_FILE)?.as_slice()).collect::<Result<_, _>>()?;
-    let ca: Vec<rustls::pki_types::CertificateDer<'static>> =
-        rustls_pemfile::certs(&mut read(CA_FILE)?.as_slice()).collect::<Result<_, _>>()?;
-    chain.extend(ca.iter().cloned());
-    let key = rustls_pemfile::private_key(&mut read(NODE_KEY_FILE)?.as_slice())?
-        .with_context(|| format!("{NODE_KEY_FILE} holds no private key"))?;
+    let NodeIdentity { chain, key, ca } = NodeIdentity::load(dir)?;
     let mut roots = rustls::RootCertStore::empty();
     for cert in ca {
         roots.add(cert)?;

@@ -223,8 +223,9 @@ impl Cluster {
         read_only: bool,
         relay: bool,
     ) -> PeerResponse {
-        if bucket.len() > proto::BUCKET_KEY_BYTES_MAX {
-            return PeerResponse::Job(proto::check_bucket_key(&bucket).map(|_| unreachable!()));
+        // A peer's bytes are checked as a client's are (empty, or over the limit).
+        if let Err(e) = proto::check_bucket_key(&bucket) {
+            return PeerResponse::Job(Err(e));
         }
         let flock = proto::flock_of(&bucket, self.inner.file.flock_count);
         if let Some(result) = self.try_here(flock, &bucket, &module, &input, read_only).await {
