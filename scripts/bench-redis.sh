@@ -67,11 +67,12 @@ done
 bench() {
   local system=$1 port=$2 test=$3; shift 3
   local line
-  line=$(redis-benchmark -p "$port" -c "$clients" -P "$pipeline" -n "$requests" -r "$keys" --csv "$@" 2>/dev/null | tail -1)
+  line=$(redis-benchmark -p "$port" -c "$clients" -P "$pipeline" -n "$requests" -r "$keys" --csv "$@" 2> "$data/bench.err" | tail -1)
   # "test","rps","avg_latency_ms","min_latency_ms","p50_latency_ms","p95_latency_ms","p99_latency_ms","max_latency_ms"
   # (the test name may hold commas; the numbers are the last seven fields)
-  read -r rps p50 p99 < <(awk -F'","' '{ gsub(/"/, "", $NF); print $(NF-6), $(NF-3), $(NF-1) }' <<< "$line")
-  [ -n "$p99" ] || { echo "redis-benchmark gave no result for $system $test: $line"; exit 1; }
+  local rps= p50= p99=
+  read -r rps p50 p99 < <(awk -F'","' '{ gsub(/"/, "", $NF); print $(NF-6), $(NF-3), $(NF-1) }' <<< "$line") || true
+  [ -n "$p99" ] || { echo "redis-benchmark gave no result for $system $test: $line"; grep -v '^WARNING' "$data/bench.err" | tail -5; exit 1; }
   echo "$round,$system,$test,$rps,$p50,$p99" >> "$out/results.csv"
   printf '%-13s %-15s %9.0f/s  p50 %6.2f ms  p99 %6.2f ms\n' "$system" "$test" "$rps" "$p50" "$p99"
 }

@@ -88,9 +88,6 @@ impl<S: Store> Store for FaultyStore<S> {
     fn put_module(&self, id: &ModuleId, name: &str, wasm: &[u8]) -> Result<(), StoreError> {
         self.inner.put_module(id, name, wasm)
     }
-    fn module_id(&self, name: &str) -> Result<Option<ModuleId>, StoreError> {
-        self.inner.module_id(name)
-    }
     fn module_bytes(&self, id: &ModuleId) -> Result<Option<Vec<u8>>, StoreError> {
         self.inner.module_bytes(id)
     }

@@ -147,10 +147,6 @@ impl Store for MemoryStore {
         Ok(())
     }
 
-    fn module_id(&self, name: &str) -> Result<Option<ModuleId>, StoreError> {
-        Ok(self.state().names.get(name).copied())
-    }
-
     fn module_bytes(&self, id: &ModuleId) -> Result<Option<Vec<u8>>, StoreError> {
         Ok(self.state().modules.get(id).cloned())
     }

@@ -179,8 +179,6 @@ pub trait Store: Send + Sync + 'static {
     fn flock_buckets(&self, flock: u32) -> Result<Vec<(Vec<u8>, BucketData)>, StoreError>;
     /// Stores a module's bytes under its id and points `name` at it.
     fn put_module(&self, id: &ModuleId, name: &str, wasm: &[u8]) -> Result<(), StoreError>;
-    /// The id a name points at.
-    fn module_id(&self, name: &str) -> Result<Option<ModuleId>, StoreError>;
     /// A module's bytes.
     fn module_bytes(&self, id: &ModuleId) -> Result<Option<Vec<u8>>, StoreError>;
     /// A module's size in bytes, without copying it out.
@@ -280,14 +278,12 @@ pub(crate) mod contract {
     pub(crate) fn modules_are_found_by_name_and_id(store: &dyn Store) {
         let id = [7u8; 32];
         store.put_module(&id, "counter", b"\0asm").unwrap();
-        assert_eq!(store.module_id("counter").unwrap(), Some(id));
+        assert_eq!(store.module_names().unwrap(), vec![("counter".to_string(), id)]);
         assert_eq!(store.module_bytes(&id).unwrap().as_deref(), Some(&b"\0asm"[..]));
         assert_eq!(store.module_size(&id).unwrap(), Some(4));
         assert_eq!(store.module_size(&[0; 32]).unwrap(), None);
-        assert_eq!(store.module_id("nope").unwrap(), None);
         let other = [8u8; 32];
         store.put_module(&other, "counter", b"\0asm2").unwrap();
-        assert_eq!(store.module_id("counter").unwrap(), Some(other));
         assert_eq!(store.module_names().unwrap(), vec![("counter".to_string(), other)]);
     }
 }

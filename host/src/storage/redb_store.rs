@@ -335,12 +335,6 @@ impl Store for RedbStore {
         txn.commit().map_err(engine)
     }
 
-    fn module_id(&self, name: &str) -> Result<Option<ModuleId>, StoreError> {
-        let txn = self.db.begin_read().map_err(engine)?;
-        let table = txn.open_table(MODULE_NAMES).map_err(engine)?;
-        table.get(name).map_err(engine)?.map(|v| module_id(v.value())).transpose()
-    }
-
     fn module_bytes(&self, id: &ModuleId) -> Result<Option<Vec<u8>>, StoreError> {
         let txn = self.db.begin_read().map_err(engine)?;
         let table = txn.open_table(MODULES).map_err(engine)?;
