@@ -27,7 +27,7 @@ use super::Gate;
 use super::budget::ReadBudget;
 use super::conns::{Conn, ConnTable, accept_loop};
 use crate::error::{ErrorCode, RemoteError, error};
-use crate::node::Node;
+use crate::node::{Node, Service};
 
 /// HTTP connections open at once; when all are taken, the longest-idle one is closed for a new
 /// client, and while all are busy new ones wait in the kernel's accept queue (see `conns`).
@@ -81,11 +81,9 @@ pub(super) async fn start(
         TcpListener::bind(addr).await.map_err(|e| anyhow::anyhow!("cannot listen for HTTP on {addr}: {e}"))?;
     let bound = listener.local_addr()?;
     let timeouts = HttpTimeouts::default();
-    let app = router(node, timeouts, budget);
     let task = tokio::spawn(async move {
-        if !gate.opened().await {
-            return;
-        }
+        let Some(service) = gate.opened().await else { return };
+        let app = router(node, service, timeouts, budget);
         serve(listener, app, ConnTable::new(CONNECTIONS_MAX), timeouts, gate.stopped).await;
     });
     Ok((bound, task))
@@ -160,8 +158,16 @@ async fn serve_connection(
     }
 }
 
+/// What the handlers answer with: the node for what it answers itself, the service for what a
+/// cluster routes.
+#[derive(Clone)]
+struct App {
+    node: Node,
+    service: Arc<dyn Service>,
+}
+
 /// The API's routes.
-fn router(node: Node, timeouts: HttpTimeouts, budget: Arc<ReadBudget>) -> Router {
+fn router(node: Node, service: Arc<dyn Service>, timeouts: HttpTimeouts, budget: Arc<ReadBudget>) -> Router {
     Router::new()
         .route("/v1/modules", get(list_modules))
         .route("/v1/modules/{name}", put(put_module))
@@ -176,7 +182,7 @@ fn router(node: Node, timeouts: HttpTimeouts, budget: Arc<ReadBudget>) -> Router
         .layer(DefaultBodyLimit::disable())
         .layer(Extension(timeouts))
         .layer(Extension(budget))
-        .with_state(node)
+        .with_state(App { node, service })
 }
 
 async fn not_found() -> ApiError {
@@ -264,7 +270,7 @@ fn require_content_type(headers: &HeaderMap, allowed: &[&str], hint: &str) -> Ap
 }
 
 async fn put_module(
-    State(node): State<Node>,
+    State(App { node, service }): State<App>,
     Extension(timeouts): Extension<HttpTimeouts>,
     Extension(budget): Extension<Arc<ReadBudget>>,
     uri: Uri,
@@ -279,15 +285,15 @@ async fn put_module(
     )?;
     let max = node.config().limits.module_bytes_max;
     let wasm = read_body(body, &headers, (timeouts, &budget), max, "module", ErrorCode::ModuleTooLarge).await?;
-    Ok(Json(node.put_module(&name, wasm).await?))
+    Ok(Json(service.put_module(name, wasm).await?))
 }
 
-async fn list_modules(State(node): State<Node>) -> Json<serde_json::Value> {
+async fn list_modules(State(App { node, .. }): State<App>) -> Json<serde_json::Value> {
     Json(serde_json::json!({ "modules": node.modules() }))
 }
 
 async fn run_job(
-    State(node): State<Node>,
+    State(App { node, service }): State<App>,
     Extension(timeouts): Extension<HttpTimeouts>,
     Extension(budget): Extension<Arc<ReadBudget>>,
     uri: Uri,
@@ -318,7 +324,7 @@ async fn run_job(
     let input =
         read_body(body, &headers, (timeouts, &budget), max + BODY_SLACK_BYTES, "job input", ErrorCode::InputTooLarge)
             .await?;
-    let out = node.run_job(&bucket, module, input, read_only).await?;
+    let out = service.run_job(bucket, module.clone(), input, read_only).await?;
     let mut response = (StatusCode::OK, out.output).into_response();
     let headers = response.headers_mut();
     headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
@@ -330,7 +336,7 @@ async fn run_job(
     Ok(response)
 }
 
-async fn get_item(State(node): State<Node>, uri: Uri) -> ApiResult<Response> {
+async fn get_item(State(App { node, .. }): State<App>, uri: Uri) -> ApiResult<Response> {
     let bucket = segment_bytes(&uri, 2, "bucket")?;
     let item = segment_text(&uri, 4, "item")?;
     let value = node.get_item(&bucket, &item).await?;
@@ -338,7 +344,7 @@ async fn get_item(State(node): State<Node>, uri: Uri) -> ApiResult<Response> {
 }
 
 async fn list_items(
-    State(node): State<Node>,
+    State(App { node, .. }): State<App>,
     uri: Uri,
     Query(query): Query<HashMap<String, String>>,
 ) -> ApiResult<Json<serde_json::Value>> {
@@ -355,20 +361,20 @@ async fn list_items(
 }
 
 async fn canary(
-    State(node): State<Node>,
+    State(App { service, .. }): State<App>,
     uri: Uri,
     Query(query): Query<HashMap<String, String>>,
 ) -> ApiResult<Json<grex_client::Canary>> {
     let bucket = segment_bytes(&uri, 2, "bucket")?;
     let read_only = query.get("read_only").is_some_and(|v| v == "true" || v == "1");
-    Ok(Json(node.canary(&bucket, read_only).await?))
+    Ok(Json(service.canary(bucket, read_only).await?))
 }
 
-async fn flocks(State(node): State<Node>) -> Json<grex_client::proto::FlockMapInfo> {
-    Json(node.flocks())
+async fn flocks(State(App { service, .. }): State<App>) -> Json<grex_client::proto::FlockMapInfo> {
+    Json(service.flocks())
 }
 
-async fn status(State(node): State<Node>) -> Json<grex_client::Status> {
+async fn status(State(App { node, .. }): State<App>) -> Json<grex_client::Status> {
     Json(node.status())
 }
 
@@ -394,7 +400,7 @@ mod tests {
         let (stop, stopped) = watch::channel(false);
         tokio::spawn(serve(
             listener,
-            router(node, timeouts, ReadBudget::new(REQUEST_BUFFER_BYTES_DEFAULT)),
+            router(node.clone(), Arc::new(node), timeouts, ReadBudget::new(REQUEST_BUFFER_BYTES_DEFAULT)),
             ConnTable::new(connections),
             timeouts,
             stopped,

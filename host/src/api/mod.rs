@@ -1,11 +1,13 @@
 //! The client-facing servers: HTTP/JSON (`http`), QUIC (`quic`) and the Redis protocol (`resp`),
-//! all thin layers over [`Node`], and the TLS identity QUIC serves (`tls`).
+//! all thin layers over a [`Node`] (what it answers itself: items, status, modules) and a
+//! [`Service`] (what a cluster routes: jobs, uploads, canaries, the flock map), and the TLS
+//! identity QUIC serves (`tls`).
 //!
 //! [`bind`] binds the listeners and records their URLs on the node, and returns a [`Servers`]
-//! handle that accepts nothing until [`Servers::open`]: a cluster node needs its URLs to start its
-//! cluster side, and must not answer a request before that side is wired in (a job run then would
-//! commit outside its flock's log). [`start`] does both for a node on its own. `docs/wire.md`
-//! specifies the protocols.
+//! handle that accepts nothing until [`Servers::open`] hands the servers their service: a cluster
+//! node needs its URLs to start its cluster side, and no request is taken before that side is
+//! the service (a job run before would commit outside its flock's log). [`start`] does both for a
+//! node on its own, which is its own service. `docs/wire.md` specifies the protocols.
 
 pub mod budget;
 mod conns;
@@ -17,11 +19,12 @@ mod tls;
 pub use tls::{CA_FILE, NodeIdentity};
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::node::{Node, NodeUrls};
+use crate::node::{Node, NodeUrls, Service};
 
 /// Where to listen.
 #[derive(Clone, Debug, Default)]
@@ -45,7 +48,7 @@ pub struct Servers {
     pub quic_addr: Option<SocketAddr>,
     /// Where the Redis protocol listens.
     pub resp_addr: Option<SocketAddr>,
-    open: watch::Sender<bool>,
+    open: watch::Sender<Option<Arc<dyn Service>>>,
     stop: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
 }
@@ -53,25 +56,27 @@ pub struct Servers {
 /// When a server may accept: after [`Servers::open`], until [`Servers::stop`].
 #[derive(Clone)]
 pub(crate) struct Gate {
-    open: watch::Receiver<bool>,
+    open: watch::Receiver<Option<Arc<dyn Service>>>,
     /// Turns true when the servers stop.
     pub(crate) stopped: watch::Receiver<bool>,
 }
 
 impl Gate {
-    /// Waits until the servers are opened: true, or false if they were stopped first.
-    pub(crate) async fn opened(&mut self) -> bool {
+    /// Waits until the servers are opened: the service they serve, or `None` if they were
+    /// stopped first.
+    pub(crate) async fn opened(&mut self) -> Option<Arc<dyn Service>> {
         tokio::select! {
-            opened = self.open.wait_for(|o| *o) => opened.is_ok(),
-            _ = self.stopped.wait_for(|s| *s) => false,
+            opened = self.open.wait_for(Option::is_some) => opened.ok().and_then(|s| s.clone()),
+            _ = self.stopped.wait_for(|s| *s) => None,
         }
     }
 }
 
-/// Starts the configured servers for `node`, accepting at once (a node without a cluster side).
+/// Starts the configured servers for `node`, accepting at once (a node without a cluster side,
+/// which serves itself).
 pub async fn start(node: &Node, config: &ServeConfig) -> anyhow::Result<Servers> {
     let servers = bind(node, config).await?;
-    servers.open();
+    servers.open(Arc::new(node.clone()));
     Ok(servers)
 }
 
@@ -79,7 +84,7 @@ pub async fn start(node: &Node, config: &ServeConfig) -> anyhow::Result<Servers>
 /// [`Servers::open`] (connections wait in the kernel's and QUIC's accept queues meanwhile).
 pub async fn bind(node: &Node, config: &ServeConfig) -> anyhow::Result<Servers> {
     let (stop, stopped) = watch::channel(false);
-    let (open, opened) = watch::channel(false);
+    let (open, opened) = watch::channel(None);
     let gate = Gate { open: opened, stopped };
     let budget =
         budget::ReadBudget::new(config.request_buffer_bytes_max.unwrap_or(budget::REQUEST_BUFFER_BYTES_DEFAULT));
@@ -112,9 +117,9 @@ pub async fn bind(node: &Node, config: &ServeConfig) -> anyhow::Result<Servers> 
 }
 
 impl Servers {
-    /// Starts accepting requests.
-    pub fn open(&self) {
-        let _ = self.open.send(true);
+    /// Starts accepting requests, for `service` (the node itself, or its cluster).
+    pub fn open(&self, service: Arc<dyn Service>) {
+        let _ = self.open.send(Some(service));
     }
 
     /// Stops accepting, lets requests in flight finish, and returns when the servers are down.

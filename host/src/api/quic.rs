@@ -18,7 +18,7 @@ use super::Gate;
 use super::budget::{Claim, FREE_BYTES, ReadBudget};
 use super::tls::NodeIdentity;
 use crate::error::{ErrorCode, RemoteError, error};
-use crate::node::Node;
+use crate::node::{Node, Service};
 
 /// Client connections served at once; more are refused.
 pub const CONNECTIONS_MAX: usize = 1024;
@@ -42,7 +42,8 @@ pub(super) fn start(
         let connections = Arc::new(Semaphore::new(CONNECTIONS_MAX));
         let mut stop = gate.stopped.clone();
         // Stopped before it was opened: nothing to accept.
-        if gate.opened().await {
+        if let Some(service) = gate.opened().await {
+            let serving = Serving { node, service };
             loop {
                 tokio::select! {
                     incoming = endpoint.accept() => {
@@ -52,9 +53,9 @@ pub(super) fn start(
                             incoming.refuse();
                             continue;
                         };
-                        let (node, budget) = (node.clone(), budget.clone());
+                        let (serving, budget) = (serving.clone(), budget.clone());
                         tokio::spawn(async move {
-                            serve_connection(node, incoming, budget).await;
+                            serve_connection(serving, incoming, budget).await;
                             drop(permit);
                         });
                     }
@@ -86,7 +87,37 @@ fn server_config(identity: &NodeIdentity) -> anyhow::Result<quinn::ServerConfig>
     Ok(config)
 }
 
-async fn serve_connection(node: Node, incoming: quinn::Incoming, budget: Arc<ReadBudget>) {
+/// What a request is answered by: the node for what it answers itself, the service for what a
+/// cluster routes.
+#[derive(Clone)]
+struct Serving {
+    node: Node,
+    service: Arc<dyn Service>,
+}
+
+impl Serving {
+    /// Answers one request.
+    async fn answer(&self, request: Request) -> Response {
+        let (node, service) = (&self.node, &self.service);
+        let result = match request {
+            Request::PutModule { name, wasm } => service.put_module(name, wasm).await.map(Response::Module),
+            Request::RunJob { bucket, module, input, read_only } => {
+                service.run_job(bucket, module, input, read_only).await.map(Response::Job)
+            }
+            Request::GetItem { bucket, item } => node.get_item(&bucket, &item).await.map(Response::Item),
+            Request::ListItems { bucket, prefix, start_after, limit } => {
+                node.list_items(&bucket, &prefix, start_after.as_deref(), limit).await.map(Response::Items)
+            }
+            Request::Canary { bucket } => service.canary(bucket, false).await.map(Response::Canary),
+            Request::Flocks => Ok(Response::Flocks(service.flocks())),
+            Request::Status => Ok(Response::Status(node.status())),
+            Request::ListModules => Ok(Response::Modules(node.modules())),
+        };
+        result.unwrap_or_else(Response::Error)
+    }
+}
+
+async fn serve_connection(serving: Serving, incoming: quinn::Incoming, budget: Arc<ReadBudget>) {
     let remote = incoming.remote_address();
     let connection = match incoming.await {
         Ok(c) => c,
@@ -96,9 +127,9 @@ async fn serve_connection(node: Node, incoming: quinn::Incoming, budget: Arc<Rea
         }
     };
     while let Ok((send, recv)) = connection.accept_bi().await {
-        let (node, claim) = (node.clone(), budget.claim());
+        let (serving, claim) = (serving.clone(), budget.claim());
         tokio::spawn(async move {
-            if let Err(e) = serve_stream(node, send, recv, claim).await {
+            if let Err(e) = serve_stream(serving, send, recv, claim).await {
                 tracing::debug!(%remote, error = %e, "QUIC request stream failed");
             }
         });
@@ -106,7 +137,7 @@ async fn serve_connection(node: Node, incoming: quinn::Incoming, budget: Arc<Rea
 }
 
 async fn serve_stream(
-    node: Node,
+    serving: Serving,
     send: quinn::SendStream,
     mut recv: quinn::RecvStream,
     mut claim: Claim,
@@ -122,7 +153,7 @@ async fn serve_stream(
             // Whole: the bytes are the request's now, not a request in part.
             drop(claim);
             match decode_frame::<Request>(&frame) {
-                Ok(request) => node.handle(request).await,
+                Ok(request) => serving.answer(request).await,
                 Err(e) => Response::Error(error(ErrorCode::BadRequest, e.to_string())),
             }
         }

@@ -11,7 +11,7 @@ use clap::Args;
 use crate::api::{self, ServeConfig};
 use crate::cluster::{Cluster, ClusterConfig, ClusterFile, identity};
 use crate::config::{Limits, NodeConfig};
-use crate::node::Node;
+use crate::node::{Node, Service};
 use crate::storage::FaultyStore;
 
 /// Settings shared by `serve` and `dev`.
@@ -279,7 +279,7 @@ async fn start_node(
     // the cluster side is wired in: bound first, opened last.
     let servers = api::bind(&node, &serve).await?;
     let cluster = Cluster::start(node.clone(), file, cluster_config).await?;
-    servers.open();
+    servers.open(Arc::new(cluster.clone()));
     Ok(Running { node, servers, cluster })
 }
 
@@ -401,8 +401,8 @@ pub(super) async fn dev(args: DevArgs) -> anyhow::Result<()> {
         nodes.push(running);
     }
     let first = &nodes[0];
-    wait_until_formed(&first.node, args.nodes as usize).await?;
-    let loaded = load_jobs(&first.node, &args.jobs).await?;
+    wait_until_formed(&first.cluster, args.nodes as usize).await?;
+    let loaded = load_jobs(&first.cluster, &args.jobs).await?;
     println!("loaded jobs: {}", loaded.join(", "));
     for running in &nodes {
         let http = running.servers.http_addr.map(|a| a.to_string()).unwrap_or_default();
@@ -423,10 +423,10 @@ pub(super) async fn dev(args: DevArgs) -> anyhow::Result<()> {
 }
 
 /// Waits until every node is in the flock map and every flock has a leader.
-async fn wait_until_formed(node: &Node, nodes: usize) -> anyhow::Result<()> {
+async fn wait_until_formed(cluster: &Cluster, nodes: usize) -> anyhow::Result<()> {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
     loop {
-        let map = node.flocks();
+        let map = cluster.flocks();
         let herders = nodes.min(3);
         if map.nodes.len() == nodes
             && map.flocks.iter().all(|f| f.leader.is_some() && f.settled && f.herders.len() == herders)
@@ -440,7 +440,8 @@ async fn wait_until_formed(node: &Node, nodes: usize) -> anyhow::Result<()> {
     }
 }
 
-async fn load_jobs(node: &Node, dir: &Path) -> anyhow::Result<Vec<String>> {
+/// Uploads the example jobs through the cluster, so that every node has them.
+async fn load_jobs(cluster: &Cluster, dir: &Path) -> anyhow::Result<Vec<String>> {
     let entries = std::fs::read_dir(dir).with_context(|| {
         format!("no example jobs at {} (build them with scripts/build-jobs.sh, or pass --jobs DIR)", dir.display())
     })?;
@@ -450,7 +451,7 @@ async fn load_jobs(node: &Node, dir: &Path) -> anyhow::Result<Vec<String>> {
         if path.extension().is_some_and(|e| e == "wasm") {
             let name = path.file_stem().and_then(|s| s.to_str()).context("job file name is not UTF-8")?.to_owned();
             let wasm = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
-            node.put_module(&name, wasm).await.with_context(|| format!("loading {}", path.display()))?;
+            cluster.put_module(name.clone(), wasm).await.with_context(|| format!("loading {}", path.display()))?;
             names.push(name);
         }
     }

@@ -192,7 +192,6 @@ impl Cluster {
         };
         let _ = slot.set(cluster.clone());
         node.set_replicator(Arc::new(cluster.clone()));
-        node.set_front(Arc::new(cluster.clone()));
         tokio::spawn(cluster.clone().follow_members());
         tokio::spawn(cluster.clone().follow_claims());
 

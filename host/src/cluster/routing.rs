@@ -14,7 +14,7 @@ use grex_client::proto::{self, Canary, FlockInfo, FlockMapInfo, JobOutput, Modul
 use super::messages::{PeerRequest, PeerResponse};
 use super::{Cluster, NodeId, decide, node_id_text, peer};
 use crate::error::{ErrorCode, RemoteError, Result, error};
-use crate::node::{Front, RespNode};
+use crate::node::{RespNode, Service};
 use crate::storage::{GroupId, META_GROUP};
 
 /// How long a routed job keeps looking for its flock's leader (an election takes about 1 s).
@@ -210,7 +210,7 @@ impl Cluster {
         if leads && !read_only && !self.has_quorum(flock) {
             return Some(Err(self.no_quorum(flock)));
         }
-        Some(self.inner.node.run_job_here(bucket, module, input.to_vec(), read_only).await)
+        Some(self.inner.node.run_job(bucket, module, input.to_vec(), read_only).await)
     }
 
     /// A peer forwarded (or relayed) a job: run it here if this node should, else pass it on
@@ -247,7 +247,7 @@ impl Cluster {
     }
 }
 
-impl Front for Cluster {
+impl Service for Cluster {
     fn run_job(
         &self,
         bucket: Vec<u8>,
@@ -264,40 +264,15 @@ impl Front for Cluster {
         async move { this.store_module(name, wasm).await }.boxed()
     }
 
-    fn canary(&self, bucket: &[u8], read_only: bool) -> Result<Canary> {
-        let flock = proto::flock_of(bucket, self.inner.file.flock_count);
-        let leader = self.leader_of(flock);
-        let (node, role) = if read_only {
-            // The warm leader unless a live herder carries clearly less load.
-            let herders = self.herders(flock);
-            let pick = herders.iter().copied().filter(|h| self.inner.peers.alive(*h)).min_by_key(|h| {
-                (
-                    self.inner.peers.load_of(*h).saturating_sub(if Some(*h) == leader { 4 } else { 0 }),
-                    Some(*h) != leader,
-                )
-            });
-            match pick {
-                Some(h) => (h, if Some(h) == leader { "leader" } else { "follower" }),
-                None => (leader.unwrap_or(self.inner.me), "leader"),
-            }
-        } else {
-            let leader = leader.ok_or_else(|| {
-                error(
-                    ErrorCode::Unavailable,
-                    format!("flock {flock} has no leader right now (an election is under way); retry shortly"),
-                )
-            })?;
-            (leader, "leader")
-        };
-        let info = self.inner.meta_state.borrow().nodes.get(&node).cloned().unwrap_or_default();
-        Ok(Canary {
-            url: info.http,
-            quic: Some(info.quic).filter(|q| !q.is_empty()),
-            node: node_id_text(node),
-            flock,
-            role: role.into(),
-            bucket_version: self.inner.node.store().bucket_version(bucket).map_err(RemoteError::from)?,
-        })
+    fn canary(&self, bucket: Vec<u8>, read_only: bool) -> BoxFuture<'static, Result<Canary>> {
+        let this = self.clone();
+        async move {
+            proto::check_bucket_key(&bucket)?;
+            // Its bucket version is read from the store.
+            this.inner.node.commits().settle().await;
+            this.canary_now(&bucket, read_only)
+        }
+        .boxed()
     }
 
     fn flocks(&self) -> FlockMapInfo {
@@ -333,5 +308,44 @@ impl Front for Cluster {
             .filter(|(_, info)| !info.resp.is_empty())
             .map(|(id, info)| RespNode { id: node_id_text(*id), resp: info.resp.clone(), peer: info.peer.clone() })
             .collect()
+    }
+}
+
+impl Cluster {
+    /// The best node for `bucket` as this node sees the cluster now.
+    fn canary_now(&self, bucket: &[u8], read_only: bool) -> Result<Canary> {
+        let flock = proto::flock_of(bucket, self.inner.file.flock_count);
+        let leader = self.leader_of(flock);
+        let (node, role) = if read_only {
+            // The warm leader unless a live herder carries clearly less load.
+            let herders = self.herders(flock);
+            let pick = herders.iter().copied().filter(|h| self.inner.peers.alive(*h)).min_by_key(|h| {
+                (
+                    self.inner.peers.load_of(*h).saturating_sub(if Some(*h) == leader { 4 } else { 0 }),
+                    Some(*h) != leader,
+                )
+            });
+            match pick {
+                Some(h) => (h, if Some(h) == leader { "leader" } else { "follower" }),
+                None => (leader.unwrap_or(self.inner.me), "leader"),
+            }
+        } else {
+            let leader = leader.ok_or_else(|| {
+                error(
+                    ErrorCode::Unavailable,
+                    format!("flock {flock} has no leader right now (an election is under way); retry shortly"),
+                )
+            })?;
+            (leader, "leader")
+        };
+        let info = self.inner.meta_state.borrow().nodes.get(&node).cloned().unwrap_or_default();
+        Ok(Canary {
+            url: info.http,
+            quic: Some(info.quic).filter(|q| !q.is_empty()),
+            node: node_id_text(node),
+            flock,
+            role: role.into(),
+            bucket_version: self.inner.node.store().bucket_version(bucket).map_err(RemoteError::from)?,
+        })
     }
 }

@@ -1,8 +1,10 @@
 //! The node: the library API that runs jobs against buckets and keeps them durable.
 //!
 //! A [`Node`] owns the store, the wasm runtime, the group committer and the executor shards. It
-//! needs no network: an application can embed one and call [`Node::run_job`] directly, and the
-//! servers in [`api`](crate::api) are thin layers over the same calls ([`Node::handle`]).
+//! needs no network: an application can embed one and call [`Node::run_job`] directly. The
+//! servers in [`api`](crate::api) are thin layers over a node and a [`Service`]: the node itself
+//! when it runs alone, its cluster when it is a member (which routes jobs to their flock's leader
+//! and runs them there with `Node::run_job`).
 //!
 //! The path of a job: [`Node::run_job`] checks the request, resolves the module (compiling it on
 //! first use, off the async threads) and hands the job to the shard that owns the bucket's flock
@@ -24,9 +26,11 @@ pub use cache::CacheStats;
 pub use clock::{Clock, FixedClock, SystemClock};
 pub use commit::{CommitLog, Durable, Write, WriteDone};
 
-/// Routes what a cluster must route: jobs to the flock's leader, module uploads to every node,
-/// canaries and the flock map. A node without one answers everything itself.
-pub trait Front: Send + Sync + 'static {
+/// What the servers (`api`) ask of a node for anything a cluster must route: jobs to the
+/// flock's leader, module uploads to every node, canaries, the flock map. A [`Node`] on its own
+/// answers everything itself; a cluster node's is the `Cluster`. The servers are handed one when
+/// they open, before they accept a request, and hold it; the node itself knows nothing of it.
+pub trait Service: Send + Sync + 'static {
     /// Runs a job wherever it should run.
     fn run_job(
         &self,
@@ -38,11 +42,43 @@ pub trait Front: Send + Sync + 'static {
     /// Stores a module on every node.
     fn put_module(&self, name: String, wasm: Vec<u8>) -> futures::future::BoxFuture<'static, Result<ModuleInfo>>;
     /// The best node for a bucket.
-    fn canary(&self, bucket: &[u8], read_only: bool) -> Result<Canary>;
+    fn canary(&self, bucket: Vec<u8>, read_only: bool) -> futures::future::BoxFuture<'static, Result<Canary>>;
     /// The flock map.
     fn flocks(&self) -> FlockMapInfo;
-    /// The member nodes that serve the Redis protocol.
+    /// The member nodes that serve the Redis protocol (none outside a cluster).
     fn resp_nodes(&self) -> Vec<RespNode>;
+}
+
+/// A node on its own serves itself.
+impl Service for Node {
+    fn run_job(
+        &self,
+        bucket: Vec<u8>,
+        module: String,
+        input: Vec<u8>,
+        read_only: bool,
+    ) -> futures::future::BoxFuture<'static, Result<JobOutput>> {
+        let node = self.clone();
+        async move { node.run_job(&bucket, &module, input, read_only).await }.boxed()
+    }
+
+    fn put_module(&self, name: String, wasm: Vec<u8>) -> futures::future::BoxFuture<'static, Result<ModuleInfo>> {
+        let node = self.clone();
+        async move { node.put_module(&name, wasm).await }.boxed()
+    }
+
+    fn canary(&self, bucket: Vec<u8>, _read_only: bool) -> futures::future::BoxFuture<'static, Result<Canary>> {
+        let node = self.clone();
+        async move { node.canary(&bucket).await }.boxed()
+    }
+
+    fn flocks(&self) -> FlockMapInfo {
+        Node::flocks(self)
+    }
+
+    fn resp_nodes(&self) -> Vec<RespNode> {
+        Vec::new()
+    }
 }
 
 /// A member node as Redis Cluster clients see it (`CLUSTER SLOTS` and its kin).
@@ -84,7 +120,8 @@ use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
-use grex_client::proto::{self, Canary, FlockMapInfo, JobOutput, ModuleInfo, Request, Response, Status};
+use futures::FutureExt;
+use grex_client::proto::{self, Canary, FlockMapInfo, JobOutput, ModuleInfo, Status};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::config::NodeConfig;
@@ -129,7 +166,6 @@ struct Inner {
     shard_stats: Vec<Arc<ShardStats>>,
     shard_threads: Mutex<Vec<JoinHandle<()>>>,
     replicator: Arc<OnceLock<Arc<dyn Replicator>>>,
-    front: OnceLock<Arc<dyn Front>>,
     /// Module name → (id, size of the uploaded bytes), mirrored from the store.
     names: RwLock<HashMap<String, (ModuleId, u64)>>,
     jobs_ok: AtomicU64,
@@ -206,7 +242,6 @@ impl Node {
                 shard_stats,
                 shard_threads: Mutex::new(threads),
                 replicator,
-                front: OnceLock::new(),
                 names: RwLock::new(names),
                 jobs_ok: AtomicU64::new(0),
                 jobs_failed: AtomicU64::new(0),
@@ -249,9 +284,6 @@ impl Node {
     /// Stores a module under its SHA-256 and points `name` at it. The module is compiled first, so
     /// one that would not run is refused here.
     pub async fn put_module(&self, name: &str, wasm: Vec<u8>) -> Result<ModuleInfo> {
-        if let Some(front) = self.inner.front.get() {
-            return front.put_module(name.to_owned(), wasm).await;
-        }
         let (id, wasm) = self.check_module(name, wasm).await?;
         let node = self.clone();
         let name = name.to_owned();
@@ -308,23 +340,10 @@ impl Node {
         .map_err(|e| error(ErrorCode::Internal, format!("module load task failed: {e}")))?
     }
 
-    /// Runs the module `module` (a name or `sha256:HEX`) against `bucket`. Mutating jobs commit
-    /// their writes before this returns; read-only jobs may not write.
+    /// Runs the module `module` (a name or `sha256:HEX`) against `bucket` on this node. Mutating
+    /// jobs commit their writes (through the flock's log, on a cluster node) before this returns;
+    /// read-only jobs may not write. Where a job should run is the [`Service`]'s business.
     pub async fn run_job(&self, bucket: &[u8], module: &str, input: Vec<u8>, read_only: bool) -> Result<JobOutput> {
-        if let Some(front) = self.inner.front.get() {
-            return front.run_job(bucket.to_vec(), module.to_owned(), input, read_only).await;
-        }
-        self.run_job_here(bucket, module, input, read_only).await
-    }
-
-    /// Runs a job on this node, whatever a cluster would route (the cluster's own entry point).
-    pub async fn run_job_here(
-        &self,
-        bucket: &[u8],
-        module: &str,
-        input: Vec<u8>,
-        read_only: bool,
-    ) -> Result<JobOutput> {
         let result = self.run_job_inner(bucket, module, input, read_only).await;
         let counter = if result.is_ok() { &self.inner.jobs_ok } else { &self.inner.jobs_failed };
         counter.fetch_add(1, Ordering::Relaxed);
@@ -419,14 +438,11 @@ impl Node {
         Ok(self.inner.store.list_items(bucket, prefix, start_after, limit.min(LIST_PAGE_MAX) as usize)?)
     }
 
-    /// The best node for `bucket` (for read-only work, with `read_only`).
-    pub async fn canary(&self, bucket: &[u8], read_only: bool) -> Result<Canary> {
+    /// The best node for `bucket`: this one, on a node on its own.
+    pub async fn canary(&self, bucket: &[u8]) -> Result<Canary> {
         proto::check_bucket_key(bucket)?;
         // Its bucket version is read from the store.
         self.inner.commits.settle().await;
-        if let Some(front) = self.inner.front.get() {
-            return front.canary(bucket, read_only);
-        }
         let urls = self.urls();
         Ok(Canary {
             url: urls.http.unwrap_or_default(),
@@ -440,9 +456,6 @@ impl Node {
 
     /// The flock map: on a single node, every flock is herded and led here.
     pub fn flocks(&self) -> FlockMapInfo {
-        if let Some(front) = self.inner.front.get() {
-            return front.flocks();
-        }
         let me = self.id().to_owned();
         FlockMapInfo {
             version: 0,
@@ -457,17 +470,6 @@ impl Node {
                 })
                 .collect(),
         }
-    }
-
-    /// The member nodes that serve the Redis protocol, as the cluster knows them (none on a node
-    /// outside a cluster).
-    pub fn resp_nodes(&self) -> Vec<RespNode> {
-        self.inner.front.get().map(|front| front.resp_nodes()).unwrap_or_default()
-    }
-
-    /// Routes this node's jobs, uploads and canaries through a cluster. Set once, before serving.
-    pub fn set_front(&self, front: Arc<dyn Front>) {
-        let _ = self.inner.front.set(front);
     }
 
     /// Jobs queued or running on this node's executors.
@@ -514,25 +516,6 @@ impl Node {
             buckets: a.buckets + b.buckets,
             bytes: a.bytes + b.bytes,
         })
-    }
-
-    /// Answers one wire request (the QUIC server's entry point).
-    pub async fn handle(&self, request: Request) -> Response {
-        let result = match request {
-            Request::PutModule { name, wasm } => self.put_module(&name, wasm).await.map(Response::Module),
-            Request::RunJob { bucket, module, input, read_only } => {
-                self.run_job(&bucket, &module, input, read_only).await.map(Response::Job)
-            }
-            Request::GetItem { bucket, item } => self.get_item(&bucket, &item).await.map(Response::Item),
-            Request::ListItems { bucket, prefix, start_after, limit } => {
-                self.list_items(&bucket, &prefix, start_after.as_deref(), limit).await.map(Response::Items)
-            }
-            Request::Canary { bucket } => self.canary(&bucket, false).await.map(Response::Canary),
-            Request::Flocks => Ok(Response::Flocks(self.flocks())),
-            Request::Status => Ok(Response::Status(self.status())),
-            Request::ListModules => Ok(Response::Modules(self.modules())),
-        };
-        result.unwrap_or_else(Response::Error)
     }
 
     /// Finishes queued jobs, commits what they wrote and stops the executor and committer threads.

@@ -16,7 +16,7 @@ use std::fmt::Write as _;
 use grex_client::proto::{self, FlockMapInfo};
 
 use super::{Reply, arity};
-use crate::node::{Node, RespNode};
+use crate::node::{Node, RespNode, Service};
 
 /// One run of slots with the same primary and replicas.
 #[derive(Debug, PartialEq, Eq)]
@@ -37,9 +37,9 @@ struct Topology {
 }
 
 impl Topology {
-    fn of(node: &Node) -> Topology {
+    fn of(node: &Node, service: &dyn Service) -> Topology {
         let me = node.id().to_owned();
-        let mut nodes = node.resp_nodes();
+        let mut nodes = service.resp_nodes();
         // This node answers on the Redis protocol even when no cluster (or not yet its meta log)
         // names its address.
         if !nodes.iter().any(|n| n.id == me)
@@ -48,7 +48,7 @@ impl Topology {
             nodes.push(RespNode { id: me.clone(), resp, peer: String::new() });
         }
         nodes.sort_by(|a, b| a.id.cmp(&b.id));
-        let map = node.flocks();
+        let map = service.flocks();
         let ranges = slot_ranges(&me, &map, &nodes);
         Topology { me, epoch: map.version, nodes, ranges }
     }
@@ -116,17 +116,17 @@ fn host_port(addr: &str) -> (String, i64) {
 }
 
 /// `CLUSTER subcommand [args]`.
-pub(super) fn command(node: &Node, args: &[Vec<u8>]) -> Reply {
+pub(super) fn command(node: &Node, service: &dyn Service, args: &[Vec<u8>]) -> Reply {
     let Some(sub) = args.first() else { return arity("cluster") };
     let sub = String::from_utf8_lossy(sub).to_ascii_uppercase();
     let rest = &args[1..];
     match (sub.as_str(), rest) {
         ("KEYSLOT", [key]) => Reply::Int(i64::from(proto::key_slot(key))),
         ("MYID", []) => Reply::bulk(cluster_name(node.id())),
-        ("SLOTS", []) => slots(&Topology::of(node)),
-        ("SHARDS", []) => shards(&Topology::of(node)),
-        ("NODES", []) => Reply::bulk(nodes(&Topology::of(node))),
-        ("INFO", []) => Reply::bulk(info(&Topology::of(node))),
+        ("SLOTS", []) => slots(&Topology::of(node, service)),
+        ("SHARDS", []) => shards(&Topology::of(node, service)),
+        ("NODES", []) => Reply::bulk(nodes(&Topology::of(node, service))),
+        ("INFO", []) => Reply::bulk(info(&Topology::of(node, service))),
         ("HELP", []) => Reply::Array(
             [
                 "CLUSTER <subcommand> [<arg> ...]. Subcommands are:",

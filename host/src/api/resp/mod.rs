@@ -35,7 +35,7 @@ use crate::api::budget::{Claim, ReadBudget};
 use crate::api::conns::{Conn, ConnTable, accept_loop};
 use crate::data::builtin::{self, Builtin, BuiltinReply};
 use crate::error::RemoteError;
-use crate::node::Node;
+use crate::node::{Node, Service};
 
 /// Open connections at most; when all are taken, the longest-idle one is closed for a new client,
 /// and while all are busy, new ones wait to be accepted.
@@ -257,10 +257,8 @@ pub(crate) async fn start(
     let bound = listener.local_addr()?;
     let limits = RespLimits::for_node(&node);
     let task = tokio::spawn(async move {
-        if !gate.opened().await {
-            return;
-        }
-        serve(listener, node, limits, budget, ConnTable::new(CONNECTIONS_MAX), gate.stopped).await;
+        let Some(service) = gate.opened().await else { return };
+        serve(listener, node, service, limits, budget, ConnTable::new(CONNECTIONS_MAX), gate.stopped).await;
     });
     Ok((bound, task))
 }
@@ -269,13 +267,14 @@ pub(crate) async fn start(
 async fn serve(
     listener: TcpListener,
     node: Node,
+    service: Arc<dyn Service>,
     limits: RespLimits,
     budget: Arc<ReadBudget>,
     table: Arc<ConnTable>,
     stopped: watch::Receiver<bool>,
 ) {
     accept_loop(&listener, &table, stopped.clone(), "RESP", |stream, remote, conn| {
-        let commands = Commands { node: node.clone(), follower_reads: false };
+        let commands = Commands { node: node.clone(), service: service.clone(), follower_reads: false };
         let connection = Connection { commands, limits, claim: budget.claim(), resp3: false };
         let stopped = stopped.clone();
         tokio::spawn(async move {
@@ -299,6 +298,8 @@ struct Connection {
 #[derive(Clone)]
 struct Commands {
     node: Node,
+    /// Jobs, uploads, canaries and the cluster's topology go through it.
+    service: Arc<dyn Service>,
     /// After `READONLY` (as with a Redis Cluster replica), hash reads may run on a follower that
     /// herds the key's flock and see its applied state; by default they run on the flock's leader,
     /// so a client reads its own writes through any node.
@@ -552,7 +553,7 @@ impl Connection {
             }
             "CLIENT" => Reply::ok(),
             "COMMAND" | "CONFIG" => Reply::Array(Vec::new()),
-            "CLUSTER" => cluster::command(&self.commands.node, rest),
+            "CLUSTER" => cluster::command(&self.commands.node, self.commands.service.as_ref(), rest),
             "GREX.MODULE" => self.commands.module(rest).await,
             _ => self.commands.run(name, args).await,
         };
@@ -645,7 +646,7 @@ impl Commands {
         let input = builtin::encode_args(&args[1..]);
         // A read that goes to the leader is still a read: a built-in writes only what its op says.
         let read_only = op.read_only() && self.follower_reads;
-        let out = match self.node.run_job(&args[0], &op.module_name(), input, read_only).await {
+        let out = match self.service.run_job(args[0].clone(), op.module_name(), input, read_only).await {
             Ok(out) => out,
             Err(e) => return remote_error(&e),
         };
@@ -678,7 +679,7 @@ impl Commands {
             return Reply::err("built-ins are called as Redis commands, not with FCALL");
         }
         let input = args[3..].join(&b' ');
-        match self.node.run_job(key, &name, input, read_only).await {
+        match self.service.run_job(key.clone(), name, input, read_only).await {
             Ok(out) => Reply::bulk(out.output),
             Err(e) => remote_error(&e),
         }
@@ -690,7 +691,7 @@ impl Commands {
         match (sub.as_deref(), args) {
             (Some("LOAD"), [_, name, wasm]) => {
                 let name = String::from_utf8_lossy(name);
-                match self.node.put_module(&name, wasm.clone()).await {
+                match self.service.put_module(name.into_owned(), wasm.clone()).await {
                     Ok(info) => Reply::bulk(info.id),
                     Err(e) => remote_error(&e),
                 }
@@ -712,7 +713,7 @@ impl Commands {
     }
 
     async fn canary(&self, key: &[u8]) -> Reply {
-        match self.node.canary(key, false).await {
+        match self.service.canary(key.to_vec(), false).await {
             Ok(c) => Reply::Map(vec![
                 (Reply::bulk("url"), Reply::bulk(c.url)),
                 (Reply::bulk("node"), Reply::bulk(c.node)),
@@ -833,7 +834,8 @@ mod tests {
         let (stop, stopped) = watch::channel(false);
         tokio::spawn(serve(
             listener,
-            node,
+            node.clone(),
+            Arc::new(node),
             LIMITS,
             ReadBudget::new(REQUEST_BUFFER_BYTES_DEFAULT),
             ConnTable::new(connections),
