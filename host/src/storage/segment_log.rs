@@ -23,12 +23,13 @@
 //! Space: a segment is sealed at [`SEGMENT_BYTES`]. The oldest sealed segment is deleted once
 //! nothing in it is live (its entries purged or replaced, its values set again later). If at most
 //! half of it is live (say an idle flock's last entries, or its vote), those records are first
-//! copied forward in one synced frame (relocations, in descending index order, so that a replay
-//! in which the older segment is gone puts them back in front of the entries that followed them),
-//! then it is deleted. Truncations and purges are never copied: they only act on records written
+//! copied forward in one synced frame (relocations: they set where an entry is and never
+//! truncate; a replay in which the older segment is gone may meet them after entries that
+//! followed them, so a group's entries may have gaps until every segment is replayed, and must
+//! have none after), then it is deleted. Truncations and purges are never copied: they only act on records written
 //! before them, which are in the same or older segments, so deleted first.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap};
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -77,29 +78,29 @@ impl Loc {
     }
 }
 
-/// One group's entries: the one with index `first + i` is at `locs[i]`.
+/// One group's entries, by index. Contiguous once the log is open; while segments are replayed
+/// it may have gaps for a moment (entries copied forward from a deleted segment come back after
+/// later ones).
 #[derive(Default)]
 struct Entries {
-    first: u64,
-    locs: VecDeque<Loc>,
+    locs: BTreeMap<u64, Loc>,
 }
 
 impl Entries {
-    fn end(&self) -> u64 {
-        self.first + self.locs.len() as u64
-    }
-
     /// Forgets the entries with index `>= from`; returns where they were.
     fn truncate_from(&mut self, from: u64) -> Vec<Loc> {
-        let keep = from.saturating_sub(self.first).min(self.locs.len() as u64) as usize;
-        self.locs.split_off(keep).into()
+        self.locs.split_off(&from).into_values().collect()
     }
 
     /// Forgets the entries with index `<= upto`; returns where they were.
     fn purge_upto(&mut self, upto: u64) -> Vec<Loc> {
-        let gone = (upto + 1).saturating_sub(self.first).min(self.locs.len() as u64) as usize;
-        self.first += gone as u64;
-        self.locs.drain(..gone).collect()
+        let kept = self.locs.split_off(&(upto.saturating_add(1)));
+        std::mem::replace(&mut self.locs, kept).into_values().collect()
+    }
+
+    /// The index after the last entry.
+    fn end(&self) -> Option<u64> {
+        self.locs.last_key_value().map(|(i, _)| i + 1)
     }
 }
 
@@ -141,8 +142,9 @@ impl Index {
         }
     }
 
-    /// Replays the records of a frame body that starts at `offset` of `segment`.
-    fn replay(&mut self, segment: u64, offset: u64, body: &[u8]) -> Result<(), StoreError> {
+    /// Replays the records of a frame body that starts at `offset` of `segment`. While
+    /// `recovering`, a group's entries may have gaps (see [`Entries`]); afterwards they may not.
+    fn replay(&mut self, segment: u64, offset: u64, body: &[u8], recovering: bool) -> Result<(), StoreError> {
         let mut r = Reader { bytes: body, at: 0 };
         while r.at < body.len() {
             let start = r.at;
@@ -158,28 +160,16 @@ impl Index {
                     if tag == ENTRY {
                         // An entry at an index the log holds replaces it and every later one.
                         let gone = entries.truncate_from(index);
-                        if entries.locs.is_empty() {
-                            entries.first = index;
-                        } else if index != entries.end() {
+                        if !recovering && let Some(end) = entries.end().filter(|end| index != *end) {
                             return Err(corrupt(format!(
                                 "log entry {index} of group {group} does not follow entry {}",
-                                entries.end() - 1
+                                end - 1
                             )));
                         }
-                        entries.locs.push_back(loc);
+                        entries.locs.insert(index, loc);
                         self.drop_live(gone);
-                    } else if index >= entries.first && index < entries.end() {
-                        let old = std::mem::replace(&mut entries.locs[(index - entries.first) as usize], loc);
+                    } else if let Some(old) = entries.locs.insert(index, loc) {
                         self.drop_live([old]);
-                    } else if entries.locs.is_empty() || index + 1 == entries.first {
-                        entries.first = index;
-                        entries.locs.push_front(loc);
-                    } else {
-                        return Err(corrupt(format!(
-                            "relocated log entry {index} of group {group} is not next to entries {}..{}",
-                            entries.first,
-                            entries.end()
-                        )));
                     }
                     self.add_live(segment, loc.record_bytes());
                 }
@@ -220,13 +210,13 @@ impl Index {
         self.segments.iter().next().filter(|(n, _)| **n != active).map(|(n, s)| (*n, s))
     }
 
-    /// Where the live records of `segment` are: its entries (per group, descending) and values.
+    /// Where the live records of `segment` are: its entries and values.
     fn live_in(&self, segment: u64) -> Live {
         let mut entries = Vec::new();
         for (group, e) in &self.groups {
-            for (i, loc) in e.locs.iter().enumerate().rev() {
+            for (index, loc) in &e.locs {
                 if loc.segment == segment {
-                    entries.push((*group, e.first + i as u64, *loc));
+                    entries.push((*group, *index, *loc));
                 }
             }
         }
@@ -402,7 +392,7 @@ impl SegmentLog {
             let mut offset = 0;
             while offset < bytes.len() {
                 let Some(body) = frame_at(&bytes, number, offset) else { break };
-                index.replay(number, (offset + FRAME_HEADER) as u64, body)?;
+                index.replay(number, (offset + FRAME_HEADER) as u64, body, true)?;
                 offset += FRAME_HEADER + body.len();
             }
             if offset < bytes.len() {
@@ -421,6 +411,16 @@ impl SegmentLog {
                 file.set_len(offset as u64).and_then(|_| file.sync_all()).map_err(|e| io("cutting", &path, e))?;
             }
             index.segments.get_mut(&number).expect("inserted above").size = offset as u64;
+        }
+        for (group, entries) in &index.groups {
+            let (Some((&first, _)), Some(end)) = (entries.locs.first_key_value(), entries.end()) else { continue };
+            if end - first != entries.locs.len() as u64 {
+                return Err(corrupt(format!(
+                    "the log of group {group} has gaps between entries {first} and {}; restore the data directory \
+                     from a backup, or start this node on an empty data directory",
+                    end - 1
+                )));
+            }
         }
         let writer = match index.segments.iter().next_back() {
             Some((active, s)) => {
@@ -512,7 +512,7 @@ impl SegmentLog {
         writer.size += frame.len() as u64;
         let mut index = self.index();
         index.segments.get_mut(&segment).expect("the active segment is indexed").size = writer.size;
-        index.replay(segment, offset + FRAME_HEADER as u64, &frame[FRAME_HEADER..])
+        index.replay(segment, offset + FRAME_HEADER as u64, &frame[FRAME_HEADER..], false)
     }
 
     /// Deletes sealed segments that hold nothing live, oldest first, copying forward what little
@@ -562,13 +562,10 @@ impl SegmentLog {
         let wanted: Vec<(u64, Loc, Arc<File>)> = {
             let index = self.index();
             let Some(e) = index.groups.get(&group) else { return Ok(Vec::new()) };
-            let (from, to) = (from.max(e.first), to.min(e.end()));
-            (from..to.max(from))
+            e.locs
+                .range(from..to.max(from))
                 .take(limit)
-                .map(|i| {
-                    let loc = e.locs[(i - e.first) as usize];
-                    (i, loc, index.segments[&loc.segment].file.clone())
-                })
+                .map(|(i, loc)| (*i, *loc, index.segments[&loc.segment].file.clone()))
                 .collect()
         };
         // Read outside the lock; a segment deleted meanwhile stays readable through its handle.
@@ -586,8 +583,11 @@ impl SegmentLog {
     /// The last entry of `group`.
     pub fn last(&self, group: GroupId) -> Result<Option<(u64, Vec<u8>)>, StoreError> {
         let end = match self.index().groups.get(&group) {
-            Some(e) if !e.locs.is_empty() => e.end(),
-            _ => return Ok(None),
+            Some(e) => match e.end() {
+                Some(end) => end,
+                None => return Ok(None),
+            },
+            None => return Ok(None),
         };
         Ok(self.entries(group, end - 1, end, 1)?.pop())
     }
