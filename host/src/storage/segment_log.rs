@@ -134,11 +134,15 @@ impl Index {
         }
     }
 
+    fn drop_bytes(&mut self, segment: u64, bytes: u64) {
+        if let Some(s) = self.segments.get_mut(&segment) {
+            s.live -= bytes;
+        }
+    }
+
     fn drop_live(&mut self, locs: impl IntoIterator<Item = Loc>) {
         for loc in locs {
-            if let Some(s) = self.segments.get_mut(&loc.segment) {
-                s.live -= loc.record_bytes();
-            }
+            self.drop_bytes(loc.segment, loc.record_bytes());
         }
     }
 
@@ -191,11 +195,8 @@ impl Index {
                     let len = r.u32()? as usize;
                     let value = r.take(len)?.to_vec();
                     let record_bytes = (r.at - start) as u64;
-                    let old = self.values.insert((group, key), Value { value, segment, record_bytes });
-                    if let Some(old) = old
-                        && let Some(s) = self.segments.get_mut(&old.segment)
-                    {
-                        s.live -= old.record_bytes;
+                    if let Some(old) = self.values.insert((group, key), Value { value, segment, record_bytes }) {
+                        self.drop_bytes(old.segment, old.record_bytes);
                     }
                     self.add_live(segment, record_bytes);
                 }
@@ -353,14 +354,16 @@ fn segment_path(dir: &Path, number: u64) -> PathBuf {
     dir.join(format!("{number:016x}{SEGMENT_SUFFIX}"))
 }
 
-/// Creates segment file `number` (and makes its name durable).
-fn create_segment(dir: &Path, durable: bool, number: u64) -> Result<File, StoreError> {
+/// Creates segment file `number` (and makes its name durable), and indexes it.
+fn create_segment(dir: &Path, durable: bool, number: u64, index: &mut Index) -> Result<Arc<File>, StoreError> {
     let path = segment_path(dir, number);
     let file =
         OpenOptions::new().read(true).write(true).create_new(true).open(&path).map_err(|e| io("creating", &path, e))?;
     if durable {
         sync_dir(dir)?;
     }
+    let file = Arc::new(file);
+    index.segments.insert(number, Segment { file: file.clone(), size: 0, live: 0 });
     Ok(file)
 }
 
@@ -427,8 +430,7 @@ impl SegmentLog {
                 Writer { active: *active, file: s.file.clone(), size: s.size, unsynced: false, frame: Vec::new() }
             }
             None => {
-                let file = Arc::new(create_segment(dir, durable, 1)?);
-                index.segments.insert(1, Segment { file: file.clone(), size: 0, live: 0 });
+                let file = create_segment(dir, durable, 1, &mut index)?;
                 Writer { active: 1, file, size: 0, unsynced: false, frame: Vec::new() }
             }
         };
@@ -458,14 +460,21 @@ impl SegmentLog {
     /// Creates segment `number` and makes it the one appended to.
     fn start_segment(&self, writer: &mut Writer, number: u64) -> Result<(), StoreError> {
         // A later sync of the new segment would not cover the old one's unsynced frames.
-        if writer.unsynced && self.durable {
+        if writer.unsynced {
+            self.sync(writer)?;
+        }
+        let file = create_segment(&self.dir, self.durable, number, &mut self.index())?;
+        (writer.active, writer.file, writer.size) = (number, file, 0);
+        Ok(())
+    }
+
+    /// Makes every frame written to the active segment durable (if the log is).
+    fn sync(&self, writer: &mut Writer) -> Result<(), StoreError> {
+        if self.durable {
             let path = segment_path(&self.dir, writer.active);
             writer.file.sync_data().map_err(|e| io("syncing", &path, e))?;
-            writer.unsynced = false;
         }
-        let file = Arc::new(create_segment(&self.dir, self.durable, number)?);
-        self.index().segments.insert(number, Segment { file: file.clone(), size: 0, live: 0 });
-        (writer.active, writer.file, writer.size) = (number, file, 0);
+        writer.unsynced = false;
         Ok(())
     }
 
@@ -489,10 +498,8 @@ impl SegmentLog {
         let body_len = frame.len() - FRAME_HEADER;
         if body_len == 0 {
             // Nothing to add, but what earlier writes left unsynced must be on disk now.
-            if sync && self.durable && writer.unsynced {
-                let path = segment_path(&self.dir, writer.active);
-                writer.file.sync_data().map_err(|e| io("syncing", &path, e))?;
-                writer.unsynced = false;
+            if sync && writer.unsynced {
+                self.sync(writer)?;
             }
             return Ok(());
         }
@@ -502,13 +509,15 @@ impl SegmentLog {
         let (segment, offset) = (writer.active, writer.size);
         let header = frame_header(segment, offset, &frame[FRAME_HEADER..]);
         frame[..FRAME_HEADER].copy_from_slice(&header);
-        let path = || segment_path(&self.dir, segment);
         // One write of header and body: a frame is torn or whole, never interleaved.
-        writer.file.write_all_at(frame, offset).map_err(|e| io("appending to", &path(), e))?;
-        if sync && self.durable {
-            writer.file.sync_data().map_err(|e| io("syncing", &path(), e))?;
+        writer
+            .file
+            .write_all_at(frame, offset)
+            .map_err(|e| io("appending to", &segment_path(&self.dir, segment), e))?;
+        writer.unsynced = true;
+        if sync {
+            self.sync(writer)?;
         }
-        writer.unsynced = !sync;
         writer.size += frame.len() as u64;
         let mut index = self.index();
         index.segments.get_mut(&segment).expect("the active segment is indexed").size = writer.size;

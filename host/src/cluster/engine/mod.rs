@@ -514,18 +514,23 @@ impl Engine {
             // as one within its leader's lease does, and its own failure detector wakes it if the
             // leader is really gone. A leader wakes on a pre-vote: a member does not hear it (it
             // restarted, or its link was cut), and heartbeats tell it who leads.
-            // A pre-vote from the leader itself: it restarted and leads no more.
             let raft = &g.raw.raft;
-            let (kind, from) = (envelope.message.get_msg_type(), envelope.message.from);
-            let keeps_asleep = match kind {
-                MessageType::MsgHeartbeat | MessageType::MsgHeartbeatResponse => true,
-                MessageType::MsgRequestPreVote => raft.state != StateRole::Leader && raft.leader_id != from,
-                _ => false,
-            };
-            if kind == MessageType::MsgRequestPreVote && raft.state == StateRole::Follower && raft.leader_id == from {
-                g.campaign_without(envelope.group, self.me, from, self.ticks + 1, self.config.campaign_stagger_ticks);
-            } else if !keeps_asleep {
-                g.wake();
+            let from = envelope.message.from;
+            match envelope.message.get_msg_type() {
+                MessageType::MsgHeartbeat | MessageType::MsgHeartbeatResponse => {}
+                MessageType::MsgRequestPreVote if raft.state == StateRole::Leader => g.wake(),
+                // A pre-vote from the leader itself: it restarted and leads no more.
+                MessageType::MsgRequestPreVote if raft.leader_id == from && raft.state == StateRole::Follower => g
+                    .campaign_without(
+                        envelope.group,
+                        self.me,
+                        from,
+                        self.ticks + 1,
+                        self.config.campaign_stagger_ticks,
+                    ),
+                MessageType::MsgRequestPreVote if raft.leader_id == from => g.wake(),
+                MessageType::MsgRequestPreVote => {}
+                _ => g.wake(),
             }
             if let Err(e) = g.raw.step(envelope.message) {
                 tracing::debug!(target: "grex::raft", group = envelope.group, "message not taken: {e}");
