@@ -33,9 +33,11 @@
 //! so the herders do not split their votes. Pre-vote and check-quorum keep a node that lost
 //! only its own link to the leader from deposing it.
 //!
-//! Determinism: raft-rs draws its randomized election timeouts from a thread-local generator;
-//! the engine replaces each with one drawn from its own seeded generator, so a seeded schedule
-//! of inputs gives the same outputs.
+//! Determinism: raft-rs draws its randomized election timeouts from a thread-local generator
+//! whenever a group's node becomes follower, candidate or leader; the engine replaces each with
+//! one drawn from its own seeded generator, so a seeded schedule of inputs gives the same
+//! outputs. A draw is seen by its changing the timeout, the term or the role: raft may draw the
+//! very value the engine set, so the value alone would miss one now and then.
 
 pub mod log;
 mod logging;
@@ -223,8 +225,9 @@ struct Group {
     raw: RawNode<GroupLog>,
     /// When this node campaigns, and the leader whose loss made it.
     campaign: Option<(u64, NodeId)>,
-    /// The election timeout this engine last set (see the module's notes on determinism).
-    timeout: usize,
+    /// The election timeout this engine last set, and the term and role it was set in (see
+    /// the module's notes on determinism).
+    timeout: (usize, u64, StateRole),
     /// Configurations of configuration changes handed out and not yet applied by the driver.
     confs: VecDeque<(u64, ConfState)>,
     lead: Lead,
@@ -373,7 +376,7 @@ impl Engine {
             Group {
                 raw,
                 campaign: None,
-                timeout: 0,
+                timeout: (0, 0, StateRole::Follower),
                 confs: VecDeque::new(),
                 lead,
                 snapshots: BTreeMap::new(),
@@ -417,9 +420,10 @@ impl Engine {
         let (min, span) = (self.config.election_ticks, self.config.election_ticks.max(1));
         let draw = min + (self.next_random() % span as u64) as usize;
         let Some(g) = self.groups.get_mut(&group) else { return };
-        if g.raw.raft.randomized_election_timeout() != g.timeout {
-            g.raw.raft.set_randomized_election_timeout(draw);
-            g.timeout = draw;
+        let raft = &mut g.raw.raft;
+        if (raft.randomized_election_timeout(), raft.term, raft.state) != g.timeout {
+            raft.set_randomized_election_timeout(draw);
+            g.timeout = (draw, raft.term, raft.state);
         }
         let lead = lead_of(&g.raw);
         if lead != g.lead {
