@@ -14,7 +14,13 @@
 //! of the 12 bytes before it), body. Both checksums are xxh3 seeded with the segment's number and
 //! the frame's offset, so bytes left from another file or place never pass as a frame.
 //!
-//! Recovery reads every segment in order and replays its records. A frame that fails its checksum
+//! A new segment is preallocated to its full size (`fallocate`), so a synced append writes the
+//! frame's blocks and not, as the file grows, its inode as well (on ext4 that is a journal commit
+//! per sync: see docs/benchmarks.md). A sealed segment is cut to the bytes written before the next
+//! one is created, so only the last segment ever ends in unused space, which reads as zeros.
+//!
+//! Recovery reads every segment in order and replays its records. In the last segment, zeros
+//! from the end of the last frame on are unused space. A frame that fails its checksum
 //! is a torn write if it is in the last segment and no valid frame follows it anywhere in that
 //! segment (only the last write can be torn, and it was never acknowledged): the segment is cut
 //! there. Anywhere else it is damage, and the node refuses to start with advice, rather than
@@ -354,17 +360,40 @@ fn segment_path(dir: &Path, number: u64) -> PathBuf {
     dir.join(format!("{number:016x}{SEGMENT_SUFFIX}"))
 }
 
-/// Creates segment file `number` (and makes its name durable), and indexes it.
-fn create_segment(dir: &Path, durable: bool, number: u64, index: &mut Index) -> Result<Arc<File>, StoreError> {
+/// Creates segment file `number`, `bytes` long (and makes it and its name durable), and indexes it.
+fn create_segment(
+    dir: &Path,
+    durable: bool,
+    number: u64,
+    bytes: u64,
+    index: &mut Index,
+) -> Result<Arc<File>, StoreError> {
     let path = segment_path(dir, number);
     let file =
         OpenOptions::new().read(true).write(true).create_new(true).open(&path).map_err(|e| io("creating", &path, e))?;
+    preallocate(&file, bytes).map_err(|e| io("preallocating", &path, e))?;
     if durable {
+        file.sync_all().map_err(|e| io("syncing", &path, e))?;
         sync_dir(dir)?;
     }
     let file = Arc::new(file);
     index.segments.insert(number, Segment { file: file.clone(), size: 0, live: 0 });
     Ok(file)
+}
+
+/// Allocates the first `bytes` of `file` (reading as zeros), where the file system can; where it
+/// cannot, the file grows as it is written, which is correct, only slower to sync.
+fn preallocate(file: &File, bytes: u64) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let len = libc::off_t::try_from(bytes).map_err(|_| std::io::Error::other("segment size out of range"))?;
+    // SAFETY: `fallocate` on a file descriptor this function borrows; it touches no memory.
+    if unsafe { libc::fallocate(file.as_raw_fd(), 0, 0, len) } == 0 {
+        return Ok(());
+    }
+    match std::io::Error::last_os_error() {
+        e if matches!(e.raw_os_error(), Some(libc::EOPNOTSUPP | libc::ENOSYS)) => Ok(()),
+        e => Err(e),
+    }
 }
 
 fn sync_dir(dir: &Path) -> Result<(), StoreError> {
@@ -398,8 +427,10 @@ impl SegmentLog {
                 index.replay(number, (offset + FRAME_HEADER) as u64, body, true)?;
                 offset += FRAME_HEADER + body.len();
             }
-            if offset < bytes.len() {
-                let last = i + 1 == numbers.len();
+            let last = i + 1 == numbers.len();
+            // The unused, preallocated end of the last segment.
+            let unused = last && bytes[offset..].iter().all(|b| *b == 0);
+            if offset < bytes.len() && !unused {
                 let later_frame = (offset + 1..bytes.len()).find(|at| frame_at(&bytes, number, *at).is_some());
                 if !last || later_frame.is_some() {
                     return Err(corrupt(format!(
@@ -411,7 +442,10 @@ impl SegmentLog {
                 }
                 tracing::warn!(segment = %path.display(), at = offset, "the log's last write was torn (never acknowledged); cut there");
                 let file = &index.segments[&number].file;
-                file.set_len(offset as u64).and_then(|_| file.sync_all()).map_err(|e| io("cutting", &path, e))?;
+                file.set_len(offset as u64)
+                    .and_then(|_| preallocate(file, segment_bytes))
+                    .and_then(|_| file.sync_all())
+                    .map_err(|e| io("cutting", &path, e))?;
             }
             index.segments.get_mut(&number).expect("inserted above").size = offset as u64;
         }
@@ -430,7 +464,7 @@ impl SegmentLog {
                 Writer { active: *active, file: s.file.clone(), size: s.size, unsynced: false, frame: Vec::new() }
             }
             None => {
-                let file = create_segment(dir, durable, 1, &mut index)?;
+                let file = create_segment(dir, durable, 1, segment_bytes, &mut index)?;
                 Writer { active: 1, file, size: 0, unsynced: false, frame: Vec::new() }
             }
         };
@@ -457,13 +491,18 @@ impl SegmentLog {
         index.values.is_empty() && index.groups.values().all(|e| e.locs.is_empty())
     }
 
-    /// Creates segment `number` and makes it the one appended to.
+    /// Seals the active segment and makes the new segment `number` the one appended to.
     fn start_segment(&self, writer: &mut Writer, number: u64) -> Result<(), StoreError> {
-        // A later sync of the new segment would not cover the old one's unsynced frames.
-        if writer.unsynced {
-            self.sync(writer)?;
+        // Sealed: cut to the bytes written (so recovery meets no unused space but in the last
+        // segment), with its unsynced frames (a later sync of the new segment would not cover
+        // them), before the new segment exists.
+        let path = segment_path(&self.dir, writer.active);
+        writer.file.set_len(writer.size).map_err(|e| io("sealing", &path, e))?;
+        if self.durable {
+            writer.file.sync_all().map_err(|e| io("syncing", &path, e))?;
         }
-        let file = create_segment(&self.dir, self.durable, number, &mut self.index())?;
+        writer.unsynced = false;
+        let file = create_segment(&self.dir, self.durable, number, self.segment_bytes, &mut self.index())?;
         (writer.active, writer.file, writer.size) = (number, file, 0);
         Ok(())
     }
@@ -637,13 +676,13 @@ mod tests {
         files[0].clone()
     }
 
-    /// A log of three frames (entries 1..=3 of group 7), with the file's size after each.
+    /// A log of three frames (entries 1..=3 of group 7), with the bytes written after each.
     fn three_frames(dir: &Path) -> Vec<u64> {
         let log = SegmentLog::open(dir, true, SEGMENT_BYTES).unwrap();
         let mut sizes = Vec::new();
         for i in 1..=3 {
             write(&log, &[append(7, i, 1)]);
-            sizes.push(std::fs::metadata(only_segment(dir)).unwrap().len());
+            sizes.push(log.segments().1);
         }
         sizes
     }
@@ -688,9 +727,10 @@ mod tests {
             std::fs::write(&path, &torn).unwrap();
             let log = SegmentLog::open(dir.path(), true, SEGMENT_BYTES).unwrap();
             assert_eq!(log.entries(7, 0, u64::MAX, 10).unwrap(), expected(7, 1..3), "the torn write is gone");
-            assert_eq!(
-                std::fs::metadata(&path).unwrap().len(),
-                sizes[1],
+            let after = std::fs::read(&path).unwrap();
+            assert_eq!(after[..sizes[1] as usize], whole[..sizes[1] as usize]);
+            assert!(
+                after[sizes[1] as usize..].iter().all(|b| *b == 0),
                 "the segment is cut after the last whole frame"
             );
             write(&log, &[append(7, 3, 2)]);
@@ -699,6 +739,32 @@ mod tests {
             assert_eq!(log.entries(7, 0, u64::MAX, 10).unwrap(), expected(7, 1..5));
             drop(log);
         }
+    }
+
+    #[test]
+    fn segments_are_preallocated_and_cut_to_their_frames_when_sealed() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = SegmentLog::open(dir.path(), true, 4096).unwrap();
+        let len = |n| std::fs::metadata(segment_path(dir.path(), n)).unwrap().len();
+        write(&log, &[append(7, 1, 1)]);
+        assert_eq!(len(1), 4096, "the active segment has its full size from the start");
+        let mut next = 2;
+        while log.segments().0 < 2 {
+            write(&log, &[append(7, next, 10)]);
+            next += 10;
+        }
+        let sealed = log.index().segments[&1].size;
+        assert_eq!(len(1), sealed, "a sealed segment ends at its last frame");
+        assert_eq!(len(2), 4096);
+        drop(log);
+        // The unused end of the last segment is neither damage nor a torn write: nothing is cut.
+        let log = SegmentLog::open(dir.path(), true, 4096).unwrap();
+        assert_eq!(log.entries(7, 0, u64::MAX, 1000).unwrap(), expected(7, 1..next));
+        assert_eq!(len(2), 4096);
+        write(&log, &[append(7, next, 1)]);
+        drop(log);
+        let log = SegmentLog::open(dir.path(), true, 4096).unwrap();
+        assert_eq!(log.entries(7, 0, u64::MAX, 1000).unwrap(), expected(7, 1..next + 1));
     }
 
     #[test]
