@@ -63,8 +63,13 @@ pub struct NodeConfig {
     pub data_dir: PathBuf,
     /// Flock count for a new data directory (a power of two); an existing one keeps its own.
     pub flock_count: u32,
-    /// Decoded-bucket cache size.
+    /// Decoded-bucket cache size (a share of the memory budget: [`NodeConfig::set_memory_budget`]).
     pub cache_bytes_max: usize,
+    /// The state file's page cache (redb's, reads and unsynced writes together).
+    pub store_cache_bytes: usize,
+    /// Log entries the consensus engine holds in memory, over all flocks: uncommitted ones,
+    /// and a recent tail for followers that lag a little.
+    pub consensus_memory_bytes: usize,
     /// Acknowledge a job only after its change set is fsync'd. Off only for tests and benchmarks.
     pub durable: bool,
     /// Job executor threads; each owns a share of the buckets and of the cache.
@@ -86,16 +91,38 @@ impl NodeConfig {
     /// Defaults for a node keeping its data in `data_dir`.
     pub fn new(data_dir: impl Into<PathBuf>) -> Self {
         let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
-        NodeConfig {
+        let mut config = NodeConfig {
             data_dir: data_dir.into(),
             flock_count: 256,
-            cache_bytes_max: 64 << 20,
+            cache_bytes_max: 0,
+            store_cache_bytes: 0,
+            consensus_memory_bytes: 0,
             durable: true,
             shards: cores,
             shard_queue_max: 1024,
             commit_queue_max: 4096,
             limits: Limits::default(),
             compiler: None,
-        }
+        };
+        config.set_memory_budget(NODE_MEMORY_BYTES_DEFAULT);
+        config
+    }
+
+    /// Shares `bytes` of memory among the node's caches and buffers: 3/16 each for the
+    /// decoded-bucket cache and the state file's page cache, 1/16 for consensus log entries, and
+    /// the rest (9/16) for what is sized by use within its own limits: the log's index (12 bytes
+    /// per entry kept, up to `--snapshot-logs` per flock), queued jobs, change sets and pipelined
+    /// commands, connections and their frames, the wasm runtime, and the allocator's slack
+    /// (docs/benchmarks.md, "Memory", measures them). Running jobs' linear memory is bounded
+    /// apart, by [`Limits::memory_bytes_max`] per executor.
+    pub fn set_memory_budget(&mut self, bytes: usize) {
+        self.cache_bytes_max = bytes / 16 * 3;
+        self.store_cache_bytes = bytes / 16 * 3;
+        self.consensus_memory_bytes = bytes / 16;
     }
 }
+
+/// A node's memory budget unless set (`--node-memory-mib`).
+pub const NODE_MEMORY_BYTES_DEFAULT: usize = 256 << 20;
+/// The smallest budget a node runs with.
+pub const NODE_MEMORY_BYTES_MIN: usize = 32 << 20;

@@ -62,3 +62,27 @@ fn a_paced_bench_sends_no_more_than_its_rate_and_a_rate_that_is_not_positive_is_
         assert!(err.contains("--rate must be a positive number"), "{err}");
     }
 }
+
+#[test]
+fn a_memory_budget_too_small_for_the_node_or_its_cache_is_refused_and_creates_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    for (flags, says) in [
+        (&["--node-memory-mib", "16"][..], "--node-memory-mib 16 is too small: a node needs at least 32 MiB"),
+        (
+            &["--node-memory-mib", "64", "--cache-mib", "40"][..],
+            "--cache-mib 40 is more than half of --node-memory-mib 64",
+        ),
+    ] {
+        let out = Command::new(grex_bin())
+            .args(["serve", "--data", data.to_str().unwrap(), "--http", "127.0.0.1:0", "--quic", "127.0.0.1:0"])
+            .args(["--peer", "127.0.0.1:0"])
+            .args(flags)
+            .output()
+            .expect("run grex");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{flags:?} was taken");
+        assert!(err.contains(says), "{flags:?}: {err}");
+        assert!(!data.exists(), "{flags:?} left a data directory behind");
+    }
+}

@@ -17,9 +17,14 @@ use crate::storage::FaultyStore;
 /// Settings shared by `serve` and `dev`.
 #[derive(Args, Clone, Debug)]
 pub(super) struct NodeArgs {
-    /// Decoded-bucket cache size in MiB.
-    #[arg(long, default_value_t = 64)]
-    cache_mib: usize,
+    /// The node's memory budget in MiB: its caches, consensus log entries, queues and buffers
+    /// (running jobs' memory is bounded apart, by --memory-mib per executor). 3/16 go to the
+    /// bucket cache, 3/16 to the store's page cache, 1/16 to consensus log entries.
+    #[arg(long, default_value_t = crate::config::NODE_MEMORY_BYTES_DEFAULT >> 20)]
+    node_memory_mib: usize,
+    /// Decoded-bucket cache size in MiB (default: 3/16 of --node-memory-mib; at most half).
+    #[arg(long)]
+    cache_mib: Option<usize>,
     /// Flocks for a new data directory (a power of two up to 16384; fixed once created).
     #[arg(long, default_value_t = 256)]
     flocks: u32,
@@ -70,9 +75,25 @@ pub(super) struct NodeArgs {
 }
 
 impl NodeArgs {
-    fn config(&self, data: &Path) -> NodeConfig {
+    fn config(&self, data: &Path) -> anyhow::Result<NodeConfig> {
         let mut config = NodeConfig::new(data);
-        config.cache_bytes_max = self.cache_mib << 20;
+        let budget = self.node_memory_mib << 20;
+        anyhow::ensure!(
+            budget >= crate::config::NODE_MEMORY_BYTES_MIN,
+            "--node-memory-mib {} is too small: a node needs at least {} MiB",
+            self.node_memory_mib,
+            crate::config::NODE_MEMORY_BYTES_MIN >> 20
+        );
+        config.set_memory_budget(budget);
+        if let Some(cache_mib) = self.cache_mib {
+            anyhow::ensure!(
+                cache_mib * 2 <= self.node_memory_mib,
+                "--cache-mib {cache_mib} is more than half of --node-memory-mib {}: raise the budget or lower the \
+                 cache",
+                self.node_memory_mib
+            );
+            config.cache_bytes_max = cache_mib << 20;
+        }
         config.flock_count = self.flocks;
         if let Some(shards) = self.shards {
             config.shards = shards;
@@ -93,7 +114,7 @@ impl NodeArgs {
         };
         // Compile in child processes of this very binary, so a module's compile is bounded.
         config.compiler = std::env::current_exe().ok();
-        config
+        Ok(config)
     }
 }
 
@@ -267,7 +288,7 @@ async fn start_node(
 ) -> anyhow::Result<Running> {
     let cluster_config = ClusterConfig { join, snapshot_logs: node_args.snapshot_logs, ..ClusterConfig::new(peer) };
     let file = ClusterFile::load(data)?.context("the data directory holds no cluster")?;
-    let mut config = node_args.config(data);
+    let mut config = node_args.config(data)?;
     config.flock_count = file.flock_count;
     let node = match disk_fault {
         Some(switch) => {
@@ -285,6 +306,8 @@ async fn start_node(
 
 /// Runs a node until SIGTERM or ctrl-c.
 pub(super) async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    // Settings first: a bad one must not leave a new data directory behind.
+    args.node.config(&args.data)?;
     prepare_data(&args.data, args.credentials.as_deref(), args.join.is_some(), args.node.flocks, args.replication)?;
     let disk_fault = args.fault_injection.then(|| Arc::new(AtomicBool::new(false)));
     let running = start_node(
@@ -376,6 +399,7 @@ pub(super) async fn dev(args: DevArgs) -> anyhow::Result<()> {
         anyhow::bail!("--nodes must be 1 to 9");
     }
     let first = args.data.join("node-0");
+    args.node.config(&first)?;
     let mut nodes = Vec::new();
     for i in 0..args.nodes {
         let dir = args.data.join(format!("node-{i}"));

@@ -203,7 +203,14 @@ impl Consensus {
     ) -> anyhow::Result<Consensus> {
         let store = node.store().clone();
         let source: Arc<dyn EntrySource> = Arc::new(StoreEntries { store: store.clone() });
-        let mut engine = Engine::new(me, EngineConfig { seed: me ^ rand::random::<u64>(), ..EngineConfig::default() });
+        let mut engine = Engine::new(
+            me,
+            EngineConfig {
+                seed: me ^ rand::random::<u64>(),
+                max_mem_bytes: node.config().consensus_memory_bytes as u64,
+                ..EngineConfig::default()
+            },
+        );
         let flocks = node.flock_count();
         let mut applied_conf = BTreeMap::new();
         let meta_state: MetaState = read_state(store.as_ref(), META_GROUP, META_STATE_KEY)?.unwrap_or_default();
@@ -1184,6 +1191,14 @@ fn refused(group: GroupId, refusal: Refusal) -> RemoteError {
         Refusal::Busy => error(
             ErrorCode::Overloaded,
             format!("group {group} has too much uncommitted (or a membership change under way); retry shortly"),
+        ),
+        Refusal::Memory { held } => error(
+            ErrorCode::Overloaded,
+            format!(
+                "this node holds {} MiB of log entries not yet committed and applied, its share of \
+                 --node-memory-mib; retry shortly",
+                held >> 20
+            ),
         ),
     }
 }

@@ -188,7 +188,7 @@ impl Node {
         std::fs::create_dir_all(&config.data_dir)
             .map_err(|e| anyhow::anyhow!("cannot create the data directory {}: {e}", config.data_dir.display()))?;
         let path = config.data_dir.join(DB_FILE);
-        let store = RedbStore::open(&path, config.flock_count, config.durable)
+        let store = RedbStore::open_with_cache(&path, config.flock_count, config.durable, config.store_cache_bytes)
             .map_err(|e| anyhow::anyhow!("cannot open {}: {e}", path.display()))?;
         Node::with_store(config, wrap(store), Arc::new(SystemClock))
     }

@@ -16,6 +16,9 @@ use crate::error::StoreError;
 /// The schema this binary reads and writes. Bump it with any change to the tables below.
 pub const SCHEMA_VERSION: u32 = 6;
 
+/// The state file's page cache unless set (redb's own default is 1 GiB).
+const CACHE_BYTES_DEFAULT: usize = 64 << 20;
+
 /// The log directory's name is the state file's stem and this.
 const LOG_DIR_SUFFIX: &str = "-log";
 
@@ -55,14 +58,26 @@ impl RedbStore {
     /// flocks and a new node id if they do not exist. With `durable`, commits are fsync'd as
     /// their batch says.
     pub fn open(path: &Path, flock_count: u32, durable: bool) -> Result<Self, StoreError> {
-        Self::open_with_segments(path, flock_count, durable, SEGMENT_BYTES)
+        Self::open_with(path, flock_count, durable, CACHE_BYTES_DEFAULT, SEGMENT_BYTES)
     }
 
-    /// [`RedbStore::open`] with log segments of at most `segment_bytes` (small in tests).
-    fn open_with_segments(
+    /// [`RedbStore::open`] with a page cache of `cache_bytes` for the state file (redb's, for
+    /// reads and unsynced writes together).
+    pub fn open_with_cache(
         path: &Path,
         flock_count: u32,
         durable: bool,
+        cache_bytes: usize,
+    ) -> Result<Self, StoreError> {
+        Self::open_with(path, flock_count, durable, cache_bytes, SEGMENT_BYTES)
+    }
+
+    /// [`RedbStore::open_with_cache`] with log segments of at most `segment_bytes` (small in tests).
+    fn open_with(
+        path: &Path,
+        flock_count: u32,
+        durable: bool,
+        cache_bytes: usize,
         segment_bytes: u64,
     ) -> Result<Self, StoreError> {
         let log_path = log_path(path);
@@ -78,7 +93,7 @@ impl RedbStore {
                 log_path.display()
             )));
         }
-        let db = Database::create(path).map_err(engine)?;
+        let db = Database::builder().set_cache_size(cache_bytes).create(path).map_err(engine)?;
         // The schema check first: an older directory has no log directory, and that is not the news.
         let meta = init_meta(&db, flock_count)?;
         if !fresh && !log_path.exists() {
@@ -613,7 +628,7 @@ mod tests {
                 let dir = tempfile::tempdir().unwrap();
                 let path = dir.path().join("grex.redb");
                 // Tiny segments: the log starts, copies forward and deletes segments all the time.
-                let open = || RedbStore::open_with_segments(&path, FLOCKS, false, 256).unwrap();
+                let open = || RedbStore::open_with(&path, FLOCKS, false, CACHE_BYTES_DEFAULT, 256).unwrap();
                 let mut redb = open();
                 let memory = MemoryStore::new(FLOCKS);
                 for step in steps {

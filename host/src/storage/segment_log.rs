@@ -35,7 +35,7 @@
 //! have none after), then it is deleted. Truncations and purges are never copied: they only act on records written
 //! before them, which are in the same or older segments, so deleted first.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -69,44 +69,118 @@ fn io(what: &str, path: &Path, e: std::io::Error) -> StoreError {
     StoreError::Engine(format!("{what} {}: {e}", path.display()))
 }
 
-/// Where an entry's bytes are.
-#[derive(Clone, Copy, Debug)]
+/// Where an entry's bytes are: 12 bytes, as every entry a node keeps has one in memory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Loc {
-    segment: u64,
-    offset: u64,
+    segment: u32,
+    offset: u32,
     len: u32,
 }
 
 impl Loc {
+    /// A hole in [`Entries`] while segments are replayed (no record is this long: [`FRAME_MAX`]).
+    const MISSING: Loc = Loc { segment: 0, offset: 0, len: u32::MAX };
+
+    fn new(segment: u64, offset: u64, len: u32) -> Result<Loc, StoreError> {
+        match (u32::try_from(segment), u32::try_from(offset)) {
+            (Ok(segment), Ok(offset)) => Ok(Loc { segment, offset, len }),
+            _ => Err(corrupt(format!("a log entry at byte {offset} of segment {segment:x} is out of range"))),
+        }
+    }
+
+    fn missing(&self) -> bool {
+        *self == Loc::MISSING
+    }
+
+    fn segment(&self) -> u64 {
+        self.segment as u64
+    }
+
+    fn offset(&self) -> u64 {
+        self.offset as u64
+    }
+
     /// The bytes its record takes in the segment.
     fn record_bytes(&self) -> u64 {
         ENTRY_HEADER as u64 + self.len as u64
     }
 }
 
-/// One group's entries, by index. Contiguous once the log is open; while segments are replayed
-/// it may have gaps for a moment (entries copied forward from a deleted segment come back after
-/// later ones).
+/// One group's entries: where entry `first + i` is, for each `i`. Contiguous once the log is
+/// open; while segments are replayed it may have holes for a moment ([`Loc::MISSING`]: entries
+/// copied forward from a deleted segment come back after later ones). Never starts or ends with
+/// a hole.
 #[derive(Default)]
 struct Entries {
-    locs: BTreeMap<u64, Loc>,
+    first: u64,
+    locs: VecDeque<Loc>,
 }
 
 impl Entries {
+    /// The index after the last entry.
+    fn end(&self) -> Option<u64> {
+        (!self.locs.is_empty()).then(|| self.first + self.locs.len() as u64)
+    }
+
+    /// Where entry `index` is, if the log holds it.
+    fn get(&self, index: u64) -> Option<Loc> {
+        let at = usize::try_from(index.checked_sub(self.first)?).ok()?;
+        self.locs.get(at).copied().filter(|loc| !loc.missing())
+    }
+
+    /// Sets where entry `index` is, leaving holes between it and the entries held; returns where
+    /// it was.
+    fn insert(&mut self, index: u64, loc: Loc) -> Option<Loc> {
+        if self.locs.is_empty() {
+            self.first = index;
+        }
+        if index < self.first {
+            for _ in index..self.first - 1 {
+                self.locs.push_front(Loc::MISSING);
+            }
+            self.locs.push_front(loc);
+            self.first = index;
+            return None;
+        }
+        let at = (index - self.first) as usize;
+        if at < self.locs.len() {
+            return Some(std::mem::replace(&mut self.locs[at], loc)).filter(|old| !old.missing());
+        }
+        self.locs.resize(at, Loc::MISSING);
+        self.locs.push_back(loc);
+        None
+    }
+
     /// Forgets the entries with index `>= from`; returns where they were.
     fn truncate_from(&mut self, from: u64) -> Vec<Loc> {
-        self.locs.split_off(&from).into_values().collect()
+        let keep = from.saturating_sub(self.first).min(self.locs.len() as u64) as usize;
+        let gone = self.locs.drain(keep..).filter(|loc| !loc.missing()).collect();
+        while self.locs.back().is_some_and(Loc::missing) {
+            self.locs.pop_back();
+        }
+        gone
     }
 
     /// Forgets the entries with index `<= upto`; returns where they were.
     fn purge_upto(&mut self, upto: u64) -> Vec<Loc> {
-        let kept = self.locs.split_off(&(upto.saturating_add(1)));
-        std::mem::replace(&mut self.locs, kept).into_values().collect()
+        let drop = upto.saturating_add(1).saturating_sub(self.first).min(self.locs.len() as u64) as usize;
+        let gone = self.locs.drain(..drop).filter(|loc| !loc.missing()).collect();
+        self.first += drop as u64;
+        while self.locs.front().is_some_and(Loc::missing) {
+            self.locs.pop_front();
+            self.first += 1;
+        }
+        gone
     }
 
-    /// The index after the last entry.
-    fn end(&self) -> Option<u64> {
-        self.locs.last_key_value().map(|(i, _)| i + 1)
+    /// Each entry's index and where it is.
+    fn iter(&self) -> impl Iterator<Item = (u64, Loc)> + '_ {
+        (self.first..).zip(self.locs.iter().copied()).filter(|(_, loc)| !loc.missing())
+    }
+
+    /// Whether some index between the first and the last entry has none.
+    fn has_holes(&self) -> bool {
+        self.locs.iter().any(Loc::missing)
     }
 }
 
@@ -148,7 +222,7 @@ impl Index {
 
     fn drop_live(&mut self, locs: impl IntoIterator<Item = Loc>) {
         for loc in locs {
-            self.drop_bytes(loc.segment, loc.record_bytes());
+            self.drop_bytes(loc.segment(), loc.record_bytes());
         }
     }
 
@@ -164,7 +238,10 @@ impl Index {
                 ENTRY | RELOCATE => {
                     let index = r.u64()?;
                     let len = r.u32()?;
-                    let loc = Loc { segment, offset: offset + r.at as u64, len };
+                    if len as usize > FRAME_MAX {
+                        return Err(corrupt(format!("a log entry of {len} bytes")));
+                    }
+                    let loc = Loc::new(segment, offset + r.at as u64, len)?;
                     r.take(len as usize)?;
                     let entries = self.groups.entry(group).or_default();
                     if tag == ENTRY {
@@ -176,9 +253,9 @@ impl Index {
                                 end - 1
                             )));
                         }
-                        entries.locs.insert(index, loc);
+                        entries.insert(index, loc);
                         self.drop_live(gone);
-                    } else if let Some(old) = entries.locs.insert(index, loc) {
+                    } else if let Some(old) = entries.insert(index, loc) {
                         self.drop_live([old]);
                     }
                     self.add_live(segment, loc.record_bytes());
@@ -221,9 +298,9 @@ impl Index {
     fn live_in(&self, segment: u64) -> Live {
         let mut entries = Vec::new();
         for (group, e) in &self.groups {
-            for (index, loc) in &e.locs {
-                if loc.segment == segment {
-                    entries.push((*group, *index, *loc));
+            for (index, loc) in e.iter() {
+                if loc.segment() == segment {
+                    entries.push((*group, index, loc));
                 }
             }
         }
@@ -450,11 +527,11 @@ impl SegmentLog {
             index.segments.get_mut(&number).expect("inserted above").size = offset as u64;
         }
         for (group, entries) in &index.groups {
-            let (Some((&first, _)), Some(end)) = (entries.locs.first_key_value(), entries.end()) else { continue };
-            if end - first != entries.locs.len() as u64 {
+            if let Some(end) = entries.end().filter(|_| entries.has_holes()) {
                 return Err(corrupt(format!(
-                    "the log of group {group} has gaps between entries {first} and {}; restore the data directory \
+                    "the log of group {group} has gaps between entries {} and {}; restore the data directory \
                      from a backup, or start this node on an empty data directory",
+                    entries.first,
                     end - 1
                 )));
             }
@@ -488,7 +565,7 @@ impl SegmentLog {
     /// Whether the log holds no entries and no values (a node's first start).
     pub fn is_empty(&self) -> bool {
         let index = self.index();
-        index.values.is_empty() && index.groups.values().all(|e| e.locs.is_empty())
+        index.values.is_empty() && index.groups.values().all(|e| e.end().is_none())
     }
 
     /// Seals the active segment and makes the new segment `number` the one appended to.
@@ -581,7 +658,7 @@ impl SegmentLog {
                 let mut entry = Vec::new();
                 for (group, index, loc) in entries {
                     entry.resize(loc.len as usize, 0);
-                    file.read_exact_at(&mut entry, loc.offset)
+                    file.read_exact_at(&mut entry, loc.offset())
                         .map_err(|e| io("reading", &segment_path(&self.dir, number), e))?;
                     encode_entry(&mut body, RELOCATE, group, index, &entry);
                 }
@@ -610,10 +687,9 @@ impl SegmentLog {
         let wanted: Vec<(u64, Loc, Arc<File>)> = {
             let index = self.index();
             let Some(e) = index.groups.get(&group) else { return Ok(Vec::new()) };
-            e.locs
-                .range(from..to.max(from))
+            (from.max(e.first)..to.min(e.end().unwrap_or(0)))
                 .take(limit)
-                .map(|(i, loc)| (*i, *loc, index.segments[&loc.segment].file.clone()))
+                .map_while(|i| e.get(i).map(|loc| (i, loc, index.segments[&loc.segment()].file.clone())))
                 .collect()
         };
         // Read outside the lock; a segment deleted meanwhile stays readable through its handle.
@@ -621,8 +697,8 @@ impl SegmentLog {
             .into_iter()
             .map(|(i, loc, file)| {
                 let mut entry = vec![0; loc.len as usize];
-                file.read_exact_at(&mut entry, loc.offset)
-                    .map_err(|e| io("reading", &segment_path(&self.dir, loc.segment), e))?;
+                file.read_exact_at(&mut entry, loc.offset())
+                    .map_err(|e| io("reading", &segment_path(&self.dir, loc.segment()), e))?;
                 Ok((i, entry))
             })
             .collect()
@@ -685,6 +761,39 @@ mod tests {
             sizes.push(log.segments().1);
         }
         sizes
+    }
+
+    #[test]
+    fn an_index_of_entries_keeps_holes_only_inside_and_reports_them() {
+        let at = |n: u32| Loc { segment: 1, offset: n, len: 1 };
+        let mut e = Entries::default();
+        assert_eq!(e.insert(10, at(10)), None);
+        assert_eq!(e.insert(13, at(13)), None);
+        assert!(e.has_holes());
+        assert_eq!(e.insert(7, at(7)), None);
+        assert_eq!((e.first, e.end()), (7, Some(14)));
+        assert_eq!(e.get(8), None);
+        assert_eq!(e.insert(10, at(100)), Some(at(10)));
+        for i in [8, 9, 11, 12] {
+            assert_eq!(e.insert(i, at(i as u32)), None);
+        }
+        assert!(!e.has_holes());
+        let indexes: Vec<u64> = e.iter().map(|(i, _)| i).collect();
+        assert_eq!(indexes, (7..14).collect::<Vec<_>>());
+        assert_eq!(e.truncate_from(12), vec![at(12), at(13)]);
+        assert_eq!(e.purge_upto(8), vec![at(7), at(8)]);
+        assert_eq!((e.first, e.end(), e.get(10)), (9, Some(12), Some(at(100))));
+        // A purge past a hole leaves no hole in front; a truncation into one none behind.
+        let mut e = Entries::default();
+        e.insert(1, at(1));
+        e.insert(4, at(4));
+        e.insert(8, at(8));
+        assert_eq!(e.purge_upto(1), vec![at(1)]);
+        assert_eq!((e.first, e.get(4)), (4, Some(at(4))));
+        assert_eq!(e.truncate_from(6), vec![at(8)]);
+        assert_eq!((e.end(), e.has_holes()), (Some(5), false));
+        assert_eq!(e.truncate_from(0), vec![at(4)]);
+        assert_eq!(e.end(), None);
     }
 
     #[test]

@@ -27,9 +27,12 @@ pub trait EntrySource: Send + Sync {
 /// Index (and term) a founding member's log starts after.
 pub const BOOTSTRAP_INDEX: u64 = 5;
 
+/// What an entry counts for limits beyond its payload.
+pub const ENTRY_OVERHEAD_BYTES: u64 = 24;
+
 /// How big an entry counts for limits: its payload plus a fixed overhead.
 pub fn entry_bytes(entry: &Entry) -> u64 {
-    (entry.data.len() + entry.context.len()) as u64 + 24
+    (entry.data.len() + entry.context.len()) as u64 + ENTRY_OVERHEAD_BYTES
 }
 
 /// One group's log.

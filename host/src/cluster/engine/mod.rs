@@ -85,6 +85,10 @@ pub struct EngineConfig {
     pub max_apply_bytes: u64,
     /// Applied, durable entries a group keeps in memory for followers that lag a little.
     pub cached_entries: u64,
+    /// Bytes of log entries all groups together hold in memory. Over half of it, applied and
+    /// durable entries leave memory at once (followers that lag read them from the log); over
+    /// all of it, proposals are refused ([`Refusal::Memory`]) until commits and applies catch up.
+    pub max_mem_bytes: u64,
     /// Ticks a follower may stay waiting for a snapshot before its leader counts the snapshot
     /// as lost and sends again (the driver reports most outcomes sooner; this covers a receiver
     /// that took the snapshot and crashed before answering).
@@ -108,6 +112,7 @@ impl Default for EngineConfig {
             max_uncommitted_bytes: 64 << 20,
             max_apply_bytes: 4 << 20,
             cached_entries: 64,
+            max_mem_bytes: 32 << 20,
             snapshot_patience_ticks: 100,
             hibernate_ticks: 20,
             seed: 0x6772_6578,
@@ -197,6 +202,11 @@ pub enum Refusal {
     },
     /// The group has too much uncommitted (or a configuration change is under way).
     Busy,
+    /// The node holds as many log entries in memory as [`EngineConfig::max_mem_bytes`] allows.
+    Memory {
+        /// Bytes held.
+        held: u64,
+    },
 }
 
 /// Where a proposal went: it is committed as proposed if the entry at `index` has `term`.
@@ -554,6 +564,11 @@ impl Engine {
 
     /// Proposes an entry to `group` (this node must lead it).
     pub fn propose(&mut self, group: GroupId, data: Vec<u8>) -> Result<Proposal, Refusal> {
+        let held = self.mem_bytes();
+        // One proposal larger than the bound still goes through when nothing else is held.
+        if held > 0 && held + data.len() as u64 + log::ENTRY_OVERHEAD_BYTES > self.config.max_mem_bytes {
+            return Err(Refusal::Memory { held });
+        }
         self.append_as_leader(group, |raw| raw.propose(Vec::new(), data))
     }
 
@@ -611,7 +626,7 @@ impl Engine {
 
     /// The driver applied `group`'s committed entries up to `index`.
     pub fn applied(&mut self, group: GroupId, index: u64) {
-        let cached = self.config.cached_entries;
+        let cached = if self.mem_bytes() * 2 > self.config.max_mem_bytes { 0 } else { self.config.cached_entries };
         let Some(g) = self.groups.get_mut(&group) else { return };
         let last = g.raw.raft.raft_log.last_index();
         g.raw.advance_apply_to(index);

@@ -728,3 +728,38 @@ fn a_member_restarted_while_its_group_sleeps_learns_the_leader_and_catches_up() 
     assert_eq!(cluster.nodes[&member].engine.lead(G).unwrap().leader, Some(leader));
     assert_eq!(cluster.applied(member, G), ["before"]);
 }
+
+#[test]
+fn a_leader_over_its_log_memory_refuses_proposals_until_commits_catch_up() {
+    const BOUND: u64 = 8 << 10;
+    let mut cluster = Cluster::new(&[1, 2, 3], &[G], 10);
+    for node in cluster.nodes.values_mut() {
+        node.engine.config.max_mem_bytes = BOUND;
+    }
+    let (leader, _) = cluster.elect(G);
+    // With both followers away nothing commits, so every entry stays in the leader's memory.
+    let others: Vec<NodeId> = [1, 2, 3].into_iter().filter(|&id| id != leader).collect();
+    cluster.down.extend(others.iter().copied());
+    let payload = "x".repeat(1000);
+    let mut accepted = 0;
+    let held = loop {
+        match cluster.propose(leader, G, &payload) {
+            Ok(_) => accepted += 1,
+            Err(Refusal::Memory { held }) => break held,
+            Err(other) => panic!("refused for another reason: {other:?}"),
+        }
+        assert!(accepted < 100, "{accepted} entries accepted past a bound of {BOUND} bytes");
+    };
+    assert!(held <= BOUND && held + 1024 > BOUND, "refused at {held} bytes held");
+    assert_eq!(cluster.nodes[&leader].engine.mem_bytes(), held);
+    // Back: the entries commit and apply, leave memory, and proposals are taken again.
+    for other in &others {
+        cluster.down.remove(other);
+    }
+    cluster.tick(40);
+    for id in [1, 2, 3] {
+        assert_eq!(cluster.applied(id, G).len(), accepted, "node {id}");
+    }
+    assert!(cluster.nodes[&leader].engine.mem_bytes() < held, "applied entries left memory");
+    cluster.propose(leader, G, &payload).expect("taken once the entries are applied");
+}
