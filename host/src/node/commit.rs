@@ -9,6 +9,11 @@
 //! `durable >= seq` before they answer. State written without a sync (a cluster node applying its
 //! log) is synced by a checkpoint within [`CHECKPOINT_EVERY`].
 //!
+//! A cluster node's applies (state only, unsynced: the log holds what they write) do not each
+//! make their own transaction: they wait up to [`APPLY_WRITE_EVERY`] and are written together,
+//! before anything that must follow them (a write of other state, a checkpoint). The durable
+//! sequence never passes an apply still waiting.
+//!
 //! If a commit fails, the log turns [`Durable::Failed`] for good: the cache may hold writes that
 //! never reached disk, so the node refuses writes until it is restarted (fail-stop).
 
@@ -72,8 +77,8 @@ pub struct Write {
 
 enum CommitMsg {
     Write(u64, Write),
-    /// Sync the state (sent by the committer to itself when idle).
-    Checkpoint,
+    /// Nothing came before a checkpoint or deferred applies were due (the committer's own).
+    Due,
     Stop,
 }
 
@@ -236,6 +241,43 @@ fn storage_failed(reason: &str) -> RemoteError {
     )
 }
 
+/// Applies of a cluster node's log waiting to be written: state only and unsynced (a crash
+/// replays them from the log), so they wait up to [`APPLY_WRITE_EVERY`] and go to the store in one
+/// transaction, instead of one per committer round.
+#[derive(Default)]
+struct Deferred {
+    batch: Batch,
+    done: Vec<WriteDone>,
+    /// The first deferred write's sequence and when it came.
+    first: Option<(u64, Instant)>,
+}
+
+impl Deferred {
+    /// Whether `write` may wait: it writes only state, and asks for no sync.
+    fn takes(write: &Write) -> bool {
+        write.sync == SyncTo::Nothing && write.log.iter().all(|op| !op.on_log())
+    }
+
+    fn add(&mut self, seq: u64, write: Write) {
+        self.first.get_or_insert((seq, Instant::now()));
+        self.batch.log.extend(write.log);
+        self.batch.changes.extend(write.changes);
+        self.done.extend(write.done);
+    }
+
+    fn full(&self) -> bool {
+        self.batch.changes.len() >= BATCH_CHANGE_SETS_MAX || self.batch.log.len() >= BATCH_CHANGE_SETS_MAX
+    }
+
+    /// When the deferred writes are due.
+    fn due(&self) -> Option<Instant> {
+        self.first.map(|(_, since)| since + APPLY_WRITE_EVERY)
+    }
+}
+
+/// The longest an apply waits for others to share its transaction (see [`Deferred`]).
+pub const APPLY_WRITE_EVERY: Duration = Duration::from_millis(2);
+
 fn run_committer(store: &dyn Store, rx: Receiver<CommitMsg>, durable: &watch::Sender<Durable>, stats: &CommitStats) {
     let mut stopping = false;
     // A message that could not join the last batch (it must not be reordered with it).
@@ -243,17 +285,22 @@ fn run_committer(store: &dyn Store, rx: Receiver<CommitMsg>, durable: &watch::Se
     // State written since the last checkpoint, and when that was.
     let mut unsynced = false;
     let mut checkpointed = Instant::now();
+    let mut deferred = Deferred::default();
+    // The last write taken from the queue: each one up to it is written or deferred.
+    let mut received = 0;
     while !stopping {
+        let checkpoint_due = unsynced.then(|| checkpointed + CHECKPOINT_EVERY);
+        let wake = [checkpoint_due, deferred.due()].into_iter().flatten().min();
         let first = match held.take() {
             Some(msg) => msg,
-            None if unsynced => match rx.recv_timeout(CHECKPOINT_EVERY.saturating_sub(checkpointed.elapsed())) {
-                Ok(msg) => msg,
-                Err(RecvTimeoutError::Timeout) => CommitMsg::Checkpoint,
-                Err(RecvTimeoutError::Disconnected) => break,
-            },
-            None => match rx.recv() {
-                Ok(msg) => msg,
-                Err(_) => break,
+            None => match wake {
+                // Every sender gone: as a stop, so what waits is written.
+                Some(at) => match rx.recv_timeout(at.saturating_duration_since(Instant::now())) {
+                    Ok(msg) => msg,
+                    Err(RecvTimeoutError::Timeout) => CommitMsg::Due,
+                    Err(RecvTimeoutError::Disconnected) => CommitMsg::Stop,
+                },
+                None => rx.recv().unwrap_or(CommitMsg::Stop),
             },
         };
         let mut batch = Batch::default();
@@ -263,10 +310,22 @@ fn run_committer(store: &dyn Store, rx: Receiver<CommitMsg>, durable: &watch::Se
         while let Some(msg) = next.take() {
             match msg {
                 CommitMsg::Write(seq, write) => {
+                    received = seq;
+                    // An apply waits, unless state written before it in this round is in the batch.
+                    let batch_writes_state = !batch.changes.is_empty() || batch.log.iter().any(|op| !op.on_log());
+                    if Deferred::takes(&write) && !batch_writes_state {
+                        deferred.add(seq, write);
+                        if deferred.full() {
+                            break;
+                        }
+                        next = rx.try_recv().ok();
+                        continue;
+                    }
                     // The store applies log operations before change sets; a flock clear must not
                     // overtake change sets queued before it.
                     let clears = write.log.iter().any(|op| matches!(op, LogOp::ClearFlock { .. }));
                     if clears && !batch.changes.is_empty() {
+                        received = seq - 1;
                         held = Some(CommitMsg::Write(seq, write));
                         break;
                     }
@@ -279,7 +338,11 @@ fn run_committer(store: &dyn Store, rx: Receiver<CommitMsg>, durable: &watch::Se
                         break;
                     }
                 }
-                CommitMsg::Checkpoint => batch.sync = SyncTo::All,
+                CommitMsg::Due => {
+                    if checkpoint_due.is_some_and(|at| at <= Instant::now()) {
+                        batch.sync = SyncTo::All;
+                    }
+                }
                 CommitMsg::Stop => {
                     stopping = true;
                     batch.sync = SyncTo::All;
@@ -289,25 +352,34 @@ fn run_committer(store: &dyn Store, rx: Receiver<CommitMsg>, durable: &watch::Se
             next = rx.try_recv().ok();
         }
         let writes_state = !batch.changes.is_empty() || batch.log.iter().any(|op| !op.on_log());
-        if batch.sync < SyncTo::All && (writes_state || unsynced) && checkpointed.elapsed() >= CHECKPOINT_EVERY {
+        let deferred_due = deferred.due().is_some_and(|at| at <= Instant::now());
+        // Deferred applies are written now if they are due, or if this write must follow them
+        // (it writes state, or syncs it).
+        let flush =
+            deferred.first.is_some() && (deferred_due || deferred.full() || writes_state || batch.sync == SyncTo::All);
+        if batch.sync < SyncTo::All && (writes_state || unsynced || flush) && checkpointed.elapsed() >= CHECKPOINT_EVERY
+        {
             batch.sync = SyncTo::All;
         }
+        let mut applies = Vec::new();
+        if flush {
+            let Deferred { batch: state, done: applied, .. } = std::mem::take(&mut deferred);
+            applies = applied;
+            if let Err(e) = store.write(&state) {
+                fail(&e, durable, applies.into_iter().chain(done), held, &rx);
+                return;
+            }
+            unsynced = true;
+        }
         if last_seq.is_none() && !(batch.sync == SyncTo::All && unsynced) {
+            publish(durable, received, &deferred);
+            for done in applies {
+                done(Ok(()));
+            }
             continue;
         }
         if let Err(e) = store.write(&batch) {
-            tracing::error!(error = %e, change_sets = batch.changes.len(), "commit failed; refusing writes until restart");
-            let upto = durable.borrow().seq();
-            durable.send_replace(Durable::Failed { durable: upto, reason: e.to_string() });
-            for done in done {
-                done(Err(e.to_string()));
-            }
-            // Fail whatever else is queued, so no caller waits for ever.
-            for msg in held.into_iter().chain(std::iter::from_fn(|| rx.try_recv().ok())) {
-                if let CommitMsg::Write(_, Write { done: Some(done), .. }) = msg {
-                    done(Err(e.to_string()));
-                }
-            }
+            fail(&e, durable, applies.into_iter().chain(done), held, &rx);
             return;
         }
         if batch.sync == SyncTo::All {
@@ -324,11 +396,44 @@ fn run_committer(store: &dyn Store, rx: Receiver<CommitMsg>, durable: &watch::Se
             stats.commits.fetch_add(1, Ordering::Relaxed);
             stats.change_sets.fetch_add((batch.changes.len() + entries) as u64, Ordering::Relaxed);
         }
-        if let Some(seq) = last_seq {
-            durable.send_replace(Durable::Upto(seq));
-        }
-        for done in done {
+        publish(durable, received, &deferred);
+        for done in applies.into_iter().chain(done) {
             done(Ok(()));
+        }
+    }
+}
+
+/// Publishes how far the store holds every write: up to `received`, the last write taken from
+/// the queue, but not as far as the first apply still deferred.
+fn publish(durable: &watch::Sender<Durable>, received: u64, deferred: &Deferred) {
+    let reached = deferred.first.map_or(received, |(first, _)| received.min(first - 1));
+    durable.send_if_modified(|d| match d {
+        Durable::Upto(upto) if reached > *upto => {
+            *upto = reached;
+            true
+        }
+        _ => false,
+    });
+}
+
+/// A write failed: the log turns failed for good, and every waiter hears so.
+fn fail(
+    e: &crate::error::StoreError,
+    durable: &watch::Sender<Durable>,
+    done: impl IntoIterator<Item = WriteDone>,
+    held: Option<CommitMsg>,
+    rx: &Receiver<CommitMsg>,
+) {
+    tracing::error!(error = %e, "commit failed; refusing writes until restart");
+    let upto = durable.borrow().seq();
+    durable.send_replace(Durable::Failed { durable: upto, reason: e.to_string() });
+    for done in done {
+        done(Err(e.to_string()));
+    }
+    // Fail whatever else is queued, so no caller waits for ever.
+    for msg in held.into_iter().chain(std::iter::from_fn(|| rx.try_recv().ok())) {
+        if let CommitMsg::Write(_, Write { done: Some(done), .. }) = msg {
+            done(Err(e.to_string()));
         }
     }
 }
@@ -407,6 +512,69 @@ mod tests {
         .await
         .expect("an idle committer checkpoints unsynced state");
         assert_eq!(log.stats.commits.load(Ordering::Relaxed), 1, "one checkpoint, then nothing is left to sync");
+        log.stop();
+    }
+
+    fn apply(bucket: &[u8], version: u64) -> Write {
+        Write { log: Vec::new(), changes: vec![change(bucket, version)], sync: SyncTo::Nothing, done: None }
+    }
+
+    #[tokio::test]
+    async fn an_apply_waits_to_share_a_transaction_and_nothing_counts_as_written_past_it() {
+        let store = Arc::new(MemoryStore::new(16));
+        let log = CommitLog::start(store.clone(), 16);
+        let mut waited = 0;
+        for version in 1..=200 {
+            let applied = log.submit_write(apply(b"k", version)).unwrap();
+            // A log append behind it is written at once; the apply may wait for company.
+            let (tx, appended) = tokio::sync::oneshot::channel();
+            let append = LogOp::Append { group: 0, entries: vec![(version, b"entry".to_vec())] };
+            let done: WriteDone = Box::new(move |result| tx.send(result).unwrap());
+            log.submit_write(Write { log: vec![append], changes: Vec::new(), sync: SyncTo::Log, done: Some(done) })
+                .unwrap();
+            appended.await.unwrap().unwrap();
+            // Read the sequence first: whatever it counts as written must be in the store.
+            let durable = log.durable_seq();
+            let stored = store.bucket_version(b"k").unwrap();
+            if durable >= applied {
+                assert_eq!(stored, version, "apply {applied} counted as written ({durable}) but not in the store");
+            } else {
+                waited += 1;
+            }
+        }
+        log.wait_durable(log.submitted_seq()).await.unwrap();
+        assert_eq!(store.bucket_version(b"k").unwrap(), 200);
+        assert!(waited > 0, "no apply ever waited behind a log append");
+        log.stop();
+    }
+
+    #[tokio::test]
+    async fn a_flock_installed_after_waiting_applies_is_written_after_them() {
+        let store = Arc::new(MemoryStore::new(16));
+        let log = CommitLog::start(store.clone(), 16);
+        // Two buckets of one flock, each applied once.
+        let flock = crate::data::flock_of(b"k", 16);
+        let other = (0..).map(|i| format!("b{i}")).find(|b| crate::data::flock_of(b.as_bytes(), 16) == flock).unwrap();
+        let in_flock = |bucket: &[u8], version| ChangeSet { flock, ..change(bucket, version) };
+        for bucket in [&b"k"[..], other.as_bytes()] {
+            let write = Write { changes: vec![in_flock(bucket, 1)], ..apply(bucket, 1) };
+            log.submit_write(write).unwrap();
+        }
+        // A snapshot's install: clear the flock, then its buckets; it must not be overtaken.
+        let install = Write {
+            log: vec![LogOp::ClearFlock { flock }],
+            changes: vec![in_flock(b"k", 5)],
+            sync: SyncTo::All,
+            done: None,
+        };
+        let seq = log.submit_write(install).unwrap();
+        log.wait_durable(seq).await.unwrap();
+        assert_eq!(store.bucket_version(b"k").unwrap(), 5);
+        assert_eq!(
+            store.bucket_version(other.as_bytes()).unwrap(),
+            0,
+            "the install cleared what was applied before it"
+        );
         log.stop();
     }
 
