@@ -564,6 +564,8 @@ impl Engine {
 
     /// Proposes an entry to `group` (this node must lead it).
     pub fn propose(&mut self, group: GroupId, data: Vec<u8>) -> Result<Proposal, Refusal> {
+        // Who leads comes first: a proposal sent to the wrong node is redirected, not refused.
+        self.leader_refusal(group)?;
         let held = self.mem_bytes();
         // One proposal larger than the bound still goes through when nothing else is held.
         if held > 0 && held + data.len() as u64 + log::ENTRY_OVERHEAD_BYTES > self.config.max_mem_bytes {
