@@ -379,7 +379,8 @@ fn run_committer(store: &dyn Store, rx: Receiver<CommitMsg>, durable: &watch::Se
             continue;
         }
         if let Err(e) = store.write(&batch) {
-            fail(&e, durable, applies.into_iter().chain(done), held, &rx);
+            let waiting = std::mem::take(&mut deferred.done);
+            fail(&e, durable, applies.into_iter().chain(done).chain(waiting), held, &rx);
             return;
         }
         if batch.sync == SyncTo::All {
