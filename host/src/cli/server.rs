@@ -75,16 +75,14 @@ pub(super) struct NodeArgs {
 }
 
 impl NodeArgs {
-    fn config(&self, data: &Path) -> anyhow::Result<NodeConfig> {
-        let mut config = NodeConfig::new(data);
-        let budget = self.node_memory_mib << 20;
+    /// Refuses settings that cannot work together, before anything is created.
+    fn check(&self) -> anyhow::Result<()> {
         anyhow::ensure!(
-            budget >= crate::config::NODE_MEMORY_BYTES_MIN,
+            self.node_memory_mib << 20 >= crate::config::NODE_MEMORY_BYTES_MIN,
             "--node-memory-mib {} is too small: a node needs at least {} MiB",
             self.node_memory_mib,
             crate::config::NODE_MEMORY_BYTES_MIN >> 20
         );
-        config.set_memory_budget(budget);
         if let Some(cache_mib) = self.cache_mib {
             anyhow::ensure!(
                 cache_mib * 2 <= self.node_memory_mib,
@@ -92,6 +90,15 @@ impl NodeArgs {
                  cache",
                 self.node_memory_mib
             );
+        }
+        Ok(())
+    }
+
+    /// The node's configuration (the settings passed [`NodeArgs::check`]).
+    fn config(&self, data: &Path) -> NodeConfig {
+        let mut config = NodeConfig::new(data);
+        config.set_memory_budget(self.node_memory_mib << 20);
+        if let Some(cache_mib) = self.cache_mib {
             config.cache_bytes_max = cache_mib << 20;
         }
         config.flock_count = self.flocks;
@@ -114,7 +121,7 @@ impl NodeArgs {
         };
         // Compile in child processes of this very binary, so a module's compile is bounded.
         config.compiler = std::env::current_exe().ok();
-        Ok(config)
+        config
     }
 }
 
@@ -288,7 +295,7 @@ async fn start_node(
 ) -> anyhow::Result<Running> {
     let cluster_config = ClusterConfig { join, snapshot_logs: node_args.snapshot_logs, ..ClusterConfig::new(peer) };
     let file = ClusterFile::load(data)?.context("the data directory holds no cluster")?;
-    let mut config = node_args.config(data)?;
+    let mut config = node_args.config(data);
     config.flock_count = file.flock_count;
     let node = match disk_fault {
         Some(switch) => {
@@ -307,7 +314,7 @@ async fn start_node(
 /// Runs a node until SIGTERM or ctrl-c.
 pub(super) async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     // Settings first: a bad one must not leave a new data directory behind.
-    args.node.config(&args.data)?;
+    args.node.check()?;
     prepare_data(&args.data, args.credentials.as_deref(), args.join.is_some(), args.node.flocks, args.replication)?;
     let disk_fault = args.fault_injection.then(|| Arc::new(AtomicBool::new(false)));
     let running = start_node(
@@ -399,7 +406,7 @@ pub(super) async fn dev(args: DevArgs) -> anyhow::Result<()> {
         anyhow::bail!("--nodes must be 1 to 9");
     }
     let first = args.data.join("node-0");
-    args.node.config(&first)?;
+    args.node.check()?;
     let mut nodes = Vec::new();
     for i in 0..args.nodes {
         let dir = args.data.join(format!("node-{i}"));

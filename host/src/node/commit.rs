@@ -266,13 +266,23 @@ impl Deferred {
     }
 
     fn full(&self) -> bool {
-        self.batch.changes.len() >= BATCH_CHANGE_SETS_MAX || self.batch.log.len() >= BATCH_CHANGE_SETS_MAX
+        full(&self.batch)
     }
 
     /// When the deferred writes are due.
     fn due(&self) -> Option<Instant> {
         self.first.map(|(_, since)| since + APPLY_WRITE_EVERY)
     }
+}
+
+/// Whether log operations and change sets write state (and not only the log).
+fn writes_state(log: &[LogOp], changes: &[ChangeSet]) -> bool {
+    !changes.is_empty() || log.iter().any(|op| !op.on_log())
+}
+
+/// Whether a batch holds as much as one transaction may.
+fn full(batch: &Batch) -> bool {
+    batch.changes.len() >= BATCH_CHANGE_SETS_MAX || batch.log.len() >= BATCH_CHANGE_SETS_MAX
 }
 
 /// The longest an apply waits for others to share its transaction (see [`Deferred`]).
@@ -304,6 +314,8 @@ fn run_committer(store: &dyn Store, rx: Receiver<CommitMsg>, durable: &watch::Se
             },
         };
         let mut batch = Batch::default();
+        // Whether the batch writes state, kept as writes join it.
+        let mut batch_writes_state = false;
         let mut done: Vec<WriteDone> = Vec::new();
         let mut last_seq = None;
         let mut next = Some(first);
@@ -312,7 +324,6 @@ fn run_committer(store: &dyn Store, rx: Receiver<CommitMsg>, durable: &watch::Se
                 CommitMsg::Write(seq, write) => {
                     received = seq;
                     // An apply waits, unless state written before it in this round is in the batch.
-                    let batch_writes_state = !batch.changes.is_empty() || batch.log.iter().any(|op| !op.on_log());
                     if Deferred::takes(&write) && !batch_writes_state {
                         deferred.add(seq, write);
                         if deferred.full() {
@@ -330,11 +341,12 @@ fn run_committer(store: &dyn Store, rx: Receiver<CommitMsg>, durable: &watch::Se
                         break;
                     }
                     last_seq = Some(seq);
+                    batch_writes_state |= writes_state(&write.log, &write.changes);
                     batch.log.extend(write.log);
                     batch.changes.extend(write.changes);
                     batch.sync = batch.sync.max(write.sync);
                     done.extend(write.done);
-                    if batch.changes.len() >= BATCH_CHANGE_SETS_MAX || batch.log.len() >= BATCH_CHANGE_SETS_MAX {
+                    if full(&batch) {
                         break;
                     }
                 }
@@ -351,7 +363,7 @@ fn run_committer(store: &dyn Store, rx: Receiver<CommitMsg>, durable: &watch::Se
             }
             next = rx.try_recv().ok();
         }
-        let writes_state = !batch.changes.is_empty() || batch.log.iter().any(|op| !op.on_log());
+        let writes_state = batch_writes_state;
         let deferred_due = deferred.due().is_some_and(|at| at <= Instant::now());
         // Deferred applies are written now if they are due, or if this write must follow them
         // (it writes state, or syncs it).
