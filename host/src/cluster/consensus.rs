@@ -912,13 +912,11 @@ impl Driver {
                 for (reply, outcome) in after_write {
                     let _ = reply.send(outcome.map(|index| index.unwrap_or(0)));
                 }
-                if !touched.is_empty() {
+                if !touched.is_empty()
+                    && let Err(touched) = node.try_applied(group, touched)
+                {
                     let node = node.clone();
-                    rt.spawn(async move {
-                        for (bucket, version) in touched {
-                            node.applied(group, bucket, version).await;
-                        }
-                    });
+                    rt.spawn(async move { node.applied(group, touched).await });
                 }
             }))
         };

@@ -552,10 +552,20 @@ impl Node {
         &self.inner.commits
     }
 
-    /// A follower applied `version` of `bucket`: drop an older cached copy.
-    pub async fn applied(&self, flock: u32, bucket: Vec<u8>, version: u64) {
+    /// A follower applied these versions of buckets of `flock`: older cached copies are stale.
+    /// Hands them back if the executor's queue is full ([`Node::applied`] waits for room).
+    pub fn try_applied(&self, flock: u32, buckets: Vec<(Vec<u8>, u64)>) -> Result<(), Vec<(Vec<u8>, u64)>> {
         let shard = &self.inner.shards[flock as usize % self.inner.shards.len()];
-        let _ = shard.send(ShardMsg::Applied { bucket, version }).await;
+        match shard.try_send(ShardMsg::Applied(buckets)) {
+            Err(mpsc::error::TrySendError::Full(ShardMsg::Applied(buckets))) => Err(buckets),
+            _ => Ok(()),
+        }
+    }
+
+    /// As [`Node::try_applied`], waiting for room in the executor's queue.
+    pub async fn applied(&self, flock: u32, buckets: Vec<(Vec<u8>, u64)>) {
+        let shard = &self.inner.shards[flock as usize % self.inner.shards.len()];
+        let _ = shard.send(ShardMsg::Applied(buckets)).await;
     }
 
     /// A flock's state was replaced: drop every cached bucket of it.

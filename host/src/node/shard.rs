@@ -71,11 +71,9 @@ pub(crate) struct Finished {
 
 pub(crate) enum ShardMsg {
     Job(ShardJob),
-    /// A follower applied a change set: a cached copy older than `version` is stale.
-    Applied {
-        bucket: Vec<u8>,
-        version: u64,
-    },
+    /// A follower applied change sets: a cached copy of one of these buckets older than its
+    /// version here is stale.
+    Applied(Vec<(Vec<u8>, u64)>),
     /// A flock's state was replaced (a snapshot was installed): drop its cached buckets.
     DropFlock(u32),
     Stop,
@@ -132,8 +130,10 @@ impl Shard {
                     let _ = job.reply.send(executed);
                     self.stats.publish(self.cache.stats());
                 }
-                ShardMsg::Applied { bucket, version } => {
-                    self.cache.remove_if(&bucket, |entry| entry.data.version < version);
+                ShardMsg::Applied(buckets) => {
+                    for (bucket, version) in buckets {
+                        self.cache.remove_if(&bucket, |entry| entry.data.version < version);
+                    }
                 }
                 ShardMsg::DropFlock(flock) => {
                     let flocks = self.flock_count;

@@ -311,6 +311,9 @@ pub struct Engine {
     next_write: u64,
     unwritten: VecDeque<Unwritten>,
     outgoing: BTreeMap<NodeId, Vec<Envelope>>,
+    /// Bytes of log entries in memory over all groups, kept as each group's log changes (its
+    /// sum is needed per proposal and per apply).
+    mem_held: u64,
 }
 
 fn lead_of(raw: &RawNode<GroupLog>) -> Lead {
@@ -340,6 +343,7 @@ impl Engine {
             next_write: 1,
             unwritten: VecDeque::new(),
             outgoing: BTreeMap::new(),
+            mem_held: 0,
         }
     }
 
@@ -378,6 +382,7 @@ impl Engine {
     pub fn add_group(&mut self, group: GroupId, log: GroupLog) -> anyhow::Result<()> {
         anyhow::ensure!(!self.groups.contains_key(&group), "group {group} is already running");
         let applied = log.applied().0;
+        let held = log.mem_bytes();
         let raw = RawNode::new(&self.raft_config(applied), log, &self.logger)
             .map_err(|e| anyhow::anyhow!("group {group}: {e}"))?;
         let lead = lead_of(&raw);
@@ -394,6 +399,7 @@ impl Engine {
                 asleep: false,
             },
         );
+        self.mem_held += held;
         self.settle(group);
         Ok(())
     }
@@ -411,6 +417,7 @@ impl Engine {
     pub fn remove_group(&mut self, group: GroupId) -> Option<GroupLog> {
         self.active.remove(&group);
         let g = self.groups.remove(&group)?;
+        self.mem_held -= g.raw.store().mem_bytes();
         Some(g.raw.raft.r.raft_log.store)
     }
 
@@ -646,7 +653,9 @@ impl Engine {
         let conf = conf.unwrap_or_else(|| store.conf_state());
         store.set_applied(index, term, conf);
         let persisted = g.raw.raft.raft_log.persisted;
+        let held = g.raw.store().mem_bytes();
         g.raw.mut_store().evict(index.min(persisted).saturating_sub(cached));
+        self.mem_held = self.mem_held - held + g.raw.store().mem_bytes();
         self.settle(group);
     }
 
@@ -654,7 +663,9 @@ impl Engine {
     pub fn purge(&mut self, group: GroupId, upto: u64) {
         if let Some(g) = self.groups.get_mut(&group) {
             let applied = g.raw.raft.raft_log.applied;
+            let held = g.raw.store().mem_bytes();
             g.raw.mut_store().purge(upto.min(applied));
+            self.mem_held = self.mem_held - held + g.raw.store().mem_bytes();
         }
     }
 
@@ -706,7 +717,8 @@ impl Engine {
 
     /// Bytes of log entries the engine holds in memory, over all groups.
     pub fn mem_bytes(&self) -> u64 {
-        self.groups.values().map(|g| g.raw.store().mem_bytes()).sum()
+        debug_assert_eq!(self.mem_held, self.groups.values().map(|g| g.raw.store().mem_bytes()).sum::<u64>());
+        self.mem_held
     }
 
     /// Collects what every group has to hand out. Call until it returns an empty output.
@@ -725,6 +737,7 @@ impl Engine {
             for read in rd.take_read_states() {
                 out.reads.push((group, read));
             }
+            let in_memory = g.raw.store().mem_bytes();
             let snapshot = (!rd.snapshot().is_empty()).then(|| rd.snapshot().clone());
             if let Some(snapshot) = &snapshot {
                 g.raw.mut_store().apply_snapshot(snapshot);
@@ -733,6 +746,7 @@ impl Engine {
             }
             let entries = rd.take_entries();
             g.raw.mut_store().append(&entries);
+            self.mem_held = self.mem_held - in_memory + g.raw.store().mem_bytes();
             let hard_state = rd.hs().cloned();
             if let Some(hs) = &hard_state {
                 g.raw.mut_store().set_hard_state(hs.clone());
