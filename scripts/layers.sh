@@ -49,9 +49,10 @@ for i in "${!pids[@]}"; do
 done
 sleep 1
 bench -n "$requests" > /dev/null
-kill -INT "${perfs[@]}"
+kill -INT "${perfs[@]}" 2> /dev/null || true
 wait "${perfs[@]}" 2>/dev/null || true
 for i in "${!pids[@]}"; do
+  [ -s "$data/perf-$i.data" ] || { echo "perf recorded nothing for node $i:"; cat "$data/perf-$i.err"; exit 1; }
   perf script -F comm,ip,sym -i "$data/perf-$i.data" > "$data/script-$i" 2> /dev/null
 done
 
@@ -68,7 +69,7 @@ rules = [
     ("front end (RESP, HTTP, client QUIC)", r"grex::api::|tcp_|grex_client::"),
     ("log write", r"segment_log"),
     ("state write (apply, checkpoint)", r"redb::|grex::node::commit|grex::storage::"),
-    ("consensus (raft-rs, engine, driver)", r"\braft::|grex::cluster::engine|grex::cluster::consensus|grex::cluster::wire"),
+    ("consensus (raft-rs, engine, driver)", r"\braft::|openraft|grex::cluster::engine|grex::cluster::consensus|grex::cluster::wire"),
     ("routing and forwarding", r"grex::cluster::|grex::node::"),
     ("wake-ups and parking", r"futex|\bschedule\b|__schedule|finish_task_switch|epoll|tokio::runtime|tokio::sync|std::sync::mpmc|park"),
 ]

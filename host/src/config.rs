@@ -78,6 +78,9 @@ pub struct NodeConfig {
     pub shard_queue_max: usize,
     /// Change sets waiting for the committer before executors wait.
     pub commit_queue_max: usize,
+    /// Bytes of data in writes waiting for the committer (or deferred by it) before submitters
+    /// wait; a write larger than this goes alone.
+    pub commit_queue_bytes_max: usize,
     /// Limits on each job.
     pub limits: Limits,
     /// A `grex` binary to compile modules in, one child process per compile, under
@@ -101,6 +104,7 @@ impl NodeConfig {
             shards: cores,
             shard_queue_max: 1024,
             commit_queue_max: 4096,
+            commit_queue_bytes_max: 0,
             limits: Limits::default(),
             compiler: None,
         };
@@ -109,16 +113,17 @@ impl NodeConfig {
     }
 
     /// Shares `bytes` of memory among the node's caches and buffers: 3/16 each for the
-    /// decoded-bucket cache and the state file's page cache, 1/16 for consensus log entries, and
-    /// the rest (9/16) for what is sized by use within its own limits: the log's index (12 bytes
-    /// per entry kept, up to `--snapshot-logs` per flock), queued jobs, change sets and pipelined
-    /// commands, connections and their frames, the wasm runtime, and the allocator's slack
-    /// (docs/benchmarks.md, "Memory", measures them). Running jobs' linear memory is bounded
-    /// apart, by [`Limits::memory_bytes_max`] per executor.
+    /// decoded-bucket cache and the state file's page cache, 1/16 for consensus log entries, 1/16
+    /// for writes waiting for the committer, and the rest (8/16) for what is sized by use within
+    /// its own limits: the log's index (12 bytes per entry kept, up to `--snapshot-logs` per
+    /// flock), queued jobs and pipelined commands, connections and their frames, the wasm
+    /// runtime, and the allocator's slack (docs/benchmarks.md, "Memory", measures them). Running
+    /// jobs' linear memory is bounded apart, by [`Limits::memory_bytes_max`] per executor.
     pub fn set_memory_budget(&mut self, bytes: usize) {
         self.cache_bytes_max = bytes / 16 * 3;
         self.store_cache_bytes = bytes / 16 * 3;
         self.consensus_memory_bytes = bytes / 16;
+        self.commit_queue_bytes_max = bytes / 16;
     }
 }
 

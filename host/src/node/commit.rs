@@ -19,7 +19,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, sync_channel};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -75,8 +75,17 @@ pub struct Write {
     pub done: Option<WriteDone>,
 }
 
+impl Write {
+    /// Bytes of data the write holds while it waits (what the queue's byte bound counts).
+    pub fn bytes(&self) -> usize {
+        self.log.iter().map(LogOp::bytes).sum::<usize>()
+            + self.changes.iter().map(|c| c.bucket.len() + c.bytes()).sum::<usize>()
+    }
+}
+
 enum CommitMsg {
-    Write(u64, Write),
+    /// A write, its sequence and its [`Write::bytes`].
+    Write(u64, Write, usize),
     /// Nothing came before a checkpoint or deferred applies were due (the committer's own).
     Due,
     Stop,
@@ -91,30 +100,95 @@ pub struct CommitStats {
     pub change_sets: AtomicU64,
 }
 
+/// Bytes of writes submitted and not yet written (or failed), under a bound: a submitter waits
+/// while the writes ahead of it hold the bound. A write larger than the bound goes alone, once
+/// nothing else waits, so none waits for ever.
+struct Room {
+    held: Mutex<RoomState>,
+    freed: Condvar,
+    max: usize,
+}
+
+#[derive(Default)]
+struct RoomState {
+    bytes: usize,
+    /// The committer is gone: nobody frees room any more, so nobody waits for it.
+    closed: bool,
+}
+
+impl Room {
+    fn new(max: usize) -> Room {
+        Room { held: Mutex::new(RoomState::default()), freed: Condvar::new(), max }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, RoomState> {
+        self.held.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Waits until `bytes` fit, then holds them.
+    fn take(&self, bytes: usize) {
+        let mut state = self.lock();
+        while !state.closed && state.bytes > 0 && state.bytes + bytes > self.max {
+            state = self.freed.wait(state).unwrap_or_else(|p| p.into_inner());
+        }
+        state.bytes += bytes;
+    }
+
+    fn free(&self, bytes: usize) {
+        if bytes > 0 {
+            let mut state = self.lock();
+            state.bytes = state.bytes.saturating_sub(bytes);
+            self.freed.notify_all();
+        }
+    }
+
+    fn close(&self) {
+        self.lock().closed = true;
+        self.freed.notify_all();
+    }
+
+    /// Bytes held now.
+    fn held(&self) -> usize {
+        self.lock().bytes
+    }
+}
+
 /// The sending side of the group committer.
 pub struct CommitLog {
     /// Next sequence to hand out, and the queue; one lock keeps queue order equal to sequence order.
     queue: Mutex<(u64, SyncSender<CommitMsg>)>,
+    room: Arc<Room>,
     durable: watch::Sender<Durable>,
     pub(crate) stats: Arc<CommitStats>,
     thread: Mutex<Option<JoinHandle<()>>>,
 }
 
 impl CommitLog {
-    /// Starts the committer thread over `store`, with room for `queue_max` waiting change sets.
-    pub fn start(store: Arc<dyn Store>, queue_max: usize) -> Self {
+    /// Starts the committer thread over `store`, with room for `queue_max` writes holding
+    /// `queue_bytes_max` bytes of data ([`Write::bytes`]) submitted and not yet written.
+    pub fn start(store: Arc<dyn Store>, queue_max: usize, queue_bytes_max: usize) -> Self {
         let (tx, rx) = sync_channel(queue_max);
         let (durable, _) = watch::channel(Durable::Upto(0));
         let stats = Arc::new(CommitStats::default());
+        let room = Arc::new(Room::new(queue_bytes_max));
         let thread = {
             let durable = durable.clone();
             let stats = stats.clone();
+            let room = room.clone();
             std::thread::Builder::new()
                 .name("grex-commit".into())
-                .spawn(move || run_committer(store.as_ref(), rx, &durable, &stats))
+                .spawn(move || {
+                    run_committer(store.as_ref(), rx, &durable, &stats, &room);
+                    room.close();
+                })
                 .expect("spawn the committer")
         };
-        CommitLog { queue: Mutex::new((1, tx)), durable, stats, thread: Mutex::new(Some(thread)) }
+        CommitLog { queue: Mutex::new((1, tx)), room, durable, stats, thread: Mutex::new(Some(thread)) }
+    }
+
+    /// Bytes of writes submitted and not yet written.
+    pub fn queued_bytes(&self) -> usize {
+        self.room.held()
     }
 
     /// Queues a change set (blocking while the queue is full); returns its sequence.
@@ -122,7 +196,7 @@ impl CommitLog {
         self.submit_write(Write { log: Vec::new(), changes: vec![change], sync: SyncTo::All, done: None })
     }
 
-    /// Queues a write (blocking while the queue is full); returns its sequence. On failure the
+    /// Queues a write (blocking while the queue is full, by count or bytes); returns its sequence. On failure the
     /// write's `done` is called with the error before this returns.
     pub fn submit_write(&self, write: Write) -> Result<u64, RemoteError> {
         if let Some(failure) = self.failure() {
@@ -134,9 +208,13 @@ impl CommitLog {
         // A failure published after this check is still seen by the job's `wait_durable`.
         let mut queue = self.queue.lock().unwrap_or_else(|p| p.into_inner());
         let seq = queue.0;
-        if let Err(std::sync::mpsc::SendError(msg)) = queue.1.send(CommitMsg::Write(seq, write)) {
+        let bytes = write.bytes();
+        // Waiting under the queue's lock keeps writes in order, and the waiting ones waiting.
+        self.room.take(bytes);
+        if let Err(std::sync::mpsc::SendError(msg)) = queue.1.send(CommitMsg::Write(seq, write, bytes)) {
+            self.room.free(bytes);
             let error = self.closed_error();
-            if let CommitMsg::Write(_, Write { done: Some(done), .. }) = msg {
+            if let CommitMsg::Write(_, Write { done: Some(done), .. }, _) = msg {
                 done(Err(error.message.clone()));
             }
             return Err(error);
@@ -250,6 +328,8 @@ struct Deferred {
     done: Vec<WriteDone>,
     /// The first deferred write's sequence and when it came.
     first: Option<(u64, Instant)>,
+    /// Their [`Write::bytes`].
+    bytes: usize,
 }
 
 impl Deferred {
@@ -258,15 +338,18 @@ impl Deferred {
         write.sync == SyncTo::Nothing && write.log.iter().all(|op| !op.on_log())
     }
 
-    fn add(&mut self, seq: u64, write: Write) {
+    fn add(&mut self, seq: u64, write: Write, bytes: usize) {
         self.first.get_or_insert((seq, Instant::now()));
+        self.bytes += bytes;
         self.batch.log.extend(write.log);
         self.batch.changes.extend(write.changes);
         self.done.extend(write.done);
     }
 
-    fn full(&self) -> bool {
-        full(&self.batch)
+    /// Whether they fill a transaction, or half the room for writes in memory (`bytes_max`):
+    /// waiting longer would hold up submitters.
+    fn full(&self, bytes_max: usize) -> bool {
+        full(&self.batch) || self.bytes >= bytes_max / 2
     }
 
     /// When the deferred writes are due.
@@ -291,7 +374,13 @@ fn full(batch: &Batch) -> bool {
 /// follower's stale cache entries) takes longer than this anyway.
 pub const APPLY_WRITE_EVERY: Duration = Duration::from_millis(10);
 
-fn run_committer(store: &dyn Store, rx: Receiver<CommitMsg>, durable: &watch::Sender<Durable>, stats: &CommitStats) {
+fn run_committer(
+    store: &dyn Store,
+    rx: Receiver<CommitMsg>,
+    durable: &watch::Sender<Durable>,
+    stats: &CommitStats,
+    room: &Room,
+) {
     let mut stopping = false;
     // A message that could not join the last batch (it must not be reordered with it).
     let mut held: Option<CommitMsg> = None;
@@ -320,16 +409,18 @@ fn run_committer(store: &dyn Store, rx: Receiver<CommitMsg>, durable: &watch::Se
         // Whether the batch writes state, kept as writes join it.
         let mut batch_writes_state = false;
         let mut done: Vec<WriteDone> = Vec::new();
+        // The batch's bytes, freed once it is written.
+        let mut bytes = 0;
         let mut last_seq = None;
         let mut next = Some(first);
         while let Some(msg) = next.take() {
             match msg {
-                CommitMsg::Write(seq, write) => {
+                CommitMsg::Write(seq, write, size) => {
                     received = seq;
                     // An apply waits, unless state written before it in this round is in the batch.
                     if Deferred::takes(&write) && !batch_writes_state {
-                        deferred.add(seq, write);
-                        if deferred.full() {
+                        deferred.add(seq, write, size);
+                        if deferred.full(room.max) {
                             break;
                         }
                         next = rx.try_recv().ok();
@@ -340,10 +431,11 @@ fn run_committer(store: &dyn Store, rx: Receiver<CommitMsg>, durable: &watch::Se
                     let clears = write.log.iter().any(|op| matches!(op, LogOp::ClearFlock { .. }));
                     if clears && !batch.changes.is_empty() {
                         received = seq - 1;
-                        held = Some(CommitMsg::Write(seq, write));
+                        held = Some(CommitMsg::Write(seq, write, size));
                         break;
                     }
                     last_seq = Some(seq);
+                    bytes += size;
                     batch_writes_state |= writes_state(&write.log, &write.changes);
                     batch.log.extend(write.log);
                     batch.changes.extend(write.changes);
@@ -370,16 +462,18 @@ fn run_committer(store: &dyn Store, rx: Receiver<CommitMsg>, durable: &watch::Se
         let deferred_due = deferred.due().is_some_and(|at| at <= Instant::now());
         // Deferred applies are written now if they are due, or if this write must follow them
         // (it writes state, or syncs it).
-        let flush =
-            deferred.first.is_some() && (deferred_due || deferred.full() || writes_state || batch.sync == SyncTo::All);
+        let flush = deferred.first.is_some()
+            && (deferred_due || deferred.full(room.max) || writes_state || batch.sync == SyncTo::All);
         if batch.sync < SyncTo::All && (writes_state || unsynced || flush) && checkpointed.elapsed() >= CHECKPOINT_EVERY
         {
             batch.sync = SyncTo::All;
         }
         let mut applies = Vec::new();
+        let mut flushed = 0;
         if flush {
-            let Deferred { batch: state, done: applied, .. } = std::mem::take(&mut deferred);
+            let Deferred { batch: state, done: applied, bytes: state_bytes, .. } = std::mem::take(&mut deferred);
             applies = applied;
+            flushed = state_bytes;
             if let Err(e) = store.write(&state) {
                 fail(&e, durable, applies.into_iter().chain(done), held, &rx);
                 return;
@@ -387,6 +481,7 @@ fn run_committer(store: &dyn Store, rx: Receiver<CommitMsg>, durable: &watch::Se
             unsynced = true;
         }
         if last_seq.is_none() && !(batch.sync == SyncTo::All && unsynced) {
+            room.free(flushed);
             publish(durable, received, &deferred);
             for done in applies {
                 done(Ok(()));
@@ -412,6 +507,7 @@ fn run_committer(store: &dyn Store, rx: Receiver<CommitMsg>, durable: &watch::Se
             stats.commits.fetch_add(1, Ordering::Relaxed);
             stats.change_sets.fetch_add((batch.changes.len() + entries) as u64, Ordering::Relaxed);
         }
+        room.free(flushed + bytes);
         publish(durable, received, &deferred);
         for done in applies.into_iter().chain(done) {
             done(Ok(()));
@@ -448,7 +544,7 @@ fn fail(
     }
     // Fail whatever else is queued, so no caller waits for ever.
     for msg in held.into_iter().chain(std::iter::from_fn(|| rx.try_recv().ok())) {
-        if let CommitMsg::Write(_, Write { done: Some(done), .. }) = msg {
+        if let CommitMsg::Write(_, Write { done: Some(done), .. }, _) = msg {
             done(Err(e.to_string()));
         }
     }
@@ -472,7 +568,7 @@ mod tests {
     #[tokio::test]
     async fn submitted_change_sets_become_durable_in_order() {
         let store = Arc::new(MemoryStore::new(16));
-        let log = CommitLog::start(store.clone(), 16);
+        let log = CommitLog::start(store.clone(), 16, usize::MAX);
         let mut last = 0;
         for v in 1..=100 {
             last = log.submit(change(b"k", v)).unwrap();
@@ -495,7 +591,7 @@ mod tests {
                 release_rx.lock().unwrap().recv().unwrap();
             }
         });
-        let log = CommitLog::start(Arc::new(store), 256);
+        let log = CommitLog::start(Arc::new(store), 256, usize::MAX);
         log.submit(change(b"first", 1)).unwrap();
         entered.recv().unwrap();
         // The committer is inside the first commit (its fsync, on a real disk): 100 jobs queue.
@@ -511,9 +607,48 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn submitters_wait_while_queued_writes_hold_the_byte_bound_and_go_on_once_they_are_written() {
+        let (entered_tx, entered) = std::sync::mpsc::channel();
+        let (release, release_rx) = std::sync::mpsc::channel::<()>();
+        let release_rx = Mutex::new(release_rx);
+        let store = FaultyStore::new(MemoryStore::new(16), u64::MAX).before_each_write(move |n| {
+            if n == 0 {
+                entered_tx.send(()).unwrap();
+                release_rx.lock().unwrap().recv().unwrap();
+            }
+        });
+        let write =
+            |bucket: &[u8]| Write { log: Vec::new(), changes: vec![change(bucket, 1)], sync: SyncTo::All, done: None };
+        let size = write(b"a").bytes();
+        let log = Arc::new(CommitLog::start(Arc::new(store), 256, size * 3 / 2));
+        log.submit_write(write(b"a")).unwrap();
+        entered.recv().unwrap();
+        assert_eq!(log.queued_bytes(), size, "held until written");
+        // The committer is stuck in its first write: a second write does not fit beside it.
+        let (submitted_tx, submitted) = std::sync::mpsc::channel();
+        let waiting = {
+            let log = log.clone();
+            std::thread::spawn(move || submitted_tx.send(log.submit_write(write(b"b")).unwrap()).unwrap())
+        };
+        assert!(submitted.recv_timeout(Duration::from_millis(200)).is_err(), "the second write waits for room");
+        release.send(()).unwrap();
+        let seq = submitted.recv().expect("the second write goes in once the first is written");
+        log.wait_durable(seq).await.unwrap();
+        waiting.join().unwrap();
+        assert_eq!(log.queued_bytes(), 0);
+        // A write larger than the bound goes alone.
+        let big = Write { log: Vec::new(), changes: vec![change(&[7; 100], 2)], sync: SyncTo::All, done: None };
+        assert!(big.bytes() > size * 3 / 2);
+        let seq = log.submit_write(big).unwrap();
+        log.wait_durable(seq).await.unwrap();
+        assert_eq!(log.queued_bytes(), 0);
+        log.stop();
+    }
+
+    #[tokio::test]
     async fn unsynced_state_is_readable_at_once_and_checkpointed_when_the_committer_goes_idle() {
         let store = Arc::new(MemoryStore::new(16));
-        let log = CommitLog::start(store.clone(), 16);
+        let log = CommitLog::start(store.clone(), 16, usize::MAX);
         let write = Write { log: Vec::new(), changes: vec![change(b"k", 1)], sync: SyncTo::Nothing, done: None };
         let seq = log.submit_write(write).unwrap();
         log.wait_durable(seq).await.unwrap();
@@ -538,7 +673,7 @@ mod tests {
     #[tokio::test]
     async fn an_apply_waits_to_share_a_transaction_and_nothing_counts_as_written_past_it() {
         let store = Arc::new(MemoryStore::new(16));
-        let log = CommitLog::start(store.clone(), 16);
+        let log = CommitLog::start(store.clone(), 16, usize::MAX);
         let mut waited = 0;
         for version in 1..=200 {
             let applied = log.submit_write(apply(b"k", version)).unwrap();
@@ -561,13 +696,14 @@ mod tests {
         log.wait_durable(log.submitted_seq()).await.unwrap();
         assert_eq!(store.bucket_version(b"k").unwrap(), 200);
         assert!(waited > 0, "no apply ever waited behind a log append");
+        assert_eq!(log.queued_bytes(), 0, "written applies hold no room");
         log.stop();
     }
 
     #[tokio::test]
     async fn a_flock_installed_after_waiting_applies_is_written_after_them() {
         let store = Arc::new(MemoryStore::new(16));
-        let log = CommitLog::start(store.clone(), 16);
+        let log = CommitLog::start(store.clone(), 16, usize::MAX);
         // Two buckets of one flock, each applied once.
         let flock = crate::data::flock_of(b"k", 16);
         let other = (0..).map(|i| format!("b{i}")).find(|b| crate::data::flock_of(b.as_bytes(), 16) == flock).unwrap();
@@ -597,7 +733,7 @@ mod tests {
     #[tokio::test]
     async fn a_failed_commit_fails_its_waiters_and_every_later_submit() {
         let store = Arc::new(FaultyStore::new(MemoryStore::new(16), 1));
-        let log = CommitLog::start(store, 16);
+        let log = CommitLog::start(store, 16, usize::MAX);
         let first = log.submit(change(b"k", 1)).unwrap();
         log.wait_durable(first).await.unwrap();
         let second = log.submit(change(b"k", 2)).unwrap();

@@ -207,7 +207,7 @@ impl Node {
                 .with_code_dir(code_dir.clone())
                 .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", code_dir.display()))?,
         );
-        let commits = Arc::new(CommitLog::start(store.clone(), config.commit_queue_max));
+        let commits = Arc::new(CommitLog::start(store.clone(), config.commit_queue_max, config.commit_queue_bytes_max));
         let mut shards = Vec::new();
         let replicator = Arc::new(OnceLock::new());
         let flock_count = store.meta().flock_count;

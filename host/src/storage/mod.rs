@@ -116,6 +116,16 @@ impl LogOp {
             LogOp::Append { .. } | LogOp::TruncateFrom { .. } | LogOp::PurgeUpto { .. } | LogOp::PutLogState { .. }
         )
     }
+
+    /// Bytes of data the operation carries (what it holds in memory while it waits to be written).
+    pub fn bytes(&self) -> usize {
+        match self {
+            LogOp::Append { entries, .. } => entries.iter().map(|(_, entry)| entry.len()).sum(),
+            LogOp::PutLogState { value, .. } | LogOp::PutState { value, .. } => value.len(),
+            LogOp::PutModule { name, wasm, .. } => name.len() + wasm.len(),
+            LogOp::TruncateFrom { .. } | LogOp::PurgeUpto { .. } | LogOp::ClearFlock { .. } => 0,
+        }
+    }
 }
 
 /// What of a batch must be on disk before [`Store::write`] returns (ignored by a store opened
