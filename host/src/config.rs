@@ -81,6 +81,9 @@ pub struct NodeConfig {
     /// Bytes of data in writes waiting for the committer (or deferred by it) before submitters
     /// wait; a write larger than this goes alone.
     pub commit_queue_bytes_max: usize,
+    /// Request bytes of pipelined Redis commands waiting or running, over every connection; a
+    /// connection whose next command does not fit waits for its own to be answered.
+    pub pipelined_bytes_max: usize,
     /// Limits on each job.
     pub limits: Limits,
     /// A `grex` binary to compile modules in, one child process per compile, under
@@ -105,6 +108,7 @@ impl NodeConfig {
             shard_queue_max: 1024,
             commit_queue_max: 4096,
             commit_queue_bytes_max: 0,
+            pipelined_bytes_max: 0,
             limits: Limits::default(),
             compiler: None,
         };
@@ -113,10 +117,10 @@ impl NodeConfig {
     }
 
     /// Shares `bytes` of memory among the node's caches and buffers: 3/16 each for the
-    /// decoded-bucket cache and the state file's page cache, 1/16 for consensus log entries, 1/16
-    /// for writes waiting for the committer, and the rest (8/16) for what is sized by use within
-    /// its own limits: the log's index (12 bytes per entry kept, up to `--snapshot-logs` per
-    /// flock), queued jobs and pipelined commands, connections and their frames, the wasm
+    /// decoded-bucket cache and the state file's page cache, 1/16 each for consensus log entries,
+    /// writes waiting for the committer and pipelined Redis commands, and the rest (7/16) for what
+    /// is sized by use within its own limits: the log's index (12 bytes per entry kept, up to
+    /// `--snapshot-logs` per flock), queued jobs, connections and their frames, the wasm
     /// runtime, and the allocator's slack (docs/benchmarks.md, "Memory", measures them). Running
     /// jobs' linear memory is bounded apart, by [`Limits::memory_bytes_max`] per executor.
     pub fn set_memory_budget(&mut self, bytes: usize) {
@@ -124,6 +128,7 @@ impl NodeConfig {
         self.store_cache_bytes = bytes / 16 * 3;
         self.consensus_memory_bytes = bytes / 16;
         self.commit_queue_bytes_max = bytes / 16;
+        self.pipelined_bytes_max = bytes / 16;
     }
 }
 

@@ -38,6 +38,17 @@ impl ReadBudget {
         Claim { budget: self.clone(), held: 0 }
     }
 
+    /// Holds `bytes` of a whole request kept in memory until it is answered (a pipelined
+    /// command), or `None` if that would take the node over its budget: the caller then waits
+    /// for room rather than refusing.
+    pub fn hold(self: &Arc<Self>, bytes: usize) -> Option<Claim> {
+        let max = self.max;
+        self.used
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |used| (used + bytes <= max).then_some(used + bytes))
+            .ok()?;
+        Some(Claim { budget: self.clone(), held: bytes })
+    }
+
     /// Bytes claimed now.
     pub fn used(&self) -> usize {
         self.used.load(Ordering::Relaxed)
@@ -110,6 +121,18 @@ mod tests {
         assert_eq!(budget.used(), 1 << 20);
         a.set(0).unwrap();
         assert_eq!(budget.used(), 256 << 10);
+        drop(b);
+        assert_eq!(budget.used(), 0);
+    }
+
+    #[test]
+    fn holds_take_whole_requests_and_only_while_they_fit() {
+        let budget = ReadBudget::new(1000);
+        let a = budget.hold(600).expect("fits");
+        assert!(budget.hold(600).is_none(), "over the budget");
+        let b = budget.hold(400).expect("fits beside the first");
+        assert_eq!(budget.used(), 1000);
+        drop(a);
         drop(b);
         assert_eq!(budget.used(), 0);
     }

@@ -65,13 +65,21 @@ pub struct RespLimits {
     /// How long a request may take to arrive, from its first byte, before the connection is
     /// closed.
     pub half_sent_max: Duration,
+    /// Request bytes of pipelined commands waiting or running, over every connection (each
+    /// connection's first runs whatever this holds).
+    pub pipelined_bytes_max: usize,
 }
 
 impl RespLimits {
     fn for_node(node: &Node) -> RespLimits {
         let limits = &node.config().limits;
         let bulk = limits.module_bytes_max.max(limits.input_bytes_max).max(limits.item_bytes_max);
-        RespLimits { bulk_bytes_max: bulk, request_bytes_max: bulk + 1024 * 1024, half_sent_max: REQUEST_IDLE_TIMEOUT }
+        RespLimits {
+            bulk_bytes_max: bulk,
+            request_bytes_max: bulk + 1024 * 1024,
+            half_sent_max: REQUEST_IDLE_TIMEOUT,
+            pipelined_bytes_max: node.config().pipelined_bytes_max,
+        }
     }
 }
 
@@ -273,9 +281,11 @@ async fn serve(
     table: Arc<ConnTable>,
     stopped: watch::Receiver<bool>,
 ) {
+    let pipelined = ReadBudget::new(limits.pipelined_bytes_max);
     accept_loop(&listener, &table, stopped.clone(), "RESP", |stream, remote, conn| {
         let commands = Commands { node: node.clone(), service: service.clone(), follower_reads: false };
-        let connection = Connection { commands, limits, claim: budget.claim(), resp3: false };
+        let connection =
+            Connection { commands, limits, claim: budget.claim(), pipelined: pipelined.clone(), resp3: false };
         let stopped = stopped.clone();
         tokio::spawn(async move {
             if let Err(e) = connection.serve(stream, conn, stopped).await {
@@ -291,6 +301,8 @@ struct Connection {
     limits: RespLimits,
     /// The bytes buffered and not yet taken as commands, held on the node's budget.
     claim: Claim,
+    /// Room for pipelined commands, shared by every connection.
+    pipelined: Arc<ReadBudget>,
     resp3: bool,
 }
 
@@ -336,8 +348,9 @@ impl Pipeline {
         self.running.is_empty()
     }
 
-    /// Starts `args` (`size` request bytes) once the commands before it on its keys are done.
-    fn start(&mut self, commands: Commands, name: String, args: Vec<Vec<u8>>, size: usize) {
+    /// Starts `args` (`size` request bytes, held by `room` until answered) once the commands
+    /// before it on its keys are done.
+    fn start(&mut self, commands: Commands, name: String, args: Vec<Vec<u8>>, size: usize, room: Option<Claim>) {
         let mut keys = ordering_keys(&name, &args[1..]);
         keys.sort_unstable();
         keys.dedup();
@@ -358,6 +371,7 @@ impl Pipeline {
                 }
                 let reply = commands.run(&name, &args).await;
                 drop(running);
+                drop(room);
                 (reply, size)
             }
             .boxed(),
@@ -455,25 +469,43 @@ impl Connection {
         loop {
             // Start every complete command buffered, as far as the pipeline has room.
             let mut consumed = 0;
+            // The node holds its most of pipelined commands: this one waits for its own.
+            let mut no_room = false;
             while pipeline.has_room() {
                 match parse_command(&buf[consumed..], &self.limits) {
                     Ok(Some((args, used))) => {
-                        consumed += used;
                         if args.is_empty() {
+                            consumed += used;
                             continue;
                         }
-                        busy.get_or_insert_with(|| conn.busy());
                         let name = String::from_utf8_lossy(&args[0]).to_ascii_uppercase();
                         if !runs_alone(&name) {
-                            if pipeline.is_empty() && consumed == buf.len() {
+                            if pipeline.is_empty() && consumed + used == buf.len() {
                                 // One command and nothing pipelined behind it: the cheapest way is
                                 // to run it right here.
+                                consumed += used;
+                                busy.get_or_insert_with(|| conn.busy());
                                 self.commands.run(&name, &args).await.write(&mut out, self.resp3);
-                            } else {
-                                pipeline.start(self.commands.clone(), name, args, used);
+                                continue;
                             }
+                            // A connection's first command runs whatever the others hold.
+                            let room = match pipeline.is_empty() {
+                                true => None,
+                                false => match self.pipelined.hold(used) {
+                                    Some(room) => Some(room),
+                                    None => {
+                                        no_room = true;
+                                        break;
+                                    }
+                                },
+                            };
+                            consumed += used;
+                            busy.get_or_insert_with(|| conn.busy());
+                            pipeline.start(self.commands.clone(), name, args, used, room);
                             continue;
                         }
+                        consumed += used;
+                        busy.get_or_insert_with(|| conn.busy());
                         pipeline.finish(&mut stream, &mut out, self.resp3).await?;
                         let (reply, then) = self.execute(&name, &args).await;
                         reply.write(&mut out, self.resp3);
@@ -505,11 +537,15 @@ impl Connection {
             }
             if pipeline.is_empty() {
                 busy = None;
+                if no_room {
+                    // Its own commands are done: the one that waited runs now.
+                    continue;
+                }
             }
             // Wait for a reply, for more bytes (while there is room to start more), for the
             // deadline of a request in part, or, with no command running, for the table to ask
             // this connection to make room.
-            let reading = pipeline.has_room();
+            let reading = pipeline.has_room() && !no_room;
             tokio::select! {
                 Some(reply) = pipeline.next() => reply.write(&mut out, self.resp3),
                 read = stream.read(&mut chunk), if reading => match read? {
@@ -746,8 +782,12 @@ mod tests {
     use super::*;
     use crate::api::budget::REQUEST_BUFFER_BYTES_DEFAULT;
 
-    const LIMITS: RespLimits =
-        RespLimits { bulk_bytes_max: 64, request_bytes_max: 100, half_sent_max: Duration::from_millis(300) };
+    const LIMITS: RespLimits = RespLimits {
+        bulk_bytes_max: 64,
+        request_bytes_max: 100,
+        half_sent_max: Duration::from_millis(300),
+        pipelined_bytes_max: 1 << 20,
+    };
 
     /// Every command in `bytes`, read whole.
     fn parse_all(bytes: &[u8]) -> Result<Vec<Vec<Vec<u8>>>, RespError> {
@@ -828,6 +868,14 @@ mod tests {
     /// A node's RESP server on a real socket, with the test limits and room for `connections`;
     /// it stops when the sender is dropped.
     async fn serve_test_node(dir: &std::path::Path, connections: usize) -> (SocketAddr, watch::Sender<bool>) {
+        serve_test_node_with(dir, connections, LIMITS).await
+    }
+
+    async fn serve_test_node_with(
+        dir: &std::path::Path,
+        connections: usize,
+        limits: RespLimits,
+    ) -> (SocketAddr, watch::Sender<bool>) {
         let node = Node::open(crate::NodeConfig::new(dir)).unwrap();
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -836,7 +884,7 @@ mod tests {
             listener,
             node.clone(),
             Arc::new(node),
-            LIMITS,
+            limits,
             ReadBudget::new(REQUEST_BUFFER_BYTES_DEFAULT),
             ConnTable::new(connections),
             stopped,
@@ -854,6 +902,42 @@ mod tests {
         let mut pong = [0; 7];
         tokio::time::timeout(Duration::from_secs(5), client.read_exact(&mut pong)).await.expect("no PONG").unwrap();
         assert_eq!(&pong, b"+PONG\r\n");
+    }
+
+    #[tokio::test]
+    async fn pipelined_commands_over_the_node_wide_room_wait_for_their_own_and_are_all_answered() {
+        let dir = tempfile::tempdir().unwrap();
+        // Room for less than one command: each connection runs one at a time.
+        let limits = RespLimits { pipelined_bytes_max: 16, ..LIMITS };
+        let (addr, _stop) = serve_test_node_with(dir.path(), 16, limits).await;
+        let mut clients = Vec::new();
+        for c in 0..3 {
+            clients.push(tokio::spawn(async move {
+                let mut client = TcpStream::connect(addr).await.unwrap();
+                let mut pipeline = Vec::new();
+                for i in 0..50 {
+                    pipeline.extend_from_slice(format!("HSET k{c}-{} f v{i}\r\n", i % 7).as_bytes());
+                }
+                client.write_all(&pipeline).await.unwrap();
+                let mut replies = Vec::new();
+                let mut chunk = [0; 1024];
+                while replies.iter().filter(|&&b| b == b'\n').count() < 50 {
+                    let read = tokio::time::timeout(Duration::from_secs(10), client.read(&mut chunk))
+                        .await
+                        .expect("replies keep coming")
+                        .unwrap();
+                    assert!(read > 0, "closed after {}", String::from_utf8_lossy(&replies));
+                    replies.extend_from_slice(&chunk[..read]);
+                }
+                let replies = String::from_utf8(replies).unwrap();
+                // The first write to each of the 7 keys adds a field; the rest replace it.
+                let want: Vec<&str> = (0..50).map(|i| if i < 7 { ":1" } else { ":0" }).collect();
+                assert_eq!(replies.lines().collect::<Vec<_>>(), want);
+            }));
+        }
+        for client in clients {
+            client.await.unwrap();
+        }
     }
 
     #[tokio::test]
