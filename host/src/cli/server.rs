@@ -9,7 +9,7 @@ use anyhow::Context;
 use clap::Args;
 
 use crate::api::{self, ServeConfig};
-use crate::cluster::{Cluster, ClusterConfig, ClusterFile, identity};
+use crate::cluster::{Cluster, ClusterConfig, ClusterFile, Replication, identity};
 use crate::config::{Limits, NodeConfig};
 use crate::node::{Node, Service};
 use crate::storage::FaultyStore;
@@ -297,16 +297,20 @@ async fn start_node(
     let file = ClusterFile::load(data)?.context("the data directory holds no cluster")?;
     let mut config = node_args.config(data);
     config.flock_count = file.flock_count;
+    // The node's executors propose to the consensus side from their start; its engine runs once
+    // the node (whose store it drives) is open.
+    let replication = Replication::new(file.flock_count);
+    let replicator = Some(replication.replicator());
     let node = match disk_fault {
-        Some(switch) => {
-            Node::open_wrapped(config, |store| Arc::new(FaultyStore::new(store, u64::MAX).failing_when(switch)))?
-        }
-        None => Node::open(config)?,
+        Some(switch) => Node::open_wrapped(config, replicator, |store| {
+            Arc::new(FaultyStore::new(store, u64::MAX).failing_when(switch))
+        })?,
+        None => Node::open_wrapped(config, replicator, |store| Arc::new(store))?,
     };
     // The cluster side needs the servers' URLs, and the servers must not take a request before
-    // the cluster side is wired in: bound first, opened last.
+    // the cluster side is running: bound first, opened last.
     let servers = api::bind(&node, &serve).await?;
-    let cluster = Cluster::start(node.clone(), file, cluster_config).await?;
+    let cluster = Cluster::start(node.clone(), file, cluster_config, replication).await?;
     servers.open(Arc::new(cluster.clone()));
     Ok(Running { node, servers, cluster })
 }

@@ -184,23 +184,45 @@ pub struct Consensus {
     events: mpsc::UnboundedSender<Input>,
     views: Arc<RwLock<BTreeMap<GroupId, GroupView>>>,
     meta: watch::Receiver<MetaState>,
+    /// Per flock, the term in which this node is its ready leader (set by the driver).
+    terms: Arc<LeaderTerms>,
 }
 
 fn stopped() -> RemoteError {
     error(ErrorCode::ShuttingDown, "the node's consensus engine stopped")
 }
 
+/// The driver's side of the channels a [`Consensus`] handle sends into, until it starts.
+pub struct Inbox {
+    rx: mpsc::Receiver<Input>,
+    events: mpsc::UnboundedReceiver<Input>,
+    meta: watch::Sender<MetaState>,
+}
+
 impl Consensus {
-    /// Starts the driver over the node's store. `bootstrap`: this node founds a new cluster
-    /// (every group starts with it as the only voter).
+    /// A handle whose driver is not running yet: what it is asked queues until
+    /// [`Consensus::start`] takes the inbox (so the node's executors can hold the handle before
+    /// the driver, which needs the node, exists).
+    pub fn new(flocks: u32) -> (Consensus, Inbox) {
+        let (tx, rx) = mpsc::channel(INPUTS_MAX);
+        let (events, events_rx) = mpsc::unbounded_channel();
+        let (meta_tx, meta) = watch::channel(MetaState::default());
+        let views = Arc::new(RwLock::new(BTreeMap::new()));
+        let terms = Arc::new(LeaderTerms::new(flocks));
+        (Consensus { tx, events, views, meta, terms }, Inbox { rx, events: events_rx, meta: meta_tx })
+    }
+
+    /// Starts the driver of this handle over the node's store. `bootstrap`: this node founds a
+    /// new cluster (every group starts with it as the only voter).
     pub async fn start(
+        &self,
+        inbox: Inbox,
         me: NodeId,
         node: Node,
         peers: Arc<Peers>,
-        terms: Arc<LeaderTerms>,
         snapshot_logs: u64,
         bootstrap: bool,
-    ) -> anyhow::Result<Consensus> {
+    ) -> anyhow::Result<()> {
         let store = node.store().clone();
         let source: Arc<dyn EntrySource> = Arc::new(StoreEntries { store: store.clone() });
         let mut engine = Engine::new(
@@ -242,19 +264,16 @@ impl Consensus {
         // Every node serves what the meta group holds (modules, the map): its followers hear of
         // each commit at once.
         engine.set_eager_commit(META_GROUP, true);
-        let (tx, rx) = mpsc::channel(INPUTS_MAX);
-        let (events, events_rx) = mpsc::unbounded_channel();
-        let (meta_tx, meta) = watch::channel(meta_state.clone());
-        let views = Arc::new(RwLock::new(BTreeMap::new()));
-        let handle = Consensus { tx: tx.clone(), events: events.clone(), views: views.clone(), meta };
+        let Inbox { rx, events: events_rx, meta: meta_tx } = inbox;
+        meta_tx.send_replace(meta_state.clone());
         let mut driver = Driver {
             engine,
             node,
             peers,
-            terms,
-            handle: handle.clone(),
+            terms: self.terms.clone(),
+            handle: self.clone(),
             source,
-            views,
+            views: self.views.clone(),
             meta_tx,
             meta_state,
             applied_conf,
@@ -283,7 +302,7 @@ impl Consensus {
         driver.publish_views(all);
         driver.drain();
         tokio::spawn(driver.run(rx, events_rx));
-        Ok(handle)
+        Ok(())
     }
 
     /// Hands a frame of peer messages to the engine (waits while the driver is busy).
@@ -357,6 +376,11 @@ impl Consensus {
     /// The meta state as applied here.
     pub fn meta(&self) -> watch::Receiver<MetaState> {
         self.meta.clone()
+    }
+
+    /// Per flock, the term in which this node is its ready leader.
+    pub fn terms(&self) -> &Arc<LeaderTerms> {
+        &self.terms
     }
 }
 

@@ -128,7 +128,12 @@ impl Cluster {
     /// Starts the peer endpoint and the consensus engine, joins or bootstraps, and routes the
     /// node's requests through the cluster from now on. The node's servers must already know
     /// their URLs.
-    pub async fn start(node: Node, file: ClusterFile, config: ClusterConfig) -> anyhow::Result<Cluster> {
+    pub async fn start(
+        node: Node,
+        file: ClusterFile,
+        config: ClusterConfig,
+        replication: Replication,
+    ) -> anyhow::Result<Cluster> {
         let me = parse_node_id(node.id())?;
         if node.flock_count() != file.flock_count {
             anyhow::bail!(
@@ -169,9 +174,9 @@ impl Cluster {
                  --join PEER_ADDR (any member's peer address)"
             );
         }
-        let terms = Arc::new(LeaderTerms::new(file.flock_count));
-        let consensus =
-            Consensus::start(me, node.clone(), peers.clone(), terms.clone(), config.snapshot_logs, bootstrap).await?;
+        let Replication { consensus, inbox } = replication;
+        consensus.start(inbox, me, node.clone(), peers.clone(), config.snapshot_logs, bootstrap).await?;
+        let terms = consensus.terms().clone();
         let flock_count = file.flock_count as usize;
         let cluster = Cluster {
             inner: Arc::new(Inner {
@@ -191,7 +196,6 @@ impl Cluster {
             }),
         };
         let _ = slot.set(cluster.clone());
-        node.set_replicator(Arc::new(cluster.clone()));
         tokio::spawn(cluster.clone().follow_members());
         tokio::spawn(cluster.clone().follow_claims());
 
@@ -351,13 +355,38 @@ impl Cluster {
     }
 }
 
-impl Replicator for Cluster {
+/// A cluster member's consensus side before it runs. The node is opened with its
+/// [`Replication::replicator`], so the node's executors hold it from their start (no part of the
+/// node is installed later), and [`Cluster::start`] then runs its engine over the node.
+pub struct Replication {
+    consensus: Consensus,
+    inbox: consensus::Inbox,
+}
+
+impl Replication {
+    /// The consensus side of a cluster of `flock_count` flocks, not running yet (what the node
+    /// asks of it meanwhile waits for [`Cluster::start`]).
+    pub fn new(flock_count: u32) -> Replication {
+        let (consensus, inbox) = Consensus::new(flock_count);
+        Replication { consensus, inbox }
+    }
+
+    /// What the node's executors propose change sets to and learn leadership from.
+    pub fn replicator(&self) -> Arc<dyn Replicator> {
+        Arc::new(Proposer(self.consensus.clone()))
+    }
+}
+
+/// The node's [`Replicator`]: change sets become entries of their flock's log.
+struct Proposer(Consensus);
+
+impl Replicator for Proposer {
     fn leader_term(&self, flock: u32) -> Option<u64> {
-        self.inner.terms.get(flock)
+        self.0.terms().get(flock)
     }
 
     fn propose(&self, flock: u32, change: ChangeSet) -> Result<Ticket> {
-        let receiver = self.inner.consensus.propose(flock, wire::encode(&Command::Change(change)))?;
+        let receiver = self.0.propose(flock, wire::encode(&Command::Change(change)))?;
         let ticket = async move {
             match tokio::time::timeout(COMMIT_PATIENCE, receiver).await {
                 Ok(Ok(answer)) => answer,
@@ -382,7 +411,7 @@ impl Replicator for Cluster {
     }
 
     fn confirm_lead(&self, flock: u32, term: u64) -> BoxFuture<'static, Result<()>> {
-        let consensus = self.inner.consensus.clone();
+        let consensus = self.0.clone();
         async move { consensus.confirm_lead(flock, term).await }.boxed()
     }
 }

@@ -116,7 +116,7 @@ pub trait Replicator: Send + Sync + 'static {
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
@@ -165,7 +165,8 @@ struct Inner {
     shards: Vec<mpsc::Sender<ShardMsg>>,
     shard_stats: Vec<Arc<ShardStats>>,
     shard_threads: Mutex<Vec<JoinHandle<()>>>,
-    replicator: Arc<OnceLock<Arc<dyn Replicator>>>,
+    /// A cluster member's consensus side (`None`: a lone node).
+    replicator: Option<Arc<dyn Replicator>>,
     /// Module name → (id, size of the uploaded bytes), mirrored from the store.
     names: RwLock<HashMap<String, (ModuleId, u64)>>,
     jobs_ok: AtomicU64,
@@ -176,25 +177,40 @@ struct Inner {
 }
 
 impl Node {
-    /// Opens (or creates) the node's data directory and starts it.
+    /// Opens (or creates) the node's data directory and starts it: a lone node, which commits
+    /// its jobs' change sets itself.
     pub fn open(config: NodeConfig) -> anyhow::Result<Node> {
-        Node::open_wrapped(config, |store| Arc::new(store))
+        Node::open_wrapped(config, None, |store| Arc::new(store))
     }
 
-    /// [`open`](Self::open), with the store passed through `wrap` first (fault injection wraps
-    /// it in a store whose disk can be made to fail).
-    pub fn open_wrapped(config: NodeConfig, wrap: impl FnOnce(RedbStore) -> Arc<dyn Store>) -> anyhow::Result<Node> {
+    /// [`open`](Self::open), for a cluster member when `replicator` is given (its change sets go
+    /// there), with the store passed through `wrap` first (fault injection wraps it in a store
+    /// whose disk can be made to fail).
+    pub fn open_wrapped(
+        config: NodeConfig,
+        replicator: Option<Arc<dyn Replicator>>,
+        wrap: impl FnOnce(RedbStore) -> Arc<dyn Store>,
+    ) -> anyhow::Result<Node> {
         proto::check_flock_count(config.flock_count).map_err(anyhow::Error::msg)?;
         std::fs::create_dir_all(&config.data_dir)
             .map_err(|e| anyhow::anyhow!("cannot create the data directory {}: {e}", config.data_dir.display()))?;
         let path = config.data_dir.join(DB_FILE);
         let store = RedbStore::open_with_cache(&path, config.flock_count, config.durable, config.store_cache_bytes)
             .map_err(|e| anyhow::anyhow!("cannot open {}: {e}", path.display()))?;
-        Node::with_store(config, wrap(store), Arc::new(SystemClock))
+        Node::build(config, wrap(store), Arc::new(SystemClock), replicator)
     }
 
-    /// Starts a node over any store, with a chosen clock (tests use these seams).
+    /// Starts a lone node over any store, with a chosen clock (tests use these seams).
     pub fn with_store(config: NodeConfig, store: Arc<dyn Store>, clock: Arc<dyn Clock>) -> anyhow::Result<Node> {
+        Node::build(config, store, clock, None)
+    }
+
+    fn build(
+        config: NodeConfig,
+        store: Arc<dyn Store>,
+        clock: Arc<dyn Clock>,
+        replicator: Option<Arc<dyn Replicator>>,
+    ) -> anyhow::Result<Node> {
         let shard_count = config.shards.max(1);
         let mut runtime = Runtime::new(config.limits.clone(), shard_count as u32 + 1)
             .map_err(|e| anyhow::anyhow!("cannot start the wasm runtime: {e}"))?;
@@ -209,7 +225,6 @@ impl Node {
         );
         let commits = Arc::new(CommitLog::start(store.clone(), config.commit_queue_max, config.commit_queue_bytes_max));
         let mut shards = Vec::new();
-        let replicator = Arc::new(OnceLock::new());
         let flock_count = store.meta().flock_count;
         let mut shard_stats = Vec::new();
         let mut threads = Vec::new();
@@ -400,7 +415,7 @@ impl Node {
                     ticket.await?;
                 }
                 let replicator =
-                    self.inner.replicator.get().ok_or_else(|| error(ErrorCode::Internal, "no replicator"))?;
+                    self.inner.replicator.as_ref().ok_or_else(|| error(ErrorCode::Internal, "no replicator"))?;
                 replicator.confirm_lead(flock, term).await?;
             }
         }
@@ -534,12 +549,6 @@ impl Node {
             node.inner.commits.stop();
         })
         .await;
-    }
-
-    /// Makes this node a cluster member: change sets go to `replicator` from now on. Set once,
-    /// before the node serves jobs.
-    pub fn set_replicator(&self, replicator: Arc<dyn Replicator>) {
-        let _ = self.inner.replicator.set(replicator);
     }
 
     /// The store (the cluster's replicated logs and state machines write through it).

@@ -9,8 +9,8 @@
 //! that find a shard's queue full get `overloaded`.
 
 use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
 
 use tokio::sync::{mpsc, oneshot};
 
@@ -114,7 +114,7 @@ pub(crate) struct Shard {
     pub(crate) cache: BucketCache,
     pub(crate) stats: Arc<ShardStats>,
     pub(crate) last_timestamp_ms: u64,
-    pub(crate) replicator: Arc<OnceLock<Arc<dyn Replicator>>>,
+    pub(crate) replicator: Option<Arc<dyn Replicator>>,
     pub(crate) flock_count: u32,
 }
 
@@ -189,7 +189,7 @@ impl Shard {
             self.cache.clear();
             return fail(failure);
         }
-        let replicator = self.replicator.get().cloned();
+        let replicator = self.replicator.clone();
         // In a cluster, a mutating job runs only on the flock's ready leader, against state built
         // under its current term; a read-only job may run on a follower's committed copy (term 0).
         let term = match &replicator {
