@@ -196,8 +196,8 @@ impl CommitLog {
         self.submit_write(Write { log: Vec::new(), changes: vec![change], sync: SyncTo::All, done: None })
     }
 
-    /// Queues a write (blocking while the queue is full, by count or bytes); returns its sequence. On failure the
-    /// write's `done` is called with the error before this returns.
+    /// Queues a write (blocking while the queue is full, by count or by bytes); returns its
+    /// sequence. On failure the write's `done` is called with the error before this returns.
     pub fn submit_write(&self, write: Write) -> Result<u64, RemoteError> {
         if let Some(failure) = self.failure() {
             if let Some(done) = write.done {
@@ -209,7 +209,8 @@ impl CommitLog {
         let mut queue = self.queue.lock().unwrap_or_else(|p| p.into_inner());
         let seq = queue.0;
         let bytes = write.bytes();
-        // Waiting under the queue's lock keeps writes in order, and the waiting ones waiting.
+        // Waiting under the queue's lock keeps sequence order: no later write slips past one
+        // that waits for room.
         self.room.take(bytes);
         if let Err(std::sync::mpsc::SendError(msg)) = queue.1.send(CommitMsg::Write(seq, write, bytes)) {
             self.room.free(bytes);
@@ -580,8 +581,10 @@ mod tests {
         log.stop();
     }
 
-    #[tokio::test]
-    async fn writes_queued_during_a_commit_go_to_disk_together_in_the_next_one() {
+    /// A store whose first write waits, once `entered` has heard of it, until `release` sends
+    /// (as a committer waits on a slow fsync).
+    fn stuck_in_first_write() -> (FaultyStore<MemoryStore>, std::sync::mpsc::Receiver<()>, std::sync::mpsc::Sender<()>)
+    {
         let (entered_tx, entered) = std::sync::mpsc::channel();
         let (release, release_rx) = std::sync::mpsc::channel::<()>();
         let release_rx = Mutex::new(release_rx);
@@ -591,6 +594,12 @@ mod tests {
                 release_rx.lock().unwrap().recv().unwrap();
             }
         });
+        (store, entered, release)
+    }
+
+    #[tokio::test]
+    async fn writes_queued_during_a_commit_go_to_disk_together_in_the_next_one() {
+        let (store, entered, release) = stuck_in_first_write();
         let log = CommitLog::start(Arc::new(store), 256, usize::MAX);
         log.submit(change(b"first", 1)).unwrap();
         entered.recv().unwrap();
@@ -608,15 +617,7 @@ mod tests {
 
     #[tokio::test]
     async fn submitters_wait_while_queued_writes_hold_the_byte_bound_and_go_on_once_they_are_written() {
-        let (entered_tx, entered) = std::sync::mpsc::channel();
-        let (release, release_rx) = std::sync::mpsc::channel::<()>();
-        let release_rx = Mutex::new(release_rx);
-        let store = FaultyStore::new(MemoryStore::new(16), u64::MAX).before_each_write(move |n| {
-            if n == 0 {
-                entered_tx.send(()).unwrap();
-                release_rx.lock().unwrap().recv().unwrap();
-            }
-        });
+        let (store, entered, release) = stuck_in_first_write();
         let write =
             |bucket: &[u8]| Write { log: Vec::new(), changes: vec![change(bucket, 1)], sync: SyncTo::All, done: None };
         let size = write(b"a").bytes();

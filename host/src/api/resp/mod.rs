@@ -469,7 +469,8 @@ impl Connection {
         loop {
             // Start every complete command buffered, as far as the pipeline has room.
             let mut consumed = 0;
-            // The node holds its most of pipelined commands: this one waits for its own.
+            // The node-wide room for pipelined commands is full: this connection reads no more
+            // until its own commands are answered.
             let mut no_room = false;
             while pipeline.has_room() {
                 match parse_command(&buf[consumed..], &self.limits) {
@@ -489,15 +490,13 @@ impl Connection {
                                 continue;
                             }
                             // A connection's first command runs whatever the others hold.
-                            let room = match pipeline.is_empty() {
-                                true => None,
-                                false => match self.pipelined.hold(used) {
-                                    Some(room) => Some(room),
-                                    None => {
-                                        no_room = true;
-                                        break;
-                                    }
-                                },
+                            let room = if pipeline.is_empty() {
+                                None
+                            } else if let Some(room) = self.pipelined.hold(used) {
+                                Some(room)
+                            } else {
+                                no_room = true;
+                                break;
                             };
                             consumed += used;
                             busy.get_or_insert_with(|| conn.busy());
