@@ -285,6 +285,7 @@ impl Consensus {
             next_read: 1,
             lanes: BTreeMap::new(),
             written: BTreeMap::new(),
+            purges: BTreeMap::new(),
             stepped: BTreeSet::new(),
             ticks: 0,
             failed: false,
@@ -518,6 +519,9 @@ struct Driver {
     lanes: BTreeMap<NodeId, mpsc::Sender<RaftMessage>>,
     /// Per flock, the committer sequence of its last applied write.
     written: BTreeMap<GroupId, u64>,
+    /// Purges planned, by group: the last index to purge, and the committer sequence a
+    /// checkpoint must cover first (the write of the state applied past it).
+    purges: BTreeMap<GroupId, (u64, u64)>,
     /// Groups that took a peer's message this round (their view is republished after it).
     stepped: BTreeSet<GroupId>,
     ticks: u64,
@@ -558,6 +562,7 @@ impl Driver {
                 self.ticks += 1;
                 self.expire_reads();
                 self.expire_proposals();
+                self.purge_checkpointed();
                 if self.ticks.is_multiple_of(VIEWS_REFRESH_TICKS) {
                     let all = self.engine.group_ids().collect();
                     self.publish_views(all);
@@ -960,21 +965,44 @@ impl Driver {
         self.maybe_purge(group, last_index);
     }
 
-    /// Purges a group's applied log once it holds more than `snapshot_logs` entries (after a
-    /// checkpoint: the store holds their effects durably first).
+    /// Plans to purge a group's applied log once it holds more than `snapshot_logs` entries. The
+    /// purge waits for the committer's next regular checkpoint to hold the applied state
+    /// durably ([`Driver::purge_checkpointed`]): forcing a checkpoint per purge made one each time
+    /// a group crossed the mark, several a second under load.
     fn maybe_purge(&mut self, group: GroupId, applied: u64) {
         let Some((first, ..)) = self.engine.log_state(group) else { return };
-        if applied < first + self.snapshot_logs {
+        if applied < first + self.snapshot_logs || self.purges.contains_key(&group) {
             return;
         }
-        let upto = applied - self.snapshot_logs / 5;
-        let Ok(term) = self.source_term(group, upto) else { return };
-        self.engine.purge(group, upto);
-        let log = vec![
-            LogOp::PurgeUpto { group, upto },
-            LogOp::PutLogState { group, key: BASE_KEY, value: wire::encode(&(upto, term)) },
-        ];
-        let _ = self.node.commits().submit_write(Write { log, changes: Vec::new(), sync: SyncTo::All, done: None });
+        let written = self.written.get(&group).copied().unwrap_or(0);
+        self.purges.insert(group, (applied - self.snapshot_logs / 5, written));
+    }
+
+    /// Purges each planned log whose applied state a checkpoint now holds. A group whose log
+    /// moved past the point meanwhile (a snapshot installed) is left as it is.
+    fn purge_checkpointed(&mut self) {
+        let checkpointed = self.node.commits().checkpointed_seq();
+        let due: Vec<(GroupId, u64)> = self
+            .purges
+            .iter()
+            .filter(|(_, (_, seq))| *seq <= checkpointed)
+            .map(|(&group, &(upto, _))| (group, upto))
+            .collect();
+        for (group, upto) in due {
+            self.purges.remove(&group);
+            let Some((first, _, _, applied)) = self.engine.log_state(group) else { continue };
+            if upto < first || upto > applied {
+                continue;
+            }
+            let Ok(term) = self.source_term(group, upto) else { continue };
+            self.engine.purge(group, upto);
+            let log = vec![
+                LogOp::PurgeUpto { group, upto },
+                LogOp::PutLogState { group, key: BASE_KEY, value: wire::encode(&(upto, term)) },
+            ];
+            let _ =
+                self.node.commits().submit_write(Write { log, changes: Vec::new(), sync: SyncTo::Log, done: None });
+        }
     }
 
     fn source_term(&self, group: GroupId, index: u64) -> anyhow::Result<u64> {

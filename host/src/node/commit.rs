@@ -98,6 +98,9 @@ pub struct CommitStats {
     pub commits: AtomicU64,
     /// Change sets (or, in a cluster, log entries) those transactions made durable.
     pub change_sets: AtomicU64,
+    /// Every write up to this sequence is in the state as last synced (by a checkpoint, or a
+    /// write that synced everything).
+    pub checkpointed: AtomicU64,
 }
 
 /// Bytes of writes submitted and not yet written (or failed), under a bound: a submitter waits
@@ -184,6 +187,12 @@ impl CommitLog {
                 .expect("spawn the committer")
         };
         CommitLog { queue: Mutex::new((1, tx)), room, durable, stats, thread: Mutex::new(Some(thread)) }
+    }
+
+    /// Every write up to this sequence is in the store's state as last synced: what a log purge
+    /// may rely on.
+    pub fn checkpointed_seq(&self) -> u64 {
+        self.stats.checkpointed.load(Ordering::Acquire)
     }
 
     /// Bytes of writes submitted and not yet written.
@@ -497,6 +506,7 @@ fn run_committer(
         if batch.sync == SyncTo::All {
             unsynced = false;
             checkpointed = Instant::now();
+            stats.checkpointed.store(received, Ordering::Release);
         } else {
             unsynced |= writes_state;
         }
@@ -655,6 +665,7 @@ mod tests {
         log.wait_durable(seq).await.unwrap();
         assert_eq!(store.bucket_version(b"k").unwrap(), 1);
         assert_eq!(log.stats.commits.load(Ordering::Relaxed), 0, "applying alone syncs nothing");
+        assert!(log.checkpointed_seq() < seq, "no checkpoint holds it yet");
         let mut synced = log.durable.subscribe();
         tokio::time::timeout(CHECKPOINT_EVERY * 10, async {
             while log.stats.commits.load(Ordering::Relaxed) == 0 {
@@ -664,6 +675,7 @@ mod tests {
         .await
         .expect("an idle committer checkpoints unsynced state");
         assert_eq!(log.stats.commits.load(Ordering::Relaxed), 1, "one checkpoint, then nothing is left to sync");
+        assert_eq!(log.checkpointed_seq(), seq, "the checkpoint holds it");
         log.stop();
     }
 
