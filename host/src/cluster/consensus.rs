@@ -1000,8 +1000,7 @@ impl Driver {
                 LogOp::PurgeUpto { group, upto },
                 LogOp::PutLogState { group, key: BASE_KEY, value: wire::encode(&(upto, term)) },
             ];
-            let _ =
-                self.node.commits().submit_write(Write { log, changes: Vec::new(), sync: SyncTo::Log, done: None });
+            let _ = self.node.commits().submit_write(Write { log, changes: Vec::new(), sync: SyncTo::Log, done: None });
         }
     }
 

@@ -362,6 +362,12 @@ impl Deferred {
         full(&self.batch) || self.bytes >= bytes_max / 2
     }
 
+    /// How far every write is in the store, `received` being the last taken from the queue:
+    /// not as far as the first write still waiting here.
+    fn written_upto(&self, received: u64) -> u64 {
+        self.first.map_or(received, |(first, _)| received.min(first - 1))
+    }
+
     /// When the deferred writes are due.
     fn due(&self) -> Option<Instant> {
         self.first.map(|(_, since)| since + APPLY_WRITE_EVERY)
@@ -506,7 +512,8 @@ fn run_committer(
         if batch.sync == SyncTo::All {
             unsynced = false;
             checkpointed = Instant::now();
-            stats.checkpointed.store(received, Ordering::Release);
+            // Applies still deferred are not in what was synced.
+            stats.checkpointed.store(deferred.written_upto(received), Ordering::Release);
         } else {
             unsynced |= writes_state;
         }
@@ -529,7 +536,7 @@ fn run_committer(
 /// Publishes how far the store holds every write: up to `received`, the last write taken from
 /// the queue, but not as far as the first apply still deferred.
 fn publish(durable: &watch::Sender<Durable>, received: u64, deferred: &Deferred) {
-    let reached = deferred.first.map_or(received, |(first, _)| received.min(first - 1));
+    let reached = deferred.written_upto(received);
     durable.send_if_modified(|d| match d {
         Durable::Upto(upto) if reached > *upto => {
             *upto = reached;
@@ -591,15 +598,16 @@ mod tests {
         log.stop();
     }
 
-    /// A store whose first write waits, once `entered` has heard of it, until `release` sends
-    /// (as a committer waits on a slow fsync).
-    fn stuck_in_first_write() -> (FaultyStore<MemoryStore>, std::sync::mpsc::Receiver<()>, std::sync::mpsc::Sender<()>)
-    {
+    /// A store whose write number `stuck` (from 0) waits, once `entered` has heard of it, until
+    /// `release` sends (as a committer waits on a slow fsync).
+    fn stuck_in_write(
+        stuck: u64,
+    ) -> (FaultyStore<MemoryStore>, std::sync::mpsc::Receiver<()>, std::sync::mpsc::Sender<()>) {
         let (entered_tx, entered) = std::sync::mpsc::channel();
         let (release, release_rx) = std::sync::mpsc::channel::<()>();
         let release_rx = Mutex::new(release_rx);
         let store = FaultyStore::new(MemoryStore::new(16), u64::MAX).before_each_write(move |n| {
-            if n == 0 {
+            if n == stuck {
                 entered_tx.send(()).unwrap();
                 release_rx.lock().unwrap().recv().unwrap();
             }
@@ -609,7 +617,7 @@ mod tests {
 
     #[tokio::test]
     async fn writes_queued_during_a_commit_go_to_disk_together_in_the_next_one() {
-        let (store, entered, release) = stuck_in_first_write();
+        let (store, entered, release) = stuck_in_write(0);
         let log = CommitLog::start(Arc::new(store), 256, usize::MAX);
         log.submit(change(b"first", 1)).unwrap();
         entered.recv().unwrap();
@@ -627,7 +635,7 @@ mod tests {
 
     #[tokio::test]
     async fn submitters_wait_while_queued_writes_hold_the_byte_bound_and_go_on_once_they_are_written() {
-        let (store, entered, release) = stuck_in_first_write();
+        let (store, entered, release) = stuck_in_write(0);
         let write =
             |bucket: &[u8]| Write { log: Vec::new(), changes: vec![change(bucket, 1)], sync: SyncTo::All, done: None };
         let size = write(b"a").bytes();
@@ -710,6 +718,41 @@ mod tests {
         assert_eq!(store.bucket_version(b"k").unwrap(), 200);
         assert!(waited > 0, "no apply ever waited behind a log append");
         assert_eq!(log.queued_bytes(), 0, "written applies hold no room");
+        log.stop();
+    }
+
+    #[tokio::test]
+    async fn a_checkpoint_taken_while_an_apply_waits_does_not_count_it_as_synced() {
+        // The store's second write (a log append) waits until released.
+        let (store, entered, release) = stuck_in_write(1);
+        let log = CommitLog::start(Arc::new(store), 16, usize::MAX);
+        let append = |index| Write {
+            log: vec![LogOp::Append { group: 0, entries: vec![(index, b"entry".to_vec())] }],
+            changes: Vec::new(),
+            sync: SyncTo::Log,
+            done: None,
+        };
+        // Unsynced state, then a log write the disk holds up past the checkpoint's time.
+        let first = log.submit_write(apply(b"k", 1)).unwrap();
+        log.wait_durable(first).await.unwrap();
+        log.submit_write(append(1)).unwrap();
+        entered.recv().unwrap();
+        let overdue = Instant::now() + CHECKPOINT_EVERY;
+        while Instant::now() < overdue {
+            std::thread::sleep(CHECKPOINT_EVERY / 10);
+        }
+        // Queued behind it: an apply (it waits for company) and a log write, which the overdue
+        // checkpoint joins.
+        let waiting = log.submit_write(apply(b"k", 2)).unwrap();
+        let last = log.submit_write(append(2)).unwrap();
+        release.send(()).unwrap();
+        log.wait_durable(last).await.unwrap();
+        assert!(log.stats.commits.load(Ordering::Relaxed) >= 1, "a checkpoint was taken");
+        assert!(
+            log.checkpointed_seq() < waiting,
+            "the apply that waited ({waiting}) counted as synced ({})",
+            log.checkpointed_seq()
+        );
         log.stop();
     }
 
