@@ -1001,6 +1001,9 @@ impl Driver {
                 LogOp::PutLogState { group, key: BASE_KEY, value: wire::encode(&(upto, term)) },
             ];
             let _ = self.node.commits().submit_write(Write { log, changes: Vec::new(), sync: SyncTo::Log, done: None });
+            // What was applied while this purge waited may call for the next one (the group may
+            // apply nothing more for a while).
+            self.maybe_purge(group, applied);
         }
     }
 
