@@ -156,6 +156,15 @@ impl Room {
     }
 }
 
+/// Closes the room when dropped.
+struct Closing(Arc<Room>);
+
+impl Drop for Closing {
+    fn drop(&mut self) {
+        self.0.close();
+    }
+}
+
 /// The sending side of the group committer.
 pub struct CommitLog {
     /// Next sequence to hand out, and the queue; one lock keeps queue order equal to sequence order.
@@ -181,8 +190,9 @@ impl CommitLog {
             std::thread::Builder::new()
                 .name("grex-commit".into())
                 .spawn(move || {
+                    // However the committer ends (a panic too), nobody is left waiting for room.
+                    let _closing = Closing(room.clone());
                     run_committer(store.as_ref(), rx, &durable, &stats, &room);
-                    room.close();
                 })
                 .expect("spawn the committer")
         };
