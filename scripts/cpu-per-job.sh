@@ -27,8 +27,7 @@ ticks() {
     for t in /proc/"${pids[$i]}"/task/*; do
       # A thread may end between the listing and the read (blocking-pool threads come and go).
       local name stat
-      name=$(tr ' ' _ < "$t/comm" 2>/dev/null) && stat=$(awk '{ print $14 + $15 }' "$t/stat" 2>/dev/null) \
-        && echo "$i $name $stat"
+      { name=$(tr ' ' _ < "$t/comm") && stat=$(awk '{ print $14 + $15 }' "$t/stat") && echo "$i $name $stat"; } 2>/dev/null
     done
   done
 }
