@@ -1024,7 +1024,7 @@ impl Driver {
             let commits = self.node.commits().clone();
             let events = self.handle.events.clone();
             tokio::spawn(async move {
-                let _ = commits.wait_durable(seq).await;
+                let _ = commits.wait_written(seq).await;
                 let _ = events.send(Input::StoreHolds { group, term: lead.term });
             });
         } else if self.terms.set(group, 0) != 0 {

@@ -88,6 +88,8 @@ enum CommitMsg {
     Write(u64, Write, usize),
     /// Nothing came before a checkpoint or deferred applies were due (the committer's own).
     Due,
+    /// A reader waits for the state: write deferred applies now.
+    Flush,
     Stop,
 }
 
@@ -179,6 +181,11 @@ impl CommitLog {
     /// Starts the committer thread over `store`, with room for `queue_max` writes holding
     /// `queue_bytes_max` bytes of data ([`Write::bytes`]) submitted and not yet written.
     pub fn start(store: Arc<dyn Store>, queue_max: usize, queue_bytes_max: usize) -> Self {
+        Self::start_with(store, queue_max, queue_bytes_max, APPLY_WRITE_EVERY)
+    }
+
+    /// [`start`](Self::start) with applies waiting up to `apply_every` (see [`Deferred`]).
+    fn start_with(store: Arc<dyn Store>, queue_max: usize, queue_bytes_max: usize, apply_every: Duration) -> Self {
         let (tx, rx) = sync_channel(queue_max);
         let (durable, _) = watch::channel(Durable::Upto(0));
         let stats = Arc::new(CommitStats::default());
@@ -192,7 +199,7 @@ impl CommitLog {
                 .spawn(move || {
                     // However the committer ends (a panic too), nobody is left waiting for room.
                     let _closing = Closing(room.clone());
-                    run_committer(store.as_ref(), rx, &durable, &stats, &room);
+                    run_committer(store.as_ref(), rx, &durable, &stats, &room, apply_every);
                 })
                 .expect("spawn the committer")
         };
@@ -305,19 +312,39 @@ impl CommitLog {
     /// will never reach it (a commit failed, the node stops): after it, the store holds everything
     /// it will hold of them, so a reader sees every write that was acknowledged.
     pub async fn settle(&self) {
-        let _ = self.wait_durable(self.submitted_seq()).await;
+        let _ = self.wait_written(self.submitted_seq()).await;
     }
 
-    /// [`settle`](Self::settle) for a thread outside any async runtime, up to `seq` only.
+    /// Waits until write `seq` is in the store, as [`wait_durable`](Self::wait_durable) does, for
+    /// a reader of the state: applies waiting to share a transaction are written at once instead
+    /// of after up to [`APPLY_WRITE_EVERY`].
+    pub async fn wait_written(&self, seq: u64) -> Result<(), RemoteError> {
+        self.ask_flush(seq);
+        self.wait_durable(seq).await
+    }
+
+    /// [`wait_written`](Self::wait_written) for a thread outside any async runtime.
     pub fn block_until_written(&self, seq: u64) -> Result<(), RemoteError> {
         if self.durable_seq() >= seq {
             return Ok(());
         }
+        self.ask_flush(seq);
         tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .map_err(|e| error(ErrorCode::Internal, format!("waiting for the committer: {e}")))?
             .block_on(self.wait_durable(seq))
+    }
+
+    /// Asks the committer to write its deferred applies, if `seq` is not written yet. Queued
+    /// behind every write before it, so the flush covers them. Not if the queue is full: the
+    /// committer is busy then, and its deferred applies are written within
+    /// [`APPLY_WRITE_EVERY`] anyway.
+    fn ask_flush(&self, seq: u64) {
+        if self.durable_seq() < seq {
+            let queue = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+            let _ = queue.1.try_send(CommitMsg::Flush);
+        }
     }
 
     /// Commits everything queued, then stops the committer thread.
@@ -378,9 +405,9 @@ impl Deferred {
         self.first.map_or(received, |(first, _)| received.min(first - 1))
     }
 
-    /// When the deferred writes are due.
-    fn due(&self) -> Option<Instant> {
-        self.first.map(|(_, since)| since + APPLY_WRITE_EVERY)
+    /// When the deferred writes are due, if they wait `every`.
+    fn due(&self, every: Duration) -> Option<Instant> {
+        self.first.map(|(_, since)| since + every)
     }
 }
 
@@ -406,6 +433,7 @@ fn run_committer(
     durable: &watch::Sender<Durable>,
     stats: &CommitStats,
     room: &Room,
+    apply_every: Duration,
 ) {
     let mut stopping = false;
     // A message that could not join the last batch (it must not be reordered with it).
@@ -417,8 +445,10 @@ fn run_committer(
     // The last write taken from the queue: each one up to it is written or deferred.
     let mut received = 0;
     while !stopping {
+        // A reader asked for the deferred applies this round.
+        let mut flush_asked = false;
         let checkpoint_due = unsynced.then(|| checkpointed + CHECKPOINT_EVERY);
-        let wake = [checkpoint_due, deferred.due()].into_iter().flatten().min();
+        let wake = [checkpoint_due, deferred.due(apply_every)].into_iter().flatten().min();
         let first = match held.take() {
             Some(msg) => msg,
             None => match wake {
@@ -476,6 +506,7 @@ fn run_committer(
                         batch.sync = SyncTo::All;
                     }
                 }
+                CommitMsg::Flush => flush_asked = true,
                 CommitMsg::Stop => {
                     stopping = true;
                     batch.sync = SyncTo::All;
@@ -485,11 +516,11 @@ fn run_committer(
             next = rx.try_recv().ok();
         }
         let writes_state = batch_writes_state;
-        let deferred_due = deferred.due().is_some_and(|at| at <= Instant::now());
-        // Deferred applies are written now if they are due, or if this write must follow them
-        // (it writes state, or syncs it).
+        let deferred_due = deferred.due(apply_every).is_some_and(|at| at <= Instant::now());
+        // Deferred applies are written now if they are due, if a reader waits for them, or if this
+        // write must follow them (it writes state, or syncs it).
         let flush = deferred.first.is_some()
-            && (deferred_due || deferred.full(room.max) || writes_state || batch.sync == SyncTo::All);
+            && (deferred_due || flush_asked || deferred.full(room.max) || writes_state || batch.sync == SyncTo::All);
         if batch.sync < SyncTo::All && (writes_state || unsynced || flush) && checkpointed.elapsed() >= CHECKPOINT_EVERY
         {
             batch.sync = SyncTo::All;
@@ -728,6 +759,38 @@ mod tests {
         assert_eq!(store.bucket_version(b"k").unwrap(), 200);
         assert!(waited > 0, "no apply ever waited behind a log append");
         assert_eq!(log.queued_bytes(), 0, "written applies hold no room");
+        log.stop();
+    }
+
+    #[tokio::test]
+    async fn a_reader_waiting_for_the_state_has_deferred_applies_written_at_once() {
+        // Applies would wait an hour for company, and nothing else is written to flush them.
+        let start =
+            |store: &Arc<MemoryStore>| CommitLog::start_with(store.clone(), 16, usize::MAX, Duration::from_secs(3600));
+        let store = Arc::new(MemoryStore::new(16));
+        let log = start(&store);
+        let seq = log.submit_write(apply(b"k", 1)).unwrap();
+        tokio::time::timeout(Duration::from_secs(10), log.settle())
+            .await
+            .expect("a reader waited for the deferred apply's timer");
+        assert!(log.durable_seq() >= seq);
+        assert_eq!(store.bucket_version(b"k").unwrap(), 1);
+        log.stop();
+        // An executor thread, outside the runtime, waits the same way.
+        let store = Arc::new(MemoryStore::new(16));
+        let log = Arc::new(start(&store));
+        let seq = log.submit_write(apply(b"k", 2)).unwrap();
+        let (tx, written) = std::sync::mpsc::channel();
+        let waiter = {
+            let log = log.clone();
+            std::thread::spawn(move || tx.send(log.block_until_written(seq)).unwrap())
+        };
+        written
+            .recv_timeout(Duration::from_secs(10))
+            .expect("an executor waited for the deferred apply's timer")
+            .unwrap();
+        waiter.join().unwrap();
+        assert_eq!(store.bucket_version(b"k").unwrap(), 2);
         log.stop();
     }
 
