@@ -84,6 +84,10 @@ pub struct NodeConfig {
     /// Request bytes of pipelined Redis commands waiting or running, over every connection; a
     /// connection whose next command does not fit waits for its own to be answered.
     pub pipelined_bytes_max: usize,
+    /// Bytes of jobs (bucket key, module name, input) and module uploads in flight through the
+    /// node's front ends, queued, forwarded or running; one that does not fit is refused with
+    /// `overloaded`, unless it is alone.
+    pub jobs_bytes_max: usize,
     /// Limits on each job.
     pub limits: Limits,
     /// A `grex` binary to compile modules in, one child process per compile, under
@@ -109,6 +113,7 @@ impl NodeConfig {
             commit_queue_max: 4096,
             commit_queue_bytes_max: 0,
             pipelined_bytes_max: 0,
+            jobs_bytes_max: 0,
             limits: Limits::default(),
             compiler: None,
         };
@@ -118,9 +123,9 @@ impl NodeConfig {
 
     /// Shares `bytes` of memory among the node's caches and buffers: 3/16 each for the
     /// decoded-bucket cache and the state file's page cache, 1/16 each for consensus log entries,
-    /// writes waiting for the committer and pipelined Redis commands, and the rest (7/16) for what
-    /// is sized by use within its own limits: the log's index (12 bytes per entry kept, up to
-    /// `--snapshot-logs` per flock), queued jobs, connections and their frames, the wasm
+    /// writes waiting for the committer, pipelined Redis commands and jobs in flight, and the rest
+    /// (6/16) for what is sized by use within its own limits: the log's index (12 bytes per entry
+    /// kept, up to `--snapshot-logs` per flock), connections and their frames, the wasm
     /// runtime, and the allocator's slack (docs/benchmarks.md, "Memory", measures them). Running
     /// jobs' linear memory is bounded apart, by [`Limits::memory_bytes_max`] per executor.
     pub fn set_memory_budget(&mut self, bytes: usize) {
@@ -129,6 +134,7 @@ impl NodeConfig {
         self.consensus_memory_bytes = bytes / 16;
         self.commit_queue_bytes_max = bytes / 16;
         self.pipelined_bytes_max = bytes / 16;
+        self.jobs_bytes_max = bytes / 16;
     }
 }
 

@@ -49,6 +49,24 @@ impl ReadBudget {
         Some(Claim { budget: self.clone(), held: bytes })
     }
 
+    /// Holds `bytes` of a whole request kept until it is answered if they fit beside what is
+    /// held, or alone when nothing is (so a request larger than the budget is not refused for
+    /// ever); `None` otherwise.
+    pub fn admit(self: &Arc<Self>, bytes: usize) -> Option<Claim> {
+        let max = self.max;
+        self.used
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |used| {
+                (used == 0 || used + bytes <= max).then_some(used + bytes)
+            })
+            .ok()?;
+        Some(Claim { budget: self.clone(), held: bytes })
+    }
+
+    /// The budget's size.
+    pub fn max(&self) -> usize {
+        self.max
+    }
+
     /// Bytes claimed now.
     pub fn used(&self) -> usize {
         self.used.load(Ordering::Relaxed)

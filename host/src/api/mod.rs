@@ -9,6 +9,7 @@
 //! the service (a job run before would commit outside its flock's log). [`start`] does both for a
 //! node on its own, which is its own service. `docs/wire.md` specifies the protocols.
 
+pub mod admission;
 pub mod budget;
 mod conns;
 mod http;
@@ -49,6 +50,8 @@ pub struct Servers {
     /// Where the Redis protocol listens.
     pub resp_addr: Option<SocketAddr>,
     open: watch::Sender<Option<Arc<dyn Service>>>,
+    /// [`NodeConfig::jobs_bytes_max`](crate::config::NodeConfig::jobs_bytes_max) of the node.
+    jobs_bytes_max: usize,
     stop: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
 }
@@ -113,13 +116,15 @@ pub async fn bind(node: &Node, config: &ServeConfig) -> anyhow::Result<Servers> 
         tasks.push(task);
     }
     node.set_urls(urls);
-    Ok(Servers { http_addr, quic_addr, resp_addr, open, stop, tasks })
+    let jobs_bytes_max = node.config().jobs_bytes_max;
+    Ok(Servers { http_addr, quic_addr, resp_addr, open, jobs_bytes_max, stop, tasks })
 }
 
 impl Servers {
-    /// Starts accepting requests, for `service` (the node itself, or its cluster).
+    /// Starts accepting requests, for `service` (the node itself, or its cluster), whose jobs
+    /// and uploads are admitted by the bytes they hold ([`admission`]).
     pub fn open(&self, service: Arc<dyn Service>) {
-        let _ = self.open.send(Some(service));
+        let _ = self.open.send(Some(Arc::new(admission::Admitted::new(service, self.jobs_bytes_max))));
     }
 
     /// Stops accepting, lets requests in flight finish, and returns when the servers are down.

@@ -317,7 +317,7 @@ impl CommitLog {
 
     /// Waits until write `seq` is in the store, as [`wait_durable`](Self::wait_durable) does, for
     /// a reader of the state: applies waiting to share a transaction are written at once instead
-    /// of after up to [`APPLY_WRITE_EVERY`].
+    /// of after up to `APPLY_WRITE_EVERY`.
     pub async fn wait_written(&self, seq: u64) -> Result<(), RemoteError> {
         self.ask_flush(seq);
         self.wait_durable(seq).await
