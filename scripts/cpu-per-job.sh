@@ -11,14 +11,11 @@ cd "$(dirname "$0")/.."
 [ $# -eq 2 ] || { echo "usage: $0 NODES REQUESTS"; exit 2; }
 nodes=$1 requests=$2
 grex=${GREX:-target/release/grex}
-read -r -a cmd <<< "${CMD:-FCALL counter 1 key:__rand_int__}"
 data=$(mktemp -d)
 pids=()  # Grex nodes, by index (scripts/cluster-lib.sh)
 trap 'kill "${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$data"' EXIT
 source scripts/cluster-lib.sh
-start_for_load "$nodes"
-bench() { redis-benchmark -p 17073 -c 50 -r 100000 --csv "$@" "${cmd[@]}" 2>/dev/null | tail -1; }
-bench -n 3000 > /dev/null
+start_for_redis_load "$nodes"
 
 # One line per thread: node index, thread name, CPU ticks so far.
 ticks() {

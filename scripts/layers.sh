@@ -18,14 +18,11 @@ for tool in perf redis-benchmark; do
   command -v $tool > /dev/null || { echo "$tool is missing (see the usage at the top of $0)"; exit 1; }
 done
 grex=${GREX:-target/release/grex}
-read -r -a cmd <<< "${CMD:-FCALL counter 1 key:__rand_int__}"
 data=$(mktemp -d)
 pids=()  # Grex nodes, by index (scripts/cluster-lib.sh)
 trap 'kill "${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$data"' EXIT
 source scripts/cluster-lib.sh
-start_for_load "$nodes"
-bench() { redis-benchmark -p 17073 -c 50 -r 100000 --csv "$@" "${cmd[@]}" 2>/dev/null | tail -1; }
-bench -n 3000 > /dev/null
+start_for_redis_load "$nodes"
 
 # One line per node: index, CPU ticks of all its threads so far.
 ticks() {

@@ -981,6 +981,9 @@ impl Driver {
     /// Purges each planned log whose applied state a checkpoint now holds. A group whose log
     /// moved past the point meanwhile (a snapshot installed) is left as it is.
     fn purge_checkpointed(&mut self) {
+        if self.purges.is_empty() {
+            return;
+        }
         let checkpointed = self.node.commits().checkpointed_seq();
         let due: Vec<(GroupId, u64)> = self
             .purges
