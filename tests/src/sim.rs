@@ -1,4 +1,4 @@
-//! A deterministic simulation of one flock on three nodes, driving grex's real consensus engine
+//! A deterministic simulation of one flock herded by three of four nodes, driving grex's real consensus engine
 //! (`grex::cluster::engine`: raft-rs behind the engine's seam) on a simulated clock, network and
 //! disk, in one thread, checked with the list-append checker ([`crate::list_append::check`]).
 //!
@@ -18,7 +18,11 @@
 //!
 //! Faults: crashes (losing unfinished writes and the state since the checkpoint) and restarts,
 //! pauses longer than the failure detector's timeout, one node cut off, two nodes cut from each
-//! other, and message loss. Each schedule is random from its seed; the same seed replays the same
+//! other, message loss, and moves of the group from one voter to the fourth node, as the cluster
+//! moves a flock to a new herder (`cluster/membership.rs`): the leader adds the new node as a
+//! learner, which starts the group empty when the leader's first message reaches it and catches
+//! up from a snapshot, and once it holds the entry that added it, promotes it and removes the old
+//! voter in one joint change. Whichever node leads carries a move on; faults go on throughout. Each schedule is random from its seed; the same seed replays the same
 //! run exactly. [`Mutation`] switches a safeguard off, to show the checker catches what it
 //! guards against.
 
@@ -30,7 +34,10 @@ use std::time::Duration;
 use grex::cluster::engine::{
     Engine, EngineConfig, EntrySource, Envelope, GroupLog, NodeId, Output, Proposal, StateRole, Write,
 };
-use raft::prelude::{ConfState, Entry, EntryType, HardState, MessageType, SnapshotMetadata};
+use raft::prelude::{
+    ConfChangeSingle, ConfChangeTransition, ConfChangeType, ConfChangeV2, ConfState, Entry, EntryType, HardState,
+    MessageType, SnapshotMetadata,
+};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -38,8 +45,11 @@ use crate::list_append::{self, Anomaly, Final, Kind, Op, Outcome, Via};
 
 /// The simulated flock's group.
 const GROUP: u32 = 7;
-/// Nodes (ids 1..=NODES).
-const NODES: u64 = 3;
+/// Nodes (ids 1..=NODES); the first `VOTERS` start as the group's voters, the rest outside it.
+const NODES: u64 = 4;
+const VOTERS: u64 = 3;
+/// How often the leader carries a membership change a step further.
+const RECONFIGURE_EVERY: u64 = 300_000;
 /// Buckets the workload spreads over.
 const BUCKETS: usize = 3;
 /// Client workers.
@@ -82,6 +92,17 @@ pub struct Report {
     pub faults: Vec<String>,
     /// What the checker found.
     pub anomalies: Vec<Anomaly>,
+    /// The group's voters at the end (as its last leader saw them; empty if none led).
+    pub voters: BTreeSet<NodeId>,
+    /// The voters the last move aimed at.
+    pub wanted: BTreeSet<NodeId>,
+}
+
+impl Report {
+    /// The group ended on other voters than it began with.
+    pub fn moved(&self) -> bool {
+        !self.voters.is_empty() && self.voters != (1..=VOTERS).collect()
+    }
 }
 
 /// Microseconds of simulated time.
@@ -92,6 +113,8 @@ struct Disk {
     log: BTreeMap<u64, Entry>,
     hard: HardState,
     base: (u64, u64),
+    /// The node runs the group (a founder, or added since).
+    member: bool,
 }
 
 /// A node's disk, shared with its engine's log (which reads evicted entries back).
@@ -247,10 +270,23 @@ struct Sim {
     faults: Vec<String>,
     mutation: Option<Mutation>,
     faulting: bool,
+    /// The voters the group should have (the last move's target).
+    want: BTreeSet<NodeId>,
+    /// Each learner's entry that added it: once its log holds it, it may be promoted.
+    added: BTreeMap<NodeId, u64>,
+    next_reconfigure: Time,
 }
 
 fn conf() -> ConfState {
-    ConfState { voters: (1..=NODES).collect(), ..Default::default() }
+    ConfState { voters: (1..=VOTERS).collect(), ..Default::default() }
+}
+
+fn change(kind: ConfChangeType, node: NodeId) -> ConfChangeSingle {
+    ConfChangeSingle { change_type: kind, node_id: node, ..Default::default() }
+}
+
+fn conf_change(changes: Vec<ConfChangeSingle>) -> ConfChangeV2 {
+    ConfChangeV2 { changes: changes.into(), transition: ConfChangeTransition::Auto, ..Default::default() }
 }
 
 impl Sim {
@@ -269,16 +305,21 @@ impl Sim {
             faults: Vec::new(),
             mutation,
             faulting: true,
+            want: (1..=VOTERS).collect(),
+            added: BTreeMap::new(),
+            next_reconfigure: 0,
         };
         for id in 1..=NODES {
             let disk = SharedDisk::default();
-            let index = grex::cluster::engine::BOOTSTRAP_INDEX;
-            {
+            let mut machine = Machine { lists: vec![Vec::new(); BUCKETS], ..Machine::default() };
+            if id <= VOTERS {
+                let index = grex::cluster::engine::BOOTSTRAP_INDEX;
                 let mut d = disk.0.lock().unwrap();
                 d.base = (index, index);
                 d.hard = HardState { term: index, commit: index, ..Default::default() };
+                d.member = true;
+                machine = Machine { applied: index, term: index, conf: conf(), ..machine };
             }
-            let machine = Machine { lists: vec![Vec::new(); BUCKETS], applied: index, term: index, conf: conf() };
             let mut node = Node {
                 id,
                 engine: None,
@@ -377,8 +418,9 @@ impl Sim {
                 }
                 self.heard(to, from);
                 let node = self.nodes.get_mut(&to).unwrap();
-                let stray = node.engine.as_mut().unwrap().step([envelope]);
-                assert!(stray.is_empty(), "every node runs the group");
+                for stray in node.engine.as_mut().unwrap().step([envelope]) {
+                    adopt(node, stray);
+                }
                 self.pump(to);
             }
             Event::Ping { from, to, incarnation } => {
@@ -429,6 +471,9 @@ impl Sim {
                 let waiting = std::mem::take(&mut self.nodes.get_mut(&id).unwrap().waiting);
                 for (job, since) in waiting {
                     self.run_job(id, job, since);
+                }
+                if self.now >= self.next_reconfigure {
+                    self.reconfigure(id);
                 }
                 self.pump(id);
             }
@@ -556,9 +601,11 @@ impl Sim {
             let list = node.machine.lists[job.bucket].clone();
             return self.complete(op, Outcome::Ok(list));
         }
-        let lead = engine.lead(GROUP).unwrap();
-        if !lead.ready {
-            if let Some(leader) = lead.leader.filter(|l| *l != id && !job.forwarded) {
+        // A node outside the group knows no leader, as one that has not heard from it yet.
+        let lead = engine.lead(GROUP);
+        let (ready, leader) = lead.map_or((false, None), |lead| (lead.ready, lead.leader));
+        if !ready {
+            if let Some(leader) = leader.filter(|l| *l != id && !job.forwarded) {
                 let delay = self.rng.random_range(100..1_000);
                 let linked = self.linked(id, leader);
                 if linked {
@@ -571,6 +618,7 @@ impl Sim {
             self.nodes.get_mut(&id).unwrap().waiting.push((job, since));
             return;
         }
+        let lead = lead.expect("a ready leader runs the group");
         let node = self.nodes.get_mut(&id).unwrap();
         if node.lead_term != Some(lead.term) {
             node.cache.clear();
@@ -692,8 +740,7 @@ impl Sim {
     /// Answers confirmed reads whose read index (and whose own view) is applied, in their term.
     fn answer_reads(&mut self, id: NodeId) {
         let node = self.nodes.get_mut(&id).unwrap();
-        let Some(engine) = node.engine.as_ref() else { return };
-        let lead = engine.lead(GROUP).unwrap();
+        let Some(lead) = node.engine.as_ref().and_then(|e| e.lead(GROUP)) else { return };
         let applied = node.machine.applied;
         let mut answers = Vec::new();
         node.confirmed.retain(|(op, term, list, index, seen)| {
@@ -797,7 +844,7 @@ impl Sim {
         let id = self.rng.random_range(1..=NODES);
         let other = (id % NODES) + 1;
         let length = self.rng.random_range(300_000..3_000_000);
-        let what = match self.rng.random_range(0..5) {
+        let what = match self.rng.random_range(0..6) {
             0 if self.nodes[&id].engine.is_some() => {
                 self.crash(id);
                 self.after(length, Event::Restart(id));
@@ -822,13 +869,69 @@ impl Sim {
                 self.cut.insert((id, other));
                 format!("cut nodes {id} and {other} from each other")
             }
-            _ => {
+            4 => {
                 self.cut.clear();
                 self.lossy_until = self.now + length;
                 format!("lose 5% of messages for {} ms", length / 1000)
             }
+            _ => {
+                // The one node outside the target replaces a voter (the leader, at times).
+                let spare = (1..=NODES).find(|n| !self.want.contains(n)).expect("one node is spare");
+                let voters: Vec<NodeId> = self.want.iter().copied().collect();
+                let old = voters[self.rng.random_range(0..voters.len())];
+                self.want.remove(&old);
+                self.want.insert(spare);
+                format!("move the group from node {old} to node {spare}")
+            }
         };
         self.faults.push(format!("{:>7.3}s {what}", self.now as f64 / 1e6));
+    }
+
+    /// On the group's ready leader: one step towards the wanted voters, as the cluster's
+    /// reconciler takes it (`cluster/membership.rs`): drop a learner no longer wanted, add a
+    /// wanted node as a learner, or once it holds the entry that added it, promote it and remove
+    /// the voter it replaces in one joint change. A step proposed while another change is under
+    /// way is ignored by raft; the next leader carries on from the configuration it finds.
+    fn reconfigure(&mut self, id: NodeId) {
+        let node = self.nodes.get_mut(&id).unwrap();
+        let Some(engine) = node.engine.as_mut() else { return };
+        if !engine.lead(GROUP).is_some_and(|l| l.ready) {
+            return;
+        }
+        self.next_reconfigure = self.now + RECONFIGURE_EVERY;
+        let (voters, learners) = engine.members(GROUP).expect("the leader runs the group");
+        let step = if let Some(&stale) = learners.iter().find(|l| !self.want.contains(l)) {
+            vec![change(ConfChangeType::RemoveNode, stale)]
+        } else if let Some(&new) = self.want.iter().find(|n| !voters.contains(n) && !learners.contains(n)) {
+            vec![change(ConfChangeType::AddLearnerNode, new)]
+        } else {
+            let matched = engine.matched(GROUP);
+            let caught_up =
+                |n: &NodeId| matched.get(n).copied().unwrap_or(0) >= self.added.get(n).copied().unwrap_or(0);
+            if !learners.iter().all(caught_up) {
+                return;
+            }
+            let promote = learners.iter().map(|&n| change(ConfChangeType::AddNode, n));
+            let remove =
+                voters.iter().filter(|v| !self.want.contains(v)).map(|&v| change(ConfChangeType::RemoveNode, v));
+            promote.chain(remove).collect()
+        };
+        if step.is_empty() {
+            return;
+        }
+        let adds = (step.len() == 1 && step[0].change_type == ConfChangeType::AddLearnerNode).then(|| step[0].node_id);
+        if let Ok(proposal) = engine.propose_conf_change(GROUP, conf_change(step))
+            && let Some(learner) = adds
+        {
+            self.added.insert(learner, proposal.index);
+        }
+    }
+
+    /// The group's voters as its leader sees them (none if no node leads).
+    fn final_voters(&self) -> BTreeSet<NodeId> {
+        let leading = |n: &Node| n.engine.as_ref().and_then(|e| e.lead(GROUP)).is_some_and(|l| l.ready);
+        let leader = self.nodes.values().find(|n| leading(n));
+        leader.and_then(|n| n.engine.as_ref().unwrap().members(GROUP)).map(|(voters, _)| voters).unwrap_or_default()
     }
 
     /// After the faults: every node up, a read through the leader, and every node's copy.
@@ -871,19 +974,43 @@ impl Sim {
                 ops: Vec::new(),
             });
         };
+        // The group's voters converge; a node moved out of it keeps what it had then.
+        let (voters, _) = self.nodes[&leader].engine.as_ref().unwrap().members(GROUP).unwrap();
         Ok((0..BUCKETS)
             .map(|bucket| Final {
                 list: self.nodes[&leader].machine.lists[bucket].clone(),
-                copies: (1..=NODES).map(|id| self.nodes[&id].machine.lists[bucket].clone()).collect(),
+                copies: voters.iter().map(|id| self.nodes[id].machine.lists[bucket].clone()).collect(),
             })
             .collect())
     }
+}
+
+/// A message for a group node `node` does not run: a leader's first message to a node it added
+/// starts the group, empty (the leader sends a snapshot), as the driver does (`Driver::adopt`).
+fn adopt(node: &mut Node, envelope: Envelope) {
+    let from_leader = matches!(
+        envelope.message.get_msg_type(),
+        MessageType::MsgAppend | MessageType::MsgHeartbeat | MessageType::MsgSnapshot
+    );
+    if !from_leader {
+        return;
+    }
+    node.disk.0.lock().unwrap().member = true;
+    let engine = node.engine.as_mut().unwrap();
+    engine.add_group(GROUP, GroupLog::empty(GROUP, Arc::new(node.disk.clone()))).expect("start the group");
+    let stray = engine.step([envelope]);
+    assert!(stray.is_empty(), "the group runs now");
 }
 
 /// An engine over a node's disk and checkpoint, as a (re)started node opens it.
 fn open_engine(node: &Node, seed: u64) -> Engine {
     let mut engine = Engine::new(node.id, EngineConfig { seed: seed ^ node.id, ..EngineConfig::default() });
     let disk = node.disk.0.lock().unwrap();
+    if !disk.member {
+        return engine;
+    }
+    // A node added to the group whose snapshot had not reached its disk restarts with an empty
+    // log, but with the hard state it wrote (its vote) kept.
     let mut terms: Vec<(u64, u64)> = Vec::new();
     for entry in disk.log.values() {
         if terms.last().is_none_or(|&(_, t)| t != entry.term) {
@@ -918,21 +1045,28 @@ pub fn run(seed: u64, mutation: Option<Mutation>) -> Report {
         Ok(finals) => list_append::check(&sim.history, &finals),
         Err(unavailable) => vec![unavailable],
     };
-    Report {
+    let voters = sim.final_voters();
+    let report = Report {
         seed,
         ops: sim.history.len(),
         acknowledged: sim.history.iter().filter(|o| matches!(o.outcome, Outcome::Ok(_))).count(),
         faults: sim.faults,
         anomalies,
+        voters,
+        wanted: sim.want,
+    };
+    if std::env::var("GREX_SIM_DEBUG").is_ok() {
+        eprintln!("{}", report.explain());
     }
+    report
 }
 
 impl Report {
     /// The report for a person: seed, faults, anomalies.
     pub fn explain(&self) -> String {
         let mut out = format!(
-            "seed {} (GREX_SEED={} replays it): {} ops, {} acknowledged\nfaults:\n",
-            self.seed, self.seed, self.ops, self.acknowledged
+            "seed {} (GREX_SEED={} replays it): {} ops, {} acknowledged; voters at the end {:?}, wanted {:?}\nfaults:\n",
+            self.seed, self.seed, self.ops, self.acknowledged, self.voters, self.wanted
         );
         for fault in &self.faults {
             out += &format!("  {fault}\n");
@@ -955,6 +1089,10 @@ pub struct Sweep {
     pub acknowledged: usize,
     /// The schedules with anomalies (at most 10 kept).
     pub failed: Vec<Report>,
+    /// Schedules whose group ended on other voters than it began with.
+    pub moved: u64,
+    /// Schedules whose group ended on the voters its last move aimed at.
+    pub settled: u64,
     /// How many schedules had anomalies.
     pub failures: u64,
 }
@@ -963,11 +1101,14 @@ impl Sweep {
     /// One line.
     pub fn summary(&self) -> String {
         format!(
-            "{} schedules, {} operations ({:.1}% acknowledged), {} with anomalies",
+            "{} schedules, {} operations ({:.1}% acknowledged), {} with anomalies; {} ended on other voters, \
+             {} on the voters their last move aimed at",
             self.schedules,
             self.ops,
             100.0 * self.acknowledged as f64 / self.ops.max(1) as f64,
-            self.failures
+            self.failures,
+            self.moved,
+            self.settled
         )
     }
 }
@@ -994,6 +1135,8 @@ pub fn sweep(base: u64, count: u64, mutation: Option<Mutation>, threads: usize) 
                     total.schedules += 1;
                     total.ops += report.ops;
                     total.acknowledged += report.acknowledged;
+                    total.moved += u64::from(report.moved());
+                    total.settled += u64::from(report.voters == report.wanted);
                     if !report.anomalies.is_empty() {
                         total.failures += 1;
                         if total.failed.len() < 10 {

@@ -30,7 +30,12 @@
 //! Elections: every group has raft's own election timer, a backstop of a few seconds. The node
 //! pair failure detector makes them fast: [`Engine::peer_down`] lets this node vote at once in
 //! the groups the lost node led and schedules its own campaign, staggered by a rank per group
-//! so the herders do not split their votes. Pre-vote and check-quorum keep a node that lost
+//! so the herders do not split their votes. An election can also end with no leader while no
+//! node is down: a transfer to a herder whose log is behind, split votes, or a candidate that
+//! steps down when a vote's answer commits a configuration change (raft-rs's
+//! `maybe_commit_by_vote`) after others voted for it in that term. So a voter that has known no
+//! leader for [`LEADERLESS_TICKS`] campaigns after its rank's wait, as when its leader's node is
+//! lost, instead of waiting for the backstop. Pre-vote and check-quorum keep a node that lost
 //! only its own link to the leader from deposing it.
 //!
 //! Determinism: raft-rs draws its randomized election timeouts from a thread-local generator
@@ -247,7 +252,13 @@ struct Group {
     idle: u64,
     /// Not ticked until something wakes it.
     asleep: bool,
+    /// Ticks in a row this node, a follower, knew no leader and had no campaign planned.
+    leaderless: u64,
 }
+
+/// Ticks a voter knows no leader before it plans a campaign of its own (see the module's notes):
+/// longer than an election in progress takes to make its winner known.
+pub const LEADERLESS_TICKS: u64 = 5;
 
 impl Group {
     /// Its leader `lost` is gone: this node (if a voter without it) votes at once and campaigns
@@ -397,6 +408,7 @@ impl Engine {
                 snapshots: BTreeMap::new(),
                 idle: 0,
                 asleep: false,
+                leaderless: 0,
             },
         );
         self.mem_held += held;
@@ -467,6 +479,22 @@ impl Engine {
             }
             g.raw.tick();
             expire_snapshots(g, self.ticks, self.config.snapshot_patience_ticks);
+            let raft = &g.raw.raft;
+            if g.campaign.is_none() && raft.state == StateRole::Follower && raft.leader_id == raft::INVALID_ID {
+                g.leaderless += 1;
+                if g.leaderless >= LEADERLESS_TICKS {
+                    g.leaderless = 0;
+                    g.campaign_without(
+                        group,
+                        self.me,
+                        raft::INVALID_ID,
+                        self.ticks,
+                        self.config.campaign_stagger_ticks,
+                    );
+                }
+            } else {
+                g.leaderless = 0;
+            }
             if let Some((at, lost)) = g.campaign
                 && at <= self.ticks
             {
