@@ -763,3 +763,37 @@ fn a_leader_over_its_log_memory_refuses_proposals_until_commits_catch_up() {
     assert!(cluster.nodes[&leader].engine.mem_bytes() < held, "applied entries left memory");
     cluster.propose(leader, G, &payload).expect("taken once the entries are applied");
 }
+
+#[test]
+fn an_election_lost_while_every_node_is_up_is_run_again_within_a_second() {
+    let mut cluster = Cluster::new(&[1, 2, 3], &[G], 9);
+    let (leader, _) = cluster.elect(G);
+    let behind = [1, 2, 3].into_iter().find(|&id| id != leader).unwrap();
+    // The follower misses entries the others commit.
+    cluster.cut.insert((leader, behind));
+    for i in 0..5 {
+        cluster.propose(leader, G, &format!("d{i}")).unwrap();
+    }
+    cluster.cut.clear();
+    // Before it catches up, it is told to take over (as a hand-over to a herder whose log turned
+    // out to be behind): a real election in the next term, which it loses. Everyone is up, nobody
+    // leads, and no failure detector has anything to report.
+    let term = cluster.nodes[&behind].engine.lead(G).unwrap().term;
+    let mut timeout_now = Message::default();
+    timeout_now.set_msg_type(MessageType::MsgTimeoutNow);
+    (timeout_now.from, timeout_now.to, timeout_now.term) = (leader, behind, term);
+    cluster.nodes.get_mut(&behind).unwrap().engine.step([Envelope { group: G, message: timeout_now }]);
+    cluster.settle();
+    assert!(cluster.leader(G).is_none(), "the lagging node's election failed and the leader stepped down");
+    assert!(cluster.nodes.values().all(|n| n.engine.lead(G).unwrap().term == term + 1));
+    // raft's own timer would wait 30 ticks or more; a leaderless voter campaigns after
+    // LEADERLESS_TICKS and its rank's wait.
+    let (next, ticks) = cluster.elect(G);
+    let most = LEADERLESS_TICKS as usize + 2 * EngineConfig::default().campaign_stagger_ticks as usize + 1;
+    assert!(ticks <= most, "a leader after {ticks} ticks, not within {most}");
+    assert_ne!(next, behind, "the lagging node cannot win");
+    cluster.propose(next, G, "after").unwrap();
+    // The commit reaches followers with the next heartbeat.
+    cluster.tick(12);
+    assert_eq!(cluster.applied(behind, G).last().map(String::as_str), Some("after"));
+}
