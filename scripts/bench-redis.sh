@@ -4,7 +4,10 @@
 # one durable Grex node; three Grex nodes with replication 3, once through node 0 (which forwards
 # to each key's flock leader, as for any cluster-unaware client) and once with
 # `redis-benchmark --cluster`, which reads CLUSTER NODES and sends each key to its leader (keys
-# `key:{tag}:N`, the tag picking a slot of the client's node).
+# `key:{tag}:N`, the tag picking a slot of the client's node, so each client's keys fall in one
+# flock). A last row spreads the same job over every flock with a cluster-aware client:
+# `grex bench` (QUIC, each job sent to its bucket's leader as the canary names it) on the same
+# 100k random keys, 50 clients each keeping PIPELINE jobs in flight on its connections.
 # Tests, each with 50 clients, the same request count and 100k random keys:
 #   counter: Grex `FCALL counter 1 key` (the wasm job) / Redis `EVAL` and `FCALL` of Lua HINCRBY;
 #   HSET key f v; HGET key f.
@@ -76,6 +79,19 @@ bench() {
   echo "$round,$system,$test,$rps,$p50,$p99" >> "$out/results.csv"
   printf '%-13s %-15s %9.0f/s  p50 %6.2f ms  p99 %6.2f ms\n' "$system" "$test" "$rps" "$p50" "$p99"
 }
+# grex_bench SYSTEM QUIC_PORT TEST: one `grex bench` run of the counter job on node 0's cluster,
+# about as long as a redis-benchmark run of $requests at the previous row's rate.
+grex_bench() {
+  local system=$1 port=$2 test=$3 line rps p50 p99
+  line=$($grex bench --node "quic://127.0.0.1:$port" --ca "$data/node-0/ca.pem" --clients "$clients" --in-flight "$pipeline" \
+    --seconds "$bench_seconds" --buckets "$keys" --module counter 2> "$data/bench.err" | tail -1)
+  # jobs/s 6427  p50 7.10 ms  p99 20.01 ms  (64270 jobs, 0 errors)
+  read -r rps p50 p99 < <(awk '{ print $2, $4, $7 }' <<< "$line") || true
+  [ -n "$p99" ] || { echo "grex bench gave no result for $system: $line"; tail -5 "$data/bench.err"; exit 1; }
+  echo "$round,$system,$test,$rps,$p50,$p99" >> "$out/results.csv"
+  printf '%-13s %-15s %9.0f/s  p50 %6.2f ms  p99 %6.2f ms\n' "$system" "$test" "$rps" "$p50" "$p99"
+}
+bench_seconds=${BENCH_SECONDS:-10}
 eval_counter="return redis.call('HINCRBY', KEYS[1], 'count', 1)"
 echo "round,system,test,rps,p50_ms,p99_ms" > "$out/results.csv"
 echo "== $clients clients (pipelining $pipeline), $requests requests per test, $keys random keys, $rounds rounds"
@@ -95,7 +111,8 @@ for round in $(seq 1 "$rounds"); do
     bench "$system" "$port" HSET "${cluster[@]}" HSET "$key" f v
     bench "$system" "$port" HGET "${cluster[@]}" HGET "$key" f
   done
+  grex_bench grex-3r 17071 "counter FCALL"
 done
-python3 scripts/bench-redis-report.py "$out/results.csv" "$out/summary.md" "$out/plot.svg"
+PIPELINE=$pipeline python3 scripts/bench-redis-report.py "$out/results.csv" "$out/summary.md" "$out/plot.svg"
 cat "$out/summary.md"
 echo "(table: $out/summary.md, plot: $out/plot.svg)"

@@ -1,12 +1,15 @@
 //! `grex bench`: a load generator. N clients, each with its own connections, run a job on random
 //! buckets back to back for a fixed time (or, with `--rate`, paced to a total rate); prints
 //! throughput and latency percentiles. Each client is a [`Router`]: in a cluster it sends every
-//! job straight to the node that serves its bucket.
+//! job straight to the node that serves its bucket. With `--in-flight N` each client keeps N jobs
+//! under way on its connections (as many QUIC streams), as a pipelining Redis client keeps N
+//! requests on its one connection.
 //!
 //! Paced, a job's latency counts from when it was due, not from when a client that fell behind
 //! got to send it, so a stall shows in the percentiles instead of hiding in fewer samples
 //! (coordinated omission).
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -24,6 +27,9 @@ pub(super) struct BenchArgs {
     /// How long to run, in seconds (after a one-second warm-up).
     #[arg(long, default_value_t = 10)]
     seconds: u64,
+    /// Jobs each client keeps under way at once, on its one set of connections.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=1024))]
+    in_flight: u16,
     /// Module to run.
     #[arg(long, default_value = "counter")]
     module: String,
@@ -62,28 +68,32 @@ pub struct BenchReport {
 pub(super) async fn bench(args: BenchArgs) -> anyhow::Result<()> {
     let seed = args.seed.unwrap_or_else(rand::random);
     println!(
-        "bench: {} clients, {} s, module {}, {} buckets, seed {seed}{}",
+        "bench: {} clients with {} jobs in flight each, {} s, module {}, {} buckets, seed {seed}{}",
         args.clients,
+        args.in_flight,
         args.seconds,
         args.module,
         args.buckets,
         args.rate.map(|r| format!(", paced to {r:.0} jobs/s")).unwrap_or_default()
     );
-    // Between one client's jobs, when paced.
+    // Lanes: a client's jobs in flight, each sent back to back (or paced) on the client's connections.
+    let lanes = args.clients * usize::from(args.in_flight);
+    // Between one lane's jobs, when paced.
     let interval = match args.rate {
-        Some(rate) if rate > 0.0 && rate.is_finite() => Some(Duration::from_secs_f64(args.clients as f64 / rate)),
+        Some(rate) if rate > 0.0 && rate.is_finite() => Some(Duration::from_secs_f64(lanes as f64 / rate)),
         Some(rate) => anyhow::bail!("--rate must be a positive number of jobs per second, not {rate}"),
         None => None,
     };
     let mut clients = Vec::new();
     for _ in 0..args.clients {
-        clients.push(Router::connect(&args.target.node, args.target.ca.as_deref()).await.context("connecting")?);
+        clients
+            .push(Arc::new(Router::connect(&args.target.node, args.target.ca.as_deref()).await.context("connecting")?));
     }
     let warm_up = Instant::now() + Duration::from_secs(1);
     let end = warm_up + Duration::from_secs(args.seconds);
     let mut tasks = Vec::new();
-    let clients_count = clients.len();
-    for (i, client) in clients.into_iter().enumerate() {
+    let lanes_of_clients = clients.iter().flat_map(|c| std::iter::repeat_n(c, usize::from(args.in_flight)));
+    for (i, client) in lanes_of_clients.cloned().enumerate() {
         let module = args.module.clone();
         let input = args.input.clone().into_bytes();
         let buckets = args.buckets;
@@ -91,8 +101,8 @@ pub(super) async fn bench(args: BenchArgs) -> anyhow::Result<()> {
             let mut rng = rand::rngs::StdRng::seed_from_u64(seed.wrapping_add(i as u64));
             let mut latencies = Vec::new();
             let mut errors = 0u64;
-            // Clients start spread over one interval, not all at once.
-            let mut due = interval.map(|every| Instant::now() + every.mul_f64(i as f64 / clients_count as f64));
+            // Lanes start spread over one interval, not all at once.
+            let mut due = interval.map(|every| Instant::now() + every.mul_f64(i as f64 / lanes as f64));
             loop {
                 let bucket = format!("bench-{}", rng.random_range(0..buckets));
                 let start = match (due.as_mut(), interval) {
