@@ -88,6 +88,10 @@ pub struct NodeConfig {
     /// node's front ends, queued, forwarded or running; one that does not fit is refused with
     /// `overloaded`, unless it is alone.
     pub jobs_bytes_max: usize,
+    /// Bytes of large requests received in part (what each holds beyond 64 KiB), over every
+    /// HTTP, QUIC and Redis connection; one that would go over is refused with `overloaded`,
+    /// unless it is alone.
+    pub request_buffer_bytes_max: usize,
     /// Limits on each job.
     pub limits: Limits,
     /// A `grex` binary to compile modules in, one child process per compile, under
@@ -114,6 +118,7 @@ impl NodeConfig {
             commit_queue_bytes_max: 0,
             pipelined_bytes_max: 0,
             jobs_bytes_max: 0,
+            request_buffer_bytes_max: 0,
             limits: Limits::default(),
             compiler: None,
         };
@@ -123,11 +128,12 @@ impl NodeConfig {
 
     /// Shares `bytes` of memory among the node's caches and buffers: 3/16 each for the
     /// decoded-bucket cache and the state file's page cache, 1/16 each for consensus log entries,
-    /// writes waiting for the committer, pipelined Redis commands and jobs in flight, and the rest
-    /// (6/16) for what is sized by use within its own limits: the log's index (12 bytes per entry
-    /// kept, up to `--snapshot-logs` per flock), connections and their frames, the wasm
-    /// runtime, and the allocator's slack (docs/benchmarks.md, "Memory", measures them). Running
-    /// jobs' linear memory is bounded apart, by [`Limits::memory_bytes_max`] per executor.
+    /// writes waiting for the committer, pipelined Redis commands, jobs in flight and large
+    /// requests arriving, and the rest (5/16) for what is sized by use within its own limits:
+    /// the log's index (12 bytes per entry kept, up to `--snapshot-logs` per flock), connections
+    /// and their frames, the wasm runtime, and the allocator's slack (docs/benchmarks.md,
+    /// "Memory", measures them). Running jobs' linear memory is bounded apart, by
+    /// [`Limits::memory_bytes_max`] per executor.
     pub fn set_memory_budget(&mut self, bytes: usize) {
         self.cache_bytes_max = bytes / 16 * 3;
         self.store_cache_bytes = bytes / 16 * 3;
@@ -135,6 +141,7 @@ impl NodeConfig {
         self.commit_queue_bytes_max = bytes / 16;
         self.pipelined_bytes_max = bytes / 16;
         self.jobs_bytes_max = bytes / 16;
+        self.request_buffer_bytes_max = bytes / 16;
     }
 }
 

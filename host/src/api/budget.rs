@@ -5,9 +5,12 @@
 //! of a 33 MiB request would hold 32 GiB. So every request being received holds a [`Claim`] on
 //! the budget for what it has buffered beyond [`FREE_BYTES`]; the claim grows as bytes arrive and
 //! is given back when the request is whole (or abandoned). A request that would take the node over
-//! its budget is refused (`overloaded`, safe to retry) and its connection or stream closed, so the
-//! memory of half-read requests stays under the budget however many clients send at once. Small
-//! requests never touch the budget: they are bounded by the connection limits.
+//! its budget is refused (`overloaded`, safe to retry) and its connection or stream closed, unless
+//! it is the only one holding any (so a module upload larger than the budget still gets in, one at
+//! a time): the memory of half-read requests stays under the larger of the budget and one request's
+//! limit however many clients send at once. The budget is a share of the node's memory budget
+//! ([`NodeConfig::request_buffer_bytes_max`](crate::config::NodeConfig::request_buffer_bytes_max)).
+//! Small requests never touch the budget: they are bounded by the connection limits.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -16,9 +19,6 @@ use crate::error::{ErrorCode, RemoteError, error};
 
 /// Bytes of one request that need no claim: every ordinary request fits.
 pub const FREE_BYTES: usize = 64 << 10;
-
-/// The default budget.
-pub const REQUEST_BUFFER_BYTES_DEFAULT: usize = 256 << 20;
 
 /// Bytes claimed out of a maximum.
 #[derive(Debug)]
@@ -82,7 +82,8 @@ pub struct Claim {
 
 impl Claim {
     /// Accounts for the request having `buffered` bytes: holds what is over [`FREE_BYTES`], or
-    /// refuses (holding what it held before) if that would take the node over its budget.
+    /// refuses (holding what it held before) if that would take the node over its budget while
+    /// other requests hold some of it.
     pub fn set(&mut self, buffered: usize) -> Result<(), RemoteError> {
         let want = buffered.saturating_sub(FREE_BYTES);
         if want == self.held {
@@ -94,17 +95,20 @@ impl Claim {
             self.held = want;
             return Ok(());
         }
-        let more = want - self.held;
+        let (more, held) = (want - self.held, self.held);
         let max = self.budget.max;
         self.budget
             .used
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |used| (used + more <= max).then_some(used + more))
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |used| {
+                (used == held || used + more <= max).then_some(used + more)
+            })
             .map_err(|_| {
                 error(
                     ErrorCode::Overloaded,
                     format!(
                         "the node is already receiving {} MiB of large requests, its limit \
-                         (--request-buffer-mib); retry shortly, or send large requests one at a time",
+                         (--request-buffer-mib, by default 1/16 of --node-memory-mib); retry shortly, or \
+                         send large requests one at a time",
                         max >> 20
                     ),
                 )
@@ -141,6 +145,24 @@ mod tests {
         assert_eq!(budget.used(), 256 << 10);
         drop(b);
         assert_eq!(budget.used(), 0);
+    }
+
+    #[test]
+    fn a_request_alone_may_pass_the_budget_and_holds_off_the_others_meanwhile() {
+        let budget = ReadBudget::new(1 << 20);
+        let mut upload = budget.claim();
+        upload.set(FREE_BYTES + (3 << 20)).expect("alone, a request larger than the budget gets in");
+        assert_eq!(budget.used(), 3 << 20);
+        let mut other = budget.claim();
+        other.set(FREE_BYTES).unwrap();
+        let refused = other.set(FREE_BYTES + 1).unwrap_err();
+        assert_eq!(refused.code, ErrorCode::Overloaded);
+        assert_eq!(budget.used(), 3 << 20, "the refused request holds nothing");
+        drop(upload);
+        other.set(FREE_BYTES + (1 << 20)).expect("fits once the large one is done");
+        let mut third = budget.claim();
+        third.set(FREE_BYTES + (2 << 20)).unwrap_err();
+        assert_eq!(budget.used(), 1 << 20);
     }
 
     #[test]

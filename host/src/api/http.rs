@@ -383,7 +383,6 @@ mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     use super::*;
-    use crate::api::budget::REQUEST_BUFFER_BYTES_DEFAULT;
 
     const QUICK: HttpTimeouts = HttpTimeouts { head: Duration::from_millis(300), body: Duration::from_millis(300) };
     const PATIENT: HttpTimeouts = HttpTimeouts { head: Duration::from_secs(60), body: Duration::from_secs(60) };
@@ -400,7 +399,7 @@ mod tests {
         let (stop, stopped) = watch::channel(false);
         tokio::spawn(serve(
             listener,
-            router(node.clone(), Arc::new(node), timeouts, ReadBudget::new(REQUEST_BUFFER_BYTES_DEFAULT)),
+            router(node.clone(), Arc::new(node), timeouts, ReadBudget::new(256 << 20)),
             ConnTable::new(connections),
             timeouts,
             stopped,

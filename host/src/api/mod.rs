@@ -36,9 +36,6 @@ pub struct ServeConfig {
     pub quic: Option<SocketAddr>,
     /// Redis protocol (RESP2/RESP3) listener.
     pub resp: Option<SocketAddr>,
-    /// Bytes of large requests received in part, over every listener ([`budget`]); `None` is
-    /// [`budget::REQUEST_BUFFER_BYTES_DEFAULT`].
-    pub request_buffer_bytes_max: Option<usize>,
 }
 
 /// Running servers.
@@ -89,8 +86,7 @@ pub async fn bind(node: &Node, config: &ServeConfig) -> anyhow::Result<Servers> 
     let (stop, stopped) = watch::channel(false);
     let (open, opened) = watch::channel(None);
     let gate = Gate { open: opened, stopped };
-    let budget =
-        budget::ReadBudget::new(config.request_buffer_bytes_max.unwrap_or(budget::REQUEST_BUFFER_BYTES_DEFAULT));
+    let budget = budget::ReadBudget::new(node.config().request_buffer_bytes_max);
     let mut tasks = Vec::new();
     let mut urls = NodeUrls::default();
     let mut http_addr = None;

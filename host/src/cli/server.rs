@@ -59,9 +59,10 @@ pub(super) struct NodeArgs {
     #[arg(long, default_value_t = Limits::default().module_bytes_max)]
     module_bytes_max: usize,
     /// MiB of large requests (over 64 KiB each) the node holds while they arrive, over every
-    /// connection and protocol; a request that would go over is refused with `overloaded`.
-    #[arg(long, default_value_t = crate::api::budget::REQUEST_BUFFER_BYTES_DEFAULT >> 20)]
-    request_buffer_mib: usize,
+    /// connection and protocol (default: 1/16 of --node-memory-mib); a request that would go
+    /// over is refused with `overloaded`, unless it is the only one arriving.
+    #[arg(long)]
+    request_buffer_mib: Option<usize>,
     /// How long compiling one module may take, in seconds (then `module_too_complex`).
     #[arg(long, default_value_t = Limits::default().compile_timeout_ms / 1000)]
     compile_timeout_secs: u64,
@@ -100,6 +101,9 @@ impl NodeArgs {
         config.set_memory_budget(self.node_memory_mib << 20);
         if let Some(cache_mib) = self.cache_mib {
             config.cache_bytes_max = cache_mib << 20;
+        }
+        if let Some(mib) = self.request_buffer_mib {
+            config.request_buffer_bytes_max = mib << 20;
         }
         config.flock_count = self.flocks;
         if let Some(shards) = self.shards {
@@ -324,12 +328,7 @@ pub(super) async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let running = start_node(
         &args.data,
         &args.node,
-        ServeConfig {
-            http: Some(args.http),
-            quic: Some(args.quic),
-            resp: args.resp,
-            request_buffer_bytes_max: Some(args.node.request_buffer_mib << 20),
-        },
+        ServeConfig { http: Some(args.http), quic: Some(args.quic), resp: args.resp },
         args.peer,
         args.join.clone(),
         disk_fault.clone(),
@@ -427,7 +426,6 @@ pub(super) async fn dev(args: DevArgs) -> anyhow::Result<()> {
             http: Some(SocketAddr::from(([127, 0, 0, 1], port))),
             quic: Some(SocketAddr::from(([127, 0, 0, 1], port + 1))),
             resp: Some(SocketAddr::from(([127, 0, 0, 1], port + 3))),
-            request_buffer_bytes_max: Some(args.node.request_buffer_mib << 20),
         };
         let peer = SocketAddr::from(([127, 0, 0, 1], port + 2));
         let join = (fresh && i > 0).then(|| format!("127.0.0.1:{}", args.port + 2));

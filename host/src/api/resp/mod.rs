@@ -779,7 +779,6 @@ fn remote_error(e: &RemoteError) -> Reply {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::api::budget::REQUEST_BUFFER_BYTES_DEFAULT;
 
     const LIMITS: RespLimits = RespLimits {
         bulk_bytes_max: 64,
@@ -884,7 +883,7 @@ mod tests {
             node.clone(),
             Arc::new(node),
             limits,
-            ReadBudget::new(REQUEST_BUFFER_BYTES_DEFAULT),
+            ReadBudget::new(256 << 20),
             ConnTable::new(connections),
             stopped,
         ));
