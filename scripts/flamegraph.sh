@@ -2,9 +2,10 @@
 # A flame graph of Grex nodes under redis-benchmark (50 clients, 100k random keys, `FCALL counter`
 # unless CMD is set): perf samples every node's threads (call graphs from DWARF debug info, which
 # the release profile keeps) for SECONDS while the load runs, then inferno draws them. The root
-# frames are the thread names: grex (the async runtime: RESP, QUIC, consensus), grex-commit (the
-# group committer), grex-shard-N (job executors). NODES is 1 (256 flocks) or 3 (replication 3,
-# leadership spread; redis-benchmark talks to node 0, which forwards).
+# frames are the thread names: grex (the async runtime: RESP, QUIC, the consensus engine),
+# grex-commit (the committer: log appends, applies, fsyncs), grex-shard-N (job executors). NODES is
+# 1 (256 flocks) or 3 (replication 3, leadership spread; redis-benchmark talks to node 0, which
+# forwards).
 # Usage: scripts/flamegraph.sh NODES SECONDS [OUT.svg] (default target/flamegraph/grex-NODES.svg).
 # Needs perf (Debian: linux-perf) and inferno (cargo install inferno), a release build (cargo
 # build --release -p grex) and the jobs (scripts/build-jobs.sh). Listens on 127.0.0.1 only.
@@ -42,7 +43,8 @@ echo "$out"
 # through each part (the parts overlap: consensus calls into storage, for one).
 python3 - "$data/folded" <<'EOF'
 import collections, re, sys
-parts = [("consensus (openraft)", r"openraft"), ("QUIC/TLS (quinn, rustls)", r"quinn|rustls|aws_lc|\bring::"),
+parts = [("consensus (raft-rs, engine)", r"\braft::|grex::cluster::engine|grex::cluster::consensus"),
+         ("log (segment files)", r"grex::cluster::engine::log"), ("QUIC/TLS (quinn, rustls)", r"quinn|rustls|aws_lc|\bring::"),
          ("RESP", r"grex::api::resp"), ("storage (redb)", r"redb::"), ("fsync", r"fdatasync|fsync"),
          ("sandbox (wasmtime)", r"wasmtime"), ("UDP/TCP syscalls", r"sendmsg|recvmsg|sendto|recvfrom|tcp_|udp_"),
          ("scheduler/futex", r"futex|schedule\b|__schedule")]
