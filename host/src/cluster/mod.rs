@@ -43,7 +43,7 @@ pub use peer::{DEAD_AFTER, PING_INTERVAL, peer_client_config};
 use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use futures::FutureExt;
@@ -56,7 +56,7 @@ use crate::node::{Node, Replicator, Ticket};
 use crate::storage::{GroupId, META_GROUP};
 use consensus::{Command, Consensus, LeaderTerms, MetaState};
 use messages::{PeerRequest, PeerResponse};
-use peer::{Handler, Peers};
+use peer::{Bound, Handler, Peers};
 
 /// How long a proposed change set may take to commit before its job is answered with an error.
 const COMMIT_PATIENCE: Duration = Duration::from_secs(10);
@@ -124,6 +124,20 @@ fn parse_node_id(text: &str) -> anyhow::Result<NodeId> {
 /// Bytes of snapshot data a node accepts from one sender for one group (a flock's whole state).
 const SNAPSHOT_BYTES_MAX: usize = 4 << 30;
 
+/// The peer handler: a peer's request is answered by the cluster while it exists.
+fn answerer(cluster: Weak<Inner>) -> Handler {
+    Arc::new(move |from, request| {
+        let cluster = cluster.upgrade().map(|inner| Cluster { inner });
+        async move {
+            match cluster {
+                Some(cluster) => cluster.answer(from, request).await,
+                None => PeerResponse::Error(error(ErrorCode::Unavailable, "the node is stopping")),
+            }
+        }
+        .boxed()
+    })
+}
+
 impl Cluster {
     /// Starts the peer endpoint and the consensus engine, joins or bootstraps, and routes the
     /// node's requests through the cluster from now on. The node's servers must already know
@@ -142,26 +156,10 @@ impl Cluster {
                 file.flock_count
             );
         }
-        let slot: Arc<OnceLock<Cluster>> = Arc::new(OnceLock::new());
-        let handler: Handler = {
-            let slot = slot.clone();
-            Arc::new(move |from, request| {
-                let slot = slot.clone();
-                async move {
-                    match slot.get() {
-                        Some(cluster) => cluster.answer(from, request).await,
-                        None => PeerResponse::Error(error(ErrorCode::Unavailable, "the node is starting")),
-                    }
-                }
-                .boxed()
-            })
-        };
-        let load = Arc::new(AtomicU64::new(0));
-        let peers =
-            Peers::start(me, file.cluster_id.clone(), config.peer_addr, node.data_dir(), handler, load.clone())?;
+        let bound = Bound::bind(config.peer_addr, node.data_dir())?;
         let urls = node.node_urls();
         let info = PeerInfo {
-            peer: peers.local_addr().to_string(),
+            peer: bound.local_addr().to_string(),
             http: urls.http.unwrap_or_default(),
             quic: urls.quic.unwrap_or_default(),
             resp: urls.resp.unwrap_or_default(),
@@ -175,27 +173,30 @@ impl Cluster {
             );
         }
         let Replication { consensus, inbox } = replication;
-        consensus.start(inbox, me, node.clone(), peers.clone(), config.snapshot_logs, bootstrap).await?;
-        let terms = consensus.terms().clone();
+        let load = Arc::new(AtomicU64::new(0));
         let flock_count = file.flock_count as usize;
-        let cluster = Cluster {
-            inner: Arc::new(Inner {
-                me,
-                file,
-                node: node.clone(),
-                peers: peers.clone(),
-                meta_state: consensus.meta(),
-                consensus,
-                terms,
-                info: info.clone(),
-                hints: (0..flock_count).map(|_| AtomicU64::new(0)).collect(),
-                claims: Mutex::new(vec![None; flock_count]),
-                reconfiguring: (0..flock_count).map(|_| AtomicBool::new(false)).collect(),
-                meta_reconfiguring: AtomicBool::new(false),
-                snapshots_in: Mutex::new(HashMap::new()),
-            }),
-        };
-        let _ = slot.set(cluster.clone());
+        // The peer handler holds the cluster weakly (the cluster holds the peers); it is wired
+        // before the endpoint accepts, and what peers send before the engine runs waits in the
+        // engine's inbox.
+        let inner = Arc::new_cyclic(|cluster: &Weak<Inner>| Inner {
+            me,
+            peers: Peers::new(me, file.cluster_id.clone(), bound, answerer(cluster.clone()), load.clone()),
+            file,
+            node: node.clone(),
+            meta_state: consensus.meta(),
+            terms: consensus.terms().clone(),
+            consensus,
+            info: info.clone(),
+            hints: (0..flock_count).map(|_| AtomicU64::new(0)).collect(),
+            claims: Mutex::new(vec![None; flock_count]),
+            reconfiguring: (0..flock_count).map(|_| AtomicBool::new(false)).collect(),
+            meta_reconfiguring: AtomicBool::new(false),
+            snapshots_in: Mutex::new(HashMap::new()),
+        });
+        let cluster = Cluster { inner };
+        let peers = cluster.inner.peers.clone();
+        cluster.inner.consensus.start(inbox, me, node.clone(), peers.clone(), config.snapshot_logs, bootstrap).await?;
+        peers.accept();
         tokio::spawn(cluster.clone().follow_members());
         tokio::spawn(cluster.clone().follow_claims());
 

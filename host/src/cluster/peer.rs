@@ -140,26 +140,40 @@ pub struct Peers {
     cut_off: Mutex<BTreeSet<NodeId>>,
 }
 
-impl Peers {
-    /// Binds the peer endpoint on `addr` with the identity in `dir` and starts accepting.
-    pub fn start(
-        me: NodeId,
-        cluster_id: String,
-        addr: SocketAddr,
-        dir: &Path,
-        handler: Handler,
-        load: Arc<AtomicU64>,
-    ) -> anyhow::Result<Arc<Peers>> {
-        let (server, client) = tls_configs(dir)?;
+/// The peer endpoint, bound but not accepting yet: its address is known, so the node can tell
+/// peers where it is before the service that answers them exists (the cluster holds its `Peers`,
+/// and `Peers` holds the cluster's handler).
+pub struct Bound {
+    endpoint: quinn::Endpoint,
+    client_config: quinn::ClientConfig,
+}
+
+impl Bound {
+    /// Binds the peer endpoint on `addr` with the identity in `dir`.
+    pub fn bind(addr: SocketAddr, dir: &Path) -> anyhow::Result<Bound> {
+        let (server, client_config) = tls_configs(dir)?;
         let endpoint = quinn::Endpoint::server(server, addr)
             .map_err(|e| anyhow::anyhow!("cannot listen for peers on {addr}: {e}"))?;
+        Ok(Bound { endpoint, client_config })
+    }
+
+    /// Where the endpoint listens.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.endpoint.local_addr().expect("bound endpoint")
+    }
+}
+
+impl Peers {
+    /// This node's side of its peer connections over `bound`, answering peers' requests with
+    /// `handler`. It dials when called; it accepts once [`Peers::accept`] is called.
+    pub fn new(me: NodeId, cluster_id: String, bound: Bound, handler: Handler, load: Arc<AtomicU64>) -> Arc<Peers> {
         let (linked, _) = watch::channel(0);
-        let peers = Arc::new(Peers {
+        Arc::new(Peers {
             me,
             incarnation: rand::random(),
             cluster_id,
-            endpoint,
-            client_config: client,
+            endpoint: bound.endpoint,
+            client_config: bound.client_config,
             state: Mutex::new(HashMap::new()),
             linked,
             handler,
@@ -169,9 +183,12 @@ impl Peers {
             stopped: AtomicBool::new(false),
             isolated: AtomicBool::new(false),
             cut_off: Mutex::new(BTreeSet::new()),
-        });
-        tokio::spawn(accept_loop(peers.clone()));
-        Ok(peers)
+        })
+    }
+
+    /// Starts accepting peers' connections (until [`Peers::stop`]).
+    pub fn accept(self: &Arc<Self>) {
+        tokio::spawn(accept_loop(self.clone()));
     }
 
     /// Where the endpoint listens.
