@@ -325,6 +325,8 @@ pub struct Engine {
     /// Bytes of log entries in memory over all groups, kept as each group's log changes (its
     /// sum is needed per proposal and per apply).
     mem_held: u64,
+    /// Appends dropped because the entries they carried did not fit in memory.
+    appends_dropped: u64,
 }
 
 fn lead_of(raw: &RawNode<GroupLog>) -> Lead {
@@ -355,6 +357,7 @@ impl Engine {
             unwritten: VecDeque::new(),
             outgoing: BTreeMap::new(),
             mem_held: 0,
+            appends_dropped: 0,
         }
     }
 
@@ -555,16 +558,26 @@ impl Engine {
     pub fn step(&mut self, messages: impl IntoIterator<Item = Envelope>) -> Vec<Envelope> {
         let mut unknown = Vec::new();
         for envelope in messages {
-            let Some(g) = self.groups.get_mut(&envelope.group) else {
+            if !self.groups.contains_key(&envelope.group) {
                 unknown.push(envelope);
                 continue;
-            };
+            }
+            if envelope.message.get_msg_type() == MessageType::MsgAppend && !envelope.message.entries.is_empty() {
+                let bytes = envelope.message.entries.iter().map(log::entry_bytes).sum();
+                if !self.make_room(bytes) {
+                    // As if lost: the leader sends again after its next heartbeat's answer.
+                    self.appends_dropped += 1;
+                    tracing::debug!(target: "grex::raft", group = envelope.group, bytes, held = self.mem_held, "append dropped: log memory full");
+                    continue;
+                }
+            }
+            let g = self.groups.get_mut(&envelope.group).expect("checked");
             // Heartbeats keep a group asleep, and so do pre-votes to a follower: it answers them
             // as one within its leader's lease does, and its own failure detector wakes it if the
             // leader is really gone. A leader wakes on a pre-vote: a member does not hear it (it
             // restarted, or its link was cut), and heartbeats tell it who leads.
-            let raft = &g.raw.raft;
             let from = envelope.message.from;
+            let raft = &g.raw.raft;
             match envelope.message.get_msg_type() {
                 MessageType::MsgHeartbeat | MessageType::MsgHeartbeatResponse => {}
                 MessageType::MsgRequestPreVote if raft.state == StateRole::Leader => g.wake(),
@@ -747,6 +760,33 @@ impl Engine {
     pub fn mem_bytes(&self) -> u64 {
         debug_assert_eq!(self.mem_held, self.groups.values().map(|g| g.raw.store().mem_bytes()).sum::<u64>());
         self.mem_held
+    }
+
+    /// How many appends this engine dropped because their entries did not fit in memory.
+    pub fn appends_dropped(&self) -> u64 {
+        self.appends_dropped
+    }
+
+    /// Whether `bytes` more of log entries fit within [`EngineConfig::max_mem_bytes`] (always,
+    /// when nothing is held). If not, every group's durable entries leave memory first, applied
+    /// or not (they are read back from the log when they are applied or sent): then only
+    /// entries still being written are held, and those leave once written, so a node that
+    /// refuses appends to stay within the bound always gets room again without any peer's help.
+    fn make_room(&mut self, bytes: u64) -> bool {
+        let max = self.config.max_mem_bytes;
+        let fits = |held: u64| held == 0 || held + bytes <= max;
+        if fits(self.mem_held) {
+            return true;
+        }
+        for g in self.groups.values_mut() {
+            let held = g.raw.store().mem_bytes();
+            if held > 0 {
+                let persisted = g.raw.raft.raft_log.persisted;
+                g.raw.mut_store().evict(persisted);
+                self.mem_held = self.mem_held - held + g.raw.store().mem_bytes();
+            }
+        }
+        fits(self.mem_held)
     }
 
     /// Collects what every group has to hand out. Call until it returns an empty output.

@@ -797,3 +797,59 @@ fn an_election_lost_while_every_node_is_up_is_run_again_within_a_second() {
     cluster.tick(12);
     assert_eq!(cluster.applied(behind, G).last().map(String::as_str), Some("after"));
 }
+
+#[test]
+fn a_follower_over_its_log_memory_drops_appends_and_catches_up_once_its_writes_land() {
+    const BOUND: u64 = 8 << 10;
+    let mut cluster = Cluster::new(&[1, 2, 3], &[G], 11);
+    for node in cluster.nodes.values_mut() {
+        node.engine.config.max_mem_bytes = BOUND;
+    }
+    let (leader, _) = cluster.elect(G);
+    // One follower's disk stalls: what it receives stays in memory, unwritten. The leader and
+    // the other follower commit and apply without it.
+    let slow = [1, 2, 3].into_iter().find(|&id| id != leader).unwrap();
+    cluster.nodes.get_mut(&slow).unwrap().hold_writes = true;
+    let payload = "y".repeat(1000);
+    for i in 0..30 {
+        cluster.propose(leader, G, &format!("{i}:{payload}")).expect("the leader applies and makes room");
+        let held = cluster.nodes[&slow].engine.mem_bytes();
+        assert!(held <= BOUND, "the slow follower holds {held} bytes, over its bound of {BOUND}");
+    }
+    let dropped = cluster.nodes[&slow].engine.appends_dropped();
+    assert!(dropped > 0, "the slow follower took every append");
+    assert!(cluster.applied(slow, G).is_empty());
+    // Its disk comes back: the leader sends what was dropped again, and every node applies all.
+    cluster.nodes.get_mut(&slow).unwrap().hold_writes = false;
+    Cluster::flush(cluster.nodes.get_mut(&slow).unwrap());
+    cluster.tick(60);
+    let expected: Vec<String> = (0..30).map(|i| format!("{i}:{payload}")).collect();
+    for id in [1, 2, 3] {
+        assert_eq!(cluster.applied(id, G), expected, "node {id}");
+        assert!(cluster.nodes[&id].engine.mem_bytes() <= BOUND, "node {id}");
+    }
+}
+
+#[test]
+fn under_memory_pressure_durable_entries_leave_memory_before_they_apply_and_are_read_back() {
+    let mut cluster = Cluster::new(&[1, 2, 3], &[G], 12);
+    let (leader, _) = cluster.elect(G);
+    let follower = [1, 2, 3].into_iter().find(|&id| id != leader).unwrap();
+    cluster.nodes.get_mut(&follower).unwrap().hold_writes = true;
+    for i in 0..5 {
+        cluster.propose(leader, G, &format!("entry {i}")).unwrap();
+    }
+    // The follower's entries become durable but are not applied yet (the commit index reaches it
+    // with the next message); room is made for an append larger than the bound, so every durable
+    // entry leaves memory.
+    let node = cluster.nodes.get_mut(&follower).unwrap();
+    assert!(node.engine.mem_bytes() > 0);
+    Cluster::flush(node);
+    node.hold_writes = false;
+    assert!(node.engine.make_room(u64::MAX / 2), "one append always fits once nothing is held");
+    assert_eq!(node.engine.mem_bytes(), 0, "durable entries stay in memory");
+    assert!(cluster.applied(follower, G).is_empty());
+    cluster.tick(20);
+    let expected: Vec<String> = (0..5).map(|i| format!("entry {i}")).collect();
+    assert_eq!(cluster.applied(follower, G), expected, "read back from the disk and applied in order");
+}
