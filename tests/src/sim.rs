@@ -96,6 +96,8 @@ pub struct Report {
     pub voters: BTreeSet<NodeId>,
     /// The voters the last move aimed at.
     pub wanted: BTreeSet<NodeId>,
+    /// Appends the nodes dropped because their log memory was full.
+    pub appends_dropped: u64,
 }
 
 impl Report {
@@ -275,7 +277,16 @@ struct Sim {
     /// Each learner's entry that added it: once its log holds it, it may be promoted.
     added: BTreeMap<NodeId, u64>,
     next_reconfigure: Time,
+    /// Every engine's bound on log entries in memory: tight in one schedule of four (chosen from
+    /// the seed, so the random stream stays the same), so followers drop appends and move durable
+    /// entries out of memory under the faults.
+    log_memory: u64,
+    /// Appends dropped for memory by engines since crashed.
+    appends_dropped: u64,
 }
+
+/// The log memory of a schedule with a tight bound: a few entries' worth.
+const TIGHT_LOG_MEMORY: u64 = 2 << 10;
 
 fn conf() -> ConfState {
     ConfState { voters: (1..=VOTERS).collect(), ..Default::default() }
@@ -308,6 +319,8 @@ impl Sim {
             want: (1..=VOTERS).collect(),
             added: BTreeMap::new(),
             next_reconfigure: 0,
+            log_memory: if seed % 4 == 0 { TIGHT_LOG_MEMORY } else { EngineConfig::default().max_mem_bytes },
+            appends_dropped: 0,
         };
         for id in 1..=NODES {
             let disk = SharedDisk::default();
@@ -341,7 +354,7 @@ impl Sim {
                 incarnations: BTreeMap::new(),
                 alive: (1..=NODES).collect(),
             };
-            node.engine = Some(open_engine(&node, seed));
+            node.engine = Some(open_engine(&node, seed, sim.log_memory));
             sim.nodes.insert(id, node);
             let at = sim.rng.random_range(0..TICK);
             sim.at(at, Event::Tick(id));
@@ -800,7 +813,7 @@ impl Sim {
 
     fn crash(&mut self, id: NodeId) {
         let node = self.nodes.get_mut(&id).unwrap();
-        node.engine = None;
+        self.appends_dropped += node.engine.take().map_or(0, |e| e.appends_dropped());
         node.incarnation += 1;
         node.unwritten.clear();
         node.paused_until = None;
@@ -827,8 +840,9 @@ impl Sim {
     fn restart(&mut self, id: NodeId) {
         let seed = self.rng.random();
         let now = self.now;
+        let log_memory = self.log_memory;
         let node = self.nodes.get_mut(&id).unwrap();
-        node.engine = Some(open_engine(node, seed));
+        node.engine = Some(open_engine(node, seed, log_memory));
         node.last_checkpoint = now;
         node.last_heard = (1..=NODES).map(|peer| (peer, now)).collect();
         node.alive = (1..=NODES).collect();
@@ -1003,8 +1017,9 @@ fn adopt(node: &mut Node, envelope: Envelope) {
 }
 
 /// An engine over a node's disk and checkpoint, as a (re)started node opens it.
-fn open_engine(node: &Node, seed: u64) -> Engine {
-    let mut engine = Engine::new(node.id, EngineConfig { seed: seed ^ node.id, ..EngineConfig::default() });
+fn open_engine(node: &Node, seed: u64, log_memory: u64) -> Engine {
+    let config = EngineConfig { seed: seed ^ node.id, max_mem_bytes: log_memory, ..EngineConfig::default() };
+    let mut engine = Engine::new(node.id, config);
     let disk = node.disk.0.lock().unwrap();
     if !disk.member {
         return engine;
@@ -1046,6 +1061,8 @@ pub fn run(seed: u64, mutation: Option<Mutation>) -> Report {
         Err(unavailable) => vec![unavailable],
     };
     let voters = sim.final_voters();
+    let appends_dropped = sim.appends_dropped
+        + sim.nodes.values().filter_map(|n| n.engine.as_ref()).map(|e| e.appends_dropped()).sum::<u64>();
     let report = Report {
         seed,
         ops: sim.history.len(),
@@ -1054,6 +1071,7 @@ pub fn run(seed: u64, mutation: Option<Mutation>) -> Report {
         anomalies,
         voters,
         wanted: sim.want,
+        appends_dropped,
     };
     if std::env::var("GREX_SIM_DEBUG").is_ok() {
         eprintln!("{}", report.explain());
@@ -1095,6 +1113,8 @@ pub struct Sweep {
     pub settled: u64,
     /// How many schedules had anomalies.
     pub failures: u64,
+    /// Appends dropped for memory, over all schedules (those with a tight bound).
+    pub appends_dropped: u64,
 }
 
 impl Sweep {
@@ -1102,13 +1122,14 @@ impl Sweep {
     pub fn summary(&self) -> String {
         format!(
             "{} schedules, {} operations ({:.1}% acknowledged), {} with anomalies; {} ended on other voters, \
-             {} on the voters their last move aimed at",
+             {} on the voters their last move aimed at; {} appends dropped for log memory",
             self.schedules,
             self.ops,
             100.0 * self.acknowledged as f64 / self.ops.max(1) as f64,
             self.failures,
             self.moved,
-            self.settled
+            self.settled,
+            self.appends_dropped
         )
     }
 }
@@ -1137,6 +1158,7 @@ pub fn sweep(base: u64, count: u64, mutation: Option<Mutation>, threads: usize) 
                     total.acknowledged += report.acknowledged;
                     total.moved += u64::from(report.moved());
                     total.settled += u64::from(report.voters == report.wanted);
+                    total.appends_dropped += report.appends_dropped;
                     if !report.anomalies.is_empty() {
                         total.failures += 1;
                         if total.failed.len() < 10 {
