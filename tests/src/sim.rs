@@ -319,7 +319,7 @@ impl Sim {
             want: (1..=VOTERS).collect(),
             added: BTreeMap::new(),
             next_reconfigure: 0,
-            log_memory: if seed % 4 == 0 { TIGHT_LOG_MEMORY } else { EngineConfig::default().max_mem_bytes },
+            log_memory: if seed.is_multiple_of(4) { TIGHT_LOG_MEMORY } else { EngineConfig::default().max_mem_bytes },
             appends_dropped: 0,
         };
         for id in 1..=NODES {
