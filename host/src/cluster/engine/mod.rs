@@ -329,6 +329,14 @@ pub struct Engine {
     appends_dropped: u64,
 }
 
+/// Runs `change` on a group's log and keeps `held`, the engine's total of entry bytes in memory,
+/// in step with it.
+fn tracked(held: &mut u64, log: &mut GroupLog, change: impl FnOnce(&mut GroupLog)) {
+    let before = log.mem_bytes();
+    change(log);
+    *held = *held - before + log.mem_bytes();
+}
+
 fn lead_of(raw: &RawNode<GroupLog>) -> Lead {
     let raft = &raw.raft;
     Lead {
@@ -694,9 +702,7 @@ impl Engine {
         let conf = conf.unwrap_or_else(|| store.conf_state());
         store.set_applied(index, term, conf);
         let persisted = g.raw.raft.raft_log.persisted;
-        let held = g.raw.store().mem_bytes();
-        g.raw.mut_store().evict(index.min(persisted).saturating_sub(cached));
-        self.mem_held = self.mem_held - held + g.raw.store().mem_bytes();
+        tracked(&mut self.mem_held, g.raw.mut_store(), |log| log.evict(index.min(persisted).saturating_sub(cached)));
         self.settle(group);
     }
 
@@ -704,9 +710,7 @@ impl Engine {
     pub fn purge(&mut self, group: GroupId, upto: u64) {
         if let Some(g) = self.groups.get_mut(&group) {
             let applied = g.raw.raft.raft_log.applied;
-            let held = g.raw.store().mem_bytes();
-            g.raw.mut_store().purge(upto.min(applied));
-            self.mem_held = self.mem_held - held + g.raw.store().mem_bytes();
+            tracked(&mut self.mem_held, g.raw.mut_store(), |log| log.purge(upto.min(applied)));
         }
     }
 
@@ -778,13 +782,9 @@ impl Engine {
         if fits(self.mem_held) {
             return true;
         }
-        for g in self.groups.values_mut() {
-            let held = g.raw.store().mem_bytes();
-            if held > 0 {
-                let persisted = g.raw.raft.raft_log.persisted;
-                g.raw.mut_store().evict(persisted);
-                self.mem_held = self.mem_held - held + g.raw.store().mem_bytes();
-            }
+        for g in self.groups.values_mut().filter(|g| g.raw.store().mem_bytes() > 0) {
+            let persisted = g.raw.raft.raft_log.persisted;
+            tracked(&mut self.mem_held, g.raw.mut_store(), |log| log.evict(persisted));
         }
         fits(self.mem_held)
     }
@@ -805,16 +805,18 @@ impl Engine {
             for read in rd.take_read_states() {
                 out.reads.push((group, read));
             }
-            let in_memory = g.raw.store().mem_bytes();
             let snapshot = (!rd.snapshot().is_empty()).then(|| rd.snapshot().clone());
             if let Some(snapshot) = &snapshot {
-                g.raw.mut_store().apply_snapshot(snapshot);
                 g.confs.clear();
                 snapshots.push((group, snapshot.get_metadata().index));
             }
             let entries = rd.take_entries();
-            g.raw.mut_store().append(&entries);
-            self.mem_held = self.mem_held - in_memory + g.raw.store().mem_bytes();
+            tracked(&mut self.mem_held, g.raw.mut_store(), |log| {
+                if let Some(snapshot) = &snapshot {
+                    log.apply_snapshot(snapshot);
+                }
+                log.append(&entries);
+            });
             let hard_state = rd.hs().cloned();
             if let Some(hs) = &hard_state {
                 g.raw.mut_store().set_hard_state(hs.clone());
