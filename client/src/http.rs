@@ -85,6 +85,7 @@ impl HttpTransport {
 
 fn to_http(request: &Request) -> HttpCall {
     let get = |path: String| HttpCall { method: Method::GET, path, content_type: None, body: Vec::new() };
+    let post = |path: String| HttpCall { method: Method::POST, path, content_type: None, body: Vec::new() };
     match request {
         Request::PutModule { name, wasm } => HttpCall {
             method: Method::PUT,
@@ -118,6 +119,9 @@ fn to_http(request: &Request) -> HttpCall {
         Request::Status => get("/v1/status".to_owned()),
         Request::ListModules => get("/v1/modules".to_owned()),
         Request::Flocks => get("/v1/flocks".to_owned()),
+        Request::Nodes => get("/v1/cluster/nodes".to_owned()),
+        Request::DrainNode { node } => post(format!("/v1/cluster/nodes/{}/drain", encode(node))),
+        Request::RemoveNode { node } => post(format!("/v1/cluster/nodes/{}/remove", encode(node))),
     }
 }
 
@@ -133,6 +137,9 @@ fn from_http(request: &Request, headers: &hyper::HeaderMap, body: Bytes) -> Resu
         }),
         Request::GetItem { .. } => Response::Item(body.to_vec()),
         Request::Flocks => Response::Flocks(serde_json::from_slice(&body).map_err(json_error)?),
+        Request::Nodes | Request::DrainNode { .. } | Request::RemoveNode { .. } => {
+            Response::Nodes(serde_json::from_slice(&body).map_err(json_error)?)
+        }
         Request::ListItems { .. } => {
             #[derive(serde::Deserialize)]
             struct Items {

@@ -186,6 +186,29 @@ impl Client {
             other => Err(unexpected(other)),
         }
     }
+
+    /// The cluster's nodes.
+    pub async fn nodes(&self) -> Result<proto::NodesInfo, ClientError> {
+        self.nodes_after(Request::Nodes).await
+    }
+
+    /// Starts draining a node (its flocks move away, then it leaves); returns the nodes once
+    /// the cluster has recorded the drain.
+    pub async fn drain_node(&self, node: &str) -> Result<proto::NodesInfo, ClientError> {
+        self.nodes_after(Request::DrainNode { node: node.to_owned() }).await
+    }
+
+    /// Removes a dead node; returns the nodes once the cluster has recorded it.
+    pub async fn remove_node(&self, node: &str) -> Result<proto::NodesInfo, ClientError> {
+        self.nodes_after(Request::RemoveNode { node: node.to_owned() }).await
+    }
+
+    async fn nodes_after(&self, request: Request) -> Result<proto::NodesInfo, ClientError> {
+        match self.call(request).await? {
+            Response::Nodes(nodes) => Ok(nodes),
+            other => Err(unexpected(other)),
+        }
+    }
 }
 
 fn unexpected(response: Response) -> ClientError {

@@ -157,6 +157,19 @@ pub enum Request {
     ListModules,
     /// The flock map: each flock's herders and leader.
     Flocks,
+    /// The cluster's nodes: their state, liveness and the flocks they herd.
+    Nodes,
+    /// Start draining a node: its flocks move to the other nodes, then it leaves the cluster.
+    DrainNode {
+        /// The node's id (16 hex digits, as `Nodes` lists it).
+        node: String,
+    },
+    /// Remove a dead node at once: its flocks are copied again from the surviving herders, and
+    /// the node is refused if it comes back.
+    RemoveNode {
+        /// The node's id.
+        node: String,
+    },
 }
 
 /// A node's answer.
@@ -180,6 +193,8 @@ pub enum Response {
     Modules(Vec<ModuleInfo>),
     /// The flock map.
     Flocks(FlockMapInfo),
+    /// The cluster's nodes.
+    Nodes(NodesInfo),
 }
 
 impl Response {
@@ -195,6 +210,7 @@ impl Response {
             Response::Error(_) => "error",
             Response::Modules(_) => "modules",
             Response::Flocks(_) => "flocks",
+            Response::Nodes(_) => "nodes",
         }
     }
 }
@@ -253,6 +269,38 @@ pub struct FlockMapInfo {
     pub nodes: Vec<(String, String)>,
     /// Every flock.
     pub flocks: Vec<FlockInfo>,
+}
+
+/// The cluster's nodes as one node sees them.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodesInfo {
+    /// The flock map's version.
+    pub map_version: u64,
+    /// Flocks whose herders are still changing toward the map (moves under way).
+    pub flocks_moving: u32,
+    /// Every member.
+    pub nodes: Vec<NodeInfo>,
+    /// Ids of former members, refused if they come back.
+    pub removed: Vec<String>,
+}
+
+/// One member of the cluster.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeInfo {
+    /// Its id (16 hex digits).
+    pub id: String,
+    /// `active`, or `draining` (handing its flocks to the others before it leaves).
+    pub state: String,
+    /// The answering node hears from it.
+    pub alive: bool,
+    /// Its HTTP URL.
+    pub http: String,
+    /// Its peer address.
+    pub peer: String,
+    /// Flocks the map names it a herder of.
+    pub flocks: u32,
+    /// Flocks it leads, as the answering node knows.
+    pub leads: u32,
 }
 
 /// Where to send work for a bucket.
@@ -373,6 +421,11 @@ pub enum ErrorCode {
     RequestTimeout,
     /// The module did not compile within the node's compile deadline or memory cap.
     ModuleTooComplex,
+    /// No member node has that id.
+    NodeNotFound,
+    /// The request does not fit the cluster's state (the message says why and what to do);
+    /// nothing changed.
+    Conflict,
 }
 
 impl ErrorCode {
@@ -406,6 +459,8 @@ impl ErrorCode {
             ErrorCode::NoQuorum => "no_quorum",
             ErrorCode::Unavailable => "unavailable",
             ErrorCode::OutcomeUnknown => "outcome_unknown",
+            ErrorCode::NodeNotFound => "node_not_found",
+            ErrorCode::Conflict => "conflict",
         }
     }
 
@@ -414,7 +469,8 @@ impl ErrorCode {
         match self {
             ErrorCode::BadRequest | ErrorCode::InvalidBucketKey | ErrorCode::InvalidItemKey => 400,
             ErrorCode::ModuleInvalid => 400,
-            ErrorCode::ItemNotFound | ErrorCode::ModuleNotFound => 404,
+            ErrorCode::ItemNotFound | ErrorCode::ModuleNotFound | ErrorCode::NodeNotFound => 404,
+            ErrorCode::Conflict => 409,
             ErrorCode::RequestTimeout => 408,
             ErrorCode::ModuleTooLarge | ErrorCode::InputTooLarge => 413,
             ErrorCode::UnsupportedMediaType => 415,

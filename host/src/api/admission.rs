@@ -15,9 +15,9 @@ use futures::future::BoxFuture;
 
 use super::budget::ReadBudget;
 use crate::error::{ErrorCode, RemoteError, Result, error};
-use grex_client::proto::{Canary, FlockMapInfo, JobOutput, ModuleInfo};
+use grex_client::proto::{Canary, FlockMapInfo, JobOutput, ModuleInfo, NodesInfo};
 
-use crate::node::{RespNode, Service};
+use crate::node::{NodeChange, RespNode, Service};
 
 /// A service whose jobs and uploads are admitted by bytes.
 pub struct Admitted {
@@ -98,6 +98,14 @@ impl Service for Admitted {
     fn resp_nodes(&self) -> Vec<RespNode> {
         self.inner.resp_nodes()
     }
+
+    fn nodes(&self) -> Result<NodesInfo> {
+        self.inner.nodes()
+    }
+
+    fn change_node(&self, node: String, change: NodeChange) -> BoxFuture<'static, Result<NodesInfo>> {
+        self.inner.change_node(node, change)
+    }
 }
 
 #[cfg(test)]
@@ -135,6 +143,14 @@ mod tests {
 
         fn resp_nodes(&self) -> Vec<RespNode> {
             Vec::new()
+        }
+
+        fn nodes(&self) -> Result<NodesInfo> {
+            unreachable!("not used")
+        }
+
+        fn change_node(&self, _: String, _: NodeChange) -> BoxFuture<'static, Result<NodesInfo>> {
+            unreachable!("not used")
         }
     }
 

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Body;
-use axum::extract::{DefaultBodyLimit, Query, State};
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, Request, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
@@ -27,7 +27,7 @@ use super::Gate;
 use super::budget::ReadBudget;
 use super::conns::{Conn, ConnTable, accept_loop};
 use crate::error::{ErrorCode, RemoteError, error};
-use crate::node::{Node, Service};
+use crate::node::{Node, NodeChange, Service};
 
 /// HTTP connections open at once; when all are taken, the longest-idle one is closed for a new
 /// client, and while all are busy new ones wait in the kernel's accept queue (see `conns`).
@@ -177,6 +177,9 @@ fn router(node: Node, service: Arc<dyn Service>, timeouts: HttpTimeouts, budget:
         .route("/v1/canary/{bucket}", get(canary))
         .route("/v1/status", get(status))
         .route("/v1/flocks", get(flocks))
+        .route("/v1/cluster/nodes", get(nodes))
+        .route("/v1/cluster/nodes/{node}/drain", post(drain_node))
+        .route("/v1/cluster/nodes/{node}/remove", post(remove_node))
         .fallback(not_found)
         // Bodies are read with the node's own limits, so the errors are ours (JSON, named).
         .layer(DefaultBodyLimit::disable())
@@ -372,6 +375,24 @@ async fn canary(
 
 async fn flocks(State(App { service, .. }): State<App>) -> Json<grex_client::proto::FlockMapInfo> {
     Json(service.flocks())
+}
+
+async fn nodes(State(App { service, .. }): State<App>) -> ApiResult<Json<grex_client::proto::NodesInfo>> {
+    Ok(Json(service.nodes()?))
+}
+
+async fn drain_node(
+    State(App { service, .. }): State<App>,
+    Path(node): Path<String>,
+) -> ApiResult<Json<grex_client::proto::NodesInfo>> {
+    Ok(Json(service.change_node(node, NodeChange::Drain).await?))
+}
+
+async fn remove_node(
+    State(App { service, .. }): State<App>,
+    Path(node): Path<String>,
+) -> ApiResult<Json<grex_client::proto::NodesInfo>> {
+    Ok(Json(service.change_node(node, NodeChange::Remove).await?))
 }
 
 async fn status(State(App { node, .. }): State<App>) -> Json<grex_client::Status> {

@@ -18,7 +18,7 @@ use super::Gate;
 use super::budget::{Claim, FREE_BYTES, ReadBudget};
 use super::tls::NodeIdentity;
 use crate::error::{ErrorCode, RemoteError, error};
-use crate::node::{Node, Service};
+use crate::node::{Node, NodeChange, Service};
 
 /// Client connections served at once; more are refused.
 pub const CONNECTIONS_MAX: usize = 1024;
@@ -110,6 +110,9 @@ impl Serving {
             }
             Request::Canary { bucket } => service.canary(bucket, false).await.map(Response::Canary),
             Request::Flocks => Ok(Response::Flocks(service.flocks())),
+            Request::Nodes => service.nodes().map(Response::Nodes),
+            Request::DrainNode { node } => service.change_node(node, NodeChange::Drain).await.map(Response::Nodes),
+            Request::RemoveNode { node } => service.change_node(node, NodeChange::Remove).await.map(Response::Nodes),
             Request::Status => Ok(Response::Status(node.status())),
             Request::ListModules => Ok(Response::Modules(node.modules())),
         };

@@ -2,10 +2,12 @@
 
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::Subcommand;
 use grex_client::Client;
+use grex_client::proto::NodesInfo;
 
 use super::Target;
 
@@ -194,4 +196,118 @@ pub(super) async fn status(target: &Target) -> anyhow::Result<()> {
     let status = connect(target).await?.status().await?;
     writeln!(stdout(), "{}", serde_json::to_string_pretty(&status)?)?;
     Ok(())
+}
+
+pub(super) async fn nodes(target: &Target) -> anyhow::Result<()> {
+    let nodes = connect(target).await?.nodes().await?;
+    print_nodes(&nodes)
+}
+
+fn print_nodes(nodes: &NodesInfo) -> anyhow::Result<()> {
+    let mut out = stdout();
+    writeln!(out, "{:<16}  {:<8}  {:<5}  {:>6}  {:>5}  http", "node", "state", "up", "flocks", "leads")?;
+    for n in &nodes.nodes {
+        let up = if n.alive { "yes" } else { "no" };
+        writeln!(out, "{:<16}  {:<8}  {:<5}  {:>6}  {:>5}  {}", n.id, n.state, up, n.flocks, n.leads, n.http)?;
+    }
+    for id in &nodes.removed {
+        writeln!(out, "{id:<16}  removed")?;
+    }
+    if nodes.flocks_moving > 0 {
+        writeln!(out, "{} flock(s) moving (flock map version {})", nodes.flocks_moving, nodes.map_version)?;
+    }
+    Ok(())
+}
+
+/// The member whose id is `given` or starts with it.
+fn resolve_node(nodes: &NodesInfo, given: &str) -> anyhow::Result<String> {
+    if nodes.removed.iter().any(|id| id == given) {
+        return Ok(given.to_owned());
+    }
+    let matching: Vec<&str> = nodes.nodes.iter().map(|n| n.id.as_str()).filter(|id| id.starts_with(given)).collect();
+    match matching.as_slice() {
+        [one] => Ok((*one).to_owned()),
+        [] => anyhow::bail!(
+            "no member's id starts with `{given}`; the members are {}",
+            nodes.nodes.iter().map(|n| n.id.as_str()).collect::<Vec<_>>().join(", ")
+        ),
+        many => anyhow::bail!("`{given}` could be any of {}; give more of the id", many.join(", ")),
+    }
+}
+
+pub(super) async fn remove(node: &str, target: &Target) -> anyhow::Result<()> {
+    let client = connect(target).await?;
+    let id = resolve_node(&client.nodes().await?, node)?;
+    let nodes = client.remove_node(&id).await?;
+    eprintln!("removed node {id}; its flocks are being copied again from the other herders");
+    print_nodes(&nodes)
+}
+
+pub(super) async fn drain(node: &str, no_wait: bool, target: &Target) -> anyhow::Result<()> {
+    let mut client = connect(target).await?;
+    let id = resolve_node(&client.nodes().await?, node)?;
+    let mut nodes = client.drain_node(&id).await?;
+    if no_wait {
+        eprintln!("node {id} is draining; `grex cluster nodes` shows how far it got");
+        return print_nodes(&nodes);
+    }
+    // The drained node stops answering once it has left: follow through another member.
+    let others: Vec<String> = nodes.nodes.iter().filter(|n| n.id != id).map(|n| n.http.clone()).collect();
+    let total = nodes.nodes.iter().find(|n| n.id == id).map_or(0, |n| n.flocks).max(1);
+    let mut progress = Progress::new(total);
+    let mut next_other = 0;
+    loop {
+        if nodes.removed.contains(&id) {
+            progress.finish();
+            eprintln!("node {id} has handed over its flocks and left the cluster; it can be shut down");
+            return Ok(());
+        }
+        // The map names new herders at once; a flock has moved once its group votes with them.
+        let named = nodes.nodes.iter().find(|n| n.id == id).map_or(0, |n| n.flocks);
+        progress.show(total.saturating_sub(named + nodes.flocks_moving));
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        match client.nodes().await {
+            Ok(now) => nodes = now,
+            Err(e) => {
+                let Some(url) = others.get(next_other % others.len().max(1)) else { return Err(e.into()) };
+                next_other += 1;
+                client = Client::connect(url, target.ca.as_deref()).await.unwrap_or(client);
+            }
+        }
+    }
+}
+
+/// A drain's progress on stderr: a bar on a terminal, a line per change otherwise.
+struct Progress {
+    total: u32,
+    terminal: bool,
+    last: Option<u32>,
+}
+
+impl Progress {
+    fn new(total: u32) -> Progress {
+        Progress { total, terminal: std::io::stderr().is_terminal(), last: None }
+    }
+
+    fn show(&mut self, moved: u32) {
+        if self.last == Some(moved) {
+            return;
+        }
+        self.last = Some(moved);
+        const WIDTH: u32 = 30;
+        let filled = (moved * WIDTH / self.total) as usize;
+        let bar = format!("{}{}", "#".repeat(filled), "-".repeat(WIDTH as usize - filled));
+        let line = format!("[{bar}] {moved}/{} flocks moved", self.total);
+        if self.terminal {
+            eprint!("\r{line}");
+        } else {
+            eprintln!("{line}");
+        }
+    }
+
+    fn finish(&self) {
+        if self.terminal && self.last.is_some() {
+            eprintln!();
+        }
+    }
 }

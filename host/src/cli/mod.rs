@@ -118,7 +118,7 @@ pub fn main() -> ExitCode {
             Command::Serve(args) => server::serve(args).await,
             Command::Dev(args) => server::dev(args).await,
             Command::Init(args) => server::init(args),
-            Command::Cluster(cmd) => server::cluster(cmd),
+            Command::Cluster(cmd) => server::cluster(cmd).await,
             Command::Flock(cmd) => client::flock(cmd).await,
             Command::Module(cmd) => client::module(cmd).await,
             Command::Job(cmd) => client::job(cmd).await,

@@ -4,10 +4,12 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::Args;
 
+use super::Target;
 use crate::api::{self, ServeConfig};
 use crate::cluster::{Cluster, ClusterConfig, ClusterFile, Replication, identity};
 use crate::config::{Limits, NodeConfig};
@@ -73,6 +75,26 @@ pub(super) struct NodeArgs {
     /// catches up from the snapshot).
     #[arg(long, default_value_t = crate::cluster::SNAPSHOT_LOGS_DEFAULT)]
     snapshot_logs: u64,
+    /// How long a member may be unreachable before the cluster removes it and copies its
+    /// flocks again from the other herders (`90s`, `10m`, `1h`; never while half the members
+    /// or more are down).
+    #[arg(long, default_value = "10m", value_parser = parse_duration)]
+    dead_after: Duration,
+}
+
+/// A duration as `500ms`, `90s`, `10m`, `2h` (a bare number is seconds).
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let value: u64 = number.parse().map_err(|_| format!("`{text}` is not a duration such as 90s, 10m or 1h"))?;
+    let seconds = match unit {
+        "ms" => return Ok(Duration::from_millis(value)),
+        "" | "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        _ => return Err(format!("`{text}`: the unit must be ms, s, m or h")),
+    };
+    Ok(Duration::from_secs(value.saturating_mul(seconds)))
 }
 
 impl NodeArgs {
@@ -195,6 +217,33 @@ pub(super) struct InitArgs {
 /// `grex cluster ...`
 #[derive(clap::Subcommand)]
 pub(super) enum ClusterCommand {
+    /// List the members: state, liveness, flocks herded and led.
+    Nodes {
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Drain a node: its flocks move to the other nodes (each new herder catches up before the
+    /// node leaves its group), then it leaves the cluster. Shows progress until it has left.
+    Drain {
+        /// The node's id, or enough of its start to tell it apart (`grex cluster nodes` lists
+        /// them).
+        #[arg(value_name = "NODE_ID")]
+        id: String,
+        /// Return once the drain is recorded instead of following it to the end.
+        #[arg(long)]
+        no_wait: bool,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Remove a dead node at once: its flocks are copied again from the other herders, and the
+    /// node is refused if it comes back (wipe its data directory to join it again as a new node).
+    Remove {
+        /// The node's id, or enough of its start to tell it apart.
+        #[arg(value_name = "NODE_ID")]
+        id: String,
+        #[command(flatten)]
+        target: Target,
+    },
     /// Issue credentials for a new node (run where `grex init` ran: it needs the CA key).
     Credentials {
         /// Data directory holding the cluster CA key.
@@ -242,8 +291,13 @@ pub(super) fn init(args: InitArgs) -> anyhow::Result<()> {
 }
 
 /// Cluster administration.
-pub(super) fn cluster(cmd: ClusterCommand) -> anyhow::Result<()> {
-    let ClusterCommand::Credentials { data, out, names } = cmd;
+pub(super) async fn cluster(cmd: ClusterCommand) -> anyhow::Result<()> {
+    let (data, out, names) = match cmd {
+        ClusterCommand::Credentials { data, out, names } => (data, out, names),
+        ClusterCommand::Nodes { target } => return super::client::nodes(&target).await,
+        ClusterCommand::Drain { id, no_wait, target } => return super::client::drain(&id, no_wait, &target).await,
+        ClusterCommand::Remove { id, target } => return super::client::remove(&id, &target).await,
+    };
     let credentials = identity::issue_credentials(&data, &names)?;
     identity::write_file(&out, &serde_json::to_string_pretty(&credentials)?, true)?;
     println!(
@@ -297,7 +351,12 @@ async fn start_node(
     join: Option<String>,
     disk_fault: Option<Arc<AtomicBool>>,
 ) -> anyhow::Result<Running> {
-    let cluster_config = ClusterConfig { join, snapshot_logs: node_args.snapshot_logs, ..ClusterConfig::new(peer) };
+    let cluster_config = ClusterConfig {
+        join,
+        snapshot_logs: node_args.snapshot_logs,
+        dead_after: node_args.dead_after,
+        ..ClusterConfig::new(peer)
+    };
     let file = ClusterFile::load(data)?.context("the data directory holds no cluster")?;
     let mut config = node_args.config(data);
     config.flock_count = file.flock_count;
@@ -339,6 +398,7 @@ pub(super) async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         inject_faults(running.cluster.clone(), disk)?;
     }
     let commits = running.node.commits().clone();
+    let cluster = running.cluster.clone();
     tokio::select! {
         () = wait_for_signal() => {}
         failure = commits.failed() => {
@@ -346,6 +406,11 @@ pub(super) async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             // truth: stop at once, so the cluster elects other leaders, and start over from disk.
             tracing::error!(error = %failure.message, "the disk failed; stopping (restart the node once the disk works)");
             std::process::exit(DISK_FAILED_EXIT);
+        }
+        reason = cluster.removed() => {
+            tracing::error!("{reason}; stopping");
+            shut_down(running).await;
+            anyhow::bail!("{reason}");
         }
     }
     shut_down(running).await;

@@ -33,6 +33,7 @@ use super::engine::{
     Write as EngineWrite,
 };
 use super::messages::{PeerRequest, PeerResponse};
+use super::meta::MetaState;
 use super::peer::Peers;
 use super::placement::FlockMap;
 use super::wire::{self, AppliedPoint, RaftMessage, WireConf, WireEntry, WireHardState};
@@ -94,15 +95,16 @@ pub enum Command {
         #[serde(with = "serde_bytes")]
         wasm: Vec<u8>,
     },
-}
-
-/// The membership and node list the meta group agrees on.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct MetaState {
-    /// Every member and its addresses.
-    pub nodes: BTreeMap<NodeId, PeerInfo>,
-    /// Flock → herders.
-    pub map: FlockMap,
+    /// Meta group: a member is to hand its flocks to the others, then leave.
+    DrainNode {
+        /// Its id.
+        id: NodeId,
+    },
+    /// Meta group: a member leaves for good (drained, or dead); it may not come back.
+    RemoveNode {
+        /// Its id.
+        id: NodeId,
+    },
 }
 
 /// One bucket in a snapshot: key, version, items.
@@ -235,7 +237,7 @@ impl Consensus {
         );
         let flocks = node.flock_count();
         let mut applied_conf = BTreeMap::new();
-        let meta_state: MetaState = read_state(store.as_ref(), META_GROUP, META_STATE_KEY)?.unwrap_or_default();
+        let meta_state = read_meta_state(store.as_ref())?;
         if bootstrap {
             let conf = WireConf { voters: vec![me], ..WireConf::default() };
             let mut log = Vec::new();
@@ -394,6 +396,14 @@ fn read_state<T: serde::de::DeserializeOwned>(
     match store.log_state(group, key)? {
         Some(bytes) => wire::decode(&bytes).map(Some).map_err(|e| anyhow::anyhow!("group {group}'s {key}: {e}")),
         None => Ok(None),
+    }
+}
+
+/// The meta state as the store holds it (empty on a new node).
+fn read_meta_state(store: &dyn Store) -> anyhow::Result<MetaState> {
+    match store.log_state(META_GROUP, META_STATE_KEY)? {
+        Some(bytes) => MetaState::decode(&bytes).map_err(|e| anyhow::anyhow!("the stored meta state: {e}")),
+        None => Ok(MetaState::default()),
     }
 }
 
@@ -858,19 +868,12 @@ impl Driver {
                 Ok(command) => {
                     meta_changed = true;
                     match command {
-                        Command::AddNode { id, info } => {
-                            self.meta_state.nodes.insert(id, info);
-                        }
-                        Command::SetFlockMap(map) => {
-                            if map.version > self.meta_state.map.version {
-                                self.meta_state.map = map;
-                            }
-                        }
                         Command::PutModule { name, id, wasm } => {
                             modules.push((name.clone(), id, wasm.len() as u64));
                             log.push(LogOp::PutModule { id, name, wasm });
                         }
                         Command::Change(_) => unreachable!("matched above"),
+                        member => self.meta_state.apply(member),
                     }
                 }
                 Err(e) => tracing::error!(group, index = entry.index, "an entry could not be decoded: {e}"),
@@ -1139,7 +1142,7 @@ fn build_snapshot(store: &dyn Store, group: GroupId) -> anyhow::Result<(AppliedP
     let point: AppliedPoint =
         read_state(store, group, APPLIED_KEY)?.ok_or_else(|| anyhow::anyhow!("group {group} has no applied state"))?;
     let data = if group == META_GROUP {
-        let state: MetaState = read_state(store, group, META_STATE_KEY)?.unwrap_or_default();
+        let state = read_meta_state(store)?;
         let mut modules = Vec::new();
         for (name, id) in store.module_names()? {
             if let Some(wasm) = store.module_bytes(&id)? {

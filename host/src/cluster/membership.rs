@@ -7,7 +7,7 @@
 //! configuration change that raft-rs leaves by itself. A leader that leaves its group hands the
 //! lead to the voter with the longest log (`engine`).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
@@ -74,6 +74,16 @@ impl Cluster {
                 .call(leader, PeerRequest::Hail { id, info }, Duration::from_secs(60))
                 .await
                 .unwrap_or_else(|e| PeerResponse::Error(e.into()));
+        }
+        if self.inner.meta_state.borrow().removed.contains(&id) {
+            return PeerResponse::Error(error(
+                ErrorCode::Conflict,
+                format!(
+                    "node {} was removed from the cluster; wipe its data directory, then start it with \
+                     --credentials and --join to join as a new node",
+                    node_id_text(id)
+                ),
+            ));
         }
         let recorded = self.inner.meta_state.borrow().nodes.get(&id).cloned();
         match recorded {
@@ -176,13 +186,15 @@ impl Cluster {
         }
     }
 
-    /// On the meta leader: every member is in the flock map and the meta group's voters.
-    pub(super) async fn reconcile_meta(&self) {
+    /// On the meta leader: every active member (not draining) is in the flock map and the meta
+    /// group's voters; drained nodes leave, and so do nodes dead for longer than `--dead-after`
+    /// (`lifecycle`). `unreachable` holds since when each unreachable member has been so.
+    pub(super) async fn reconcile_meta(&self, unreachable: &BTreeMap<NodeId, Instant>) {
         let state = self.meta_state();
         if state.nodes.is_empty() {
             return;
         }
-        let nodes: BTreeSet<NodeId> = state.nodes.keys().copied().collect();
+        let nodes = state.active();
         let map = place(&state.map, &nodes, self.inner.file.flock_count, self.inner.file.replication);
         if map != state.map {
             tracing::info!(version = map.version, nodes = nodes.len(), "publishing a new flock map");
@@ -190,9 +202,10 @@ impl Cluster {
                 tracing::warn!(error = %e.message, "could not publish the flock map");
             }
         }
+        self.finish_drains(&state).await;
+        self.remove_dead(&state, unreachable).await;
         let want: BTreeSet<NodeId> = nodes.iter().copied().take(META_VOTERS_MAX).collect();
-        let have = self.voters(META_GROUP);
-        if want != have && !self.inner.meta_reconfiguring.swap(true, Ordering::AcqRel) {
+        if self.voters_differ(META_GROUP, &want) && !self.inner.meta_reconfiguring.swap(true, Ordering::AcqRel) {
             let this = self.clone();
             tokio::spawn(async move {
                 while this.change_voters(META_GROUP, &want).await {}
@@ -227,8 +240,21 @@ impl Cluster {
     /// when they match, or the map names none yet).
     pub(super) fn herders_wanted(&self, flock: u32) -> Option<BTreeSet<NodeId>> {
         let want: BTreeSet<NodeId> = self.herders(flock).into_iter().collect();
-        let have = self.voters(flock);
-        (!want.is_empty() && want != have).then_some(want)
+        (!want.is_empty() && self.voters_differ(flock, &want)).then_some(want)
+    }
+
+    /// True if `group`'s voters are not `want`, or it keeps a learner that was removed from the
+    /// cluster (while it caught up).
+    fn voters_differ(&self, group: GroupId, want: &BTreeSet<NodeId>) -> bool {
+        let Some(view) = self.inner.consensus.view(group) else { return !want.is_empty() };
+        &view.voters != want || !self.stale_learners(&view.learners, want).is_empty()
+    }
+
+    /// Learners of a group that were removed from the cluster (a joining node is a learner of
+    /// the meta group before it is a member: it is not stale).
+    fn stale_learners(&self, learners: &BTreeSet<NodeId>, want: &BTreeSet<NodeId>) -> Vec<NodeId> {
+        let state = self.inner.meta_state.borrow();
+        learners.iter().copied().filter(|l| !want.contains(l) && state.removed.contains(l)).collect()
     }
 
     /// One step towards `want` as `group`'s voters: new ones join as learners and catch up, then
@@ -239,8 +265,9 @@ impl Cluster {
         if !leads(self) {
             return false;
         }
-        let have = self.voters(group);
-        if &have == want {
+        let Some(view) = self.inner.consensus.view(group) else { return false };
+        let (have, stale) = (view.voters, self.stale_learners(&view.learners, want));
+        if &have == want && stale.is_empty() {
             return false;
         }
         let me = self.inner.me;
@@ -261,7 +288,7 @@ impl Cluster {
         }
         let mut changes: Vec<ConfChangeSingle> =
             want.difference(&have).map(|&id| change(ConfChangeType::AddNode, id)).collect();
-        changes.extend(have.difference(want).map(|&id| change(ConfChangeType::RemoveNode, id)));
+        changes.extend(have.difference(want).chain(&stale).map(|&id| change(ConfChangeType::RemoveNode, id)));
         let changed =
             tokio::time::timeout(ROUTE_PATIENCE * 3, self.inner.consensus.change_conf(group, conf_change(changes)))
                 .await;

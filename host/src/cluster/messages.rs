@@ -11,10 +11,11 @@ use serde::{Deserialize, Serialize};
 
 use super::engine::NodeId;
 use super::wire::RaftMessage;
+use crate::node::NodeChange;
 use crate::storage::GroupId;
 
-/// ALPN of the peer protocol (version 7: one consensus engine per node, raft-rs messages).
-pub const PEER_ALPN: &[u8] = b"grex-peer/7";
+/// ALPN of the peer protocol (version 8: nodes can be drained and removed).
+pub const PEER_ALPN: &[u8] = b"grex-peer/8";
 
 /// Where a node answers.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -45,6 +46,8 @@ pub struct Lead {
     pub term: u64,
     /// The flock's voters are the herders the flock map names.
     pub settled: bool,
+    /// The version of the flock map the sender judged `settled` against.
+    pub map_version: u64,
 }
 
 /// One request and who sends it.
@@ -127,6 +130,13 @@ pub enum PeerRequest {
         #[serde(with = "serde_bytes")]
         wasm: Vec<u8>,
     },
+    /// Drain or remove a member (sent to the meta group's leader; answered `Ack` once recorded).
+    ChangeNode {
+        /// The member.
+        id: NodeId,
+        /// What becomes of it.
+        change: NodeChange,
+    },
 }
 
 /// The answer to a [`PeerRequest`].
@@ -162,4 +172,6 @@ pub enum PeerResponse {
     Module(Result<ModuleInfo, RemoteError>),
     /// The request failed.
     Error(RemoteError),
+    /// The sender was removed from the cluster: nothing it asks is answered any more.
+    Removed,
 }

@@ -26,8 +26,10 @@ mod consensus;
 pub mod decide;
 pub mod engine;
 pub mod identity;
+mod lifecycle;
 mod membership;
 pub mod messages;
+mod meta;
 mod peer;
 pub mod placement;
 mod routing;
@@ -37,6 +39,7 @@ pub mod wire;
 pub use consensus::SNAPSHOT_LOGS_DEFAULT;
 pub use engine::NodeId;
 pub use identity::{ClusterFile, Credentials};
+pub use lifecycle::REMOVE_DEAD_AFTER_DEFAULT;
 pub use messages::{PEER_ALPN, PeerInfo};
 pub use peer::{DEAD_AFTER, PING_INTERVAL, peer_client_config};
 
@@ -54,8 +57,9 @@ use crate::data::ChangeSet;
 use crate::error::{ErrorCode, Result, error};
 use crate::node::{Node, Replicator, Ticket};
 use crate::storage::{GroupId, META_GROUP};
-use consensus::{Command, Consensus, LeaderTerms, MetaState};
+use consensus::{Command, Consensus, LeaderTerms};
 use messages::{PeerRequest, PeerResponse};
+use meta::MetaState;
 use peer::{Bound, Handler, Peers};
 
 /// How long a proposed change set may take to commit before its job is answered with an error.
@@ -69,12 +73,20 @@ pub struct ClusterConfig {
     pub join: Option<String>,
     /// Log entries a group keeps before it purges the applied ones.
     pub snapshot_logs: u64,
+    /// How long a member may be unreachable before the cluster removes it and copies its
+    /// flocks again.
+    pub dead_after: Duration,
 }
 
 impl ClusterConfig {
     /// Default settings for a node whose peer endpoint listens on `peer_addr`.
     pub fn new(peer_addr: SocketAddr) -> Self {
-        ClusterConfig { peer_addr, join: None, snapshot_logs: SNAPSHOT_LOGS_DEFAULT }
+        ClusterConfig {
+            peer_addr,
+            join: None,
+            snapshot_logs: SNAPSHOT_LOGS_DEFAULT,
+            dead_after: REMOVE_DEAD_AFTER_DEFAULT,
+        }
     }
 }
 
@@ -100,6 +112,8 @@ struct Inner {
     /// Flocks whose membership change is under way here.
     reconfiguring: Vec<AtomicBool>,
     meta_reconfiguring: AtomicBool,
+    /// See [`ClusterConfig::dead_after`].
+    dead_after: Duration,
     /// Snapshots arriving in chunks, by sender and group.
     snapshots_in: Mutex<HashMap<(NodeId, GroupId), Vec<u8>>>,
 }
@@ -110,6 +124,8 @@ struct Claim {
     node: NodeId,
     term: u64,
     settled: bool,
+    /// The flock map version `settled` was judged against.
+    map_version: u64,
 }
 
 /// A node id as text (how the API shows it).
@@ -191,6 +207,7 @@ impl Cluster {
             claims: Mutex::new(vec![None; flock_count]),
             reconfiguring: (0..flock_count).map(|_| AtomicBool::new(false)).collect(),
             meta_reconfiguring: AtomicBool::new(false),
+            dead_after: config.dead_after,
             snapshots_in: Mutex::new(HashMap::new()),
         });
         let cluster = Cluster { inner };
@@ -247,6 +264,16 @@ impl Cluster {
         let ids = peers.iter().map(|p| parse_node_id(p)).collect::<anyhow::Result<BTreeSet<NodeId>>>()?;
         self.inner.peers.set_cut_off(ids);
         Ok(())
+    }
+
+    /// Resolves, with the reason, once this node learns it was removed from the cluster (it
+    /// should then stop: its peers refuse it).
+    pub async fn removed(&self) -> String {
+        let mut evicted = self.inner.peers.evicted();
+        match evicted.wait_for(Option::is_some).await {
+            Ok(reason) => reason.clone().unwrap_or_default(),
+            Err(_) => std::future::pending().await,
+        }
     }
 
     /// Stops the consensus engine and the peer endpoint.
@@ -317,6 +344,10 @@ impl Cluster {
             }
             PeerRequest::Hail { id, info } => self.admit(id, info).await,
             PeerRequest::PutModule { name, wasm } => PeerResponse::Module(self.store_module(name, wasm).await),
+            PeerRequest::ChangeNode { id, change } => match self.change_node_here(id, change).await {
+                Ok(()) => PeerResponse::Ack,
+                Err(e) => PeerResponse::Error(e),
+            },
             PeerRequest::Hello { .. } | PeerRequest::Ping { .. } => {
                 PeerResponse::Error(error(ErrorCode::BadRequest, "handled by the transport"))
             }

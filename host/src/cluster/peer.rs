@@ -1,4 +1,4 @@
-//! The peer transport: QUIC (quinn) with mutual TLS under the cluster CA, ALPN `grex-peer/7` (`messages::PEER_ALPN`).
+//! The peer transport: QUIC (quinn) with mutual TLS under the cluster CA, ALPN `grex-peer/8` (`messages::PEER_ALPN`).
 //!
 //! Each pair of nodes keeps one long-lived connection. Either side dials when it has none; if
 //! both dial at once, both keep the connection dialed by the lower node id and close the other,
@@ -138,6 +138,10 @@ pub struct Peers {
     isolated: AtomicBool,
     /// Peers whose traffic is dropped (fault injection: one side of a partition).
     cut_off: Mutex<BTreeSet<NodeId>>,
+    /// Former members: every request of theirs is answered [`PeerResponse::Removed`].
+    removed: Mutex<BTreeSet<NodeId>>,
+    /// Set when a peer answers that this node was removed from the cluster.
+    evicted: watch::Sender<Option<String>>,
 }
 
 /// The peer endpoint, bound but not accepting yet: its address is known, so the node can tell
@@ -183,6 +187,8 @@ impl Peers {
             stopped: AtomicBool::new(false),
             isolated: AtomicBool::new(false),
             cut_off: Mutex::new(BTreeSet::new()),
+            removed: Mutex::new(BTreeSet::new()),
+            evicted: watch::channel(None).0,
         })
     }
 
@@ -200,11 +206,17 @@ impl Peers {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Learns the cluster's members: a heartbeat task starts for each new one.
+    /// Learns the cluster's members: a heartbeat task starts for each new one, and stops for
+    /// each that left.
     pub fn set_members(self: &Arc<Self>, members: &BTreeMap<NodeId, PeerInfo>) {
         let mut start = Vec::new();
         {
             let mut state = self.state();
+            for (id, peer) in state.iter_mut() {
+                if !members.contains_key(id) {
+                    peer.heartbeat = false;
+                }
+            }
             for (id, info) in members {
                 if *id == self.me {
                     continue;
@@ -220,6 +232,34 @@ impl Peers {
         for id in start {
             tokio::spawn(heartbeat(self.clone(), id));
         }
+    }
+
+    /// Former members, whose requests are refused from now on.
+    pub fn set_removed(&self, removed: &BTreeSet<NodeId>) {
+        *self.removed.lock().unwrap_or_else(|p| p.into_inner()) = removed.clone();
+    }
+
+    fn is_removed(&self, id: NodeId) -> bool {
+        self.removed.lock().unwrap_or_else(|p| p.into_inner()).contains(&id)
+    }
+
+    /// Says why this node is no longer a member, once a peer (or the meta state) has told it.
+    pub fn evicted(&self) -> watch::Receiver<Option<String>> {
+        self.evicted.subscribe()
+    }
+
+    /// Records that this node was removed from the cluster (`by` says who said so).
+    pub fn set_evicted(&self, by: &str) {
+        self.evicted.send_if_modified(|told| {
+            told.is_none().then(|| {
+                *told = Some(format!(
+                    "this node ({}) was removed from the cluster ({by}); it cannot rejoin with this data directory: \
+                     wipe it, then start the node with --credentials and --join to join as a new node",
+                    super::node_id_text(self.me)
+                ))
+            })
+            .is_some()
+        });
     }
 
     /// Remembers where a peer listens (raft learns addresses before the member list does).
@@ -377,6 +417,10 @@ impl Peers {
         let bytes = encode_frame(&hello).map_err(|e| PeerError::Protocol(e.to_string()))?;
         let incarnation = match exchange(&connection, &bytes).await {
             Ok(PeerResponse::Welcome { incarnation }) => incarnation,
+            Ok(PeerResponse::Removed) => {
+                self.set_evicted(&format!("node {} refused it", super::node_id_text(to)));
+                return Err(PeerError::Unreachable(to, "this node was removed from the cluster".into()));
+            }
             Ok(other) => return Err(PeerError::Protocol(format!("unexpected answer to hello: {other:?}"))),
             Err(e) => return Err(PeerError::Unreachable(to, e)),
         };
@@ -522,6 +566,10 @@ async fn heartbeat(peers: Arc<Peers>, id: NodeId) {
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     while !peers.stopped.load(Ordering::Relaxed) {
         ticker.tick().await;
+        if !peers.state().get(&id).is_some_and(|p| p.heartbeat) {
+            // No longer a member.
+            return;
+        }
         if peers.is_cut(id) {
             continue;
         }
@@ -533,6 +581,9 @@ async fn heartbeat(peers: Arc<Peers>, id: NodeId) {
                     peer.leads_acked = leads_held;
                 }
                 backoff = PING_INTERVAL;
+            }
+            Ok(PeerResponse::Removed) => {
+                peers.set_evicted(&format!("node {} refused its ping", super::node_id_text(id)));
             }
             Ok(other) => tracing::warn!(peer = id, answer = ?other, "unexpected answer to a ping"),
             Err(e) => {
@@ -625,6 +676,10 @@ async fn serve_stream(
             Ok(frame) if frame.cluster_id != peers.cluster_id => {
                 tracing::warn!(%remote, cluster = %frame.cluster_id, "refused a peer of another cluster");
                 PeerResponse::Error(error(ErrorCode::BadRequest, "this node belongs to another cluster"))
+            }
+            Ok(frame) if peers.is_removed(frame.from) => {
+                tracing::warn!(%remote, node = %super::node_id_text(frame.from), "refused a node removed from the cluster");
+                PeerResponse::Removed
             }
             Ok(PeerFrame { from, request: PeerRequest::Hello { incarnation, .. }, .. }) => {
                 peers.register(from, connection.clone(), from, incarnation);

@@ -9,12 +9,12 @@ use std::time::{Duration, Instant};
 
 use futures::FutureExt;
 use futures::future::BoxFuture;
-use grex_client::proto::{self, Canary, FlockInfo, FlockMapInfo, JobOutput, ModuleInfo};
+use grex_client::proto::{self, Canary, FlockInfo, FlockMapInfo, JobOutput, ModuleInfo, NodesInfo};
 
 use super::messages::{PeerRequest, PeerResponse};
 use super::{Cluster, NodeId, decide, node_id_text, peer};
 use crate::error::{ErrorCode, RemoteError, Result, error};
-use crate::node::{RespNode, Service};
+use crate::node::{NodeChange, RespNode, Service};
 use crate::storage::{GroupId, META_GROUP};
 
 /// How long a routed job keeps looking for its flock's leader (an election takes about 1 s).
@@ -51,7 +51,7 @@ impl Cluster {
         (voters, majority)
     }
 
-    fn has_quorum(&self, group: GroupId) -> bool {
+    pub(super) fn has_quorum(&self, group: GroupId) -> bool {
         self.quorum_view(group).1
     }
 
@@ -299,6 +299,20 @@ impl Service for Cluster {
                 })
                 .collect(),
         }
+    }
+
+    fn nodes(&self) -> Result<NodesInfo> {
+        Ok(self.nodes_info())
+    }
+
+    fn change_node(&self, node: String, change: NodeChange) -> BoxFuture<'static, Result<NodesInfo>> {
+        let this = self.clone();
+        async move {
+            let id = super::parse_node_id(&node).map_err(|e| error(ErrorCode::BadRequest, e.to_string()))?;
+            this.change_node(id, change).await?;
+            Ok(this.nodes_info())
+        }
+        .boxed()
     }
 
     fn resp_nodes(&self) -> Vec<RespNode> {

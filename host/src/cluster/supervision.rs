@@ -37,12 +37,15 @@ impl Cluster {
         let mut last_reconcile = Instant::now();
         // Each peer's incarnation while it was alive; absent while down.
         let mut alive: BTreeMap<NodeId, u64> = BTreeMap::new();
+        // Since when each unreachable member has been so (as this node saw it).
+        let mut unreachable: BTreeMap<NodeId, Instant> = BTreeMap::new();
         // Per flock: the applied index last seen, and since when.
         let mut activity: Vec<(u64, Instant)> = vec![(0, Instant::now()); flocks as usize];
         loop {
             ticker.tick().await;
             load.store(self.inner.node.load(), Ordering::Relaxed);
             self.watch_peers(&mut alive).await;
+            self.track_unreachable(&mut unreachable);
             let reconcile = meta_changes.has_changed().unwrap_or(false) || last_reconcile.elapsed() >= RECONCILE_EVERY;
             if reconcile {
                 meta_changes.mark_unchanged();
@@ -50,7 +53,7 @@ impl Cluster {
                 let meta_leader =
                     self.inner.consensus.view(META_GROUP).is_some_and(|v| v.lead.role == StateRole::Leader);
                 if meta_leader {
-                    self.reconcile_meta().await;
+                    self.reconcile_meta(&unreachable).await;
                 }
             }
             for flock in 0..flocks {
@@ -108,6 +111,19 @@ impl Cluster {
         }
     }
 
+    /// Keeps, for each member this node cannot reach, since when it has not.
+    fn track_unreachable(&self, unreachable: &mut BTreeMap<NodeId, Instant>) {
+        let state = self.inner.meta_state.borrow();
+        unreachable.retain(|n, _| state.nodes.contains_key(n));
+        for &node in state.nodes.keys() {
+            if self.inner.peers.alive(node) {
+                unreachable.remove(&node);
+            } else {
+                unreachable.entry(node).or_insert_with(Instant::now);
+            }
+        }
+    }
+
     /// A restarted member whose addresses changed (another `--http`, `--quic`, `--resp` or
     /// `--peer` than it last ran with) has the meta leader record the new ones, as for a join, so
     /// canaries, `CLUSTER` replies and its peers find it where it listens now.
@@ -140,12 +156,20 @@ impl Cluster {
         }
     }
 
-    /// Keeps the transport's member list in step with the meta group.
+    /// Keeps the transport's member list (and the former members it refuses) in step with the
+    /// meta group, and notices when the meta group removes this node.
     pub(super) async fn follow_members(self) {
         let mut state = self.inner.meta_state.clone();
         loop {
-            let nodes = state.borrow_and_update().nodes.clone();
+            let (nodes, removed) = {
+                let state = state.borrow_and_update();
+                (state.nodes.clone(), state.removed.clone())
+            };
             self.inner.peers.set_members(&nodes);
+            self.inner.peers.set_removed(&removed);
+            if removed.contains(&self.inner.me) {
+                self.inner.peers.set_evicted("the meta group recorded its removal");
+            }
             if state.changed().await.is_err() {
                 return;
             }
@@ -154,10 +178,11 @@ impl Cluster {
 
     /// Tells peers (with the next pings) which flocks this node leads.
     fn publish_leads(&self) {
+        let map_version = self.inner.meta_state.borrow().map.version;
         let leads = (0..self.inner.file.flock_count)
             .filter_map(|flock| {
                 let term = self.inner.terms.get(flock)?;
-                Some(Lead { flock, term, settled: self.herders_wanted(flock).is_none() })
+                Some(Lead { flock, term, settled: self.herders_wanted(flock).is_none(), map_version })
             })
             .collect();
         self.inner.peers.set_leads(leads);
@@ -175,7 +200,8 @@ impl Cluster {
                     if let Some(slot) = board.get_mut(lead.flock as usize)
                         && slot.is_none_or(|c| lead.term > c.term)
                     {
-                        *slot = Some(Claim { node, term: lead.term, settled: lead.settled });
+                        *slot =
+                            Some(Claim { node, term: lead.term, settled: lead.settled, map_version: lead.map_version });
                     }
                 }
             }

@@ -47,6 +47,26 @@ pub trait Service: Send + Sync + 'static {
     fn flocks(&self) -> FlockMapInfo;
     /// The member nodes that serve the Redis protocol (none outside a cluster).
     fn resp_nodes(&self) -> Vec<RespNode>;
+    /// The cluster's nodes (an error outside a cluster).
+    fn nodes(&self) -> Result<NodesInfo>;
+    /// Drains or removes a member; answers the nodes once the cluster has recorded the change.
+    fn change_node(&self, node: String, change: NodeChange) -> futures::future::BoxFuture<'static, Result<NodesInfo>>;
+}
+
+/// A change of a cluster's membership that an operator asks for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum NodeChange {
+    /// The node hands its flocks to the others, then leaves.
+    Drain,
+    /// The node (dead) leaves at once; its flocks are copied again from the other herders.
+    Remove,
+}
+
+fn not_a_cluster() -> RemoteError {
+    error(
+        ErrorCode::BadRequest,
+        "this node runs on its own, not in a cluster: it has no other nodes to list, drain or remove",
+    )
 }
 
 /// A node on its own serves itself.
@@ -78,6 +98,18 @@ impl Service for Node {
 
     fn resp_nodes(&self) -> Vec<RespNode> {
         Vec::new()
+    }
+
+    fn nodes(&self) -> Result<NodesInfo> {
+        Err(not_a_cluster())
+    }
+
+    fn change_node(
+        &self,
+        _node: String,
+        _change: NodeChange,
+    ) -> futures::future::BoxFuture<'static, Result<NodesInfo>> {
+        async { Err(not_a_cluster()) }.boxed()
     }
 }
 
@@ -121,7 +153,7 @@ use std::thread::JoinHandle;
 use std::time::Instant;
 
 use futures::FutureExt;
-use grex_client::proto::{self, Canary, FlockMapInfo, JobOutput, ModuleInfo, Status};
+use grex_client::proto::{self, Canary, FlockMapInfo, JobOutput, ModuleInfo, NodesInfo, Status};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::config::NodeConfig;

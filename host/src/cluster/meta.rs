@@ -1,0 +1,124 @@
+//! The meta state: what the meta group agrees on about the cluster itself (its members, their
+//! addresses and lifecycle, and the flock map), and how each meta command changes it.
+//!
+//! A member's lifecycle: it joins (`AddNode`) and is *active*; `DrainNode` makes it *draining*
+//! (placement gives its flocks to the active nodes, and the meta leader removes it once no group
+//! counts it as a voter); `RemoveNode` makes it *removed*: no longer a member, and remembered so
+//! that peers refuse it if it comes back. A removed machine rejoins only with a wiped data
+//! directory, under a new id.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::{Deserialize, Serialize};
+
+use super::consensus::Command;
+use super::placement::FlockMap;
+use super::wire;
+use super::{NodeId, PeerInfo, node_id_text};
+
+/// The membership and node list the meta group agrees on.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MetaState {
+    /// Every member and its addresses.
+    pub nodes: BTreeMap<NodeId, PeerInfo>,
+    /// Flock → herders.
+    pub map: FlockMap,
+    /// Members handing their flocks to the others before they leave.
+    pub draining: BTreeSet<NodeId>,
+    /// Former members, refused if they come back.
+    pub removed: BTreeSet<NodeId>,
+}
+
+/// The meta state as schema 6 stored it (before nodes could leave).
+#[derive(Deserialize)]
+struct MetaStateV6 {
+    nodes: BTreeMap<NodeId, PeerInfo>,
+    map: FlockMap,
+}
+
+impl MetaState {
+    /// Decodes a stored meta state, of this version or of the one before it.
+    pub fn decode(bytes: &[u8]) -> Result<MetaState, String> {
+        wire::decode::<MetaState>(bytes).or_else(|newer| {
+            let old: MetaStateV6 = wire::decode(bytes).map_err(|_| newer)?;
+            Ok(MetaState { nodes: old.nodes, map: old.map, ..MetaState::default() })
+        })
+    }
+
+    /// The members that take flocks: neither draining nor removed.
+    pub fn active(&self) -> BTreeSet<NodeId> {
+        self.nodes.keys().copied().filter(|n| !self.draining.contains(n)).collect()
+    }
+
+    /// Applies a membership command (module and change-set commands are not the meta state's).
+    pub fn apply(&mut self, command: Command) {
+        match command {
+            Command::AddNode { id, info } => {
+                if self.removed.contains(&id) {
+                    tracing::warn!(node = %node_id_text(id), "a removed node's addresses were not recorded");
+                } else {
+                    self.nodes.insert(id, info);
+                }
+            }
+            Command::SetFlockMap(map) => {
+                if map.version > self.map.version {
+                    self.map = map;
+                }
+            }
+            Command::DrainNode { id } => {
+                if self.nodes.contains_key(&id) {
+                    self.draining.insert(id);
+                }
+            }
+            Command::RemoveNode { id } => {
+                self.nodes.remove(&id);
+                self.draining.remove(&id);
+                self.removed.insert(id);
+            }
+            Command::Change(_) | Command::PutModule { .. } => {
+                tracing::error!("a data command reached the meta state; ignored")
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn info(port: u16) -> PeerInfo {
+        PeerInfo { peer: format!("127.0.0.1:{port}"), ..PeerInfo::default() }
+    }
+
+    #[test]
+    fn a_meta_state_stored_before_nodes_could_leave_still_reads() {
+        #[derive(Serialize)]
+        struct Old<'a> {
+            nodes: &'a BTreeMap<NodeId, PeerInfo>,
+            map: &'a FlockMap,
+        }
+        let nodes = BTreeMap::from([(1, info(1)), (2, info(2))]);
+        let map = FlockMap { version: 3, herders: vec![vec![1, 2], vec![2, 1]] };
+        let read = MetaState::decode(&wire::encode(&Old { nodes: &nodes, map: &map })).unwrap();
+        assert_eq!(read, MetaState { nodes, map, ..MetaState::default() });
+        let now = MetaState { draining: BTreeSet::from([2]), removed: BTreeSet::from([7]), ..read };
+        assert_eq!(MetaState::decode(&wire::encode(&now)).unwrap(), now);
+    }
+
+    #[test]
+    fn a_removed_node_leaves_for_good_and_cannot_be_added_again() {
+        let mut state = MetaState::default();
+        for id in 1..=3 {
+            state.apply(Command::AddNode { id, info: info(id as u16) });
+        }
+        state.apply(Command::DrainNode { id: 2 });
+        state.apply(Command::DrainNode { id: 9 });
+        assert_eq!(state.active(), BTreeSet::from([1, 3]));
+        assert_eq!(state.draining, BTreeSet::from([2]), "only a member drains");
+        state.apply(Command::RemoveNode { id: 2 });
+        assert_eq!((state.nodes.len(), state.draining.len()), (2, 0));
+        state.apply(Command::AddNode { id: 2, info: info(22) });
+        assert!(!state.nodes.contains_key(&2), "a removed node stays out");
+        assert_eq!(state.removed, BTreeSet::from([2]));
+    }
+}

@@ -1,0 +1,254 @@
+//! Operating a cluster of real `grex serve` processes: draining a node while jobs flow, removing
+//! a dead one by hand or after `--dead-after`, and refusing a removed node that comes back.
+
+use std::collections::BTreeMap;
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use grex_client::Client;
+use grex_client::proto::{ErrorCode, FlockMapInfo, NodesInfo};
+use grex_tests::{GrexNode, TEST_FLOCKS, TestCluster, eventually, grex, grex_bin, job_wasm};
+
+const PATIENCE: Duration = Duration::from_secs(60);
+
+/// Uploads `counter` through node 0 and waits until every node resolves it.
+async fn load_counter(cluster: &TestCluster) {
+    cluster.nodes[0].client().await.put_module("counter", job_wasm("counter")).await.expect("upload counter");
+    for node in &cluster.nodes {
+        let client = node.http_client().await;
+        eventually("the module to reach every node", PATIENCE, || async {
+            client.list_modules().await.is_ok_and(|m| m.iter().any(|m| m.name == "counter"))
+        })
+        .await;
+    }
+}
+
+/// One bucket per flock, so every flock holds data that must survive its moves.
+fn bucket_per_flock() -> Vec<String> {
+    let mut buckets: Vec<Option<String>> = vec![None; TEST_FLOCKS as usize];
+    for i in 0.. {
+        let bucket = format!("customer-{i}");
+        buckets[grex_client::proto::flock_of(bucket.as_bytes(), TEST_FLOCKS) as usize].get_or_insert(bucket);
+        if buckets.iter().all(Option::is_some) {
+            break;
+        }
+    }
+    buckets.into_iter().map(Option::unwrap).collect()
+}
+
+/// What a writer saw of one bucket: increments acknowledged, and those whose outcome is unknown.
+#[derive(Clone, Copy, Debug, Default)]
+struct Tally {
+    acked: i64,
+    unknown: i64,
+}
+
+/// Increments every bucket in turn through `client` until `stop`; returns each bucket's tally and
+/// the longest time between two acknowledged jobs.
+async fn write_until(
+    client: Client,
+    buckets: Vec<String>,
+    stop: Arc<AtomicBool>,
+) -> (BTreeMap<String, Tally>, Duration) {
+    let mut tallies: BTreeMap<String, Tally> = BTreeMap::new();
+    let (mut last_ok, mut longest_gap) = (Instant::now(), Duration::ZERO);
+    while !stop.load(Ordering::Relaxed) {
+        for bucket in &buckets {
+            let tally = tallies.entry(bucket.clone()).or_default();
+            match client.run_job(bucket.as_bytes(), "counter", b"1", false).await {
+                Ok(_) => {
+                    tally.acked += 1;
+                    longest_gap = longest_gap.max(last_ok.elapsed());
+                    last_ok = Instant::now();
+                }
+                Err(e) if e.code() == Some(ErrorCode::OutcomeUnknown) => tally.unknown += 1,
+                Err(e) if matches!(e.code(), Some(ErrorCode::Unavailable | ErrorCode::NoQuorum)) => {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                Err(e) => panic!("a job on {bucket} failed: {e}"),
+            }
+        }
+    }
+    (tallies, longest_gap)
+}
+
+/// Every herder of each bucket's flock (by the map `nodes[0]` has) must come to hold every
+/// acknowledged increment in its own store (a follower may trail for a moment; a new herder has
+/// copied the flock), and never more than were tried.
+async fn check_copies(nodes: &[&GrexNode], tallies: &BTreeMap<String, Tally>) {
+    let map = nodes[0].http_client().await.flocks().await.expect("flock map");
+    for (bucket, tally) in tallies {
+        let flock = grex_client::proto::flock_of(bucket.as_bytes(), TEST_FLOCKS) as usize;
+        for herder in &map.flocks[flock].herders {
+            let node = nodes.iter().find(|n| &n.id == herder).unwrap_or_else(|| panic!("herder {herder} is not up"));
+            let client = node.http_client().await;
+            let deadline = Instant::now() + PATIENCE;
+            loop {
+                let count: i64 = match client.get_item(bucket.as_bytes(), "count").await {
+                    Ok(bytes) => String::from_utf8(bytes).expect("text").parse().expect("a count"),
+                    Err(e) if e.code() == Some(ErrorCode::ItemNotFound) => 0,
+                    Err(e) => panic!("reading {bucket} on {herder}: {e}"),
+                };
+                assert!(count <= tally.acked + tally.unknown, "{bucket} on {herder}: count {count}, over {tally:?}");
+                if count >= tally.acked {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "{bucket} on herder {herder}: count {count}, acknowledged {tally:?}"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+}
+
+/// Waits until `client` lists exactly `members` as the cluster's nodes, none draining, and every
+/// flock has min(3, members) herders among them, a leader, and its membership settled.
+async fn wait_members(client: &Client, members: &[&str]) {
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let (nodes, map): (Option<NodesInfo>, Option<FlockMapInfo>) =
+            (client.nodes().await.ok(), client.flocks().await.ok());
+        if let (Some(nodes), Some(map)) = (&nodes, &map) {
+            let mut listed: Vec<&str> = nodes.nodes.iter().map(|n| n.id.as_str()).collect();
+            let mut wanted = members.to_vec();
+            listed.sort_unstable();
+            wanted.sort_unstable();
+            let placed = map.flocks.iter().all(|f| {
+                f.settled
+                    && f.leader.is_some()
+                    && f.herders.len() == members.len().min(3)
+                    && f.herders.iter().all(|h| members.contains(&h.as_str()))
+            });
+            if listed == wanted && nodes.nodes.iter().all(|n| n.state == "active") && placed {
+                return;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the members did not become {members:?} within {PATIENCE:?}: {nodes:#?} {map:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Runs `grex ARGS`; returns whether it succeeded, and its standard output and error.
+fn grex_status(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(grex_bin()).args(args).output().expect("run grex");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drained_node_hands_over_its_flocks_while_jobs_flow_then_leaves() {
+    let mut cluster = TestCluster::start(4, &[]).await;
+    load_counter(&cluster).await;
+    let buckets = bucket_per_flock();
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = tokio::spawn(write_until(cluster.nodes[0].client().await, buckets, stop.clone()));
+
+    // Draining a node that does not exist, or every node, is refused and changes nothing.
+    let node0 = cluster.nodes[0].http.clone();
+    let (ok, _, err) = grex_status(&["cluster", "drain", "ffffffffffffffff", "--node", &node0]);
+    assert!(!ok && err.contains("no member's id starts with"), "{err}");
+    let drained = cluster.nodes[3].id.clone();
+    let out = grex(&["cluster", "drain", &drained, "--node", &node0]);
+    println!("{out}");
+    let (ok, _, err) = grex_status(&["cluster", "drain", &cluster.nodes[2].id, "--node", &node0]);
+    assert!(!ok && err.contains("would leave 2 active node(s)"), "a second drain must be refused: {err}");
+
+    // The drain returned once the node had left: it is removed, and it stops by itself.
+    let client = cluster.nodes[1].http_client().await;
+    let nodes = client.nodes().await.expect("nodes");
+    assert!(nodes.removed.contains(&drained), "{nodes:#?}");
+    let exit = cluster.nodes[3].wait_exit(PATIENCE);
+    assert!(matches!(exit, Some(Some(code)) if code != 0), "the drained node must stop with an error: {exit:?}");
+    assert!(cluster.nodes[3].log().contains("was removed from the cluster"), "{}", cluster.nodes[3].log());
+    let members: Vec<&str> = cluster.nodes[..3].iter().map(|n| n.id.as_str()).collect();
+    wait_members(&client, &members).await;
+
+    stop.store(true, Ordering::Relaxed);
+    let (tallies, longest_gap) = writer.await.expect("writer");
+    println!("longest time without an acknowledged job during the drain: {longest_gap:?}");
+    assert!(tallies.values().all(|t| t.acked > 0), "{tallies:?}");
+    assert!(longest_gap < Duration::from_secs(5), "jobs stopped for {longest_gap:?} during the drain");
+    check_copies(&cluster.nodes[..3].iter().collect::<Vec<_>>(), &tallies).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_node_removed_by_hand_is_copied_again_and_refused_when_it_comes_back() {
+    let mut cluster = TestCluster::start(4, &[]).await;
+    load_counter(&cluster).await;
+    let client = cluster.nodes[0].client().await;
+    let buckets = bucket_per_flock();
+    let mut tallies = BTreeMap::new();
+    for bucket in &buckets {
+        client.run_job(bucket.as_bytes(), "counter", b"7", false).await.expect("write");
+        tallies.insert(bucket.clone(), Tally { acked: 7, unknown: 0 });
+    }
+    let victim = cluster.nodes[3].id.clone();
+    let node0 = cluster.nodes[0].http.clone();
+    // A live node is not removed: it must be drained.
+    let (ok, _, err) = grex_status(&["cluster", "remove", &victim, "--node", &node0]);
+    assert!(!ok && err.contains("is up: drain it instead"), "{err}");
+
+    cluster.nodes[3].kill9();
+    eventually("node 0 to see the killed node down", PATIENCE, || async {
+        client.nodes().await.is_ok_and(|n| n.nodes.iter().any(|n| n.id == victim && !n.alive))
+    })
+    .await;
+    // By a prefix of its id, through node 1.
+    let out = grex(&["cluster", "remove", &victim[..6], "--node", &cluster.nodes[1].http]);
+    assert!(out.contains("removed"), "{out}");
+    let survivors: Vec<String> = cluster.nodes[..3].iter().map(|n| n.id.clone()).collect();
+    let members: Vec<&str> = survivors.iter().map(String::as_str).collect();
+    wait_members(&client, &members).await;
+    check_copies(&cluster.nodes[..3].iter().collect::<Vec<_>>(), &tallies).await;
+
+    // The dead node comes back: its peers refuse it, and it stops with the reason.
+    let args = cluster.nodes[3].args().to_vec();
+    cluster.nodes[3].restart();
+    let exit = cluster.nodes[3].wait_exit(PATIENCE);
+    assert!(matches!(exit, Some(Some(code)) if code != 0), "the removed node must stop: {exit:?}");
+    let log = cluster.nodes[3].log();
+    assert!(log.contains("was removed from the cluster") && log.contains("wipe it"), "{log}");
+
+    // Wiped, it joins again as a new node.
+    std::fs::remove_dir_all(&cluster.nodes[3].data).expect("wipe");
+    let creds = args.iter().position(|a| a == "--credentials").map(|i| args[i + 1].clone()).expect("credentials");
+    grex(&["cluster", "credentials", "--data", cluster.nodes[0].data.to_str().unwrap(), "--out", &creds]);
+    let joined = GrexNode::start(&cluster.nodes[3].data, &["--credentials", &creds, "--join", &cluster.nodes[0].peer]);
+    assert_ne!(joined.id, victim, "a wiped node joins under a new id");
+    let mut members: Vec<&str> = survivors.iter().map(String::as_str).collect();
+    members.push(&joined.id);
+    wait_members(&client, &members).await;
+    let mut up: Vec<&GrexNode> = cluster.nodes[..3].iter().collect();
+    up.push(&joined);
+    check_copies(&up, &tallies).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_unreachable_for_longer_than_dead_after_is_removed_without_being_asked() {
+    let mut cluster = TestCluster::start(4, &["--dead-after", "3s"]).await;
+    load_counter(&cluster).await;
+    let client = cluster.nodes[1].client().await;
+    let buckets = bucket_per_flock();
+    let mut tallies = BTreeMap::new();
+    for bucket in &buckets {
+        client.run_job(bucket.as_bytes(), "counter", b"3", false).await.expect("write");
+        tallies.insert(bucket.clone(), Tally { acked: 3, unknown: 0 });
+    }
+    let victim = cluster.nodes[0].id.clone();
+    cluster.nodes[0].kill9();
+    let members: Vec<&str> = cluster.nodes[1..].iter().map(|n| n.id.as_str()).collect();
+    wait_members(&client, &members).await;
+    let nodes = client.nodes().await.expect("nodes");
+    assert_eq!(nodes.removed, vec![victim], "{nodes:#?}");
+    check_copies(&cluster.nodes[1..].iter().collect::<Vec<_>>(), &tallies).await;
+}
