@@ -301,6 +301,9 @@ pub struct NodeInfo {
     pub flocks: u32,
     /// Flocks it leads, as the answering node knows.
     pub leads: u32,
+    /// Bytes of snapshots it has sent to other nodes since it started (new herders catching
+    /// up), as its last ping to the answering node said.
+    pub snapshot_bytes_sent: u64,
 }
 
 /// Where to send work for a bucket.

@@ -135,6 +135,11 @@ async fn wait_members(client: &Client, members: &[&str]) {
     }
 }
 
+/// Bytes of snapshots the members have sent, as `node` heard.
+async fn client_nodes_copied(node: &GrexNode) -> u64 {
+    node.http_client().await.nodes().await.expect("nodes").nodes.iter().map(|n| n.snapshot_bytes_sent).sum()
+}
+
 /// Runs `grex ARGS`; returns whether it succeeded, and its standard output and error.
 fn grex_status(args: &[&str]) -> (bool, String, String) {
     let out = Command::new(grex_bin()).args(args).output().expect("run grex");
@@ -158,8 +163,11 @@ async fn a_drained_node_hands_over_its_flocks_while_jobs_flow_then_leaves() {
     let (ok, _, err) = grex_status(&["cluster", "drain", "ffffffffffffffff", "--node", &node0]);
     assert!(!ok && err.contains("no member's id starts with"), "{err}");
     let drained = cluster.nodes[3].id.clone();
-    let out = grex(&["cluster", "drain", &drained, "--node", &node0]);
-    println!("{out}");
+    let (ok, out, err) = grex_status(&["cluster", "drain", &drained, "--node", &node0]);
+    println!("{out}{err}");
+    assert!(ok && err.contains("flocks moved") && err.contains("left the cluster"), "{err}");
+    let copied: u64 = client_nodes_copied(&cluster.nodes[0]).await;
+    assert!(copied > 0, "the new herders caught up from snapshots, so some bytes were copied");
     let (ok, _, err) = grex_status(&["cluster", "drain", &cluster.nodes[2].id, "--node", &node0]);
     assert!(!ok && err.contains("would leave 2 active node(s)"), "a second drain must be refused: {err}");
 

@@ -254,7 +254,7 @@ pub(super) async fn drain(node: &str, no_wait: bool, target: &Target) -> anyhow:
     // The drained node stops answering once it has left: follow through another member.
     let others: Vec<String> = nodes.nodes.iter().filter(|n| n.id != id).map(|n| n.http.clone()).collect();
     let total = nodes.nodes.iter().find(|n| n.id == id).map_or(0, |n| n.flocks).max(1);
-    let mut progress = Progress::new(total);
+    let mut progress = Progress::new(total, copied(&nodes));
     let mut next_other = 0;
     loop {
         if nodes.removed.contains(&id) {
@@ -264,7 +264,7 @@ pub(super) async fn drain(node: &str, no_wait: bool, target: &Target) -> anyhow:
         }
         // The map names new herders at once; a flock has moved once its group votes with them.
         let named = nodes.nodes.iter().find(|n| n.id == id).map_or(0, |n| n.flocks);
-        progress.show(total.saturating_sub(named + nodes.flocks_moving));
+        progress.show(total.saturating_sub(named + nodes.flocks_moving), copied(&nodes));
         tokio::time::sleep(Duration::from_millis(500)).await;
         match client.nodes().await {
             Ok(now) => nodes = now,
@@ -277,27 +277,47 @@ pub(super) async fn drain(node: &str, no_wait: bool, target: &Target) -> anyhow:
     }
 }
 
+/// `bytes` in B, KiB, MiB or GiB, whichever reads best.
+fn human_bytes(bytes: u64) -> String {
+    let units = ["B", "KiB", "MiB", "GiB"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < units.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 { format!("{bytes} B") } else { format!("{value:.1} {}", units[unit]) }
+}
+
+/// Bytes of snapshots every member has sent.
+fn copied(nodes: &NodesInfo) -> u64 {
+    nodes.nodes.iter().map(|n| n.snapshot_bytes_sent).sum()
+}
+
 /// A drain's progress on stderr: a bar on a terminal, a line per change otherwise.
 struct Progress {
     total: u32,
+    /// Snapshot bytes the members had sent when the drain began.
+    copied_before: u64,
     terminal: bool,
-    last: Option<u32>,
+    last: Option<(u32, u64)>,
 }
 
 impl Progress {
-    fn new(total: u32) -> Progress {
-        Progress { total, terminal: std::io::stderr().is_terminal(), last: None }
+    fn new(total: u32, copied_before: u64) -> Progress {
+        Progress { total, copied_before, terminal: std::io::stderr().is_terminal(), last: None }
     }
 
-    fn show(&mut self, moved: u32) {
-        if self.last == Some(moved) {
+    fn show(&mut self, moved: u32, copied: u64) {
+        let copied = copied.saturating_sub(self.copied_before);
+        if self.last.is_some_and(|(m, c)| m == moved && (!self.terminal || c == copied)) {
             return;
         }
-        self.last = Some(moved);
+        self.last = Some((moved, copied));
         const WIDTH: u32 = 30;
         let filled = (moved * WIDTH / self.total) as usize;
         let bar = format!("{}{}", "#".repeat(filled), "-".repeat(WIDTH as usize - filled));
-        let line = format!("[{bar}] {moved}/{} flocks moved", self.total);
+        let line = format!("[{bar}] {moved}/{} flocks moved, {} copied", self.total, human_bytes(copied));
         if self.terminal {
             eprint!("\r{line}");
         } else {

@@ -1180,7 +1180,7 @@ async fn send_chunks(peers: &Arc<Peers>, to: NodeId, message: RaftMessage, data:
             message: if last { message.take() } else { None },
         };
         match peers.call(to, request, Duration::from_secs(60)).await {
-            Ok(PeerResponse::Ack) => {}
+            Ok(PeerResponse::Ack) => peers.count_snapshot_bytes(end - offset),
             Ok(other) => {
                 tracing::info!(group, to = %format!("{to:016x}"), answer = ?other, "a snapshot chunk was refused");
                 return false;

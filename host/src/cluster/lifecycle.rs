@@ -52,6 +52,7 @@ impl Cluster {
                     peer: info.peer.clone(),
                     flocks: herded(id),
                     leads: leads.get(id).copied().unwrap_or(0),
+                    snapshot_bytes_sent: self.inner.peers.snapshot_bytes_sent_by(*id),
                 })
                 .collect(),
             removed: state.removed.iter().map(|id| node_id_text(*id)).collect(),

@@ -74,6 +74,9 @@ pub enum PeerRequest {
     Ping {
         /// Jobs the sender is running or has queued.
         load: u64,
+        /// Bytes of snapshots the sender has sent to its peers since it started (a drain's
+        /// progress).
+        snapshot_bytes_sent: u64,
         /// Goes up each time the sender's list of led flocks changes.
         leads_version: u64,
         /// The flocks the sender leads, when the receiver has not confirmed `leads_version` yet.

@@ -103,6 +103,8 @@ struct PeerState {
     link: Option<Link>,
     last_seen: Option<Instant>,
     load: u64,
+    /// Bytes of snapshots the peer has sent (from its pings).
+    snapshot_bytes_sent: u64,
     /// The flocks the peer told this node it leads, and that list's version.
     leads: Arc<Vec<Lead>>,
     leads_version: u64,
@@ -138,6 +140,8 @@ pub struct Peers {
     isolated: AtomicBool,
     /// Peers whose traffic is dropped (fault injection: one side of a partition).
     cut_off: Mutex<BTreeSet<NodeId>>,
+    /// Bytes of snapshots this node has sent to its peers.
+    snapshot_bytes_sent: AtomicU64,
     /// Former members: every request of theirs is answered [`PeerResponse::Removed`].
     removed: Mutex<BTreeSet<NodeId>>,
     /// Set when a peer answers that this node was removed from the cluster.
@@ -187,6 +191,7 @@ impl Peers {
             stopped: AtomicBool::new(false),
             isolated: AtomicBool::new(false),
             cut_off: Mutex::new(BTreeSet::new()),
+            snapshot_bytes_sent: AtomicU64::new(0),
             removed: Mutex::new(BTreeSet::new()),
             evicted: watch::channel(None).0,
         })
@@ -293,6 +298,20 @@ impl Peers {
             return self.load.load(Ordering::Relaxed);
         }
         self.state().get(&id).map_or(u64::MAX, |p| p.load)
+    }
+
+    /// Counts bytes of snapshot data a peer took from this node.
+    pub fn count_snapshot_bytes(&self, bytes: usize) {
+        self.snapshot_bytes_sent.fetch_add(bytes as u64, Ordering::Relaxed);
+    }
+
+    /// Bytes of snapshots node `id` has sent since it started, as its last ping said (this
+    /// node's own count for itself).
+    pub fn snapshot_bytes_sent_by(&self, id: NodeId) -> u64 {
+        if id == self.me {
+            return self.snapshot_bytes_sent.load(Ordering::Relaxed);
+        }
+        self.state().get(&id).map_or(0, |p| p.snapshot_bytes_sent)
     }
 
     /// Sets the flocks this node leads; peers hear of a change with their next ping.
@@ -517,6 +536,7 @@ impl Peers {
         let acked = self.state().get(&peer).map_or(0, |p| p.leads_acked);
         PeerRequest::Ping {
             load: self.load.load(Ordering::Relaxed),
+            snapshot_bytes_sent: self.snapshot_bytes_sent.load(Ordering::Relaxed),
             leads_version: version,
             leads: (acked != version).then(|| leads.to_vec()),
         }
@@ -685,8 +705,15 @@ async fn serve_stream(
                 peers.register(from, connection.clone(), from, incarnation);
                 PeerResponse::Welcome { incarnation: peers.incarnation }
             }
-            Ok(PeerFrame { from, request: PeerRequest::Ping { load, leads_version, leads }, .. }) => {
+            Ok(PeerFrame {
+                from,
+                request: PeerRequest::Ping { load, snapshot_bytes_sent, leads_version, leads },
+                ..
+            }) => {
                 peers.saw(from, Some(load));
+                if let Some(peer) = peers.state().get_mut(&from) {
+                    peer.snapshot_bytes_sent = snapshot_bytes_sent;
+                }
                 PeerResponse::Pong {
                     load: peers.load.load(Ordering::Relaxed),
                     leads_held: peers.heard(from, leads_version, leads),
