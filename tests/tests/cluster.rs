@@ -744,7 +744,7 @@ async fn malformed_peer_frames_get_an_error_and_the_node_serves_on() {
     let stranger = PeerFrame {
         cluster_id: "another".into(),
         from: 7,
-        request: PeerRequest::Ping { load: 0, leads_version: 1, leads: None },
+        request: PeerRequest::Ping { load: 0, snapshot_bytes_sent: 0, leads_version: 1, leads: None },
     };
     let message = refused(exchange(&connection, &proto::encode_frame(&stranger).unwrap()).await);
     assert!(message.contains("another cluster"), "{message}");
@@ -774,7 +774,7 @@ async fn malformed_peer_frames_get_an_error_and_the_node_serves_on() {
     let ping = PeerFrame {
         cluster_id: credentials.cluster.cluster_id.clone(),
         from: 7,
-        request: PeerRequest::Ping { load: 0, leads_version: 1, leads: None },
+        request: PeerRequest::Ping { load: 0, snapshot_bytes_sent: 0, leads_version: 1, leads: None },
     };
     assert!(matches!(exchange(&connection, &proto::encode_frame(&ping).unwrap()).await, PeerResponse::Pong { .. }));
     node.http_client().await.status().await.expect("status after the bad frames");
