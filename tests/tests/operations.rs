@@ -105,8 +105,9 @@ async fn check_copies(nodes: &[&GrexNode], tallies: &BTreeMap<String, Tally>) {
     }
 }
 
-/// Waits until `client` lists exactly `members` as the cluster's nodes, none draining, and every
-/// flock has min(3, members) herders among them, a leader, and its membership settled.
+/// Waits until `client` lists exactly `members` as the cluster's nodes, none draining, every flock
+/// has min(3, members) herders among them, a leader, and its membership settled, and every member
+/// herds some flock.
 async fn wait_members(client: &Client, members: &[&str]) {
     let deadline = Instant::now() + PATIENCE;
     loop {
@@ -123,7 +124,9 @@ async fn wait_members(client: &Client, members: &[&str]) {
                     && f.herders.len() == members.len().min(3)
                     && f.herders.iter().all(|h| members.contains(&h.as_str()))
             });
-            if listed == wanted && nodes.nodes.iter().all(|n| n.state == "active") && placed {
+            // Placement balances: every member herds some flocks.
+            let shared = members.iter().all(|m| map.flocks.iter().any(|f| f.herders.iter().any(|h| h == m)));
+            if listed == wanted && nodes.nodes.iter().all(|n| n.state == "active") && placed && shared {
                 return;
             }
         }
@@ -259,4 +262,63 @@ async fn a_node_unreachable_for_longer_than_dead_after_is_removed_without_being_
     let nodes = client.nodes().await.expect("nodes");
     assert_eq!(nodes.removed, vec![victim], "{nodes:#?}");
     check_copies(&cluster.nodes[1..].iter().collect::<Vec<_>>(), &tallies).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_deletes_its_copy_of_a_flock_moved_away_and_a_restart_brings_nothing_back() {
+    let mut cluster = TestCluster::start(3, &[]).await;
+    load_counter(&cluster).await;
+    let client = cluster.nodes[0].client().await;
+    let buckets = bucket_per_flock();
+    let mut tallies = BTreeMap::new();
+    for bucket in &buckets {
+        client.run_job(bucket.as_bytes(), "counter", b"5", false).await.expect("write");
+        tallies.insert(bucket.clone(), Tally { acked: 5, unknown: 0 });
+    }
+    // A fourth node takes a share: every old node loses some flocks.
+    let new = cluster.join(&[]).id.clone();
+    let members: Vec<String> = cluster.nodes.iter().map(|n| n.id.clone()).collect();
+    wait_members(&cluster.nodes[0].http_client().await, &members.iter().map(String::as_str).collect::<Vec<_>>()).await;
+    let map = client.flocks().await.expect("flock map");
+    assert!(map.flocks.iter().any(|f| f.herders.contains(&new)), "{map:?}");
+    let ids: Vec<String> = cluster.nodes.iter().map(|n| n.id.clone()).collect();
+    let moved = |node: usize| -> Vec<&String> {
+        buckets.iter().filter(|b| !map.flocks[flock_of(b)].herders.contains(&ids[node])).collect()
+    };
+    for node in 0..3 {
+        assert!(!moved(node).is_empty(), "the map moved no flock away from node {node}: {map:?}");
+        let local = cluster.nodes[node].http_client().await;
+        for bucket in moved(node) {
+            eventually(&format!("node {node} to delete its copy of {bucket}"), PATIENCE, || async {
+                matches!(local.get_item(bucket.as_bytes(), "count").await, Err(e) if e.code() == Some(ErrorCode::ItemNotFound))
+            })
+            .await;
+        }
+    }
+    assert!(cluster.nodes[0].log().contains("deleted this node's copy of a flock it no longer herds"));
+    check_copies(&cluster.nodes.iter().collect::<Vec<_>>(), &tallies).await;
+
+    // After a restart the copies stay gone, and jobs on those buckets through the node go on.
+    assert!(cluster.nodes[0].terminate(), "node 0 stops cleanly");
+    cluster.nodes[0].restart();
+    let local = cluster.nodes[0].http_client().await;
+    let through = cluster.nodes[0].client().await;
+    for bucket in moved(0) {
+        let read = local.get_item(bucket.as_bytes(), "count").await;
+        assert!(matches!(&read, Err(e) if e.code() == Some(ErrorCode::ItemNotFound)), "{bucket}: {read:?}");
+        let out = loop {
+            match through.run_job(bucket.as_bytes(), "counter", b"1", false).await {
+                Ok(out) => break out,
+                Err(e) if matches!(e.code(), Some(ErrorCode::Unavailable | ErrorCode::NoQuorum)) => {
+                    tokio::time::sleep(Duration::from_millis(20)).await
+                }
+                Err(e) => panic!("{bucket}: {e}"),
+            }
+        };
+        assert_eq!(out.output, b"6", "{bucket}");
+    }
+}
+
+fn flock_of(bucket: &str) -> usize {
+    grex_client::proto::flock_of(bucket.as_bytes(), TEST_FLOCKS) as usize
 }

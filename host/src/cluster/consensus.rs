@@ -70,6 +70,8 @@ const HARD_STATE_KEY: &str = "hard_state";
 const BASE_KEY: &str = "base";
 const APPLIED_KEY: &str = "applied";
 const META_STATE_KEY: &str = "meta_state";
+/// Set on a flock this node has released (its copy deleted): its log may still need dropping.
+const RELEASED_KEY: &str = "released";
 
 /// A log entry's payload.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -174,6 +176,8 @@ enum Input {
     Unreachable(NodeId),
     SnapshotSent { group: GroupId, to: NodeId, installed: bool },
     Persisted { id: u64, result: std::result::Result<(), String> },
+    Release { group: GroupId, reply: oneshot::Sender<Result<()>> },
+    Released(GroupId),
     StoreHolds { group: GroupId, term: u64 },
     Stop,
 }
@@ -254,7 +258,18 @@ impl Consensus {
                 .map_err(|e| anyhow::anyhow!("{}", e.message))?;
             node.commits().settle().await;
         }
+        // A release cut short by a crash: its state is gone, its log may not be.
+        let released = released_flocks(store.as_ref(), flocks)?;
+        if !released.is_empty() {
+            let log = released.iter().map(|&group| LogOp::DropGroupLog { group }).collect();
+            node.commits()
+                .submit_write(Write { log, changes: Vec::new(), sync: SyncTo::Log, done: None })
+                .map_err(|e| anyhow::anyhow!("{}", e.message))?;
+        }
         for group in std::iter::once(META_GROUP).chain(0..flocks) {
+            if released.contains(&group) {
+                continue;
+            }
             if let Some((log, conf)) = open_group(store.as_ref(), group, &source)? {
                 applied_conf.insert(group, conf);
                 engine.add_group(group, log)?;
@@ -289,6 +304,7 @@ impl Consensus {
             written: BTreeMap::new(),
             purges: BTreeMap::new(),
             stepped: BTreeSet::new(),
+            releasing: BTreeSet::new(),
             ticks: 0,
             failed: false,
         };
@@ -306,6 +322,14 @@ impl Consensus {
         driver.drain();
         tokio::spawn(driver.run(rx, events_rx));
         Ok(())
+    }
+
+    /// Stops taking part in flock `group` and deletes this node's copy of it (this node must
+    /// not lead it; the caller knows the flock's group no longer counts this node).
+    pub async fn release(&self, group: GroupId) -> Result<()> {
+        let (reply, answer) = oneshot::channel();
+        self.tx.send(Input::Release { group, reply }).await.map_err(|_| stopped())?;
+        answer.await.map_err(|_| stopped())?
     }
 
     /// Hands a frame of peer messages to the engine (waits while the driver is busy).
@@ -405,6 +429,17 @@ fn read_meta_state(store: &dyn Store) -> anyhow::Result<MetaState> {
         Some(bytes) => MetaState::decode(&bytes).map_err(|e| anyhow::anyhow!("the stored meta state: {e}")),
         None => Ok(MetaState::default()),
     }
+}
+
+/// The flocks this node released (deleted its copy of); their logs may still need dropping.
+fn released_flocks(store: &dyn Store, flocks: u32) -> anyhow::Result<BTreeSet<GroupId>> {
+    let mut released = BTreeSet::new();
+    for group in 0..flocks {
+        if store.log_state(group, RELEASED_KEY)?.is_some() {
+            released.insert(group);
+        }
+    }
+    Ok(released)
 }
 
 /// Opens a group from the store: `None` if this node holds nothing of it.
@@ -534,6 +569,8 @@ struct Driver {
     purges: BTreeMap<GroupId, (u64, u64)>,
     /// Groups that took a peer's message this round (their view is republished after it).
     stepped: BTreeSet<GroupId>,
+    /// Flocks whose release is being written: not adopted again until it is.
+    releasing: BTreeSet<GroupId>,
     ticks: u64,
     failed: bool,
 }
@@ -662,6 +699,12 @@ impl Driver {
                     self.terms.set(group, term);
                 }
             }
+            Input::Release { group, reply } => {
+                let _ = reply.send(self.release(group));
+            }
+            Input::Released(group) => {
+                self.releasing.remove(&group);
+            }
             Input::Stop => return false,
         }
         true
@@ -676,15 +719,87 @@ impl Driver {
         );
         let group = envelope.group;
         let known = group == META_GROUP || group < self.node.flock_count();
-        if !from_leader || !known {
+        if !from_leader || !known || self.releasing.contains(&group) {
             return;
         }
         tracing::info!(group, from = envelope.message.from, "joining a group its leader added this node to");
+        if group != META_GROUP {
+            // A flock released earlier: its mark goes before the new log is written (and for good:
+            // a crash must not then drop the new log as the rest of the old release).
+            let forget =
+                Write { log: vec![LogOp::ForgetGroup { group }], changes: Vec::new(), sync: SyncTo::All, done: None };
+            if let Err(e) = self.node.commits().submit_write(forget) {
+                tracing::error!(error = %e.message, "the consensus log could not be written; this node stops taking part");
+                self.failed = true;
+                return;
+            }
+        }
         if let Err(e) = self.engine.add_group(group, GroupLog::empty(group, self.source.clone())) {
             tracing::warn!(group, "could not start the group: {e}");
             return;
         }
         self.engine.step([envelope]);
+    }
+
+    /// Stops taking part in a flock this node no longer herds and deletes its copy: the state
+    /// machine (applied point, every bucket) and a mark in one transaction, then the log. A
+    /// restart after the first part finishes the second (`Consensus::start`); the flock is never
+    /// opened again unless its leader adds this node anew.
+    fn release(&mut self, group: GroupId) -> Result<()> {
+        if group == META_GROUP || group >= self.node.flock_count() {
+            return Err(error(ErrorCode::BadRequest, format!("group {group} is not a flock")));
+        }
+        if self.releasing.contains(&group) || !self.engine.has_group(group) {
+            return Ok(());
+        }
+        if self.engine.lead(group).is_some_and(|l| l.role == StateRole::Leader) {
+            return Err(error(ErrorCode::Conflict, format!("this node leads flock {group}")));
+        }
+        self.engine.remove_group(group);
+        let gone = || error(ErrorCode::Unavailable, "this node no longer herds the flock; retry");
+        for waiters in [&mut self.proposals, &mut self.conf_changes] {
+            let keys: Vec<(GroupId, u64)> = waiters.range((group, 0)..=(group, u64::MAX)).map(|(k, _)| *k).collect();
+            for key in keys {
+                let _ = waiters.remove(&key).expect("listed").reply.send(Err(gone()));
+            }
+        }
+        for (_, reply) in self.reads_waiting.remove(&group).unwrap_or_default() {
+            let _ = reply.send(Err(gone()));
+        }
+        let rounds: Vec<u64> = self.reads.iter().filter(|(_, r)| r.group == group).map(|(ctx, _)| *ctx).collect();
+        for ctx in rounds {
+            for (_, reply) in self.reads.remove(&ctx).expect("listed").waiting {
+                let _ = reply.send(Err(gone()));
+            }
+        }
+        self.written.remove(&group);
+        self.purges.remove(&group);
+        self.applied_conf.remove(&group);
+        self.terms.set(group, 0);
+        self.views.write().unwrap_or_else(|p| p.into_inner()).remove(&group);
+        self.releasing.insert(group);
+        let events = self.handle.events.clone();
+        let node = self.node.clone();
+        let rt = tokio::runtime::Handle::current();
+        let done = Box::new(move |result: std::result::Result<(), String>| {
+            match &result {
+                Ok(()) => tracing::info!(flock = group, "deleted this node's copy of a flock it no longer herds"),
+                Err(e) => tracing::error!(flock = group, error = %e, "deleting a flock's copy failed"),
+            }
+            rt.spawn(async move { node.drop_flock(group).await });
+            let _ = events.send(Input::Released(group));
+        });
+        let log = vec![
+            LogOp::ForgetGroup { group },
+            LogOp::ClearFlock { flock: group },
+            LogOp::PutState { group, key: RELEASED_KEY, value: Vec::new() },
+            LogOp::DropGroupLog { group },
+        ];
+        self.node
+            .commits()
+            .submit_write(Write { log, changes: Vec::new(), sync: SyncTo::All, done: Some(done) })
+            .map(|_| ())
+            .inspect_err(|_| self.failed = true)
     }
 
     /// Takes every output the engine has, until it has none.
@@ -1269,4 +1384,59 @@ fn not_confirmed(group: GroupId, why: &str) -> RemoteError {
              retry (another node may lead it now)"
         ),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::{Batch, RedbStore};
+
+    #[test]
+    fn a_release_cut_short_after_its_state_part_is_finished_on_start_and_nothing_comes_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("grex.redb");
+        let flock = 2;
+        let bucket = (0..).map(|i| format!("b{i}")).find(|b| crate::data::flock_of(b.as_bytes(), 4) == flock).unwrap();
+        {
+            let store = RedbStore::open(&path, 4, false).unwrap();
+            let entry = |index| (index, wire::encode(&WireEntry { kind: 0, term: 1, index, data: ByteBuf::new() }));
+            let point =
+                AppliedPoint { index: 2, term: 1, conf: WireConf { voters: vec![1, 2, 3], ..WireConf::default() } };
+            let hard = WireHardState { term: 1, vote: 1, commit: 2 };
+            let change = ChangeSet {
+                bucket: bucket.clone().into_bytes(),
+                flock,
+                version: 1,
+                writes: vec![ItemWrite { item: "count".into(), value: Some(b"5".to_vec()) }],
+            };
+            let log = vec![
+                LogOp::Append { group: flock, entries: vec![entry(1), entry(2)] },
+                LogOp::PutLogState { group: flock, key: HARD_STATE_KEY, value: wire::encode(&hard) },
+                LogOp::PutState { group: flock, key: APPLIED_KEY, value: wire::encode(&point) },
+            ];
+            store.write(&Batch { log, changes: vec![change], sync: SyncTo::All }).unwrap();
+            // The release's state part, and then the crash (its log part never ran).
+            let log = vec![
+                LogOp::ForgetGroup { group: flock },
+                LogOp::ClearFlock { flock },
+                LogOp::PutState { group: flock, key: RELEASED_KEY, value: Vec::new() },
+            ];
+            store.write(&Batch { log, changes: Vec::new(), sync: SyncTo::All }).unwrap();
+        }
+        let store: Arc<dyn Store> = Arc::new(RedbStore::open(&path, 4, false).unwrap());
+        let source: Arc<dyn EntrySource> = Arc::new(StoreEntries { store: store.clone() });
+        assert_eq!(released_flocks(store.as_ref(), 4).unwrap(), BTreeSet::from([flock]));
+        assert!(store.flock_buckets(flock).unwrap().is_empty(), "the copy is gone");
+        // The log alone would open the group again (a voter with no state): the mark stops that,
+        // and the start drops the log.
+        assert!(open_group(store.as_ref(), flock, &source).unwrap().is_some());
+        let log = vec![LogOp::DropGroupLog { group: flock }];
+        store.write(&Batch { log, changes: Vec::new(), sync: SyncTo::Log }).unwrap();
+        drop((store, source));
+        let store: Arc<dyn Store> = Arc::new(RedbStore::open(&path, 4, false).unwrap());
+        let source: Arc<dyn EntrySource> = Arc::new(StoreEntries { store: store.clone() });
+        assert!(open_group(store.as_ref(), flock, &source).unwrap().is_none());
+        assert_eq!(store.log_last(flock).unwrap(), None);
+        assert_eq!(store.get_item(bucket.as_bytes(), "count").unwrap(), None);
+    }
 }

@@ -243,18 +243,19 @@ impl Cluster {
         (!want.is_empty() && self.voters_differ(flock, &want)).then_some(want)
     }
 
-    /// True if `group`'s voters are not `want`, or it keeps a learner that was removed from the
-    /// cluster (while it caught up).
+    /// True if `group`'s voters are not `want`, or it keeps a learner it should drop.
     fn voters_differ(&self, group: GroupId, want: &BTreeSet<NodeId>) -> bool {
         let Some(view) = self.inner.consensus.view(group) else { return !want.is_empty() };
-        &view.voters != want || !self.stale_learners(&view.learners, want).is_empty()
+        &view.voters != want || !self.stale_learners(group, &view.learners, want).is_empty()
     }
 
-    /// Learners of a group that were removed from the cluster (a joining node is a learner of
-    /// the meta group before it is a member: it is not stale).
-    fn stale_learners(&self, learners: &BTreeSet<NodeId>, want: &BTreeSet<NodeId>) -> Vec<NodeId> {
+    /// Learners a group should drop: of a flock, any the map no longer wants (a learner is a
+    /// herder on its way in); of the meta group, those removed from the cluster (a joining node
+    /// is a learner there before it is a member, and nodes past the fifth stay learners).
+    fn stale_learners(&self, group: GroupId, learners: &BTreeSet<NodeId>, want: &BTreeSet<NodeId>) -> Vec<NodeId> {
         let state = self.inner.meta_state.borrow();
-        learners.iter().copied().filter(|l| !want.contains(l) && state.removed.contains(l)).collect()
+        let stale = |l: &NodeId| !want.contains(l) && (group != META_GROUP || state.removed.contains(l));
+        learners.iter().copied().filter(stale).collect()
     }
 
     /// One step towards `want` as `group`'s voters: new ones join as learners and catch up, then
@@ -266,7 +267,7 @@ impl Cluster {
             return false;
         }
         let Some(view) = self.inner.consensus.view(group) else { return false };
-        let (have, stale) = (view.voters, self.stale_learners(&view.learners, want));
+        let (have, stale) = (view.voters, self.stale_learners(group, &view.learners, want));
         if &have == want && stale.is_empty() {
             return false;
         }

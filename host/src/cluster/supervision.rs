@@ -62,6 +62,12 @@ impl Cluster {
                 if seen.0 != applied {
                     *seen = (applied, Instant::now());
                 }
+                if reconcile && lead.role != StateRole::Leader && self.moved_away(flock) {
+                    if let Err(e) = self.inner.consensus.release(flock).await {
+                        tracing::warn!(flock, error = %e.message, "could not delete the copy of a flock moved away");
+                    }
+                    continue;
+                }
                 if lead.role != StateRole::Leader || !reconcile {
                     continue;
                 }
@@ -81,6 +87,20 @@ impl Cluster {
             }
             self.publish_leads();
         }
+    }
+
+    /// True once `flock` has moved away from this node for good: the map does not name it, and
+    /// the flock's leader (another node) claims its voters are the herders of the very map
+    /// version this node holds. An older or newer map might name this node again, so only the
+    /// same version counts.
+    fn moved_away(&self, flock: u32) -> bool {
+        let (version, named) = {
+            let state = self.inner.meta_state.borrow();
+            let herders = state.map.herders.get(flock as usize);
+            (state.map.version, herders.is_none_or(|h| h.is_empty() || h.contains(&self.inner.me)))
+        };
+        !named
+            && self.live_claim(flock).is_some_and(|c| c.node != self.inner.me && c.settled && c.map_version == version)
     }
 
     /// Tells the engine of peers the failure detector lost, or that came back as a new process

@@ -15,6 +15,8 @@ struct State {
     names: BTreeMap<String, ModuleId>,
     log: BTreeMap<(GroupId, u64), Vec<u8>>,
     log_state: BTreeMap<(GroupId, String), Vec<u8>>,
+    /// Named values of the state machines (the log's are in `log_state`).
+    state_values: BTreeMap<(GroupId, String), Vec<u8>>,
 }
 
 /// Everything in maps behind a mutex.
@@ -87,8 +89,18 @@ impl Store for MemoryStore {
                 LogOp::PurgeUpto { group, upto } => {
                     state.log.retain(|(g, i), _| g != group || i > upto);
                 }
-                LogOp::PutState { group, key, value } | LogOp::PutLogState { group, key, value } => {
+                LogOp::PutLogState { group, key, value } => {
                     state.log_state.insert((*group, key.to_string()), value.clone());
+                }
+                LogOp::PutState { group, key, value } => {
+                    state.state_values.insert((*group, key.to_string()), value.clone());
+                }
+                LogOp::DropGroupLog { group } => {
+                    state.log.retain(|(g, _), _| g != group);
+                    state.log_state.retain(|(g, _), _| g != group);
+                }
+                LogOp::ForgetGroup { group } => {
+                    state.state_values.retain(|(g, _), _| g != group);
                 }
                 LogOp::ClearFlock { flock } => {
                     let flocks = self.meta.flock_count;
@@ -126,7 +138,9 @@ impl Store for MemoryStore {
     }
 
     fn log_state(&self, group: GroupId, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
-        Ok(self.state().log_state.get(&(group, key.to_owned())).cloned())
+        let state = self.state();
+        let key = (group, key.to_owned());
+        Ok(state.log_state.get(&key).or_else(|| state.state_values.get(&key)).cloned())
     }
 
     fn flock_buckets(&self, flock: u32) -> Result<Vec<(Vec<u8>, BucketData)>, StoreError> {

@@ -92,6 +92,16 @@ pub enum LogOp {
         /// Encoded value.
         value: Vec<u8>,
     },
+    /// Deletes a group's whole log: every entry and every named value of the log's.
+    DropGroupLog {
+        /// The log.
+        group: GroupId,
+    },
+    /// Deletes every named value of a group's state machine (its applied point).
+    ForgetGroup {
+        /// The group.
+        group: GroupId,
+    },
     /// Deletes every bucket of a flock (before a snapshot of it is installed).
     ClearFlock {
         /// The flock.
@@ -113,7 +123,11 @@ impl LogOp {
     pub fn on_log(&self) -> bool {
         matches!(
             self,
-            LogOp::Append { .. } | LogOp::TruncateFrom { .. } | LogOp::PurgeUpto { .. } | LogOp::PutLogState { .. }
+            LogOp::Append { .. }
+                | LogOp::TruncateFrom { .. }
+                | LogOp::PurgeUpto { .. }
+                | LogOp::PutLogState { .. }
+                | LogOp::DropGroupLog { .. }
         )
     }
 
@@ -123,7 +137,11 @@ impl LogOp {
             LogOp::Append { entries, .. } => entries.iter().map(|(_, entry)| entry.len()).sum(),
             LogOp::PutLogState { value, .. } | LogOp::PutState { value, .. } => value.len(),
             LogOp::PutModule { name, wasm, .. } => name.len() + wasm.len(),
-            LogOp::TruncateFrom { .. } | LogOp::PurgeUpto { .. } | LogOp::ClearFlock { .. } => 0,
+            LogOp::TruncateFrom { .. }
+            | LogOp::PurgeUpto { .. }
+            | LogOp::ClearFlock { .. }
+            | LogOp::DropGroupLog { .. }
+            | LogOp::ForgetGroup { .. } => 0,
         }
     }
 }

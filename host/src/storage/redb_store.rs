@@ -131,6 +131,20 @@ impl RedbStore {
                     LogOp::PutState { group, key, value } => {
                         state.insert((*group, *key), value.as_slice()).map_err(engine)?;
                     }
+                    LogOp::ForgetGroup { group } => {
+                        let mut keys = Vec::new();
+                        for entry in state.range((*group, "")..).map_err(engine)? {
+                            let (key, _) = entry.map_err(engine)?;
+                            let (g, name) = key.value();
+                            if g != *group {
+                                break;
+                            }
+                            keys.push(name.to_owned());
+                        }
+                        for name in &keys {
+                            state.remove((*group, name.as_str())).map_err(engine)?;
+                        }
+                    }
                     LogOp::ClearFlock { flock } => {
                         let mut gone = Vec::new();
                         for entry in buckets.range((*flock, &[][..])..).map_err(engine)? {
@@ -510,12 +524,14 @@ mod tests {
                 (group.clone(), 0u64..8).prop_map(|(group, upto)| LogOp::PurgeUpto { group, upto }),
                 (group.clone(), prop::sample::select(&["vote", "purged"][..]), vec(any::<u8>(), 0..4))
                     .prop_map(|(group, key, value)| LogOp::PutLogState { group, key, value }),
-                (group, vec(any::<u8>(), 0..4)).prop_map(|(group, value)| LogOp::PutState {
+                (group.clone(), vec(any::<u8>(), 0..4)).prop_map(|(group, value)| LogOp::PutState {
                     group,
                     key: "applied",
                     value
                 }),
                 (0..FLOCKS).prop_map(|flock| LogOp::ClearFlock { flock }),
+                group.clone().prop_map(|group| LogOp::DropGroupLog { group }),
+                group.prop_map(|group| LogOp::ForgetGroup { group }),
                 (any::<u8>(), prop::sample::select(&["m", "n"][..]), vec(any::<u8>(), 0..8))
                     .prop_map(|(id, name, wasm)| LogOp::PutModule { id: [id % 3; 32], name: name.into(), wasm }),
             ]
@@ -614,6 +630,9 @@ mod tests {
                             *group,
                             held.and_then(|(first, last)| (*upto < last).then(|| (first.max(*upto + 1), last))),
                         );
+                    }
+                    LogOp::DropGroupLog { group } => {
+                        span.insert(*group, None);
                     }
                     _ => {}
                 }

@@ -58,6 +58,7 @@ const TRUNCATE: u8 = 2;
 const PURGE: u8 = 3;
 const VALUE: u8 = 4;
 const RELOCATE: u8 = 5;
+const DROP: u8 = 6;
 /// Bytes of an entry record before the entry: tag, group, index, length.
 const ENTRY_HEADER: usize = 1 + 4 + 8 + 4;
 
@@ -270,6 +271,18 @@ impl Index {
                     let gone = self.groups.entry(group).or_default().purge_upto(upto);
                     self.drop_live(gone);
                 }
+                DROP => {
+                    if let Some(entries) = self.groups.remove(&group) {
+                        let gone: Vec<Loc> = entries.iter().map(|(_, loc)| loc).collect();
+                        self.drop_live(gone);
+                    }
+                    let values: Vec<(GroupId, String)> =
+                        self.values.keys().filter(|(g, _)| *g == group).cloned().collect();
+                    for key in values {
+                        let old = self.values.remove(&key).expect("listed");
+                        self.drop_bytes(old.segment, old.record_bytes);
+                    }
+                }
                 VALUE => {
                     let key_len = r.u8()? as usize;
                     let key = std::str::from_utf8(r.take(key_len)?)
@@ -357,6 +370,10 @@ fn encode(ops: &[&LogOp], body: &mut Vec<u8>) {
             LogOp::TruncateFrom { group, from } => encode_cut(body, TRUNCATE, *group, *from),
             LogOp::PurgeUpto { group, upto } => encode_cut(body, PURGE, *group, *upto),
             LogOp::PutLogState { group, key, value } => encode_value(body, *group, key, value),
+            LogOp::DropGroupLog { group } => {
+                body.push(DROP);
+                body.extend_from_slice(&group.to_le_bytes());
+            }
             _ => unreachable!("state operations are written to the state file"),
         }
     }
@@ -794,6 +811,35 @@ mod tests {
         assert_eq!((e.end(), e.has_holes()), (Some(5), false));
         assert_eq!(e.truncate_from(0), vec![at(4)]);
         assert_eq!(e.end(), None);
+    }
+
+    #[test]
+    fn a_dropped_group_log_stays_dropped_across_reopens_and_its_segments_are_reclaimed() {
+        let dir = tempfile::tempdir().unwrap();
+        // Small segments, so the dropped entries' segments become dead and are deleted.
+        let log = SegmentLog::open(dir.path(), true, 512).unwrap();
+        for i in 0..20 {
+            write(&log, &[append(1, 1 + i * 2, 2), append(2, 1 + i, 1)]);
+        }
+        write(&log, &[LogOp::PutLogState { group: 1, key: "vote", value: vec![9] }]);
+        let before = log.segments().0;
+        write(&log, &[LogOp::DropGroupLog { group: 1 }]);
+        // The next writes reclaim the segments that held only group 1.
+        for i in 20..40 {
+            write(&log, &[append(2, 1 + i, 1), LogOp::PurgeUpto { group: 2, upto: i }]);
+        }
+        assert!(log.segments().0 < before, "segments {} then {}", before, log.segments().0);
+        for log in [log, SegmentLog::open(dir.path(), true, 512).unwrap()] {
+            assert_eq!(log.entries(1, 0, u64::MAX, 100).unwrap(), vec![]);
+            assert_eq!(log.last(1).unwrap(), None);
+            assert_eq!(log.value(1, "vote"), None);
+            assert_eq!(log.entries(2, 0, u64::MAX, 100).unwrap(), expected(2, 40..41));
+        }
+        // A group started again after its drop keeps only its new entries.
+        let log = SegmentLog::open(dir.path(), true, 512).unwrap();
+        write(&log, &[append(1, 1, 2)]);
+        let log = SegmentLog::open(dir.path(), true, 512).unwrap();
+        assert_eq!(log.entries(1, 0, u64::MAX, 100).unwrap(), expected(1, 1..3));
     }
 
     #[test]
