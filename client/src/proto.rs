@@ -297,6 +297,10 @@ pub struct NodeInfo {
     pub http: String,
     /// Its peer address.
     pub peer: String,
+    /// Its zone (`--zone`; empty: the default zone).
+    pub zone: String,
+    /// Its capacity (`--capacity`).
+    pub capacity: u32,
     /// Flocks the map names it a herder of.
     pub flocks: u32,
     /// Flocks it leads, as the answering node knows.

@@ -322,3 +322,32 @@ async fn a_node_deletes_its_copy_of_a_flock_moved_away_and_a_restart_brings_noth
 fn flock_of(bucket: &str) -> usize {
     grex_client::proto::flock_of(bucket.as_bytes(), TEST_FLOCKS) as usize
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_flock_spreads_over_zones_and_a_bigger_node_herds_more() {
+    // Zone a holds two nodes (one of capacity 2), zones b and c one each: every flock keeps one
+    // copy per zone, so the two nodes of zone a never herd the same flock.
+    let mut cluster = TestCluster::start(1, &["--zone", "a", "--capacity", "2"]).await;
+    cluster.join(&["--zone", "a"]);
+    cluster.join(&["--zone", "b"]);
+    cluster.join(&["--zone", "c"]);
+    let ids: Vec<String> = cluster.nodes.iter().map(|n| n.id.clone()).collect();
+    let client = cluster.nodes[1].http_client().await;
+    wait_members(&client, &ids.iter().map(String::as_str).collect::<Vec<_>>()).await;
+    let nodes = client.nodes().await.expect("nodes");
+    let zone: BTreeMap<&str, &str> = nodes.nodes.iter().map(|n| (n.id.as_str(), n.zone.as_str())).collect();
+    assert_eq!(zone[ids[0].as_str()], "a");
+    assert_eq!(nodes.nodes.iter().find(|n| n.id == ids[0]).map(|n| n.capacity), Some(2));
+    let map = client.flocks().await.expect("flock map");
+    for flock in &map.flocks {
+        let zones: std::collections::BTreeSet<&str> = flock.herders.iter().map(|h| zone[h.as_str()]).collect();
+        assert_eq!(zones.len(), 3, "flock {} is not in three zones: {:?}", flock.flock, flock.herders);
+    }
+    // Zone a takes one copy of each flock, shared 2 : 1 by capacity.
+    let herds = |id: &str| map.flocks.iter().filter(|f| f.herders.iter().any(|h| h == id)).count();
+    let (big, small) = (herds(&ids[0]), herds(&ids[1]));
+    assert_eq!(big + small, TEST_FLOCKS as usize);
+    assert!(big > small, "capacity 2 herds {big}, capacity 1 herds {small}");
+    let (ok, out, _) = grex_status(&["cluster", "nodes", "--node", &cluster.nodes[0].http]);
+    assert!(ok && out.contains("zone") && out.contains("capacity"), "{out}");
+}

@@ -205,10 +205,19 @@ pub(super) async fn nodes(target: &Target) -> anyhow::Result<()> {
 
 fn print_nodes(nodes: &NodesInfo) -> anyhow::Result<()> {
     let mut out = stdout();
-    writeln!(out, "{:<16}  {:<8}  {:<5}  {:>6}  {:>5}  http", "node", "state", "up", "flocks", "leads")?;
+    writeln!(
+        out,
+        "{:<16}  {:<8}  {:<5}  {:>6}  {:>5}  {:<10}  {:>8}  http",
+        "node", "state", "up", "flocks", "leads", "zone", "capacity"
+    )?;
     for n in &nodes.nodes {
         let up = if n.alive { "yes" } else { "no" };
-        writeln!(out, "{:<16}  {:<8}  {:<5}  {:>6}  {:>5}  {}", n.id, n.state, up, n.flocks, n.leads, n.http)?;
+        let zone = if n.zone.is_empty() { "-" } else { &n.zone };
+        writeln!(
+            out,
+            "{:<16}  {:<8}  {:<5}  {:>6}  {:>5}  {:<10}  {:>8}  {}",
+            n.id, n.state, up, n.flocks, n.leads, zone, n.capacity, n.http
+        )?;
     }
     for id in &nodes.removed {
         writeln!(out, "{id:<16}  removed")?;

@@ -11,7 +11,7 @@ use clap::Args;
 
 use super::Target;
 use crate::api::{self, ServeConfig};
-use crate::cluster::{Cluster, ClusterConfig, ClusterFile, Replication, identity};
+use crate::cluster::{Cluster, ClusterConfig, ClusterFile, Replication, Site, identity};
 use crate::config::{Limits, NodeConfig};
 use crate::node::{Node, Service};
 use crate::storage::FaultyStore;
@@ -80,6 +80,12 @@ pub(super) struct NodeArgs {
     /// or more are down).
     #[arg(long, default_value = "10m", value_parser = parse_duration)]
     dead_after: Duration,
+    /// This node's zone (a rack, a room, a region): each flock's copies spread over zones first.
+    #[arg(long, default_value = "")]
+    zone: String,
+    /// This node's capacity: its share of the flocks' copies is proportional to it.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    capacity: u32,
 }
 
 /// A duration as `500ms`, `90s`, `10m`, `2h` (a bare number is seconds).
@@ -355,6 +361,7 @@ async fn start_node(
         join,
         snapshot_logs: node_args.snapshot_logs,
         dead_after: node_args.dead_after,
+        site: Site { zone: node_args.zone.clone(), capacity: node_args.capacity },
         ..ClusterConfig::new(peer)
     };
     let file = ClusterFile::load(data)?.context("the data directory holds no cluster")?;

@@ -50,6 +50,8 @@ impl Cluster {
                     alive: self.inner.peers.alive(*id),
                     http: info.http.clone(),
                     peer: info.peer.clone(),
+                    zone: info.zone.clone(),
+                    capacity: info.capacity,
                     flocks: herded(id),
                     leads: leads.get(id).copied().unwrap_or(0),
                     snapshot_bytes_sent: self.inner.peers.snapshot_bytes_sent_by(*id),

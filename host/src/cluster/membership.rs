@@ -204,7 +204,7 @@ impl Cluster {
         }
         self.finish_drains(&state).await;
         self.remove_dead(&state, unreachable).await;
-        let want: BTreeSet<NodeId> = nodes.iter().copied().take(META_VOTERS_MAX).collect();
+        let want: BTreeSet<NodeId> = nodes.keys().copied().take(META_VOTERS_MAX).collect();
         if self.voters_differ(META_GROUP, &want) && !self.inner.meta_reconfiguring.swap(true, Ordering::AcqRel) {
             let this = self.clone();
             tokio::spawn(async move {

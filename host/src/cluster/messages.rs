@@ -10,6 +10,7 @@ use grex_client::proto::{JobOutput, ModuleInfo, RemoteError};
 use serde::{Deserialize, Serialize};
 
 use super::engine::NodeId;
+use super::placement::Site;
 use super::wire::RaftMessage;
 use crate::node::NodeChange;
 use crate::storage::GroupId;
@@ -17,8 +18,8 @@ use crate::storage::GroupId;
 /// ALPN of the peer protocol (version 8: nodes can be drained and removed).
 pub const PEER_ALPN: &[u8] = b"grex-peer/8";
 
-/// Where a node answers.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+/// Where a node answers, and where it stands for placement.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PeerInfo {
     /// Peer (QUIC, mutual TLS) address, `HOST:PORT`.
     pub peer: String,
@@ -28,11 +29,36 @@ pub struct PeerInfo {
     pub quic: String,
     /// Redis protocol address, `HOST:PORT` (empty when the node serves none).
     pub resp: String,
+    /// Its zone (`--zone`): copies of a flock spread over zones first.
+    pub zone: String,
+    /// Its capacity (`--capacity`): its share of the flocks' copies is proportional to it.
+    pub capacity: u32,
+}
+
+impl Default for PeerInfo {
+    fn default() -> Self {
+        PeerInfo {
+            peer: String::new(),
+            http: String::new(),
+            quic: String::new(),
+            resp: String::new(),
+            zone: String::new(),
+            capacity: 1,
+        }
+    }
+}
+
+impl PeerInfo {
+    /// Where the node stands for placement.
+    pub fn site(&self) -> Site {
+        Site { zone: self.zone.clone(), capacity: self.capacity.max(1) }
+    }
 }
 
 impl fmt::Display for PeerInfo {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "peer={} http={} quic={} resp={}", self.peer, self.http, self.quic, self.resp)
+        write!(f, "peer={} http={} quic={} resp={}", self.peer, self.http, self.quic, self.resp)?;
+        write!(f, " zone={:?} capacity={}", self.zone, self.capacity)
     }
 }
 

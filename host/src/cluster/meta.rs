@@ -12,7 +12,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use serde::{Deserialize, Serialize};
 
 use super::consensus::Command;
-use super::placement::FlockMap;
+use super::placement::{FlockMap, Site};
 use super::wire;
 use super::{NodeId, PeerInfo, node_id_text};
 
@@ -29,11 +29,20 @@ pub struct MetaState {
     pub removed: BTreeSet<NodeId>,
 }
 
-/// The meta state as schema 6 stored it (before nodes could leave).
+/// The meta state as schema 6 stored it (before nodes could leave, or had zones).
 #[derive(Deserialize)]
 struct MetaStateV6 {
-    nodes: BTreeMap<NodeId, PeerInfo>,
+    nodes: BTreeMap<NodeId, PeerInfoV6>,
     map: FlockMap,
+}
+
+/// A node's addresses as schema 6 stored them.
+#[derive(Deserialize)]
+struct PeerInfoV6 {
+    peer: String,
+    http: String,
+    quic: String,
+    resp: String,
 }
 
 impl MetaState {
@@ -41,13 +50,20 @@ impl MetaState {
     pub fn decode(bytes: &[u8]) -> Result<MetaState, String> {
         wire::decode::<MetaState>(bytes).or_else(|newer| {
             let old: MetaStateV6 = wire::decode(bytes).map_err(|_| newer)?;
-            Ok(MetaState { nodes: old.nodes, map: old.map, ..MetaState::default() })
+            let nodes = old
+                .nodes
+                .into_iter()
+                .map(|(id, PeerInfoV6 { peer, http, quic, resp })| {
+                    (id, PeerInfo { peer, http, quic, resp, ..PeerInfo::default() })
+                })
+                .collect();
+            Ok(MetaState { nodes, map: old.map, ..MetaState::default() })
         })
     }
 
-    /// The members that take flocks: neither draining nor removed.
-    pub fn active(&self) -> BTreeSet<NodeId> {
-        self.nodes.keys().copied().filter(|n| !self.draining.contains(n)).collect()
+    /// The members that take flocks (neither draining nor removed), and where each stands.
+    pub fn active(&self) -> BTreeMap<NodeId, Site> {
+        self.nodes.iter().filter(|(n, _)| !self.draining.contains(n)).map(|(n, info)| (*n, info.site())).collect()
     }
 
     /// Applies a membership command (module and change-set commands are not the meta state's).
@@ -94,13 +110,16 @@ mod tests {
     fn a_meta_state_stored_before_nodes_could_leave_still_reads() {
         #[derive(Serialize)]
         struct Old<'a> {
-            nodes: &'a BTreeMap<NodeId, PeerInfo>,
+            nodes: BTreeMap<NodeId, (&'a str, &'a str, &'a str, &'a str)>,
             map: &'a FlockMap,
         }
         let nodes = BTreeMap::from([(1, info(1)), (2, info(2))]);
+        let old_nodes =
+            nodes.iter().map(|(id, i)| (*id, (i.peer.as_str(), i.http.as_str(), i.quic.as_str(), i.resp.as_str())));
         let map = FlockMap { version: 3, herders: vec![vec![1, 2], vec![2, 1]] };
-        let read = MetaState::decode(&wire::encode(&Old { nodes: &nodes, map: &map })).unwrap();
+        let read = MetaState::decode(&wire::encode(&Old { nodes: old_nodes.collect(), map: &map })).unwrap();
         assert_eq!(read, MetaState { nodes, map, ..MetaState::default() });
+        assert_eq!(read.nodes[&1].site(), Site::default(), "nodes of an older store share one zone, capacity 1");
         let now = MetaState { draining: BTreeSet::from([2]), removed: BTreeSet::from([7]), ..read };
         assert_eq!(MetaState::decode(&wire::encode(&now)).unwrap(), now);
     }
@@ -113,7 +132,7 @@ mod tests {
         }
         state.apply(Command::DrainNode { id: 2 });
         state.apply(Command::DrainNode { id: 9 });
-        assert_eq!(state.active(), BTreeSet::from([1, 3]));
+        assert_eq!(state.active().into_keys().collect::<BTreeSet<_>>(), BTreeSet::from([1, 3]));
         assert_eq!(state.draining, BTreeSet::from([2]), "only a member drains");
         state.apply(Command::RemoveNode { id: 2 });
         assert_eq!((state.nodes.len(), state.draining.len()), (2, 0));

@@ -42,6 +42,7 @@ pub use identity::{ClusterFile, Credentials};
 pub use lifecycle::REMOVE_DEAD_AFTER_DEFAULT;
 pub use messages::{PEER_ALPN, PeerInfo};
 pub use peer::{DEAD_AFTER, PING_INTERVAL, peer_client_config};
+pub use placement::Site;
 
 use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;
@@ -76,6 +77,8 @@ pub struct ClusterConfig {
     /// How long a member may be unreachable before the cluster removes it and copies its
     /// flocks again.
     pub dead_after: Duration,
+    /// This node's zone and capacity, for placement.
+    pub site: Site,
 }
 
 impl ClusterConfig {
@@ -86,6 +89,7 @@ impl ClusterConfig {
             join: None,
             snapshot_logs: SNAPSHOT_LOGS_DEFAULT,
             dead_after: REMOVE_DEAD_AFTER_DEFAULT,
+            site: Site::default(),
         }
     }
 }
@@ -179,6 +183,8 @@ impl Cluster {
             http: urls.http.unwrap_or_default(),
             quic: urls.quic.unwrap_or_default(),
             resp: urls.resp.unwrap_or_default(),
+            zone: config.site.zone.clone(),
+            capacity: config.site.capacity,
         };
         let member = node.store().log_state(META_GROUP, "applied")?.is_some();
         let bootstrap = !member && config.join.is_none();
