@@ -375,8 +375,8 @@ impl TestCluster {
         &mut self.nodes[i]
     }
 
-    /// Waits until every node sees `count` nodes, every flock with min(3, count) herders and its
-    /// membership settled, and the same leader for every flock.
+    /// Waits until every node sees `count` nodes, each herding some flock, every flock with
+    /// min(3, count) herders and its membership settled, and the same leader for every flock.
     pub async fn wait_formed(&self, count: usize) {
         let mut clients = Vec::new();
         for node in &self.nodes {
@@ -388,9 +388,11 @@ impl TestCluster {
             for client in &clients {
                 views.push(client.flocks().await.ok());
             }
+            // The map lists a joined node before it places flocks on it: wait for both.
             let formed = |map: &FlockMapInfo| {
                 map.nodes.len() == count
                     && map.flocks.iter().all(|f| f.leader.is_some() && f.settled && f.herders.len() == count.min(3))
+                    && map.nodes.iter().all(|(id, _)| map.flocks.iter().any(|f| f.herders.contains(id)))
             };
             let leaders = |map: &FlockMapInfo| map.flocks.iter().map(|f| f.leader.clone()).collect::<Vec<_>>();
             if let Some(Some(first)) = views.first()
