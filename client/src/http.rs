@@ -120,6 +120,12 @@ fn to_http(request: &Request) -> HttpCall {
         Request::ListModules => get("/v1/modules".to_owned()),
         Request::Flocks => get("/v1/flocks".to_owned()),
         Request::Nodes => get("/v1/cluster/nodes".to_owned()),
+        Request::DeleteModule { name } => HttpCall {
+            method: Method::DELETE,
+            path: format!("/v1/modules/{}", encode(name)),
+            content_type: None,
+            body: Vec::new(),
+        },
         Request::DrainNode { node } => post(format!("/v1/cluster/nodes/{}/drain", encode(node))),
         Request::RemoveNode { node } => post(format!("/v1/cluster/nodes/{}/remove", encode(node))),
     }
@@ -128,7 +134,9 @@ fn to_http(request: &Request) -> HttpCall {
 fn from_http(request: &Request, headers: &hyper::HeaderMap, body: Bytes) -> Result<Response, ClientError> {
     let json_error = |e: serde_json::Error| ClientError::Protocol(e.to_string());
     Ok(match request {
-        Request::PutModule { .. } => Response::Module(serde_json::from_slice(&body).map_err(json_error)?),
+        Request::PutModule { .. } | Request::DeleteModule { .. } => {
+            Response::Module(serde_json::from_slice(&body).map_err(json_error)?)
+        }
         Request::RunJob { .. } => Response::Job(JobOutput {
             output: body.to_vec(),
             bucket_version: header_number(headers, VERSION_HEADER)?,

@@ -187,6 +187,15 @@ impl Client {
         }
     }
 
+    /// Deletes a module name; returns what it pointed to. The module itself goes once no name
+    /// points to it (a job running it finishes).
+    pub async fn delete_module(&self, name: &str) -> Result<ModuleInfo, ClientError> {
+        match self.call(Request::DeleteModule { name: name.to_owned() }).await? {
+            Response::Module(m) => Ok(m),
+            other => Err(unexpected(other)),
+        }
+    }
+
     /// The cluster's nodes.
     pub async fn nodes(&self) -> Result<proto::NodesInfo, ClientError> {
         self.nodes_after(Request::Nodes).await

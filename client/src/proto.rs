@@ -159,6 +159,12 @@ pub enum Request {
     Flocks,
     /// The cluster's nodes: their state, liveness and the flocks they herd.
     Nodes,
+    /// Delete a module name (the module goes too once no name points to it); answered with
+    /// what the name pointed to.
+    DeleteModule {
+        /// The name.
+        name: String,
+    },
     /// Start draining a node: its flocks move to the other nodes, then it leaves the cluster.
     DrainNode {
         /// The node's id (16 hex digits, as `Nodes` lists it).
@@ -349,6 +355,10 @@ pub struct Status {
     /// Jobs this node passed on to the node that serves their bucket (one hop each).
     #[serde(default)]
     pub jobs_forwarded: u64,
+    /// Jobs running on this node now (their module loaded; queued, running or waiting for
+    /// their commit).
+    #[serde(default)]
+    pub jobs_running: u64,
     /// Modules stored.
     pub modules: u64,
     /// Buckets in the cache.

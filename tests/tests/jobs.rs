@@ -207,9 +207,12 @@ async fn a_module_runs_by_its_sha256_id_and_a_name_can_move_to_a_new_version() {
     let (_dir, node, client) = node_with(&[]).await;
     let counter = client.put_module("job", job_wasm("counter")).await.unwrap();
     assert!(counter.id.starts_with("sha256:") && counter.id.len() == 7 + 64, "{}", counter.id);
-    client.put_module("job", job_wasm("ledger")).await.unwrap();
     let by_id = client.run_job(b"b", &counter.id, b"2", false).await.unwrap();
     assert_eq!(text(&by_id.output), "2");
+    client.put_module("job", job_wasm("ledger")).await.unwrap();
+    // No name points to the old version any more: it is gone.
+    let gone = client.run_job(b"b", &counter.id, b"2", false).await.unwrap_err();
+    assert_eq!(gone.code(), Some(ErrorCode::ModuleNotFound), "{gone}");
     let by_name = client.run_job(b"b2", "job", b"", false).await.unwrap();
     assert_eq!(text(&by_name.output), r#"{"balance":0,"count":0}"#);
     let listed = client.list_modules().await.unwrap();

@@ -351,3 +351,63 @@ async fn each_flock_spreads_over_zones_and_a_bigger_node_herds_more() {
     let (ok, out, _) = grex_status(&["cluster", "nodes", "--node", &cluster.nodes[0].http]);
     assert!(ok && out.contains("zone") && out.contains("capacity"), "{out}");
 }
+
+/// Compiled code files in a node's code directory.
+fn code_files(node: &GrexNode) -> Vec<String> {
+    match std::fs::read_dir(node.data.join("code")) {
+        Ok(dir) => dir.map(|e| e.expect("entry").file_name().to_string_lossy().into_owned()).collect(),
+        Err(_) => Vec::new(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_module_goes_from_every_node_with_its_code_and_a_running_job_finishes() {
+    let mut cluster = TestCluster::start(3, &["--timeout-ms", "1500"]).await;
+    load_counter(&cluster).await;
+    let first = cluster.nodes[0].client().await;
+    let hostile = first.put_module("hostile", job_wasm("hostile")).await.expect("upload hostile");
+    let counter_id = first.list_modules().await.expect("modules").into_iter().find(|m| m.name == "counter").unwrap().id;
+    let hex = |id: &str| format!("{}.cwasm", id.trim_start_matches("sha256:"));
+    // A read-only run on each node (every node herds every flock of three) compiles it there; the
+    // job itself is refused, as counter writes.
+    for node in &cluster.nodes {
+        let refused = node.client().await.run_job(b"b", "counter", b"1", true).await.expect_err("counter writes");
+        assert_eq!(refused.code(), Some(ErrorCode::ReadOnlyViolation), "{refused}");
+        assert!(code_files(node).contains(&hex(&counter_id)), "{:?}", code_files(node));
+    }
+
+    // A job that runs `hostile` until its deadline, sent to the node that runs it.
+    let canary = first.canary(b"spinner").await.expect("canary");
+    let runner = cluster.index_of_url(&canary.url);
+    let spinner = cluster.nodes[runner].client().await;
+    let spinning = tokio::spawn(async move { spinner.run_job(b"spinner", "hostile", b"loop", false).await });
+    let status = cluster.nodes[runner].http_client().await;
+    eventually("the spinning job to run", PATIENCE, || async {
+        status.status().await.is_ok_and(|s| s.jobs_running > 0)
+    })
+    .await;
+    let out = grex(&["module", "rm", "hostile", "--node", &cluster.nodes[1].http]);
+    assert!(out.contains(&hostile.id), "{out}");
+    let ended = spinning.await.expect("task").expect_err("the job spins until its deadline");
+    assert_eq!(ended.code(), Some(ErrorCode::JobTimeout), "the running job kept its module: {ended}");
+
+    // A node down while `counter` is deleted learns of it when it comes back.
+    cluster.nodes[2].kill9();
+    let node1 = cluster.nodes[1].http_client().await;
+    assert_eq!(node1.delete_module("counter").await.expect("delete counter").id, counter_id);
+    let again = node1.delete_module("counter").await.expect_err("deleted already");
+    assert_eq!(again.code(), Some(ErrorCode::ModuleNotFound), "{again}");
+    cluster.nodes[2].restart();
+    for node in &cluster.nodes {
+        let client = node.http_client().await;
+        eventually("the names to go from every node", PATIENCE, || async {
+            client.list_modules().await.is_ok_and(|m| m.is_empty())
+        })
+        .await;
+        eventually("the compiled code to go", PATIENCE, || async { code_files(node).is_empty() }).await;
+        for module in ["counter", "hostile"] {
+            let refused = client.run_job(b"x", module, b"1", false).await.expect_err("no such module");
+            assert_eq!(refused.code(), Some(ErrorCode::ModuleNotFound), "{refused}");
+        }
+    }
+}

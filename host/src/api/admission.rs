@@ -87,6 +87,10 @@ impl Service for Admitted {
         .boxed()
     }
 
+    fn delete_module(&self, name: String) -> BoxFuture<'static, Result<ModuleInfo>> {
+        self.inner.delete_module(name)
+    }
+
     fn canary(&self, bucket: Vec<u8>, read_only: bool) -> BoxFuture<'static, Result<Canary>> {
         self.inner.canary(bucket, read_only)
     }
@@ -130,6 +134,10 @@ mod tests {
         }
 
         fn put_module(&self, _: String, _: Vec<u8>) -> BoxFuture<'static, Result<ModuleInfo>> {
+            unreachable!("not used")
+        }
+
+        fn delete_module(&self, _: String) -> BoxFuture<'static, Result<ModuleInfo>> {
             unreachable!("not used")
         }
 

@@ -170,7 +170,7 @@ struct App {
 fn router(node: Node, service: Arc<dyn Service>, timeouts: HttpTimeouts, budget: Arc<ReadBudget>) -> Router {
     Router::new()
         .route("/v1/modules", get(list_modules))
-        .route("/v1/modules/{name}", put(put_module))
+        .route("/v1/modules/{name}", put(put_module).delete(delete_module))
         .route("/v1/jobs/{bucket}", post(run_job))
         .route("/v1/buckets/{bucket}/items", get(list_items))
         .route("/v1/buckets/{bucket}/items/{item}", get(get_item))
@@ -289,6 +289,11 @@ async fn put_module(
     let max = node.config().limits.module_bytes_max;
     let wasm = read_body(body, &headers, (timeouts, &budget), max, "module", ErrorCode::ModuleTooLarge).await?;
     Ok(Json(service.put_module(name, wasm).await?))
+}
+
+async fn delete_module(State(App { service, .. }): State<App>, uri: Uri) -> ApiResult<Json<grex_client::ModuleInfo>> {
+    let name = segment_text(&uri, 2, "name")?;
+    Ok(Json(service.delete_module(name).await?))
 }
 
 async fn list_modules(State(App { node, .. }): State<App>) -> Json<serde_json::Value> {

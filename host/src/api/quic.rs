@@ -101,6 +101,7 @@ impl Serving {
         let (node, service) = (&self.node, &self.service);
         let result = match request {
             Request::PutModule { name, wasm } => service.put_module(name, wasm).await.map(Response::Module),
+            Request::DeleteModule { name } => service.delete_module(name).await.map(Response::Module),
             Request::RunJob { bucket, module, input, read_only } => {
                 service.run_job(bucket, module, input, read_only).await.map(Response::Job)
             }

@@ -23,6 +23,14 @@ pub(super) enum ModuleCommand {
         #[command(flatten)]
         target: Target,
     },
+    /// Delete a module name; the module goes too once no name points to it (jobs running it
+    /// finish). Prints what the name pointed to.
+    Rm {
+        /// The name.
+        name: String,
+        #[command(flatten)]
+        target: Target,
+    },
     /// List module names with their ids and sizes.
     Ls {
         #[command(flatten)]
@@ -96,6 +104,11 @@ pub(super) async fn module(cmd: ModuleCommand) -> anyhow::Result<()> {
             let wasm = std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
             let info = connect(&target).await?.put_module(&name, wasm).await?;
             writeln!(stdout(), "{}", info.id)?;
+            Ok(())
+        }
+        ModuleCommand::Rm { name, target } => {
+            let info = connect(&target).await?.delete_module(&name).await?;
+            writeln!(stdout(), "deleted {}\t{}\t{}", info.name, info.id, info.size)?;
             Ok(())
         }
         ModuleCommand::Ls { target } => {

@@ -97,6 +97,11 @@ pub enum Command {
         #[serde(with = "serde_bytes")]
         wasm: Vec<u8>,
     },
+    /// Meta group: a module name is deleted (the module too once no name points to it).
+    DeleteModule {
+        /// The name.
+        name: String,
+    },
     /// Meta group: a member is to hand its flocks to the others, then leave.
     DrainNode {
         /// Its id.
@@ -907,8 +912,11 @@ impl Driver {
                     tracing::info!(group, index, "installed a snapshot");
                     match meta {
                         Some((state, modules)) => {
-                            for (name, id, size) in modules {
-                                node.module_replicated(&name, id, size);
+                            for (name, module) in modules {
+                                match module {
+                                    Some((id, size)) => node.module_replicated(&name, id, size),
+                                    None => node.module_removed(&name),
+                                }
                             }
                             meta_tx.send_replace(state);
                         }
@@ -928,7 +936,7 @@ impl Driver {
     }
 
     /// Adds the writes that install a snapshot's data; for the meta group, returns its state and
-    /// modules (published once written).
+    /// its modules, and the names this node held that it deleted (`None`), published once written.
     #[allow(clippy::type_complexity)]
     fn install(
         &mut self,
@@ -936,10 +944,19 @@ impl Driver {
         data: &[u8],
         log: &mut Vec<LogOp>,
         changes: &mut Vec<ChangeSet>,
-    ) -> std::result::Result<Option<(MetaState, Vec<(String, ModuleId, u64)>)>, String> {
+    ) -> std::result::Result<Option<(MetaState, Vec<(String, Option<(ModuleId, u64)>)>)>, String> {
         if group == META_GROUP {
             let snap: MetaSnapshot = wire::decode(data)?;
-            let modules = snap.modules.iter().map(|(name, id, wasm)| (name.clone(), *id, wasm.len() as u64)).collect();
+            let mut modules: Vec<(String, Option<(ModuleId, u64)>)> =
+                snap.modules.iter().map(|(name, id, wasm)| (name.clone(), Some((*id, wasm.len() as u64)))).collect();
+            // Names deleted while this node was away.
+            let held = self.node.store().module_names().map_err(|e| e.to_string())?;
+            for (name, _) in held {
+                if !snap.modules.iter().any(|(kept, _, _)| *kept == name) {
+                    log.push(LogOp::DeleteModule { name: name.clone() });
+                    modules.push((name, None));
+                }
+            }
             for (name, id, wasm) in snap.modules {
                 log.push(LogOp::PutModule { id, name, wasm: wasm.into_vec() });
             }
@@ -967,6 +984,7 @@ impl Driver {
         let mut changes = Vec::new();
         let mut log = Vec::new();
         let mut modules = Vec::new();
+        let mut removed_modules = Vec::new();
         let mut meta_changed = false;
         for entry in &committed.entries {
             if entry.get_entry_type() != EntryType::EntryNormal || entry.data.is_empty() {
@@ -986,6 +1004,10 @@ impl Driver {
                         Command::PutModule { name, id, wasm } => {
                             modules.push((name.clone(), id, wasm.len() as u64));
                             log.push(LogOp::PutModule { id, name, wasm });
+                        }
+                        Command::DeleteModule { name } => {
+                            removed_modules.push(name.clone());
+                            log.push(LogOp::DeleteModule { name });
                         }
                         Command::Change(_) => unreachable!("matched above"),
                         member => self.meta_state.apply(member),
@@ -1035,7 +1057,11 @@ impl Driver {
             }
         }
         let after_write = if group == META_GROUP { std::mem::take(&mut answers) } else { Vec::new() };
-        let quiet = touched.is_empty() && meta.is_none() && modules.is_empty() && after_write.is_empty();
+        let quiet = touched.is_empty()
+            && meta.is_none()
+            && modules.is_empty()
+            && removed_modules.is_empty()
+            && after_write.is_empty();
         let done: Option<crate::node::WriteDone> = if quiet {
             None
         } else {
@@ -1048,6 +1074,9 @@ impl Driver {
                 }
                 for (name, id, size) in modules {
                     node.module_replicated(&name, id, size);
+                }
+                for name in removed_modules {
+                    node.module_removed(&name);
                 }
                 if let Some((tx, state)) = meta {
                     tx.send_if_modified(|old| {

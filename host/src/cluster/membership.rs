@@ -144,6 +144,36 @@ impl Cluster {
         }
     }
 
+    /// Deletes a module name cluster-wide, through the meta group; answers what it pointed to.
+    /// The module's bytes and code go on every node once no name points to them.
+    pub(super) async fn remove_module(&self, name: String) -> Result<ModuleInfo> {
+        let info = self.inner.node.module_named(&name)?;
+        match self.leader_of(META_GROUP) {
+            Some(leader) if leader == self.inner.me => {
+                self.meta_write(Command::DeleteModule { name }).await?;
+                Ok(info)
+            }
+            Some(leader) => {
+                let asked = PeerRequest::DeleteModule { name: name.clone() };
+                match self.inner.peers.call(leader, asked, Duration::from_secs(60)).await {
+                    Ok(PeerResponse::Module(Ok(info))) => {
+                        // Read your writes: a job sent here next does not find the name.
+                        let deadline = Instant::now() + Duration::from_secs(5);
+                        while self.inner.node.module_named(&name).is_ok() && Instant::now() < deadline {
+                            tokio::time::sleep(Duration::from_millis(5)).await;
+                        }
+                        Ok(info)
+                    }
+                    Ok(PeerResponse::Module(result)) => result,
+                    Ok(PeerResponse::Error(e)) => Err(e),
+                    Ok(other) => Err(error(ErrorCode::Internal, format!("unexpected peer answer {other:?}"))),
+                    Err(e) => Err(e.into()),
+                }
+            }
+            None => Err(error(ErrorCode::Unavailable, "the cluster has no meta leader; retry shortly")),
+        }
+    }
+
     /// Adds `id` to `group` as a learner (unless it is a member already) and waits until its
     /// log holds the entry that added it (and so everything before it), within `patience`.
     async fn add_caught_up_learner(

@@ -159,6 +159,11 @@ pub enum PeerRequest {
         #[serde(with = "serde_bytes")]
         wasm: Vec<u8>,
     },
+    /// Delete a module name cluster-wide (sent to the meta group's leader).
+    DeleteModule {
+        /// Name.
+        name: String,
+    },
     /// Drain or remove a member (sent to the meta group's leader; answered `Ack` once recorded).
     ChangeNode {
         /// The member.

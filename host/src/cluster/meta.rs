@@ -91,7 +91,7 @@ impl MetaState {
                 self.draining.remove(&id);
                 self.removed.insert(id);
             }
-            Command::Change(_) | Command::PutModule { .. } => {
+            Command::Change(_) | Command::PutModule { .. } | Command::DeleteModule { .. } => {
                 tracing::error!("a data command reached the meta state; ignored")
             }
         }

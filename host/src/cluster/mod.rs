@@ -350,6 +350,7 @@ impl Cluster {
             }
             PeerRequest::Hail { id, info } => self.admit(id, info).await,
             PeerRequest::PutModule { name, wasm } => PeerResponse::Module(self.store_module(name, wasm).await),
+            PeerRequest::DeleteModule { name } => PeerResponse::Module(self.remove_module(name).await),
             PeerRequest::ChangeNode { id, change } => match self.change_node_here(id, change).await {
                 Ok(()) => PeerResponse::Ack,
                 Err(e) => PeerResponse::Error(e),

@@ -264,6 +264,11 @@ impl Service for Cluster {
         async move { this.store_module(name, wasm).await }.boxed()
     }
 
+    fn delete_module(&self, name: String) -> BoxFuture<'static, Result<ModuleInfo>> {
+        let this = self.clone();
+        async move { this.remove_module(name).await }.boxed()
+    }
+
     fn canary(&self, bucket: Vec<u8>, read_only: bool) -> BoxFuture<'static, Result<Canary>> {
         let this = self.clone();
         async move {

@@ -41,6 +41,8 @@ pub trait Service: Send + Sync + 'static {
     ) -> futures::future::BoxFuture<'static, Result<JobOutput>>;
     /// Stores a module on every node.
     fn put_module(&self, name: String, wasm: Vec<u8>) -> futures::future::BoxFuture<'static, Result<ModuleInfo>>;
+    /// Deletes a module name on every node; answers what it pointed to.
+    fn delete_module(&self, name: String) -> futures::future::BoxFuture<'static, Result<ModuleInfo>>;
     /// The best node for a bucket.
     fn canary(&self, bucket: Vec<u8>, read_only: bool) -> futures::future::BoxFuture<'static, Result<Canary>>;
     /// The flock map.
@@ -87,6 +89,11 @@ impl Service for Node {
         async move { node.put_module(&name, wasm).await }.boxed()
     }
 
+    fn delete_module(&self, name: String) -> futures::future::BoxFuture<'static, Result<ModuleInfo>> {
+        let node = self.clone();
+        async move { node.delete_module(&name).await }.boxed()
+    }
+
     fn canary(&self, bucket: Vec<u8>, _read_only: bool) -> futures::future::BoxFuture<'static, Result<Canary>> {
         let node = self.clone();
         async move { node.canary(&bucket).await }.boxed()
@@ -123,6 +130,22 @@ pub struct RespNode {
     /// Its peer address, `HOST:PORT` (empty when unknown); its port is shown where Redis shows
     /// its cluster bus port.
     pub peer: String,
+}
+
+/// Counts a job as running while it lives.
+struct Running<'a>(&'a AtomicU64);
+
+impl<'a> Running<'a> {
+    fn count(counter: &'a AtomicU64) -> Running<'a> {
+        counter.fetch_add(1, Ordering::Relaxed);
+        Running(counter)
+    }
+}
+
+impl Drop for Running<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// Resolves once a change set proposed to a flock's log is committed and applied (or failed), to
@@ -204,6 +227,8 @@ struct Inner {
     jobs_ok: AtomicU64,
     jobs_failed: AtomicU64,
     jobs_forwarded: AtomicU64,
+    /// Jobs past loading their module and not answered yet.
+    jobs_running: AtomicU64,
     started: Instant,
     urls: RwLock<NodeUrls>,
 }
@@ -293,6 +318,7 @@ impl Node {
                 jobs_ok: AtomicU64::new(0),
                 jobs_failed: AtomicU64::new(0),
                 jobs_forwarded: AtomicU64::new(0),
+                jobs_running: AtomicU64::new(0),
                 started: Instant::now(),
                 urls: RwLock::new(NodeUrls::default()),
             }),
@@ -336,12 +362,41 @@ impl Node {
         let name = name.to_owned();
         tokio::task::spawn_blocking(move || {
             node.inner.store.put_module(&id, &name, &wasm)?;
-            node.inner.names.write().unwrap_or_else(|p| p.into_inner()).insert(name.clone(), (id, wasm.len() as u64));
+            node.module_replicated(&name, id, wasm.len() as u64);
             tracing::info!(%name, id = %module_id_text(&id), bytes = wasm.len(), "module stored");
             Ok(ModuleInfo { name, id: module_id_text(&id), size: wasm.len() as u64 })
         })
         .await
         .map_err(|e| error(ErrorCode::Internal, format!("module upload task failed: {e}")))?
+    }
+
+    /// Deletes a module name; the module's bytes and compiled code go too once no name points
+    /// to them (a job running it finishes). Returns what the name pointed to.
+    pub async fn delete_module(&self, name: &str) -> Result<ModuleInfo> {
+        let info = self.module_named(name)?;
+        let node = self.clone();
+        let name = name.to_owned();
+        tokio::task::spawn_blocking(move || {
+            let batch = crate::storage::Batch {
+                log: vec![crate::storage::LogOp::DeleteModule { name: name.clone() }],
+                changes: Vec::new(),
+                sync: crate::storage::SyncTo::All,
+            };
+            node.inner.store.write(&batch)?;
+            node.module_removed(&name);
+            Ok(info)
+        })
+        .await
+        .map_err(|e| error(ErrorCode::Internal, format!("module delete task failed: {e}")))?
+    }
+
+    /// What `name` points to, or `module_not_found`.
+    pub fn module_named(&self, name: &str) -> Result<ModuleInfo> {
+        let names = self.inner.names.read().unwrap_or_else(|p| p.into_inner());
+        let (id, size) = names.get(name).ok_or_else(|| {
+            error(ErrorCode::ModuleNotFound, format!("no module named `{name}`; `grex module ls` lists them"))
+        })?;
+        Ok(ModuleInfo { name: name.to_owned(), id: module_id_text(id), size: *size })
     }
 
     /// Every module name and the id it points at.
@@ -415,6 +470,7 @@ impl Node {
             Some(op) => Program::Builtin(op),
             None => Program::Wasm(self.module(module).await?),
         };
+        let _running = Running::count(&self.inner.jobs_running);
         let flock = proto::flock_of(bucket, self.flock_count());
         let (reply, answer) = oneshot::channel();
         let job = ShardJob {
@@ -544,6 +600,7 @@ impl Node {
             jobs_ok: self.inner.jobs_ok.load(Ordering::Relaxed),
             jobs_failed: self.inner.jobs_failed.load(Ordering::Relaxed),
             jobs_forwarded: self.inner.jobs_forwarded.load(Ordering::Relaxed),
+            jobs_running: self.inner.jobs_running.load(Ordering::Relaxed),
             modules: self.inner.names.read().unwrap_or_else(|p| p.into_inner()).len() as u64,
             cache_buckets: cache.buckets,
             cache_bytes: cache.bytes,
@@ -615,9 +672,30 @@ impl Node {
         let _ = shard.send(ShardMsg::DropFlock(flock)).await;
     }
 
-    /// A module arrived through replication (already in the store): make its name resolve.
+    /// A module arrived through replication (already in the store): make its name resolve, and
+    /// drop the code of the module it pointed to before if no name points to that any more.
     pub fn module_replicated(&self, name: &str, id: ModuleId, size: u64) {
-        self.inner.names.write().unwrap_or_else(|p| p.into_inner()).insert(name.to_owned(), (id, size));
+        let old = self.inner.names.write().unwrap_or_else(|p| p.into_inner()).insert(name.to_owned(), (id, size));
+        if let Some((old, _)) = old.filter(|(old, _)| *old != id) {
+            self.collect_code(&old);
+        }
+    }
+
+    /// A module name was deleted (in the store already): it resolves no more, and the module's
+    /// code goes if no name points to it.
+    pub fn module_removed(&self, name: &str) {
+        let old = self.inner.names.write().unwrap_or_else(|p| p.into_inner()).remove(name);
+        if let Some((old, _)) = old {
+            tracing::info!(%name, id = %module_id_text(&old), "module name deleted");
+            self.collect_code(&old);
+        }
+    }
+
+    fn collect_code(&self, id: &ModuleId) {
+        let named = self.inner.names.read().unwrap_or_else(|p| p.into_inner()).values().any(|(n, _)| n == id);
+        if !named {
+            self.inner.runtime.modules.forget(id);
+        }
     }
 
     /// Checks and compiles a module without storing it; returns its id. A cluster stores it by

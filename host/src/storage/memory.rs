@@ -19,6 +19,22 @@ struct State {
     state_values: BTreeMap<(GroupId, String), Vec<u8>>,
 }
 
+impl State {
+    fn put_module(&mut self, id: &ModuleId, name: &str, wasm: &[u8]) {
+        self.modules.insert(*id, wasm.to_vec());
+        if let Some(old) = self.names.insert(name.to_owned(), *id).filter(|old| old != id) {
+            self.collect_module(&old);
+        }
+    }
+
+    /// Deletes a module's bytes unless a name still points to it.
+    fn collect_module(&mut self, id: &ModuleId) {
+        if !self.names.values().any(|named| named == id) {
+            self.modules.remove(id);
+        }
+    }
+}
+
 /// Everything in maps behind a mutex.
 pub struct MemoryStore {
     meta: NodeMeta,
@@ -107,9 +123,11 @@ impl Store for MemoryStore {
                     state.versions.retain(|b, _| crate::data::flock_of(b, flocks) != *flock);
                     state.items.retain(|(b, _), _| crate::data::flock_of(b, flocks) != *flock);
                 }
-                LogOp::PutModule { id, name, wasm } => {
-                    state.modules.insert(*id, wasm.clone());
-                    state.names.insert(name.clone(), *id);
+                LogOp::PutModule { id, name, wasm } => state.put_module(id, name, wasm),
+                LogOp::DeleteModule { name } => {
+                    if let Some(old) = state.names.remove(name) {
+                        state.collect_module(&old);
+                    }
                 }
             }
         }
@@ -155,9 +173,7 @@ impl Store for MemoryStore {
     }
 
     fn put_module(&self, id: &ModuleId, name: &str, wasm: &[u8]) -> Result<(), StoreError> {
-        let mut state = self.state();
-        state.modules.insert(*id, wasm.to_vec());
-        state.names.insert(name.to_owned(), *id);
+        self.state().put_module(id, name, wasm);
         Ok(())
     }
 

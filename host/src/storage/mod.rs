@@ -107,7 +107,13 @@ pub enum LogOp {
         /// The flock.
         flock: u32,
     },
-    /// Stores a module (replicated through the meta group).
+    /// Deletes a module name; the module's bytes go too once no name points to them.
+    DeleteModule {
+        /// The name.
+        name: String,
+    },
+    /// Stores a module (replicated through the meta group); the bytes the name pointed to before
+    /// go once no name points to them.
     PutModule {
         /// SHA-256 of the bytes.
         id: ModuleId,
@@ -137,6 +143,7 @@ impl LogOp {
             LogOp::Append { entries, .. } => entries.iter().map(|(_, entry)| entry.len()).sum(),
             LogOp::PutLogState { value, .. } | LogOp::PutState { value, .. } => value.len(),
             LogOp::PutModule { name, wasm, .. } => name.len() + wasm.len(),
+            LogOp::DeleteModule { name } => name.len(),
             LogOp::TruncateFrom { .. }
             | LogOp::PurgeUpto { .. }
             | LogOp::ClearFlock { .. }
@@ -205,7 +212,8 @@ pub trait Store: Send + Sync + 'static {
     fn log_state(&self, group: GroupId, key: &str) -> Result<Option<Vec<u8>>, StoreError>;
     /// Every bucket of a flock with its items (for a snapshot), in bucket-key order.
     fn flock_buckets(&self, flock: u32) -> Result<Vec<(Vec<u8>, BucketData)>, StoreError>;
-    /// Stores a module's bytes under its id and points `name` at it.
+    /// Stores a module's bytes under its id and points `name` at it (the bytes it pointed to
+    /// before go if no other name points to them).
     fn put_module(&self, id: &ModuleId, name: &str, wasm: &[u8]) -> Result<(), StoreError>;
     /// A module's bytes.
     fn module_bytes(&self, id: &ModuleId) -> Result<Option<Vec<u8>>, StoreError>;
@@ -313,5 +321,15 @@ pub(crate) mod contract {
         let other = [8u8; 32];
         store.put_module(&other, "counter", b"\0asm2").unwrap();
         assert_eq!(store.module_names().unwrap(), vec![("counter".to_string(), other)]);
+        assert_eq!(store.module_bytes(&id).unwrap(), None, "no name points to the old module: it went");
+        // A module two names point to stays until both are gone.
+        store.put_module(&other, "tally", b"\0asm2").unwrap();
+        let delete = |name: &str| Batch { log: vec![LogOp::DeleteModule { name: name.into() }], ..Batch::default() };
+        store.write(&delete("counter")).unwrap();
+        assert_eq!(store.module_names().unwrap(), vec![("tally".to_string(), other)]);
+        assert!(store.module_bytes(&other).unwrap().is_some());
+        store.write(&delete("tally")).unwrap();
+        store.write(&delete("never-there")).unwrap();
+        assert_eq!((store.module_names().unwrap(), store.module_bytes(&other).unwrap()), (vec![], None));
     }
 }

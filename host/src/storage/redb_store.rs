@@ -163,9 +163,16 @@ impl RedbStore {
                             }
                         }
                     }
-                    LogOp::PutModule { id, name, wasm } => {
-                        txn.open_table(MODULES).map_err(engine)?.insert(&id[..], wasm.as_slice()).map_err(engine)?;
-                        txn.open_table(MODULE_NAMES).map_err(engine)?.insert(name.as_str(), &id[..]).map_err(engine)?;
+                    LogOp::PutModule { id, name, wasm } => put_module(&txn, id, name, wasm)?,
+                    LogOp::DeleteModule { name } => {
+                        let old = {
+                            let mut names = txn.open_table(MODULE_NAMES).map_err(engine)?;
+                            let old = names.remove(name.as_str()).map_err(engine)?;
+                            old.map(|id| module_id(id.value())).transpose()?
+                        };
+                        if let Some(old) = old {
+                            collect_module(&txn, &old)?;
+                        }
                     }
                     _ => unreachable!("log operations are written to the log"),
                 }
@@ -357,10 +364,7 @@ impl Store for RedbStore {
 
     fn put_module(&self, id: &ModuleId, name: &str, wasm: &[u8]) -> Result<(), StoreError> {
         let txn = self.begin_write(&self.db, true)?;
-        {
-            txn.open_table(MODULES).map_err(engine)?.insert(&id[..], wasm).map_err(engine)?;
-            txn.open_table(MODULE_NAMES).map_err(engine)?.insert(name, &id[..]).map_err(engine)?;
-        }
+        put_module(&txn, id, name, wasm)?;
         txn.commit().map_err(engine)
     }
 
@@ -386,6 +390,34 @@ impl Store for RedbStore {
         }
         Ok(names)
     }
+}
+
+/// Points `name` at module `id` (storing its bytes); the module it pointed to before goes if no
+/// other name points to it.
+fn put_module(txn: &redb::WriteTransaction, id: &ModuleId, name: &str, wasm: &[u8]) -> Result<(), StoreError> {
+    txn.open_table(MODULES).map_err(engine)?.insert(&id[..], wasm).map_err(engine)?;
+    let old = {
+        let mut names = txn.open_table(MODULE_NAMES).map_err(engine)?;
+        let old = names.insert(name, &id[..]).map_err(engine)?;
+        old.map(|old| module_id(old.value())).transpose()?
+    };
+    match old {
+        Some(old) if old != *id => collect_module(txn, &old),
+        _ => Ok(()),
+    }
+}
+
+/// Deletes module `id`'s bytes unless a name still points to it.
+fn collect_module(txn: &redb::WriteTransaction, id: &ModuleId) -> Result<(), StoreError> {
+    let names = txn.open_table(MODULE_NAMES).map_err(engine)?;
+    for entry in names.iter().map_err(engine)? {
+        let (_, named) = entry.map_err(engine)?;
+        if named.value() == &id[..] {
+            return Ok(());
+        }
+    }
+    txn.open_table(MODULES).map_err(engine)?.remove(&id[..]).map_err(engine)?;
+    Ok(())
 }
 
 #[cfg(test)]
@@ -534,6 +566,7 @@ mod tests {
                 group.prop_map(|group| LogOp::ForgetGroup { group }),
                 (any::<u8>(), prop::sample::select(&["m", "n"][..]), vec(any::<u8>(), 0..8))
                     .prop_map(|(id, name, wasm)| LogOp::PutModule { id: [id % 3; 32], name: name.into(), wasm }),
+                prop::sample::select(&["m", "n"][..]).prop_map(|name| LogOp::DeleteModule { name: name.into() }),
             ]
         }
 

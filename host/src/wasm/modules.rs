@@ -114,6 +114,22 @@ impl Modules {
         self.cache().get(id).cloned()
     }
 
+    /// Drops module `id`'s compiled code, from memory and from the code directory. A job that
+    /// runs it keeps its instance (and the code under it) until it ends.
+    pub(crate) fn forget(&self, id: &ModuleId) {
+        self.cache().pop(id);
+        if let Some(dir) = &self.code_dir {
+            let path = dir.join(format!("{}.cwasm", hex::encode(id)));
+            match std::fs::remove_file(&path) {
+                Ok(()) => {
+                    tracing::info!(id = %module_id_text(id), "deleted the compiled code of a module no name points to")
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => tracing::warn!(path = %path.display(), error = %e, "cannot delete compiled code"),
+            }
+        }
+    }
+
     /// Compiles and links `wasm` (slow: call off the async executor), caching the result.
     pub(crate) fn compile(&self, wasm: &[u8]) -> Result<Arc<LoadedModule>> {
         let id: ModuleId = Sha256::digest(wasm).into();

@@ -720,13 +720,21 @@ impl Commands {
         }
     }
 
-    /// `GREX.MODULE LOAD name wasm` stores a module; `GREX.MODULE LIST` names them.
+    /// `GREX.MODULE LOAD name wasm` stores a module; `GREX.MODULE DELETE name` deletes a name
+    /// (answering the id it pointed to); `GREX.MODULE LIST` names them.
     async fn module(&self, args: &[Vec<u8>]) -> Reply {
         let sub = args.first().map(|s| String::from_utf8_lossy(s).to_ascii_uppercase());
         match (sub.as_deref(), args) {
             (Some("LOAD"), [_, name, wasm]) => {
                 let name = String::from_utf8_lossy(name);
                 match self.service.put_module(name.into_owned(), wasm.clone()).await {
+                    Ok(info) => Reply::bulk(info.id),
+                    Err(e) => remote_error(&e),
+                }
+            }
+            (Some("DELETE"), [_, name]) => {
+                let name = String::from_utf8_lossy(name);
+                match self.service.delete_module(name.into_owned()).await {
                     Ok(info) => Reply::bulk(info.id),
                     Err(e) => remote_error(&e),
                 }
@@ -743,7 +751,7 @@ impl Commands {
                     })
                     .collect(),
             ),
-            _ => Reply::err("usage: GREX.MODULE LOAD name wasm-bytes | GREX.MODULE LIST"),
+            _ => Reply::err("usage: GREX.MODULE LOAD name wasm-bytes | GREX.MODULE DELETE name | GREX.MODULE LIST"),
         }
     }
 
