@@ -15,7 +15,7 @@ grex=${GREX:-target/release/grex}
 value=$(head -c 1000 /dev/zero | tr '\0' v)
 data=$(mktemp -d)
 pids=()  # Grex nodes, by index (scripts/cluster-lib.sh)
-trap 'kill "${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$data"' EXIT
+trap 'kill "${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true; [ -n "${KEEP:-}" ] && echo "kept $data" || rm -rf "$data"' EXIT
 source scripts/cluster-lib.sh
 start_for_load 4
 export GREX_NODE=quic://127.0.0.1:17071 GREX_CA=$data/node-0/ca.pem

@@ -727,6 +727,11 @@ impl Driver {
         if !from_leader || !known || self.releasing.contains(&group) {
             return;
         }
+        if self.engine.has_group(group) {
+            // Adopted for an earlier message of the same round.
+            self.engine.step([envelope]);
+            return;
+        }
         tracing::info!(group, from = envelope.message.from, "joining a group its leader added this node to");
         if group != META_GROUP {
             // A flock released earlier: its mark goes before the new log is written (and for good:

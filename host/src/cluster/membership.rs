@@ -252,6 +252,10 @@ impl Cluster {
         }
         let this = self.clone();
         tokio::spawn(async move {
+            // A few moves at a time: each new herder is sent a snapshot, and a join or drain that
+            // moved every flock at once would build and install them all together, holding every
+            // flock's data in memory and stalling the committers that serve jobs.
+            let Ok(_permit) = this.inner.moves.clone().acquire_owned().await else { return };
             // The map may change again while a change is under way (nodes joining one after
             // another): go on until the group matches the latest map, or a step fails (the
             // supervisor tries again later).

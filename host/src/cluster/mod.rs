@@ -116,6 +116,8 @@ struct Inner {
     /// Flocks whose membership change is under way here.
     reconfiguring: Vec<AtomicBool>,
     meta_reconfiguring: AtomicBool,
+    /// Flock membership changes this node may lead at once ([`MOVES_AT_ONCE`]).
+    moves: Arc<tokio::sync::Semaphore>,
     /// See [`ClusterConfig::dead_after`].
     dead_after: Duration,
     /// Snapshots arriving in chunks, by sender and group.
@@ -140,6 +142,9 @@ pub fn node_id_text(id: NodeId) -> String {
 fn parse_node_id(text: &str) -> anyhow::Result<NodeId> {
     u64::from_str_radix(text, 16).map_err(|e| anyhow::anyhow!("node id `{text}` is not 16 hex digits: {e}"))
 }
+
+/// Flock membership changes (moves to new herders, each with its snapshot) one node leads at once.
+const MOVES_AT_ONCE: usize = 1;
 
 /// Bytes of snapshot data a node accepts from one sender for one group (a flock's whole state).
 const SNAPSHOT_BYTES_MAX: usize = 4 << 30;
@@ -213,6 +218,7 @@ impl Cluster {
             claims: Mutex::new(vec![None; flock_count]),
             reconfiguring: (0..flock_count).map(|_| AtomicBool::new(false)).collect(),
             meta_reconfiguring: AtomicBool::new(false),
+            moves: Arc::new(tokio::sync::Semaphore::new(MOVES_AT_ONCE)),
             dead_after: config.dead_after,
             snapshots_in: Mutex::new(HashMap::new()),
         });
