@@ -6,8 +6,9 @@
 # windows of 5 s: before the drain, and while `grex cluster drain` of node 3 runs. Prints each
 # window's throughput and p50/p99, how long the drain took and the snapshot bytes it copied.
 # Usage: scripts/bench-drain.sh [MIB] (release build and jobs first: cargo build --release -p grex;
-# scripts/build-jobs.sh). GREX=path picks another binary. Listens on 127.0.0.1 only; needs about
-# 5 × MIB MiB free in TMPDIR.
+# scripts/build-jobs.sh). GREX=path picks another binary; SERVE_ARGS adds `grex serve` arguments to
+# every node (e.g. SERVE_ARGS="--snapshot-mib-per-sec 4"); KEEP=1 keeps the data and logs. Listens
+# on 127.0.0.1 only; needs about 5 × MIB MiB free in TMPDIR.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mib=${1:-1024}
@@ -17,7 +18,8 @@ data=$(mktemp -d)
 pids=()  # Grex nodes, by index (scripts/cluster-lib.sh)
 trap 'kill "${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true; [ -n "${KEEP:-}" ] && echo "kept $data" || rm -rf "$data"' EXIT
 source scripts/cluster-lib.sh
-start_for_load 4
+read -r -a serve_args <<< "${SERVE_ARGS:-}"
+start_for_load 4 "${serve_args[@]}"
 export GREX_NODE=quic://127.0.0.1:17071 GREX_CA=$data/node-0/ca.pem
 held() { echo $(( $(du -sk "$data/node-3" | cut -f1) / 1024 )); }
 echo "filling until node 3 holds $mib MiB"

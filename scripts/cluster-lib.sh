@@ -14,13 +14,15 @@ start() {
   echo "node $i did not start:"; cat "$data/err-$i"; exit 1
 }
 
-# start_cluster N: `grex init` ($FLOCKS flocks, default 256, replication 3) for node 0, then N-1 nodes that join it.
+# start_cluster N [ARGS...]: `grex init` ($FLOCKS flocks, default 256, replication 3) for node 0,
+# then N-1 nodes that join it; every node gets the `grex serve` arguments ARGS.
 start_cluster() {
+  local n=$1; shift
   $grex init --data "$data/node-0" --flocks ${FLOCKS:-256} --replication 3 > /dev/null
-  start 0
-  for i in $(seq 1 $(($1 - 1))); do
+  start 0 "$@"
+  for i in $(seq 1 $((n - 1))); do
     $grex cluster credentials --data "$data/node-0" --out "$data/node-$i.creds" > /dev/null
-    start "$i" --credentials "$data/node-$i.creds" --join 127.0.0.1:17072
+    start "$i" --credentials "$data/node-$i.creds" --join 127.0.0.1:17072 "$@"
   done
 }
 
@@ -49,10 +51,11 @@ wait_balanced() {
   echo "leadership did not spread over $1 nodes:"; echo "$leaders"; exit 1
 }
 
-# start_for_load N: one node ($FLOCKS flocks, default 256) or a cluster of N with leadership
-# spread, formed, with the counter job loaded (as `counter`) through node 0's Redis port.
+# start_for_load N [ARGS...]: one node ($FLOCKS flocks, default 256) or a cluster of N (each node
+# started with the `grex serve` arguments ARGS) with leadership spread, formed, with the counter
+# job loaded (as `counter`) through node 0's Redis port.
 start_for_load() {
-  if [ "$1" = 1 ]; then start 0 --flocks "${FLOCKS:-256}"; else start_cluster "$1"; fi
+  if [ "$1" = 1 ]; then start 0 --flocks "${FLOCKS:-256}" "${@:2}"; else start_cluster "$@"; fi
   wait_formed "$1"
   [ "$1" = 1 ] || wait_balanced "$1"
   redis-cli -p 17073 -x GREX.MODULE LOAD counter < target/jobs/wasm32-unknown-unknown/wasm/counter.wasm > /dev/null

@@ -688,13 +688,9 @@ async fn a_node_with_a_foreign_certificate_is_refused_and_the_refusal_logged() {
     node.http_client().await.status().await.expect("status after the refusal");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn malformed_peer_frames_get_an_error_and_the_node_serves_on() {
-    use grex::cluster::messages::{PeerFrame, PeerRequest, PeerResponse};
-
-    let cluster = TestCluster::start(1, &[]).await;
-    let node = &cluster.nodes[0];
-    // A genuine identity of this cluster, as a joining node would hold.
+/// A peer connection to node 0 with a genuine identity of this cluster, as a joining node would
+/// hold, offering `protocols` (by default every version's, as a node does).
+async fn probe(cluster: &TestCluster, protocols: Option<&[&[u8]]>) -> (quinn::Endpoint, quinn::Connection) {
     let first = cluster.nodes[0].data.to_str().expect("UTF-8 path").to_owned();
     let creds = cluster.dir.path().join("probe.creds");
     grex(&["cluster", "credentials", "--data", &first, "--out", creds.to_str().expect("UTF-8 path")]);
@@ -702,22 +698,63 @@ async fn malformed_peer_frames_get_an_error_and_the_node_serves_on() {
         serde_json::from_str(&std::fs::read_to_string(&creds).expect("read credentials")).expect("credentials");
     let probe_dir = cluster.dir.path().join("probe");
     grex::cluster::identity::import(&probe_dir, &credentials).expect("import credentials");
-    let config = grex::cluster::peer_client_config(&probe_dir).expect("peer TLS");
+    let config = match protocols {
+        None => grex::cluster::peer_client_config(&probe_dir),
+        Some(offered) => grex::cluster::peer_client_config_offering(&probe_dir, offered),
+    };
     let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).expect("client endpoint");
-    endpoint.set_default_client_config(config);
+    endpoint.set_default_client_config(config.expect("peer TLS"));
     let connection = endpoint
-        .connect(node.peer.parse().expect("peer address"), grex::cluster::identity::PEER_SERVER_NAME)
+        .connect(cluster.nodes[0].peer.parse().expect("peer address"), grex::cluster::identity::PEER_SERVER_NAME)
         .expect("connect")
         .await
         .expect("handshake with a cluster certificate");
+    (endpoint, connection)
+}
 
-    async fn exchange(connection: &quinn::Connection, bytes: &[u8]) -> PeerResponse {
-        let (mut send, mut recv) = connection.open_bi().await.expect("open a stream");
-        send.write_all(bytes).await.expect("send");
-        send.finish().expect("finish");
-        let answer = recv.read_to_end(1 << 20).await.expect("an answer");
-        proto::decode_frame(&answer).expect("the answer is a well-formed frame")
+/// Sends one frame on a new stream and reads the answer.
+async fn exchange(connection: &quinn::Connection, bytes: &[u8]) -> grex::cluster::messages::PeerResponse {
+    let (mut send, mut recv) = connection.open_bi().await.expect("open a stream");
+    send.write_all(bytes).await.expect("send");
+    send.finish().expect("finish");
+    let answer = recv.read_to_end(1 << 20).await.expect("an answer");
+    proto::decode_frame(&answer).expect("the answer is a well-formed frame")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_of_another_protocol_version_is_told_both_versions_and_refused() {
+    use grex::cluster::messages::{PeerFrame, PeerRequest, PeerResponse};
+
+    let cluster = TestCluster::start(1, &[]).await;
+    let (_endpoint, connection) = probe(&cluster, Some(&[b"grex-peer/7"])).await;
+    let hello = PeerFrame {
+        cluster_id: grex::cluster::ClusterFile::load(&cluster.nodes[0].data).unwrap().unwrap().cluster_id,
+        from: 42,
+        request: PeerRequest::Hello { incarnation: 1 },
+    };
+    match exchange(&connection, &proto::encode_frame(&hello).unwrap()).await {
+        PeerResponse::Error(e) => {
+            assert!(e.message.contains("grex-peer/7") && e.message.contains("grex-peer/8"), "{}", e.message)
+        }
+        other => panic!("a peer of version 7 was answered {other:?}"),
     }
+    let log = cluster.nodes[0].log();
+    assert!(log.contains("speaks the peer protocol grex-peer/7 and this node grex-peer/8"), "{log}");
+    // The node serves peers of its own version on.
+    let (_endpoint, connection) = probe(&cluster, None).await;
+    let hello = PeerFrame { request: PeerRequest::Hello { incarnation: 2 }, ..hello };
+    let answer = exchange(&connection, &proto::encode_frame(&hello).unwrap()).await;
+    assert!(matches!(answer, PeerResponse::Welcome { .. }), "{answer:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_peer_frames_get_an_error_and_the_node_serves_on() {
+    use grex::cluster::messages::{PeerFrame, PeerRequest, PeerResponse};
+
+    let cluster = TestCluster::start(1, &[]).await;
+    let node = &cluster.nodes[0];
+    let (_endpoint, connection) = probe(&cluster, None).await;
+    let cluster_id = grex::cluster::ClusterFile::load(&node.data).unwrap().unwrap().cluster_id;
     fn refused(answer: PeerResponse) -> String {
         match answer {
             PeerResponse::Error(e) => {
@@ -752,7 +789,7 @@ async fn malformed_peer_frames_get_an_error_and_the_node_serves_on() {
     // A forwarded job whose bucket key no client could send: empty, or over the limit.
     for bucket in [Vec::new(), vec![b'k'; proto::BUCKET_KEY_BYTES_MAX + 1]] {
         let job = PeerFrame {
-            cluster_id: credentials.cluster.cluster_id.clone(),
+            cluster_id: cluster_id.clone(),
             from: 7,
             request: PeerRequest::Job {
                 bucket: bucket.clone(),
@@ -772,7 +809,7 @@ async fn malformed_peer_frames_get_an_error_and_the_node_serves_on() {
 
     // The same connection still works, and so does the node.
     let ping = PeerFrame {
-        cluster_id: credentials.cluster.cluster_id.clone(),
+        cluster_id: cluster_id.clone(),
         from: 7,
         request: PeerRequest::Ping { load: 0, snapshot_bytes_sent: 0, leads_version: 1, leads: None },
     };

@@ -83,6 +83,11 @@ pub(super) struct NodeArgs {
     /// This node's zone (a rack, a room, a region): each flock's copies spread over zones first.
     #[arg(long, default_value = "")]
     zone: String,
+    /// MiB a second of snapshots this node sends to new herders when flocks move (a join, a
+    /// drain, a replaced node), over all flocks; 0 for no limit. Lower keeps jobs fast while
+    /// flocks move; higher moves them sooner.
+    #[arg(long, default_value_t = crate::cluster::SNAPSHOT_BYTES_PER_SEC_DEFAULT >> 20)]
+    snapshot_mib_per_sec: u64,
     /// This node's capacity: its share of the flocks' copies is proportional to it.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     capacity: u32,
@@ -362,6 +367,7 @@ async fn start_node(
         snapshot_logs: node_args.snapshot_logs,
         dead_after: node_args.dead_after,
         site: Site { zone: node_args.zone.clone(), capacity: node_args.capacity },
+        snapshot_bytes_per_sec: node_args.snapshot_mib_per_sec << 20,
         ..ClusterConfig::new(peer)
     };
     let file = ClusterFile::load(data)?.context("the data directory holds no cluster")?;

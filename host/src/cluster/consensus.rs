@@ -54,7 +54,7 @@ const INPUTS_MAX: usize = 8192;
 /// stepped or changed it; this catches what moves without either).
 const VIEWS_REFRESH_TICKS: u64 = 10;
 /// Bytes of snapshot data in one peer frame.
-const SNAPSHOT_CHUNK_BYTES: usize = 8 << 20;
+const SNAPSHOT_CHUNK_BYTES: usize = 1 << 20;
 /// Bytes of entries in one frame of consensus messages.
 const FRAME_BYTES: usize = 8 << 20;
 /// Messages waiting in the lane to one peer.
@@ -1322,6 +1322,7 @@ async fn send_chunks(peers: &Arc<Peers>, to: NodeId, message: RaftMessage, data:
     loop {
         let end = (offset + SNAPSHOT_CHUNK_BYTES).min(data.len());
         let last = end == data.len();
+        peers.pace_snapshot(end - offset).await;
         let request = PeerRequest::SnapshotChunk {
             group,
             offset: offset as u64,

@@ -330,6 +330,12 @@ impl Cluster {
         match changed {
             Ok(Ok(_)) => {
                 tracing::debug!(group, "voters changed");
+                // raft-rs leaves the joint configuration by itself with the next entry: wait for
+                // that here, so the move ends within this call (and its turn among the moves).
+                let deadline = Instant::now() + ROUTE_PATIENCE;
+                while self.voters(group) != *want && leads(self) && Instant::now() < deadline {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
                 leads(self)
             }
             Ok(Err(e)) => {

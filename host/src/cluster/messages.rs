@@ -15,8 +15,27 @@ use super::wire::RaftMessage;
 use crate::node::NodeChange;
 use crate::storage::GroupId;
 
-/// ALPN of the peer protocol (version 8: nodes can be drained and removed).
+/// The peer protocol's version (8: nodes can be drained and removed).
+pub const PEER_PROTOCOL: u32 = 8;
+/// ALPN of the peer protocol: `grex-peer/` and [`PEER_PROTOCOL`].
 pub const PEER_ALPN: &[u8] = b"grex-peer/8";
+
+/// Every peer protocol version's ALPN, this one first: a node accepts a connection in any of them,
+/// so that a peer of another version hears which versions differ instead of a bare handshake
+/// failure, and then refuses it (see `peer`).
+pub fn peer_alpns() -> Vec<Vec<u8>> {
+    (1..=PEER_PROTOCOL).rev().map(|v| format!("grex-peer/{v}").into_bytes()).collect()
+}
+
+/// Why two nodes of different peer protocol versions cannot work together, naming both.
+pub fn version_mismatch(theirs: &[u8], who: &str) -> String {
+    format!(
+        "{who} speaks the peer protocol {} and this node {}: nodes of different grex versions cannot \
+         work together; run the same grex version on every node",
+        String::from_utf8_lossy(theirs),
+        String::from_utf8_lossy(PEER_ALPN)
+    )
+}
 
 /// Where a node answers, and where it stands for placement.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -208,4 +227,18 @@ pub enum PeerResponse {
     Error(RemoteError),
     /// The sender was removed from the cluster: nothing it asks is answered any more.
     Removed,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn this_version_is_offered_first_and_a_mismatch_names_both_versions() {
+        let alpns = peer_alpns();
+        assert_eq!(alpns[0], PEER_ALPN);
+        assert_eq!(alpns.len(), PEER_PROTOCOL as usize);
+        let message = version_mismatch(b"grex-peer/7", "peer 127.0.0.1:7072");
+        assert!(message.contains("grex-peer/7") && message.contains("grex-peer/8"), "{message}");
+    }
 }

@@ -41,7 +41,7 @@ pub use engine::NodeId;
 pub use identity::{ClusterFile, Credentials};
 pub use lifecycle::REMOVE_DEAD_AFTER_DEFAULT;
 pub use messages::{PEER_ALPN, PeerInfo};
-pub use peer::{DEAD_AFTER, PING_INTERVAL, peer_client_config};
+pub use peer::{DEAD_AFTER, PING_INTERVAL, peer_client_config, peer_client_config_offering};
 pub use placement::Site;
 
 use std::collections::{BTreeSet, HashMap};
@@ -79,6 +79,8 @@ pub struct ClusterConfig {
     pub dead_after: Duration,
     /// This node's zone and capacity, for placement.
     pub site: Site,
+    /// Bytes of snapshots a second this node sends to new herders, over all flocks (0: no limit).
+    pub snapshot_bytes_per_sec: u64,
 }
 
 impl ClusterConfig {
@@ -90,6 +92,7 @@ impl ClusterConfig {
             snapshot_logs: SNAPSHOT_LOGS_DEFAULT,
             dead_after: REMOVE_DEAD_AFTER_DEFAULT,
             site: Site::default(),
+            snapshot_bytes_per_sec: SNAPSHOT_BYTES_PER_SEC_DEFAULT,
         }
     }
 }
@@ -143,8 +146,12 @@ fn parse_node_id(text: &str) -> anyhow::Result<NodeId> {
     u64::from_str_radix(text, 16).map_err(|e| anyhow::anyhow!("node id `{text}` is not 16 hex digits: {e}"))
 }
 
+/// Snapshot bytes a second a node sends by default (`--snapshot-mib-per-sec`): moves copy data in
+/// the background without crowding out jobs, as CockroachDB's rebalance snapshot rate does.
+pub const SNAPSHOT_BYTES_PER_SEC_DEFAULT: u64 = 16 << 20;
+
 /// Flock membership changes (moves to new herders, each with its snapshot) one node leads at once.
-const MOVES_AT_ONCE: usize = 1;
+const MOVES_AT_ONCE: usize = 2;
 
 /// Bytes of snapshot data a node accepts from one sender for one group (a flock's whole state).
 const SNAPSHOT_BYTES_MAX: usize = 4 << 30;
@@ -224,6 +231,7 @@ impl Cluster {
         });
         let cluster = Cluster { inner };
         let peers = cluster.inner.peers.clone();
+        peers.set_snapshot_rate(config.snapshot_bytes_per_sec);
         cluster.inner.consensus.start(inbox, me, node.clone(), peers.clone(), config.snapshot_logs, bootstrap).await?;
         peers.accept();
         tokio::spawn(cluster.clone().follow_members());

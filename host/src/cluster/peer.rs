@@ -1,4 +1,6 @@
 //! The peer transport: QUIC (quinn) with mutual TLS under the cluster CA, ALPN `grex-peer/8` (`messages::PEER_ALPN`).
+//! Both sides offer every older version's ALPN too, only so that a node of another version is told
+//! which versions differ (`messages::version_mismatch`) before the connection is closed.
 //!
 //! Each pair of nodes keeps one long-lived connection. Either side dials when it has none; if
 //! both dial at once, both keep the connection dialed by the lower node id and close the other,
@@ -37,7 +39,7 @@ use tokio::sync::{Semaphore, watch};
 use super::engine::NodeId;
 use super::identity::{NodeIdentity, PEER_SERVER_NAME};
 use super::messages::PeerInfo;
-use super::messages::{Lead, PEER_ALPN, PeerFrame, PeerRequest, PeerResponse};
+use super::messages::{Lead, PEER_ALPN, PeerFrame, PeerRequest, PeerResponse, peer_alpns, version_mismatch};
 use crate::api::quic::{read_frame, send_answer};
 use crate::error::{ErrorCode, RemoteError, error};
 
@@ -142,6 +144,10 @@ pub struct Peers {
     cut_off: Mutex<BTreeSet<NodeId>>,
     /// Bytes of snapshots this node has sent to its peers.
     snapshot_bytes_sent: AtomicU64,
+    /// Paces snapshot data sent to peers (bytes per second; 0: unpaced), and when the next
+    /// byte may go.
+    snapshot_rate: AtomicU64,
+    snapshot_next: Mutex<Instant>,
     /// Former members: every request of theirs is answered [`PeerResponse::Removed`].
     removed: Mutex<BTreeSet<NodeId>>,
     /// Set when a peer answers that this node was removed from the cluster.
@@ -159,7 +165,7 @@ pub struct Bound {
 impl Bound {
     /// Binds the peer endpoint on `addr` with the identity in `dir`.
     pub fn bind(addr: SocketAddr, dir: &Path) -> anyhow::Result<Bound> {
-        let (server, client_config) = tls_configs(dir)?;
+        let (server, client_config) = tls_configs(dir, peer_alpns())?;
         let endpoint = quinn::Endpoint::server(server, addr)
             .map_err(|e| anyhow::anyhow!("cannot listen for peers on {addr}: {e}"))?;
         Ok(Bound { endpoint, client_config })
@@ -192,6 +198,8 @@ impl Peers {
             isolated: AtomicBool::new(false),
             cut_off: Mutex::new(BTreeSet::new()),
             snapshot_bytes_sent: AtomicU64::new(0),
+            snapshot_rate: AtomicU64::new(0),
+            snapshot_next: Mutex::new(Instant::now()),
             removed: Mutex::new(BTreeSet::new()),
             evicted: watch::channel(None).0,
         })
@@ -298,6 +306,27 @@ impl Peers {
             return self.load.load(Ordering::Relaxed);
         }
         self.state().get(&id).map_or(u64::MAX, |p| p.load)
+    }
+
+    /// Sends at most `bytes_per_sec` of snapshot data a second, over all peers (0: no limit).
+    pub fn set_snapshot_rate(&self, bytes_per_sec: u64) {
+        self.snapshot_rate.store(bytes_per_sec, Ordering::Relaxed);
+    }
+
+    /// Waits until `bytes` more of snapshot data may be sent: each send takes its share of the
+    /// rate in turn, so snapshots of every group and peer together stay within it.
+    pub async fn pace_snapshot(&self, bytes: usize) {
+        let rate = self.snapshot_rate.load(Ordering::Relaxed);
+        if rate == 0 {
+            return;
+        }
+        let start = {
+            let mut next = self.snapshot_next.lock().unwrap_or_else(|p| p.into_inner());
+            let start = (*next).max(Instant::now());
+            *next = start + Duration::from_secs_f64(bytes as f64 / rate as f64);
+            start
+        };
+        tokio::time::sleep_until(start.into()).await;
     }
 
     /// Counts bytes of snapshot data a peer took from this node.
@@ -453,7 +482,14 @@ impl Peers {
             .next()
             .with_context(|| format!("{addr} resolves to no address"))?;
         let connecting = self.endpoint.connect_with(self.client_config.clone(), addr, PEER_SERVER_NAME)?;
-        Ok(tokio::time::timeout(DIAL_TIMEOUT, connecting).await.context("dial timed out")??)
+        let connection = tokio::time::timeout(DIAL_TIMEOUT, connecting).await.context("dial timed out")??;
+        if let Some(theirs) = other_protocol(&connection) {
+            let message = version_mismatch(&theirs, &format!("the peer at {addr}"));
+            tracing::warn!("{message}");
+            connection.close(4u32.into(), b"peer protocol version");
+            anyhow::bail!("{message}");
+        }
+        Ok(connection)
     }
 
     /// Keeps one connection per peer: a duplicate to the same peer process loses to the one the
@@ -655,6 +691,19 @@ fn is_tls_failure(e: &quinn::ConnectionError) -> bool {
 
 async fn serve_connection(peers: Arc<Peers>, connection: quinn::Connection) {
     let remote = connection.remote_address();
+    if let Some(theirs) = other_protocol(&connection) {
+        // Answer its first request with both versions (the error frame is one every version
+        // reads), then close.
+        let message = version_mismatch(&theirs, &format!("the peer at {remote}"));
+        tracing::warn!("{message}");
+        if let Ok((send, mut recv)) = connection.accept_bi().await {
+            let _ = tokio::time::timeout(READ_TIMEOUT, read_frame(&mut recv)).await;
+            let refusal = PeerResponse::Error(error(ErrorCode::BadRequest, message));
+            let _ = send_answer(send, &refusal, |e| PeerResponse::Error(error(ErrorCode::Internal, e))).await;
+        }
+        connection.close(4u32.into(), b"peer protocol version");
+        return;
+    }
     while let Ok((send, recv)) = connection.accept_bi().await {
         if peers.isolated.load(Ordering::Relaxed) {
             connection.close(3u32.into(), b"isolated");
@@ -728,14 +777,25 @@ async fn serve_stream(
     send_answer(send, &response, |e| PeerResponse::Error(error(ErrorCode::Internal, e))).await
 }
 
+/// The peer protocol the connection's handshake chose, when it is not this node's.
+fn other_protocol(connection: &quinn::Connection) -> Option<Vec<u8>> {
+    let data = connection.handshake_data()?.downcast::<quinn::crypto::rustls::HandshakeData>().ok()?;
+    data.protocol.filter(|p| p.as_slice() != PEER_ALPN)
+}
+
 /// The TLS client settings a node dials its peers with, from the identity in `dir` (for tools
 /// and tests that speak the peer protocol).
 pub fn peer_client_config(dir: &Path) -> anyhow::Result<quinn::ClientConfig> {
-    Ok(tls_configs(dir)?.1)
+    Ok(tls_configs(dir, peer_alpns())?.1)
+}
+
+/// As [`peer_client_config`], offering only `protocols` (a node of another version, for tests).
+pub fn peer_client_config_offering(dir: &Path, protocols: &[&[u8]]) -> anyhow::Result<quinn::ClientConfig> {
+    Ok(tls_configs(dir, protocols.iter().map(|p| p.to_vec()).collect())?.1)
 }
 
 /// Server and client TLS for peers: both present the node certificate and trust only the CA.
-fn tls_configs(dir: &Path) -> anyhow::Result<(quinn::ServerConfig, quinn::ClientConfig)> {
+fn tls_configs(dir: &Path, offered: Vec<Vec<u8>>) -> anyhow::Result<(quinn::ServerConfig, quinn::ClientConfig)> {
     let NodeIdentity { chain, key, ca } = NodeIdentity::load(dir)?;
     let mut roots = rustls::RootCertStore::empty();
     for cert in ca {
@@ -750,7 +810,7 @@ fn tls_configs(dir: &Path) -> anyhow::Result<(quinn::ServerConfig, quinn::Client
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)
         .with_single_cert(chain.clone(), key.clone_key())?;
-    server.alpn_protocols = vec![PEER_ALPN.to_vec()];
+    server.alpn_protocols = peer_alpns();
     let mut server =
         quinn::ServerConfig::with_crypto(Arc::new(quinn::crypto::rustls::QuicServerConfig::try_from(server)?));
     server.transport_config(Arc::new(transport()?));
@@ -759,7 +819,7 @@ fn tls_configs(dir: &Path) -> anyhow::Result<(quinn::ServerConfig, quinn::Client
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_root_certificates(roots)
         .with_client_auth_cert(chain, key)?;
-    client.alpn_protocols = vec![PEER_ALPN.to_vec()];
+    client.alpn_protocols = offered;
     let mut client = quinn::ClientConfig::new(Arc::new(quinn::crypto::rustls::QuicClientConfig::try_from(client)?));
     client.transport_config(Arc::new(transport()?));
     Ok((server, client))
