@@ -38,6 +38,18 @@ fn bucket_per_flock() -> Vec<String> {
     buckets.into_iter().map(Option::unwrap).collect()
 }
 
+/// Adds `step` to a bucket of every flock through `client`; returns the buckets and what each
+/// now holds.
+async fn add_to_each_flock(client: &Client, step: i64) -> (Vec<String>, BTreeMap<String, Tally>) {
+    let buckets = bucket_per_flock();
+    let mut tallies = BTreeMap::new();
+    for bucket in &buckets {
+        client.run_job(bucket.as_bytes(), "counter", step.to_string().as_bytes(), false).await.expect("write");
+        tallies.insert(bucket.clone(), Tally { acked: step, unknown: 0 });
+    }
+    (buckets, tallies)
+}
+
 /// What a writer saw of one bucket: increments acknowledged, and those whose outcome is unknown.
 #[derive(Clone, Copy, Debug, Default)]
 struct Tally {
@@ -197,12 +209,7 @@ async fn a_dead_node_removed_by_hand_is_copied_again_and_refused_when_it_comes_b
     let mut cluster = TestCluster::start(4, &[]).await;
     load_counter(&cluster).await;
     let client = cluster.nodes[0].client().await;
-    let buckets = bucket_per_flock();
-    let mut tallies = BTreeMap::new();
-    for bucket in &buckets {
-        client.run_job(bucket.as_bytes(), "counter", b"7", false).await.expect("write");
-        tallies.insert(bucket.clone(), Tally { acked: 7, unknown: 0 });
-    }
+    let (_, tallies) = add_to_each_flock(&client, 7).await;
     let victim = cluster.nodes[3].id.clone();
     let node0 = cluster.nodes[0].http.clone();
     // A live node is not removed: it must be drained.
@@ -249,12 +256,7 @@ async fn a_node_unreachable_for_longer_than_dead_after_is_removed_without_being_
     let mut cluster = TestCluster::start(4, &["--dead-after", "3s"]).await;
     load_counter(&cluster).await;
     let client = cluster.nodes[1].client().await;
-    let buckets = bucket_per_flock();
-    let mut tallies = BTreeMap::new();
-    for bucket in &buckets {
-        client.run_job(bucket.as_bytes(), "counter", b"3", false).await.expect("write");
-        tallies.insert(bucket.clone(), Tally { acked: 3, unknown: 0 });
-    }
+    let (_, tallies) = add_to_each_flock(&client, 3).await;
     let victim = cluster.nodes[0].id.clone();
     cluster.nodes[0].kill9();
     let members: Vec<&str> = cluster.nodes[1..].iter().map(|n| n.id.as_str()).collect();
@@ -269,12 +271,7 @@ async fn a_node_deletes_its_copy_of_a_flock_moved_away_and_a_restart_brings_noth
     let mut cluster = TestCluster::start(3, &[]).await;
     load_counter(&cluster).await;
     let client = cluster.nodes[0].client().await;
-    let buckets = bucket_per_flock();
-    let mut tallies = BTreeMap::new();
-    for bucket in &buckets {
-        client.run_job(bucket.as_bytes(), "counter", b"5", false).await.expect("write");
-        tallies.insert(bucket.clone(), Tally { acked: 5, unknown: 0 });
-    }
+    let (buckets, tallies) = add_to_each_flock(&client, 5).await;
     // A fourth node takes a share: every old node loses some flocks.
     let new = cluster.join(&[]).id.clone();
     let members: Vec<String> = cluster.nodes.iter().map(|n| n.id.clone()).collect();

@@ -21,6 +21,7 @@ use super::placement::place;
 use super::routing::ROUTE_PATIENCE;
 use super::{Cluster, NodeId, PeerInfo, node_id_text};
 use crate::error::{ErrorCode, Result, error};
+use crate::node::Node;
 use crate::storage::{GroupId, META_GROUP};
 
 /// Meta voters at most; further nodes follow the meta group as learners.
@@ -111,55 +112,44 @@ impl Cluster {
     pub(super) async fn store_module(&self, name: String, wasm: Vec<u8>) -> Result<ModuleInfo> {
         let (id, wasm) = self.inner.node.check_module(&name, wasm).await?;
         let size = wasm.len() as u64;
-        let info = ModuleInfo { name: name.clone(), id: crate::wasm::module_id_text(&id), size };
-        match self.leader_of(META_GROUP) {
-            Some(leader) if leader == self.inner.me => {
-                self.meta_write(Command::PutModule { name, id, wasm }).await?;
-                Ok(info)
-            }
-            Some(leader) => {
-                match self
-                    .inner
-                    .peers
-                    .call(leader, PeerRequest::PutModule { name, wasm }, Duration::from_secs(60))
-                    .await
-                {
-                    Ok(PeerResponse::Module(Ok(info))) => {
-                        // Read your writes: jobs sent here right after the upload find the module.
-                        let deadline = Instant::now() + Duration::from_secs(5);
-                        while !self.inner.node.modules().iter().any(|m| m.name == info.name && m.id == info.id)
-                            && Instant::now() < deadline
-                        {
-                            tokio::time::sleep(Duration::from_millis(5)).await;
-                        }
-                        Ok(info)
-                    }
-                    Ok(PeerResponse::Module(result)) => result,
-                    Ok(PeerResponse::Error(e)) => Err(e),
-                    Ok(other) => Err(error(ErrorCode::Internal, format!("unexpected peer answer {other:?}"))),
-                    Err(e) => Err(e.into()),
-                }
-            }
-            None => Err(error(ErrorCode::Unavailable, "the cluster has no meta leader; retry shortly")),
-        }
+        let id_text = crate::wasm::module_id_text(&id);
+        let info = ModuleInfo { name: name.clone(), id: id_text.clone(), size };
+        let stored = |node: &Node| node.modules().iter().any(|m| m.name == name && m.id == id_text);
+        self.module_change(Command::PutModule { name: name.clone(), id, wasm }, info, stored).await
     }
 
     /// Deletes a module name cluster-wide, through the meta group; answers what it pointed to.
     /// The module's bytes and code go on every node once no name points to them.
     pub(super) async fn remove_module(&self, name: String) -> Result<ModuleInfo> {
         let info = self.inner.node.module_named(&name)?;
+        let gone = |node: &Node| node.module_named(&name).is_err();
+        self.module_change(Command::DeleteModule { name: name.clone() }, info, gone).await
+    }
+
+    /// Makes a change to the modules through the meta group: `command` proposed here when this
+    /// node leads it, else asked of its leader. Answers `info` (or the leader's), once this node
+    /// has applied the change (`applied`, within 5 s), so a job sent here next sees it.
+    async fn module_change(
+        &self,
+        command: Command,
+        info: ModuleInfo,
+        applied: impl Fn(&Node) -> bool,
+    ) -> Result<ModuleInfo> {
         match self.leader_of(META_GROUP) {
             Some(leader) if leader == self.inner.me => {
-                self.meta_write(Command::DeleteModule { name }).await?;
+                self.meta_write(command).await?;
                 Ok(info)
             }
             Some(leader) => {
-                let asked = PeerRequest::DeleteModule { name: name.clone() };
-                match self.inner.peers.call(leader, asked, Duration::from_secs(60)).await {
+                let request = match command {
+                    Command::PutModule { name, wasm, .. } => PeerRequest::PutModule { name, wasm },
+                    Command::DeleteModule { name } => PeerRequest::DeleteModule { name },
+                    other => return Err(error(ErrorCode::Internal, format!("{other:?} is not a module change"))),
+                };
+                match self.inner.peers.call(leader, request, Duration::from_secs(60)).await {
                     Ok(PeerResponse::Module(Ok(info))) => {
-                        // Read your writes: a job sent here next does not find the name.
                         let deadline = Instant::now() + Duration::from_secs(5);
-                        while self.inner.node.module_named(&name).is_ok() && Instant::now() < deadline {
+                        while !applied(&self.inner.node) && Instant::now() < deadline {
                             tokio::time::sleep(Duration::from_millis(5)).await;
                         }
                         Ok(info)
