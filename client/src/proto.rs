@@ -275,6 +275,10 @@ pub struct FlockMapInfo {
     pub nodes: Vec<(String, String)>,
     /// Every flock.
     pub flocks: Vec<FlockInfo>,
+    /// This node's log of the meta group holds no entry at or below this index (0: none purged);
+    /// a member further behind catches up from a snapshot of the meta group.
+    #[serde(default)]
+    pub meta_log_purged: u64,
 }
 
 /// The cluster's nodes as one node sees them.

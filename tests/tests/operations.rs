@@ -408,3 +408,51 @@ async fn a_deleted_module_goes_from_every_node_with_its_code_and_a_running_job_f
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_catches_up_from_a_meta_snapshot_drops_the_modules_deleted_meanwhile() {
+    // A short meta log: the node that was down comes back to a purged log and installs a snapshot.
+    let mut cluster = TestCluster::start(3, &["--snapshot-logs", "10"]).await;
+    load_counter(&cluster).await;
+    let counter_id = cluster.nodes[0].client().await.list_modules().await.expect("modules")[0].id.clone();
+    // Node 2 compiles counter, then goes down.
+    let refused = cluster.nodes[2].client().await.run_job(b"b", "counter", b"1", true).await.expect_err("it writes");
+    assert_eq!(refused.code(), Some(ErrorCode::ReadOnlyViolation), "{refused}");
+    // The meta log's purge point on both nodes that stay up (either may lead the meta group).
+    let (first, second) = (cluster.nodes[0].client().await, cluster.nodes[1].client().await);
+    let purged = || async {
+        let (a, b) = (first.flocks().await.expect("flock map"), second.flocks().await.expect("flock map"));
+        a.meta_log_purged.min(b.meta_log_purged)
+    };
+    let before = purged().await;
+    cluster.nodes[2].kill9();
+    for i in 0..30 {
+        first.put_module(&format!("copy-{i}"), job_wasm("ledger")).await.expect("upload");
+    }
+    first.delete_module("counter").await.expect("delete counter");
+    first.delete_module("copy-0").await.expect("delete copy-0");
+    // Node 2 held at most 12 entries past the purge point then (10 kept, and a purge waits for a
+    // checkpoint): once the log starts past that, it cannot catch up from the log.
+    eventually("the meta log to be purged past what node 2 holds", PATIENCE, || async { purged().await > before + 12 })
+        .await;
+    cluster.nodes[2].restart();
+    let client = cluster.nodes[2].http_client().await;
+    eventually("node 2 to hold the modules as they are now", PATIENCE, || async {
+        client
+            .list_modules()
+            .await
+            .is_ok_and(|m| m.len() == 29 && m.iter().all(|m| m.name != "counter" && m.name != "copy-0"))
+    })
+    .await;
+    // The meta group's id is u32::MAX (the log colours its fields, so match within a line).
+    let log = cluster.nodes[2].log();
+    let meta = u32::MAX.to_string();
+    assert!(
+        log.lines().any(|l| l.contains("installed a snapshot") && l.contains(&meta)),
+        "node 2 caught up from the log, not a snapshot"
+    );
+    let code = code_files(&cluster.nodes[2]);
+    assert!(!code.iter().any(|f| counter_id.ends_with(f.trim_end_matches(".cwasm"))), "{code:?}");
+    let refused = client.run_job(b"b", "counter", b"1", false).await.expect_err("deleted");
+    assert_eq!(refused.code(), Some(ErrorCode::ModuleNotFound), "{refused}");
+}

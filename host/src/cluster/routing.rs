@@ -303,6 +303,7 @@ impl Service for Cluster {
                     log_purged: self.inner.consensus.view(flock as u32).map_or(0, |v| v.first.saturating_sub(1)),
                 })
                 .collect(),
+            meta_log_purged: self.inner.consensus.view(META_GROUP).map_or(0, |v| v.first.saturating_sub(1)),
         }
     }
 

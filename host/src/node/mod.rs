@@ -572,6 +572,7 @@ impl Node {
                     log_purged: 0,
                 })
                 .collect(),
+            meta_log_purged: 0,
         }
     }
 

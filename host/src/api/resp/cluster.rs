@@ -261,6 +261,7 @@ mod tests {
                     log_purged: 0,
                 })
                 .collect(),
+            meta_log_purged: 0,
         }
     }
 
