@@ -318,6 +318,10 @@ pub struct NodeInfo {
     /// Bytes of snapshots it has sent to other nodes since it started (new herders catching
     /// up), as its last ping to the answering node said.
     pub snapshot_bytes_sent: u64,
+    /// It votes in the meta group (the first five members do; the others follow it), as the
+    /// answering node sees the group.
+    #[serde(default)]
+    pub meta_voter: bool,
 }
 
 /// Where to send work for a bucket.

@@ -38,6 +38,7 @@ impl Cluster {
             }
         }
         let herded = |id: &NodeId| state.map.herders.iter().filter(|h| h.contains(id)).count() as u32;
+        let meta_voters = self.voters(META_GROUP);
         NodesInfo {
             map_version: state.map.version,
             flocks_moving: (0..flocks).filter(|f| !self.flock_settled_at(*f, state.map.version)).count() as u32,
@@ -55,6 +56,7 @@ impl Cluster {
                     flocks: herded(id),
                     leads: leads.get(id).copied().unwrap_or(0),
                     snapshot_bytes_sent: self.inner.peers.snapshot_bytes_sent_by(*id),
+                    meta_voter: meta_voters.contains(id),
                 })
                 .collect(),
             removed: state.removed.iter().map(|id| node_id_text(*id)).collect(),
