@@ -428,6 +428,19 @@ fn read_state<T: serde::de::DeserializeOwned>(
     }
 }
 
+/// A module name's change: what it points to now (id, size), or `None` once deleted.
+type ModuleChange = (String, Option<(ModuleId, u64)>);
+
+/// Makes the node's module names follow changes its store now holds, in order.
+fn publish_modules(node: &Node, changes: Vec<ModuleChange>) {
+    for (name, module) in changes {
+        match module {
+            Some((id, size)) => node.module_replicated(&name, id, size),
+            None => node.module_removed(&name),
+        }
+    }
+}
+
 /// The meta state as the store holds it (empty on a new node).
 fn read_meta_state(store: &dyn Store) -> anyhow::Result<MetaState> {
     match store.log_state(META_GROUP, META_STATE_KEY)? {
@@ -917,12 +930,7 @@ impl Driver {
                     tracing::info!(group, index, "installed a snapshot");
                     match meta {
                         Some((state, modules)) => {
-                            for (name, module) in modules {
-                                match module {
-                                    Some((id, size)) => node.module_replicated(&name, id, size),
-                                    None => node.module_removed(&name),
-                                }
-                            }
+                            publish_modules(&node, modules);
                             meta_tx.send_replace(state);
                         }
                         None => {
@@ -942,17 +950,16 @@ impl Driver {
 
     /// Adds the writes that install a snapshot's data; for the meta group, returns its state and
     /// its modules, and the names this node held that it deleted (`None`), published once written.
-    #[allow(clippy::type_complexity)]
     fn install(
         &mut self,
         group: GroupId,
         data: &[u8],
         log: &mut Vec<LogOp>,
         changes: &mut Vec<ChangeSet>,
-    ) -> std::result::Result<Option<(MetaState, Vec<(String, Option<(ModuleId, u64)>)>)>, String> {
+    ) -> std::result::Result<Option<(MetaState, Vec<ModuleChange>)>, String> {
         if group == META_GROUP {
             let snap: MetaSnapshot = wire::decode(data)?;
-            let mut modules: Vec<(String, Option<(ModuleId, u64)>)> =
+            let mut modules: Vec<ModuleChange> =
                 snap.modules.iter().map(|(name, id, wasm)| (name.clone(), Some((*id, wasm.len() as u64)))).collect();
             // Names deleted while this node was away.
             let held = self.node.store().module_names().map_err(|e| e.to_string())?;
@@ -988,8 +995,8 @@ impl Driver {
         let (last_index, last_term) = (last.index, last.term);
         let mut changes = Vec::new();
         let mut log = Vec::new();
-        let mut modules = Vec::new();
-        let mut removed_modules = Vec::new();
+        // Module names' changes, in log order (a name may be put and deleted in one batch).
+        let mut modules: Vec<ModuleChange> = Vec::new();
         let mut meta_changed = false;
         for entry in &committed.entries {
             if entry.get_entry_type() != EntryType::EntryNormal || entry.data.is_empty() {
@@ -1007,11 +1014,11 @@ impl Driver {
                     meta_changed = true;
                     match command {
                         Command::PutModule { name, id, wasm } => {
-                            modules.push((name.clone(), id, wasm.len() as u64));
+                            modules.push((name.clone(), Some((id, wasm.len() as u64))));
                             log.push(LogOp::PutModule { id, name, wasm });
                         }
                         Command::DeleteModule { name } => {
-                            removed_modules.push(name.clone());
+                            modules.push((name.clone(), None));
                             log.push(LogOp::DeleteModule { name });
                         }
                         Command::Change(_) => unreachable!("matched above"),
@@ -1062,11 +1069,7 @@ impl Driver {
             }
         }
         let after_write = if group == META_GROUP { std::mem::take(&mut answers) } else { Vec::new() };
-        let quiet = touched.is_empty()
-            && meta.is_none()
-            && modules.is_empty()
-            && removed_modules.is_empty()
-            && after_write.is_empty();
+        let quiet = touched.is_empty() && meta.is_none() && modules.is_empty() && after_write.is_empty();
         let done: Option<crate::node::WriteDone> = if quiet {
             None
         } else {
@@ -1077,12 +1080,7 @@ impl Driver {
                     }
                     return;
                 }
-                for (name, id, size) in modules {
-                    node.module_replicated(&name, id, size);
-                }
-                for name in removed_modules {
-                    node.module_removed(&name);
-                }
+                publish_modules(&node, modules);
                 if let Some((tx, state)) = meta {
                     tx.send_if_modified(|old| {
                         let changed = *old != state;

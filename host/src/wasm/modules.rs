@@ -65,10 +65,15 @@ impl Modules {
         self.code_dir = Some(dir);
     }
 
+    /// Where module `id`'s compiled code is kept, if it is kept on disk.
+    fn code_path(&self, id: &ModuleId) -> Option<PathBuf> {
+        self.code_dir.as_ref().map(|dir| dir.join(format!("{}.cwasm", hex::encode(id))))
+    }
+
     /// The component for `wasm`: from the code directory when a usable compiled copy is there,
     /// else compiled (and then written there).
     fn component(&self, id: &ModuleId, wasm: &[u8]) -> Result<Component> {
-        let path = self.code_dir.as_ref().map(|dir| dir.join(format!("{}.cwasm", hex::encode(id))));
+        let path = self.code_path(id);
         if let Some(path) = path.as_ref().filter(|p| p.exists()) {
             // Safety: the file is compiled code this node wrote into its own data directory (the same
             // trust as the data itself); wasmtime checks that it matches this engine and version and
@@ -118,8 +123,7 @@ impl Modules {
     /// runs it keeps its instance (and the code under it) until it ends.
     pub(crate) fn forget(&self, id: &ModuleId) {
         self.cache().pop(id);
-        if let Some(dir) = &self.code_dir {
-            let path = dir.join(format!("{}.cwasm", hex::encode(id)));
+        if let Some(path) = self.code_path(id) {
             match std::fs::remove_file(&path) {
                 Ok(()) => {
                     tracing::info!(id = %module_id_text(id), "deleted the compiled code of a module no name points to")
