@@ -4,7 +4,7 @@
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
-use hyper::header::{CONTENT_TYPE, HOST};
+use hyper::header::{AUTHORIZATION, CONTENT_TYPE, HOST};
 use hyper::{Method, StatusCode};
 use hyper_util::rt::TokioIo;
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
@@ -24,6 +24,8 @@ pub const NODE_HEADER: &str = "grex-node";
 
 pub(crate) struct HttpTransport {
     host_port: String,
+    /// Sent with every request as `Authorization: Bearer TOKEN`.
+    token: Option<String>,
 }
 
 /// Percent-encodes arbitrary bytes (a bucket key) for a URL path segment.
@@ -43,16 +45,21 @@ struct HttpCall {
 }
 
 impl HttpTransport {
-    pub(crate) fn new(host_port: &str) -> Result<Self, ClientError> {
+    pub(crate) fn new(host_port: &str, token: Option<&str>) -> Result<Self, ClientError> {
         if host_port.is_empty() || !host_port.contains(':') {
             return Err(ClientError::Config(format!("`http://{host_port}` needs HOST:PORT")));
         }
-        Ok(HttpTransport { host_port: host_port.to_owned() })
+        Ok(HttpTransport { host_port: host_port.to_owned(), token: token.map(str::to_owned) })
     }
 
     pub(crate) async fn call(&self, request: &Request) -> Result<Response, ClientError> {
         let call = to_http(request);
-        let (status, headers, body) = self.send(call).await?;
+        // `Authenticate` checks the token it carries.
+        let token = match request {
+            Request::Authenticate { token } => Some(token.as_str()),
+            _ => self.token.as_deref(),
+        };
+        let (status, headers, body) = self.send(call, token).await?;
         if !status.is_success() {
             let error: RemoteError = serde_json::from_slice(&body)
                 .map_err(|_| ClientError::Protocol(format!("HTTP {status}: {}", String::from_utf8_lossy(&body))))?;
@@ -61,7 +68,11 @@ impl HttpTransport {
         from_http(request, &headers, body)
     }
 
-    async fn send(&self, call: HttpCall) -> Result<(StatusCode, hyper::HeaderMap, Bytes), ClientError> {
+    async fn send(
+        &self,
+        call: HttpCall,
+        token: Option<&str>,
+    ) -> Result<(StatusCode, hyper::HeaderMap, Bytes), ClientError> {
         let unreachable = |e: &dyn std::fmt::Display| ClientError::Unreachable(format!("{}: {e}", self.host_port));
         let no_answer = |e: &dyn std::fmt::Display| ClientError::NoAnswer(format!("{}: {e}", self.host_port));
         let stream = tokio::net::TcpStream::connect(&self.host_port).await.map_err(|e| unreachable(&e))?;
@@ -71,6 +82,9 @@ impl HttpTransport {
         let mut builder = hyper::Request::builder().method(call.method).uri(call.path).header(HOST, &self.host_port);
         if let Some(content_type) = call.content_type {
             builder = builder.header(CONTENT_TYPE, content_type);
+        }
+        if let Some(token) = token {
+            builder = builder.header(AUTHORIZATION, format!("Bearer {token}"));
         }
         let request =
             builder.body(Full::new(Bytes::from(call.body))).map_err(|e| ClientError::Config(e.to_string()))?;
@@ -128,6 +142,20 @@ fn to_http(request: &Request) -> HttpCall {
         },
         Request::DrainNode { node } => post(format!("/v1/cluster/nodes/{}/drain", encode(node))),
         Request::RemoveNode { node } => post(format!("/v1/cluster/nodes/{}/remove", encode(node))),
+        Request::Authenticate { .. } => get("/v1/whoami".to_owned()),
+        Request::Users => get("/v1/users".to_owned()),
+        Request::AddUser { name, permissions } | Request::SetUser { name, permissions } => HttpCall {
+            method: if matches!(request, Request::AddUser { .. }) { Method::POST } else { Method::PUT },
+            path: format!("/v1/users/{}", encode(name)),
+            content_type: Some("application/json"),
+            body: serde_json::to_vec(permissions).expect("permissions encode as JSON"),
+        },
+        Request::DeleteUser { name } => HttpCall {
+            method: Method::DELETE,
+            path: format!("/v1/users/{}", encode(name)),
+            content_type: None,
+            body: Vec::new(),
+        },
     }
 }
 
@@ -157,6 +185,17 @@ fn from_http(request: &Request, headers: &hyper::HeaderMap, body: Bytes) -> Resu
         }
         Request::Canary { .. } => Response::Canary(serde_json::from_slice(&body).map_err(json_error)?),
         Request::Status => Response::Status(serde_json::from_slice(&body).map_err(json_error)?),
+        Request::Authenticate { .. } | Request::SetUser { .. } | Request::DeleteUser { .. } => {
+            Response::User(serde_json::from_slice(&body).map_err(json_error)?)
+        }
+        Request::AddUser { .. } => Response::NewUser(serde_json::from_slice(&body).map_err(json_error)?),
+        Request::Users => {
+            #[derive(serde::Deserialize)]
+            struct Users {
+                users: Vec<crate::proto::UserInfo>,
+            }
+            Response::Users(serde_json::from_slice::<Users>(&body).map_err(json_error)?.users)
+        }
         Request::ListModules => {
             #[derive(serde::Deserialize)]
             struct Modules {

@@ -23,9 +23,11 @@ pub mod proto;
 pub mod quic;
 pub mod router;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
-pub use proto::{Canary, ErrorCode, JobOutput, ModuleInfo, RemoteError, Request, Response, Status};
+pub use proto::{
+    Canary, ErrorCode, JobOutput, ModuleInfo, NewUser, Permissions, RemoteError, Request, Response, Status, UserInfo,
+};
 pub use router::Router;
 
 /// A failed client call.
@@ -69,25 +71,86 @@ pub struct Client {
     transport: Transport,
 }
 
+/// How to reach a node and whom to sign in as.
+#[derive(Clone, Debug, Default)]
+pub struct ConnectOptions {
+    /// The cluster's `ca.pem`, which signs its nodes' QUIC certificates (needed for `quic://`).
+    pub ca_file: Option<PathBuf>,
+    /// A user's token (from `grex user add`), for a cluster that has users.
+    pub token: Option<String>,
+}
+
 impl Client {
     /// Connects to `url`: `quic://HOST:PORT` (needs `ca_file`, the node's `ca.pem`) or
-    /// `http://HOST:PORT`.
+    /// `http://HOST:PORT`, without signing in (a cluster that has users refuses such a client
+    /// everything but on a node's loopback before its first user).
     pub async fn connect(url: &str, ca_file: Option<&Path>) -> Result<Client, ClientError> {
+        Client::connect_with(url, &ConnectOptions { ca_file: ca_file.map(Path::to_path_buf), token: None }).await
+    }
+
+    /// Connects to `url` and signs in with `options.token` if it is given: a token that matches
+    /// no user fails here, with `unauthenticated`.
+    pub async fn connect_with(url: &str, options: &ConnectOptions) -> Result<Client, ClientError> {
+        let token = options.token.as_deref();
         let transport = if let Some(rest) = url.strip_prefix("quic://") {
-            let ca = ca_file.ok_or_else(|| {
+            let ca = options.ca_file.as_deref().ok_or_else(|| {
                 ClientError::Config(format!(
                     "{url}: a quic:// node needs the node's CA file (--ca FILE or GREX_CA; it is ca.pem in the node's data directory)"
                 ))
             })?;
             Transport::Quic(quic::QuicTransport::connect(rest.trim_end_matches('/'), ca).await?)
         } else if let Some(rest) = url.strip_prefix("http://") {
-            Transport::Http(http::HttpTransport::new(rest.trim_end_matches('/'))?)
+            Transport::Http(http::HttpTransport::new(rest.trim_end_matches('/'), token)?)
         } else {
             return Err(ClientError::Config(format!(
                 "node URL `{url}` must start with http:// or quic://, e.g. http://127.0.0.1:7070"
             )));
         };
-        Ok(Client { transport })
+        let client = Client { transport };
+        if let Some(token) = token {
+            client.authenticate(token).await?;
+        }
+        Ok(client)
+    }
+
+    /// Signs in as the user `token` belongs to (over QUIC, for this connection's later requests).
+    pub async fn authenticate(&self, token: &str) -> Result<UserInfo, ClientError> {
+        match self.call(Request::Authenticate { token: token.to_owned() }).await? {
+            Response::User(user) => Ok(user),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Every user and its permissions.
+    pub async fn users(&self) -> Result<Vec<UserInfo>, ClientError> {
+        match self.call(Request::Users).await? {
+            Response::Users(users) => Ok(users),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Adds a user; returns its token, which is shown only this once.
+    pub async fn add_user(&self, name: &str, permissions: Permissions) -> Result<NewUser, ClientError> {
+        match self.call(Request::AddUser { name: name.to_owned(), permissions }).await? {
+            Response::NewUser(user) => Ok(user),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Replaces a user's permissions (its token stays).
+    pub async fn set_user(&self, name: &str, permissions: Permissions) -> Result<UserInfo, ClientError> {
+        match self.call(Request::SetUser { name: name.to_owned(), permissions }).await? {
+            Response::User(user) => Ok(user),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Deletes a user; returns what it was.
+    pub async fn delete_user(&self, name: &str) -> Result<UserInfo, ClientError> {
+        match self.call(Request::DeleteUser { name: name.to_owned() }).await? {
+            Response::User(user) => Ok(user),
+            other => Err(unexpected(other)),
+        }
     }
 
     /// Sends one request and returns the node's answer; errors the node reports come back as

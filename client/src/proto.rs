@@ -176,6 +176,35 @@ pub enum Request {
         /// The node's id.
         node: String,
     },
+    /// Sign this connection in as the user the token belongs to; answered with the user. Over
+    /// QUIC it holds for the connection's later requests; over HTTP every request carries the
+    /// token (`Authorization: Bearer TOKEN`) and this only checks it.
+    Authenticate {
+        /// The user's token, as `AddUser` answered it.
+        token: String,
+    },
+    /// The users and their permissions (admin only).
+    Users,
+    /// Add a user; answered with its token, which the cluster keeps only as a hash (admin only;
+    /// the first user, who must be an admin, may be added by any client on a node's loopback).
+    AddUser {
+        /// The user's name.
+        name: String,
+        /// What it may do.
+        permissions: Permissions,
+    },
+    /// Replace a user's permissions; its token stays (admin only).
+    SetUser {
+        /// The user's name.
+        name: String,
+        /// What it may do from now on.
+        permissions: Permissions,
+    },
+    /// Delete a user: its token stops working on every node (admin only).
+    DeleteUser {
+        /// The user's name.
+        name: String,
+    },
 }
 
 /// A node's answer.
@@ -201,6 +230,12 @@ pub enum Response {
     Flocks(FlockMapInfo),
     /// The cluster's nodes.
     Nodes(NodesInfo),
+    /// A user (who signed in; who was changed or deleted).
+    User(UserInfo),
+    /// Every user.
+    Users(Vec<UserInfo>),
+    /// A user was added: its token, shown this once.
+    NewUser(NewUser),
 }
 
 impl Response {
@@ -217,8 +252,74 @@ impl Response {
             Response::Modules(_) => "modules",
             Response::Flocks(_) => "flocks",
             Response::Nodes(_) => "nodes",
+            Response::User(_) => "user",
+            Response::Users(_) => "users",
+            Response::NewUser(_) => "new user",
         }
     }
+}
+
+/// What a user may do. An admin may do everything; a user with no permission at all may still
+/// see the cluster (status, flock map, members, module names, canaries).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Permissions {
+    /// Modules, users and the cluster's members: upload and delete modules, add and remove
+    /// users, drain and remove nodes.
+    #[serde(default)]
+    pub admin: bool,
+    /// Read items (`GET` items over HTTP, `GetItem`/`ListItems`, Redis `HGET`, `HGETALL`...).
+    #[serde(default)]
+    pub read: bool,
+    /// Write items directly (Redis `HSET`, `HDEL`, `DEL`).
+    #[serde(default)]
+    pub write: bool,
+    /// Modules whose jobs it may run, by name; `*` for every module.
+    #[serde(default)]
+    pub run: Vec<String>,
+}
+
+impl Permissions {
+    /// Every permission.
+    pub fn admin() -> Permissions {
+        Permissions { admin: true, ..Permissions::default() }
+    }
+
+    /// Whether it may run jobs of the module named `module`.
+    pub fn may_run(&self, module: &str) -> bool {
+        self.admin || self.run.iter().any(|m| m == "*" || m == module)
+    }
+}
+
+impl fmt::Display for Permissions {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut parts: Vec<String> = Vec::new();
+        for (on, name) in [(self.admin, "admin"), (self.read, "read"), (self.write, "write")] {
+            if on {
+                parts.push(name.to_owned());
+            }
+        }
+        parts.extend(self.run.iter().map(|m| format!("run:{m}")));
+        if parts.is_empty() { f.write_str("(see only)") } else { f.write_str(&parts.join(",")) }
+    }
+}
+
+/// A user as the cluster lists it (its token is never shown again after it was made).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UserInfo {
+    /// The user's name.
+    pub name: String,
+    /// What it may do.
+    pub permissions: Permissions,
+}
+
+/// A user just added, with its token.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NewUser {
+    /// The user.
+    pub user: UserInfo,
+    /// Its token: the password for Redis `AUTH`, the bearer token over HTTP, `--token` and
+    /// `GREX_TOKEN` for the CLI. The cluster keeps only its SHA-256.
+    pub token: String,
 }
 
 /// A stored module.
@@ -451,6 +552,12 @@ pub enum ErrorCode {
     /// The request does not fit the cluster's state (the message says why and what to do);
     /// nothing changed.
     Conflict,
+    /// The request carried no credential, or one that matches no user; nothing ran.
+    Unauthenticated,
+    /// The user may not do this; nothing ran.
+    Forbidden,
+    /// No user by that name.
+    UserNotFound,
 }
 
 impl ErrorCode {
@@ -486,6 +593,9 @@ impl ErrorCode {
             ErrorCode::OutcomeUnknown => "outcome_unknown",
             ErrorCode::NodeNotFound => "node_not_found",
             ErrorCode::Conflict => "conflict",
+            ErrorCode::Unauthenticated => "unauthenticated",
+            ErrorCode::Forbidden => "forbidden",
+            ErrorCode::UserNotFound => "user_not_found",
         }
     }
 
@@ -495,6 +605,9 @@ impl ErrorCode {
             ErrorCode::BadRequest | ErrorCode::InvalidBucketKey | ErrorCode::InvalidItemKey => 400,
             ErrorCode::ModuleInvalid => 400,
             ErrorCode::ItemNotFound | ErrorCode::ModuleNotFound | ErrorCode::NodeNotFound => 404,
+            ErrorCode::UserNotFound => 404,
+            ErrorCode::Unauthenticated => 401,
+            ErrorCode::Forbidden => 403,
             ErrorCode::Conflict => 409,
             ErrorCode::RequestTimeout => 408,
             ErrorCode::ModuleTooLarge | ErrorCode::InputTooLarge => 413,

@@ -11,11 +11,11 @@
 //! committed, and only the caller can tell whether running it twice is harmless.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use crate::proto::{self, Canary, JobOutput};
-use crate::{Client, ClientError};
+use crate::{Client, ClientError, ConnectOptions};
 
 /// Nodes a router keeps a connection to (a cluster has few).
 const CONNECTIONS_MAX: usize = 64;
@@ -30,7 +30,7 @@ struct Route {
 /// A cluster client that goes to the right node directly. Cheap to share between tasks.
 pub struct Router {
     seed_url: String,
-    ca: Option<PathBuf>,
+    options: ConnectOptions,
     quic: bool,
     flock_count: u32,
     /// Flock → the node its canary named.
@@ -44,11 +44,17 @@ impl Router {
     /// Connects to any node of the cluster (`quic://` URLs need the cluster's `ca.pem`; the
     /// router then talks QUIC to every node).
     pub async fn connect(url: &str, ca_file: Option<&Path>) -> Result<Router, ClientError> {
-        let seed = Arc::new(Client::connect(url, ca_file).await?);
+        Router::connect_with(url, ConnectOptions { ca_file: ca_file.map(Path::to_path_buf), token: None }).await
+    }
+
+    /// Connects to any node of the cluster, signing in on every node it talks to with
+    /// `options.token` if it is given.
+    pub async fn connect_with(url: &str, options: ConnectOptions) -> Result<Router, ClientError> {
+        let seed = Arc::new(Client::connect_with(url, &options).await?);
         let flock_count = seed.status().await?.flock_count;
         Ok(Router {
             seed_url: url.to_owned(),
-            ca: ca_file.map(Path::to_path_buf),
+            options,
             quic: url.starts_with("quic://"),
             flock_count,
             routes: Mutex::new(HashMap::new()),
@@ -121,7 +127,8 @@ impl Router {
         Fut: Future<Output = Result<T, ClientError>>,
     {
         let client = self.client(url).await.map_err(|e| match e {
-            e @ ClientError::Unreachable(_) => e,
+            // Refused sign-in, say: the node's answer stands.
+            e @ (ClientError::Unreachable(_) | ClientError::Remote(_)) => e,
             other => ClientError::Unreachable(other.to_string()),
         })?;
         let result = call(client.clone()).await;
@@ -139,7 +146,7 @@ impl Router {
         if let Some(client) = self.clients.lock().unwrap_or_else(|p| p.into_inner()).get(url) {
             return Ok(client.clone());
         }
-        let client = Arc::new(Client::connect(url, self.ca.as_deref()).await?);
+        let client = Arc::new(Client::connect_with(url, &self.options).await?);
         let mut clients = self.clients.lock().unwrap_or_else(|p| p.into_inner());
         if clients.len() >= CONNECTIONS_MAX {
             clients.clear();

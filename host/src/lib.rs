@@ -13,6 +13,7 @@
 //!
 //! `ARCHITECTURE.md` at the repository root follows a job through these pieces.
 
+pub mod access;
 pub mod api;
 pub mod cli;
 pub mod cluster;

@@ -734,12 +734,12 @@ async fn a_peer_of_another_protocol_version_is_told_both_versions_and_refused() 
     };
     match exchange(&connection, &proto::encode_frame(&hello).unwrap()).await {
         PeerResponse::Error(e) => {
-            assert!(e.message.contains("grex-peer/7") && e.message.contains("grex-peer/8"), "{}", e.message)
+            assert!(e.message.contains("grex-peer/7") && e.message.contains("grex-peer/9"), "{}", e.message)
         }
         other => panic!("a peer of version 7 was answered {other:?}"),
     }
     let log = cluster.nodes[0].log();
-    assert!(log.contains("speaks the peer protocol grex-peer/7 and this node grex-peer/8"), "{log}");
+    assert!(log.contains("speaks the peer protocol grex-peer/7 and this node grex-peer/9"), "{log}");
     // The node serves peers of its own version on.
     let (_endpoint, connection) = probe(&cluster, None).await;
     let hello = PeerFrame { request: PeerRequest::Hello { incarnation: 2 }, ..hello };

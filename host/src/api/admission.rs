@@ -14,8 +14,9 @@ use futures::FutureExt;
 use futures::future::BoxFuture;
 
 use super::budget::ReadBudget;
+use crate::access::{Action, Caller, Identity, UserChange};
 use crate::error::{ErrorCode, RemoteError, Result, error};
-use grex_client::proto::{Canary, FlockMapInfo, JobOutput, ModuleInfo, NodesInfo};
+use grex_client::proto::{Canary, FlockMapInfo, JobOutput, ModuleInfo, NodesInfo, UserInfo};
 
 use crate::node::{NodeChange, RespNode, Service};
 
@@ -109,6 +110,22 @@ impl Service for Admitted {
 
     fn change_node(&self, node: String, change: NodeChange) -> BoxFuture<'static, Result<NodesInfo>> {
         self.inner.change_node(node, change)
+    }
+
+    fn authorize(&self, caller: &Caller, action: Action<'_>) -> Result<()> {
+        self.inner.authorize(caller, action)
+    }
+
+    fn authenticate(&self, token: &str) -> Result<Identity> {
+        self.inner.authenticate(token)
+    }
+
+    fn users(&self) -> Vec<UserInfo> {
+        self.inner.users()
+    }
+
+    fn change_user(&self, change: UserChange) -> BoxFuture<'static, Result<()>> {
+        self.inner.change_user(change)
     }
 }
 

@@ -26,8 +26,10 @@ use tower::ServiceExt;
 use super::Gate;
 use super::budget::ReadBudget;
 use super::conns::{Conn, ConnTable, accept_loop};
+use crate::access::{Action, Caller};
 use crate::error::{ErrorCode, RemoteError, error};
 use crate::node::{Node, NodeChange, Service};
+use grex_client::{NewUser, Permissions, UserInfo};
 
 /// HTTP connections open at once; when all are taken, the longest-idle one is closed for a new
 /// client, and while all are busy new ones wait in the kernel's accept queue (see `conns`).
@@ -115,7 +117,8 @@ async fn serve_connection(
     let conn = Arc::new(conn);
     let service = hyper::service::service_fn({
         let conn = conn.clone();
-        move |request: Request<Incoming>| {
+        move |mut request: Request<Incoming>| {
+            request.extensions_mut().insert(Caller::from(remote));
             let busy = conn.busy();
             let app = app.clone();
             async move {
@@ -180,12 +183,54 @@ fn router(node: Node, service: Arc<dyn Service>, timeouts: HttpTimeouts, budget:
         .route("/v1/cluster/nodes", get(nodes))
         .route("/v1/cluster/nodes/{node}/drain", post(drain_node))
         .route("/v1/cluster/nodes/{node}/remove", post(remove_node))
+        .route("/v1/users", get(list_users))
+        .route("/v1/users/{name}", post(add_user).put(set_user).delete(delete_user))
+        .route("/v1/whoami", get(whoami))
         .fallback(not_found)
+        .layer(axum::middleware::from_fn_with_state(service.clone(), sign_in))
         // Bodies are read with the node's own limits, so the errors are ours (JSON, named).
         .layer(DefaultBodyLimit::disable())
         .layer(Extension(timeouts))
         .layer(Extension(budget))
         .with_state(App { node, service })
+}
+
+/// Signs the request in with its bearer token, if it has one (`Authorization: Bearer TOKEN`):
+/// the handlers find the [`Caller`] in the request's extensions. A token that matches no user is
+/// refused here.
+async fn sign_in(
+    State(service): State<Arc<dyn Service>>,
+    mut request: Request<Body>,
+    next: axum::middleware::Next,
+) -> Response {
+    // Inserted for every request by `serve_connection`; without it the caller is remote.
+    let caller = request.extensions().get::<Caller>().cloned().unwrap_or(Caller { user: None, loopback: false });
+    let caller = match request.headers().get(header::AUTHORIZATION) {
+        None => caller,
+        Some(value) => {
+            let token = value.to_str().ok().and_then(|v| v.strip_prefix("Bearer ")).map(str::trim);
+            let Some(token) = token else {
+                return ApiError(error(
+                    ErrorCode::Unauthenticated,
+                    "the Authorization header must be `Bearer TOKEN`, with a token from `grex user add`",
+                ))
+                .into_response();
+            };
+            match service.authenticate(token) {
+                Ok(identity) => Caller { user: Some(identity), ..caller },
+                Err(e) => return ApiError(e).into_response(),
+            }
+        }
+    };
+    request.extensions_mut().insert(caller);
+    next.run(request).await
+}
+
+impl App {
+    /// Refuses the request unless its caller may do `action`.
+    fn allow(&self, caller: &Caller, action: Action<'_>) -> ApiResult<()> {
+        Ok(self.service.authorize(caller, action)?)
+    }
 }
 
 async fn not_found() -> ApiError {
@@ -273,13 +318,16 @@ fn require_content_type(headers: &HeaderMap, allowed: &[&str], hint: &str) -> Ap
 }
 
 async fn put_module(
-    State(App { node, service }): State<App>,
+    State(app): State<App>,
     Extension(timeouts): Extension<HttpTimeouts>,
     Extension(budget): Extension<Arc<ReadBudget>>,
     uri: Uri,
     headers: HeaderMap,
+    Extension(caller): Extension<Caller>,
     body: Body,
 ) -> ApiResult<Json<grex_client::ModuleInfo>> {
+    app.allow(&caller, Action::Admin)?;
+    let App { node, service } = &app;
     let name = segment_text(&uri, 2, "name")?;
     require_content_type(
         &headers,
@@ -291,19 +339,32 @@ async fn put_module(
     Ok(Json(service.put_module(name, wasm).await?))
 }
 
-async fn delete_module(State(App { service, .. }): State<App>, uri: Uri) -> ApiResult<Json<grex_client::ModuleInfo>> {
+async fn delete_module(
+    State(app): State<App>,
+    uri: Uri,
+    Extension(caller): Extension<Caller>,
+) -> ApiResult<Json<grex_client::ModuleInfo>> {
+    app.allow(&caller, Action::Admin)?;
+    let App { service, .. } = &app;
     let name = segment_text(&uri, 2, "name")?;
     Ok(Json(service.delete_module(name).await?))
 }
 
-async fn list_modules(State(App { node, .. }): State<App>) -> Json<serde_json::Value> {
-    Json(serde_json::json!({ "modules": node.modules() }))
+async fn list_modules(
+    State(app): State<App>,
+    Extension(caller): Extension<Caller>,
+) -> ApiResult<Json<serde_json::Value>> {
+    app.allow(&caller, Action::See)?;
+    Ok(Json(serde_json::json!({ "modules": app.node.modules() })))
 }
 
+// An axum handler takes each part of the request it reads as an argument.
+#[allow(clippy::too_many_arguments)]
 async fn run_job(
     State(App { node, service }): State<App>,
     Extension(timeouts): Extension<HttpTimeouts>,
     Extension(budget): Extension<Arc<ReadBudget>>,
+    Extension(caller): Extension<Caller>,
     uri: Uri,
     Query(query): Query<HashMap<String, String>>,
     headers: HeaderMap,
@@ -313,6 +374,8 @@ async fn run_job(
     let module = query
         .get("module")
         .ok_or_else(|| error(ErrorCode::BadRequest, "say which module to run: POST /v1/jobs/{bucket}?module=NAME"))?;
+    // Before the body is read.
+    service.authorize(&caller, Action::Run(module))?;
     let read_only = match query.get("read_only").map(String::as_str) {
         None | Some("false") | Some("0") => false,
         Some("true") | Some("1") | Some("") => true,
@@ -344,7 +407,9 @@ async fn run_job(
     Ok(response)
 }
 
-async fn get_item(State(App { node, .. }): State<App>, uri: Uri) -> ApiResult<Response> {
+async fn get_item(State(app): State<App>, uri: Uri, Extension(caller): Extension<Caller>) -> ApiResult<Response> {
+    app.allow(&caller, Action::Read)?;
+    let App { node, .. } = &app;
     let bucket = segment_bytes(&uri, 2, "bucket")?;
     let item = segment_text(&uri, 4, "item")?;
     let value = node.get_item(&bucket, &item).await?;
@@ -352,10 +417,13 @@ async fn get_item(State(App { node, .. }): State<App>, uri: Uri) -> ApiResult<Re
 }
 
 async fn list_items(
-    State(App { node, .. }): State<App>,
+    State(app): State<App>,
     uri: Uri,
     Query(query): Query<HashMap<String, String>>,
+    Extension(caller): Extension<Caller>,
 ) -> ApiResult<Json<serde_json::Value>> {
+    app.allow(&caller, Action::Read)?;
+    let App { node, .. } = &app;
     let bucket = segment_bytes(&uri, 2, "bucket")?;
     let prefix = query.get("prefix").map_or("", String::as_str);
     let limit = match query.get("limit") {
@@ -369,39 +437,130 @@ async fn list_items(
 }
 
 async fn canary(
-    State(App { service, .. }): State<App>,
+    State(app): State<App>,
     uri: Uri,
     Query(query): Query<HashMap<String, String>>,
+    Extension(caller): Extension<Caller>,
 ) -> ApiResult<Json<grex_client::Canary>> {
+    app.allow(&caller, Action::See)?;
+    let App { service, .. } = &app;
     let bucket = segment_bytes(&uri, 2, "bucket")?;
     let read_only = query.get("read_only").is_some_and(|v| v == "true" || v == "1");
     Ok(Json(service.canary(bucket, read_only).await?))
 }
 
-async fn flocks(State(App { service, .. }): State<App>) -> Json<grex_client::proto::FlockMapInfo> {
-    Json(service.flocks())
+async fn flocks(
+    State(app): State<App>,
+    Extension(caller): Extension<Caller>,
+) -> ApiResult<Json<grex_client::proto::FlockMapInfo>> {
+    app.allow(&caller, Action::See)?;
+    Ok(Json(app.service.flocks()))
 }
 
-async fn nodes(State(App { service, .. }): State<App>) -> ApiResult<Json<grex_client::proto::NodesInfo>> {
+async fn nodes(
+    State(app): State<App>,
+    Extension(caller): Extension<Caller>,
+) -> ApiResult<Json<grex_client::proto::NodesInfo>> {
+    app.allow(&caller, Action::See)?;
+    let App { service, .. } = &app;
     Ok(Json(service.nodes()?))
 }
 
 async fn drain_node(
-    State(App { service, .. }): State<App>,
+    State(app): State<App>,
     Path(node): Path<String>,
+    Extension(caller): Extension<Caller>,
 ) -> ApiResult<Json<grex_client::proto::NodesInfo>> {
+    app.allow(&caller, Action::Admin)?;
+    let App { service, .. } = &app;
     Ok(Json(service.change_node(node, NodeChange::Drain).await?))
 }
 
 async fn remove_node(
-    State(App { service, .. }): State<App>,
+    State(app): State<App>,
     Path(node): Path<String>,
+    Extension(caller): Extension<Caller>,
 ) -> ApiResult<Json<grex_client::proto::NodesInfo>> {
+    app.allow(&caller, Action::Admin)?;
+    let App { service, .. } = &app;
     Ok(Json(service.change_node(node, NodeChange::Remove).await?))
 }
 
-async fn status(State(App { node, .. }): State<App>) -> Json<grex_client::Status> {
-    Json(node.status())
+async fn status(State(app): State<App>, Extension(caller): Extension<Caller>) -> ApiResult<Json<grex_client::Status>> {
+    app.allow(&caller, Action::See)?;
+    Ok(Json(app.node.status()))
+}
+
+async fn whoami(State(app): State<App>, Extension(caller): Extension<Caller>) -> ApiResult<Json<UserInfo>> {
+    let user = match &caller.user {
+        Some(identity) => app.service.users().into_iter().find(|u| u.name == identity.name),
+        None => None,
+    };
+    app.allow(&caller, Action::See)?;
+    user.map(Json).ok_or_else(|| {
+        ApiError(error(ErrorCode::Unauthenticated, "no user signed in: send `Authorization: Bearer TOKEN`"))
+    })
+}
+
+async fn list_users(
+    State(app): State<App>,
+    Extension(caller): Extension<Caller>,
+) -> ApiResult<Json<serde_json::Value>> {
+    app.allow(&caller, Action::Admin)?;
+    Ok(Json(serde_json::json!({ "users": app.service.users() })))
+}
+
+/// A user's permissions from a request's JSON body.
+async fn permissions_body(
+    headers: &HeaderMap,
+    body: Body,
+    (timeouts, budget): (HttpTimeouts, &Arc<ReadBudget>),
+) -> ApiResult<Permissions> {
+    require_content_type(headers, &["application/json"], "send the permissions as JSON, e.g. {\"read\": true}")?;
+    let bytes = read_body(body, headers, (timeouts, budget), 64 << 10, "permissions", ErrorCode::BadRequest).await?;
+    serde_json::from_slice(&bytes).map_err(|e| {
+        ApiError(error(
+            ErrorCode::BadRequest,
+            format!("the permissions must be JSON such as {{\"admin\": false, \"read\": true, \"write\": false, \"run\": [\"counter\"]}}: {e}"),
+        ))
+    })
+}
+
+async fn add_user(
+    State(app): State<App>,
+    Extension(timeouts): Extension<HttpTimeouts>,
+    Extension(budget): Extension<Arc<ReadBudget>>,
+    Extension(caller): Extension<Caller>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult<Json<NewUser>> {
+    app.allow(&caller, Action::Admin)?;
+    let permissions = permissions_body(&headers, body, (timeouts, &budget)).await?;
+    Ok(Json(super::add_user(app.service.as_ref(), name, permissions).await?))
+}
+
+async fn set_user(
+    State(app): State<App>,
+    Extension(timeouts): Extension<HttpTimeouts>,
+    Extension(budget): Extension<Arc<ReadBudget>>,
+    Extension(caller): Extension<Caller>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult<Json<UserInfo>> {
+    app.allow(&caller, Action::Admin)?;
+    let permissions = permissions_body(&headers, body, (timeouts, &budget)).await?;
+    Ok(Json(super::set_user(app.service.as_ref(), name, permissions).await?))
+}
+
+async fn delete_user(
+    State(app): State<App>,
+    Extension(caller): Extension<Caller>,
+    Path(name): Path<String>,
+) -> ApiResult<Json<UserInfo>> {
+    app.allow(&caller, Action::Admin)?;
+    Ok(Json(super::delete_user(app.service.as_ref(), name).await?))
 }
 
 #[cfg(test)]

@@ -25,6 +25,10 @@ use std::sync::Arc;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+use grex_client::{NewUser, Permissions, Request, UserInfo};
+
+use crate::access::{self, Action, Caller, UserChange, UserRecord};
+use crate::error::{ErrorCode, error};
 use crate::node::{Node, NodeUrls, Service};
 
 /// Where to listen.
@@ -130,6 +134,64 @@ impl Servers {
             let _ = task.await;
         }
     }
+}
+
+/// What a request would do, as permissions name it (`Authenticate` needs no permission).
+fn request_action(request: &Request) -> Action<'_> {
+    match request {
+        Request::RunJob { module, .. } => Action::Run(module),
+        Request::GetItem { .. } | Request::ListItems { .. } => Action::Read,
+        Request::PutModule { .. }
+        | Request::DeleteModule { .. }
+        | Request::DrainNode { .. }
+        | Request::RemoveNode { .. }
+        | Request::Users
+        | Request::AddUser { .. }
+        | Request::SetUser { .. }
+        | Request::DeleteUser { .. } => Action::Admin,
+        Request::Canary { .. }
+        | Request::Status
+        | Request::ListModules
+        | Request::Flocks
+        | Request::Nodes
+        | Request::Authenticate { .. } => Action::See,
+    }
+}
+
+/// Signs `caller` in with `token`: the caller as it is then, and the user.
+fn sign_in(service: &dyn Service, caller: Caller, token: &str) -> crate::error::Result<(Caller, UserInfo)> {
+    let identity = service.authenticate(token)?;
+    let caller = Caller { user: Some(identity), ..caller };
+    // Signed in, and still a user: what `users` lists for it.
+    service.authorize(&caller, Action::See)?;
+    let name = caller.user.as_ref().map(|u| u.name.clone()).unwrap_or_default();
+    let user = service
+        .users()
+        .into_iter()
+        .find(|u| u.name == name)
+        .ok_or_else(|| error(ErrorCode::Unauthenticated, format!("user `{name}` was just deleted")))?;
+    Ok((caller, user))
+}
+
+/// Adds a user with a new token, made here and kept by the cluster only as its hash.
+async fn add_user(service: &dyn Service, name: String, permissions: Permissions) -> crate::error::Result<NewUser> {
+    let token = access::new_token();
+    let record = UserRecord { token_sha256: access::token_hash(&token), permissions: permissions.clone() };
+    service.change_user(UserChange::Add { name: name.clone(), record }).await?;
+    Ok(NewUser { user: UserInfo { name, permissions }, token })
+}
+
+/// Replaces a user's permissions.
+async fn set_user(service: &dyn Service, name: String, permissions: Permissions) -> crate::error::Result<UserInfo> {
+    service.change_user(UserChange::Set { name: name.clone(), permissions: permissions.clone() }).await?;
+    Ok(UserInfo { name, permissions })
+}
+
+/// Deletes a user; answers what it was.
+async fn delete_user(service: &dyn Service, name: String) -> crate::error::Result<UserInfo> {
+    let user = service.users().into_iter().find(|u| u.name == name);
+    service.change_user(UserChange::Delete { name: name.clone() }).await?;
+    Ok(user.unwrap_or(UserInfo { name, permissions: Permissions::default() }))
 }
 
 /// An address as clients should dial it: a wildcard bind is reached on loopback.

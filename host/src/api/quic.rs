@@ -6,7 +6,7 @@
 //! take to arrive ([`REQUEST_READ_TIMEOUT`]), so a slow or half-sent request cannot pin memory.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use grex_client::proto::{ALPN, FRAME_BYTES_MAX, Request, Response, decode_frame, encode_frame, frame_len};
@@ -17,6 +17,7 @@ use tokio::task::JoinHandle;
 use super::Gate;
 use super::budget::{Claim, FREE_BYTES, ReadBudget};
 use super::tls::NodeIdentity;
+use crate::access::Caller;
 use crate::error::{ErrorCode, RemoteError, error};
 use crate::node::{Node, NodeChange, Service};
 
@@ -96,9 +97,22 @@ struct Serving {
 }
 
 impl Serving {
-    /// Answers one request.
-    async fn answer(&self, request: Request) -> Response {
+    /// Answers one request of the connection signed in as `caller` says.
+    async fn answer(&self, request: Request, caller: &Mutex<Caller>) -> Response {
         let (node, service) = (&self.node, &self.service);
+        let signed_in = caller.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        if let Request::Authenticate { token } = &request {
+            return match super::sign_in(service.as_ref(), signed_in, token) {
+                Ok((caller_now, user)) => {
+                    *caller.lock().unwrap_or_else(|p| p.into_inner()) = caller_now;
+                    Response::User(user)
+                }
+                Err(e) => Response::Error(e),
+            };
+        }
+        if let Err(e) = service.authorize(&signed_in, super::request_action(&request)) {
+            return Response::Error(e);
+        }
         let result = match request {
             Request::PutModule { name, wasm } => service.put_module(name, wasm).await.map(Response::Module),
             Request::DeleteModule { name } => service.delete_module(name).await.map(Response::Module),
@@ -116,6 +130,15 @@ impl Serving {
             Request::RemoveNode { node } => service.change_node(node, NodeChange::Remove).await.map(Response::Nodes),
             Request::Status => Ok(Response::Status(node.status())),
             Request::ListModules => Ok(Response::Modules(node.modules())),
+            Request::Users => Ok(Response::Users(service.users())),
+            Request::AddUser { name, permissions } => {
+                super::add_user(service.as_ref(), name, permissions).await.map(Response::NewUser)
+            }
+            Request::SetUser { name, permissions } => {
+                super::set_user(service.as_ref(), name, permissions).await.map(Response::User)
+            }
+            Request::DeleteUser { name } => super::delete_user(service.as_ref(), name).await.map(Response::User),
+            Request::Authenticate { .. } => unreachable!("answered above"),
         };
         result.unwrap_or_else(Response::Error)
     }
@@ -130,10 +153,13 @@ async fn serve_connection(serving: Serving, incoming: quinn::Incoming, budget: A
             return;
         }
     };
+    // Who the connection signed in as: set by an `Authenticate` request, which a client sends
+    // first and waits for.
+    let caller = Arc::new(Mutex::new(Caller::from(remote)));
     while let Ok((send, recv)) = connection.accept_bi().await {
-        let (serving, claim) = (serving.clone(), budget.claim());
+        let (serving, claim, caller) = (serving.clone(), budget.claim(), caller.clone());
         tokio::spawn(async move {
-            if let Err(e) = serve_stream(serving, send, recv, claim).await {
+            if let Err(e) = serve_stream(serving, send, recv, claim, &caller).await {
                 tracing::debug!(%remote, error = %e, "QUIC request stream failed");
             }
         });
@@ -145,6 +171,7 @@ async fn serve_stream(
     send: quinn::SendStream,
     mut recv: quinn::RecvStream,
     mut claim: Claim,
+    caller: &Mutex<Caller>,
 ) -> anyhow::Result<()> {
     let read = read_frame_within(&mut recv, Some(&mut claim));
     let response = match tokio::time::timeout(REQUEST_READ_TIMEOUT, read).await {
@@ -157,7 +184,7 @@ async fn serve_stream(
             // Whole: the bytes are the request's now, not a request in part.
             drop(claim);
             match decode_frame::<Request>(&frame) {
-                Ok(request) => serving.answer(request).await,
+                Ok(request) => serving.answer(request, caller).await,
                 Err(e) => Response::Error(error(ErrorCode::BadRequest, e.to_string())),
             }
         }

@@ -86,8 +86,9 @@ pub(super) async fn bench(args: BenchArgs) -> anyhow::Result<()> {
     };
     let mut clients = Vec::new();
     for _ in 0..args.clients {
-        clients
-            .push(Arc::new(Router::connect(&args.target.node, args.target.ca.as_deref()).await.context("connecting")?));
+        clients.push(Arc::new(
+            Router::connect_with(&args.target.node, args.target.options()).await.context("connecting")?,
+        ));
     }
     let warm_up = Instant::now() + Duration::from_secs(1);
     let end = warm_up + Duration::from_secs(args.seconds);

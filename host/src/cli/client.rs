@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Subcommand;
-use grex_client::Client;
 use grex_client::proto::NodesInfo;
+use grex_client::{Client, Permissions};
 
 use super::Target;
 
@@ -83,8 +83,95 @@ pub(super) enum ItemCommand {
     },
 }
 
+#[derive(Subcommand)]
+pub(super) enum UserCommand {
+    /// Add a user and print its token (shown only this once). The cluster's first user must be
+    /// an admin; until it exists, only clients on a node's own machine are served.
+    Add {
+        /// The user's name.
+        name: String,
+        #[command(flatten)]
+        permissions: PermissionArgs,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Replace a user's permissions (its token stays).
+    Set {
+        /// The user's name.
+        name: String,
+        #[command(flatten)]
+        permissions: PermissionArgs,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Delete a user: its token stops working on every node.
+    Rm {
+        /// The user's name.
+        name: String,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// List the users and their permissions.
+    Ls {
+        #[command(flatten)]
+        target: Target,
+    },
+}
+
+/// What a user may do.
+#[derive(clap::Args)]
+pub(super) struct PermissionArgs {
+    /// Everything: modules, users and the cluster's members, besides all of the below.
+    #[arg(long)]
+    admin: bool,
+    /// Read items.
+    #[arg(long)]
+    read: bool,
+    /// Write items directly (Redis HSET, HDEL, DEL).
+    #[arg(long)]
+    write: bool,
+    /// Run jobs of this module (repeat for more; `*` for every module).
+    #[arg(long = "run", value_name = "MODULE")]
+    run: Vec<String>,
+}
+
+impl PermissionArgs {
+    fn permissions(self) -> Permissions {
+        Permissions { admin: self.admin, read: self.read, write: self.write, run: self.run }
+    }
+}
+
+/// User administration.
+pub(super) async fn user(cmd: UserCommand) -> anyhow::Result<()> {
+    match cmd {
+        UserCommand::Add { name, permissions, target } => {
+            let new = connect(&target).await?.add_user(&name, permissions.permissions()).await?;
+            println!("{}", new.token);
+            eprintln!(
+                "added user {} ({}); its token is above, shown this once: sign in with `export GREX_TOKEN=<token>` \
+                 (Redis: AUTH <token>; HTTP: Authorization: Bearer <token>)",
+                new.user.name, new.user.permissions
+            );
+        }
+        UserCommand::Set { name, permissions, target } => {
+            let user = connect(&target).await?.set_user(&name, permissions.permissions()).await?;
+            println!("{} {}", user.name, user.permissions);
+        }
+        UserCommand::Rm { name, target } => {
+            let user = connect(&target).await?.delete_user(&name).await?;
+            println!("deleted user {} ({})", user.name, user.permissions);
+        }
+        UserCommand::Ls { target } => {
+            for user in connect(&target).await?.users().await? {
+                println!("{}\t{}", user.name, user.permissions);
+            }
+        }
+    }
+    Ok(())
+}
+
 async fn connect(target: &Target) -> anyhow::Result<Client> {
-    Ok(Client::connect(&target.node, target.ca.as_deref()).await?)
+    Ok(Client::connect_with(&target.node, &target.options()).await?)
 }
 
 /// Writes bytes to stdout exactly; adds a newline only for a terminal, for readability.
@@ -293,7 +380,7 @@ pub(super) async fn drain(node: &str, no_wait: bool, target: &Target) -> anyhow:
             Err(e) => {
                 let Some(url) = others.get(next_other % others.len().max(1)) else { return Err(e.into()) };
                 next_other += 1;
-                client = Client::connect(url, target.ca.as_deref()).await.unwrap_or(client);
+                client = Client::connect_with(url, &target.options()).await.unwrap_or(client);
             }
         }
     }

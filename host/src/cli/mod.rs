@@ -46,6 +46,9 @@ enum Command {
     /// Read items.
     #[command(subcommand)]
     Item(client::ItemCommand),
+    /// Manage who may use the cluster.
+    #[command(subcommand)]
+    User(client::UserCommand),
     /// Print the URL of the best node for a bucket.
     Canary {
         /// Bucket key.
@@ -83,6 +86,16 @@ pub struct Target {
     /// needed for quic:// URLs.
     #[arg(long = "ca", env = "GREX_CA", global = true)]
     pub ca: Option<PathBuf>,
+    /// A user's token (from `grex user add`), for a cluster that has users.
+    #[arg(long = "token", env = "GREX_TOKEN", global = true, hide_env_values = true)]
+    pub token: Option<String>,
+}
+
+impl Target {
+    /// How the client connects: the CA file and the token.
+    pub fn options(&self) -> grex_client::ConnectOptions {
+        grex_client::ConnectOptions { ca_file: self.ca.clone(), token: self.token.clone() }
+    }
 }
 
 /// Runs the command line; returns the process's exit code.
@@ -123,6 +136,7 @@ pub fn main() -> ExitCode {
             Command::Module(cmd) => client::module(cmd).await,
             Command::Job(cmd) => client::job(cmd).await,
             Command::Item(cmd) => client::item(cmd).await,
+            Command::User(cmd) => client::user(cmd).await,
             Command::Canary { bucket, target } => client::canary(&bucket, &target).await,
             Command::Status { target } => client::status(&target).await,
             Command::Bench(args) => bench::bench(args).await,

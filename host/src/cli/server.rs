@@ -407,6 +407,12 @@ pub(super) async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     )
     .await?;
     announce(&running);
+    if Service::users(&running.cluster).is_empty() {
+        tracing::warn!(
+            "this node knows of no users: until the cluster has one, only clients on its nodes' own machines \
+             (loopback) are served, and they may do everything; add an admin with `grex user add NAME --admin`"
+        );
+    }
     if let Some(disk) = disk_fault {
         inject_faults(running.cluster.clone(), disk)?;
     }
@@ -526,6 +532,12 @@ pub(super) async fn dev(args: DevArgs) -> anyhow::Result<()> {
         "try:  grex job run customer-1 counter --input 5   (or: curl -X POST 'http://{http}/v1/jobs/customer-1?module=counter')"
     );
     println!("      redis-cli -p {resp} FCALL counter 1 customer-1 5   (or: redis-cli -p {resp} HGETALL customer-1)");
+    if Service::users(&first.cluster).is_empty() {
+        println!(
+            "users: none, so clients on this machine may do everything (warning: add an admin with \
+             `grex user add NAME --admin` before exposing a port; then every client needs a token)"
+        );
+    }
     wait_for_signal().await;
     for running in nodes {
         shut_down(running).await;

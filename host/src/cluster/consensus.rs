@@ -112,6 +112,8 @@ pub enum Command {
         /// Its id.
         id: NodeId,
     },
+    /// Meta group: a user is added, changed or deleted.
+    ChangeUser(crate::access::UserChange),
 }
 
 /// One bucket in a snapshot: key, version, items.
@@ -246,7 +248,7 @@ impl Consensus {
         );
         let flocks = node.flock_count();
         let mut applied_conf = BTreeMap::new();
-        let meta_state = read_meta_state(store.as_ref())?;
+        let (meta_state, meta_replayed) = meta_state_at_start(store.as_ref())?;
         if bootstrap {
             let conf = WireConf { voters: vec![me], ..WireConf::default() };
             let mut log = Vec::new();
@@ -298,6 +300,7 @@ impl Consensus {
             views: self.views.clone(),
             meta_tx,
             meta_state,
+            meta_replayed,
             applied_conf,
             snapshot_logs,
             proposals: BTreeMap::new(),
@@ -441,12 +444,46 @@ fn publish_modules(node: &Node, changes: Vec<ModuleChange>) {
     }
 }
 
-/// The meta state as the store holds it (empty on a new node).
-fn read_meta_state(store: &dyn Store) -> anyhow::Result<MetaState> {
+/// The meta state as the store holds it, as of its applied point (`None` on a new node).
+fn stored_meta_state(store: &dyn Store) -> anyhow::Result<Option<MetaState>> {
     match store.log_state(META_GROUP, META_STATE_KEY)? {
-        Some(bytes) => MetaState::decode(&bytes).map_err(|e| anyhow::anyhow!("the stored meta state: {e}")),
-        None => Ok(MetaState::default()),
+        Some(bytes) => MetaState::decode(&bytes).map(Some).map_err(|e| anyhow::anyhow!("the stored meta state: {e}")),
+        None => Ok(None),
     }
+}
+
+/// The meta state as the store holds it (empty on a new node), with the entries this node knew
+/// to be committed applied on it. The state is written without a sync after each apply, so after a
+/// crash it can be older than the log, whose entries the engine applies again soon after start;
+/// until then, the node would check requests against users it had already seen deleted or added.
+/// Returns the state and the last index applied on it, which the engine's own apply then skips
+/// (for the meta state; it still applies their module commands).
+fn meta_state_at_start(store: &dyn Store) -> anyhow::Result<(MetaState, u64)> {
+    let Some(mut state) = stored_meta_state(store)? else { return Ok((MetaState::default(), 0)) };
+    let applied: AppliedPoint = read_state(store, META_GROUP, APPLIED_KEY)?.unwrap_or_default();
+    let Some(hard) = read_state::<WireHardState>(store, META_GROUP, HARD_STATE_KEY)? else {
+        return Ok((state, applied.index));
+    };
+    let mut from = applied.index + 1;
+    let mut replayed = applied.index;
+    while from <= hard.commit {
+        let chunk = store.log_entries(META_GROUP, from, hard.commit + 1, 1024)?;
+        let Some(&(last, _)) = chunk.last() else { break };
+        for (index, bytes) in chunk {
+            let entry: WireEntry = wire::decode(&bytes).map_err(|e| anyhow::anyhow!("meta entry {index}: {e}"))?;
+            if entry.kind != EntryType::EntryNormal as i32 || entry.data.is_empty() {
+                continue;
+            }
+            match wire::decode::<Command>(&entry.data) {
+                Ok(Command::Change(_) | Command::PutModule { .. } | Command::DeleteModule { .. }) => {}
+                Ok(command) => state.apply(command),
+                Err(e) => anyhow::bail!("meta entry {index} could not be decoded: {e}"),
+            }
+        }
+        replayed = last;
+        from = last + 1;
+    }
+    Ok((state, replayed))
 }
 
 /// The flocks this node released (deleted its copy of); their logs may still need dropping.
@@ -568,6 +605,9 @@ struct Driver {
     views: Arc<RwLock<BTreeMap<GroupId, GroupView>>>,
     meta_tx: watch::Sender<MetaState>,
     meta_state: MetaState,
+    /// The meta entries applied on `meta_state` when it was read at start (`meta_state_at_start`):
+    /// the meta state skips them when the engine applies them.
+    meta_replayed: u64,
     /// Per group, the configuration at the last applied entry.
     applied_conf: BTreeMap<GroupId, WireConf>,
     snapshot_logs: u64,
@@ -974,6 +1014,8 @@ impl Driver {
             }
             log.push(LogOp::PutState { group, key: META_STATE_KEY, value: wire::encode(&snap.state) });
             self.meta_state = snap.state.clone();
+            // Entries after the snapshot apply on it, whatever was replayed at start.
+            self.meta_replayed = 0;
             return Ok(Some((snap.state, modules)));
         }
         let snap: FlockSnapshot = wire::decode(data)?;
@@ -1022,6 +1064,7 @@ impl Driver {
                             log.push(LogOp::DeleteModule { name });
                         }
                         Command::Change(_) => unreachable!("matched above"),
+                        _ if entry.index <= self.meta_replayed => {}
                         member => self.meta_state.apply(member),
                     }
                 }
@@ -1289,7 +1332,7 @@ fn build_snapshot(store: &dyn Store, group: GroupId) -> anyhow::Result<(AppliedP
     let point: AppliedPoint =
         read_state(store, group, APPLIED_KEY)?.ok_or_else(|| anyhow::anyhow!("group {group} has no applied state"))?;
     let data = if group == META_GROUP {
-        let state = read_meta_state(store)?;
+        let state = stored_meta_state(store)?.unwrap_or_default();
         let mut modules = Vec::new();
         for (name, id) in store.module_names()? {
             if let Some(wasm) = store.module_bytes(&id)? {

@@ -7,6 +7,8 @@
 //! and each flock's leader then move the flocks as for a join (`membership`). A drained node is
 //! removed once the map names it nowhere, it votes in no group the meta leader can see, and every
 //! flock's leader reports its voters settled on the map that no longer names it.
+//!
+//! Users (`access`) change the same way: checked and recorded by the meta leader.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -17,6 +19,7 @@ use super::consensus::Command;
 use super::messages::{PeerRequest, PeerResponse};
 use super::meta::MetaState;
 use super::{Cluster, NodeId, node_id_text};
+use crate::access::{self, UserChange};
 use crate::error::{ErrorCode, Result, error};
 use crate::node::NodeChange;
 use crate::storage::META_GROUP;
@@ -66,24 +69,7 @@ impl Cluster {
     /// Drains or removes member `id`, asked on any node: the meta leader decides and records it.
     /// Returns once this node's meta state shows it.
     pub(super) async fn change_node(&self, id: NodeId, change: NodeChange) -> Result<()> {
-        let me = self.inner.me;
-        match self.leader_of(META_GROUP) {
-            Some(leader) if leader == me => self.change_node_here(id, change).await?,
-            Some(leader) => {
-                match self
-                    .inner
-                    .peers
-                    .call(leader, PeerRequest::ChangeNode { id, change }, Duration::from_secs(30))
-                    .await
-                {
-                    Ok(PeerResponse::Ack) => {}
-                    Ok(PeerResponse::Error(e)) => return Err(e),
-                    Ok(other) => return Err(error(ErrorCode::Internal, format!("unexpected peer answer {other:?}"))),
-                    Err(e) => return Err(e.into()),
-                }
-            }
-            None => return Err(error(ErrorCode::Unavailable, "the cluster has no meta leader; retry shortly")),
-        }
+        self.at_meta_leader(PeerRequest::ChangeNode { id, change }, self.change_node_here(id, change)).await?;
         // Read your writes: the answer lists the node as drained or removed.
         let mut state = self.inner.meta_state.clone();
         let recorded = |s: &MetaState| match change {
@@ -92,6 +78,41 @@ impl Cluster {
         };
         let _ = tokio::time::timeout(Duration::from_secs(5), state.wait_for(recorded)).await;
         Ok(())
+    }
+
+    /// Runs `here` if this node leads the meta group, else sends `request` to the leader, which
+    /// answers `Ack` or an error.
+    pub(super) async fn at_meta_leader(
+        &self,
+        request: PeerRequest,
+        here: impl std::future::Future<Output = Result<()>>,
+    ) -> Result<()> {
+        match self.leader_of(META_GROUP) {
+            Some(leader) if leader == self.inner.me => here.await,
+            Some(leader) => match self.inner.peers.call(leader, request, Duration::from_secs(30)).await {
+                Ok(PeerResponse::Ack) => Ok(()),
+                Ok(PeerResponse::Error(e)) => Err(e),
+                Ok(other) => Err(error(ErrorCode::Internal, format!("unexpected peer answer {other:?}"))),
+                Err(e) => Err(e.into()),
+            },
+            None => Err(error(ErrorCode::Unavailable, "the cluster has no meta leader; retry shortly")),
+        }
+    }
+
+    /// Adds, changes or deletes a user through the meta group; returns once this node checks
+    /// requests with the change (within 5 s).
+    pub(super) async fn change_user(&self, change: UserChange) -> Result<()> {
+        access::check_user_name(change.name())?;
+        self.at_meta_leader(PeerRequest::ChangeUser(change.clone()), self.change_user_here(change.clone())).await?;
+        let mut state = self.inner.meta_state.clone();
+        let _ = tokio::time::timeout(Duration::from_secs(5), state.wait_for(|s| change.is_applied(&s.users))).await;
+        Ok(())
+    }
+
+    /// On the meta leader: checks the change against the users, and records it.
+    pub(super) async fn change_user_here(&self, change: UserChange) -> Result<()> {
+        change.check(&self.inner.meta_state.borrow().users)?;
+        self.meta_write(Command::ChangeUser(change)).await
     }
 
     /// On the meta leader: checks that the change fits the cluster, and records it.

@@ -15,10 +15,10 @@ use super::wire::RaftMessage;
 use crate::node::NodeChange;
 use crate::storage::GroupId;
 
-/// The peer protocol's version (8: nodes can be drained and removed).
-pub const PEER_PROTOCOL: u32 = 8;
+/// The peer protocol's version (8: nodes can be drained and removed; 9: users).
+pub const PEER_PROTOCOL: u32 = 9;
 /// ALPN of the peer protocol: `grex-peer/` and [`PEER_PROTOCOL`].
-pub const PEER_ALPN: &[u8] = b"grex-peer/8";
+pub const PEER_ALPN: &[u8] = b"grex-peer/9";
 
 /// Every peer protocol version's ALPN, this one first: a node accepts a connection in any of them,
 /// so that a peer of another version hears which versions differ instead of a bare handshake
@@ -190,6 +190,9 @@ pub enum PeerRequest {
         /// What becomes of it.
         change: NodeChange,
     },
+    /// Add, change or delete a user (sent to the meta group's leader; answered `Ack` once
+    /// recorded).
+    ChangeUser(crate::access::UserChange),
 }
 
 /// The answer to a [`PeerRequest`].
@@ -238,7 +241,7 @@ mod tests {
         let alpns = peer_alpns();
         assert_eq!(alpns[0], PEER_ALPN);
         assert_eq!(alpns.len(), PEER_PROTOCOL as usize);
-        let message = version_mismatch(b"grex-peer/7", "peer 127.0.0.1:7072");
-        assert!(message.contains("grex-peer/7") && message.contains("grex-peer/8"), "{message}");
+        let message = version_mismatch(b"grex-peer/8", "peer 127.0.0.1:7072");
+        assert!(message.contains("grex-peer/8") && message.contains("grex-peer/9"), "{message}");
     }
 }

@@ -6,6 +6,9 @@
 //! counts it as a voter); `RemoveNode` makes it *removed*: no longer a member, and remembered so
 //! that peers refuse it if it comes back. A removed machine rejoins only with a wiped data
 //! directory, under a new id.
+//!
+//! The meta state also holds the cluster's users (`access`), so every node checks requests
+//! against the same users.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -15,6 +18,7 @@ use super::consensus::Command;
 use super::placement::{FlockMap, Site};
 use super::wire;
 use super::{NodeId, PeerInfo, node_id_text};
+use crate::access::Users;
 
 /// The membership and node list the meta group agrees on.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -27,6 +31,17 @@ pub struct MetaState {
     pub draining: BTreeSet<NodeId>,
     /// Former members, refused if they come back.
     pub removed: BTreeSet<NodeId>,
+    /// Who may use the cluster, and how.
+    pub users: Users,
+}
+
+/// The meta state as stored before users.
+#[derive(Deserialize)]
+struct MetaStateBeforeUsers {
+    nodes: BTreeMap<NodeId, PeerInfo>,
+    map: FlockMap,
+    draining: BTreeSet<NodeId>,
+    removed: BTreeSet<NodeId>,
 }
 
 /// The meta state as schema 6 stored it (before nodes could leave, or had zones).
@@ -46,9 +61,12 @@ struct PeerInfoV6 {
 }
 
 impl MetaState {
-    /// Decodes a stored meta state, of this version or of the one before it.
+    /// Decodes a stored meta state, of this layout or of the two before it.
     pub fn decode(bytes: &[u8]) -> Result<MetaState, String> {
         wire::decode::<MetaState>(bytes).or_else(|newer| {
+            if let Ok(MetaStateBeforeUsers { nodes, map, draining, removed }) = wire::decode(bytes) {
+                return Ok(MetaState { nodes, map, draining, removed, users: Users::new() });
+            }
             let old: MetaStateV6 = wire::decode(bytes).map_err(|_| newer)?;
             let nodes = old
                 .nodes
@@ -91,6 +109,7 @@ impl MetaState {
                 self.draining.remove(&id);
                 self.removed.insert(id);
             }
+            Command::ChangeUser(change) => change.apply(&mut self.users),
             Command::Change(_) | Command::PutModule { .. } | Command::DeleteModule { .. } => {
                 tracing::error!("a data command reached the meta state; ignored")
             }
@@ -120,7 +139,14 @@ mod tests {
         let read = MetaState::decode(&wire::encode(&Old { nodes: old_nodes.collect(), map: &map })).unwrap();
         assert_eq!(read, MetaState { nodes, map, ..MetaState::default() });
         assert_eq!(read.nodes[&1].site(), Site::default(), "nodes of an older store share one zone, capacity 1");
-        let now = MetaState { draining: BTreeSet::from([2]), removed: BTreeSet::from([7]), ..read };
+        let v7 = MetaState { draining: BTreeSet::from([2]), removed: BTreeSet::from([7]), ..read };
+        #[derive(Serialize)]
+        struct V7<'a>(&'a BTreeMap<NodeId, PeerInfo>, &'a FlockMap, &'a BTreeSet<NodeId>, &'a BTreeSet<NodeId>);
+        let stored_v7 = wire::encode(&V7(&v7.nodes, &v7.map, &v7.draining, &v7.removed));
+        assert_eq!(MetaState::decode(&stored_v7).unwrap(), v7, "a state stored before users reads, with none");
+        let record =
+            crate::access::UserRecord { token_sha256: [7; 32], permissions: grex_client::Permissions::admin() };
+        let now = MetaState { users: Users::from([("root".to_owned(), record)]), ..v7 };
         assert_eq!(MetaState::decode(&wire::encode(&now)).unwrap(), now);
     }
 

@@ -369,6 +369,10 @@ impl Cluster {
                 Ok(()) => PeerResponse::Ack,
                 Err(e) => PeerResponse::Error(e),
             },
+            PeerRequest::ChangeUser(change) => match self.change_user_here(change).await {
+                Ok(()) => PeerResponse::Ack,
+                Err(e) => PeerResponse::Error(e),
+            },
             PeerRequest::Hello { .. } | PeerRequest::Ping { .. } => {
                 PeerResponse::Error(error(ErrorCode::BadRequest, "handled by the transport"))
             }

@@ -1,4 +1,4 @@
-//! The peer transport: QUIC (quinn) with mutual TLS under the cluster CA, ALPN `grex-peer/8` (`messages::PEER_ALPN`).
+//! The peer transport: QUIC (quinn) with mutual TLS under the cluster CA, ALPN `grex-peer/9` (`messages::PEER_ALPN`).
 //! Both sides offer every older version's ALPN too, only so that a node of another version is told
 //! which versions differ (`messages::version_mismatch`) before the connection is closed.
 //!

@@ -9,10 +9,11 @@ use std::time::{Duration, Instant};
 
 use futures::FutureExt;
 use futures::future::BoxFuture;
-use grex_client::proto::{self, Canary, FlockInfo, FlockMapInfo, JobOutput, ModuleInfo, NodesInfo};
+use grex_client::proto::{self, Canary, FlockInfo, FlockMapInfo, JobOutput, ModuleInfo, NodesInfo, UserInfo};
 
 use super::messages::{PeerRequest, PeerResponse};
 use super::{Cluster, NodeId, decide, node_id_text, peer};
+use crate::access::{self, Action, Caller, Identity, UserChange};
 use crate::error::{ErrorCode, RemoteError, Result, error};
 use crate::node::{NodeChange, RespNode, Service};
 use crate::storage::{GroupId, META_GROUP};
@@ -319,6 +320,23 @@ impl Service for Cluster {
             Ok(this.nodes_info())
         }
         .boxed()
+    }
+
+    fn authorize(&self, caller: &Caller, action: Action<'_>) -> Result<()> {
+        access::authorize(&self.inner.meta_state.borrow().users, caller, action)
+    }
+
+    fn authenticate(&self, token: &str) -> Result<Identity> {
+        access::authenticate(&self.inner.meta_state.borrow().users, token)
+    }
+
+    fn users(&self) -> Vec<UserInfo> {
+        access::user_list(&self.inner.meta_state.borrow().users)
+    }
+
+    fn change_user(&self, change: UserChange) -> BoxFuture<'static, Result<()>> {
+        let this = self.clone();
+        async move { this.change_user(change).await }.boxed()
     }
 
     fn resp_nodes(&self) -> Vec<RespNode> {

@@ -53,6 +53,23 @@ pub trait Service: Send + Sync + 'static {
     fn nodes(&self) -> Result<NodesInfo>;
     /// Drains or removes a member; answers the nodes once the cluster has recorded the change.
     fn change_node(&self, node: String, change: NodeChange) -> futures::future::BoxFuture<'static, Result<NodesInfo>>;
+    /// Whether `caller` may do `action` (see [`access`](crate::access)). By default there are no
+    /// users: callers on loopback may do everything, others nothing.
+    fn authorize(&self, caller: &Caller, action: Action<'_>) -> Result<()> {
+        crate::access::authorize(&Users::new(), caller, action)
+    }
+    /// The user a token belongs to.
+    fn authenticate(&self, token: &str) -> Result<Identity> {
+        crate::access::authenticate(&Users::new(), token)
+    }
+    /// Every user.
+    fn users(&self) -> Vec<UserInfo> {
+        Vec::new()
+    }
+    /// Adds, changes or deletes a user; answers once this node checks requests with the change.
+    fn change_user(&self, _change: UserChange) -> futures::future::BoxFuture<'static, Result<()>> {
+        async { Err(not_a_cluster()) }.boxed()
+    }
 }
 
 /// A change of a cluster's membership that an operator asks for.
@@ -67,7 +84,7 @@ pub enum NodeChange {
 fn not_a_cluster() -> RemoteError {
     error(
         ErrorCode::BadRequest,
-        "this node runs on its own, not in a cluster: it has no other nodes to list, drain or remove",
+        "this node runs on its own, not in a cluster: it has no other nodes to list, drain or remove, and no users",
     )
 }
 
@@ -176,9 +193,10 @@ use std::thread::JoinHandle;
 use std::time::Instant;
 
 use futures::FutureExt;
-use grex_client::proto::{self, Canary, FlockMapInfo, JobOutput, ModuleInfo, NodesInfo, Status};
+use grex_client::proto::{self, Canary, FlockMapInfo, JobOutput, ModuleInfo, NodesInfo, Status, UserInfo};
 use tokio::sync::{mpsc, oneshot};
 
+use crate::access::{Action, Caller, Identity, UserChange, Users};
 use crate::config::NodeConfig;
 use crate::data::Builtin;
 use crate::error::{ErrorCode, RemoteError, Result, error};

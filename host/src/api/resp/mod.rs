@@ -30,6 +30,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
+use crate::access::{Action, Caller};
 use crate::api::Gate;
 use crate::api::budget::{Claim, ReadBudget};
 use crate::api::conns::{Conn, ConnTable, accept_loop};
@@ -283,7 +284,12 @@ async fn serve(
 ) {
     let pipelined = ReadBudget::new(limits.pipelined_bytes_max);
     accept_loop(&listener, &table, stopped.clone(), "RESP", |stream, remote, conn| {
-        let commands = Commands { node: node.clone(), service: service.clone(), follower_reads: false };
+        let commands = Commands {
+            node: node.clone(),
+            service: service.clone(),
+            follower_reads: false,
+            caller: Caller::from(remote),
+        };
         let connection =
             Connection { commands, limits, claim: budget.claim(), pipelined: pipelined.clone(), resp3: false };
         let stopped = stopped.clone();
@@ -316,6 +322,8 @@ struct Commands {
     /// herds the key's flock and see its applied state; by default they run on the flock's leader,
     /// so a client reads its own writes through any node.
     follower_reads: bool,
+    /// Who the connection signed in as (`AUTH`, `HELLO ... AUTH`).
+    caller: Caller,
 }
 
 /// What to do after a command.
@@ -446,7 +454,25 @@ fn runs_alone(name: &str) -> bool {
             | "CONFIG"
             | "CLUSTER"
             | "GREX.MODULE"
+            | "AUTH"
+            | "ACL"
     )
+}
+
+/// What a command would do, as permissions name it; `None` for those a client may send before
+/// it signs in (`AUTH`, `HELLO`, `QUIT`, as with Redis).
+fn command_action<'a>(name: &str, rest: &'a [Vec<u8>]) -> Option<Action<'a>> {
+    Some(match name {
+        "AUTH" | "HELLO" | "QUIT" => return None,
+        "HGET" | "HEXISTS" | "HMGET" | "HGETALL" | "HKEYS" | "HLEN" | "EXISTS" => Action::Read,
+        "HSET" | "HMSET" | "HDEL" | "DEL" | "UNLINK" => Action::Write,
+        "FCALL" | "FCALL_RO" => Action::Run(rest.first().and_then(|m| std::str::from_utf8(m).ok()).unwrap_or("")),
+        "GREX.MODULE" => match rest.first().map(|s| s.to_ascii_uppercase()).as_deref() {
+            Some(b"LOAD") | Some(b"DELETE") => Action::Admin,
+            _ => Action::See,
+        },
+        _ => Action::See,
+    })
 }
 
 impl Connection {
@@ -573,8 +599,25 @@ impl Connection {
     /// Runs a command that runs alone (see [`runs_alone`]).
     async fn execute(&mut self, name: &str, args: &[Vec<u8>]) -> (Reply, Then) {
         let rest = &args[1..];
+        if let Some(refused) = self.commands.refuse(name, rest) {
+            return (refused, Then::Continue);
+        }
         let reply = match name {
             "HELLO" => self.hello(rest),
+            "AUTH" => match rest {
+                [token] | [_, token] => {
+                    let user = if rest.len() == 2 { Some(rest[0].as_slice()) } else { None };
+                    self.auth(user, token)
+                }
+                _ => arity(name),
+            },
+            "ACL" => match rest.first().map(|s| s.to_ascii_uppercase()).as_deref() {
+                Some(b"WHOAMI") if rest.len() == 1 => match &self.commands.caller.user {
+                    Some(identity) => Reply::bulk(identity.name.clone()),
+                    None => Reply::bulk("default"),
+                },
+                _ => Reply::err("Grex supports only ACL WHOAMI; manage users with `grex user`"),
+            },
             "QUIT" => return (Reply::ok(), Then::Close),
             "SELECT" => match rest {
                 [db] if db.as_slice() == b"0" => Reply::ok(),
@@ -595,14 +638,54 @@ impl Connection {
         (reply, Then::Continue)
     }
 
+    /// `AUTH [username] token`: signs the connection in as the token's user (who must be
+    /// `username` when it is given; `default`, as Redis clients send it, stands for any).
+    fn auth(&mut self, user: Option<&[u8]>, token: &[u8]) -> Reply {
+        let wrong = || Reply::Error("WRONGPASS invalid username-password pair or user is disabled.".into());
+        let Ok(token) = std::str::from_utf8(token) else { return wrong() };
+        let signed_in = super::sign_in(self.commands.service.as_ref(), self.commands.caller.clone(), token);
+        match signed_in {
+            Ok((caller, info)) if user.is_none_or(|u| u == info.name.as_bytes() || u == b"default") => {
+                self.commands.caller = caller;
+                Reply::ok()
+            }
+            _ => wrong(),
+        }
+    }
+
+    /// `HELLO [protover [AUTH username password] [SETNAME name]]`.
     fn hello(&mut self, args: &[Vec<u8>]) -> Reply {
+        let mut resp3 = self.resp3;
         if let Some(version) = args.first() {
             match version.as_slice() {
-                b"2" => self.resp3 = false,
-                b"3" => self.resp3 = true,
+                b"2" => resp3 = false,
+                b"3" => resp3 = true,
                 _ => return Reply::Error("NOPROTO unsupported protocol version".into()),
             }
         }
+        let mut options = args.iter().skip(1);
+        while let Some(option) = options.next() {
+            match option.to_ascii_uppercase().as_slice() {
+                b"AUTH" => {
+                    let (Some(user), Some(token)) = (options.next(), options.next()) else {
+                        return Reply::err("HELLO AUTH takes a username and a password (the user's token)");
+                    };
+                    if let error @ Reply::Error(_) = self.auth(Some(user), token) {
+                        return error;
+                    }
+                }
+                b"SETNAME" if options.next().is_some() => {}
+                _ => {
+                    return Reply::err(
+                        "syntax error in HELLO: HELLO [protover [AUTH username password] [SETNAME name]]",
+                    );
+                }
+            }
+        }
+        if let Some(refused) = self.commands.refuse("PING", &[]) {
+            return refused;
+        }
+        self.resp3 = resp3;
         let status = self.commands.node.status();
         Reply::Map(vec![
             (Reply::bulk("server"), Reply::bulk("grex")),
@@ -617,9 +700,26 @@ impl Connection {
 }
 
 impl Commands {
+    /// The reply refusing a command the connection's caller may not run (`NOAUTH` before a
+    /// sign-in, `NOPERM` without the permission), or `None` to run it.
+    fn refuse(&self, name: &str, rest: &[Vec<u8>]) -> Option<Reply> {
+        let action = command_action(name, rest)?;
+        let e = self.service.authorize(&self.caller, action).err()?;
+        Some(match e.code {
+            ErrorCode::Unauthenticated if self.caller.user.is_none() => {
+                Reply::Error(format!("NOAUTH Authentication required: {}", e.message))
+            }
+            ErrorCode::Forbidden => Reply::Error(format!("NOPERM {}", e.message)),
+            _ => remote_error(&e),
+        })
+    }
+
     /// Runs a command that may run beside others (everything but [`runs_alone`]'s).
     async fn run(&self, name: &str, args: &[Vec<u8>]) -> Reply {
         let rest = &args[1..];
+        if let Some(refused) = self.refuse(name, rest) {
+            return refused;
+        }
         match name {
             "PING" => match rest {
                 [] => Reply::Simple("PONG".into()),
