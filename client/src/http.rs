@@ -2,6 +2,8 @@
 //! a fresh HTTP/1.1 connection, which suits command-line use; applications that care about
 //! latency use QUIC.
 
+use std::path::Path;
+
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::header::{AUTHORIZATION, CONTENT_TYPE, HOST};
@@ -24,6 +26,8 @@ pub const NODE_HEADER: &str = "grex-node";
 
 pub(crate) struct HttpTransport {
     host_port: String,
+    /// TLS (`https://`): trusting the cluster's CA.
+    tls: Option<tokio_rustls::TlsConnector>,
     /// Sent with every request as `Authorization: Bearer TOKEN`.
     token: Option<String>,
 }
@@ -45,11 +49,19 @@ struct HttpCall {
 }
 
 impl HttpTransport {
-    pub(crate) fn new(host_port: &str, token: Option<&str>) -> Result<Self, ClientError> {
+    /// Plain HTTP to `host_port`, or HTTPS trusting `https_ca` (the cluster's `ca.pem`).
+    pub(crate) fn new(host_port: &str, token: Option<&str>, https_ca: Option<&Path>) -> Result<Self, ClientError> {
         if host_port.is_empty() || !host_port.contains(':') {
             return Err(ClientError::Config(format!("`http://{host_port}` needs HOST:PORT")));
         }
-        Ok(HttpTransport { host_port: host_port.to_owned(), token: token.map(str::to_owned) })
+        let tls = match https_ca {
+            Some(ca) => {
+                let config = crate::quic::tls_config(ca, b"http/1.1")?;
+                Some(tokio_rustls::TlsConnector::from(std::sync::Arc::new(config)))
+            }
+            None => None,
+        };
+        Ok(HttpTransport { host_port: host_port.to_owned(), tls, token: token.map(str::to_owned) })
     }
 
     pub(crate) async fn call(&self, request: &Request) -> Result<Response, ClientError> {
@@ -76,9 +88,21 @@ impl HttpTransport {
         let unreachable = |e: &dyn std::fmt::Display| ClientError::Unreachable(format!("{}: {e}", self.host_port));
         let no_answer = |e: &dyn std::fmt::Display| ClientError::NoAnswer(format!("{}: {e}", self.host_port));
         let stream = tokio::net::TcpStream::connect(&self.host_port).await.map_err(|e| unreachable(&e))?;
-        let (mut sender, connection) =
-            hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(|e| unreachable(&e))?;
-        tokio::spawn(connection);
+        let mut sender = match &self.tls {
+            None => handshake(stream).await.map_err(|e| unreachable(&e))?,
+            Some(tls) => {
+                let host = self
+                    .host_port
+                    .rsplit_once(':')
+                    .map_or("", |(h, _)| h)
+                    .trim_start_matches('[')
+                    .trim_end_matches(']');
+                let name = rustls::pki_types::ServerName::try_from(host.to_owned())
+                    .map_err(|e| ClientError::Config(format!("`{host}` is not a host name: {e}")))?;
+                let stream = tls.connect(name, stream).await.map_err(|e| unreachable(&e))?;
+                handshake(stream).await.map_err(|e| unreachable(&e))?
+            }
+        };
         let mut builder = hyper::Request::builder().method(call.method).uri(call.path).header(HOST, &self.host_port);
         if let Some(content_type) = call.content_type {
             builder = builder.header(CONTENT_TYPE, content_type);
@@ -95,6 +119,16 @@ impl HttpTransport {
             Limited::new(response.into_body(), FRAME_BYTES_MAX).collect().await.map_err(|e| no_answer(&e))?.to_bytes();
         Ok((status, headers, body))
     }
+}
+
+/// An HTTP/1.1 connection over `stream`, driven by a task of its own.
+async fn handshake<S>(stream: S) -> hyper::Result<hyper::client::conn::http1::SendRequest<Full<Bytes>>>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    tokio::spawn(connection);
+    Ok(sender)
 }
 
 fn to_http(request: &Request) -> HttpCall {

@@ -81,8 +81,9 @@ pub struct ConnectOptions {
 }
 
 impl Client {
-    /// Connects to `url`: `quic://HOST:PORT` (needs `ca_file`, the node's `ca.pem`) or
-    /// `http://HOST:PORT`, without signing in (a cluster that has users refuses such a client
+    /// Connects to `url`: `quic://HOST:PORT` (needs `ca_file`, the node's `ca.pem`),
+    /// `http://HOST:PORT`, or `https://HOST:PORT` (a node started with `--http-tls`; needs
+    /// `ca_file` too), without signing in (a cluster that has users refuses such a client
     /// everything but on a node's loopback before its first user).
     pub async fn connect(url: &str, ca_file: Option<&Path>) -> Result<Client, ClientError> {
         Client::connect_with(url, &ConnectOptions { ca_file: ca_file.map(Path::to_path_buf), token: None }).await
@@ -100,10 +101,17 @@ impl Client {
             })?;
             Transport::Quic(quic::QuicTransport::connect(rest.trim_end_matches('/'), ca).await?)
         } else if let Some(rest) = url.strip_prefix("http://") {
-            Transport::Http(http::HttpTransport::new(rest.trim_end_matches('/'), token)?)
+            Transport::Http(http::HttpTransport::new(rest.trim_end_matches('/'), token, None)?)
+        } else if let Some(rest) = url.strip_prefix("https://") {
+            let ca = options.ca_file.as_deref().ok_or_else(|| {
+                ClientError::Config(format!(
+                    "{url}: an https:// node is trusted through the cluster's CA file (--ca FILE or GREX_CA: ca.pem)"
+                ))
+            })?;
+            Transport::Http(http::HttpTransport::new(rest.trim_end_matches('/'), token, Some(ca))?)
         } else {
             return Err(ClientError::Config(format!(
-                "node URL `{url}` must start with http:// or quic://, e.g. http://127.0.0.1:7070"
+                "node URL `{url}` must start with http://, https:// or quic://, e.g. http://127.0.0.1:7070"
             )));
         };
         let client = Client { transport };

@@ -74,6 +74,20 @@ pub async fn send_frame(send: quinn::SendStream, frame: &[u8]) -> Result<quinn::
 
 /// A QUIC client configuration that trusts exactly the certificates in `ca_file` (PEM).
 pub fn client_config(ca_file: &Path) -> Result<quinn::ClientConfig, ClientError> {
+    let tls = tls_config(ca_file, ALPN)?;
+    let quic =
+        quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(|e| ClientError::Config(e.to_string()))?;
+    let mut config = quinn::ClientConfig::new(Arc::new(quic));
+    let mut transport = quinn::TransportConfig::default();
+    // Notice a dead node within seconds, and keep an idle connection to a live one open.
+    transport.keep_alive_interval(Some(KEEP_ALIVE)).max_idle_timeout(Some(IDLE_TIMEOUT.try_into().expect("small")));
+    config.transport_config(Arc::new(transport));
+    Ok(config)
+}
+
+/// A TLS 1.3 client configuration that trusts exactly the certificates in `ca_file` and offers
+/// `alpn` (QUIC, and HTTPS to a node started with `--http-tls`).
+pub fn tls_config(ca_file: &Path, alpn: &[u8]) -> Result<rustls::ClientConfig, ClientError> {
     let pem = std::fs::read(ca_file)
         .map_err(|e| ClientError::Config(format!("cannot read CA file {}: {e}", ca_file.display())))?;
     let mut roots = rustls::RootCertStore::empty();
@@ -93,13 +107,6 @@ pub fn client_config(ca_file: &Path) -> Result<quinn::ClientConfig, ClientError>
         .map_err(|e| ClientError::Config(e.to_string()))?
         .with_root_certificates(roots)
         .with_no_client_auth();
-    tls.alpn_protocols = vec![ALPN.to_vec()];
-    let quic =
-        quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(|e| ClientError::Config(e.to_string()))?;
-    let mut config = quinn::ClientConfig::new(Arc::new(quic));
-    let mut transport = quinn::TransportConfig::default();
-    // Notice a dead node within seconds, and keep an idle connection to a live one open.
-    transport.keep_alive_interval(Some(KEEP_ALIVE)).max_idle_timeout(Some(IDLE_TIMEOUT.try_into().expect("small")));
-    config.transport_config(Arc::new(transport));
-    Ok(config)
+    tls.alpn_protocols = vec![alpn.to_vec()];
+    Ok(tls)
 }

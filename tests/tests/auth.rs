@@ -225,3 +225,54 @@ async fn every_node_refuses_a_missing_wrong_or_unpermitted_credential_and_nothin
     let after = http_signed_in(node, &runner).await;
     after.run_job(b"customer-1", "counter", b"1", false).await.expect("the runner runs on the restarted node");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_and_redis_over_tls_carry_tokens_and_plain_text_gets_no_answer() {
+    use std::io::{Read, Write};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let dir = tempfile::tempdir().unwrap();
+    let node = GrexNode::start(dir.path(), &["--http-tls", "--resp", "127.0.0.1:0", "--resp-tls"]);
+    let resp = node.resp.clone().expect("resp address");
+    assert!(node.http.starts_with("https://") && resp.starts_with("rediss://"), "{} {resp}", node.http);
+    let https =
+        |token: Option<&str>| ConnectOptions { ca_file: Some(node.ca.clone()), token: token.map(str::to_owned) };
+
+    // HTTPS, trusted through the cluster's CA, carries the bearer token.
+    let open = Client::connect_with(&node.http, &https(None)).await.expect("HTTPS client");
+    let root = open.add_user("root", Permissions::admin()).await.expect("add the first admin over HTTPS").token;
+    let admin = Client::connect_with(&node.http, &https(Some(&root))).await.expect("sign in over HTTPS");
+    admin.status().await.expect("status over HTTPS");
+    assert_eq!(code(open.status().await), ErrorCode::Unauthenticated);
+    assert!(matches!(Client::connect(&node.http, None).await, Err(ClientError::Config(_))), "https needs the CA");
+
+    // Plain text to either TLS port is never answered in plain text.
+    for addr in [node.http.trim_start_matches("https://"), resp.trim_start_matches("rediss://")] {
+        let mut stream = std::net::TcpStream::connect(addr).unwrap();
+        stream.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        stream.write_all(b"GET /v1/status HTTP/1.1\r\nHost: grex\r\n\r\n*1\r\n$4\r\nPING\r\n").unwrap();
+        let mut answer = Vec::new();
+        let _ = stream.read_to_end(&mut answer);
+        let text = String::from_utf8_lossy(&answer);
+        assert!(!text.contains("HTTP/1.1") && !text.contains("PONG") && !text.contains("NOAUTH"), "{addr}: {text}");
+    }
+
+    // The Redis protocol over TLS: NOAUTH, then AUTH with the token, then PONG.
+    let mut config = grex_client::quic::tls_config(&node.ca, b"unused").unwrap();
+    config.alpn_protocols.clear();
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+    let tcp = tokio::net::TcpStream::connect(resp.trim_start_matches("rediss://")).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+    let mut tls = connector.connect(name, tcp).await.expect("TLS handshake with the Redis port");
+    let auth = format!("*2\r\n$4\r\nAUTH\r\n${}\r\n{root}\r\n", root.len());
+    tls.write_all(format!("*1\r\n$4\r\nPING\r\n{auth}*1\r\n$4\r\nPING\r\n").as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    while !answer.ends_with(b"+PONG\r\n") {
+        let mut chunk = [0u8; 512];
+        let read = tokio::time::timeout(Duration::from_secs(20), tls.read(&mut chunk)).await.expect("answers").unwrap();
+        assert!(read > 0, "the connection closed after {}", String::from_utf8_lossy(&answer));
+        answer.extend_from_slice(&chunk[..read]);
+    }
+    let text = String::from_utf8_lossy(&answer);
+    assert!(text.starts_with("-NOAUTH") && text.ends_with("+OK\r\n+PONG\r\n"), "{text}");
+}

@@ -12,8 +12,29 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, watch};
+use tokio_rustls::TlsAcceptor;
+
+/// A client connection's bytes: TCP, or TLS over it.
+pub(crate) trait ClientStream: AsyncRead + AsyncWrite + Unpin + Send {}
+
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> ClientStream for T {}
+
+/// How long a client has to finish its TLS handshake.
+pub(crate) const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The connection accepted as `stream`: as it is, or after a TLS handshake with `tls`, which must
+/// end within [`TLS_HANDSHAKE_TIMEOUT`].
+pub(crate) async fn secure(stream: TcpStream, tls: Option<&TlsAcceptor>) -> std::io::Result<Box<dyn ClientStream>> {
+    let Some(tls) = tls else { return Ok(Box::new(stream)) };
+    match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, tls.accept(stream)).await {
+        Ok(Ok(stream)) => Ok(Box::new(stream)),
+        Ok(Err(e)) => Err(e),
+        Err(_) => Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "the TLS handshake took too long")),
+    }
+}
 
 /// Accepts connections on `listener` as `table` admits them and hands each to `serve`, until
 /// `stopped` turns true. `what` names the protocol in logs.

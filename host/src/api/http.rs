@@ -18,14 +18,15 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use percent_encoding::percent_decode_str;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
+use tokio_rustls::TlsAcceptor;
 use tower::ServiceExt;
 
 use super::Gate;
 use super::budget::ReadBudget;
-use super::conns::{Conn, ConnTable, accept_loop};
+use super::conns::{ClientStream, Conn, ConnTable, accept_loop, secure};
 use crate::access::{Action, Caller};
 use crate::error::{ErrorCode, RemoteError, error};
 use crate::node::{Node, NodeChange, Service};
@@ -73,11 +74,13 @@ impl IntoResponse for ApiError {
 
 type ApiResult<T> = Result<T, ApiError>;
 
+/// Binds the HTTP listener (HTTPS with `tls`) and serves from when `gate` opens until it stops.
 pub(super) async fn start(
     node: Node,
     addr: SocketAddr,
     mut gate: Gate,
     budget: Arc<ReadBudget>,
+    tls: Option<TlsAcceptor>,
 ) -> anyhow::Result<(SocketAddr, JoinHandle<()>)> {
     let listener =
         TcpListener::bind(addr).await.map_err(|e| anyhow::anyhow!("cannot listen for HTTP on {addr}: {e}"))?;
@@ -86,7 +89,7 @@ pub(super) async fn start(
     let task = tokio::spawn(async move {
         let Some(service) = gate.opened().await else { return };
         let app = router(node, service, timeouts, budget);
-        serve(listener, app, ConnTable::new(CONNECTIONS_MAX), timeouts, gate.stopped).await;
+        serve(listener, app, ConnTable::new(CONNECTIONS_MAX), timeouts, gate.stopped, tls).await;
     });
     Ok((bound, task))
 }
@@ -98,16 +101,23 @@ async fn serve(
     table: Arc<ConnTable>,
     timeouts: HttpTimeouts,
     stopped: watch::Receiver<bool>,
+    tls: Option<TlsAcceptor>,
 ) {
     accept_loop(&listener, &table, stopped.clone(), "HTTP", |stream, remote, conn| {
-        tokio::spawn(serve_connection(stream, conn, app.clone(), timeouts, stopped.clone(), remote));
+        let (app, stopped, tls) = (app.clone(), stopped.clone(), tls.clone());
+        tokio::spawn(async move {
+            match secure(stream, tls.as_ref()).await {
+                Ok(stream) => serve_connection(stream, conn, app, timeouts, stopped, remote).await,
+                Err(e) => tracing::debug!(%remote, error = %e, "HTTPS handshake failed"),
+            }
+        });
     })
     .await;
     table.closed().await;
 }
 
 async fn serve_connection(
-    stream: TcpStream,
+    stream: Box<dyn ClientStream>,
     conn: Conn,
     app: Router,
     timeouts: HttpTimeouts,
@@ -566,6 +576,7 @@ async fn delete_user(
 #[cfg(test)]
 mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
 
     use super::*;
 
@@ -588,6 +599,7 @@ mod tests {
             ConnTable::new(connections),
             timeouts,
             stopped,
+            None,
         ));
         (addr, stop)
     }

@@ -40,6 +40,10 @@ pub struct ServeConfig {
     pub quic: Option<SocketAddr>,
     /// Redis protocol (RESP2/RESP3) listener.
     pub resp: Option<SocketAddr>,
+    /// HTTP over TLS (HTTPS), with the node's certificate (the one QUIC serves).
+    pub http_tls: bool,
+    /// The Redis protocol over TLS, with the node's certificate.
+    pub resp_tls: bool,
 }
 
 /// Running servers.
@@ -50,6 +54,10 @@ pub struct Servers {
     pub quic_addr: Option<SocketAddr>,
     /// Where the Redis protocol listens.
     pub resp_addr: Option<SocketAddr>,
+    /// HTTP speaks TLS.
+    pub http_tls: bool,
+    /// The Redis protocol speaks TLS.
+    pub resp_tls: bool,
     open: watch::Sender<Option<Arc<dyn Service>>>,
     /// [`NodeConfig::jobs_bytes_max`](crate::config::NodeConfig::jobs_bytes_max) of the node.
     jobs_bytes_max: usize,
@@ -95,29 +103,44 @@ pub async fn bind(node: &Node, config: &ServeConfig) -> anyhow::Result<Servers> 
     let mut urls = NodeUrls::default();
     let mut http_addr = None;
     let mut quic_addr = None;
+    // Every TLS listener serves the one identity; a node without any listens for QUIC.
+    let listen_ip = config.quic.or(config.http).or(config.resp).map(|a| a.ip());
+    let identity = match listen_ip {
+        Some(ip) if config.quic.is_some() || config.http_tls || config.resp_tls => {
+            Some(tls::load_or_create(node.data_dir(), ip)?)
+        }
+        _ => None,
+    };
+    let acceptor = |on: bool, alpn: &[&[u8]]| match (&identity, on) {
+        (Some(identity), true) => tls::acceptor(identity, alpn).map(Some),
+        _ => Ok(None),
+    };
     if let Some(addr) = config.http {
-        let (bound, task) = http::start(node.clone(), addr, gate.clone(), budget.clone()).await?;
-        urls.http = Some(format!("http://{}", url_host(bound)));
+        let tls = acceptor(config.http_tls, &[b"http/1.1"])?;
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let (bound, task) = http::start(node.clone(), addr, gate.clone(), budget.clone(), tls).await?;
+        urls.http = Some(format!("{scheme}://{}", url_host(bound)));
         http_addr = Some(bound);
         tasks.push(task);
     }
-    if let Some(addr) = config.quic {
-        let identity = tls::load_or_create(node.data_dir(), addr.ip())?;
-        let (bound, task) = quic::start(node.clone(), addr, &identity, gate.clone(), budget.clone())?;
+    if let (Some(addr), Some(identity)) = (config.quic, &identity) {
+        let (bound, task) = quic::start(node.clone(), addr, identity, gate.clone(), budget.clone())?;
         urls.quic = Some(format!("quic://{}", url_host(bound)));
         quic_addr = Some(bound);
         tasks.push(task);
     }
     let mut resp_addr = None;
     if let Some(addr) = config.resp {
-        let (bound, task) = resp::start(node.clone(), addr, gate.clone(), budget.clone()).await?;
+        let tls = acceptor(config.resp_tls, &[])?;
+        let (bound, task) = resp::start(node.clone(), addr, gate.clone(), budget.clone(), tls).await?;
         urls.resp = Some(url_host(bound));
         resp_addr = Some(bound);
         tasks.push(task);
     }
     node.set_urls(urls);
     let jobs_bytes_max = node.config().jobs_bytes_max;
-    Ok(Servers { http_addr, quic_addr, resp_addr, open, jobs_bytes_max, stop, tasks })
+    let (http_tls, resp_tls) = (config.http_tls, config.resp_tls);
+    Ok(Servers { http_addr, quic_addr, resp_addr, http_tls, resp_tls, open, jobs_bytes_max, stop, tasks })
 }
 
 impl Servers {

@@ -79,11 +79,11 @@ enum Command {
 /// Which node a client command talks to.
 #[derive(Args, Clone, Debug)]
 pub struct Target {
-    /// Node URL: http://HOST:PORT or quic://HOST:PORT.
+    /// Node URL: http://HOST:PORT, https://HOST:PORT or quic://HOST:PORT.
     #[arg(long = "node", env = "GREX_NODE", default_value = DEFAULT_NODE_URL, global = true)]
     pub node: String,
-    /// CA certificate that signs the node's QUIC certificate (ca.pem in its data directory);
-    /// needed for quic:// URLs.
+    /// CA certificate that signs the node's certificate (ca.pem in its data directory);
+    /// needed for quic:// and https:// URLs.
     #[arg(long = "ca", env = "GREX_CA", global = true)]
     pub ca: Option<PathBuf>,
     /// A user's token (from `grex user add`), for a cluster that has users.

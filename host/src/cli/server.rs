@@ -190,6 +190,13 @@ pub(super) struct ServeArgs {
     /// Redis protocol (RESP2/RESP3) listen address, e.g. 127.0.0.1:6379; off unless given.
     #[arg(long)]
     resp: Option<SocketAddr>,
+    /// Serve HTTP over TLS (https://), with the node's certificate, which clients verify with
+    /// the cluster's ca.pem as for QUIC.
+    #[arg(long)]
+    http_tls: bool,
+    /// Serve the Redis protocol over TLS (`redis-cli --tls --cacert ca.pem`).
+    #[arg(long)]
+    resp_tls: bool,
     /// Threads for network I/O (HTTP, QUIC, TLS); jobs run on their own executor threads.
     #[arg(long, default_value_t = 1)]
     io_threads: usize,
@@ -400,7 +407,13 @@ pub(super) async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let running = start_node(
         &args.data,
         &args.node,
-        ServeConfig { http: Some(args.http), quic: Some(args.quic), resp: args.resp },
+        ServeConfig {
+            http: Some(args.http),
+            quic: Some(args.quic),
+            resp: args.resp,
+            http_tls: args.http_tls,
+            resp_tls: args.resp_tls,
+        },
         args.peer,
         args.join.clone(),
         disk_fault.clone(),
@@ -510,6 +523,7 @@ pub(super) async fn dev(args: DevArgs) -> anyhow::Result<()> {
             http: Some(SocketAddr::from(([127, 0, 0, 1], port))),
             quic: Some(SocketAddr::from(([127, 0, 0, 1], port + 1))),
             resp: Some(SocketAddr::from(([127, 0, 0, 1], port + 3))),
+            ..ServeConfig::default()
         };
         let peer = SocketAddr::from(([127, 0, 0, 1], port + 2));
         let join = (fresh && i > 0).then(|| format!("127.0.0.1:{}", args.port + 2));
@@ -584,9 +598,12 @@ async fn load_jobs(cluster: &Cluster, dir: &Path) -> anyhow::Result<Vec<String>>
 
 fn announce(running: &Running) {
     let Running { node, servers, cluster } = running;
-    let http = servers.http_addr.map(|a| format!("http://{a}")).unwrap_or_default();
+    // `https://` and `rediss://` when they speak TLS.
+    let http_scheme = if servers.http_tls { "https" } else { "http" };
+    let http = servers.http_addr.map(|a| format!("{http_scheme}://{a}")).unwrap_or_default();
     let quic = servers.quic_addr.map(|a| format!("quic://{a}")).unwrap_or_default();
-    let resp = servers.resp_addr.map(|a| format!(" resp=redis://{a}")).unwrap_or_default();
+    let resp_scheme = if servers.resp_tls { "rediss" } else { "redis" };
+    let resp = servers.resp_addr.map(|a| format!(" resp={resp_scheme}://{a}")).unwrap_or_default();
     // One line, parsed by tests and scripts: keep its shape (new fields go at the end).
     println!(
         "grex node {} listening http={http} quic={quic} peer={} ca={}{resp}",

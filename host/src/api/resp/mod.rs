@@ -25,15 +25,16 @@ use futures::stream::FuturesOrdered;
 use futures::{FutureExt, StreamExt};
 use grex_client::proto::{self, ErrorCode};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
+use tokio_rustls::TlsAcceptor;
 
 use crate::access::{Action, Caller};
 use crate::api::Gate;
 use crate::api::budget::{Claim, ReadBudget};
-use crate::api::conns::{Conn, ConnTable, accept_loop};
+use crate::api::conns::{ClientStream, Conn, ConnTable, accept_loop, secure};
 use crate::data::builtin::{self, Builtin, BuiltinReply};
 use crate::error::RemoteError;
 use crate::node::{Node, Service};
@@ -261,27 +262,33 @@ pub(crate) async fn start(
     addr: SocketAddr,
     mut gate: Gate,
     budget: Arc<ReadBudget>,
+    tls: Option<TlsAcceptor>,
 ) -> anyhow::Result<(SocketAddr, JoinHandle<()>)> {
     let listener = TcpListener::bind(addr).await?;
     let bound = listener.local_addr()?;
     let limits = RespLimits::for_node(&node);
     let task = tokio::spawn(async move {
         let Some(service) = gate.opened().await else { return };
-        serve(listener, node, service, limits, budget, ConnTable::new(CONNECTIONS_MAX), gate.stopped).await;
+        let (table, stopped) = (ConnTable::new(CONNECTIONS_MAX), gate.stopped);
+        serve(listener, Serving { node, service, limits, budget, tls }, table, stopped).await;
     });
     Ok((bound, task))
 }
 
-/// Accepts and serves connections until `stopped`.
-async fn serve(
-    listener: TcpListener,
+/// What the connections of one listener share.
+struct Serving {
     node: Node,
     service: Arc<dyn Service>,
     limits: RespLimits,
+    /// The node's budget for requests arriving.
     budget: Arc<ReadBudget>,
-    table: Arc<ConnTable>,
-    stopped: watch::Receiver<bool>,
-) {
+    /// TLS, when the listener speaks it.
+    tls: Option<TlsAcceptor>,
+}
+
+/// Accepts and serves connections until `stopped`.
+async fn serve(listener: TcpListener, serving: Serving, table: Arc<ConnTable>, stopped: watch::Receiver<bool>) {
+    let Serving { node, service, limits, budget, tls } = serving;
     let pipelined = ReadBudget::new(limits.pipelined_bytes_max);
     accept_loop(&listener, &table, stopped.clone(), "RESP", |stream, remote, conn| {
         let commands = Commands {
@@ -292,8 +299,12 @@ async fn serve(
         };
         let connection =
             Connection { commands, limits, claim: budget.claim(), pipelined: pipelined.clone(), resp3: false };
-        let stopped = stopped.clone();
+        let (stopped, tls) = (stopped.clone(), tls.clone());
         tokio::spawn(async move {
+            let stream = match secure(stream, tls.as_ref()).await {
+                Ok(stream) => stream,
+                Err(e) => return tracing::debug!(%remote, error = %e, "RESP TLS handshake failed"),
+            };
             if let Err(e) = connection.serve(stream, conn, stopped).await {
                 tracing::debug!(%remote, error = %e, "RESP connection ended");
             }
@@ -401,7 +412,7 @@ impl Pipeline {
     }
 
     /// Waits for every running command and writes its reply.
-    async fn finish(&mut self, stream: &mut TcpStream, out: &mut Vec<u8>, resp3: bool) -> std::io::Result<()> {
+    async fn finish(&mut self, stream: &mut dyn ClientStream, out: &mut Vec<u8>, resp3: bool) -> std::io::Result<()> {
         while let Some(reply) = self.next().await {
             reply.write(out, resp3);
             if out.len() >= REPLY_FLUSH_BYTES {
@@ -416,7 +427,7 @@ impl Pipeline {
     /// ends after this.
     async fn close(
         &mut self,
-        stream: &mut TcpStream,
+        stream: &mut dyn ClientStream,
         out: &mut Vec<u8>,
         resp3: bool,
         last: Option<Reply>,
@@ -480,7 +491,7 @@ impl Connection {
     /// command runs, a request takes too long to arrive, or the server stops.
     async fn serve(
         mut self,
-        mut stream: TcpStream,
+        mut stream: Box<dyn ClientStream>,
         conn: Conn,
         mut stopped: watch::Receiver<bool>,
     ) -> std::io::Result<()> {
@@ -886,6 +897,8 @@ fn remote_error(e: &RemoteError) -> Reply {
 
 #[cfg(test)]
 mod tests {
+    use tokio::net::TcpStream;
+
     use super::*;
 
     const LIMITS: RespLimits = RespLimits {
@@ -986,15 +999,14 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (stop, stopped) = watch::channel(false);
-        tokio::spawn(serve(
-            listener,
-            node.clone(),
-            Arc::new(node),
+        let serving = Serving {
+            node: node.clone(),
+            service: Arc::new(node),
             limits,
-            ReadBudget::new(256 << 20),
-            ConnTable::new(connections),
-            stopped,
-        ));
+            budget: ReadBudget::new(256 << 20),
+            tls: None,
+        };
+        tokio::spawn(serve(listener, serving, ConnTable::new(connections), stopped));
         (addr, stop)
     }
 
