@@ -151,6 +151,10 @@ async fn every_node_refuses_a_missing_wrong_or_unpermitted_credential_and_nothin
     let out = runs.run_job(b"customer-1", "counter", b"2", false).await.expect("runner runs counter");
     assert_eq!(out.output, b"3", "the refused jobs added nothing");
     assert_eq!(code(runs.run_job(b"customer-1", "ledger", b"1", false).await), ErrorCode::Forbidden);
+    for builtin in ["builtin:hset", "builtin:hget"] {
+        // The Redis commands' built-ins are item writes and reads, whoever names them.
+        assert_eq!(code(runs.run_job(b"customer-1", builtin, b"", false).await), ErrorCode::Forbidden, "{builtin}");
+    }
 
     // Nothing changed: the module is still there, no intruder, the same three users.
     let names: Vec<String> = admin.list_modules().await.unwrap().into_iter().map(|m| m.name).collect();

@@ -28,6 +28,7 @@ use tokio::task::JoinHandle;
 use grex_client::{NewUser, Permissions, Request, UserInfo};
 
 use crate::access::{self, Action, Caller, UserChange, UserRecord};
+use crate::data::Builtin;
 use crate::error::{ErrorCode, error};
 use crate::node::{Node, NodeUrls, Service};
 
@@ -162,7 +163,12 @@ impl Servers {
 /// What a request would do, as permissions name it (`Authenticate` needs no permission).
 fn request_action(request: &Request) -> Action<'_> {
     match request {
-        Request::RunJob { module, .. } => Action::Run(module),
+        // The built-ins (the Redis hash commands) are reads or writes of items, whatever runs them.
+        Request::RunJob { module, .. } => match Builtin::from_module(module) {
+            Some(builtin) if builtin.read_only() => Action::Read,
+            Some(_) => Action::Write,
+            None => Action::Run(module),
+        },
         Request::GetItem { .. } | Request::ListItems { .. } => Action::Read,
         Request::PutModule { .. }
         | Request::DeleteModule { .. }
