@@ -393,6 +393,9 @@ pub struct NodesInfo {
     pub nodes: Vec<NodeInfo>,
     /// Ids of former members, refused if they come back.
     pub removed: Vec<String>,
+    /// The meta group's voters are changing (a joint configuration, which needs a quorum of the
+    /// old voters and of the new ones), as the answering node sees it.
+    pub meta_changing: bool,
 }
 
 /// One member of the cluster.

@@ -260,7 +260,7 @@ async fn a_node_unreachable_for_longer_than_dead_after_is_removed_without_being_
     // The meta group takes its voters one change at a time: with fewer than four, losing node 0
     // could cost it its quorum, and nobody could then remove anyone.
     eventually("every node to vote in the meta group", PATIENCE, || async {
-        client.nodes().await.is_ok_and(|n| n.nodes.iter().all(|n| n.meta_voter))
+        client.nodes().await.is_ok_and(|n| n.nodes.iter().all(|n| n.meta_voter) && !n.meta_changing)
     })
     .await;
     let victim = cluster.nodes[0].id.clone();
@@ -536,4 +536,46 @@ async fn a_cluster_restored_from_a_backup_holds_what_it_held_then() {
         let client = node.client().await;
         assert_eq!(count_after(&client, &buckets[i], "1").await, 6);
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nobody_is_removed_while_half_the_members_are_down_and_the_dead_go_once_more_are_up() {
+    let mut cluster = TestCluster::start(6, &["--dead-after", "2s"]).await;
+    let client = cluster.nodes[0].client().await;
+    eventually("five members to vote in the meta group, its change over", PATIENCE, || async {
+        client.nodes().await.is_ok_and(|n| {
+            n.nodes.len() == 6 && n.nodes.iter().filter(|n| n.meta_voter).count() == 5 && !n.meta_changing
+        })
+    })
+    .await;
+    // Three of six down, the meta group's quorum kept (the member that does not vote and two that
+    // do): the meta leader reaches its quorum, but only half the members are up.
+    let nodes = client.nodes().await.unwrap().nodes;
+    let non_voter = nodes.iter().find(|n| !n.meta_voter).unwrap().id.clone();
+    let voters: Vec<usize> = nodes.iter().filter(|n| n.meta_voter).map(|n| cluster.index_of(&n.id)).collect();
+    // The first voter stays up and answers the test.
+    let client = cluster.nodes[voters[0]].client().await;
+    let victims = vec![cluster.index_of(&non_voter), voters[1], voters[2]];
+    for &i in &victims {
+        cluster.nodes[i].kill9();
+    }
+    let live: Vec<usize> = (0..6).filter(|i| !victims.contains(i)).collect();
+    eventually("the meta leader to say that the dead stay", PATIENCE, || async {
+        live.iter().any(|&i| cluster.nodes[i].log().contains("unreachable for longer than --dead-after stay"))
+    })
+    .await;
+    assert_eq!(client.nodes().await.unwrap().removed, Vec::<String>::new(), "nobody is removed with half down");
+
+    // One comes back: four of six are up, and the two still down are removed.
+    cluster.nodes[victims[0]].restart();
+    let mut dead: Vec<String> = victims[1..].iter().map(|&i| cluster.nodes[i].id.clone()).collect();
+    dead.sort();
+    eventually("the two still down to be removed", PATIENCE, || async {
+        client.nodes().await.is_ok_and(|n| {
+            let mut removed = n.removed.clone();
+            removed.sort();
+            removed == dead
+        })
+    })
+    .await;
 }

@@ -325,6 +325,9 @@ fn print_nodes(nodes: &NodesInfo) -> anyhow::Result<()> {
     if nodes.flocks_moving > 0 {
         writeln!(out, "{} flock(s) moving (flock map version {})", nodes.flocks_moving, nodes.map_version)?;
     }
+    if nodes.meta_changing {
+        writeln!(out, "the meta group's voters are changing")?;
+    }
     Ok(())
 }
 

@@ -162,6 +162,8 @@ pub struct GroupView {
     pub lead: Lead,
     /// Voters (both halves of a joint configuration).
     pub voters: BTreeSet<NodeId>,
+    /// The voters are changing: a joint configuration, whose both halves must each reach a quorum.
+    pub joint: bool,
     /// Learners.
     pub learners: BTreeSet<NodeId>,
     /// First log index.
@@ -1239,7 +1241,10 @@ impl Driver {
                 continue;
             };
             let matched = if lead.role == StateRole::Leader { self.engine.matched(group) } else { BTreeMap::new() };
-            views.insert(group, GroupView { lead, voters, learners, first, applied, matched });
+            views.insert(
+                group,
+                GroupView { lead, voters, joint: self.engine.joint(group), learners, first, applied, matched },
+            );
         }
     }
 

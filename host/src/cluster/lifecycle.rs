@@ -11,6 +11,7 @@
 //! Users (`access`) change the same way: checked and recorded by the meta leader.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use grex_client::proto::{NodeInfo, NodesInfo};
@@ -63,6 +64,7 @@ impl Cluster {
                 })
                 .collect(),
             removed: state.removed.iter().map(|id| node_id_text(*id)).collect(),
+            meta_changing: self.inner.consensus.view(META_GROUP).is_some_and(|v| v.joint),
         }
     }
 
@@ -196,13 +198,24 @@ impl Cluster {
             .iter()
             .find(|(n, since)| **n != self.inner.me && state.nodes.contains_key(n) && since.elapsed() >= dead_after)
         else {
+            self.inner.dead_held.store(false, Ordering::Relaxed);
             return;
         };
         let up = state.nodes.keys().filter(|n| !unreachable.contains_key(n)).count();
         if up * 2 <= state.nodes.len() || !self.has_quorum(META_GROUP) {
-            tracing::debug!(node = %node_id_text(id), up, members = state.nodes.len(), "a dead node stays: too few members are up");
+            // Once per episode: the check runs on every supervision round.
+            if !self.inner.dead_held.swap(true, Ordering::Relaxed) {
+                tracing::warn!(
+                    node = %node_id_text(id),
+                    up,
+                    members = state.nodes.len(),
+                    "members unreachable for longer than --dead-after stay: more than half the members must be up, \
+                     and the meta group's quorum reached, to remove one"
+                );
+            }
             return;
         }
+        self.inner.dead_held.store(false, Ordering::Relaxed);
         tracing::warn!(
             node = %node_id_text(id),
             unreachable_for = ?since.elapsed(),

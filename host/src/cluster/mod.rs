@@ -125,6 +125,8 @@ struct Inner {
     dead_after: Duration,
     /// Snapshots arriving in chunks, by sender and group.
     snapshots_in: Mutex<HashMap<(NodeId, GroupId), Vec<u8>>>,
+    /// A dead member is kept because too few members are up (logged once until that ends).
+    dead_held: AtomicBool,
 }
 
 /// A peer's claim to lead a flock.
@@ -228,6 +230,7 @@ impl Cluster {
             moves: Arc::new(tokio::sync::Semaphore::new(MOVES_AT_ONCE)),
             dead_after: config.dead_after,
             snapshots_in: Mutex::new(HashMap::new()),
+            dead_held: AtomicBool::new(false),
         });
         let cluster = Cluster { inner };
         let peers = cluster.inner.peers.clone();
