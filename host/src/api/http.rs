@@ -30,7 +30,7 @@ use super::conns::{ClientStream, Conn, ConnTable, accept_loop, secure};
 use crate::access::{Action, Caller};
 use crate::error::{ErrorCode, RemoteError, error};
 use crate::node::{Node, NodeChange, Service};
-use grex_client::{NewUser, Permissions, UserInfo};
+use grex_client::{Permissions, UserInfo};
 
 /// HTTP connections open at once; when all are taken, the longest-idle one is closed for a new
 /// client, and while all are busy new ones wait in the kernel's accept queue (see `conns`).
@@ -194,7 +194,7 @@ fn router(node: Node, service: Arc<dyn Service>, timeouts: HttpTimeouts, budget:
         .route("/v1/cluster/nodes/{node}/drain", post(drain_node))
         .route("/v1/cluster/nodes/{node}/remove", post(remove_node))
         .route("/v1/users", get(list_users))
-        .route("/v1/users/{name}", post(add_user).put(set_user).delete(delete_user))
+        .route("/v1/users/{name}", post(write_user).put(write_user).delete(delete_user))
         .route("/v1/whoami", get(whoami))
         .fallback(not_found)
         .layer(axum::middleware::from_fn_with_state(service.clone(), sign_in))
@@ -536,32 +536,27 @@ async fn permissions_body(
     })
 }
 
-async fn add_user(
+/// `POST /v1/users/{name}` adds a user (answering its token), `PUT` replaces its permissions.
+// An axum handler takes each part of the request it reads as an argument.
+#[allow(clippy::too_many_arguments)]
+async fn write_user(
     State(app): State<App>,
     Extension(timeouts): Extension<HttpTimeouts>,
     Extension(budget): Extension<Arc<ReadBudget>>,
     Extension(caller): Extension<Caller>,
+    method: axum::http::Method,
     Path(name): Path<String>,
     headers: HeaderMap,
     body: Body,
-) -> ApiResult<Json<NewUser>> {
+) -> ApiResult<Response> {
     app.allow(&caller, Action::Admin)?;
     let permissions = permissions_body(&headers, body, (timeouts, &budget)).await?;
-    Ok(Json(super::add_user(app.service.as_ref(), name, permissions).await?))
-}
-
-async fn set_user(
-    State(app): State<App>,
-    Extension(timeouts): Extension<HttpTimeouts>,
-    Extension(budget): Extension<Arc<ReadBudget>>,
-    Extension(caller): Extension<Caller>,
-    Path(name): Path<String>,
-    headers: HeaderMap,
-    body: Body,
-) -> ApiResult<Json<UserInfo>> {
-    app.allow(&caller, Action::Admin)?;
-    let permissions = permissions_body(&headers, body, (timeouts, &budget)).await?;
-    Ok(Json(super::set_user(app.service.as_ref(), name, permissions).await?))
+    let service = app.service.as_ref();
+    Ok(if method == axum::http::Method::POST {
+        Json(super::add_user(service, name, permissions).await?).into_response()
+    } else {
+        Json(super::set_user(service, name, permissions).await?).into_response()
+    })
 }
 
 async fn delete_user(
