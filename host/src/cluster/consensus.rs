@@ -608,7 +608,11 @@ struct Driver {
     meta_tx: watch::Sender<MetaState>,
     meta_state: MetaState,
     /// The meta entries applied on `meta_state` when it was read at start (`meta_state_at_start`):
-    /// the meta state skips them when the engine applies them.
+    /// the meta state skips them when the engine applies them. Until the engine's apply passes
+    /// this index, the state written with an applied point may hold entries after it. Applying
+    /// those again (after another crash, or on a snapshot's receiver) gives the same state: the
+    /// last command on a user, a member or the map decides it, and adding a user only fills a
+    /// free name.
     meta_replayed: u64,
     /// Per group, the configuration at the last applied entry.
     applied_conf: BTreeMap<GroupId, WireConf>,
