@@ -502,11 +502,8 @@ async fn status(State(app): State<App>, Extension(caller): Extension<Caller>) ->
 }
 
 async fn whoami(State(app): State<App>, Extension(caller): Extension<Caller>) -> ApiResult<Json<UserInfo>> {
-    let user = match &caller.user {
-        Some(identity) => app.service.users().into_iter().find(|u| u.name == identity.name),
-        None => None,
-    };
     app.allow(&caller, Action::See)?;
+    let user = caller.user.as_ref().and_then(|identity| super::user_named(app.service.as_ref(), &identity.name));
     user.map(Json).ok_or_else(|| {
         ApiError(error(ErrorCode::Unauthenticated, "no user signed in: send `Authorization: Bearer TOKEN`"))
     })

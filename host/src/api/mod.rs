@@ -190,16 +190,14 @@ fn request_action(request: &Request) -> Action<'_> {
 /// Signs `caller` in with `token`: the caller as it is then, and the user.
 fn sign_in(service: &dyn Service, caller: Caller, token: &str) -> crate::error::Result<(Caller, UserInfo)> {
     let identity = service.authenticate(token)?;
-    let caller = Caller { user: Some(identity), ..caller };
-    // Signed in, and still a user: what `users` lists for it.
-    service.authorize(&caller, Action::See)?;
-    let name = caller.user.as_ref().map(|u| u.name.clone()).unwrap_or_default();
-    let user = service
-        .users()
-        .into_iter()
-        .find(|u| u.name == name)
-        .ok_or_else(|| error(ErrorCode::Unauthenticated, format!("user `{name}` was just deleted")))?;
-    Ok((caller, user))
+    let user = user_named(service, &identity.name)
+        .ok_or_else(|| error(ErrorCode::Unauthenticated, format!("user `{}` was just deleted", identity.name)))?;
+    Ok((Caller { user: Some(identity), ..caller }, user))
+}
+
+/// The user called `name`, if there is one.
+fn user_named(service: &dyn Service, name: &str) -> Option<UserInfo> {
+    service.users().into_iter().find(|u| u.name == name)
 }
 
 /// Adds a user with a new token, made here and kept by the cluster only as its hash.
@@ -218,7 +216,7 @@ async fn set_user(service: &dyn Service, name: String, permissions: Permissions)
 
 /// Deletes a user; answers what it was.
 async fn delete_user(service: &dyn Service, name: String) -> crate::error::Result<UserInfo> {
-    let user = service.users().into_iter().find(|u| u.name == name);
+    let user = user_named(service, &name);
     service.change_user(UserChange::Delete { name: name.clone() }).await?;
     Ok(user.unwrap_or(UserInfo { name, permissions: Permissions::default() }))
 }

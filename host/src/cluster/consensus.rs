@@ -162,7 +162,8 @@ pub struct GroupView {
     pub lead: Lead,
     /// Voters (both halves of a joint configuration).
     pub voters: BTreeSet<NodeId>,
-    /// The voters are changing: a joint configuration, whose both halves must each reach a quorum.
+    /// The voters are changing: the configuration at the last applied entry is joint, and both
+    /// its halves must each reach a quorum.
     pub joint: bool,
     /// Learners.
     pub learners: BTreeSet<NodeId>,
@@ -1245,10 +1246,8 @@ impl Driver {
                 continue;
             };
             let matched = if lead.role == StateRole::Leader { self.engine.matched(group) } else { BTreeMap::new() };
-            views.insert(
-                group,
-                GroupView { lead, voters, joint: self.engine.joint(group), learners, first, applied, matched },
-            );
+            let joint = self.applied_conf.get(&group).is_some_and(|c| !c.voters_outgoing.is_empty());
+            views.insert(group, GroupView { lead, voters, joint, learners, first, applied, matched });
         }
     }
 

@@ -644,7 +644,8 @@ impl Connection {
             "COMMAND" | "CONFIG" => Reply::Array(Vec::new()),
             "CLUSTER" => cluster::command(&self.commands.node, self.commands.service.as_ref(), rest),
             "GREX.MODULE" => self.commands.module(rest).await,
-            _ => self.commands.run(name, args).await,
+            // Checked above.
+            _ => self.commands.dispatch(name, args).await,
         };
         (reply, Then::Continue)
     }
@@ -725,12 +726,18 @@ impl Commands {
         })
     }
 
-    /// Runs a command that may run beside others (everything but [`runs_alone`]'s).
+    /// Runs a command that may run beside others (everything but [`runs_alone`]'s), if the
+    /// connection's caller may.
     async fn run(&self, name: &str, args: &[Vec<u8>]) -> Reply {
-        let rest = &args[1..];
-        if let Some(refused) = self.refuse(name, rest) {
-            return refused;
+        match self.refuse(name, &args[1..]) {
+            Some(refused) => refused,
+            None => self.dispatch(name, args).await,
         }
+    }
+
+    /// Runs a command the caller may run.
+    async fn dispatch(&self, name: &str, args: &[Vec<u8>]) -> Reply {
+        let rest = &args[1..];
         match name {
             "PING" => match rest {
                 [] => Reply::Simple("PONG".into()),

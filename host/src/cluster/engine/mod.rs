@@ -745,11 +745,6 @@ impl Engine {
         Some((conf.voters().ids().iter().collect(), conf.learners().iter().copied().collect()))
     }
 
-    /// Whether `group` is in a joint configuration (its voters are changing).
-    pub fn joint(&self, group: GroupId) -> bool {
-        self.groups.get(&group).is_some_and(|g| !g.raw.raft.prs().conf().to_conf_state().voters_outgoing.is_empty())
-    }
-
     /// On `group`'s leader: each member's matched index (empty elsewhere).
     pub fn matched(&self, group: GroupId) -> BTreeMap<NodeId, u64> {
         let Some(g) = self.groups.get(&group).filter(|g| g.raw.raft.state == StateRole::Leader) else {
