@@ -426,6 +426,15 @@ pub struct NodeInfo {
     /// answering node sees the group.
     #[serde(default)]
     pub meta_voter: bool,
+    /// The grex version it runs, as it told the answering node (empty when unknown: it runs a
+    /// release that does not say, or the answering node has no connection to it).
+    #[serde(default)]
+    pub version: String,
+    /// The peer protocol version the answering node speaks with it (0 when it has no connection
+    /// to it); during a rolling upgrade, nodes of the new release speak the old one's protocol
+    /// with nodes of the old release.
+    #[serde(default)]
+    pub protocol: u32,
 }
 
 /// Where to send work for a bucket.

@@ -2,6 +2,7 @@
 //! with ports chosen by the OS, and talks to it over QUIC and raw HTTP.
 
 pub mod clients;
+pub mod counting;
 pub mod list_append;
 pub mod nemesis;
 
@@ -36,28 +37,95 @@ pub fn grex_bin() -> PathBuf {
             }
             let exe = std::env::current_exe().expect("test executable path");
             let profile_dir = exe.parent().and_then(Path::parent).expect("target/<profile>/deps/<test>");
-            let mut cargo = Command::new(env!("CARGO"));
-            // `--workspace`, as `scripts/test.sh` and `scripts/soak.sh` build the tests: features
-            // unify over the packages built, so `-p grex` alone would rebuild shared dependencies
-            // with other features, and the next test build would rebuild them back.
-            cargo.current_dir(workspace_root()).args(["build", "--quiet", "--workspace", "--bin", "grex"]);
-            // What `cargo test` sets for this test process, not for builds: ring's build script
-            // tracks CARGO_MANIFEST_DIR, so passing it on would rebuild the TLS stack here and
-            // again in the next `cargo test`.
-            for (key, _) in std::env::vars_os() {
-                let key = key.to_string_lossy();
-                let per_test =
-                    ["CARGO_MANIFEST_", "CARGO_PKG_", "CARGO_CRATE_", "CARGO_PRIMARY_", "CARGO_TARGET_TMPDIR"];
-                if per_test.iter().any(|prefix| key.starts_with(prefix)) {
-                    cargo.env_remove(key.as_ref());
-                }
-            }
-            if profile_dir.file_name().is_some_and(|p| p == "release") {
-                cargo.arg("--release");
-            }
-            let status = cargo.status().expect("run cargo build -p grex");
+            let status = build_grex(&workspace_root(), profile_dir).status().expect("run cargo build -p grex");
             assert!(status.success(), "building the grex binary failed");
             profile_dir.join(format!("grex{}", std::env::consts::EXE_SUFFIX))
+        })
+        .clone()
+}
+
+/// `cargo build` of the `grex` binary in the workspace at `root`, with the profile of
+/// `profile_dir` (`target/debug` or `target/release`).
+fn build_grex(root: &Path, profile_dir: &Path) -> Command {
+    let mut cargo = Command::new(env!("CARGO"));
+    // `--workspace`, as `scripts/test.sh` and `scripts/soak.sh` build the tests: features
+    // unify over the packages built, so `-p grex` alone would rebuild shared dependencies
+    // with other features, and the next test build would rebuild them back.
+    cargo.current_dir(root).args(["build", "--quiet", "--workspace", "--bin", "grex"]);
+    // What `cargo test` sets for this test process, not for builds: ring's build script
+    // tracks CARGO_MANIFEST_DIR, so passing it on would rebuild the TLS stack here and
+    // again in the next `cargo test`.
+    for (key, _) in std::env::vars_os() {
+        let key = key.to_string_lossy();
+        let per_test = ["CARGO_MANIFEST_", "CARGO_PKG_", "CARGO_CRATE_", "CARGO_PRIMARY_", "CARGO_TARGET_TMPDIR"];
+        if per_test.iter().any(|prefix| key.starts_with(prefix)) {
+            cargo.env_remove(key.as_ref());
+        }
+    }
+    if profile_dir.file_name().is_some_and(|p| p == "release") {
+        cargo.arg("--release");
+    }
+    cargo
+}
+
+/// The release before this one, which the upgrade test runs beside it: its commit in this
+/// repository's history, its version, and the peer protocol it speaks.
+pub const PREVIOUS_RELEASE: (&str, &str, u32) = ("5e605d52b7f004c0e107b8843b26d64c9436de0b", "0.1.0", 9);
+
+/// The `grex` binary of [`PREVIOUS_RELEASE`], built once from its sources in git history (taken
+/// with `git archive` into `target/previous/`) and kept there. Its build shares this workspace's
+/// compiled dependencies (`build.build-dir`), and its own crates, of another version, do not
+/// displace this build's. `GREX_PREVIOUS_BIN=PATH` names a binary built elsewhere.
+pub fn previous_grex_bin() -> PathBuf {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            if let Some(bin) = std::env::var_os("GREX_PREVIOUS_BIN") {
+                return PathBuf::from(bin);
+            }
+            let (commit, version, _) = PREVIOUS_RELEASE;
+            let root = workspace_root();
+            let current = grex_bin();
+            let profile_dir = current.parent().expect("target/<profile>/grex");
+            let target = profile_dir.parent().expect("target/<profile>");
+            let dir = target.join("previous").join(commit);
+            let bin = dir.join(format!("grex{}", std::env::consts::EXE_SUFFIX));
+            if bin.exists() {
+                return bin;
+            }
+            println!("building grex {version} (commit {commit}) for the upgrade test");
+            let src = dir.join("src");
+            let _ = std::fs::remove_dir_all(&src);
+            std::fs::create_dir_all(&src).expect("create target/previous");
+            let git = |args: &[&str]| Command::new("git").current_dir(&root).args(args).output().expect("run git");
+            if !git(&["cat-file", "-e", &format!("{commit}^{{commit}}")]).status.success() {
+                // A shallow clone: fetch the history it left out.
+                let fetched = git(&["fetch", "--quiet", "--unshallow"]);
+                assert!(
+                    fetched.status.success(),
+                    "the upgrade test builds grex {version} from commit {commit}, which this clone lacks; \
+                     clone the repository with its history (git fetch --unshallow): {}",
+                    String::from_utf8_lossy(&fetched.stderr)
+                );
+            }
+            let archive = git(&["archive", "--format=tar", commit]);
+            assert!(archive.status.success(), "git archive {commit}: {}", String::from_utf8_lossy(&archive.stderr));
+            let mut tar = Command::new("tar").arg("-x").current_dir(&src).stdin(Stdio::piped()).spawn().expect("tar");
+            tar.stdin.take().expect("piped").write_all(&archive.stdout).expect("unpack the sources");
+            assert!(tar.wait().expect("tar").success(), "unpacking the sources of {commit} failed");
+            let status = build_grex(&src, profile_dir)
+                .arg("--target-dir")
+                .arg(dir.join("out"))
+                .arg("--config")
+                .arg(format!("build.build-dir={:?}", target.to_str().expect("UTF-8 path")))
+                .status()
+                .expect("run cargo build");
+            assert!(status.success(), "building grex {version} from commit {commit} failed");
+            let profile = profile_dir.file_name().expect("profile");
+            std::fs::copy(dir.join("out").join(profile).join(bin.file_name().expect("name")), &bin)
+                .expect("keep the previous release's binary");
+            let _ = std::fs::remove_dir_all(dir.join("out"));
+            bin
         })
         .clone()
 }
@@ -132,14 +200,21 @@ pub struct GrexNode {
     pub data: PathBuf,
     /// The arguments it was started with (after the listen addresses).
     args: Vec<String>,
+    /// The `grex` binary it runs.
+    bin: PathBuf,
 }
 
 impl GrexNode {
     /// Starts `grex serve --data DATA` on free loopback ports ([`free_port`]), plus `args`, and
     /// waits until it listens.
     pub fn start(data: &Path, args: &[&str]) -> GrexNode {
+        Self::start_binary(&grex_bin(), data, args)
+    }
+
+    /// As [`start`](Self::start), running the `grex` binary at `bin`.
+    pub fn start_binary(bin: &Path, data: &Path, args: &[&str]) -> GrexNode {
         let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
-        Self::spawn(data, free_addrs().each_ref().map(String::as_str), args)
+        Self::spawn(bin, data, free_addrs().each_ref().map(String::as_str), args)
     }
 
     /// Starts the node again (after [`kill9`](Self::kill9) or [`terminate`](Self::terminate)) on
@@ -148,7 +223,15 @@ impl GrexNode {
         assert!(self.child.is_none(), "the node is still running");
         let addrs =
             [self.http_addr().to_owned(), self.quic.trim_start_matches("quic://").to_owned(), self.peer.clone()];
-        *self = Self::spawn(&self.data, addrs.each_ref().map(String::as_str), std::mem::take(&mut self.args));
+        let args = std::mem::take(&mut self.args);
+        *self = Self::spawn(&self.bin, &self.data, addrs.each_ref().map(String::as_str), args);
+    }
+
+    /// Like [`restart`](Self::restart), running the `grex` binary at `bin` from now on (an
+    /// upgrade in place).
+    pub fn restart_binary(&mut self, bin: &Path) {
+        self.bin = bin.to_owned();
+        self.restart();
     }
 
     /// Like [`restart`](Self::restart), but with `args` in place of the ones it was started with
@@ -163,13 +246,13 @@ impl GrexNode {
     pub fn restart_elsewhere(&mut self, args: &[&str]) {
         assert!(self.child.is_none(), "the node is still running");
         let args = args.iter().map(|a| a.to_string()).collect();
-        *self = Self::spawn(&self.data, free_addrs().each_ref().map(String::as_str), args);
+        *self = Self::spawn(&self.bin, &self.data, free_addrs().each_ref().map(String::as_str), args);
     }
 
-    fn spawn(data: &Path, [http, quic, peer]: [&str; 3], args: Vec<String>) -> GrexNode {
+    fn spawn(bin: &Path, data: &Path, [http, quic, peer]: [&str; 3], args: Vec<String>) -> GrexNode {
         let log =
             std::fs::OpenOptions::new().create(true).append(true).open(log_path(data)).expect("open the node log");
-        let mut child = Command::new(grex_bin())
+        let mut child = Command::new(bin)
             .args(["serve", "--data"])
             .arg(data)
             .args(["--http", http, "--quic", quic, "--peer", peer])
@@ -210,6 +293,7 @@ impl GrexNode {
             data: data.to_owned(),
             child: Some(child),
             args,
+            bin: bin.to_owned(),
         }
     }
 
@@ -312,7 +396,12 @@ fn read_log(data: &Path) -> String {
 
 /// Runs `grex ARGS` to completion and returns its standard output; panics if it fails.
 pub fn grex(args: &[&str]) -> String {
-    let out = Command::new(grex_bin()).args(args).output().expect("run grex");
+    grex_of(&grex_bin(), args)
+}
+
+/// As [`grex`], running the `grex` binary at `bin`.
+pub fn grex_of(bin: &Path, args: &[&str]) -> String {
+    let out = Command::new(bin).args(args).output().expect("run grex");
     assert!(
         out.status.success(),
         "grex {args:?} failed: {}{}",
@@ -329,6 +418,8 @@ pub struct TestCluster {
     pub nodes: Vec<GrexNode>,
     /// Where their data directories and logs live.
     pub dir: tempfile::TempDir,
+    /// The `grex` binary that made it (and issues credentials to joining nodes).
+    bin: PathBuf,
 }
 
 /// Flocks in a test cluster: few, so it forms fast.
@@ -338,6 +429,11 @@ impl TestCluster {
     /// Starts `count` nodes with `args` each, and waits until every flock has its herders and a
     /// leader.
     pub async fn start(count: usize, args: &[&str]) -> TestCluster {
+        Self::start_binary(&grex_bin(), count, args).await
+    }
+
+    /// As [`start`](Self::start), every node running the `grex` binary at `bin`.
+    pub async fn start_binary(bin: &Path, count: usize, args: &[&str]) -> TestCluster {
         // GREX_TEST_KEEP=1 keeps the data directories and node logs for a post-mortem.
         let keep = std::env::var_os("GREX_TEST_KEEP").is_some();
         let dir = tempfile::Builder::new().prefix("grex-test").disable_cleanup(keep).tempdir().expect("temp dir");
@@ -346,8 +442,9 @@ impl TestCluster {
         }
         let first = dir.path().join("node-0");
         let first_str = first.to_str().expect("UTF-8 path");
-        grex(&["init", "--data", first_str, "--flocks", &TEST_FLOCKS.to_string()]);
-        let mut cluster = TestCluster { nodes: vec![GrexNode::start(&first, args)], dir };
+        grex_of(bin, &["init", "--data", first_str, "--flocks", &TEST_FLOCKS.to_string()]);
+        let first = GrexNode::start_binary(bin, &first, args);
+        let mut cluster = TestCluster { nodes: vec![first], dir, bin: bin.to_owned() };
         for _ in 1..count {
             cluster.join(args);
         }
@@ -367,10 +464,10 @@ impl TestCluster {
         let first = self.dir.path().join("node-0");
         let creds = self.dir.path().join(format!("node-{i}.creds"));
         let creds = creds.to_str().expect("UTF-8 path");
-        grex(&["cluster", "credentials", "--data", first.to_str().expect("UTF-8 path"), "--out", creds]);
+        grex_of(&self.bin, &["cluster", "credentials", "--data", first.to_str().expect("UTF-8 path"), "--out", creds]);
         let mut node_args = vec!["--credentials", creds, "--join", &self.nodes[via].peer];
         node_args.extend_from_slice(args);
-        let node = GrexNode::start(&self.dir.path().join(format!("node-{i}")), &node_args);
+        let node = GrexNode::start_binary(&self.bin, &self.dir.path().join(format!("node-{i}")), &node_args);
         self.nodes.push(node);
         &mut self.nodes[i]
     }

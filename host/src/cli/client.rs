@@ -307,16 +307,21 @@ fn print_nodes(nodes: &NodesInfo) -> anyhow::Result<()> {
     let mut out = stdout();
     writeln!(
         out,
-        "{:<16}  {:<8}  {:<5}  {:>6}  {:>5}  {:<10}  {:>8}  http",
-        "node", "state", "up", "flocks", "leads", "zone", "capacity"
+        "{:<16}  {:<8}  {:<5}  {:>6}  {:>5}  {:<10}  {:>8}  {:<18}  http",
+        "node", "state", "up", "flocks", "leads", "zone", "capacity", "version"
     )?;
     for n in &nodes.nodes {
         let up = if n.alive { "yes" } else { "no" };
         let zone = if n.zone.is_empty() { "-" } else { &n.zone };
+        let version = match (n.version.as_str(), n.protocol) {
+            (_, 0) => "-".to_owned(),
+            ("", protocol) => format!("? (grex-peer/{protocol})"),
+            (version, protocol) => format!("{version} (grex-peer/{protocol})"),
+        };
         writeln!(
             out,
-            "{:<16}  {:<8}  {:<5}  {:>6}  {:>5}  {:<10}  {:>8}  {}",
-            n.id, n.state, up, n.flocks, n.leads, zone, n.capacity, n.http
+            "{:<16}  {:<8}  {:<5}  {:>6}  {:>5}  {:<10}  {:>8}  {:<18}  {}",
+            n.id, n.state, up, n.flocks, n.leads, zone, n.capacity, version, n.http
         )?;
     }
     for id in &nodes.removed {

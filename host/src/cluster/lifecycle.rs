@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use grex_client::proto::{NodeInfo, NodesInfo};
 
 use super::consensus::Command;
-use super::messages::{PeerRequest, PeerResponse};
+use super::messages::{GREX_VERSION, PEER_PROTOCOL, PeerRequest, PeerResponse};
 use super::meta::MetaState;
 use super::{Cluster, NodeId, node_id_text};
 use crate::access::{self, UserChange};
@@ -43,13 +43,19 @@ impl Cluster {
         }
         let herded = |id: &NodeId| state.map.herders.iter().filter(|h| h.contains(id)).count() as u32;
         let meta_voters = self.voters(META_GROUP);
+        let version = |id: &NodeId| match self.inner.peers.version_of(*id) {
+            _ if *id == self.inner.me => (PEER_PROTOCOL, GREX_VERSION.to_owned()),
+            Some((protocol, version)) => (protocol, version.unwrap_or_default()),
+            None => (0, String::new()),
+        };
         NodesInfo {
             map_version: state.map.version,
             flocks_moving: (0..flocks).filter(|f| !self.flock_settled_at(*f, state.map.version)).count() as u32,
             nodes: state
                 .nodes
                 .iter()
-                .map(|(id, info)| NodeInfo {
+                .map(|(id, info)| (id, info, version(id)))
+                .map(|(id, info, (protocol, version))| NodeInfo {
                     id: node_id_text(*id),
                     state: if state.draining.contains(id) { "draining" } else { "active" }.to_owned(),
                     alive: self.inner.peers.alive(*id),
@@ -61,6 +67,8 @@ impl Cluster {
                     leads: leads.get(id).copied().unwrap_or(0),
                     snapshot_bytes_sent: self.inner.peers.snapshot_bytes_sent_by(*id),
                     meta_voter: meta_voters.contains(id),
+                    version,
+                    protocol,
                 })
                 .collect(),
             removed: state.removed.iter().map(|id| node_id_text(*id)).collect(),

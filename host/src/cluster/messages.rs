@@ -15,25 +15,44 @@ use super::wire::RaftMessage;
 use crate::node::NodeChange;
 use crate::storage::GroupId;
 
-/// The peer protocol's version (8: nodes can be drained and removed; 9: users).
-pub const PEER_PROTOCOL: u32 = 9;
+/// The peer protocol's version (8: nodes can be drained and removed; 9: users; 10: nodes tell
+/// each other which grex version they run).
+pub const PEER_PROTOCOL: u32 = 10;
+/// The oldest peer protocol this build still speaks: a node of the previous release and one of
+/// this release work together, so a cluster is upgraded one node at a time (`docs/operations.md`).
+pub const PEER_PROTOCOL_OLDEST: u32 = 9;
 /// ALPN of the peer protocol: `grex-peer/` and [`PEER_PROTOCOL`].
-pub const PEER_ALPN: &[u8] = b"grex-peer/9";
+pub const PEER_ALPN: &[u8] = b"grex-peer/10";
 
-/// Every peer protocol version's ALPN, this one first: a node accepts a connection in any of them,
-/// so that a peer of another version hears which versions differ instead of a bare handshake
-/// failure, and then refuses it (see `peer`).
-pub fn peer_alpns() -> Vec<Vec<u8>> {
-    (1..=PEER_PROTOCOL).rev().map(|v| format!("grex-peer/{v}").into_bytes()).collect()
+/// This build's grex version, as nodes tell each other from protocol 10 on.
+pub const GREX_VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// The ALPN of peer protocol `version`.
+pub fn alpn(version: u32) -> Vec<u8> {
+    format!("grex-peer/{version}").into_bytes()
 }
 
-/// Why two nodes of different peer protocol versions cannot work together, naming both.
+/// Every peer protocol version's ALPN, newest first. The TLS server picks the first of its own
+/// list that the client offers, so two nodes settle on the highest version both know. A node
+/// accepts a connection in any version, so that a peer too old or too new to work with hears
+/// which versions differ instead of a bare handshake failure, and then refuses it (see `peer`).
+pub fn peer_alpns() -> Vec<Vec<u8>> {
+    (1..=PEER_PROTOCOL).rev().map(alpn).collect()
+}
+
+/// The protocol version a connection's ALPN names, when this build speaks it.
+pub fn spoken(alpn: &[u8]) -> Option<u32> {
+    let version: u32 = std::str::from_utf8(alpn).ok()?.strip_prefix("grex-peer/")?.parse().ok()?;
+    (PEER_PROTOCOL_OLDEST..=PEER_PROTOCOL).contains(&version).then_some(version)
+}
+
+/// Why two nodes whose peer protocols are too far apart cannot work together, naming both.
 pub fn version_mismatch(theirs: &[u8], who: &str) -> String {
     format!(
-        "{who} speaks the peer protocol {} and this node {}: nodes of different grex versions cannot \
-         work together; run the same grex version on every node",
+        "{who} speaks the peer protocol {} and this node grex-peer/{PEER_PROTOCOL_OLDEST} to \
+         grex-peer/{PEER_PROTOCOL}: nodes work together only within one release of each other; \
+         upgrade a cluster one release at a time, or run the same grex version on every node",
         String::from_utf8_lossy(theirs),
-        String::from_utf8_lossy(PEER_ALPN)
     )
 }
 
@@ -193,6 +212,44 @@ pub enum PeerRequest {
     /// Add, change or delete a user (sent to the meta group's leader; answered `Ack` once
     /// recorded).
     ChangeUser(crate::access::UserChange),
+    // Protocol 10. A request added in a new protocol version goes at the end (bincode numbers
+    // variants in order) and is sent only on connections of that version ([`PeerRequest::since`]).
+    /// First request on a new connection of protocol 10 or later: `Hello`, with the sender's grex
+    /// version (answered [`PeerResponse::WelcomeWithVersion`]).
+    HelloWithVersion {
+        /// As in `Hello`.
+        incarnation: u64,
+        /// The sender's grex version.
+        version: String,
+    },
+}
+
+impl PeerRequest {
+    /// The peer protocol version that brought this request: a node sends it only to a peer
+    /// whose connection speaks that version or a later one.
+    pub fn since(&self) -> u32 {
+        match self {
+            PeerRequest::HelloWithVersion { .. } => 10,
+            _ => 9,
+        }
+    }
+
+    /// What the request is, for errors and logs.
+    pub fn name(&self) -> &'static str {
+        match self {
+            PeerRequest::Hello { .. } => "hello",
+            PeerRequest::Ping { .. } => "ping",
+            PeerRequest::Raft { .. } => "consensus messages",
+            PeerRequest::SnapshotChunk { .. } => "snapshot chunk",
+            PeerRequest::Job { .. } => "job",
+            PeerRequest::Hail { .. } => "hail",
+            PeerRequest::PutModule { .. } => "module upload",
+            PeerRequest::DeleteModule { .. } => "module deletion",
+            PeerRequest::ChangeNode { .. } => "member change",
+            PeerRequest::ChangeUser(_) => "user change",
+            PeerRequest::HelloWithVersion { .. } => "hello with version",
+        }
+    }
 }
 
 /// The answer to a [`PeerRequest`].
@@ -230,10 +287,20 @@ pub enum PeerResponse {
     Error(RemoteError),
     /// The sender was removed from the cluster: nothing it asks is answered any more.
     Removed,
+    // Protocol 10: answers only to requests of protocol 10.
+    /// `HelloWithVersion` accepted: `Welcome`, with the answering node's grex version.
+    WelcomeWithVersion {
+        /// The answering node's incarnation.
+        incarnation: u64,
+        /// Its grex version.
+        version: String,
+    },
 }
 
 #[cfg(test)]
 mod tests {
+    use grex_client::proto::{decode_frame, encode_frame};
+
     use super::*;
 
     #[test]
@@ -242,6 +309,163 @@ mod tests {
         assert_eq!(alpns[0], PEER_ALPN);
         assert_eq!(alpns.len(), PEER_PROTOCOL as usize);
         let message = version_mismatch(b"grex-peer/8", "peer 127.0.0.1:7072");
-        assert!(message.contains("grex-peer/8") && message.contains("grex-peer/9"), "{message}");
+        assert!(message.contains("grex-peer/8") && message.contains("grex-peer/9 to grex-peer/10"), "{message}");
+    }
+
+    /// One frame of every request and answer that protocol 9 has, as this build encodes them.
+    fn protocol_9_frames() -> Vec<(&'static str, Vec<u8>)> {
+        use grex_client::proto::{ErrorCode, Permissions};
+
+        use super::super::wire::{AppliedPoint, WireConf, WireEntry};
+        use crate::access::{UserChange, UserRecord};
+
+        let frame = |request| encode_frame(&PeerFrame { cluster_id: "c1".into(), from: 7, request }).unwrap();
+        let info = PeerInfo {
+            peer: "127.0.0.1:1".into(),
+            http: "http://h".into(),
+            quic: "quic://q".into(),
+            resp: "r:2".into(),
+            zone: "z".into(),
+            capacity: 3,
+        };
+        let raft = RaftMessage {
+            group: 4,
+            kind: 3,
+            to: 2,
+            from: 7,
+            term: 5,
+            log_term: 4,
+            index: 9,
+            entries: vec![WireEntry { kind: 0, term: 5, index: 10, data: serde_bytes::ByteBuf::from(vec![1, 2]) }],
+            commit: 8,
+            commit_term: 4,
+            snapshot: Some(AppliedPoint {
+                index: 6,
+                term: 3,
+                conf: WireConf { voters: vec![1, 2], learners: vec![3], auto_leave: true, ..WireConf::default() },
+            }),
+            request_snapshot: 0,
+            reject: true,
+            reject_hint: 2,
+            context: serde_bytes::ByteBuf::from(vec![9]),
+            priority: -1,
+        };
+        let answer = |response: PeerResponse| encode_frame(&response).unwrap();
+        let lead = Lead { flock: 1, term: 2, settled: true, map_version: 3 };
+        let failure = RemoteError { code: ErrorCode::ModuleNotFound, message: "gone".into() };
+        vec![
+            ("Hello", frame(PeerRequest::Hello { incarnation: 11 })),
+            (
+                "Ping",
+                frame(PeerRequest::Ping { load: 1, snapshot_bytes_sent: 2, leads_version: 3, leads: Some(vec![lead]) }),
+            ),
+            ("Raft", frame(PeerRequest::Raft { messages: vec![raft.clone()] })),
+            (
+                "SnapshotChunk",
+                frame(PeerRequest::SnapshotChunk { group: 1, offset: 2, data: vec![3], message: Some(raft) }),
+            ),
+            (
+                "Job",
+                frame(PeerRequest::Job {
+                    bucket: b"b".to_vec(),
+                    module: "m".into(),
+                    input: vec![1],
+                    read_only: true,
+                    relay: false,
+                }),
+            ),
+            ("Hail", frame(PeerRequest::Hail { id: 8, info: info.clone() })),
+            ("PutModule", frame(PeerRequest::PutModule { name: "m".into(), wasm: vec![0, 97] })),
+            ("DeleteModule", frame(PeerRequest::DeleteModule { name: "m".into() })),
+            ("ChangeNode", frame(PeerRequest::ChangeNode { id: 8, change: NodeChange::Remove })),
+            (
+                "ChangeUser",
+                frame(PeerRequest::ChangeUser(UserChange::Add {
+                    name: "u".into(),
+                    record: UserRecord {
+                        token_sha256: [5; 32],
+                        permissions: Permissions { admin: false, read: true, write: false, run: vec!["m".into()] },
+                    },
+                })),
+            ),
+            ("Welcome", answer(PeerResponse::Welcome { incarnation: 12 })),
+            ("Pong", answer(PeerResponse::Pong { load: 1, leads_held: 2 })),
+            ("Ack", answer(PeerResponse::Ack)),
+            (
+                "Job answer",
+                answer(PeerResponse::Job(Ok(JobOutput {
+                    output: vec![1],
+                    bucket_version: 2,
+                    flock: 3,
+                    node: "n".into(),
+                }))),
+            ),
+            ("NotLeader", answer(PeerResponse::NotLeader { leader: Some(2) })),
+            ("Joined", answer(PeerResponse::Joined { members: vec![(8, info)] })),
+            (
+                "Module",
+                answer(PeerResponse::Module(Ok(ModuleInfo { name: "m".into(), id: "sha256:0".into(), size: 2 }))),
+            ),
+            ("Error", answer(PeerResponse::Error(failure))),
+            ("Removed", answer(PeerResponse::Removed)),
+        ]
+    }
+
+    /// Protocol 9's frames as the release that spoke it last (grex 0.1.0) encoded them: this
+    /// build must read and write them byte for byte, or a node of that release cannot follow it.
+    const PROTOCOL_9_FRAMES: &[(&str, &str)] = &[
+        ("Hello", "000000070102633107000b"),
+        ("Ping", "0000000f010263310701010203010101020103"),
+        ("Raft", "0000002801026331070201040602070504090100050a02010208040106030201020103000001000102010901"),
+        (
+            "SnapshotChunk",
+            "0000002c0102633107030102010301040602070504090100050a02010208040106030201020103000001000102010901",
+        ),
+        ("Job", "0000000e0102633107040162016d01010100"),
+        ("Hail", "0000002c010263310705080b3132372e302e302e313a3108687474703a2f2f6808717569633a2f2f7103723a32017a03"),
+        ("PutModule", "0000000b010263310706016d020061"),
+        ("DeleteModule", "00000008010263310707016d"),
+        ("ChangeNode", "000000080102633107080801"),
+        (
+            "ChangeUser",
+            "0000002f010263310709000175050505050505050505050505050505050505050505050505050505050505050500010001016d",
+        ),
+        ("Welcome", "0000000301000c"),
+        ("Pong", "0000000401010102"),
+        ("Ack", "000000020102"),
+        ("Job answer", "0000000901030001010203016e"),
+        ("NotLeader", "0000000401040102"),
+        ("Joined", "00000029010501080b3132372e302e302e313a3108687474703a2f2f6808717569633a2f2f7103723a32017a03"),
+        ("Module", "0000000f010600016d087368613235363a3002"),
+        ("Error", "0000000801070504676f6e65"),
+        ("Removed", "000000020108"),
+    ];
+
+    #[test]
+    fn frames_of_protocol_9_are_written_and_read_as_its_release_did() {
+        let frames = protocol_9_frames();
+        assert_eq!(frames.len(), PROTOCOL_9_FRAMES.len());
+        for ((name, bytes), (fixture_name, fixture)) in frames.iter().zip(PROTOCOL_9_FRAMES) {
+            assert_eq!(name, fixture_name);
+            assert_eq!(&hex::encode(bytes), fixture, "{name} is no longer encoded as protocol 9 encoded it");
+        }
+        for (name, fixture) in &PROTOCOL_9_FRAMES[..10] {
+            let frame: PeerFrame = decode_frame(&hex::decode(fixture).unwrap()).unwrap();
+            assert_eq!(frame.request.since(), 9, "{name}");
+        }
+        for (name, fixture) in &PROTOCOL_9_FRAMES[10..] {
+            decode_frame::<PeerResponse>(&hex::decode(fixture).unwrap()).unwrap_or_else(|e| panic!("{name}: {e}"));
+        }
+    }
+
+    #[test]
+    fn nodes_settle_on_the_highest_version_both_speak_and_refuse_older_ones() {
+        assert_eq!(spoken(PEER_ALPN), Some(PEER_PROTOCOL));
+        assert_eq!(spoken(&alpn(PEER_PROTOCOL - 1)), Some(PEER_PROTOCOL - 1));
+        assert_eq!(spoken(&alpn(PEER_PROTOCOL_OLDEST - 1)), None);
+        assert_eq!(spoken(&alpn(PEER_PROTOCOL + 1)), None);
+        assert_eq!(spoken(b"grex-peer/x"), None);
+        let hello = PeerRequest::HelloWithVersion { incarnation: 1, version: GREX_VERSION.into() };
+        assert_eq!(hello.since(), 10);
     }
 }

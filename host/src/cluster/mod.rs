@@ -376,7 +376,7 @@ impl Cluster {
                 Ok(()) => PeerResponse::Ack,
                 Err(e) => PeerResponse::Error(e),
             },
-            PeerRequest::Hello { .. } | PeerRequest::Ping { .. } => {
+            PeerRequest::Hello { .. } | PeerRequest::HelloWithVersion { .. } | PeerRequest::Ping { .. } => {
                 PeerResponse::Error(error(ErrorCode::BadRequest, "handled by the transport"))
             }
         }

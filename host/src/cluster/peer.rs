@@ -1,6 +1,12 @@
-//! The peer transport: QUIC (quinn) with mutual TLS under the cluster CA, ALPN `grex-peer/9` (`messages::PEER_ALPN`).
-//! Both sides offer every older version's ALPN too, only so that a node of another version is told
-//! which versions differ (`messages::version_mismatch`) before the connection is closed.
+//! The peer transport: QUIC (quinn) with mutual TLS under the cluster CA, ALPN `grex-peer/10`
+//! (`messages::PEER_ALPN`).
+//!
+//! Versions: both sides offer every version's ALPN, newest first, and the handshake settles on
+//! the highest both know. A node speaks its own version and the one before
+//! (`messages::PEER_PROTOCOL_OLDEST`), so nodes of two consecutive releases work together while a
+//! cluster is upgraded one node at a time; each connection remembers its version, and a request
+//! newer than it is not sent on it (`PeerRequest::since`). A peer further apart is told which
+//! versions differ (`messages::version_mismatch`) before the connection is closed.
 //!
 //! Each pair of nodes keeps one long-lived connection. Either side dials when it has none; if
 //! both dial at once, both keep the connection dialed by the lower node id and close the other,
@@ -39,7 +45,7 @@ use tokio::sync::{Semaphore, watch};
 use super::engine::NodeId;
 use super::identity::{NodeIdentity, PEER_SERVER_NAME};
 use super::messages::PeerInfo;
-use super::messages::{Lead, PEER_ALPN, PeerFrame, PeerRequest, PeerResponse, peer_alpns, version_mismatch};
+use super::messages::{GREX_VERSION, Lead, PeerFrame, PeerRequest, PeerResponse, peer_alpns, spoken, version_mismatch};
 use crate::api::quic::{read_frame, send_answer};
 use crate::error::{ErrorCode, RemoteError, error};
 
@@ -97,6 +103,17 @@ struct Link {
     dialed_by: NodeId,
     /// The peer process's incarnation on the other end.
     incarnation: u64,
+    /// The peer protocol version the connection speaks.
+    protocol: u32,
+}
+
+/// What a peer's hello, or its answer to this node's, told of the peer process.
+struct Greeting {
+    incarnation: u64,
+    /// The protocol version of the connection it came on.
+    protocol: u32,
+    /// Its grex version (protocol 10 on).
+    version: Option<String>,
 }
 
 #[derive(Default)]
@@ -114,6 +131,8 @@ struct PeerState {
     leads_acked: u64,
     /// The peer process the lists above belong to.
     incarnation: u64,
+    /// Its grex version, as its hello or welcome said (peers of protocol 9 do not say).
+    version: Option<String>,
     heartbeat: bool,
     /// Held while dialing, so concurrent callers share one new connection.
     dialing: Arc<tokio::sync::Mutex<()>>,
@@ -293,6 +312,15 @@ impl Peers {
         self.state().get(&id).and_then(|p| p.last_seen).is_some_and(|t| t.elapsed() < DEAD_AFTER)
     }
 
+    /// The peer protocol version of the live connection to `id`, and the grex version it said it
+    /// runs (peers of protocol 9 do not say), if there is such a connection.
+    pub fn version_of(&self, id: NodeId) -> Option<(u32, Option<String>)> {
+        let state = self.state();
+        let peer = state.get(&id)?;
+        let link = peer.link.as_ref().filter(|l| l.connection.close_reason().is_none())?;
+        Some((link.protocol, peer.version.clone()))
+    }
+
     /// The incarnation (drawn at each start) of the peer process at the other end of the current
     /// connection, if there is one: it changes when the peer restarted, even too fast for
     /// [`alive`](Self::alive) to have noticed.
@@ -397,11 +425,20 @@ impl Peers {
         request: PeerRequest,
         timeout: Duration,
     ) -> Result<PeerResponse, PeerError> {
+        let (frame_since, request_name) = (request.since(), request.name());
         let frame = PeerFrame { cluster_id: self.cluster_id.clone(), from: self.me, request };
         let bytes = encode_frame(&frame).map_err(|e| PeerError::Protocol(e.to_string()))?;
         let sending = AtomicBool::new(false);
         let work = async {
-            let connection = self.connection(to).await?;
+            let (connection, protocol) = self.connection(to).await?;
+            if frame_since > protocol {
+                return Err(PeerError::Protocol(format!(
+                    "node {} speaks the peer protocol grex-peer/{protocol}, which has no {} (grex-peer/{frame_since}); \
+                     upgrade it to this node's grex version",
+                    super::node_id_text(to),
+                    request_name,
+                )));
+            }
             let (send, recv) = connection.open_bi().await.map_err(|e| PeerError::Unreachable(to, e.to_string()))?;
             sending.store(true, Ordering::Relaxed);
             exchange_on(send, recv, &bytes).await.map_err(|e| PeerError::Lost(to, e))
@@ -416,17 +453,17 @@ impl Peers {
         }
     }
 
-    /// The live connection to `to`, if there is one.
-    fn link(&self, to: NodeId) -> Option<quinn::Connection> {
+    /// The live connection to `to` and its protocol version, if there is one.
+    fn link(&self, to: NodeId) -> Option<(quinn::Connection, u32)> {
         let state = self.state();
         let link = state.get(&to)?.link.as_ref()?;
-        link.connection.close_reason().is_none().then(|| link.connection.clone())
+        link.connection.close_reason().is_none().then(|| (link.connection.clone(), link.protocol))
     }
 
     /// The connection to `to`, dialing if there is none. Concurrent callers wait for one dial.
     /// The dial runs as its own task, so a caller that gives up (a ping's short timeout on a
     /// loaded machine) does not cancel it: the next caller finds the connection made.
-    async fn connection(self: &Arc<Self>, to: NodeId) -> Result<quinn::Connection, PeerError> {
+    async fn connection(self: &Arc<Self>, to: NodeId) -> Result<(quinn::Connection, u32), PeerError> {
         if self.is_cut(to) {
             return Err(PeerError::Unreachable(to, "the peer is cut off from this node".into()));
         }
@@ -450,21 +487,26 @@ impl Peers {
     }
 
     /// Dials `to` and says hello; the new connection becomes the pair's link.
-    async fn dial_and_greet(self: &Arc<Self>, to: NodeId) -> Result<quinn::Connection, PeerError> {
+    async fn dial_and_greet(self: &Arc<Self>, to: NodeId) -> Result<(quinn::Connection, u32), PeerError> {
         let info = self.state().get(&to).and_then(|p| p.info.clone());
         let info = info.ok_or_else(|| PeerError::Unreachable(to, "its address is not known yet".into()))?;
-        let connection = self.dial(&info.peer).await.map_err(|e| PeerError::Unreachable(to, e.to_string()))?;
+        let (connection, protocol) =
+            self.dial(&info.peer).await.map_err(|e| PeerError::Unreachable(to, e.to_string()))?;
         // The peer sends its own requests on whichever connection the pair keeps, so this side
         // serves the connection it dialed just as one it accepted.
-        tokio::spawn(serve_connection(self.clone(), connection.clone()));
-        let hello = PeerFrame {
-            cluster_id: self.cluster_id.clone(),
-            from: self.me,
-            request: PeerRequest::Hello { incarnation: self.incarnation },
+        tokio::spawn(serve_connection(self.clone(), connection.clone(), protocol));
+        let request = if protocol >= 10 {
+            PeerRequest::HelloWithVersion { incarnation: self.incarnation, version: GREX_VERSION.to_owned() }
+        } else {
+            PeerRequest::Hello { incarnation: self.incarnation }
         };
+        let hello = PeerFrame { cluster_id: self.cluster_id.clone(), from: self.me, request };
         let bytes = encode_frame(&hello).map_err(|e| PeerError::Protocol(e.to_string()))?;
-        let incarnation = match exchange(&connection, &bytes).await {
-            Ok(PeerResponse::Welcome { incarnation }) => incarnation,
+        let greeting = match exchange(&connection, &bytes).await {
+            Ok(PeerResponse::Welcome { incarnation }) => Greeting { incarnation, protocol, version: None },
+            Ok(PeerResponse::WelcomeWithVersion { incarnation, version }) => {
+                Greeting { incarnation, protocol, version: Some(version) }
+            }
             Ok(PeerResponse::Removed) => {
                 self.set_evicted(&format!("node {} refused it", super::node_id_text(to)));
                 return Err(PeerError::Unreachable(to, "this node was removed from the cluster".into()));
@@ -472,10 +514,11 @@ impl Peers {
             Ok(other) => return Err(PeerError::Protocol(format!("unexpected answer to hello: {other:?}"))),
             Err(e) => return Err(PeerError::Unreachable(to, e)),
         };
-        Ok(self.register(to, connection, self.me, incarnation))
+        Ok((self.register(to, connection, self.me, greeting), protocol))
     }
 
-    async fn dial(&self, addr: &str) -> anyhow::Result<quinn::Connection> {
+    /// Dials a peer; returns the connection and the protocol version it speaks.
+    async fn dial(&self, addr: &str) -> anyhow::Result<(quinn::Connection, u32)> {
         let addr: SocketAddr = tokio::net::lookup_host(addr)
             .await
             .with_context(|| format!("resolving {addr}"))?
@@ -483,13 +526,15 @@ impl Peers {
             .with_context(|| format!("{addr} resolves to no address"))?;
         let connecting = self.endpoint.connect_with(self.client_config.clone(), addr, PEER_SERVER_NAME)?;
         let connection = tokio::time::timeout(DIAL_TIMEOUT, connecting).await.context("dial timed out")??;
-        if let Some(theirs) = other_protocol(&connection) {
-            let message = version_mismatch(&theirs, &format!("the peer at {addr}"));
-            tracing::warn!("{message}");
-            connection.close(4u32.into(), b"peer protocol version");
-            anyhow::bail!("{message}");
+        match protocol(&connection) {
+            Ok(version) => Ok((connection, version)),
+            Err(theirs) => {
+                let message = version_mismatch(&theirs, &format!("the peer at {addr}"));
+                tracing::warn!("{message}");
+                connection.close(4u32.into(), b"peer protocol version");
+                anyhow::bail!("{message}");
+            }
         }
-        Ok(connection)
     }
 
     /// Keeps one connection per peer: a duplicate to the same peer process loses to the one the
@@ -499,12 +544,14 @@ impl Peers {
         peer: NodeId,
         connection: quinn::Connection,
         dialed_by: NodeId,
-        incarnation: u64,
+        greeting: Greeting,
     ) -> quinn::Connection {
+        let Greeting { incarnation, protocol, version } = greeting;
         let winner = {
             let mut state = self.state();
             let entry = state.entry(peer).or_default();
             entry.last_seen = Some(Instant::now());
+            entry.version = version;
             if entry.incarnation != incarnation {
                 // Another process: what the old one led and confirmed means nothing now.
                 entry.incarnation = incarnation;
@@ -519,7 +566,8 @@ impl Peers {
                 connection.close(2u32.into(), b"duplicate connection");
                 entry.link.as_ref().expect("checked").connection.clone()
             } else {
-                if let Some(old) = entry.link.replace(Link { connection: connection.clone(), dialed_by, incarnation }) {
+                let link = Link { connection: connection.clone(), dialed_by, incarnation, protocol };
+                if let Some(old) = entry.link.replace(link) {
                     if restarted {
                         tracing::info!(peer = %super::node_id_text(peer), "a restarted peer reconnected; its old connection is closed");
                     }
@@ -545,7 +593,7 @@ impl Peers {
 
     /// Asks the node at `addr` to let this node join; returns the cluster's members.
     pub async fn hail(self: &Arc<Self>, addr: &str, info: PeerInfo) -> anyhow::Result<Vec<(NodeId, PeerInfo)>> {
-        let connection = self.dial(addr).await.with_context(|| format!("cannot reach {addr}"))?;
+        let (connection, _) = self.dial(addr).await.with_context(|| format!("cannot reach {addr}"))?;
         let frame = PeerFrame {
             cluster_id: self.cluster_id.clone(),
             from: self.me,
@@ -667,7 +715,10 @@ async fn accept_loop(peers: Arc<Peers>) {
         let peers = peers.clone();
         tokio::spawn(async move {
             match incoming.await {
-                Ok(connection) => serve_connection(peers, connection).await,
+                Ok(connection) => match protocol(&connection) {
+                    Ok(version) => serve_connection(peers, connection, version).await,
+                    Err(theirs) => refuse_version(connection, &theirs).await,
+                },
                 Err(e) if is_tls_failure(&e) => {
                     tracing::warn!(%remote, error = %e, "refused a peer connection: the TLS handshake failed (both sides' certificates must come from this cluster's CA)")
                 }
@@ -689,21 +740,22 @@ fn is_tls_failure(e: &quinn::ConnectionError) -> bool {
     }
 }
 
-async fn serve_connection(peers: Arc<Peers>, connection: quinn::Connection) {
-    let remote = connection.remote_address();
-    if let Some(theirs) = other_protocol(&connection) {
-        // Answer its first request with both versions (the error frame is one every version
-        // reads), then close.
-        let message = version_mismatch(&theirs, &format!("the peer at {remote}"));
-        tracing::warn!("{message}");
-        if let Ok((send, mut recv)) = connection.accept_bi().await {
-            let _ = tokio::time::timeout(READ_TIMEOUT, read_frame(&mut recv)).await;
-            let refusal = PeerResponse::Error(error(ErrorCode::BadRequest, message));
-            let _ = send_answer(send, &refusal, |e| PeerResponse::Error(error(ErrorCode::Internal, e))).await;
-        }
-        connection.close(4u32.into(), b"peer protocol version");
-        return;
+/// Answers the first request of a peer whose protocol version this node does not speak with both
+/// versions (the error frame is one every version reads), then closes the connection.
+async fn refuse_version(connection: quinn::Connection, theirs: &[u8]) {
+    let message = version_mismatch(theirs, &format!("the peer at {}", connection.remote_address()));
+    tracing::warn!("{message}");
+    if let Ok((send, mut recv)) = connection.accept_bi().await {
+        let _ = tokio::time::timeout(READ_TIMEOUT, read_frame(&mut recv)).await;
+        let refusal = PeerResponse::Error(error(ErrorCode::BadRequest, message));
+        let _ = send_answer(send, &refusal, |e| PeerResponse::Error(error(ErrorCode::Internal, e))).await;
     }
+    connection.close(4u32.into(), b"peer protocol version");
+}
+
+/// Serves the requests a peer sends on `connection`, which speaks peer protocol `protocol`.
+async fn serve_connection(peers: Arc<Peers>, connection: quinn::Connection, protocol: u32) {
+    let remote = connection.remote_address();
     while let Ok((send, recv)) = connection.accept_bi().await {
         if peers.isolated.load(Ordering::Relaxed) {
             connection.close(3u32.into(), b"isolated");
@@ -712,7 +764,7 @@ async fn serve_connection(peers: Arc<Peers>, connection: quinn::Connection) {
         let peers = peers.clone();
         let connection = connection.clone();
         tokio::spawn(async move {
-            if let Err(e) = serve_stream(peers, connection, send, recv).await {
+            if let Err(e) = serve_stream(peers, connection, protocol, send, recv).await {
                 tracing::debug!(%remote, error = %e, "peer stream failed");
             }
         });
@@ -722,6 +774,7 @@ async fn serve_connection(peers: Arc<Peers>, connection: quinn::Connection) {
 async fn serve_stream(
     peers: Arc<Peers>,
     connection: quinn::Connection,
+    protocol: u32,
     send: quinn::SendStream,
     mut recv: quinn::RecvStream,
 ) -> anyhow::Result<()> {
@@ -750,9 +803,23 @@ async fn serve_stream(
                 tracing::warn!(%remote, node = %super::node_id_text(frame.from), "refused a node removed from the cluster");
                 PeerResponse::Removed
             }
-            Ok(PeerFrame { from, request: PeerRequest::Hello { incarnation, .. }, .. }) => {
-                peers.register(from, connection.clone(), from, incarnation);
+            Ok(PeerFrame { from, request, .. }) if request.since() > protocol => {
+                let message = format!(
+                    "a {} (grex-peer/{}) on a connection that speaks grex-peer/{protocol}",
+                    request.name(),
+                    request.since()
+                );
+                tracing::warn!(%remote, node = %super::node_id_text(from), "refused {message}");
+                PeerResponse::Error(error(ErrorCode::BadRequest, format!("this node refuses {message}")))
+            }
+            Ok(PeerFrame { from, request: PeerRequest::Hello { incarnation }, .. }) => {
+                peers.register(from, connection.clone(), from, Greeting { incarnation, protocol, version: None });
                 PeerResponse::Welcome { incarnation: peers.incarnation }
+            }
+            Ok(PeerFrame { from, request: PeerRequest::HelloWithVersion { incarnation, version }, .. }) => {
+                let greeting = Greeting { incarnation, protocol, version: Some(version) };
+                peers.register(from, connection.clone(), from, greeting);
+                PeerResponse::WelcomeWithVersion { incarnation: peers.incarnation, version: GREX_VERSION.to_owned() }
             }
             Ok(PeerFrame {
                 from,
@@ -777,10 +844,15 @@ async fn serve_stream(
     send_answer(send, &response, |e| PeerResponse::Error(error(ErrorCode::Internal, e))).await
 }
 
-/// The peer protocol the connection's handshake chose, when it is not this node's.
-fn other_protocol(connection: &quinn::Connection) -> Option<Vec<u8>> {
-    let data = connection.handshake_data()?.downcast::<quinn::crypto::rustls::HandshakeData>().ok()?;
-    data.protocol.filter(|p| p.as_slice() != PEER_ALPN)
+/// The peer protocol version the connection's handshake chose, or, when this node does not
+/// speak it, the ALPN the handshake chose.
+fn protocol(connection: &quinn::Connection) -> Result<u32, Vec<u8>> {
+    let chosen = connection
+        .handshake_data()
+        .and_then(|data| data.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
+        .and_then(|data| data.protocol)
+        .unwrap_or_default();
+    spoken(&chosen).ok_or(chosen)
 }
 
 /// The TLS client settings a node dials its peers with, from the identity in `dir` (for tools
