@@ -785,6 +785,7 @@ impl Driver {
         let group = envelope.group;
         let known = group == META_GROUP || group < self.node.flock_count();
         if !from_leader || !known || self.releasing.contains(&group) {
+            tracing::debug!(group, from = envelope.message.from, kind = ?envelope.message.get_msg_type(), "a message for a group this node does not run was dropped");
             return;
         }
         if self.engine.has_group(group) {
@@ -1424,7 +1425,8 @@ fn spawn_lane(to: NodeId, peers: Arc<Peers>, events: mpsc::UnboundedSender<Input
             }
             match peers.call(to, PeerRequest::Raft { messages }, FRAME_TIMEOUT).await {
                 Ok(PeerResponse::Ack) => {}
-                Ok(_) | Err(_) => {
+                answer => {
+                    tracing::debug!(to = %format!("{to:016x}"), ?answer, "consensus messages did not reach a peer");
                     let _ = events.send(Input::Unreachable(to));
                 }
             }

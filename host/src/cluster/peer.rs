@@ -9,8 +9,10 @@
 //! versions differ (`messages::version_mismatch`) before the connection is closed.
 //!
 //! Each pair of nodes keeps one long-lived connection. Either side dials when it has none; if
-//! both dial at once, both keep the connection dialed by the lower node id and close the other,
-//! so a pair converges on one connection, which both sides use and serve. A connection from a
+//! both dial at once, both keep the connection dialed by the lower node id, so a pair converges
+//! on one connection, which both sides use and serve. The other is closed a minute later
+//! ([`DUPLICATE_GRACE`]), not at once: until both sides settled, either may have sent a request on
+//! it, and closing it would lose the answer (a forwarded job would end with an unknown outcome). A connection from a
 //! restarted peer (its hello carries a new incarnation) replaces the old one at once, whoever
 //! dialed that: the old one is dead, though QUIC would take its idle timeout to notice. A request
 //! is one bidirectional stream carrying one frame each way (`messages`), so a slow request never
@@ -61,6 +63,9 @@ pub const PEER_STREAMS_MAX: u32 = 1024;
 const READ_TIMEOUT: Duration = Duration::from_secs(30);
 const IDLE_TIMEOUT: Duration = Duration::from_secs(5);
 const DIAL_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a connection that lost to a duplicate stays open for the requests already on it (a
+/// forwarded job's answer waits up to its time limit and 10 s more).
+const DUPLICATE_GRACE: Duration = Duration::from_secs(60);
 
 /// Answers peer requests: `(sender, request) → response`.
 pub type Handler = Arc<dyn Fn(NodeId, PeerRequest) -> BoxFuture<'static, PeerResponse> + Send + Sync>;
@@ -563,15 +568,17 @@ impl Peers {
             let restarted = live_old.is_some_and(|old| old.incarnation != incarnation);
             let keep_old = live_old.is_some_and(|old| !restarted && old.dialed_by < dialed_by);
             if keep_old {
-                connection.close(2u32.into(), b"duplicate connection");
+                retire(connection);
                 entry.link.as_ref().expect("checked").connection.clone()
             } else {
                 let link = Link { connection: connection.clone(), dialed_by, incarnation, protocol };
                 if let Some(old) = entry.link.replace(link) {
                     if restarted {
                         tracing::info!(peer = %super::node_id_text(peer), "a restarted peer reconnected; its old connection is closed");
+                        old.connection.close(2u32.into(), b"peer restarted");
+                    } else {
+                        retire(old.connection);
                     }
-                    old.connection.close(2u32.into(), b"duplicate connection");
                 }
                 let this = self.clone();
                 let watched = connection.clone();
@@ -645,6 +652,16 @@ impl Peers {
             entry.load = load;
         }
     }
+}
+
+/// Closes a connection that lost to a duplicate once the requests already sent on it have had
+/// time to be answered: until both sides have settled on the winner, either may have sent a
+/// request (a forwarded job, say) on the loser, and closing it at once would lose the answer.
+fn retire(connection: quinn::Connection) {
+    tokio::spawn(async move {
+        tokio::time::sleep(DUPLICATE_GRACE).await;
+        connection.close(2u32.into(), b"duplicate connection");
+    });
 }
 
 /// One request-response exchange on a fresh stream.

@@ -104,10 +104,16 @@ impl Cluster {
     }
 
     /// Tells the engine of peers the failure detector lost, or that came back as a new process
-    /// (they lead nothing any more).
+    /// (they lead nothing any more), or that left the members while this node still counted
+    /// them alive (removed before its detector noticed them gone: they are lost just the same).
     async fn watch_peers(&self, alive: &mut BTreeMap<NodeId, u64>) {
         let members: Vec<NodeId> =
             self.inner.meta_state.borrow().nodes.keys().copied().filter(|n| *n != self.inner.me).collect();
+        let gone: Vec<NodeId> = alive.keys().filter(|n| !members.contains(n)).copied().collect();
+        for node in gone {
+            alive.remove(&node);
+            self.inner.consensus.peer_down(node).await;
+        }
         for node in members {
             let now = self.inner.peers.alive(node).then(|| {
                 // Between connections a live peer keeps the incarnation it had.
