@@ -17,8 +17,8 @@
 //!
 //! No group has a task, channel or timer of its own, and an idle group costs only memory: once
 //! a group has had nothing to do for [`EngineConfig::hibernate_ticks`] (a leader whose
-//! followers hold and have applied its whole log, a follower of a known leader with its whole
-//! log committed), it sleeps: it is no longer ticked, so a leader sends no heartbeats and a
+//! members hold its whole log and have told it they know it committed, a follower of a known
+//! leader with its whole log committed and applied), it sleeps: it is no longer ticked, so a leader sends no heartbeats and a
 //! follower runs no election timer. Anything but a heartbeat wakes it (a proposal, an append, a
 //! vote request, a read, `peer_down`), and the failure detector stands in for the timers while
 //! it sleeps: a lost leader's followers learn of it from [`Engine::peer_down`] (TiKV's
@@ -280,8 +280,8 @@ impl Group {
     }
 
     /// Whether the group has nothing to do that a tick could move on: a leader whose members
-    /// all hold its whole log, committed and applied; a follower of a known leader with its
-    /// whole log committed and applied.
+    /// all hold its whole log and know it committed, and which has applied it; a follower of a
+    /// known leader with its whole log committed and applied.
     fn quiet(&self) -> bool {
         let raft = &self.raw.raft;
         let log = &raft.raft_log;
@@ -292,7 +292,11 @@ impl Group {
                     && self.snapshots.is_empty()
                     && raft.lead_transferee.is_none()
                     && raft.read_only.pending_read_count() == 0
-                    && raft.prs().iter().all(|(_, p)| p.matched == log.last_index())
+                    // Every member holds the whole log and knows it is committed: the commit
+                    // rides on heartbeats, and a member that missed them while its leader sleeps
+                    // would hold entries it never applies (a learner never campaigns, nor does a
+                    // voter with an unapplied configuration change, to wake the leader).
+                    && raft.prs().iter().all(|(_, p)| p.matched == log.last_index() && p.committed_index >= log.committed)
             }
             StateRole::Follower => settled && raft.leader_id != raft::INVALID_ID,
             _ => false,

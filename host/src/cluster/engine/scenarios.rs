@@ -128,6 +128,18 @@ impl Cluster {
         cluster
     }
 
+    /// Nodes `ids`, each in every group of `groups` with configuration `conf`.
+    fn with_conf(ids: &[NodeId], groups: &[GroupId], conf: ConfState, seed: u64) -> Cluster {
+        let mut cluster = Cluster::new(&[], &[], seed);
+        for &id in ids {
+            cluster.start(id);
+            for &group in groups {
+                cluster.add_group(id, group, conf.clone());
+            }
+        }
+        cluster
+    }
+
     fn start(&mut self, id: NodeId) {
         let node = Node {
             engine: Engine::new(id, config(self.seed ^ id)),
@@ -686,6 +698,30 @@ fn an_idle_group_sleeps_and_sends_nothing_until_a_proposal_wakes_it() {
         assert!(cluster.committed_as_proposed(id, G, proposal), "node {id}");
         assert_eq!(cluster.applied(id, G), ["before", "after"], "node {id}");
     }
+}
+
+#[test]
+fn a_leader_sleeps_only_once_every_member_knows_what_is_committed() {
+    // A learner never campaigns, so nothing of its own would wake a sleeping leader: if it holds
+    // an entry but missed what told it the entry is committed, only the leader can tell it. (A
+    // voter with an unapplied configuration change is as stuck: raft refuses its campaigns.)
+    let conf = ConfState { voters: vec![1, 2, 3], learners: vec![4], ..Default::default() };
+    let mut cluster = Cluster::with_conf(&[1, 2, 3, 4], &[G], conf, 15);
+    let (leader, _) = cluster.elect(G);
+    let idle = EngineConfig::default().hibernate_ticks as usize + 15;
+    cluster.tick(idle);
+    // The append reaches every member; the commit would ride on the next heartbeat, which the
+    // learner does not get.
+    cluster.propose(leader, G, "x").unwrap();
+    cluster.cut.insert((leader, 4));
+    cluster.tick(idle);
+    assert!(cluster.applied(4, G).is_empty(), "the learner cannot know the entry is committed yet");
+    cluster.cut.clear();
+    cluster.tick(idle);
+    assert_eq!(cluster.applied(4, G), ["x"], "the leader slept before the learner knew the commit");
+    let frames: Vec<usize> = cluster.nodes.values().map(|n| n.frames).collect();
+    cluster.tick(500);
+    assert_eq!(cluster.nodes.values().map(|n| n.frames).collect::<Vec<_>>(), frames, "then the group sleeps");
 }
 
 #[test]
