@@ -399,7 +399,7 @@ pub fn grex(args: &[&str]) -> String {
     grex_of(&grex_bin(), args)
 }
 
-/// As [`grex`], running the `grex` binary at `bin`.
+/// As [`grex()`], running the `grex` binary at `bin`.
 pub fn grex_of(bin: &Path, args: &[&str]) -> String {
     let out = Command::new(bin).args(args).output().expect("run grex");
     assert!(

@@ -11,12 +11,12 @@
 //! Each pair of nodes keeps one long-lived connection. Either side dials when it has none; if
 //! both dial at once, both keep the connection dialed by the lower node id, so a pair converges
 //! on one connection, which both sides use and serve. The other is closed a minute later
-//! ([`DUPLICATE_GRACE`]), not at once: until both sides settled, either may have sent a request on
-//! it, and closing it would lose the answer (a forwarded job would end with an unknown outcome). A connection from a
-//! restarted peer (its hello carries a new incarnation) replaces the old one at once, whoever
-//! dialed that: the old one is dead, though QUIC would take its idle timeout to notice. A request
-//! is one bidirectional stream carrying one frame each way (`messages`), so a slow request never
-//! blocks another.
+//! ([`DUPLICATE_GRACE`]), not at once: until both sides settled, either may have sent a request
+//! on it, and closing it would lose the answer (a forwarded job would end with an unknown
+//! outcome). A connection from a restarted peer (its hello carries a new incarnation) replaces
+//! the old one at once, whoever dialed that: the old one is dead, though QUIC would take its idle
+//! timeout to notice. A request is one bidirectional stream carrying one frame each way
+//! (`messages`), so a slow request never blocks another.
 //!
 //! Liveness is per node pair, shared by every flock: a heartbeat task per peer pings it every
 //! [`PING_INTERVAL`] (redialing with back-off when the connection is gone), and a peer not heard
@@ -519,7 +519,7 @@ impl Peers {
             Ok(other) => return Err(PeerError::Protocol(format!("unexpected answer to hello: {other:?}"))),
             Err(e) => return Err(PeerError::Unreachable(to, e)),
         };
-        Ok((self.register(to, connection, self.me, greeting), protocol))
+        Ok(self.register(to, connection, self.me, greeting))
     }
 
     /// Dials a peer; returns the connection and the protocol version it speaks.
@@ -543,14 +543,15 @@ impl Peers {
     }
 
     /// Keeps one connection per peer: a duplicate to the same peer process loses to the one the
-    /// lower id dialed; a connection to a restarted peer (another incarnation) wins.
+    /// lower id dialed; a connection to a restarted peer (another incarnation) wins. Returns the
+    /// connection kept and its protocol version.
     fn register(
         self: &Arc<Self>,
         peer: NodeId,
         connection: quinn::Connection,
         dialed_by: NodeId,
         greeting: Greeting,
-    ) -> quinn::Connection {
+    ) -> (quinn::Connection, u32) {
         let Greeting { incarnation, protocol, version } = greeting;
         let winner = {
             let mut state = self.state();
@@ -569,7 +570,8 @@ impl Peers {
             let keep_old = live_old.is_some_and(|old| !restarted && old.dialed_by < dialed_by);
             if keep_old {
                 retire(connection);
-                entry.link.as_ref().expect("checked").connection.clone()
+                let kept = entry.link.as_ref().expect("checked");
+                (kept.connection.clone(), kept.protocol)
             } else {
                 let link = Link { connection: connection.clone(), dialed_by, incarnation, protocol };
                 if let Some(old) = entry.link.replace(link) {
@@ -591,7 +593,7 @@ impl Peers {
                         p.link = None;
                     }
                 });
-                connection
+                (connection, protocol)
             }
         };
         self.linked.send_modify(|n| *n += 1);
