@@ -291,6 +291,7 @@ impl Group {
                 settled
                     && self.snapshots.is_empty()
                     && raft.lead_transferee.is_none()
+                    && !joint(raft)
                     && raft.read_only.pending_read_count() == 0
                     // Every member holds the whole log and knows it is committed: the commit
                     // rides on heartbeats, and a member that missed them while its leader sleeps
@@ -493,6 +494,7 @@ impl Engine {
                 g.idle = 0;
             }
             g.raw.tick();
+            leave_joint(group, &mut g.raw);
             expire_snapshots(g, self.ticks, self.config.snapshot_patience_ticks);
             let raft = &g.raw.raft;
             if g.campaign.is_none() && raft.state == StateRole::Follower && raft.leader_id == raft::INVALID_ID {
@@ -634,8 +636,15 @@ impl Engine {
         self.append_as_leader(group, |raw| raw.propose(Vec::new(), data))
     }
 
-    /// Proposes a configuration change to `group` (this node must lead it).
+    /// Proposes a configuration change to `group` (this node must lead it). Refused (`Busy`)
+    /// while raft-rs would ignore it: it appends an empty entry in place of a change made while
+    /// another is unapplied, or while the group is in a joint configuration the change does not
+    /// leave, and that entry would pass for the change.
     pub fn propose_conf_change(&mut self, group: GroupId, change: ConfChangeV2) -> Result<Proposal, Refusal> {
+        let raft = &self.leader_refusal(group)?.raw.raft;
+        if raft.has_pending_conf() || joint(raft) != change.changes.is_empty() {
+            return Err(Refusal::Busy);
+        }
         self.append_as_leader(group, |raw| raw.propose_conf_change(Vec::new(), change))
     }
 
@@ -880,6 +889,23 @@ impl Engine {
         }
         out.changed = mem::take(&mut self.changed).into_iter().collect();
         out
+    }
+}
+
+/// Whether the group is in a joint configuration (two voter sets, between two configurations).
+fn joint(raft: &raft::Raft<GroupLog>) -> bool {
+    !raft.prs().conf().to_conf_state().voters_outgoing.is_empty()
+}
+
+/// On a leader in a joint configuration that nothing is leaving: proposes leaving it. raft-rs
+/// leaves one by itself only when the leader that applies it is the one that entered it; a
+/// leader elected in between (a transfer, a lost leader) would stay joint, refusing every later
+/// change (raft-rs says as much in `commit_apply`).
+fn leave_joint(group: GroupId, raw: &mut RawNode<GroupLog>) {
+    let raft = &raw.raft;
+    if raft.state == StateRole::Leader && joint(raft) && !raft.has_pending_conf() {
+        tracing::info!(target: "grex::raft", group, "leaving a joint configuration that no leader had left");
+        let _ = raw.propose_conf_change(Vec::new(), ConfChangeV2::default());
     }
 }
 

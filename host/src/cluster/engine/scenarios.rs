@@ -511,6 +511,28 @@ fn a_group_moves_to_a_new_herder_and_its_leader_leaves_it() {
 }
 
 #[test]
+fn a_change_raft_would_ignore_is_refused_not_passed_off_as_made() {
+    let mut cluster = Cluster::new(&[1, 2, 3], &[G], 16);
+    cluster.start(4);
+    cluster.start(5);
+    let (leader, _) = cluster.elect(G);
+    let engine = &mut cluster.nodes.get_mut(&leader).unwrap().engine;
+    engine.propose_conf_change(G, conf_change(vec![change(ConfChangeType::AddLearnerNode, 4)])).unwrap();
+    // raft-rs would append an empty entry in its place while the first is unapplied.
+    let second = engine.propose_conf_change(G, conf_change(vec![change(ConfChangeType::AddLearnerNode, 5)]));
+    assert!(matches!(second, Err(Refusal::Busy)), "{second:?}");
+    cluster.tick(12);
+    let engine = &mut cluster.nodes.get_mut(&leader).unwrap().engine;
+    engine.propose_conf_change(G, conf_change(vec![change(ConfChangeType::AddLearnerNode, 5)])).unwrap();
+    cluster.tick(12);
+    let (_, learners) = cluster.nodes[&leader].engine.members(G).unwrap();
+    assert_eq!(learners, [4, 5].into());
+    // Leaving a joint configuration that is not joint: refused too.
+    let engine = &mut cluster.nodes.get_mut(&leader).unwrap().engine;
+    assert!(matches!(engine.propose_conf_change(G, conf_change(Vec::new())), Err(Refusal::Busy)));
+}
+
+#[test]
 fn a_node_cut_from_the_leader_alone_does_not_depose_it() {
     let mut cluster = Cluster::new(&[1, 2, 3], &[G], 7);
     let (leader, _) = cluster.elect(G);
