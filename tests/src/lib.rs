@@ -217,6 +217,13 @@ impl GrexNode {
         Self::spawn(bin, data, free_addrs().each_ref().map(String::as_str), args)
     }
 
+    /// As [`start`](Self::start), listening on the given HTTP, QUIC and peer addresses
+    /// (`HOST:PORT`), as a data directory made elsewhere expects its members to be found.
+    pub fn start_at(data: &Path, [http, quic, peer]: [&str; 3], args: &[&str]) -> GrexNode {
+        let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        Self::spawn(&grex_bin(), data, [http, quic, peer], args)
+    }
+
     /// Starts the node again (after [`kill9`](Self::kill9) or [`terminate`](Self::terminate)) on
     /// the same addresses, which its peers know it by.
     pub fn restart(&mut self) {

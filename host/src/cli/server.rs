@@ -380,6 +380,7 @@ async fn start_node(
     let file = ClusterFile::load(data)?.context("the data directory holds no cluster")?;
     let mut config = node_args.config(data);
     config.flock_count = file.flock_count;
+    crate::cluster::migrate::forward(&data.join(crate::node::DB_FILE))?;
     // The node's executors propose to the consensus side from their start; its engine runs once
     // the node (whose store it drives) is open.
     let replication = Replication::new(file.flock_count);

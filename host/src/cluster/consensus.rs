@@ -66,10 +66,10 @@ const PROPOSAL_KEPT: Duration = Duration::from_secs(60);
 /// How long a read-index round may take before its reads are refused.
 const READ_PATIENCE: Duration = Duration::from_secs(5);
 
-const HARD_STATE_KEY: &str = "hard_state";
-const BASE_KEY: &str = "base";
-const APPLIED_KEY: &str = "applied";
-const META_STATE_KEY: &str = "meta_state";
+pub(super) const HARD_STATE_KEY: &str = "hard_state";
+pub(super) const BASE_KEY: &str = "base";
+pub(super) const APPLIED_KEY: &str = "applied";
+pub(super) const META_STATE_KEY: &str = "meta_state";
 /// Set on a flock this node has released (its copy deleted): its log may still need dropping.
 const RELEASED_KEY: &str = "released";
 

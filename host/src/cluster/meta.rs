@@ -51,6 +51,13 @@ struct MetaStateV6 {
     map: FlockMap,
 }
 
+/// The meta state as schema 3 stored it: a node's addresses were peer, HTTP and QUIC.
+#[derive(Deserialize)]
+struct MetaStateV3 {
+    nodes: BTreeMap<NodeId, (String, String, String)>,
+    map: FlockMap,
+}
+
 /// A node's addresses as schema 6 stored them.
 #[derive(Deserialize)]
 struct PeerInfoV6 {
@@ -61,19 +68,27 @@ struct PeerInfoV6 {
 }
 
 impl MetaState {
-    /// Decodes a stored meta state, of this layout or of the two before it.
+    /// Decodes a stored meta state, of this layout or of the three before it.
     pub fn decode(bytes: &[u8]) -> Result<MetaState, String> {
-        wire::decode::<MetaState>(bytes).or_else(|newer| {
-            if let Ok(MetaStateBeforeUsers { nodes, map, draining, removed }) = wire::decode(bytes) {
+        wire::decode_whole::<MetaState>(bytes).or_else(|newer| {
+            if let Ok(MetaStateBeforeUsers { nodes, map, draining, removed }) = wire::decode_whole(bytes) {
                 return Ok(MetaState { nodes, map, draining, removed, users: Users::new() });
             }
-            let old: MetaStateV6 = wire::decode(bytes).map_err(|_| newer)?;
+            if let Ok(old) = wire::decode_whole::<MetaStateV6>(bytes) {
+                let nodes = old
+                    .nodes
+                    .into_iter()
+                    .map(|(id, PeerInfoV6 { peer, http, quic, resp })| {
+                        (id, PeerInfo { peer, http, quic, resp, ..PeerInfo::default() })
+                    })
+                    .collect();
+                return Ok(MetaState { nodes, map: old.map, ..MetaState::default() });
+            }
+            let old: MetaStateV3 = wire::decode_whole(bytes).map_err(|_| newer)?;
             let nodes = old
                 .nodes
                 .into_iter()
-                .map(|(id, PeerInfoV6 { peer, http, quic, resp })| {
-                    (id, PeerInfo { peer, http, quic, resp, ..PeerInfo::default() })
-                })
+                .map(|(id, (peer, http, quic))| (id, PeerInfo { peer, http, quic, ..PeerInfo::default() }))
                 .collect();
             Ok(MetaState { nodes, map: old.map, ..MetaState::default() })
         })

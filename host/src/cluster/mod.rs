@@ -30,6 +30,7 @@ mod lifecycle;
 mod membership;
 pub mod messages;
 mod meta;
+pub mod migrate;
 mod peer;
 pub mod placement;
 mod routing;

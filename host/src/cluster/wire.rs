@@ -16,8 +16,14 @@ use serde_bytes::ByteBuf;
 
 use crate::storage::GroupId;
 
+/// The most bytes one decode may claim for its strings, byte strings and lists. Without a limit,
+/// bytes that are not the value decoded (a stored value of an older layout, a damaged frame) can
+/// name a length that aborts the process ("capacity overflow"); with one, they fail to decode.
+/// It is far above any frame or stored value (a meta snapshot carries every module).
+const DECODE_LIMIT: usize = 4 << 30;
+
 fn codec() -> impl bincode::config::Config {
-    bincode::config::standard()
+    bincode::config::standard().with_limit::<DECODE_LIMIT>()
 }
 
 /// Encodes a value with the project's codec.
@@ -28,6 +34,17 @@ pub fn encode<T: Serialize>(value: &T) -> Vec<u8> {
 /// Decodes a value encoded by [`encode`].
 pub fn decode<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, String> {
     bincode::serde::decode_from_slice(bytes, codec()).map(|(v, _)| v).map_err(|e| e.to_string())
+}
+
+/// [`decode`], failing unless the value takes every byte: where one of several layouts may have
+/// written the bytes, a shorter layout can otherwise read a prefix of a longer one.
+pub fn decode_whole<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, String> {
+    let (value, read) = bincode::serde::decode_from_slice(bytes, codec()).map_err(|e| e.to_string())?;
+    if read == bytes.len() {
+        Ok(value)
+    } else {
+        Err(format!("{} bytes were left over after the value", bytes.len() - read))
+    }
 }
 
 /// A log entry on the wire and on disk.

@@ -20,11 +20,15 @@
 //! is purged only up to a checkpoint.
 
 mod faulty;
+mod legacy;
 mod memory;
 mod redb_store;
 mod segment_log;
 
 pub use faulty::FaultyStore;
+#[cfg(test)]
+pub(crate) use legacy::testing as legacy_testing;
+pub use legacy::{LegacyEntries, LegacyStore, LegacyValues, OLDEST_MIGRATED_SCHEMA, Refile, Rewrite, ValueKind};
 pub use memory::MemoryStore;
 pub use redb_store::{RedbStore, SCHEMA_VERSION};
 

@@ -22,20 +22,20 @@ const CACHE_BYTES_DEFAULT: usize = 64 << 20;
 /// The log directory's name is the state file's stem and this.
 const LOG_DIR_SUFFIX: &str = "-log";
 
-const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
-const ITEMS: TableDefinition<(&[u8], &str), &[u8]> = TableDefinition::new("items");
+pub(super) const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+pub(super) const ITEMS: TableDefinition<(&[u8], &str), &[u8]> = TableDefinition::new("items");
 /// (flock, bucket) → version: a flock's buckets sit together, for snapshots.
-const BUCKETS: TableDefinition<(u32, &[u8]), u64> = TableDefinition::new("buckets");
+pub(super) const BUCKETS: TableDefinition<(u32, &[u8]), u64> = TableDefinition::new("buckets");
 const MODULES: TableDefinition<&[u8], &[u8]> = TableDefinition::new("modules");
 const MODULE_NAMES: TableDefinition<&str, &[u8]> = TableDefinition::new("module_names");
 /// In the state file: each group's state machine values (applied point, meta state).
-const RAFT_STATE: TableDefinition<(u32, &str), &[u8]> = TableDefinition::new("raft_state");
+pub(super) const RAFT_STATE: TableDefinition<(u32, &str), &[u8]> = TableDefinition::new("raft_state");
 
-const SCHEMA_KEY: &str = "schema_version";
-const NODE_ID_KEY: &str = "node_id";
-const FLOCKS_KEY: &str = "flock_count";
+pub(super) const SCHEMA_KEY: &str = "schema_version";
+pub(super) const NODE_ID_KEY: &str = "node_id";
+pub(super) const FLOCKS_KEY: &str = "flock_count";
 
-fn engine(e: impl Into<redb::Error>) -> StoreError {
+pub(super) fn engine(e: impl Into<redb::Error>) -> StoreError {
     StoreError::Engine(e.into().to_string())
 }
 
@@ -48,7 +48,7 @@ pub struct RedbStore {
 }
 
 /// Where the log of the state file at `path` is.
-fn log_path(path: &Path) -> PathBuf {
+pub(super) fn log_path(path: &Path) -> PathBuf {
     let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or("grex");
     path.with_file_name(format!("{stem}{LOG_DIR_SUFFIX}"))
 }
@@ -107,6 +107,7 @@ impl RedbStore {
             Some(log) => log,
             None => SegmentLog::open(&log_path, durable, segment_bytes)?,
         };
+        super::legacy::remove_leftover(path)?;
         let durability = if durable { Durability::Immediate } else { Durability::None };
         Ok(RedbStore { db, log, meta, durability })
     }
@@ -214,7 +215,7 @@ fn init_meta(db: &Database, flock_count: u32) -> Result<NodeMeta, StoreError> {
                         hint: if found > SCHEMA_VERSION {
                             "run the newer grex binary that wrote it"
                         } else {
-                            "this data directory predates the current format: serve it with the grex version that wrote it, or start this one on a new --data directory"
+                            "this data directory predates the current format: `grex serve` migrates it on start (from schema 3 on)"
                         },
                     });
                 }
@@ -253,7 +254,7 @@ fn read_items(
     Ok(items)
 }
 
-fn read_u32(bytes: &[u8]) -> Result<u32, StoreError> {
+pub(super) fn read_u32(bytes: &[u8]) -> Result<u32, StoreError> {
     bytes
         .try_into()
         .map(u32::from_be_bytes)
