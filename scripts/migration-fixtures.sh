@@ -24,6 +24,7 @@ mkdir -p "$OUT"
 FIXTURES=(
   "3 1ad4ad9 1 1 19300"   # openraft, flocks by xxh3; one copy, so flocks later move whole
   "3 1ad4ad9 3 3 19400"   # the same in three nodes: refused (flocks were cut by another hash)
+  "4 307782a 3 3 19600"   # openraft, flocks by hash slot
   "5 838c295 3 3 19500"   # raft-rs, logs in a redb file
 )
 
