@@ -20,6 +20,7 @@ pub mod cluster;
 pub mod config;
 pub mod data;
 pub mod error;
+pub mod metrics;
 pub mod node;
 pub mod storage;
 pub mod wasm;

@@ -17,6 +17,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, watch};
 use tokio_rustls::TlsAcceptor;
 
+use crate::metrics::{ConnectionGuard, Metrics, Protocol};
+
 /// A client connection's bytes: TCP, or TLS over it.
 pub(crate) trait ClientStream: AsyncRead + AsyncWrite + Unpin + Send {}
 
@@ -73,6 +75,8 @@ pub(crate) async fn accept_loop(
 /// The connections of one listener.
 pub(crate) struct ConnTable {
     max: usize,
+    /// Where connections are counted (`grex_connections_total`, `grex_connections_open`).
+    counted: Option<(Arc<Metrics>, Protocol)>,
     state: Mutex<TableState>,
     /// Signalled whenever a connection ends or falls idle.
     changed: Notify,
@@ -96,8 +100,19 @@ struct Entry {
 
 impl ConnTable {
     /// A table of at most `max` connections.
+    #[cfg(test)]
     pub(crate) fn new(max: usize) -> Arc<ConnTable> {
-        Arc::new(ConnTable { max, state: Mutex::new(TableState::default()), changed: Notify::new() })
+        Arc::new(ConnTable { max, counted: None, state: Mutex::new(TableState::default()), changed: Notify::new() })
+    }
+
+    /// [`new`](Self::new), counting its connections in `metrics` as `protocol`'s.
+    pub(crate) fn counted(max: usize, metrics: &Arc<Metrics>, protocol: Protocol) -> Arc<ConnTable> {
+        Arc::new(ConnTable {
+            max,
+            counted: Some((metrics.clone(), protocol)),
+            state: Mutex::new(TableState::default()),
+            changed: Notify::new(),
+        })
     }
 
     /// A place for a new connection: a free one, or one an idle connection gives up (it is asked
@@ -116,7 +131,8 @@ impl ConnTable {
                     let evict = Arc::new(Notify::new());
                     let entry = Entry { busy: 0, idle_since: Instant::now(), evict: evict.clone(), evicting: false };
                     state.conns.insert(id, entry);
-                    return Conn { table: self.clone(), id, evict };
+                    let _counted = self.counted.as_ref().map(|(metrics, protocol)| metrics.connection(*protocol));
+                    return Conn { table: self.clone(), id, evict, _counted };
                 }
                 // One eviction at a time is enough; the rest wait for it.
                 if !state.conns.values().any(|e| e.evicting)
@@ -170,6 +186,7 @@ pub(crate) struct Conn {
     table: Arc<ConnTable>,
     id: u64,
     evict: Arc<Notify>,
+    _counted: Option<ConnectionGuard>,
 }
 
 impl Conn {

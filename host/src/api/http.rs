@@ -29,6 +29,7 @@ use super::budget::ReadBudget;
 use super::conns::{ClientStream, Conn, ConnTable, accept_loop, secure};
 use crate::access::{Action, Caller};
 use crate::error::{ErrorCode, RemoteError, error};
+use crate::metrics::Protocol;
 use crate::node::{Node, NodeChange, Service};
 use grex_client::{Permissions, UserInfo};
 
@@ -88,8 +89,9 @@ pub(super) async fn start(
     let timeouts = HttpTimeouts::default();
     let task = tokio::spawn(async move {
         let Some(service) = gate.opened().await else { return };
+        let table = ConnTable::counted(CONNECTIONS_MAX, node.metrics(), Protocol::Http);
         let app = router(node, service, timeouts, budget);
-        serve(listener, app, ConnTable::new(CONNECTIONS_MAX), timeouts, gate.stopped, tls).await;
+        serve(listener, app, table, timeouts, gate.stopped, tls).await;
     });
     Ok((bound, task))
 }
@@ -196,6 +198,7 @@ fn router(node: Node, service: Arc<dyn Service>, timeouts: HttpTimeouts, budget:
         .route("/v1/users", get(list_users))
         .route("/v1/users/{name}", post(write_user).put(write_user).delete(delete_user))
         .route("/v1/whoami", get(whoami))
+        .route("/metrics", get(metrics))
         .fallback(not_found)
         .layer(axum::middleware::from_fn_with_state(service.clone(), sign_in))
         // Bodies are read with the node's own limits, so the errors are ours (JSON, named).
@@ -499,6 +502,13 @@ async fn remove_node(
 async fn status(State(app): State<App>, Extension(caller): Extension<Caller>) -> ApiResult<Json<grex_client::Status>> {
     app.allow(&caller, Action::See)?;
     Ok(Json(app.node.status()))
+}
+
+/// Every metric of this node, as Prometheus text (`crate::metrics`).
+async fn metrics(State(app): State<App>, Extension(caller): Extension<Caller>) -> ApiResult<Response> {
+    app.allow(&caller, Action::See)?;
+    let text = app.node.metrics().render();
+    Ok(([(header::CONTENT_TYPE, HeaderValue::from_static(crate::metrics::CONTENT_TYPE))], text).into_response())
 }
 
 async fn whoami(State(app): State<App>, Extension(caller): Extension<Caller>) -> ApiResult<Json<UserInfo>> {

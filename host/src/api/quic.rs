@@ -156,6 +156,7 @@ async fn serve_connection(serving: Serving, incoming: quinn::Incoming, budget: A
     // Who the connection signed in as: set by an `Authenticate` request, which a client sends
     // first and waits for.
     let caller = Arc::new(Mutex::new(Caller::from(remote)));
+    let _counted = serving.node.metrics().connection(crate::metrics::Protocol::Quic);
     while let Ok((send, recv)) = connection.accept_bi().await {
         let (serving, claim, caller) = (serving.clone(), budget.claim(), caller.clone());
         tokio::spawn(async move {

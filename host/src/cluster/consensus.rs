@@ -169,6 +169,10 @@ pub struct GroupView {
     pub learners: BTreeSet<NodeId>,
     /// First log index.
     pub first: u64,
+    /// Last log index.
+    pub last: u64,
+    /// Committed index, as this node knows it.
+    pub commit: u64,
     /// Applied index.
     pub applied: u64,
     /// On the leader: each member's matched index.
@@ -404,6 +408,11 @@ impl Consensus {
     /// A group as last published.
     pub fn view(&self, group: GroupId) -> Option<GroupView> {
         self.views.read().unwrap_or_else(|p| p.into_inner()).get(&group).cloned()
+    }
+
+    /// Every group's view, as last published.
+    pub fn views(&self) -> BTreeMap<GroupId, GroupView> {
+        self.views.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     /// A group's leadership and applied index, without copying the rest of its view.
@@ -976,6 +985,7 @@ impl Driver {
             if result.is_ok() {
                 for (group, index, meta) in installed {
                     tracing::info!(group, index, "installed a snapshot");
+                    node.metrics().snapshot_installed();
                     match meta {
                         Some((state, modules)) => {
                             publish_modules(&node, modules);
@@ -1241,14 +1251,20 @@ impl Driver {
     fn publish_views(&mut self, groups: BTreeSet<GroupId>) {
         let mut views = self.views.write().unwrap_or_else(|p| p.into_inner());
         for group in groups {
-            let (Some(lead), Some((voters, learners)), Some((first, _, _, applied))) =
+            let (Some(lead), Some((voters, learners)), Some((first, last, commit, applied))) =
                 (self.engine.lead(group), self.engine.members(group), self.engine.log_state(group))
             else {
                 continue;
             };
             let matched = if lead.role == StateRole::Leader { self.engine.matched(group) } else { BTreeMap::new() };
             let joint = self.applied_conf.get(&group).is_some_and(|c| !c.voters_outgoing.is_empty());
-            views.insert(group, GroupView { lead, voters, joint, learners, first, applied, matched });
+            let view = GroupView { lead, voters, joint, learners, first, last, commit, applied, matched };
+            if let Some(old) = views.insert(group, view)
+                && old.lead.leader != lead.leader
+                && lead.leader.is_some()
+            {
+                self.node.metrics().leader_changed();
+            }
         }
     }
 
@@ -1331,6 +1347,9 @@ impl Driver {
                     false
                 }
             };
+            if installed {
+                node.metrics().snapshot_sent();
+            }
             let _ = events.send(Input::SnapshotSent { group, to, installed });
         });
     }

@@ -31,6 +31,7 @@ mod membership;
 pub mod messages;
 mod meta;
 pub mod migrate;
+mod observe;
 mod peer;
 pub mod placement;
 mod routing;
@@ -234,6 +235,7 @@ impl Cluster {
             dead_held: AtomicBool::new(false),
         });
         let cluster = Cluster { inner };
+        observe::observe(&cluster);
         let peers = cluster.inner.peers.clone();
         peers.set_snapshot_rate(config.snapshot_bytes_per_sec);
         cluster.inner.consensus.start(inbox, me, node.clone(), peers.clone(), config.snapshot_logs, bootstrap).await?;

@@ -326,6 +326,20 @@ impl Peers {
         Some((link.protocol, peer.version.clone()))
     }
 
+    /// Every peer this node knows: whether it is alive (see [`alive`](Self::alive)) and the
+    /// round-trip time QUIC estimates on its open connection, if there is one.
+    pub fn reachability(&self) -> Vec<(NodeId, bool, Option<Duration>)> {
+        let ids: Vec<(NodeId, Option<Duration>)> = self
+            .state()
+            .iter()
+            .map(|(&id, peer)| {
+                let link = peer.link.as_ref().filter(|l| l.connection.close_reason().is_none());
+                (id, link.map(|l| l.connection.rtt()))
+            })
+            .collect();
+        ids.into_iter().map(|(id, rtt)| (id, self.alive(id), rtt)).collect()
+    }
+
     /// The incarnation (drawn at each start) of the peer process at the other end of the current
     /// connection, if there is one: it changes when the peer restarted, even too fast for
     /// [`alive`](Self::alive) to have noticed.

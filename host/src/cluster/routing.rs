@@ -107,6 +107,7 @@ impl Cluster {
                 match self.forward_job(via.unwrap_or(target), &bucket, &module, &input, read_only, relay).await {
                     Forwarded::Answer(result) => return result,
                     Forwarded::Redirect(hint) => {
+                        self.inner.node.metrics().redirected();
                         redirect = hint;
                         redirects += 1;
                         if redirects == 1 && hint.is_some() {

@@ -190,7 +190,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::thread::JoinHandle;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use futures::FutureExt;
 use grex_client::proto::{self, Canary, FlockMapInfo, JobOutput, ModuleInfo, NodesInfo, Status, UserInfo};
@@ -200,6 +200,7 @@ use crate::access::{Action, Caller, Identity, UserChange, Users};
 use crate::config::NodeConfig;
 use crate::data::Builtin;
 use crate::error::{ErrorCode, RemoteError, Result, error};
+use crate::metrics::{Metrics, Phase};
 use crate::storage::{ModuleId, RedbStore, Store};
 use crate::wasm::{LoadedModule, Runtime, module_id_text, parse_module_id};
 use shard::{Program, Shard, ShardJob, ShardMsg, ShardStats, WaitFor};
@@ -249,6 +250,7 @@ struct Inner {
     jobs_running: AtomicU64,
     started: Instant,
     urls: RwLock<NodeUrls>,
+    metrics: Arc<Metrics>,
 }
 
 impl Node {
@@ -298,6 +300,7 @@ impl Node {
                 .with_code_dir(code_dir.clone())
                 .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", code_dir.display()))?,
         );
+        let metrics = Arc::new(Metrics::new());
         let commits = Arc::new(CommitLog::start(store.clone(), config.commit_queue_max, config.commit_queue_bytes_max));
         let mut shards = Vec::new();
         let flock_count = store.meta().flock_count;
@@ -322,7 +325,7 @@ impl Node {
             shard_stats.push(stats);
         }
         let names = load_module_names(store.as_ref()).map_err(|e| anyhow::anyhow!("cannot read module names: {e}"))?;
-        Ok(Node {
+        let node = Node {
             inner: Arc::new(Inner {
                 config,
                 store,
@@ -339,8 +342,16 @@ impl Node {
                 jobs_running: AtomicU64::new(0),
                 started: Instant::now(),
                 urls: RwLock::new(NodeUrls::default()),
+                metrics,
             }),
-        })
+        };
+        let weak = Arc::downgrade(&node.inner);
+        node.inner.metrics.add_source(Box::new(move |samples| {
+            if let Some(inner) = weak.upgrade() {
+                Node { inner }.sample(samples);
+            }
+        }));
+        Ok(node)
     }
 
     /// The node's configuration.
@@ -454,7 +465,10 @@ impl Node {
                     format!("module `{name}` ({}) is not stored here", module_id_text(&id)),
                 )
             })?;
-            node.inner.runtime.modules.compile(&wasm)
+            let began = Instant::now();
+            let loaded = node.inner.runtime.modules.compile(&wasm);
+            node.inner.metrics.module_loaded(began.elapsed());
+            loaded
         })
         .await
         .map_err(|e| error(ErrorCode::Internal, format!("module load task failed: {e}")))?
@@ -464,18 +478,88 @@ impl Node {
     /// jobs commit their writes (through the flock's log, on a cluster node) before this returns;
     /// read-only jobs may not write. Where a job should run is the [`Service`]'s business.
     pub async fn run_job(&self, bucket: &[u8], module: &str, input: Vec<u8>, read_only: bool) -> Result<JobOutput> {
-        let result = self.run_job_inner(bucket, module, input, read_only).await;
+        let arrived = Instant::now();
+        let mut phases = Vec::with_capacity(4);
+        let result = self.run_job_inner(bucket, module, input, read_only, &mut phases).await;
         let counter = if result.is_ok() { &self.inner.jobs_ok } else { &self.inner.jobs_failed };
         counter.fetch_add(1, Ordering::Relaxed);
+        phases.push((Phase::Total, arrived.elapsed()));
+        // A name no module has is labelled `other`: clients must not fill the labels.
+        let label = match &result {
+            Err(e) if matches!(e.code, ErrorCode::ModuleNotFound | ErrorCode::BadRequest) => "other",
+            _ => module,
+        };
+        self.inner.metrics.job(label, result.as_ref().map(drop).map_err(|e| e.code), &phases);
         result
     }
 
     /// Counts a job passed on to another node (shown in the status).
     pub fn count_forwarded(&self) {
         self.inner.jobs_forwarded.fetch_add(1, Ordering::Relaxed);
+        self.inner.metrics.forwarded();
     }
 
-    async fn run_job_inner(&self, bucket: &[u8], module: &str, input: Vec<u8>, read_only: bool) -> Result<JobOutput> {
+    /// The node's metrics.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.inner.metrics
+    }
+
+    /// The node's state for a scrape of its metrics.
+    fn sample(&self, samples: &mut crate::metrics::Samples) {
+        let cache = self.cache_stats();
+        samples.counter("cache_hits", "Bucket cache hits", &[], cache.hits as f64);
+        samples.counter(
+            "cache_misses",
+            "Bucket cache misses (the bucket was read from the store)",
+            &[],
+            cache.misses as f64,
+        );
+        samples.gauge("cache_buckets", "Decoded buckets in the cache", &[], cache.buckets as f64);
+        samples.gauge("cache_bytes", "Bytes of decoded buckets in the cache", &[], cache.bytes as f64);
+        samples.gauge(
+            "cache_bytes_max",
+            "The bucket cache's limit (--cache-mib)",
+            &[],
+            self.inner.config.cache_bytes_max as f64,
+        );
+        samples.gauge(
+            "jobs_running",
+            "Jobs past loading their module and not answered yet (queued, running or committing)",
+            &[],
+            self.inner.jobs_running.load(Ordering::Relaxed) as f64,
+        );
+        samples.gauge("modules", "Module names this node holds", &[], self.modules().len() as f64);
+        let commits = &self.inner.commits.stats;
+        samples.counter(
+            "store_commits",
+            "Synced writes of the group committer (an fsync each on a durable node)",
+            &[],
+            commits.commits.load(Ordering::Relaxed) as f64,
+        );
+        samples.counter(
+            "store_change_sets",
+            "Change sets (log entries on a cluster node) in those writes: divided by store_commits, the entries per fsync",
+            &[],
+            commits.change_sets.load(Ordering::Relaxed) as f64,
+        );
+        samples.gauge(
+            "uptime_seconds",
+            "Seconds since the node started",
+            &[],
+            self.inner.started.elapsed().as_secs_f64(),
+        );
+    }
+
+    /// Runs a job; `phases` gets how long it waited for its executor, ran and waited for its
+    /// commit, as far as it got.
+    async fn run_job_inner(
+        &self,
+        bucket: &[u8],
+        module: &str,
+        input: Vec<u8>,
+        read_only: bool,
+        phases: &mut Vec<(Phase, Duration)>,
+    ) -> Result<JobOutput> {
         proto::check_bucket_key(bucket)?;
         let max = self.inner.config.limits.input_bytes_max;
         if input.len() > max {
@@ -511,7 +595,11 @@ impl Node {
             ),
             mpsc::error::TrySendError::Closed(_) => shutting_down(),
         })?;
-        let executed = answer.await.map_err(|_| shutting_down())?;
+        let queued = Instant::now();
+        let (executed, timing) = answer.await.map_err(|_| shutting_down())?;
+        phases.push((Phase::Queue, timing.began.saturating_duration_since(queued)));
+        phases.push((Phase::Run, timing.ran));
+        let ran = Instant::now();
         match executed.wait {
             WaitFor::Nothing => {}
             WaitFor::Seq(seq) => self.inner.commits.wait_durable(seq).await?,
@@ -525,6 +613,7 @@ impl Node {
                 replicator.confirm_lead(flock, term).await?;
             }
         }
+        phases.push((Phase::Commit, ran.elapsed()));
         let finished = executed.result?;
         Ok(JobOutput {
             output: finished.output,

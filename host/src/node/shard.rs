@@ -11,6 +11,7 @@
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot};
 
@@ -38,11 +39,17 @@ pub(crate) struct ShardJob {
     pub(crate) module_name: String,
     pub(crate) input: Vec<u8>,
     pub(crate) read_only: bool,
-    pub(crate) reply: oneshot::Sender<Executed>,
+    pub(crate) reply: oneshot::Sender<(Executed, Timing)>,
 }
 
 /// What a shard did with a job. The caller must wait for `wait` before it answers: the job may
 /// have seen (or made) writes that are not durable yet.
+/// When an executor took a job up, and how long running it took.
+pub(crate) struct Timing {
+    pub(crate) began: Instant,
+    pub(crate) ran: Duration,
+}
+
 pub(crate) struct Executed {
     pub(crate) result: Result<Finished, RemoteError>,
     pub(crate) wait: WaitFor,
@@ -123,11 +130,12 @@ impl Shard {
         while let Some(msg) = rx.blocking_recv() {
             match msg {
                 ShardMsg::Job(job) => {
+                    let began = Instant::now();
                     let executed = match std::panic::catch_unwind(AssertUnwindSafe(|| self.execute(&job))) {
                         Ok(executed) => executed,
                         Err(_) => self.recover_from_panic(),
                     };
-                    let _ = job.reply.send(executed);
+                    let _ = job.reply.send((executed, Timing { began, ran: began.elapsed() }));
                     self.stats.publish(self.cache.stats());
                 }
                 ShardMsg::Applied(buckets) => {

@@ -37,6 +37,7 @@ use crate::api::budget::{Claim, ReadBudget};
 use crate::api::conns::{ClientStream, Conn, ConnTable, accept_loop, secure};
 use crate::data::builtin::{self, Builtin, BuiltinReply};
 use crate::error::RemoteError;
+use crate::metrics::Protocol;
 use crate::node::{Node, Service};
 
 /// Open connections at most; when all are taken, the longest-idle one is closed for a new client,
@@ -269,7 +270,7 @@ pub(crate) async fn start(
     let limits = RespLimits::for_node(&node);
     let task = tokio::spawn(async move {
         let Some(service) = gate.opened().await else { return };
-        let (table, stopped) = (ConnTable::new(CONNECTIONS_MAX), gate.stopped);
+        let (table, stopped) = (ConnTable::counted(CONNECTIONS_MAX, node.metrics(), Protocol::Resp), gate.stopped);
         serve(listener, Serving { node, service, limits, budget, tls }, table, stopped).await;
     });
     Ok((bound, task))
@@ -611,6 +612,7 @@ impl Connection {
     async fn execute(&mut self, name: &str, args: &[Vec<u8>]) -> (Reply, Then) {
         let rest = &args[1..];
         if let Some(refused) = self.commands.refuse(name, rest) {
+            count(&self.commands.node, name, &refused);
             return (refused, Then::Continue);
         }
         let reply = match name {
@@ -647,6 +649,7 @@ impl Connection {
             // Checked above.
             _ => self.commands.dispatch(name, args).await,
         };
+        count(&self.commands.node, name, &reply);
         (reply, Then::Continue)
     }
 
@@ -711,6 +714,13 @@ impl Connection {
     }
 }
 
+/// Counts an answered command in the node's metrics; a name no command has counts as `UNKNOWN`, so
+/// clients cannot add labels.
+fn count(node: &Node, name: &str, reply: &Reply) {
+    let unknown = matches!(reply, Reply::Error(text) if text.starts_with("ERR unknown command"));
+    node.metrics().resp_command(if unknown { "UNKNOWN" } else { name }, !matches!(reply, Reply::Error(_)));
+}
+
 impl Commands {
     /// The reply refusing a command the connection's caller may not run (`NOAUTH` before a
     /// sign-in, `NOPERM` without the permission), or `None` to run it.
@@ -729,10 +739,12 @@ impl Commands {
     /// Runs a command that may run beside others (everything but [`runs_alone`]'s), if the
     /// connection's caller may.
     async fn run(&self, name: &str, args: &[Vec<u8>]) -> Reply {
-        match self.refuse(name, &args[1..]) {
+        let reply = match self.refuse(name, &args[1..]) {
             Some(refused) => refused,
             None => self.dispatch(name, args).await,
-        }
+        };
+        count(&self.node, name, &reply);
+        reply
     }
 
     /// Runs a command the caller may run.
