@@ -26,7 +26,8 @@ pub mod router;
 use std::path::{Path, PathBuf};
 
 pub use proto::{
-    Canary, ErrorCode, JobOutput, ModuleInfo, NewUser, Permissions, RemoteError, Request, Response, Status, UserInfo,
+    Canary, ErrorCode, JobOutput, JobRecord, ModuleInfo, NewUser, Permissions, RecentJobs, RemoteError, Request,
+    Response, Status, UserInfo,
 };
 pub use router::Router;
 
@@ -246,6 +247,14 @@ impl Client {
     pub async fn canary(&self, bucket: &[u8]) -> Result<Canary, ClientError> {
         match self.call(Request::Canary { bucket: bucket.to_vec() }).await? {
             Response::Canary(c) => Ok(c),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// The node's slowest and failed recent jobs.
+    pub async fn recent_jobs(&self) -> Result<RecentJobs, ClientError> {
+        match self.call(Request::RecentJobs).await? {
+            Response::RecentJobs(jobs) => Ok(jobs),
             other => Err(unexpected(other)),
         }
     }

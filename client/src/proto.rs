@@ -205,6 +205,44 @@ pub enum Request {
         /// The user's name.
         name: String,
     },
+    /// The slowest and the failed recent jobs of the node asked.
+    RecentJobs,
+}
+
+/// One job as a node remembers it among its slowest or failed recent jobs: never its bucket key,
+/// a hash of it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobRecord {
+    /// When it ended, in milliseconds since the Unix epoch.
+    pub at_ms: u64,
+    /// Its module (the name it was run by).
+    pub module: String,
+    /// The XXH3-64 of its bucket key, hex.
+    pub bucket_hash: String,
+    /// Its bucket's flock.
+    pub flock: u32,
+    /// Microseconds waiting for its executor.
+    pub queue_us: u64,
+    /// Microseconds running (sandbox, with its bucket's load).
+    pub run_us: u64,
+    /// Microseconds waiting for its commit (or its read's confirmation).
+    pub commit_us: u64,
+    /// Microseconds from its arrival to its answer.
+    pub total_us: u64,
+    /// Its error, if it failed.
+    pub error: Option<ErrorCode>,
+}
+
+/// A node's slowest recent jobs (of the last one to two minutes, slowest first) and its last
+/// failed jobs (newest first).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RecentJobs {
+    /// The node's id.
+    pub node: String,
+    /// The slowest recent jobs.
+    pub slowest: Vec<JobRecord>,
+    /// The last failed jobs.
+    pub failed: Vec<JobRecord>,
 }
 
 /// A node's answer.
@@ -236,6 +274,8 @@ pub enum Response {
     Users(Vec<UserInfo>),
     /// A user was added: its token, shown this once.
     NewUser(NewUser),
+    /// A node's slowest and failed recent jobs.
+    RecentJobs(RecentJobs),
 }
 
 impl Response {
@@ -255,6 +295,7 @@ impl Response {
             Response::User(_) => "user",
             Response::Users(_) => "users",
             Response::NewUser(_) => "new user",
+            Response::RecentJobs(_) => "recent jobs",
         }
     }
 }

@@ -1,11 +1,11 @@
-//! `GET /metrics` on real nodes: the text parses as Prometheus exposition, and its values move as
-//! a known load says they must.
+//! `GET /metrics` and `grex jobs recent` on real nodes: the text parses as Prometheus exposition,
+//! and its values and the recent jobs move as a known load says they must.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
 use grex_tests::counting::load_counter;
-use grex_tests::{GrexNode, TestCluster, eventually, http};
+use grex_tests::{GrexNode, TestCluster, eventually, grex, http};
 
 /// Every sample of a node's metrics: (name, sorted labels) → value.
 type Scrape = BTreeMap<(String, Vec<(String, String)>), f64>;
@@ -113,6 +113,28 @@ async fn metrics_parse_as_prometheus_text_and_count_jobs_commands_and_the_cluste
         value(&scrape(&cluster.nodes[1]), "grex_connections_open", &[("protocol", "resp")]) == 0.0
     })
     .await;
+
+    // The slowest and failed recent jobs of every member, as `grex jobs recent --all` reports them.
+    let node0 = &cluster.nodes[0].http;
+    let json = grex(&["jobs", "recent", "--all", "--json", "--node", node0]);
+    let reports: Vec<serde_json::Value> = json.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(reports.len(), 3, "one report per member: {json}");
+    let jobs = |key: &str| -> Vec<serde_json::Value> {
+        reports.iter().flat_map(|r| r[key].as_array().unwrap().clone()).collect()
+    };
+    let failed = jobs("failed");
+    assert_eq!(failed.len(), 1, "{json}");
+    assert_eq!(failed[0]["error"], "module_not_found");
+    let slowest = jobs("slowest");
+    // Each node keeps its 32 slowest: all it ran, if it ran fewer.
+    let kept: f64 = (0..3)
+        .map(|i| (value(&after[i], "grex_jobs_total", &ok) - value(&before[i], "grex_jobs_total", &ok)).min(32.0))
+        .sum();
+    assert_eq!(slowest.iter().filter(|j| j["module"] == "counter").count() as f64, kept, "{json}");
+    assert!(slowest.iter().all(|j| j["total_us"].as_u64() >= j["run_us"].as_u64()));
+    assert!(!json.contains("metrics-"), "a bucket key is shown only by its hash: {json}");
+    let table = grex(&["jobs", "recent", "--node", node0]);
+    assert!(table.contains("slowest recent jobs") && table.contains("module_not_found"), "{table}");
 
     // The cluster as the engines hold it: each flock and the meta group led by exactly one node,
     // every peer up.

@@ -191,6 +191,7 @@ fn router(node: Node, service: Arc<dyn Service>, timeouts: HttpTimeouts, budget:
         .route("/v1/buckets/{bucket}/items/{item}", get(get_item))
         .route("/v1/canary/{bucket}", get(canary))
         .route("/v1/status", get(status))
+        .route("/v1/jobs/recent", get(recent_jobs))
         .route("/v1/flocks", get(flocks))
         .route("/v1/cluster/nodes", get(nodes))
         .route("/v1/cluster/nodes/{node}/drain", post(drain_node))
@@ -509,6 +510,14 @@ async fn metrics(State(app): State<App>, Extension(caller): Extension<Caller>) -
     app.allow(&caller, Action::See)?;
     let text = app.node.metrics().render();
     Ok(([(header::CONTENT_TYPE, HeaderValue::from_static(crate::metrics::CONTENT_TYPE))], text).into_response())
+}
+
+async fn recent_jobs(
+    State(app): State<App>,
+    Extension(caller): Extension<Caller>,
+) -> ApiResult<Json<grex_client::RecentJobs>> {
+    app.allow(&caller, Action::See)?;
+    Ok(Json(app.node.recent_jobs()))
 }
 
 async fn whoami(State(app): State<App>, Extension(caller): Extension<Caller>) -> ApiResult<Json<UserInfo>> {

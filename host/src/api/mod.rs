@@ -183,6 +183,7 @@ fn request_action(request: &Request) -> Action<'_> {
         | Request::ListModules
         | Request::Flocks
         | Request::Nodes
+        | Request::RecentJobs
         | Request::Authenticate { .. } => Action::See,
     }
 }

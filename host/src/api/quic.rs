@@ -129,6 +129,7 @@ impl Serving {
             Request::DrainNode { node } => service.change_node(node, NodeChange::Drain).await.map(Response::Nodes),
             Request::RemoveNode { node } => service.change_node(node, NodeChange::Remove).await.map(Response::Nodes),
             Request::Status => Ok(Response::Status(node.status())),
+            Request::RecentJobs => Ok(Response::RecentJobs(node.recent_jobs())),
             Request::ListModules => Ok(Response::Modules(node.modules())),
             Request::Users => Ok(Response::Users(service.users())),
             Request::AddUser { name, permissions } => {

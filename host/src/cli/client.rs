@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Subcommand;
 use grex_client::proto::NodesInfo;
-use grex_client::{Client, Permissions};
+use grex_client::{Client, JobRecord, Permissions};
 
 use super::Target;
 
@@ -249,6 +249,24 @@ pub(super) async fn item(cmd: ItemCommand) -> anyhow::Result<()> {
     }
 }
 
+/// `grex jobs ...`
+#[derive(Subcommand)]
+pub(super) enum JobsCommand {
+    /// The slowest jobs of the last minute or two and the last failed jobs, with the time each
+    /// phase took (queue: waiting for an executor; run: in the sandbox; commit: replicated and
+    /// durable). Buckets are shown by a hash of their key.
+    Recent {
+        /// Ask every member (through the HTTP URL each one advertises), not only the node given.
+        #[arg(long)]
+        all: bool,
+        /// Print JSON (one object per node) instead of tables.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        target: Target,
+    },
+}
+
 /// `grex flock ...`
 #[derive(clap::Subcommand)]
 pub enum FlockCommand {
@@ -283,6 +301,68 @@ pub(super) async fn flock(cmd: FlockCommand) -> anyhow::Result<()> {
         let changing = if flock.settled { "" } else { " (membership changing)" };
         writeln!(out, "{:>5} {}{changing}", flock.flock, herders.join(" "))?;
     }
+    Ok(())
+}
+
+pub(super) async fn jobs(cmd: JobsCommand) -> anyhow::Result<()> {
+    let JobsCommand::Recent { all, json, target } = cmd;
+    let client = connect(&target).await?;
+    let mut reports = vec![client.recent_jobs().await?];
+    if all {
+        let map = client.flocks().await?;
+        let asked_first = reports[0].node.clone();
+        for (id, url) in map.nodes.iter().filter(|(id, _)| *id != asked_first) {
+            let asked = async { Client::connect_with(url, &target.options()).await?.recent_jobs().await };
+            match asked.await {
+                Ok(report) => reports.push(report),
+                Err(e) => eprintln!("node {id} ({url}) did not answer: {e}"),
+            }
+        }
+    }
+    let mut out = stdout();
+    if json {
+        for report in &reports {
+            writeln!(out, "{}", serde_json::to_string(report)?)?;
+        }
+        return Ok(());
+    }
+    let now_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+    let table = |out: &mut std::io::StdoutLock<'static>, title: &str, jobs: Vec<(&str, &JobRecord)>| {
+        writeln!(out, "{title}")?;
+        if jobs.is_empty() {
+            return writeln!(out, "  (none)");
+        }
+        writeln!(
+            out,
+            "  {:<16} {:>7} {:<16} {:>5} {:<16} {:>9} {:>9} {:>9} {:>9}  error",
+            "node", "ago", "module", "flock", "bucket hash", "queue ms", "run ms", "commit ms", "total ms"
+        )?;
+        let ms = |us: u64| format!("{:.2}", us as f64 / 1000.0);
+        for (node, job) in jobs {
+            let ago = format!("{:.0}s", now_ms.saturating_sub(job.at_ms) as f64 / 1000.0);
+            let error = job.error.map(|e| e.as_str()).unwrap_or("");
+            writeln!(
+                out,
+                "  {node:<16} {ago:>7} {:<16} {:>5} {:<16} {:>9} {:>9} {:>9} {:>9}  {error}",
+                job.module,
+                job.flock,
+                job.bucket_hash,
+                ms(job.queue_us),
+                ms(job.run_us),
+                ms(job.commit_us),
+                ms(job.total_us)
+            )?;
+        }
+        Ok(())
+    };
+    let mut slowest: Vec<(&str, &JobRecord)> =
+        reports.iter().flat_map(|r| r.slowest.iter().map(move |j| (r.node.as_str(), j))).collect();
+    slowest.sort_by_key(|j| std::cmp::Reverse(j.1.total_us));
+    let mut failed: Vec<(&str, &JobRecord)> =
+        reports.iter().flat_map(|r| r.failed.iter().map(move |j| (r.node.as_str(), j))).collect();
+    failed.sort_by_key(|j| std::cmp::Reverse(j.1.at_ms));
+    table(&mut out, "slowest recent jobs", slowest)?;
+    table(&mut out, "failed recent jobs (newest first)", failed)?;
     Ok(())
 }
 

@@ -43,6 +43,9 @@ enum Command {
     /// Run jobs.
     #[command(subcommand)]
     Job(client::JobCommand),
+    /// See recent jobs: the slowest and the failed.
+    #[command(subcommand)]
+    Jobs(client::JobsCommand),
     /// Read items.
     #[command(subcommand)]
     Item(client::ItemCommand),
@@ -135,6 +138,7 @@ pub fn main() -> ExitCode {
             Command::Flock(cmd) => client::flock(cmd).await,
             Command::Module(cmd) => client::module(cmd).await,
             Command::Job(cmd) => client::job(cmd).await,
+            Command::Jobs(cmd) => client::jobs(cmd).await,
             Command::Item(cmd) => client::item(cmd).await,
             Command::User(cmd) => client::user(cmd).await,
             Command::Canary { bucket, target } => client::canary(&bucket, &target).await,

@@ -20,6 +20,7 @@
 mod cache;
 mod clock;
 mod commit;
+mod recent;
 mod shard;
 
 pub use cache::CacheStats;
@@ -251,6 +252,7 @@ struct Inner {
     started: Instant,
     urls: RwLock<NodeUrls>,
     metrics: Arc<Metrics>,
+    recent: recent::Recent,
 }
 
 impl Node {
@@ -343,6 +345,7 @@ impl Node {
                 started: Instant::now(),
                 urls: RwLock::new(NodeUrls::default()),
                 metrics,
+                recent: recent::Recent::new(),
             }),
         };
         let weak = Arc::downgrade(&node.inner);
@@ -489,7 +492,10 @@ impl Node {
             Err(e) if matches!(e.code, ErrorCode::ModuleNotFound | ErrorCode::BadRequest) => "other",
             _ => module,
         };
-        self.inner.metrics.job(label, result.as_ref().map(drop).map_err(|e| e.code), &phases);
+        let outcome = result.as_ref().map(drop).map_err(|e| e.code);
+        self.inner.metrics.job(label, outcome, &phases);
+        let flock = proto::flock_of(bucket, self.flock_count());
+        self.inner.recent.record(module, bucket, flock, outcome, &phases);
         result
     }
 
@@ -497,6 +503,11 @@ impl Node {
     pub fn count_forwarded(&self) {
         self.inner.jobs_forwarded.fetch_add(1, Ordering::Relaxed);
         self.inner.metrics.forwarded();
+    }
+
+    /// The node's slowest and failed recent jobs.
+    pub fn recent_jobs(&self) -> grex_client::RecentJobs {
+        self.inner.recent.snapshot(self.id())
     }
 
     /// The node's metrics.
