@@ -487,9 +487,20 @@ impl Node {
         let counter = if result.is_ok() { &self.inner.jobs_ok } else { &self.inner.jobs_failed };
         counter.fetch_add(1, Ordering::Relaxed);
         phases.push((Phase::Total, arrived.elapsed()));
-        // A name no module has is labelled `other`: clients must not fill the labels.
+        // A job refused before its module was found is labelled `other`: its name may be one no
+        // module has, and clients must not fill the labels.
         let label = match &result {
-            Err(e) if matches!(e.code, ErrorCode::ModuleNotFound | ErrorCode::BadRequest) => "other",
+            Err(e)
+                if matches!(
+                    e.code,
+                    ErrorCode::ModuleNotFound
+                        | ErrorCode::BadRequest
+                        | ErrorCode::InvalidBucketKey
+                        | ErrorCode::InputTooLarge
+                ) =>
+            {
+                "other"
+            }
             _ => module,
         };
         let outcome = result.as_ref().map(drop).map_err(|e| e.code);

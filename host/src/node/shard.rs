@@ -42,14 +42,14 @@ pub(crate) struct ShardJob {
     pub(crate) reply: oneshot::Sender<(Executed, Timing)>,
 }
 
-/// What a shard did with a job. The caller must wait for `wait` before it answers: the job may
-/// have seen (or made) writes that are not durable yet.
 /// When an executor took a job up, and how long running it took.
 pub(crate) struct Timing {
     pub(crate) began: Instant,
     pub(crate) ran: Duration,
 }
 
+/// What a shard did with a job. The caller must wait for `wait` before it answers: the job may
+/// have seen (or made) writes that are not durable yet.
 pub(crate) struct Executed {
     pub(crate) result: Result<Finished, RemoteError>,
     pub(crate) wait: WaitFor,
