@@ -5,20 +5,18 @@
 # Usage: scripts/bench-metrics.sh [ROUNDS] (default 3). Everything listens on 127.0.0.1 and stops at the end.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source scripts/cluster-lib.sh
 rounds=${1:-3}
 scripts/build-jobs.sh > /dev/null
 cargo build --release -p grex --bin grex --quiet
 grex=target/release/grex
 data=$(mktemp -d)
-trap 'kill $node_pid $scraper 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$data"' EXIT
+pids=()
 scraper=
-$grex serve --data "$data/node" --http 127.0.0.1:0 --quic 127.0.0.1:0 --peer 127.0.0.1:0 > "$data/out" 2> "$data/err" &
-node_pid=$!
-for _ in $(seq 1 200); do grep -q listening "$data/out" 2>/dev/null && break; sleep 0.05; done
-line=$(head -1 "$data/out")
-export GREX_NODE=$(sed -n 's/.*quic=\([^ ]*\).*/\1/p' <<< "$line") GREX_CA=$(sed -n 's/.*ca=\([^ ]*\).*/\1/p' <<< "$line")
-http=$(sed -n 's/.*http=\([^ ]*\).*/\1/p' <<< "$line")
-$grex module put target/jobs/wasm32-unknown-unknown/wasm/counter.wasm --name counter > /dev/null
+trap 'kill ${pids[@]} $scraper 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$data"' EXIT
+start_for_load 1
+export GREX_NODE=quic://127.0.0.1:17071 GREX_CA=$data/node-0/ca.pem
+http=http://127.0.0.1:17070
 bench() { $grex bench --clients 50 --seconds 8 --buckets 100000 --seed "$1" | tail -1; }
 echo "== one node (256 flocks), durable, 50 clients over QUIC, counter on 100k random buckets, 8 s a run"
 for i in $(seq 1 "$rounds"); do

@@ -4,13 +4,13 @@
 //! Two kinds:
 //!
 //! - **Events**, counted where they happen: jobs by module and outcome, job latency by phase,
-//!   forwards and redirects, Redis commands, connections, module loads, snapshots and leader changes.
+//!   redirects, Redis commands, connections, module loads, snapshots and leader changes.
 //!   Each is a `prometheus-client` counter or histogram: an atomic add, plus a read-locked map
 //!   lookup for labelled ones.
-//! - **State**, read when scraped: the bucket cache, jobs running, the group committer's counts, and
-//!   what the cluster knows of its
-//!   flocks and peers. A part of the node that has such state adds a [`Source`]; a scrape calls each
-//!   one, so state costs nothing between scrapes.
+//! - **State**, read when scraped: the bucket cache, jobs running and forwarded (counts the node
+//!   keeps for its status too), the group committer's counts, and what the cluster knows of its
+//!   flocks and peers. A part of the node that has such state adds a [`Source`]; a scrape calls
+//!   each one, so state costs nothing between scrapes.
 //!
 //! Cardinality is bounded: no label names a bucket; modules are labelled by name for the first
 //! [`MODULE_LABELS_MAX`] names this node has seen and as `other` after that; flocks (at most the
@@ -190,7 +190,6 @@ pub struct Metrics {
     other: Arc<str>,
     jobs: Family<JobLabels, Counter>,
     job_seconds: Family<PhaseLabels, Histogram>,
-    forwarded: Counter,
     redirects: Counter,
     resp_commands: Family<CommandLabels, Counter>,
     resp_commands_seen: RwLock<HashMap<String, Arc<str>>>,
@@ -226,12 +225,6 @@ impl Metrics {
             "Job latency by module and phase: queue (waiting for its executor), run (in the sandbox), commit \
              (replicated and durable, or a read confirmed) and total",
             job_seconds.clone(),
-        );
-        let forwarded = Counter::default();
-        registry.register(
-            "jobs_forwarded",
-            "Jobs this node passed on to the node that serves their bucket",
-            forwarded.clone(),
         );
         let redirects = Counter::default();
         registry.register(
@@ -283,7 +276,6 @@ impl Metrics {
             other: Arc::from(OTHER),
             jobs,
             job_seconds,
-            forwarded,
             redirects,
             resp_commands,
             resp_commands_seen: RwLock::new(HashMap::new()),
@@ -321,11 +313,6 @@ impl Metrics {
                 .get_or_create(&PhaseLabels { module: module.clone(), phase: phase.as_str() })
                 .observe(took.as_secs_f64());
         }
-    }
-
-    /// A job was passed on to another node (counted once, however many tries).
-    pub fn forwarded(&self) {
-        self.forwarded.inc();
     }
 
     /// A forwarded job followed a redirect.

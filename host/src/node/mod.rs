@@ -483,7 +483,8 @@ impl Node {
     pub async fn run_job(&self, bucket: &[u8], module: &str, input: Vec<u8>, read_only: bool) -> Result<JobOutput> {
         let arrived = Instant::now();
         let mut phases = Vec::with_capacity(4);
-        let result = self.run_job_inner(bucket, module, input, read_only, &mut phases).await;
+        let flock = proto::flock_of(bucket, self.flock_count());
+        let result = self.run_job_inner(bucket, flock, module, input, read_only, &mut phases).await;
         let counter = if result.is_ok() { &self.inner.jobs_ok } else { &self.inner.jobs_failed };
         counter.fetch_add(1, Ordering::Relaxed);
         phases.push((Phase::Total, arrived.elapsed()));
@@ -505,7 +506,6 @@ impl Node {
         };
         let outcome = result.as_ref().map(drop).map_err(|e| e.code);
         self.inner.metrics.job(label, outcome, &phases);
-        let flock = proto::flock_of(bucket, self.flock_count());
         self.inner.recent.record(module, bucket, flock, outcome, &phases);
         result
     }
@@ -513,7 +513,6 @@ impl Node {
     /// Counts a job passed on to another node (shown in the status).
     pub fn count_forwarded(&self) {
         self.inner.jobs_forwarded.fetch_add(1, Ordering::Relaxed);
-        self.inner.metrics.forwarded();
     }
 
     /// The node's slowest and failed recent jobs.
@@ -551,6 +550,12 @@ impl Node {
             self.inner.jobs_running.load(Ordering::Relaxed) as f64,
         );
         samples.gauge("modules", "Module names this node holds", &[], self.modules().len() as f64);
+        samples.counter(
+            "jobs_forwarded",
+            "Jobs this node passed on to the node that serves their bucket",
+            &[],
+            self.inner.jobs_forwarded.load(Ordering::Relaxed) as f64,
+        );
         let commits = &self.inner.commits.stats;
         samples.counter(
             "store_commits",
@@ -577,6 +582,7 @@ impl Node {
     async fn run_job_inner(
         &self,
         bucket: &[u8],
+        flock: u32,
         module: &str,
         input: Vec<u8>,
         read_only: bool,
@@ -595,7 +601,6 @@ impl Node {
             None => Program::Wasm(self.module(module).await?),
         };
         let _running = Running::count(&self.inner.jobs_running);
-        let flock = proto::flock_of(bucket, self.flock_count());
         let (reply, answer) = oneshot::channel();
         let job = ShardJob {
             bucket: bucket.to_vec(),
