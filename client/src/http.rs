@@ -169,6 +169,7 @@ fn to_http(request: &Request) -> HttpCall {
         Request::Flocks => get("/v1/flocks".to_owned()),
         Request::Nodes => get("/v1/cluster/nodes".to_owned()),
         Request::RecentJobs => get("/v1/jobs/recent".to_owned()),
+        Request::ClusterStats => get("/v1/cluster/stats".to_owned()),
         Request::DeleteModule { name } => HttpCall {
             method: Method::DELETE,
             path: format!("/v1/modules/{}", encode(name)),
@@ -221,6 +222,7 @@ fn from_http(request: &Request, headers: &hyper::HeaderMap, body: Bytes) -> Resu
         Request::Canary { .. } => Response::Canary(serde_json::from_slice(&body).map_err(json_error)?),
         Request::Status => Response::Status(serde_json::from_slice(&body).map_err(json_error)?),
         Request::RecentJobs => Response::RecentJobs(serde_json::from_slice(&body).map_err(json_error)?),
+        Request::ClusterStats => Response::ClusterStats(serde_json::from_slice(&body).map_err(json_error)?),
         Request::Authenticate { .. } | Request::SetUser { .. } | Request::DeleteUser { .. } => {
             Response::User(serde_json::from_slice(&body).map_err(json_error)?)
         }

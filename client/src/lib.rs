@@ -26,8 +26,8 @@ pub mod router;
 use std::path::{Path, PathBuf};
 
 pub use proto::{
-    Canary, ErrorCode, JobOutput, JobRecord, ModuleInfo, NewUser, Permissions, RecentJobs, RemoteError, Request,
-    Response, Status, UserInfo,
+    Canary, ClusterStats, ErrorCode, JobOutput, JobRecord, MemberStats, ModuleInfo, NewUser, NodeStats, Permissions,
+    RecentJobs, RemoteError, Request, Response, Status, UserInfo,
 };
 pub use router::Router;
 
@@ -255,6 +255,14 @@ impl Client {
     pub async fn recent_jobs(&self) -> Result<RecentJobs, ClientError> {
         match self.call(Request::RecentJobs).await? {
             Response::RecentJobs(jobs) => Ok(jobs),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Every member's load, as the node asked gathers it.
+    pub async fn cluster_stats(&self) -> Result<ClusterStats, ClientError> {
+        match self.call(Request::ClusterStats).await? {
+            Response::ClusterStats(stats) => Ok(stats),
             other => Err(unexpected(other)),
         }
     }

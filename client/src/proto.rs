@@ -207,6 +207,8 @@ pub enum Request {
     },
     /// The slowest and the failed recent jobs of the node asked.
     RecentJobs,
+    /// Every member's load, each asked by the node that answers (`grex top`, the dashboard).
+    ClusterStats,
 }
 
 /// One job as a node remembers it among its slowest or failed recent jobs: never its bucket key,
@@ -245,6 +247,105 @@ pub struct RecentJobs {
     pub failed: Vec<JobRecord>,
 }
 
+/// Upper bounds, in seconds, of the buckets of [`NodeStats::latency`]: 50 µs doubling to about
+/// 1.6 s; a last bucket past them counts the slower jobs.
+pub const LATENCY_BOUNDS_S: [f64; 16] = {
+    let mut bounds = [0.000_05; 16];
+    let mut i = 1;
+    while i < bounds.len() {
+        bounds[i] = bounds[i - 1] * 2.0;
+        i += 1;
+    }
+    bounds
+};
+
+/// One node's load, as it reports it: what `grex top` and the dashboard show of it.
+///
+/// It travels between nodes as JSON, so that either side may add fields (with `serde(default)`)
+/// without a new peer protocol version.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct NodeStats {
+    /// Its status (counters since it started).
+    pub status: Status,
+    /// Its jobs' end-to-end latency since it started: `latency[i]` jobs took at most
+    /// `LATENCY_BOUNDS_S[i]` and more than the bound before; the last entry counts the jobs
+    /// slower than every bound. Two readings' difference gives the quantiles of the jobs between
+    /// them ([`latency_quantile`]).
+    #[serde(default)]
+    pub latency: Vec<u64>,
+    /// The flocks it leads, with how far behind their slowest herder is.
+    #[serde(default)]
+    pub leads: Vec<FlockLag>,
+    /// Entries it knows to be committed and has not applied yet, over all its groups.
+    #[serde(default)]
+    pub apply_lag: u64,
+    /// Its last failed jobs, newest first (at most a few).
+    #[serde(default)]
+    pub failed: Vec<JobRecord>,
+}
+
+/// A flock as its leader sees it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FlockLag {
+    /// The flock.
+    pub flock: u32,
+    /// Entries of its log that its slowest voting herder has not acknowledged.
+    pub lag: u64,
+}
+
+/// A member as the answering node reached it for its load.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct MemberStats {
+    /// Its id.
+    pub id: String,
+    /// Its HTTP URL.
+    pub http: String,
+    /// The answering node hears from it (its failure detector).
+    pub alive: bool,
+    /// Its load, if it answered.
+    pub stats: Option<NodeStats>,
+    /// Why there is no load: it did not answer in time, or runs a release that cannot say.
+    pub error: Option<String>,
+}
+
+/// Every member's load, as one node gathered it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ClusterStats {
+    /// The node that gathered it.
+    pub node: String,
+    /// When, in milliseconds since the Unix epoch (by the gathering node's clock).
+    pub at_ms: u64,
+    /// Every member (just the node itself outside a cluster).
+    pub members: Vec<MemberStats>,
+}
+
+/// The latency under which a fraction `q` (0 to 1) of the jobs counted by `latency` fell, from
+/// two readings of [`NodeStats::latency`] (`before` may be empty: since the start), interpolated
+/// within a bucket as Prometheus's `histogram_quantile` does. `None` when no job fell between.
+pub fn latency_quantile(before: &[u64], after: &[u64], q: f64) -> Option<f64> {
+    let counts: Vec<u64> =
+        after.iter().enumerate().map(|(i, n)| n.saturating_sub(before.get(i).copied().unwrap_or(0))).collect();
+    let total: u64 = counts.iter().sum();
+    if total == 0 {
+        return None;
+    }
+    let rank = q.clamp(0.0, 1.0) * total as f64;
+    let mut seen = 0u64;
+    for (i, &n) in counts.iter().enumerate() {
+        if n > 0 && (seen + n) as f64 >= rank {
+            let Some(&upper) = LATENCY_BOUNDS_S.get(i) else {
+                // Slower than every bound: the last bound is all that is known.
+                return Some(LATENCY_BOUNDS_S[LATENCY_BOUNDS_S.len() - 1]);
+            };
+            let lower = if i == 0 { 0.0 } else { LATENCY_BOUNDS_S[i - 1] };
+            let within = (rank - seen as f64) / n as f64;
+            return Some(lower + (upper - lower) * within.clamp(0.0, 1.0));
+        }
+        seen += n;
+    }
+    Some(LATENCY_BOUNDS_S[LATENCY_BOUNDS_S.len() - 1])
+}
+
 /// A node's answer.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum Response {
@@ -276,6 +377,8 @@ pub enum Response {
     NewUser(NewUser),
     /// A node's slowest and failed recent jobs.
     RecentJobs(RecentJobs),
+    /// Every member's load.
+    ClusterStats(ClusterStats),
 }
 
 impl Response {
@@ -296,6 +399,7 @@ impl Response {
             Response::Users(_) => "users",
             Response::NewUser(_) => "new user",
             Response::RecentJobs(_) => "recent jobs",
+            Response::ClusterStats(_) => "cluster stats",
         }
     }
 }

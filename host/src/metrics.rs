@@ -17,6 +17,7 @@
 //! flock count) and peers (the members) label only scrape-time state.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -27,6 +28,8 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
+
+use grex_client::proto::LATENCY_BOUNDS_S;
 
 use crate::error::ErrorCode;
 
@@ -199,6 +202,9 @@ pub struct Metrics {
     snapshots_sent: Counter,
     snapshots_received: Counter,
     leader_changes: Counter,
+    /// Every job's end-to-end latency, whatever its module, in the buckets of
+    /// [`LATENCY_BOUNDS_S`] (the node's load as `grex top` and the dashboard show it).
+    latency: [AtomicU64; LATENCY_BOUNDS_S.len() + 1],
     scrape: Mutex<()>,
 }
 
@@ -208,9 +214,9 @@ impl Default for Metrics {
     }
 }
 
-/// Latency buckets: 50 µs to about 1.6 s, doubling.
+/// Latency buckets: 50 µs to about 1.6 s, doubling ([`LATENCY_BOUNDS_S`]).
 fn latency_buckets() -> impl Iterator<Item = f64> {
-    exponential_buckets(0.000_05, 2.0, 16)
+    LATENCY_BOUNDS_S.into_iter()
 }
 
 impl Metrics {
@@ -285,6 +291,7 @@ impl Metrics {
             snapshots_sent,
             snapshots_received,
             leader_changes,
+            latency: Default::default(),
             scrape: Mutex::new(()),
         }
     }
@@ -309,10 +316,20 @@ impl Metrics {
         };
         self.jobs.get_or_create(&JobLabels { module: module.clone(), outcome }).inc();
         for &(phase, took) in phases {
+            if phase == Phase::Total {
+                let bucket = LATENCY_BOUNDS_S.partition_point(|&bound| bound < took.as_secs_f64());
+                self.latency[bucket].fetch_add(1, Ordering::Relaxed);
+            }
             self.job_seconds
                 .get_or_create(&PhaseLabels { module: module.clone(), phase: phase.as_str() })
                 .observe(took.as_secs_f64());
         }
+    }
+
+    /// Jobs by end-to-end latency since the start, in the buckets of [`LATENCY_BOUNDS_S`] (see
+    /// [`grex_client::NodeStats::latency`]).
+    pub fn latency_counts(&self) -> Vec<u64> {
+        self.latency.iter().map(|n| n.load(Ordering::Relaxed)).collect()
     }
 
     /// A forwarded job followed a redirect.

@@ -1,6 +1,7 @@
 //! Test harness: builds the example jobs for wasm32, starts the real `grex` binary on loopback
 //! with ports chosen by the OS, and talks to it over QUIC and raw HTTP.
 
+pub mod browser;
 pub mod clients;
 pub mod counting;
 pub mod list_append;
@@ -70,7 +71,7 @@ fn build_grex(root: &Path, profile_dir: &Path) -> Command {
 
 /// The release before this one, which the upgrade test runs beside it: its commit in this
 /// repository's history, its version, and the peer protocol it speaks.
-pub const PREVIOUS_RELEASE: (&str, &str, u32) = ("5e605d52b7f004c0e107b8843b26d64c9436de0b", "0.1.0", 9);
+pub const PREVIOUS_RELEASE: (&str, &str, u32) = ("d3a45e01db566d318e03f9fd42146e65eb1babee", "0.2.0", 10);
 
 /// The `grex` binary of [`PREVIOUS_RELEASE`], built once from its sources in git history (taken
 /// with `git archive` into `target/previous/`) and kept there. Its build shares this workspace's

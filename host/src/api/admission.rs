@@ -108,6 +108,10 @@ impl Service for Admitted {
         self.inner.nodes()
     }
 
+    fn cluster_stats(&self) -> BoxFuture<'static, grex_client::ClusterStats> {
+        self.inner.cluster_stats()
+    }
+
     fn change_node(&self, node: String, change: NodeChange) -> BoxFuture<'static, Result<NodesInfo>> {
         self.inner.change_node(node, change)
     }
@@ -171,6 +175,10 @@ mod tests {
         }
 
         fn nodes(&self) -> Result<NodesInfo> {
+            unreachable!("not used")
+        }
+
+        fn cluster_stats(&self) -> BoxFuture<'static, grex_client::ClusterStats> {
             unreachable!("not used")
         }
 

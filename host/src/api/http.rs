@@ -193,6 +193,7 @@ fn router(node: Node, service: Arc<dyn Service>, timeouts: HttpTimeouts, budget:
         .route("/v1/status", get(status))
         .route("/v1/jobs/recent", get(recent_jobs))
         .route("/v1/flocks", get(flocks))
+        .route("/v1/cluster/stats", get(cluster_stats))
         .route("/v1/cluster/nodes", get(nodes))
         .route("/v1/cluster/nodes/{node}/drain", post(drain_node))
         .route("/v1/cluster/nodes/{node}/remove", post(remove_node))
@@ -200,6 +201,9 @@ fn router(node: Node, service: Arc<dyn Service>, timeouts: HttpTimeouts, budget:
         .route("/v1/users/{name}", post(write_user).put(write_user).delete(delete_user))
         .route("/v1/whoami", get(whoami))
         .route("/metrics", get(metrics))
+        .route("/", get(|| async { axum::response::Redirect::to("/ui") }))
+        .route("/ui", get(|| async { super::dashboard::page("index.html") }))
+        .route("/ui/{file}", get(|Path(file): Path<String>| async move { super::dashboard::page(&file) }))
         .fallback(not_found)
         .layer(axum::middleware::from_fn_with_state(service.clone(), sign_in))
         // Bodies are read with the node's own limits, so the errors are ours (JSON, named).
@@ -478,6 +482,14 @@ async fn nodes(
     app.allow(&caller, Action::See)?;
     let App { service, .. } = &app;
     Ok(Json(service.nodes()?))
+}
+
+async fn cluster_stats(
+    State(app): State<App>,
+    Extension(caller): Extension<Caller>,
+) -> ApiResult<Json<grex_client::ClusterStats>> {
+    app.allow(&caller, Action::See)?;
+    Ok(Json(app.service.cluster_stats().await))
 }
 
 async fn drain_node(

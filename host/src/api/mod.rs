@@ -12,6 +12,7 @@
 pub mod admission;
 pub mod budget;
 mod conns;
+mod dashboard;
 mod http;
 pub(crate) mod quic;
 pub mod resp;
@@ -184,6 +185,7 @@ fn request_action(request: &Request) -> Action<'_> {
         | Request::Flocks
         | Request::Nodes
         | Request::RecentJobs
+        | Request::ClusterStats
         | Request::Authenticate { .. } => Action::See,
     }
 }

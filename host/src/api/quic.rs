@@ -130,6 +130,7 @@ impl Serving {
             Request::RemoveNode { node } => service.change_node(node, NodeChange::Remove).await.map(Response::Nodes),
             Request::Status => Ok(Response::Status(node.status())),
             Request::RecentJobs => Ok(Response::RecentJobs(node.recent_jobs())),
+            Request::ClusterStats => Ok(Response::ClusterStats(service.cluster_stats().await)),
             Request::ListModules => Ok(Response::Modules(node.modules())),
             Request::Users => Ok(Response::Users(service.users())),
             Request::AddUser { name, permissions } => {

@@ -16,13 +16,13 @@ use crate::node::NodeChange;
 use crate::storage::GroupId;
 
 /// The peer protocol's version (8: nodes can be drained and removed; 9: users; 10: nodes tell
-/// each other which grex version they run).
-pub const PEER_PROTOCOL: u32 = 10;
+/// each other which grex version they run; 11: nodes ask each other for their load).
+pub const PEER_PROTOCOL: u32 = 11;
 /// The oldest peer protocol this build still speaks: a node of the previous release and one of
 /// this release work together, so a cluster is upgraded one node at a time (`docs/operations.md`).
-pub const PEER_PROTOCOL_OLDEST: u32 = 9;
+pub const PEER_PROTOCOL_OLDEST: u32 = 10;
 /// ALPN of the peer protocol: `grex-peer/` and [`PEER_PROTOCOL`].
-pub const PEER_ALPN: &[u8] = b"grex-peer/10";
+pub const PEER_ALPN: &[u8] = b"grex-peer/11";
 
 /// This build's grex version, as nodes tell each other from protocol 10 on.
 pub const GREX_VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -222,6 +222,9 @@ pub enum PeerRequest {
         /// The sender's grex version.
         version: String,
     },
+    // Protocol 11.
+    /// The answering node's load (answered [`PeerResponse::Stats`]).
+    Stats,
 }
 
 impl PeerRequest {
@@ -230,6 +233,7 @@ impl PeerRequest {
     pub fn since(&self) -> u32 {
         match self {
             PeerRequest::HelloWithVersion { .. } => 10,
+            PeerRequest::Stats => 11,
             _ => 9,
         }
     }
@@ -248,6 +252,7 @@ impl PeerRequest {
             PeerRequest::ChangeNode { .. } => "member change",
             PeerRequest::ChangeUser(_) => "user change",
             PeerRequest::HelloWithVersion { .. } => "hello with version",
+            PeerRequest::Stats => "load",
         }
     }
 }
@@ -295,6 +300,13 @@ pub enum PeerResponse {
         /// Its grex version.
         version: String,
     },
+    // Protocol 11.
+    /// The answering node's load: a [`grex_client::NodeStats`] as JSON, so that either side may
+    /// add fields without a new protocol version.
+    Stats {
+        /// The JSON.
+        json: Vec<u8>,
+    },
 }
 
 #[cfg(test)]
@@ -309,7 +321,7 @@ mod tests {
         assert_eq!(alpns[0], PEER_ALPN);
         assert_eq!(alpns.len(), PEER_PROTOCOL as usize);
         let message = version_mismatch(b"grex-peer/8", "peer 127.0.0.1:7072");
-        assert!(message.contains("grex-peer/8") && message.contains("grex-peer/9 to grex-peer/10"), "{message}");
+        assert!(message.contains("grex-peer/8") && message.contains("grex-peer/10 to grex-peer/11"), "{message}");
     }
 
     /// One frame of every request and answer that protocol 9 has, as this build encodes them.
@@ -467,5 +479,6 @@ mod tests {
         assert_eq!(spoken(b"grex-peer/x"), None);
         let hello = PeerRequest::HelloWithVersion { incarnation: 1, version: GREX_VERSION.into() };
         assert_eq!(hello.since(), 10);
+        assert_eq!(PeerRequest::Stats.since(), 11);
     }
 }

@@ -379,6 +379,9 @@ impl Cluster {
                 Ok(()) => PeerResponse::Ack,
                 Err(e) => PeerResponse::Error(e),
             },
+            PeerRequest::Stats => {
+                PeerResponse::Stats { json: serde_json::to_vec(&self.local_stats()).expect("stats encode as JSON") }
+            }
             PeerRequest::Hello { .. } | PeerRequest::HelloWithVersion { .. } | PeerRequest::Ping { .. } => {
                 PeerResponse::Error(error(ErrorCode::BadRequest, "handled by the transport"))
             }

@@ -1,15 +1,78 @@
-//! What the cluster adds to the node's metrics at each scrape (`crate::metrics`): every group's
-//! role, term and log positions as this node's engine holds them, and every peer's reachability
-//! and round-trip time.
+//! What the cluster shows of itself. At each scrape of the node's metrics (`crate::metrics`):
+//! every group's role, term and log positions as this node's engine holds them, and every peer's
+//! reachability and round-trip time. Asked for the cluster's load (`grex top`, the dashboard):
+//! every member's [`NodeStats`], each asked over the peer protocol.
 
 use std::sync::Weak;
+use std::time::Duration;
 
+use futures::future::join_all;
+use grex_client::proto::{ClusterStats, FlockLag, MemberStats, NodeStats};
 use raft::StateRole;
 
 use super::consensus::GroupView;
+use super::messages::{PeerRequest, PeerResponse};
 use super::{Cluster, Inner, node_id_text};
 use crate::metrics::Samples;
+use crate::node::{Clock, SystemClock};
 use crate::storage::{GroupId, META_GROUP};
+
+/// How long gathering the cluster's load waits for each member's answer.
+const STATS_PATIENCE: Duration = Duration::from_secs(1);
+
+impl Cluster {
+    /// This node's load, with the flocks it leads.
+    pub(super) fn local_stats(&self) -> NodeStats {
+        let mut stats = self.inner.node.stats();
+        for (&group, view) in &self.inner.consensus.views() {
+            stats.apply_lag += view.commit.saturating_sub(view.applied);
+            if group != META_GROUP && view.lead.role == StateRole::Leader {
+                stats.leads.push(FlockLag { flock: group, lag: replication_lag(view) });
+            }
+        }
+        stats
+    }
+
+    /// Every member's load: this node's own, and each other member's as it answers within
+    /// [`STATS_PATIENCE`] (asked all at once).
+    pub(super) async fn cluster_stats(&self) -> ClusterStats {
+        let me = self.inner.me;
+        let members: Vec<_> = self.meta_state().nodes.iter().map(|(id, info)| (*id, info.http.clone())).collect();
+        let asked = members.into_iter().map(|(id, http)| async move {
+            let alive = id == me || self.inner.peers.alive(id);
+            let answer = if id == me {
+                Ok(self.local_stats())
+            } else if !alive {
+                Err("this node does not hear from it".to_owned())
+            } else {
+                self.peer_stats(id).await
+            };
+            let (stats, error) = match answer {
+                Ok(stats) => (Some(stats), None),
+                Err(e) => (None, Some(e)),
+            };
+            MemberStats { id: node_id_text(id), http, alive, stats, error }
+        });
+        ClusterStats { node: node_id_text(me), at_ms: SystemClock.now_ms(), members: join_all(asked).await }
+    }
+
+    async fn peer_stats(&self, id: super::NodeId) -> Result<NodeStats, String> {
+        match self.inner.peers.call(id, PeerRequest::Stats, STATS_PATIENCE).await {
+            Ok(PeerResponse::Stats { json }) => {
+                serde_json::from_slice(&json).map_err(|e| format!("its answer is not a load this node reads: {e}"))
+            }
+            Ok(PeerResponse::Error(e)) => Err(e.message),
+            Ok(other) => Err(format!("it answered {other:?} instead of its load")),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+}
+
+/// On a leader: entries its slowest voter has not acknowledged.
+fn replication_lag(view: &GroupView) -> u64 {
+    let slowest = view.voters.iter().filter_map(|v| view.matched.get(v)).min().copied().unwrap_or(view.last);
+    view.last.saturating_sub(slowest)
+}
 
 /// Adds the cluster's state to every scrape of `cluster`'s node's metrics, while the cluster runs.
 pub(super) fn observe(cluster: &Cluster) {
@@ -99,12 +162,11 @@ fn group_samples(group: GroupId, view: &GroupView, samples: &mut Samples) {
         view.commit.saturating_sub(view.applied) as f64,
     );
     if view.lead.role == StateRole::Leader {
-        let slowest = view.voters.iter().filter_map(|v| view.matched.get(v)).min().copied().unwrap_or(view.last);
         samples.gauge(
             "group_replication_lag_entries",
             "On the leader: entries its slowest voter has not acknowledged",
             &label,
-            view.last.saturating_sub(slowest) as f64,
+            replication_lag(view) as f64,
         );
     }
 }

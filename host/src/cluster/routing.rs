@@ -323,6 +323,11 @@ impl Service for Cluster {
         .boxed()
     }
 
+    fn cluster_stats(&self) -> BoxFuture<'static, grex_client::proto::ClusterStats> {
+        let this = self.clone();
+        async move { this.cluster_stats().await }.boxed()
+    }
+
     fn authorize(&self, caller: &Caller, action: Action<'_>) -> Result<()> {
         access::authorize(&self.inner.meta_state.borrow().users, caller, action)
     }

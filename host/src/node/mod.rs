@@ -27,6 +27,9 @@ pub use cache::CacheStats;
 pub use clock::{Clock, FixedClock, SystemClock};
 pub use commit::{CommitLog, Durable, Write, WriteDone};
 
+/// The failed jobs a node's load names, newest first (of the [`recent`] ring's).
+pub const STATS_FAILED_JOBS: usize = 8;
+
 /// What the servers (`api`) ask of a node for anything a cluster must route: jobs to the
 /// flock's leader, module uploads to every node, canaries, the flock map. A [`Node`] on its own
 /// answers everything itself; a cluster node's is the `Cluster`. The servers are handed one when
@@ -52,6 +55,8 @@ pub trait Service: Send + Sync + 'static {
     fn resp_nodes(&self) -> Vec<RespNode>;
     /// The cluster's nodes (an error outside a cluster).
     fn nodes(&self) -> Result<NodesInfo>;
+    /// Every member's load, each asked by this node (this node alone outside a cluster).
+    fn cluster_stats(&self) -> futures::future::BoxFuture<'static, ClusterStats>;
     /// Drains or removes a member; answers the nodes once the cluster has recorded the change.
     fn change_node(&self, node: String, change: NodeChange) -> futures::future::BoxFuture<'static, Result<NodesInfo>>;
     /// Whether `caller` may do `action` (see [`access`](crate::access)). By default there are no
@@ -136,6 +141,19 @@ impl Service for Node {
     ) -> futures::future::BoxFuture<'static, Result<NodesInfo>> {
         async { Err(not_a_cluster()) }.boxed()
     }
+
+    fn cluster_stats(&self) -> futures::future::BoxFuture<'static, ClusterStats> {
+        let stats = self.stats();
+        let member = MemberStats {
+            id: self.id().to_owned(),
+            http: self.urls().http.unwrap_or_default(),
+            alive: true,
+            stats: Some(stats),
+            error: None,
+        };
+        let gathered = ClusterStats { node: self.id().to_owned(), at_ms: SystemClock.now_ms(), members: vec![member] };
+        async move { gathered }.boxed()
+    }
 }
 
 /// A member node as Redis Cluster clients see it (`CLUSTER SLOTS` and its kin).
@@ -194,7 +212,10 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use futures::FutureExt;
-use grex_client::proto::{self, Canary, FlockMapInfo, JobOutput, ModuleInfo, NodesInfo, Status, UserInfo};
+use grex_client::proto::{
+    self, Canary, ClusterStats, FlockMapInfo, JobOutput, MemberStats, ModuleInfo, NodeStats, NodesInfo, Status,
+    UserInfo,
+};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::access::{Action, Caller, Identity, UserChange, Users};
@@ -518,6 +539,19 @@ impl Node {
     /// The node's slowest and failed recent jobs.
     pub fn recent_jobs(&self) -> grex_client::RecentJobs {
         self.inner.recent.snapshot(self.id())
+    }
+
+    /// The node's load, without what a cluster adds (the flocks it leads).
+    pub fn stats(&self) -> NodeStats {
+        let mut failed = self.inner.recent.snapshot(self.id()).failed;
+        failed.truncate(STATS_FAILED_JOBS);
+        NodeStats {
+            status: self.status(),
+            latency: self.inner.metrics.latency_counts(),
+            leads: Vec::new(),
+            apply_lag: 0,
+            failed,
+        }
     }
 
     /// The node's metrics.
