@@ -911,6 +911,26 @@ mod tests {
     use super::*;
 
     #[test]
+    fn latency_quantiles_come_from_the_jobs_between_two_readings() {
+        assert!((LATENCY_BOUNDS_S[15] - 0.000_05 * 32768.0).abs() < 1e-12);
+        let mut before = vec![0; LATENCY_BOUNDS_S.len() + 1];
+        before[0] = 1000; // old jobs, all fast: not counted
+        let mut after = before.clone();
+        // 100 jobs: 90 in (0.4 ms, 0.8 ms], 10 in (12.8 ms, 25.6 ms].
+        after[4] += 90;
+        after[9] += 10;
+        let p50 = latency_quantile(&before, &after, 0.5).unwrap();
+        assert!(p50 > 0.000_4 && p50 <= 0.000_8, "{p50}");
+        let p99 = latency_quantile(&before, &after, 0.99).unwrap();
+        assert!(p99 > 0.012_8 && p99 <= 0.025_6, "{p99}");
+        assert_eq!(latency_quantile(&before, &before, 0.5), None, "no jobs in between");
+        // Since the start; slower than every bound: the last bound.
+        let mut slow = vec![0; LATENCY_BOUNDS_S.len() + 1];
+        slow[LATENCY_BOUNDS_S.len()] = 3;
+        assert_eq!(latency_quantile(&[], &slow, 0.99), Some(LATENCY_BOUNDS_S[15]));
+    }
+
+    #[test]
     fn long_error_messages_are_cut_when_made_and_when_decoded() {
         // Multi-byte characters around the cut: it lands on a character boundary.
         let long = "é".repeat(ERROR_MESSAGE_BYTES_MAX);

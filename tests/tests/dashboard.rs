@@ -132,3 +132,79 @@ async fn the_dashboard_shows_the_cluster_and_follows_a_node_that_dies() {
         std::fs::write(dir.join("dashboard-node-down.png"), &down).expect("write screenshot");
     }
 }
+
+/// A tmux server of its own, killed when dropped.
+struct Tmux {
+    socket: String,
+}
+
+impl Tmux {
+    fn run(&self, args: &[&str]) -> String {
+        let out = std::process::Command::new("tmux")
+            .arg("-L")
+            .arg(&self.socket)
+            .args(args)
+            .output()
+            .expect("run tmux (scripts/test.sh installs it: apt-get install tmux)");
+        assert!(out.status.success(), "tmux {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// What the terminal shows now.
+    fn screen(&self) -> String {
+        self.run(&["capture-pane", "-p", "-t", "top"])
+    }
+}
+
+impl Drop for Tmux {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("tmux").args(["-L", &self.socket, "kill-server"]).output();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grex_top_shows_every_node_in_a_terminal_and_follows_a_node_that_dies() {
+    let mut cluster = TestCluster::start(3, &[]).await;
+    load_counter(&cluster).await;
+    let tmux = Tmux { socket: format!("grex-top-test-{}", std::process::id()) };
+    let command = format!("{} top --node {} --interval 0.5", grex_tests::grex_bin().display(), cluster.nodes[0].http);
+    tmux.run(&["new-session", "-d", "-s", "top", "-x", "160", "-y", "40", &command]);
+    let client = cluster.nodes[0].http_client().await;
+    let ids: Vec<String> = cluster.nodes.iter().map(|n| n.id.clone()).collect();
+    let row = |screen: &str, id: &str| screen.lines().find(|l| l.starts_with(id)).map(str::to_owned);
+    let shows_all = |screen: &str| {
+        screen.contains("grex top · 3 nodes, 3 up")
+            && ids.iter().all(|id| {
+                row(screen, id).is_some_and(|r| {
+                    let cells: Vec<&str> = r.split_whitespace().collect();
+                    cells[1] == "up" && cells[2].parse::<f64>().is_ok()
+                })
+            })
+    };
+    let deadline = std::time::Instant::now() + PATIENCE;
+    for i in 0.. {
+        // Jobs keep coming, so some reading sees them.
+        let _ = client.run_job(format!("top-{i}").as_bytes(), "counter", b"1", false).await;
+        let screen = tmux.screen();
+        if shows_all(&screen) {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "grex top did not show every node up with a rate:\n{screen}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let screen = tmux.screen();
+    assert!(screen.contains("NODE") && screen.contains("P99 MS") && screen.contains("LEADS"), "{screen}");
+    let leads: usize = ids
+        .iter()
+        .map(|id| row(&screen, id).unwrap().split_whitespace().nth(6).unwrap().parse::<usize>().unwrap())
+        .sum();
+    assert_eq!(leads, TEST_FLOCKS as usize, "every flock is led by one node:\n{screen}");
+
+    cluster.nodes[2].kill9();
+    eventually("grex top to show the killed node down", PATIENCE, || async {
+        let screen = tmux.screen();
+        screen.contains("3 nodes, 2 up")
+            && row(&screen, &ids[2]).is_some_and(|r| r.split_whitespace().nth(1) == Some("down"))
+    })
+    .await;
+}

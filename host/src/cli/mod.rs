@@ -1,5 +1,5 @@
-//! The `grex` command line: `serve` and `dev` run nodes; `module`, `job`, `item`, `canary` and
-//! `status` are clients of a running node (`--node URL` or `GREX_NODE`).
+//! The `grex` command line: `serve` and `dev` run nodes; `module`, `job`, `item`, `canary`,
+//! `status` and `top` are clients of a running node (`--node URL` or `GREX_NODE`).
 //!
 //! Client commands print results on stdout (a job's output bytes exactly as the job returned
 //! them) and errors on stderr, exiting non-zero, so they compose in scripts.
@@ -7,6 +7,7 @@
 mod bench;
 mod client;
 mod server;
+mod top;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -66,6 +67,8 @@ enum Command {
     },
     /// Load a node with concurrent jobs and print throughput and latency.
     Bench(bench::BenchArgs),
+    /// Watch the cluster: per node jobs/s, latency, flocks led and lag, refreshed.
+    Top(top::TopArgs),
     /// Compile one module (component bytes on stdin, code on stdout): what a node runs in a
     /// child process to bound a compile's time and memory.
     #[command(hide = true)]
@@ -144,6 +147,7 @@ pub fn main() -> ExitCode {
             Command::Canary { bucket, target } => client::canary(&bucket, &target).await,
             Command::Status { target } => client::status(&target).await,
             Command::Bench(args) => bench::bench(args).await,
+            Command::Top(args) => top::top(args).await,
             Command::CompileModule { .. } => unreachable!("handled before the runtime starts"),
         }
     });
