@@ -60,7 +60,7 @@ async fn a_cluster_upgraded_one_node_at_a_time_serves_throughout_and_loses_no_wr
 
     // Each node in turn: a clean stop, and a start of the new build on the same data directory
     // and addresses. The upgraded node speaks the old protocol with the nodes not upgraded yet,
-    // and its own with the upgraded ones; the nodes of the old release do not tell their version.
+    // and its own with the upgraded ones; every node tells its version (from grex 0.2.0 on).
     for i in 0..cluster.nodes.len() {
         assert!(cluster.nodes[i].terminate(), "node {i} did not stop cleanly:\n{}", cluster.nodes[i].log());
         cluster.nodes[i].restart_binary(&new);
@@ -70,12 +70,31 @@ async fn a_cluster_upgraded_one_node_at_a_time_serves_throughout_and_loses_no_wr
             .enumerate()
             .filter(|(j, _)| *j != i)
             .map(|(j, n)| {
-                let speaks =
-                    if j < i { (PEER_PROTOCOL, GREX_VERSION.to_owned()) } else { (old_protocol, String::new()) };
+                let speaks = if j < i {
+                    (PEER_PROTOCOL, GREX_VERSION.to_owned())
+                } else {
+                    (old_protocol, old_version.to_owned())
+                };
                 (n.id.clone(), speaks)
             })
             .collect();
         wait_versions(&cluster.nodes[i], &expected).await;
+        if i == 0 {
+            // The load of a node of the previous release cannot be asked (it has no such
+            // request): the upgraded node says why instead.
+            let stats = cluster.nodes[0].http_client().await.cluster_stats().await.expect("stats");
+            for member in &stats.members {
+                if member.id == cluster.nodes[0].id {
+                    assert!(member.stats.is_some(), "{member:?}");
+                } else {
+                    let error = member.error.as_deref().unwrap_or_default();
+                    assert!(
+                        member.stats.is_none() && error.contains(&format!("grex-peer/{old_protocol}")),
+                        "{member:?}"
+                    );
+                }
+            }
+        }
         println!("node {i} runs {GREX_VERSION}; it sees {:?}", versions_seen_by(&cluster.nodes[i]).await);
     }
 
