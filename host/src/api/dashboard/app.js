@@ -104,18 +104,18 @@ function rates(stats) {
     after = (after || s.latency.map(() => 0)).map((n, i) => n + s.latency[i]);
   }
   const cluster = seconds > 0
-    ? { rate: jobs / seconds, p50: after && quantile(before, after, 0.5), p99: after && quantile(before, after, 0.99) }
+    ? { at: stats.at_ms, rate: jobs / seconds, p50: after && quantile(before, after, 0.5), p99: after && quantile(before, after, 0.99) }
     : null;
   return { perNode, cluster };
 }
 
-function drawChart(canvas, series, format) {
+function drawChart(canvas, series, format, floor) {
   const ctx = canvas.getContext("2d");
   const { width, height } = canvas;
   const pad = { left: 48, right: 8, top: 8, bottom: 18 };
   ctx.clearRect(0, 0, width, height);
   const values = series.flatMap((s) => s.points.filter((v) => v != null));
-  const max = Math.max(1e-9, ...values) * 1.15;
+  const max = Math.max(floor, ...values) * 1.15;
   ctx.strokeStyle = "#ddd";
   ctx.fillStyle = "#555";
   ctx.font = "11px sans-serif";
@@ -127,7 +127,9 @@ function drawChart(canvas, series, format) {
     ctx.stroke();
     ctx.fillText(format(max * (1 - i / 4)), 2, y + 4);
   }
-  ctx.fillText(`last ${Math.round((HISTORY * POLL_MS) / 60000)} min`, pad.left, height - 4);
+  const times = state.history.filter(Boolean).map((h) => h.at);
+  const span = times.length > 1 ? Math.round((times[times.length - 1] - times[0]) / 1000) : 0;
+  ctx.fillText(`the last ${span} s`, pad.left, height - 4);
   for (const s of series) {
     ctx.strokeStyle = s.color;
     ctx.lineWidth = 2;
@@ -150,11 +152,12 @@ function drawChart(canvas, series, format) {
 
 function renderCharts() {
   const points = (key) => state.history.map((h) => (h ? h[key] : null));
-  drawChart(document.getElementById("rate-chart"), [{ color: "#4e79a7", points: points("rate") }], (v) => v.toFixed(0));
+  drawChart(document.getElementById("rate-chart"), [{ color: "#4e79a7", points: points("rate") }], (v) => v.toFixed(v < 10 ? 1 : 0), 1);
   drawChart(
     document.getElementById("latency-chart"),
     [{ color: "#59a14f", points: points("p50") }, { color: "#e15759", points: points("p99") }],
     (v) => (v * 1000).toFixed(v < 0.01 ? 2 : 0),
+    0.001,
   );
 }
 
@@ -188,7 +191,7 @@ function renderNodes(stats, nodes, perNode) {
       el("td", { class: "num" }, s ? s.status.jobs_running : "—"),
       el("td", { class: "num" }, s ? s.apply_lag : "—"),
       el("td", { class: "num" }, s ? mib(s.status.cache_bytes) : "—"),
-      el("td", { class: "quiet" }, member.error || ""),
+      el("td", { class: "quiet why" }, member.error || ""),
     );
   });
   fill("nodes", rows);
