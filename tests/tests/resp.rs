@@ -436,3 +436,145 @@ fn redis_cli_script() {
     assert!(out.status.success(), "tests/redis-cli.sh failed:\n{text}");
     assert!(text.contains("redis-cli: all checks passed"), "{text}");
 }
+
+/// The `key:value` lines of an `INFO` reply.
+fn info_fields(text: &str) -> std::collections::HashMap<String, String> {
+    text.lines().filter_map(|l| l.split_once(':')).map(|(k, v)| (k.to_owned(), v.trim().to_owned())).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn info_config_client_slowlog_latency_dbsize_and_scan_answer_as_redis_tools_expect() {
+    const BUCKETS: usize = 25;
+    let dir = tempfile::tempdir().unwrap();
+    let node = GrexNode::start(dir.path(), &["--resp", "127.0.0.1:0"]);
+    let url = node.resp.clone().expect("resp address");
+    blocking(move || {
+        let client = redis::Client::open(url.as_str()).unwrap();
+        let mut con = client.get_connection().unwrap();
+        let mut other = client.get_connection().unwrap();
+        redis::cmd("CLIENT").arg("SETNAME").arg("watcher").exec(&mut other).unwrap();
+        // Every command from here is slow enough for the slow log.
+        redis::cmd("CONFIG").arg("SET").arg("slowlog-log-slower-than").arg("0").exec(&mut con).unwrap();
+        redis::cmd("SLOWLOG").arg("RESET").exec(&mut con).unwrap();
+        redis::cmd("CONFIG").arg("RESETSTAT").exec(&mut con).unwrap();
+        for i in 0..BUCKETS {
+            let _: i64 = con.hset(format!("user:{i}"), "name", format!("n{i}")).unwrap();
+        }
+
+        // INFO: the default sections, filled from the node.
+        let info: String = redis::cmd("INFO").query(&mut con).unwrap();
+        let fields = info_fields(&info);
+        for section in ["# Server", "# Clients", "# Memory", "# Stats", "# Replication", "# Keyspace"] {
+            assert!(info.contains(section), "{section} missing:\n{info}");
+        }
+        assert!(!info.contains("# Commandstats"), "commandstats only when asked");
+        assert_eq!(fields["connected_clients"], "2");
+        assert_eq!(fields["db0"], format!("keys={BUCKETS},expires=0,avg_ttl=0"));
+        assert_eq!(fields["redis_mode"], "cluster", "grex serve runs a cluster, of one node here");
+        assert!(fields["used_memory"].parse::<u64>().unwrap() > 0);
+        let stats: String = redis::cmd("INFO").arg("commandstats").query(&mut con).unwrap();
+        let hset = &info_fields(&stats)["cmdstat_hset"];
+        assert!(hset.starts_with(&format!("calls={BUCKETS},")) && hset.ends_with("failed_calls=0"), "{hset}");
+
+        // CONFIG GET: what redis-benchmark and other tools ask at start-up.
+        let config: std::collections::HashMap<String, String> =
+            redis::cmd("CONFIG").arg("GET").arg("save").arg("appendonly").arg("max*").query(&mut con).unwrap();
+        assert_eq!(config["save"], "");
+        assert_eq!(config["appendonly"], "yes");
+        assert_eq!(config["maxclients"], "1024");
+        assert!(config.contains_key("maxmemory") && config.contains_key("maxmemory-policy"), "{config:?}");
+        let refused = redis::cmd("CONFIG").arg("SET").arg("maxmemory").arg("1").exec(&mut con).unwrap_err();
+        assert!(error_text(refused).contains("grex serve"));
+
+        // CLIENT LIST: both connections, with their names and last commands.
+        let list: String = redis::cmd("CLIENT").arg("LIST").query(&mut con).unwrap();
+        assert_eq!(list.lines().count(), 2, "{list}");
+        assert!(list.lines().any(|l| l.contains("name=watcher") && l.contains("cmd=client")), "{list}");
+        assert!(list.lines().any(|l| l.contains("name= ") && l.contains("cmd=client")), "{list}");
+        let id: i64 = redis::cmd("CLIENT").arg("ID").query(&mut other).unwrap();
+        let one: String = redis::cmd("CLIENT").arg("LIST").arg("ID").arg(id).query(&mut con).unwrap();
+        assert!(one.starts_with(&format!("id={id} ")) && one.lines().count() == 1, "{one}");
+
+        // SLOWLOG: every command since the reset, newest first, with its arguments.
+        let len: i64 = redis::cmd("SLOWLOG").arg("LEN").query(&mut con).unwrap();
+        assert!(len >= BUCKETS as i64, "{len}");
+        let entries: Vec<Value> = redis::cmd("SLOWLOG").arg("GET").arg(200).query(&mut con).unwrap();
+        let args: Vec<Vec<String>> = entries
+            .iter()
+            .map(|e| match e {
+                Value::Array(fields) => redis::from_redis_value(&fields[3]).unwrap(),
+                other => panic!("a slow-log entry is an array: {other:?}"),
+            })
+            .collect();
+        assert!(args.contains(&vec![
+            "HSET".into(),
+            format!("user:{}", BUCKETS - 1),
+            "name".into(),
+            format!("n{}", BUCKETS - 1)
+        ]));
+
+        // LATENCY HISTOGRAM: every HSET counted.
+        let histogram: Value = redis::cmd("LATENCY").arg("HISTOGRAM").arg("hset").query(&mut con).unwrap();
+        let Value::Array(entry) = &histogram else { panic!("{histogram:?}") };
+        let Value::Array(figures) = &entry[1] else { panic!("{histogram:?}") };
+        assert_eq!(figures[1], Value::Int(BUCKETS as i64), "calls: {histogram:?}");
+        let Value::Array(buckets) = &figures[3] else { panic!("{histogram:?}") };
+        assert_eq!(buckets.last(), Some(&Value::Int(BUCKETS as i64)), "the last bucket counts every call");
+
+        // DBSIZE and SCAN: every bucket, each once, a page at a time.
+        let size: i64 = redis::cmd("DBSIZE").query(&mut con).unwrap();
+        assert_eq!(size, BUCKETS as i64);
+        let mut seen = Vec::new();
+        let mut cursor = "0".to_owned();
+        let mut pages = 0;
+        loop {
+            let (next, keys): (String, Vec<String>) =
+                redis::cmd("SCAN").arg(&cursor).arg("COUNT").arg(7).query(&mut con).unwrap();
+            seen.extend(keys);
+            pages += 1;
+            if next == "0" {
+                break;
+            }
+            cursor = next;
+        }
+        seen.sort();
+        let mut expected: Vec<String> = (0..BUCKETS).map(|i| format!("user:{i}")).collect();
+        expected.sort();
+        assert_eq!(seen, expected);
+        assert!(pages >= BUCKETS / 7, "{pages} pages");
+        let (_, matched): (String, Vec<String>) =
+            redis::cmd("SCAN").arg(0).arg("MATCH").arg("user:1?").arg("COUNT").arg(1000).query(&mut con).unwrap();
+        assert_eq!(matched.len(), 10, "{matched:?}");
+        let stale = redis::cmd("SCAN").arg("12345").query::<Value>(&mut con).unwrap_err();
+        assert!(error_text(stale).contains("invalid cursor"));
+        let kind: String = redis::cmd("TYPE").arg("user:3").query(&mut con).unwrap();
+        assert_eq!(kind, "hash");
+
+        // COMMAND: from the same table.
+        let count: i64 = redis::cmd("COMMAND").arg("COUNT").query(&mut con).unwrap();
+        assert!(count > 30, "{count}");
+        let unknown = redis::cmd("SET").arg("k").arg("v").exec(&mut con).unwrap_err();
+        assert!(error_text(unknown).contains("unknown command 'SET'"));
+        let stats: String = redis::cmd("INFO").arg("stats").query(&mut con).unwrap();
+        assert!(info_fields(&stats)["total_error_replies"].parse::<u64>().unwrap() >= 1);
+    })
+    .await;
+}
+
+/// redis-benchmark itself: it fetches the server's configuration at start and warns when it
+/// cannot; against a node it must run without a warning.
+#[test]
+fn redis_benchmark_runs_against_a_node_without_warnings() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = GrexNode::start(dir.path(), &["--resp", "127.0.0.1:0"]);
+    let address = node.resp.clone().expect("resp address");
+    let port = address.rsplit(':').next().unwrap();
+    let out = std::process::Command::new("redis-benchmark")
+        .args(["-p", port, "-t", "ping,hset", "-n", "200", "-c", "4", "-q"])
+        .output()
+        .expect("redis-benchmark is installed (Debian: redis-tools; scripts/test.sh installs it)");
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{text}");
+    assert!(!text.to_ascii_uppercase().contains("WARN") && !text.contains("ERR"), "{text}");
+    assert!(text.contains("HSET: ") && text.contains("requests per second"), "{text}");
+}

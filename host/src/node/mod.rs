@@ -709,6 +709,18 @@ impl Node {
         Ok(self.inner.store.list_items(bucket, prefix, start_after, limit.min(LIST_PAGE_MAX) as usize)?)
     }
 
+    /// How many buckets this node stores (those of every flock it herds).
+    pub fn bucket_count(&self) -> Result<u64> {
+        Ok(self.inner.store.bucket_count()?)
+    }
+
+    /// Up to `limit` (at most [`LIST_PAGE_MAX`]) of the buckets this node stores, with their
+    /// flocks, in (flock, key) order after `after`: its committed state, read a page at a time.
+    pub async fn bucket_keys(&self, after: Option<(u32, &[u8])>, limit: usize) -> Result<Vec<(u32, Vec<u8>)>> {
+        self.inner.commits.settle().await;
+        Ok(self.inner.store.bucket_keys(after, limit.min(LIST_PAGE_MAX as usize))?)
+    }
+
     /// The best node for `bucket`: this one, on a node on its own.
     pub async fn canary(&self, bucket: &[u8]) -> Result<Canary> {
         proto::check_bucket_key(bucket)?;

@@ -85,6 +85,12 @@ impl<S: Store> Store for FaultyStore<S> {
     fn flock_buckets(&self, flock: u32) -> Result<Vec<(Vec<u8>, BucketData)>, StoreError> {
         self.inner.flock_buckets(flock)
     }
+    fn bucket_count(&self) -> Result<u64, StoreError> {
+        self.inner.bucket_count()
+    }
+    fn bucket_keys(&self, after: Option<(u32, &[u8])>, limit: usize) -> Result<Vec<(u32, Vec<u8>)>, StoreError> {
+        self.inner.bucket_keys(after, limit)
+    }
     fn put_module(&self, id: &ModuleId, name: &str, wasm: &[u8]) -> Result<(), StoreError> {
         self.inner.put_module(id, name, wasm)
     }

@@ -172,6 +172,22 @@ impl Store for MemoryStore {
         buckets.into_iter().map(|b| Ok((b.clone(), self.load_bucket(&b)?))).collect()
     }
 
+    fn bucket_count(&self) -> Result<u64, StoreError> {
+        Ok(self.state().versions.len() as u64)
+    }
+
+    fn bucket_keys(&self, after: Option<(u32, &[u8])>, limit: usize) -> Result<Vec<(u32, Vec<u8>)>, StoreError> {
+        let flock_count = self.meta.flock_count;
+        let mut keys: Vec<(u32, Vec<u8>)> =
+            self.state().versions.keys().map(|b| (crate::data::flock_of(b, flock_count), b.clone())).collect();
+        keys.sort();
+        Ok(keys
+            .into_iter()
+            .filter(|(flock, key)| after.is_none_or(|(f, k)| (*flock, key.as_slice()) > (f, k)))
+            .take(limit)
+            .collect())
+    }
+
     fn put_module(&self, id: &ModuleId, name: &str, wasm: &[u8]) -> Result<(), StoreError> {
         self.state().put_module(id, name, wasm);
         Ok(())

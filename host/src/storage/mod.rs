@@ -216,6 +216,11 @@ pub trait Store: Send + Sync + 'static {
     fn log_state(&self, group: GroupId, key: &str) -> Result<Option<Vec<u8>>, StoreError>;
     /// Every bucket of a flock with its items (for a snapshot), in bucket-key order.
     fn flock_buckets(&self, flock: u32) -> Result<Vec<(Vec<u8>, BucketData)>, StoreError>;
+    /// How many buckets the store holds (with items).
+    fn bucket_count(&self) -> Result<u64, StoreError>;
+    /// Up to `limit` buckets, each with its flock, in (flock, key) order, after `after` (from the
+    /// first when `None`): the store's keys a page at a time (`SCAN`).
+    fn bucket_keys(&self, after: Option<(u32, &[u8])>, limit: usize) -> Result<Vec<(u32, Vec<u8>)>, StoreError>;
     /// Stores a module's bytes under its id and points `name` at it (the bytes it pointed to
     /// before go if no other name points to them).
     fn put_module(&self, id: &ModuleId, name: &str, wasm: &[u8]) -> Result<(), StoreError>;
@@ -269,6 +274,18 @@ pub(crate) mod contract {
         assert_eq!(store.list_items(b"a", "", None, 10).unwrap(), ["y/1", "y/2", "y/3"]);
         assert_eq!(store.list_items(b"a", "", None, 2).unwrap(), ["y/1", "y/2"]);
         assert_eq!(store.get_item(b"a", "").unwrap(), None, "no item has the empty key");
+
+        // Both buckets, a page at a time, in (flock, key) order.
+        assert_eq!(store.bucket_count().unwrap(), 2);
+        let flock = |b: &[u8]| crate::data::flock_of(b, store.meta().flock_count);
+        let mut all = vec![(flock(b"a"), b"a".to_vec()), (flock(b"ab"), b"ab".to_vec())];
+        all.sort();
+        assert_eq!(store.bucket_keys(None, 10).unwrap(), all);
+        assert_eq!(store.bucket_keys(None, 1).unwrap(), all[..1]);
+        let (f, key) = &all[0];
+        assert_eq!(store.bucket_keys(Some((*f, key)), 10).unwrap(), all[1..]);
+        let (f, key) = &all[1];
+        assert_eq!(store.bucket_keys(Some((*f, key)), 10).unwrap(), Vec::new());
     }
 
     pub(crate) fn logs_append_truncate_purge_and_flocks_clear(store: &dyn Store) {

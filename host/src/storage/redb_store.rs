@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 
 use super::segment_log::{SEGMENT_BYTES, SegmentLog};
 use super::{Batch, GroupId, LogOp, ModuleId, NodeMeta, Store, SyncTo};
@@ -359,6 +359,29 @@ impl Store for RedbStore {
                 break;
             }
             found.push((bucket.to_vec(), BucketData::new(version.value(), read_items(&items, bucket)?)));
+        }
+        Ok(found)
+    }
+
+    fn bucket_count(&self) -> Result<u64, StoreError> {
+        let txn = self.db.begin_read().map_err(engine)?;
+        let buckets = txn.open_table(BUCKETS).map_err(engine)?;
+        buckets.len().map_err(engine)
+    }
+
+    fn bucket_keys(&self, after: Option<(u32, &[u8])>, limit: usize) -> Result<Vec<(u32, Vec<u8>)>, StoreError> {
+        use std::ops::Bound;
+        let txn = self.db.begin_read().map_err(engine)?;
+        let buckets = txn.open_table(BUCKETS).map_err(engine)?;
+        let start = match after {
+            Some(position) => Bound::Excluded(position),
+            None => Bound::Unbounded,
+        };
+        let mut found = Vec::new();
+        for entry in buckets.range::<(u32, &[u8])>((start, Bound::Unbounded)).map_err(engine)?.take(limit) {
+            let (key, _) = entry.map_err(engine)?;
+            let (flock, bucket) = key.value();
+            found.push((flock, bucket.to_vec()));
         }
         Ok(found)
     }

@@ -14,6 +14,9 @@
 //! replies come back in order.
 
 mod cluster;
+mod command;
+mod observe;
+mod views;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -31,7 +34,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
 
-use crate::access::{Action, Caller};
+use crate::access::Caller;
 use crate::api::Gate;
 use crate::api::budget::{Claim, ReadBudget};
 use crate::api::conns::{ClientStream, Conn, ConnTable, accept_loop, secure};
@@ -39,6 +42,8 @@ use crate::data::builtin::{self, Builtin, BuiltinReply};
 use crate::error::RemoteError;
 use crate::metrics::Protocol;
 use crate::node::{Node, Service};
+use command::{Command, Kind, Refused, arity};
+use observe::{Client, ClientGuard, Observed, Outcome};
 
 /// Open connections at most; when all are taken, the longest-idle one is closed for a new client,
 /// and while all are busy, new ones wait to be accepted.
@@ -271,7 +276,8 @@ pub(crate) async fn start(
     let task = tokio::spawn(async move {
         let Some(service) = gate.opened().await else { return };
         let (table, stopped) = (ConnTable::counted(CONNECTIONS_MAX, node.metrics(), Protocol::Resp), gate.stopped);
-        serve(listener, Serving { node, service, limits, budget, tls }, table, stopped).await;
+        let observed = Arc::new(Observed::new());
+        serve(listener, Serving { node, service, limits, budget, tls, observed }, table, stopped).await;
     });
     Ok((bound, task))
 }
@@ -285,21 +291,33 @@ struct Serving {
     budget: Arc<ReadBudget>,
     /// TLS, when the listener speaks it.
     tls: Option<TlsAcceptor>,
+    /// What the listener keeps of its commands and clients.
+    observed: Arc<Observed>,
 }
 
 /// Accepts and serves connections until `stopped`.
 async fn serve(listener: TcpListener, serving: Serving, table: Arc<ConnTable>, stopped: watch::Receiver<bool>) {
-    let Serving { node, service, limits, budget, tls } = serving;
+    let Serving { node, service, limits, budget, tls, observed } = serving;
     let pipelined = ReadBudget::new(limits.pipelined_bytes_max);
     accept_loop(&listener, &table, stopped.clone(), "RESP", |stream, remote, conn| {
+        let listed = observed.connect(remote);
         let commands = Commands {
             node: node.clone(),
             service: service.clone(),
             follower_reads: false,
             caller: Caller::from(remote),
+            observed: observed.clone(),
+            client: listed.client.clone(),
+            bulk_bytes_max: limits.bulk_bytes_max,
         };
-        let connection =
-            Connection { commands, limits, claim: budget.claim(), pipelined: pipelined.clone(), resp3: false };
+        let connection = Connection {
+            commands,
+            limits,
+            claim: budget.claim(),
+            pipelined: pipelined.clone(),
+            resp3: false,
+            _listed: listed,
+        };
         let (stopped, tls) = (stopped.clone(), tls.clone());
         tokio::spawn(async move {
             let stream = match secure(stream, tls.as_ref()).await {
@@ -322,6 +340,8 @@ struct Connection {
     /// Room for pipelined commands, shared by every connection.
     pipelined: Arc<ReadBudget>,
     resp3: bool,
+    /// Listed in `CLIENT LIST` while it lives.
+    _listed: ClientGuard,
 }
 
 /// What a command needs of its connection: cloned into each running command.
@@ -336,6 +356,12 @@ struct Commands {
     follower_reads: bool,
     /// Who the connection signed in as (`AUTH`, `HELLO ... AUTH`).
     caller: Caller,
+    /// What the listener keeps of its commands and clients.
+    observed: Arc<Observed>,
+    /// The connection as `CLIENT LIST` shows it.
+    client: Arc<Client>,
+    /// The largest bulk string a request may carry (`CONFIG GET proto-max-bulk-len`).
+    bulk_bytes_max: usize,
 }
 
 /// What to do after a command.
@@ -370,8 +396,8 @@ impl Pipeline {
 
     /// Starts `args` (`size` request bytes, held by `room` until answered) once the commands
     /// before it on its keys are done.
-    fn start(&mut self, commands: Commands, name: String, args: Vec<Vec<u8>>, size: usize, room: Option<Claim>) {
-        let mut keys = ordering_keys(&name, &args[1..]);
+    fn start(&mut self, commands: Commands, parsed: Result<Command, Refused>, size: usize, room: Option<Claim>) {
+        let mut keys = parsed.as_ref().map_or_else(|_| Vec::new(), Command::keys);
         keys.sort_unstable();
         keys.dedup();
         // The sender lives as long as the command runs; its receivers see the channel close.
@@ -389,7 +415,7 @@ impl Pipeline {
                     // Nothing is ever sent: this returns when the earlier command drops its sender.
                     while earlier.changed().await.is_ok() {}
                 }
-                let reply = commands.run(&name, &args).await;
+                let reply = commands.run(parsed).await;
                 drop(running);
                 drop(room);
                 (reply, size)
@@ -441,52 +467,6 @@ impl Pipeline {
     }
 }
 
-/// The keys a command works on, for ordering commands on one connection.
-fn ordering_keys<'a>(name: &str, rest: &'a [Vec<u8>]) -> Vec<&'a [u8]> {
-    match name {
-        "PING" | "ECHO" => Vec::new(),
-        "DEL" | "UNLINK" | "EXISTS" => rest.iter().map(Vec::as_slice).collect(),
-        "FCALL" | "FCALL_RO" => rest.get(2).map(Vec::as_slice).into_iter().collect(),
-        _ => rest.first().map(Vec::as_slice).into_iter().collect(),
-    }
-}
-
-/// Commands that change the connection or the node's modules: they run alone, after every
-/// command before them has been answered and before any after them starts.
-fn runs_alone(name: &str) -> bool {
-    matches!(
-        name,
-        "HELLO"
-            | "QUIT"
-            | "SELECT"
-            | "READONLY"
-            | "READWRITE"
-            | "CLIENT"
-            | "COMMAND"
-            | "CONFIG"
-            | "CLUSTER"
-            | "GREX.MODULE"
-            | "AUTH"
-            | "ACL"
-    )
-}
-
-/// What a command would do, as permissions name it; `None` for those a client may send before
-/// it signs in (`AUTH`, `HELLO`, `QUIT`, as with Redis).
-fn command_action<'a>(name: &str, rest: &'a [Vec<u8>]) -> Option<Action<'a>> {
-    Some(match name {
-        "AUTH" | "HELLO" | "QUIT" => return None,
-        "HGET" | "HEXISTS" | "HMGET" | "HGETALL" | "HKEYS" | "HLEN" | "EXISTS" => Action::Read,
-        "HSET" | "HMSET" | "HDEL" | "DEL" | "UNLINK" => Action::Write,
-        "FCALL" | "FCALL_RO" => Action::Run(rest.first().and_then(|m| std::str::from_utf8(m).ok()).unwrap_or("")),
-        "GREX.MODULE" => match rest.first().map(|s| s.to_ascii_uppercase()).as_deref() {
-            Some(b"LOAD") | Some(b"DELETE") => Action::Admin,
-            _ => Action::See,
-        },
-        _ => Action::See,
-    })
-}
-
 impl Connection {
     /// Serves one connection until the client closes it, the table asks it to make room while no
     /// command runs, a request takes too long to arrive, or the server stops.
@@ -517,37 +497,38 @@ impl Connection {
                             consumed += used;
                             continue;
                         }
-                        let name = String::from_utf8_lossy(&args[0]).to_ascii_uppercase();
-                        if !runs_alone(&name) {
-                            if pipeline.is_empty() && consumed + used == buf.len() {
+                        match Command::parse(args) {
+                            Ok(command) if command.spec().alone => {
+                                consumed += used;
+                                busy.get_or_insert_with(|| conn.busy());
+                                pipeline.finish(&mut stream, &mut out, self.resp3).await?;
+                                let (reply, then) = self.execute(command).await;
+                                reply.write(&mut out, self.resp3);
+                                if matches!(then, Then::Close) {
+                                    return pipeline.close(&mut stream, &mut out, self.resp3, None).await;
+                                }
+                            }
+                            parsed if pipeline.is_empty() && consumed + used == buf.len() => {
                                 // One command and nothing pipelined behind it: the cheapest way is
                                 // to run it right here.
                                 consumed += used;
                                 busy.get_or_insert_with(|| conn.busy());
-                                self.commands.run(&name, &args).await.write(&mut out, self.resp3);
-                                continue;
+                                self.commands.run(parsed).await.write(&mut out, self.resp3);
                             }
-                            // A connection's first command runs whatever the others hold.
-                            let room = if pipeline.is_empty() {
-                                None
-                            } else if let Some(room) = self.pipelined.hold(used) {
-                                Some(room)
-                            } else {
-                                no_room = true;
-                                break;
-                            };
-                            consumed += used;
-                            busy.get_or_insert_with(|| conn.busy());
-                            pipeline.start(self.commands.clone(), name, args, used, room);
-                            continue;
-                        }
-                        consumed += used;
-                        busy.get_or_insert_with(|| conn.busy());
-                        pipeline.finish(&mut stream, &mut out, self.resp3).await?;
-                        let (reply, then) = self.execute(&name, &args).await;
-                        reply.write(&mut out, self.resp3);
-                        if matches!(then, Then::Close) {
-                            return pipeline.close(&mut stream, &mut out, self.resp3, None).await;
+                            parsed => {
+                                // A connection's first command runs whatever the others hold.
+                                let room = if pipeline.is_empty() {
+                                    None
+                                } else if let Some(room) = self.pipelined.hold(used) {
+                                    Some(room)
+                                } else {
+                                    no_room = true;
+                                    break;
+                                };
+                                consumed += used;
+                                busy.get_or_insert_with(|| conn.busy());
+                                pipeline.start(self.commands.clone(), parsed, used, room);
+                            }
                         }
                     }
                     Ok(None) => break,
@@ -608,49 +589,53 @@ impl Connection {
         }
     }
 
-    /// Runs a command that runs alone (see [`runs_alone`]).
-    async fn execute(&mut self, name: &str, args: &[Vec<u8>]) -> (Reply, Then) {
-        let rest = &args[1..];
-        if let Some(refused) = self.commands.refuse(name, rest) {
-            count(&self.commands.node, name, &refused);
+    /// Runs a command that runs alone ([`command::Spec::alone`]).
+    async fn execute(&mut self, command: Command) -> (Reply, Then) {
+        let started = std::time::Instant::now();
+        self.commands.observed.begin(command.index, &self.commands.client);
+        if let Some(refused) = self.commands.refuse(&command) {
+            self.commands.observe(Some(command.index), &command.args, &refused, Outcome::Rejected, started);
             return (refused, Then::Continue);
         }
-        let reply = match name {
-            "HELLO" => self.hello(rest),
-            "AUTH" => match rest {
-                [token] | [_, token] => {
-                    let user = if rest.len() == 2 { Some(rest[0].as_slice()) } else { None };
-                    self.auth(user, token)
-                }
-                _ => arity(name),
+        let rest = command.rest();
+        let mut then = Then::Continue;
+        let reply = match command.spec().kind {
+            Kind::Hello => self.hello(rest),
+            Kind::Auth => match rest {
+                [token] => self.auth(None, token),
+                [user, token] => self.auth(Some(user), token),
+                _ => arity(command.spec().name),
             },
-            "ACL" => match rest.first().map(|s| s.to_ascii_uppercase()).as_deref() {
-                Some(b"WHOAMI") if rest.len() == 1 => match &self.commands.caller.user {
+            Kind::Acl => match command.subcommand().as_deref() {
+                Some("WHOAMI") if rest.len() == 1 => match &self.commands.caller.user {
                     Some(identity) => Reply::bulk(identity.name.clone()),
                     None => Reply::bulk("default"),
                 },
                 _ => Reply::err("Grex supports only ACL WHOAMI; manage users with `grex user`"),
             },
-            "QUIT" => return (Reply::ok(), Then::Close),
-            "SELECT" => match rest {
-                [db] if db.as_slice() == b"0" => Reply::ok(),
-                [_] => Reply::err("DB index is out of range (Grex has only database 0)"),
-                _ => arity(name),
-            },
-            "READONLY" | "READWRITE" if !rest.is_empty() => arity(name),
-            "READONLY" | "READWRITE" => {
-                self.commands.follower_reads = name == "READONLY";
+            Kind::Quit => {
+                then = Then::Close;
                 Reply::ok()
             }
-            "CLIENT" => Reply::ok(),
-            "COMMAND" | "CONFIG" => Reply::Array(Vec::new()),
-            "CLUSTER" => cluster::command(&self.commands.node, self.commands.service.as_ref(), rest),
-            "GREX.MODULE" => self.commands.module(rest).await,
-            // Checked above.
-            _ => self.commands.dispatch(name, args).await,
+            Kind::Select => match rest {
+                [db] if db.as_slice() == b"0" => Reply::ok(),
+                _ => Reply::err("DB index is out of range (Grex has only database 0)"),
+            },
+            Kind::ReadOnly | Kind::ReadWrite => {
+                self.commands.follower_reads = command.spec().kind == Kind::ReadOnly;
+                Reply::ok()
+            }
+            Kind::Client => views::client(&self.commands, self.resp3, rest),
+            Kind::Command => command::command(rest),
+            Kind::Config => views::config(&self.commands, rest),
+            Kind::Cluster => cluster::command(&self.commands.node, self.commands.service.as_ref(), rest),
+            Kind::GrexModule => self.commands.module(rest).await,
+            // The others may run beside other commands.
+            _ => self.commands.dispatch(&command).await,
         };
-        count(&self.commands.node, name, &reply);
-        (reply, Then::Continue)
+        let outcome = if matches!(reply, Reply::Error(_)) { Outcome::Failed } else { Outcome::Ok };
+        self.commands.observe(Some(command.index), &command.args, &reply, outcome, started);
+        (reply, then)
     }
 
     /// `AUTH [username] token`: signs the connection in as the token's user (who must be
@@ -662,6 +647,7 @@ impl Connection {
         match signed_in {
             Ok((caller, info)) if user.is_none_or(|u| u == info.name.as_bytes() || u == b"default") => {
                 self.commands.caller = caller;
+                *self.commands.client.user.lock().unwrap_or_else(|p| p.into_inner()) = info.name;
                 Reply::ok()
             }
             _ => wrong(),
@@ -689,7 +675,13 @@ impl Connection {
                         return error;
                     }
                 }
-                b"SETNAME" if options.next().is_some() => {}
+                b"SETNAME" => match options.next() {
+                    Some(name) => {
+                        *self.commands.client.name.lock().unwrap_or_else(|p| p.into_inner()) =
+                            String::from_utf8_lossy(name).into_owned();
+                    }
+                    None => return Reply::err("HELLO SETNAME takes a name"),
+                },
                 _ => {
                     return Reply::err(
                         "syntax error in HELLO: HELLO [protover [AUTH username password] [SETNAME name]]",
@@ -697,10 +689,13 @@ impl Connection {
                 }
             }
         }
-        if let Some(refused) = self.commands.refuse("PING", &[]) {
+        // HELLO answers who the server is: only to a caller who may see the cluster.
+        let ping = Command::parse(vec![b"PING".to_vec()]).ok().expect("PING is in the table");
+        if let Some(refused) = self.commands.refuse(&ping) {
             return refused;
         }
         self.resp3 = resp3;
+        self.commands.client.resp.store(if resp3 { 3 } else { 2 }, std::sync::atomic::Ordering::Relaxed);
         let status = self.commands.node.status();
         Reply::Map(vec![
             (Reply::bulk("server"), Reply::bulk("grex")),
@@ -714,18 +709,28 @@ impl Connection {
     }
 }
 
-/// Counts an answered command in the node's metrics; a name no command has counts as `UNKNOWN`, so
-/// clients cannot add labels.
-fn count(node: &Node, name: &str, reply: &Reply) {
-    let unknown = matches!(reply, Reply::Error(text) if text.starts_with("ERR unknown command"));
-    node.metrics().resp_command(if unknown { "UNKNOWN" } else { name }, !matches!(reply, Reply::Error(_)));
-}
-
 impl Commands {
+    /// Counts an answered command: in the node's metrics (a name no command has counts as
+    /// `UNKNOWN`, so clients cannot add labels) and in the listener's own figures.
+    fn observe(
+        &self,
+        index: Option<usize>,
+        args: &[Vec<u8>],
+        reply: &Reply,
+        outcome: Outcome,
+        started: std::time::Instant,
+    ) {
+        let name = index.map_or("UNKNOWN", |i| command::COMMANDS[i].name);
+        self.node.metrics().resp_command(name, !matches!(reply, Reply::Error(_)));
+        if let Some(index) = index {
+            self.observed.record(index, args, outcome, started.elapsed(), &self.client);
+        }
+    }
+
     /// The reply refusing a command the connection's caller may not run (`NOAUTH` before a
     /// sign-in, `NOPERM` without the permission), or `None` to run it.
-    fn refuse(&self, name: &str, rest: &[Vec<u8>]) -> Option<Reply> {
-        let action = command_action(name, rest)?;
+    fn refuse(&self, command: &Command) -> Option<Reply> {
+        let action = command.action()?;
         let e = self.service.authorize(&self.caller, action).err()?;
         Some(match e.code {
             ErrorCode::Unauthenticated if self.caller.user.is_none() => {
@@ -736,52 +741,57 @@ impl Commands {
         })
     }
 
-    /// Runs a command that may run beside others (everything but [`runs_alone`]'s), if the
-    /// connection's caller may.
-    async fn run(&self, name: &str, args: &[Vec<u8>]) -> Reply {
-        let reply = match self.refuse(name, &args[1..]) {
-            Some(refused) => refused,
-            None => self.dispatch(name, args).await,
+    /// Runs a command that may run beside others (one the table does not mark `alone`), if the
+    /// connection's caller may; a request the table refused is answered with why.
+    async fn run(&self, parsed: Result<Command, Refused>) -> Reply {
+        let started = std::time::Instant::now();
+        let command = match parsed {
+            Ok(command) => command,
+            Err(Refused { index, reply }) => {
+                // Only a known command's figures count its refusals; the arguments are not kept.
+                self.observe(index, &[], &reply, Outcome::Rejected, started);
+                return reply;
+            }
         };
-        count(&self.node, name, &reply);
+        self.observed.begin(command.index, &self.client);
+        let (reply, outcome) = match self.refuse(&command) {
+            Some(refused) => (refused, Outcome::Rejected),
+            None => {
+                let reply = self.dispatch(&command).await;
+                let outcome = if matches!(reply, Reply::Error(_)) { Outcome::Failed } else { Outcome::Ok };
+                (reply, outcome)
+            }
+        };
+        self.observe(Some(command.index), &command.args, &reply, outcome, started);
         reply
     }
 
     /// Runs a command the caller may run.
-    async fn dispatch(&self, name: &str, args: &[Vec<u8>]) -> Reply {
-        let rest = &args[1..];
-        match name {
-            "PING" => match rest {
+    async fn dispatch(&self, command: &Command) -> Reply {
+        let rest = command.rest();
+        let name = command.spec().name;
+        match command.spec().kind {
+            Kind::Ping => match rest {
                 [] => Reply::Simple("PONG".into()),
                 [message] => Reply::bulk(message.clone()),
                 _ => arity(name),
             },
-            "ECHO" => match rest {
-                [message] => Reply::bulk(message.clone()),
-                _ => arity(name),
+            Kind::Echo => Reply::bulk(rest[0].clone()),
+            Kind::HSet | Kind::HMSet if rest.len().is_multiple_of(2) => arity(name),
+            Kind::HSet => self.builtin(Builtin::HSet, rest).await,
+            Kind::HMSet => match self.builtin(Builtin::HSet, rest).await {
+                error @ Reply::Error(_) => error,
+                _ => Reply::ok(),
             },
-            "HSET" | "HMSET" if rest.len() >= 3 && !rest.len().is_multiple_of(2) => {
-                let reply = self.builtin(Builtin::HSet, rest).await;
-                if name == "HMSET" && !matches!(reply, Reply::Error(_)) { Reply::ok() } else { reply }
-            }
-            "HGET" | "HEXISTS" if rest.len() == 2 => {
-                let op = if name == "HGET" { Builtin::HGet } else { Builtin::HExists };
-                self.builtin(op, rest).await
-            }
-            "HMGET" | "HDEL" if rest.len() >= 2 => {
-                let op = if name == "HMGET" { Builtin::HMGet } else { Builtin::HDel };
-                self.builtin(op, rest).await
-            }
-            "HGETALL" | "HKEYS" | "HLEN" if rest.len() == 1 => {
-                let op = match name {
-                    "HGETALL" => Builtin::HGetAll,
-                    "HKEYS" => Builtin::HKeys,
-                    _ => Builtin::HLen,
-                };
-                self.builtin(op, rest).await
-            }
-            "DEL" | "UNLINK" | "EXISTS" if !rest.is_empty() => {
-                let op = if name == "EXISTS" { Builtin::Exists } else { Builtin::Del };
+            Kind::HGet => self.builtin(Builtin::HGet, rest).await,
+            Kind::HExists => self.builtin(Builtin::HExists, rest).await,
+            Kind::HMGet => self.builtin(Builtin::HMGet, rest).await,
+            Kind::HDel => self.builtin(Builtin::HDel, rest).await,
+            Kind::HGetAll => self.builtin(Builtin::HGetAll, rest).await,
+            Kind::HKeys => self.builtin(Builtin::HKeys, rest).await,
+            Kind::HLen => self.builtin(Builtin::HLen, rest).await,
+            Kind::Del | Kind::Exists => {
+                let op = if command.spec().kind == Kind::Exists { Builtin::Exists } else { Builtin::Del };
                 let mut total = 0;
                 for key in rest {
                     match self.builtin(op, std::slice::from_ref(key)).await {
@@ -791,18 +801,31 @@ impl Commands {
                 }
                 Reply::Int(total)
             }
-            "FCALL" | "FCALL_RO" if rest.len() >= 2 => self.fcall(rest, name == "FCALL_RO").await,
-            "GREX.CANARY" => match rest {
-                [key] => self.canary(key).await,
-                _ => arity(name),
+            Kind::Type => match self.builtin(Builtin::Exists, rest).await {
+                Reply::Int(0) => Reply::Simple("none".into()),
+                Reply::Int(_) => Reply::Simple("hash".into()),
+                other => other,
             },
-            "HSET" | "HMSET" | "HGET" | "HEXISTS" | "HMGET" | "HDEL" | "HGETALL" | "HKEYS" | "HLEN" | "DEL"
-            | "UNLINK" | "EXISTS" | "FCALL" | "FCALL_RO" => arity(name),
-            _ => Reply::err(format!(
-                "unknown command '{}', with args beginning with: {}",
-                String::from_utf8_lossy(&args[0]),
-                rest.iter().take(3).map(|a| format!("'{}' ", String::from_utf8_lossy(a))).collect::<String>()
-            )),
+            Kind::FCall | Kind::FCallRo => self.fcall(rest, command.spec().kind == Kind::FCallRo).await,
+            Kind::GrexCanary => self.canary(&rest[0]).await,
+            Kind::Info => views::info(self, rest),
+            Kind::DbSize => views::dbsize(self),
+            Kind::Scan => views::scan(self, rest).await,
+            Kind::Slowlog => views::slowlog(&self.observed, rest),
+            Kind::Latency => views::latency(&self.observed, rest),
+            // The commands that run alone are run by `Connection::execute`.
+            Kind::Hello
+            | Kind::Auth
+            | Kind::Acl
+            | Kind::Quit
+            | Kind::Select
+            | Kind::ReadOnly
+            | Kind::ReadWrite
+            | Kind::Client
+            | Kind::Command
+            | Kind::Config
+            | Kind::Cluster
+            | Kind::GrexModule => Reply::err(format!("{name} runs alone")),
         }
     }
 
@@ -897,10 +920,6 @@ impl Commands {
             Err(e) => remote_error(&e),
         }
     }
-}
-
-fn arity(name: &str) -> Reply {
-    Reply::err(format!("wrong number of arguments for '{}' command", name.to_ascii_lowercase()))
 }
 
 /// A Grex error as a Redis error reply: `ERR message (code)`; `BUSY` when overloaded, `TRYAGAIN`
@@ -1024,6 +1043,7 @@ mod tests {
             limits,
             budget: ReadBudget::new(256 << 20),
             tls: None,
+            observed: Arc::new(Observed::new()),
         };
         tokio::spawn(serve(listener, serving, ConnTable::new(connections), stopped));
         (addr, stop)
