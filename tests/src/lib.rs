@@ -215,14 +215,14 @@ impl GrexNode {
     /// As [`start`](Self::start), running the `grex` binary at `bin`.
     pub fn start_binary(bin: &Path, data: &Path, args: &[&str]) -> GrexNode {
         let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
-        Self::spawn(bin, data, free_addrs().each_ref().map(String::as_str), args)
+        Self::spawn(bin, data, free_addrs().each_ref().map(String::as_str), args, None)
     }
 
     /// As [`start`](Self::start), listening on the given HTTP, QUIC and peer addresses
     /// (`HOST:PORT`), as a data directory made elsewhere expects its members to be found.
     pub fn start_at(data: &Path, [http, quic, peer]: [&str; 3], args: &[&str]) -> GrexNode {
         let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
-        Self::spawn(&grex_bin(), data, [http, quic, peer], args)
+        Self::spawn(&grex_bin(), data, [http, quic, peer], args, None)
     }
 
     /// Starts the node again (after [`kill9`](Self::kill9) or [`terminate`](Self::terminate)) on
@@ -232,7 +232,7 @@ impl GrexNode {
         let addrs =
             [self.http_addr().to_owned(), self.quic.trim_start_matches("quic://").to_owned(), self.peer.clone()];
         let args = std::mem::take(&mut self.args);
-        *self = Self::spawn(&self.bin, &self.data, addrs.each_ref().map(String::as_str), args);
+        *self = Self::spawn(&self.bin, &self.data, addrs.each_ref().map(String::as_str), args, None);
     }
 
     /// Like [`restart`](Self::restart), running the `grex` binary at `bin` from now on (an
@@ -254,10 +254,22 @@ impl GrexNode {
     pub fn restart_elsewhere(&mut self, args: &[&str]) {
         assert!(self.child.is_none(), "the node is still running");
         let args = args.iter().map(|a| a.to_string()).collect();
-        *self = Self::spawn(&self.bin, &self.data, free_addrs().each_ref().map(String::as_str), args);
+        *self = Self::spawn(&self.bin, &self.data, free_addrs().each_ref().map(String::as_str), args, None);
     }
 
-    fn spawn(bin: &Path, data: &Path, [http, quic, peer]: [&str; 3], args: Vec<String>) -> GrexNode {
+    /// As [`start`](Self::start), with `GREX_LOG=filter` (this start only).
+    pub fn start_with_log(data: &Path, args: &[&str], filter: &str) -> GrexNode {
+        let args = args.iter().map(|a| a.to_string()).collect();
+        Self::spawn(&grex_bin(), data, free_addrs().each_ref().map(String::as_str), args, Some(filter))
+    }
+
+    fn spawn(
+        bin: &Path,
+        data: &Path,
+        [http, quic, peer]: [&str; 3],
+        args: Vec<String>,
+        log_filter: Option<&str>,
+    ) -> GrexNode {
         let log =
             std::fs::OpenOptions::new().create(true).append(true).open(log_path(data)).expect("open the node log");
         let mut child = Command::new(bin)
@@ -269,8 +281,10 @@ impl GrexNode {
             // GREX_TEST_LOG sets another filter for a run that needs more detail.
             .env(
                 "GREX_LOG",
-                std::env::var("GREX_TEST_LOG")
-                    .unwrap_or_else(|_| "warn,grex::cluster=info,grex::job=off,openraft=off".into()),
+                log_filter.map(str::to_owned).unwrap_or_else(|| {
+                    std::env::var("GREX_TEST_LOG")
+                        .unwrap_or_else(|_| "warn,grex::cluster=info,grex::job=off,openraft=off".into())
+                }),
             )
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())

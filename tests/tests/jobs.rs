@@ -232,3 +232,32 @@ async fn canary_on_a_single_node_names_that_node() {
     assert_eq!(canary.bucket_version, 1);
     assert_eq!(canary.flock, grex_client::proto::flock_of(b"cust-5", 256));
 }
+
+/// `GREX_LOG` picks log lines by the code's module (`grex::cluster=debug`) and by the job's
+/// module (`grex::job[job{module=NAME}]=LEVEL`), and each job line names its module and bucket.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grex_log_picks_one_job_modules_lines_and_each_names_its_module_and_bucket() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = GrexNode::start_with_log(dir.path(), &[], "warn,grex::job[job{module=chatty}]=debug");
+    let client = node.client().await;
+    for name in ["chatty", "quiet"] {
+        client.put_module(name, job_wasm("hostile")).await.expect("upload");
+    }
+    client.run_job(b"bucket-c", "chatty", b"log", false).await.expect("chatty logs");
+    client.run_job(b"bucket-q", "quiet", b"log", false).await.expect("quiet logs");
+    grex_tests::wait_until("both jobs' warnings in the log", std::time::Duration::from_secs(10), || {
+        node.log().matches("hostile logs at warn").count() == 2
+    });
+    let log = node.log();
+    let lines: Vec<&str> = log.lines().filter(|l| l.contains("hostile logs at")).collect();
+    let has = |module: &str, level: &str| {
+        lines.iter().any(|l| {
+            l.contains(&format!("hostile logs at {level}"))
+                && l.contains(&format!("module={module}"))
+                && l.contains(&format!("bucket=bucket-{}", &module[..1]))
+        })
+    };
+    assert!(has("chatty", "debug") && has("chatty", "info") && has("chatty", "warn"), "{lines:#?}");
+    assert!(has("quiet", "warn"), "the default level still shows: {lines:#?}");
+    assert!(!has("quiet", "info") && !has("quiet", "debug"), "another module's detail stays out: {lines:#?}");
+}

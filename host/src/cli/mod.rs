@@ -168,8 +168,12 @@ fn is_broken_pipe(e: &anyhow::Error) -> bool {
     })
 }
 
+/// Logs to stderr, filtered by `GREX_LOG` (tracing's `EnvFilter` syntax: `debug`,
+/// `info,grex::cluster=debug`, or one job module's lines with `grex::job[job{module=NAME}]=debug`).
 fn init_logging(default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("GREX_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+    // Colours only for a terminal: a log file or a collector gets plain `key=value` text.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi).with_writer(std::io::stderr).try_init();
 }

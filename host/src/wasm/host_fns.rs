@@ -135,6 +135,10 @@ impl context::Host for JobState {
         let line = truncate(&message, LOG_LINE_BYTES_MAX);
         let bucket = String::from_utf8_lossy(&self.bucket_key);
         let module = &self.module;
+        // Within a span that names the module, so that `GREX_LOG` can pick one module's lines:
+        // `grex::job[job{module=counter}]=debug` (docs/operations.md, "Logs").
+        let span = tracing::info_span!(target: "grex::job", "job", module = %module);
+        let _in_span = span.enter();
         match level {
             context::Level::Debug => tracing::debug!(target: "grex::job", %module, %bucket, "{line}"),
             context::Level::Info => tracing::info!(target: "grex::job", %module, %bucket, "{line}"),

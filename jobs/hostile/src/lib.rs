@@ -13,8 +13,9 @@
 //! | `big-error N` | returns an error message of N bytes (error messages are cut) |
 //! | `recurse N` | recurses N calls deep, with a stack array in each (stack exhaustion) |
 //! | `host-calls` | calls the host without end (deadline) |
+//! | `log` | logs a line at debug, info and warn (log filters) |
 
-use grex_sdk::{Bucket, Error};
+use grex_sdk::{Bucket, Error, Level};
 
 grex_sdk::job!(hostile);
 
@@ -44,6 +45,12 @@ fn hostile(bucket: &mut Bucket, input: &[u8]) -> Result<Vec<u8>, Error> {
         "host-calls" => loop {
             std::hint::black_box(bucket.get_bytes("missing"));
         },
+        "log" => {
+            for (level, name) in [(Level::Debug, "debug"), (Level::Info, "info"), (Level::Warn, "warn")] {
+                grex_sdk::log(level, &format!("hostile logs at {name}"));
+            }
+            Ok(Vec::new())
+        }
         "fail" => {
             bucket.put_text("written-before-failing", "should never commit");
             Err(Error::msg("the hostile job failed on purpose"))
