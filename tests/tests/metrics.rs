@@ -108,6 +108,12 @@ async fn metrics_parse_as_prometheus_text_and_count_jobs_commands_and_the_cluste
     assert_eq!(value(&after[1], "grex_resp_commands_total", &[("command", "HSET"), ("result", "ok")]), HSETS as f64);
     assert_eq!(value(&after[1], "grex_resp_commands_total", &[("command", "UNKNOWN"), ("result", "error")]), 1.0);
     assert_eq!(value(&after[1], "grex_connections_open", &[("protocol", "resp")]), 1.0);
+    // The instance pool: room for a job per executor and one more; nothing in use between jobs.
+    for scraped in &after {
+        assert!(value(scraped, "grex_instance_pool_slots", &[]) >= 2.0);
+        assert_eq!(value(scraped, "grex_instance_pool_instances", &[]), 0.0);
+        assert_eq!(value(scraped, "grex_instance_pool_memories", &[]), 0.0);
+    }
     drop(redis);
     eventually("the closed Redis connection leaves the open count", Duration::from_secs(10), || async {
         value(&scrape(&cluster.nodes[1]), "grex_connections_open", &[("protocol", "resp")]) == 0.0
@@ -152,4 +158,25 @@ async fn metrics_parse_as_prometheus_text_and_count_jobs_commands_and_the_cluste
         assert!(value(scrape, "grex_cache_bytes_max", &[]) > 0.0);
     }
     assert!(total(&after[0], "grex_store_commits_total", &[]) > 0.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_instance_pool_shows_a_running_job() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = GrexNode::start(dir.path(), &["--timeout-ms", "3000"]);
+    let client = node.client().await;
+    client.put_module("hostile", grex_tests::job_wasm("hostile")).await.expect("upload");
+    let spinning = tokio::spawn(async move { client.run_job(b"spin", "hostile", b"loop", false).await });
+    eventually("the spinning job to hold an instance and its memory", Duration::from_secs(10), || async {
+        let scraped = scrape(&node);
+        value(&scraped, "grex_instance_pool_instances", &[]) == 1.0
+            && value(&scraped, "grex_instance_pool_memories", &[]) == 1.0
+    })
+    .await;
+    let ended = spinning.await.unwrap().expect_err("it runs out of time");
+    assert_eq!(ended.code(), Some(grex_client::ErrorCode::JobTimeout));
+    eventually("the instance to go back to the pool", Duration::from_secs(10), || async {
+        value(&scrape(&node), "grex_instance_pool_instances", &[]) == 0.0
+    })
+    .await;
 }

@@ -584,6 +584,20 @@ impl Node {
             self.inner.jobs_running.load(Ordering::Relaxed) as f64,
         );
         samples.gauge("modules", "Module names this node holds", &[], self.modules().len() as f64);
+        let pool = self.inner.runtime.pool_usage();
+        samples.gauge(
+            "instance_pool_slots",
+            "Jobs the wasm instance pool has room for at once (one per executor, and one more)",
+            &[],
+            pool.slots as f64,
+        );
+        samples.gauge(
+            "instance_pool_instances",
+            "Instances of the pool in use (running jobs)",
+            &[],
+            pool.instances as f64,
+        );
+        samples.gauge("instance_pool_memories", "Linear memories of the pool in use", &[], pool.memories as f64);
         samples.counter(
             "jobs_forwarded",
             "Jobs this node passed on to the node that serves their bucket",

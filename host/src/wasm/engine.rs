@@ -33,6 +33,19 @@ pub struct Runtime {
     pub(crate) modules: Modules,
     pub(crate) limits: Limits,
     ticker: Arc<Ticker>,
+    /// Jobs the pool has room for at once.
+    instances: u32,
+}
+
+/// How much of the instance pool is taken.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PoolUsage {
+    /// Jobs the pool has room for at once (one instance and one linear memory each).
+    pub slots: u64,
+    /// Component instances allocated now (running jobs).
+    pub instances: u64,
+    /// Linear memories allocated now.
+    pub memories: u64,
 }
 
 impl Runtime {
@@ -43,7 +56,17 @@ impl Runtime {
         JobWorld::add_to_linker::<JobState, HasSelf<JobState>>(&mut linker, |state| state)?;
         let ticker = Ticker::spawn(engine.clone());
         let modules = Modules::new(engine.clone(), linker, MODULES_CACHED_MAX);
-        Ok(Runtime { engine, modules, limits, ticker })
+        Ok(Runtime { engine, modules, limits, ticker, instances })
+    }
+
+    /// How much of the instance pool is taken now.
+    pub fn pool_usage(&self) -> PoolUsage {
+        let metrics = self.engine.pooling_allocator_metrics();
+        PoolUsage {
+            slots: u64::from(self.instances),
+            instances: metrics.as_ref().map_or(0, |m| m.component_instances()),
+            memories: metrics.as_ref().map_or(0, |m| m.memories() as u64),
+        }
     }
 
     /// Compiles modules in child processes of `program` (a `grex` binary), under the limits'

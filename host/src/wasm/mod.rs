@@ -19,6 +19,6 @@ mod host_fns;
 mod modules;
 mod runner;
 
-pub use engine::{EPOCH_TICK_MS, Runtime};
+pub use engine::{EPOCH_TICK_MS, PoolUsage, Runtime};
 pub use modules::{LoadedModule, module_id_text, parse_module_id};
 pub use runner::{JobInput, JobRun};
