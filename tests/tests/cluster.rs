@@ -734,32 +734,41 @@ async fn a_peer_of_another_protocol_version_is_told_both_versions_and_refused() 
     };
     match exchange(&connection, &proto::encode_frame(&hello).unwrap()).await {
         PeerResponse::Error(e) => {
-            assert!(e.message.contains("grex-peer/7") && e.message.contains("grex-peer/9"), "{}", e.message)
+            assert!(e.message.contains("grex-peer/7") && e.message.contains("grex-peer/10"), "{}", e.message)
         }
         other => panic!("a peer of version 7 was answered {other:?}"),
     }
     let log = cluster.nodes[0].log();
-    assert!(log.contains("speaks the peer protocol grex-peer/7 and this node grex-peer/9 to grex-peer/10"), "{log}");
-    // The node serves peers of its own version on, and says which version it runs.
+    assert!(log.contains("speaks the peer protocol grex-peer/7 and this node grex-peer/10 to grex-peer/11"), "{log}");
+    // The node serves peers of its own version on, says which version it runs, and gives its load.
     let (_endpoint, connection) = probe(&cluster, None).await;
     let hello =
-        PeerFrame { request: PeerRequest::HelloWithVersion { incarnation: 2, version: "0.2.0".into() }, ..hello };
+        PeerFrame { request: PeerRequest::HelloWithVersion { incarnation: 2, version: "0.3.0".into() }, ..hello };
     let answer = exchange(&connection, &proto::encode_frame(&hello).unwrap()).await;
     assert!(
         matches!(&answer, PeerResponse::WelcomeWithVersion { version, .. } if version == grex::cluster::messages::GREX_VERSION),
         "{answer:?}"
     );
-    // A node of the previous release (protocol 9) is served in its protocol, which has no
-    // `HelloWithVersion`.
-    let (_endpoint, connection) = probe(&cluster, Some(&[b"grex-peer/9"])).await;
-    let newer = PeerFrame { request: PeerRequest::HelloWithVersion { incarnation: 3, version: "x".into() }, ..hello };
-    match exchange(&connection, &proto::encode_frame(&newer).unwrap()).await {
-        PeerResponse::Error(e) => assert!(e.message.contains("grex-peer/9"), "{}", e.message),
-        other => panic!("a request of protocol 10 on a protocol 9 connection was answered {other:?}"),
+    let stats = PeerFrame { cluster_id: hello.cluster_id.clone(), from: hello.from, request: PeerRequest::Stats };
+    match exchange(&connection, &proto::encode_frame(&stats).unwrap()).await {
+        PeerResponse::Stats { json } => {
+            let load: grex_client::NodeStats = serde_json::from_slice(&json).expect("a load as JSON");
+            assert_eq!(load.status.node, cluster.nodes[0].id);
+        }
+        other => panic!("a load was asked and {other:?} answered"),
     }
-    let old_hello = PeerFrame { request: PeerRequest::Hello { incarnation: 3 }, ..newer };
+    // A node of the previous release (protocol 10) is served in its protocol, which has no
+    // `Stats`.
+    let (_endpoint, connection) = probe(&cluster, Some(&[b"grex-peer/10"])).await;
+    let newer = PeerFrame { request: PeerRequest::Stats, ..hello };
+    match exchange(&connection, &proto::encode_frame(&newer).unwrap()).await {
+        PeerResponse::Error(e) => assert!(e.message.contains("grex-peer/10"), "{}", e.message),
+        other => panic!("a request of protocol 11 on a protocol 10 connection was answered {other:?}"),
+    }
+    let old_hello =
+        PeerFrame { request: PeerRequest::HelloWithVersion { incarnation: 3, version: "0.2.0".into() }, ..newer };
     let answer = exchange(&connection, &proto::encode_frame(&old_hello).unwrap()).await;
-    assert!(matches!(answer, PeerResponse::Welcome { .. }), "{answer:?}");
+    assert!(matches!(answer, PeerResponse::WelcomeWithVersion { .. }), "{answer:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
