@@ -3,7 +3,8 @@
 # speed drifts, so only ratios within one run mean much): for each round and each binary, one
 # fresh node and then a fresh 3-node cluster (replication 3, leadership spread), each driven by redis-benchmark with
 # 50 clients and 100k random keys running `FCALL counter`. Prints medians per binary. FLOCKS sets
-# the flock count (default 256); NODES="3" runs only the clusters (default "1 3").
+# the flock count (default 256); NODES="3" runs only the clusters (default "1 3"); COMMAND sets
+# the command (default "FCALL counter 1 key:__rand_int__"; e.g. "PING", "HSET key:__rand_int__ f v").
 # Usage: scripts/bench-compare.sh REQUESTS ROUNDS NAME=BINARY... (build the binaries first, e.g.
 # from two checkouts; the jobs come from scripts/build-jobs.sh).
 # Writes target/bench-compare/results.csv. Everything listens on 127.0.0.1 and stops at the end.
@@ -31,7 +32,8 @@ stop_all() {
 # run NAME NODES: one redis-benchmark run against node 0, appended to results.csv.
 run() {
   local name=$1 nodes=$2 line rps p50 p99
-  line=$(redis-benchmark -p 17073 -c 50 -n "$requests" -r 100000 --csv FCALL counter 1 key:__rand_int__ 2>/dev/null | tail -1)
+  # shellcheck disable=SC2086 # the command's words
+  line=$(redis-benchmark -p 17073 -c 50 -n "$requests" -r 100000 --csv ${COMMAND:-FCALL counter 1 key:__rand_int__} 2>/dev/null | tail -1)
   read -r rps p50 p99 < <(awk -F'","' '{ gsub(/"/, "", $NF); print $(NF-6), $(NF-3), $(NF-1) }' <<< "$line")
   [ -n "$p99" ] || { echo "redis-benchmark gave no result for $name: $line"; exit 1; }
   echo "$round,$name,$nodes,$rps,$p50,$p99" >> "$out/results.csv"
@@ -54,7 +56,7 @@ python3 - "$out/results.csv" <<'EOF'
 import csv, statistics, sys
 rows = list(csv.DictReader(open(sys.argv[1])))
 keys = sorted({(r["nodes"], r["binary"]) for r in rows}, key=lambda k: (k[0], [r["binary"] for r in rows].index(k[1])))
-print("| nodes | binary | counter/s (median) | p50 ms | p99 ms | runs |")
+print("| nodes | binary | requests/s (median) | p50 ms | p99 ms | runs |")
 print("|---|---|---|---|---|---|")
 for nodes, binary in keys:
     rs = [r for r in rows if r["nodes"] == nodes and r["binary"] == binary]
