@@ -2,7 +2,7 @@
 
 use std::process::{Command, Stdio};
 
-use grex_tests::{GrexNode, grex_bin};
+use grex_tests::{GrexNode, grex, grex_bin};
 
 #[test]
 fn a_reader_that_goes_away_ends_a_listing_quietly() {
@@ -85,4 +85,46 @@ fn a_memory_budget_too_small_for_the_node_or_its_cache_is_refused_and_creates_no
         assert!(err.contains(says), "{flags:?}: {err}");
         assert!(!data.exists(), "{flags:?} left a data directory behind");
     }
+}
+
+/// `grex new` makes a Rust job project that builds without editing; `grex module put DIR`
+/// builds it (once) and uploads it under its name; it runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_rust_project_builds_uploads_and_runs_without_editing() {
+    let dir = tempfile::tempdir().unwrap();
+    let project = dir.path().join("hello-job");
+    let project_arg = project.to_str().unwrap();
+    let made = grex(&["new", "hello-job", "--lang", "rust", "--dir", project_arg]);
+    assert!(made.contains("made") && made.contains("grex module put ."), "{made}");
+    for file in ["Cargo.toml", "src/lib.rs", "README.md", "grex-sdk/Cargo.toml", "grex-sdk/wit/job.wit"] {
+        assert!(project.join(file).exists(), "{file} missing");
+    }
+    // A second project in the same place, or a name Cargo would refuse, is refused with why.
+    let again = Command::new(grex_bin()).args(["new", "hello-job", "--dir", project_arg]).output().unwrap();
+    assert!(!again.status.success() && String::from_utf8_lossy(&again.stderr).contains("not empty"));
+    let bad = Command::new(grex_bin()).args(["new", "Bad Name"]).current_dir(dir.path()).output().unwrap();
+    assert!(!bad.status.success() && String::from_utf8_lossy(&bad.stderr).contains("cannot name a job"));
+
+    let data = tempfile::tempdir().unwrap();
+    let node = GrexNode::start(data.path(), &[]);
+    let put = |project: &str| {
+        Command::new(grex_bin()).args(["module", "put", project, "--node", &node.http]).output().unwrap()
+    };
+    let first = put(project_arg);
+    let log = String::from_utf8_lossy(&first.stderr);
+    assert!(first.status.success(), "{log}");
+    assert!(String::from_utf8_lossy(&first.stdout).starts_with("sha256:"));
+    assert!(log.contains("Compiling hello-job"), "{log}");
+    // Built already: Cargo does nothing, the same module is uploaded.
+    let second = put(project_arg);
+    assert!(second.status.success() && !String::from_utf8_lossy(&second.stderr).contains("Compiling"));
+    assert_eq!(first.stdout, second.stdout);
+
+    let client = node.client().await;
+    let out = client.run_job(b"customer-1", "hello-job", b"5", false).await.expect("the job runs");
+    assert_eq!(out.output, b"5");
+    let out = client.run_job(b"customer-1", "hello-job", b"2", false).await.expect("the job runs");
+    assert_eq!(out.output, b"7");
+    let failed = client.run_job(b"customer-1", "hello-job", b"five", false).await.expect_err("not a number");
+    assert_eq!(failed.code(), Some(grex_client::ErrorCode::JobFailed));
 }

@@ -13,13 +13,14 @@ use super::Target;
 
 #[derive(Subcommand)]
 pub(super) enum ModuleCommand {
-    /// Upload a module (a .wasm component, or a core module built with grex-sdk); prints its id.
+    /// Upload a module (a .wasm component, or a core module built with grex-sdk; or a job project's
+    /// directory, which is built first); prints its id.
     Put {
-        /// The .wasm file.
+        /// The .wasm file, or a job project's directory (`grex new`).
         file: PathBuf,
-        /// The name jobs will use to run it.
+        /// The name jobs will use to run it (default: the project's name, or the file's stem).
         #[arg(long)]
-        name: String,
+        name: Option<String>,
         #[command(flatten)]
         target: Target,
     },
@@ -188,6 +189,14 @@ fn print_bytes(bytes: &[u8]) -> anyhow::Result<()> {
 pub(super) async fn module(cmd: ModuleCommand) -> anyhow::Result<()> {
     match cmd {
         ModuleCommand::Put { file, name, target } => {
+            let (file, name) = if file.is_dir() {
+                let (wasm, project) = tokio::task::spawn_blocking(move || super::new::build_project(&file)).await??;
+                (wasm, name.unwrap_or(project))
+            } else {
+                let stem = file.file_stem().map(|s| s.to_string_lossy().into_owned());
+                let name = name.or(stem).context("name the module with --name")?;
+                (file, name)
+            };
             let wasm = std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
             let info = connect(&target).await?.put_module(&name, wasm).await?;
             writeln!(stdout(), "{}", info.id)?;

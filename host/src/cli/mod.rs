@@ -6,6 +6,7 @@
 
 mod bench;
 mod client;
+mod new;
 mod server;
 mod top;
 
@@ -38,6 +39,8 @@ enum Command {
     /// Show the flock map.
     #[command(subcommand)]
     Flock(client::FlockCommand),
+    /// Make a new job project that builds without editing.
+    New(new::NewArgs),
     /// Upload and list modules.
     #[command(subcommand)]
     Module(client::ModuleCommand),
@@ -139,6 +142,7 @@ pub fn main() -> ExitCode {
             Command::Init(args) => server::init(args),
             Command::Cluster(cmd) => server::cluster(cmd).await,
             Command::Flock(cmd) => client::flock(cmd).await,
+            Command::New(args) => new::new(args),
             Command::Module(cmd) => client::module(cmd).await,
             Command::Job(cmd) => client::job(cmd).await,
             Command::Jobs(cmd) => client::jobs(cmd).await,
