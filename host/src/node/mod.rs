@@ -27,7 +27,7 @@ pub use cache::CacheStats;
 pub use clock::{Clock, FixedClock, SystemClock};
 pub use commit::{CommitLog, Durable, Write, WriteDone};
 
-/// The failed jobs a node's load names, newest first (of the [`recent`] ring's).
+/// The failed jobs a node's load names, newest first (of those its recent-jobs ring keeps).
 pub const STATS_FAILED_JOBS: usize = 8;
 
 /// What the servers (`api`) ask of a node for anything a cluster must route: jobs to the
