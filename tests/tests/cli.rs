@@ -128,3 +128,73 @@ async fn a_new_rust_project_builds_uploads_and_runs_without_editing() {
     let failed = client.run_job(b"customer-1", "hello-job", b"five", false).await.expect_err("not a number");
     assert_eq!(failed.code(), Some(grex_client::ErrorCode::JobFailed));
 }
+
+/// `grex new --lang js` makes a JavaScript job project; `grex module put DIR` installs its
+/// build tools (componentize-js, from npm), builds it once and uploads it; it runs, with its
+/// errors. The `ledger` example, built with the same SDK, keeps its semantics and its deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_js_project_and_the_js_ledger_build_upload_and_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let project = dir.path().join("hello-js");
+    let project_arg = project.to_str().unwrap();
+    let made = grex(&["new", "hello-js", "--lang", "js", "--dir", project_arg]);
+    assert!(made.contains("JavaScript") && made.contains("npm test"), "{made}");
+    let tested =
+        Command::new("npm").args(["test", "--silent"]).current_dir(&project).output().expect("npm (Node.js 20)");
+    assert!(tested.status.success(), "npm test: {}", String::from_utf8_lossy(&tested.stdout));
+
+    let data = tempfile::tempdir().unwrap();
+    // A JavaScript job embeds its engine (about 12 MB): its first compile takes longer than a Rust one.
+    let node = GrexNode::start(data.path(), &["--compile-timeout-secs", "600", "--timeout-ms", "2000"]);
+    let put = |path: &str, name: Option<&str>| {
+        let mut command = Command::new(grex_bin());
+        command.args(["module", "put", path, "--node", &node.http]);
+        if let Some(name) = name {
+            command.args(["--name", name]);
+        }
+        command.output().unwrap()
+    };
+    let first = put(project_arg, None);
+    let log = String::from_utf8_lossy(&first.stderr);
+    assert!(first.status.success(), "{log}");
+    assert!(log.contains("npm install") && log.contains("npm run build"), "{log}");
+    let second = put(project_arg, None);
+    assert!(second.status.success(), "{}", String::from_utf8_lossy(&second.stderr));
+    assert!(!String::from_utf8_lossy(&second.stderr).contains("npm run build"), "built already: no rebuild");
+    assert_eq!(first.stdout, second.stdout, "the same module");
+
+    let client = node.client().await;
+    assert_eq!(client.run_job(b"c-1", "hello-js", b"5", false).await.expect("runs").output, b"5");
+    assert_eq!(client.run_job(b"c-1", "hello-js", b" 2 ", false).await.expect("runs").output, b"7");
+    let failed = client.run_job(b"c-1", "hello-js", b"five", false).await.expect_err("not a number");
+    assert_eq!(failed.code(), Some(grex_client::ErrorCode::JobFailed));
+    assert!(failed.to_string().contains("`five` is not a decimal integer"), "{failed}");
+
+    // The ledger example, built by the project's SDK and tools.
+    let ledger_js = grex_tests::workspace_root().join("guest-sdk-js/ledger.js");
+    let ledger_wasm = dir.path().join("ledger.wasm");
+    let built = Command::new("node")
+        .arg(project.join("sdk/build.mjs"))
+        .args([&ledger_js, &ledger_wasm])
+        .output()
+        .expect("node");
+    assert!(built.status.success(), "{}", String::from_utf8_lossy(&built.stderr));
+    let uploaded = put(ledger_wasm.to_str().unwrap(), Some("ledger-js"));
+    assert!(uploaded.status.success(), "{}", String::from_utf8_lossy(&uploaded.stderr));
+    let run = |input: &'static [u8]| client.run_job(b"acct-1", "ledger-js", input, false);
+    let rent = br#"{"description":"rent","other":"ACME","amount":-120000,"date":"2026-11-01"}"#;
+    assert_eq!(run(rent).await.unwrap().output, br#"{"balance":-120000,"count":1}"#);
+    let pay =
+        br#"[{"description":"pay","other":"Boss","amount":300000},{"description":"tea","other":"Cafe","amount":-450}]"#;
+    assert_eq!(run(pay).await.unwrap().output, br#"{"balance":179550,"count":3}"#);
+    assert_eq!(run(b"").await.unwrap().output, br#"{"balance":179550,"count":3}"#);
+    let bad = run(br#"{"amount":"lots"}"#).await.expect_err("refused");
+    assert_eq!(bad.code(), Some(grex_client::ErrorCode::JobFailed));
+    let spun = run(b"spin").await.expect_err("stopped");
+    assert_eq!(spun.code(), Some(grex_client::ErrorCode::JobTimeout));
+    assert_eq!(
+        run(b"").await.unwrap().output,
+        br#"{"balance":179550,"count":3}"#,
+        "nothing failed jobs wrote was kept"
+    );
+}

@@ -151,7 +151,21 @@ fn migrate_three_nodes((fixture, base): (&str, u16)) {
     check_buckets(&nodes[1]);
     let mut con = redis(&nodes[2]);
     for i in 0..CUSTOMERS {
-        let _: () = redis::cmd("HSET").arg(format!("customer-{i}")).arg("after").arg("yes").query(&mut con).unwrap();
+        // While the flocks node 0 led elect new leaders, a write may be told to retry (`BUSY`,
+        // `TRYAGAIN`: it took no effect), as any client would be.
+        let key = format!("customer-{i}");
+        let mut last = None;
+        wait_until(&format!("{key}'s write through node 2"), Duration::from_secs(30), || {
+            let written: redis::RedisResult<()> = redis::cmd("HSET").arg(&key).arg("after").arg("yes").query(&mut con);
+            match written {
+                Ok(()) => true,
+                Err(e) if e.to_string().contains("BUSY") || e.to_string().contains("TRYAGAIN") => {
+                    last = Some(e.to_string());
+                    false
+                }
+                Err(e) => panic!("{key}: {e} (after {last:?})"),
+            }
+        });
     }
     // It comes back, catches up, and serves the writes it missed.
     nodes[0].restart();

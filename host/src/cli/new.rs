@@ -1,10 +1,11 @@
-//! `grex new NAME --lang rust`: a job project that builds without editing (a manifest, the job
+//! `grex new NAME --lang rust|js`: a job project that builds without editing (a manifest, the job
 //! with a test, the SDK of this grex beside it, a README); and the build of such a project when
 //! `grex module put DIR` is given its directory.
 //!
-//! The SDK is written into the project (`grex-sdk/`) rather than named by a machine path or a
-//! registry version: it is the SDK this binary was built with, so the job and the node agree on
-//! the guest contract (`guest-sdk/wit/job.wit`) whatever else is installed.
+//! The SDK is written into the project (`grex-sdk/` for Rust, `sdk/` for JavaScript) rather than
+//! named by a machine path or a registry version: it is the SDK this binary was built with, so the
+//! job and the node agree on the guest contract (`guest-sdk/wit/job.wit`) whatever else is
+//! installed.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -28,6 +29,8 @@ pub(super) struct NewArgs {
 enum Lang {
     /// Rust with the grex SDK, built for `wasm32-unknown-unknown`.
     Rust,
+    /// JavaScript with the grex SDK, built into a component by componentize-js (needs Node.js).
+    Js,
 }
 
 /// The Rust template's files: path in the project, text (`{name}` and the versions filled in).
@@ -43,6 +46,19 @@ const RUST_FILES: &[(&str, &str)] = &[
     ("grex-sdk/src/bucket.rs", include_str!("../../../guest-sdk/src/bucket.rs")),
     ("grex-sdk/src/error.rs", include_str!("../../../guest-sdk/src/error.rs")),
     ("grex-sdk/wit/job.wit", include_str!("../../../guest-sdk/wit/job.wit")),
+];
+
+/// The JavaScript template's files, the same way; `sdk/` holds the JavaScript SDK as it is.
+const JS_FILES: &[(&str, &str)] = &[
+    ("package.json", include_str!("templates/js/package.json.in")),
+    ("job.js", include_str!("templates/js/job.js.in")),
+    ("increment.js", include_str!("templates/js/increment.js.in")),
+    ("increment.test.js", include_str!("templates/js/increment.test.js.in")),
+    ("README.md", include_str!("templates/js/README.md.in")),
+    (".gitignore", include_str!("templates/js/gitignore.in")),
+    ("sdk/index.js", include_str!("../../../guest-sdk-js/sdk/index.js")),
+    ("sdk/build.mjs", include_str!("../../../guest-sdk-js/build.mjs")),
+    ("sdk/wit/job.wit", include_str!("../../../guest-sdk/wit/job.wit")),
 ];
 
 /// The workspace manifest this binary was built from: the SDK's dependency versions.
@@ -75,7 +91,10 @@ pub(super) fn new(args: NewArgs) -> anyhow::Result<()> {
     if dir.exists() && std::fs::read_dir(&dir).with_context(|| format!("reading {}", dir.display()))?.next().is_some() {
         bail!("{} exists and is not empty: pick another name, or --dir for an empty or new directory", dir.display());
     }
-    let Lang::Rust = args.lang;
+    let (files, sdk) = match args.lang {
+        Lang::Rust => (RUST_FILES, "grex-sdk/"),
+        Lang::Js => (JS_FILES, "sdk/"),
+    };
     let fill = |text: &str| -> anyhow::Result<String> {
         let mut text = text.replace("{name}", &args.name).replace("{grex_version}", env!("CARGO_PKG_VERSION"));
         for krate in ["wit-bindgen", "serde", "bincode"] {
@@ -84,29 +103,36 @@ pub(super) fn new(args: NewArgs) -> anyhow::Result<()> {
         }
         Ok(text)
     };
-    for (path, text) in RUST_FILES {
+    for (path, text) in files {
         // The SDK's own files are copied as they are; the template's get the names filled in.
-        let text = if !path.starts_with("grex-sdk/") || *path == "grex-sdk/Cargo.toml" {
-            fill(text)?
-        } else {
-            (*text).to_owned()
-        };
+        let text =
+            if !path.starts_with(sdk) || *path == "grex-sdk/Cargo.toml" { fill(text)? } else { (*text).to_owned() };
         let path = dir.join(path);
         if let Some(parent) = path.parent() {
             std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
         }
         std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
     }
-    println!("made {} (a Rust job); next:", dir.display());
-    println!("  cd {} && cargo test && grex module put .", dir.display());
+    let (language, test) = match args.lang {
+        Lang::Rust => ("Rust", "cargo test"),
+        Lang::Js => ("JavaScript", "npm test"),
+    };
+    println!("made {} (a {language} job); next:", dir.display());
+    println!("  cd {} && {test} && grex module put .", dir.display());
     Ok(())
 }
 
-/// Builds the job project in `dir` (`cargo build --release --target wasm32-unknown-unknown`; Cargo
-/// does nothing if it is built) and returns its `.wasm` and its package's name.
+/// Builds the job project in `dir` and returns its `.wasm` and its name: a Rust project with
+/// Cargo, a JavaScript one (`package.json`) with npm.
 pub(super) fn build_project(dir: &Path) -> anyhow::Result<(PathBuf, String)> {
+    if dir.join("package.json").exists() {
+        return build_js(dir);
+    }
     if !dir.join("Cargo.toml").exists() {
-        bail!("{} has no Cargo.toml: give a .wasm file, or a job project's directory (`grex new`)", dir.display());
+        bail!(
+            "{} has no Cargo.toml or package.json: give a .wasm file, or a job project's directory (`grex new`)",
+            dir.display()
+        );
     }
     eprintln!("building the job in {} (cargo build --release --target wasm32-unknown-unknown)", dir.display());
     let out = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
@@ -142,6 +168,62 @@ pub(super) fn build_project(dir: &Path) -> anyhow::Result<(PathBuf, String)> {
         }
     }
     bail!("building {} made no .wasm: its Cargo.toml needs `crate-type = [\"cdylib\"]` under [lib]", dir.display())
+}
+
+/// Builds a JavaScript job project (`grex new --lang js`): `npm install` when its dependencies
+/// are missing, then `npm run build` unless `NAME.wasm` is newer than every source file.
+fn build_js(dir: &Path) -> anyhow::Result<(PathBuf, String)> {
+    let manifest: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("package.json"))?)
+        .with_context(|| format!("{}/package.json is not JSON", dir.display()))?;
+    let name = manifest["name"].as_str().context("package.json names no package")?.to_owned();
+    let wasm = dir.join(format!("{name}.wasm"));
+    let npm = |args: &[&str]| -> anyhow::Result<()> {
+        eprintln!("building the job in {}: npm {}", dir.display(), args.join(" "));
+        let status = Command::new("npm")
+            .args(args)
+            .current_dir(dir)
+            .stdin(Stdio::null())
+            // What npm says goes to stderr: stdout carries only the module's id.
+            .stdout(Stdio::from(std::io::stderr()))
+            .status()
+            .context("running npm (is Node.js 20 or later installed?)")?;
+        if !status.success() {
+            bail!("npm {} failed in {} (above)", args.join(" "), dir.display());
+        }
+        Ok(())
+    };
+    if !dir.join("node_modules").exists() {
+        npm(&["install", "--no-audit", "--no-fund"])?;
+    }
+    let built = std::fs::metadata(&wasm).and_then(|m| m.modified()).ok();
+    if built.is_none_or(|built| newest_source(dir).is_some_and(|source| source > built)) {
+        npm(&["run", "build", "--silent"])?;
+    }
+    if !wasm.exists() {
+        bail!("building {} made no {name}.wasm: its `build` script must write it", dir.display());
+    }
+    Ok((wasm, name))
+}
+
+/// When the newest source file of a JavaScript project changed (`node_modules` aside).
+fn newest_source(dir: &Path) -> Option<std::time::SystemTime> {
+    let mut newest = None;
+    for entry in std::fs::read_dir(dir).ok()?.flatten() {
+        let path = entry.path();
+        let name = entry.file_name();
+        let modified = if path.is_dir() {
+            if name == "node_modules" || name == ".git" {
+                continue;
+            }
+            newest_source(&path)
+        } else if path.extension().is_some_and(|e| e == "js" || e == "mjs" || e == "wit" || e == "json") {
+            entry.metadata().and_then(|m| m.modified()).ok()
+        } else {
+            None
+        };
+        newest = newest.max(modified);
+    }
+    newest
 }
 
 #[cfg(test)]
