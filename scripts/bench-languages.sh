@@ -17,7 +17,8 @@ data=$(mktemp -d)
 pids=()
 trap 'kill "${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$data"' EXIT
 source scripts/cluster-lib.sh
-start 0 --flocks 64 --compile-timeout-secs 600
+FLOCKS=64
+start 0 --flocks $FLOCKS --compile-timeout-secs 600
 wait_formed 1
 node=http://127.0.0.1:17070
 $grex module put target/jobs/wasm32-unknown-unknown/wasm/counter.wasm --name counter --node $node > /dev/null
