@@ -53,6 +53,8 @@ impl Browser {
                 "about:blank",
             ])
             .arg(format!("--user-data-dir={}", profile.path().display()))
+            // Its scratch files go with the profile, not into the machine's /tmp.
+            .env("TMPDIR", profile.path())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
