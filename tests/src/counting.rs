@@ -62,8 +62,9 @@ pub struct Tally {
 }
 
 /// Increments every bucket in turn until `stop`, each job through the next of `clients` that
-/// can be reached; returns each bucket's tally and the longest time between two acknowledged
-/// jobs.
+/// can be reached, and then once more each (a whole pass begun after `stop`, so every bucket is
+/// tried on the cluster as it is then); returns each bucket's tally and the longest time between
+/// two acknowledged jobs.
 pub async fn write_until(
     clients: Vec<Client>,
     buckets: Vec<String>,
@@ -72,7 +73,9 @@ pub async fn write_until(
     let mut tallies: BTreeMap<String, Tally> = BTreeMap::new();
     let (mut last_ok, mut longest_gap) = (Instant::now(), Duration::ZERO);
     let mut next = 0;
-    while !stop.load(Ordering::Relaxed) {
+    let mut last_pass = false;
+    while !last_pass {
+        last_pass = stop.load(Ordering::Relaxed);
         for bucket in &buckets {
             let tally = tallies.entry(bucket.clone()).or_default();
             next = (next + 1) % clients.len();
