@@ -625,7 +625,7 @@ impl Connection {
                 self.commands.follower_reads = command.spec().kind == Kind::ReadOnly;
                 Reply::ok()
             }
-            Kind::Client => views::client(&self.commands, self.resp3, rest),
+            Kind::Client => views::client(&self.commands, rest),
             Kind::Command => command::command(rest),
             Kind::Config => views::config(&self.commands, rest),
             Kind::Cluster => cluster::command(&self.commands.node, self.commands.service.as_ref(), rest),
@@ -647,7 +647,7 @@ impl Connection {
         match signed_in {
             Ok((caller, info)) if user.is_none_or(|u| u == info.name.as_bytes() || u == b"default") => {
                 self.commands.caller = caller;
-                *self.commands.client.user.lock().unwrap_or_else(|p| p.into_inner()) = info.name;
+                *observe::lock(&self.commands.client.user) = info.name;
                 Reply::ok()
             }
             _ => wrong(),
@@ -677,8 +677,7 @@ impl Connection {
                 }
                 b"SETNAME" => match options.next() {
                     Some(name) => {
-                        *self.commands.client.name.lock().unwrap_or_else(|p| p.into_inner()) =
-                            String::from_utf8_lossy(name).into_owned();
+                        *observe::lock(&self.commands.client.name) = String::from_utf8_lossy(name).into_owned();
                     }
                     None => return Reply::err("HELLO SETNAME takes a name"),
                 },

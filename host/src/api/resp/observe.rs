@@ -114,7 +114,8 @@ pub(super) struct Observed {
     cursors: Mutex<(HashMap<u64, Cursor>, VecDeque<u64>)>,
 }
 
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+/// A mutex's guard; a panic elsewhere while it was held leaves plain data, still usable.
+pub(super) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|p| p.into_inner())
 }
 

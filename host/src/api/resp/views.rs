@@ -6,8 +6,10 @@
 use std::fmt::Write as _;
 use std::sync::atomic::Ordering;
 
+use grex_client::Status;
+
 use super::command::COMMANDS;
-use super::observe::{HISTOGRAM_BUCKETS, Observed};
+use super::observe::{HISTOGRAM_BUCKETS, Observed, lock};
 use super::{CONNECTIONS_MAX, Commands, Reply, remote_error};
 
 /// `INFO` sections shown when none is asked for, in order (Redis's `default`).
@@ -29,12 +31,14 @@ pub(super) fn info(commands: &Commands, args: &[Vec<u8>]) -> Reply {
             other => sections.extend(DEFAULT_SECTIONS.iter().chain(&["commandstats"]).filter(|s| **s == other)),
         }
     }
+    // Read once for every section asked.
+    let (status, cluster) = (commands.node.status(), commands.service.nodes().is_ok());
     let mut text = String::new();
     for section in sections {
         if !text.is_empty() {
             text.push_str("\r\n");
         }
-        section_text(commands, section, &mut text);
+        section_text(commands, (&status, cluster), section, &mut text);
     }
     Reply::bulk(text)
 }
@@ -53,11 +57,9 @@ impl Section<'_> {
     }
 }
 
-fn section_text(commands: &Commands, name: &str, out: &mut String) {
+fn section_text(commands: &Commands, (status, cluster): (&Status, bool), name: &str, out: &mut String) {
     let node = &commands.node;
     let observed = &commands.observed;
-    let status = node.status();
-    let cluster = commands.service.nodes().is_ok();
     match name {
         "server" => {
             let mut section = Section::new(out, "Server");
@@ -299,25 +301,25 @@ pub(super) fn config(commands: &Commands, args: &[Vec<u8>]) -> Reply {
 
 /// `CLIENT ID | GETNAME | SETNAME name | SETINFO LIB-NAME|LIB-VER value | INFO | LIST [ID id ...]
 /// | NO-EVICT | NO-TOUCH | REPLY ON`.
-pub(super) fn client(commands: &Commands, resp3: bool, args: &[Vec<u8>]) -> Reply {
+pub(super) fn client(commands: &Commands, args: &[Vec<u8>]) -> Reply {
     let me = &commands.client;
     let sub = args.first().map(|s| s.to_ascii_uppercase());
     match (sub.as_deref(), &args[1..]) {
         (Some(b"ID"), []) => Reply::Int(me.id as i64),
         (Some(b"GETNAME"), []) => {
-            let name = me.name.lock().unwrap_or_else(|p| p.into_inner()).clone();
+            let name = lock(&me.name).clone();
             if name.is_empty() { Reply::Bulk(None) } else { Reply::bulk(name) }
         }
         (Some(b"SETNAME"), [name]) => {
             if name.iter().any(|b| !(b'!'..=b'~').contains(b)) {
                 return Reply::err("Client names cannot contain spaces, newlines or special characters.");
             }
-            *me.name.lock().unwrap_or_else(|p| p.into_inner()) = String::from_utf8_lossy(name).into_owned();
+            *lock(&me.name) = String::from_utf8_lossy(name).into_owned();
             Reply::ok()
         }
         (Some(b"SETINFO"), [attribute, value]) => {
             let value = String::from_utf8_lossy(value).into_owned();
-            let mut lib = me.lib.lock().unwrap_or_else(|p| p.into_inner());
+            let mut lib = lock(&me.lib);
             match attribute.to_ascii_uppercase().as_slice() {
                 b"LIB-NAME" => lib.0 = value,
                 b"LIB-VER" => lib.1 = value,
@@ -325,12 +327,8 @@ pub(super) fn client(commands: &Commands, resp3: bool, args: &[Vec<u8>]) -> Repl
             }
             Reply::ok()
         }
-        (Some(b"INFO"), []) => {
-            me.resp.store(if resp3 { 3 } else { 2 }, Ordering::Relaxed);
-            Reply::bulk(client_line(commands, me))
-        }
+        (Some(b"INFO"), []) => Reply::bulk(client_line(commands, me)),
         (Some(b"LIST"), filter) => {
-            me.resp.store(if resp3 { 3 } else { 2 }, Ordering::Relaxed);
             let ids: Option<Vec<u64>> = match filter {
                 [] => None,
                 [kind, ids @ ..] if kind.eq_ignore_ascii_case(b"ID") && !ids.is_empty() => {
@@ -369,9 +367,9 @@ pub(super) fn client(commands: &Commands, resp3: bool, args: &[Vec<u8>]) -> Repl
 
 /// One client as `CLIENT LIST` and `CLIENT INFO` show it.
 fn client_line(commands: &Commands, client: &super::observe::Client) -> String {
-    let name = client.name.lock().unwrap_or_else(|p| p.into_inner()).clone();
-    let user = client.user.lock().unwrap_or_else(|p| p.into_inner()).clone();
-    let (lib_name, lib_ver) = client.lib.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let name = lock(&client.name).clone();
+    let user = lock(&client.user).clone();
+    let (lib_name, lib_ver) = lock(&client.lib).clone();
     format!(
         "id={} addr={} laddr={} name={name} age={} idle={} flags=N db=0 sub=0 psub=0 ssub=0 multi=-1 cmd={} \
          user={user} resp={} lib-name={lib_name} lib-ver={lib_ver}\n",
