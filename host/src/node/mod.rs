@@ -723,8 +723,10 @@ impl Node {
         Ok(self.inner.store.list_items(bucket, prefix, start_after, limit.min(LIST_PAGE_MAX) as usize)?)
     }
 
-    /// How many buckets this node stores (those of every flock it herds).
-    pub fn bucket_count(&self) -> Result<u64> {
+    /// How many buckets this node stores (those of every flock it herds), its acknowledged
+    /// writes included.
+    pub async fn bucket_count(&self) -> Result<u64> {
+        self.inner.commits.settle().await;
         Ok(self.inner.store.bucket_count()?)
     }
 

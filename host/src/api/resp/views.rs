@@ -18,7 +18,7 @@ const DEFAULT_SECTIONS: &[&str] =
 
 /// `INFO [section ...]`: `default`, `all` or `everything` (the defaults and `commandstats`), or
 /// sections by name.
-pub(super) fn info(commands: &Commands, args: &[Vec<u8>]) -> Reply {
+pub(super) async fn info(commands: &Commands, args: &[Vec<u8>]) -> Reply {
     let asked: Vec<String> = args.iter().map(|a| String::from_utf8_lossy(a).to_ascii_lowercase()).collect();
     let mut sections: Vec<&str> = Vec::new();
     if asked.is_empty() {
@@ -33,12 +33,13 @@ pub(super) fn info(commands: &Commands, args: &[Vec<u8>]) -> Reply {
     }
     // Read once for every section asked.
     let (status, cluster) = (commands.node.status(), commands.service.nodes().is_ok());
+    let keys = if sections.contains(&"keyspace") { Some(commands.node.bucket_count().await) } else { None };
     let mut text = String::new();
     for section in sections {
         if !text.is_empty() {
             text.push_str("\r\n");
         }
-        section_text(commands, (&status, cluster), section, &mut text);
+        section_text(commands, (&status, cluster, keys.as_ref()), section, &mut text);
     }
     Reply::bulk(text)
 }
@@ -57,7 +58,12 @@ impl Section<'_> {
     }
 }
 
-fn section_text(commands: &Commands, (status, cluster): (&Status, bool), name: &str, out: &mut String) {
+fn section_text(
+    commands: &Commands,
+    (status, cluster, keys): (&Status, bool, Option<&crate::error::Result<u64>>),
+    name: &str,
+    out: &mut String,
+) {
     let node = &commands.node;
     let observed = &commands.observed;
     match name {
@@ -148,10 +154,10 @@ fn section_text(commands: &Commands, (status, cluster): (&Status, bool), name: &
         }
         "keyspace" => {
             let mut section = Section::new(out, "Keyspace");
-            match node.bucket_count() {
-                Ok(0) => {}
-                Ok(keys) => section.line("db0", &format_args!("keys={keys},expires=0,avg_ttl=0")),
-                Err(e) => section.line("grex_keyspace_error", &e.message),
+            match keys {
+                Some(Ok(0)) | None => {}
+                Some(Ok(keys)) => section.line("db0", &format_args!("keys={keys},expires=0,avg_ttl=0")),
+                Some(Err(e)) => section.line("grex_keyspace_error", &e.message),
             }
         }
         "commandstats" => {
@@ -504,8 +510,8 @@ pub(super) fn latency(observed: &Observed, args: &[Vec<u8>]) -> Reply {
 }
 
 /// `DBSIZE`: the buckets this node stores.
-pub(super) fn dbsize(commands: &Commands) -> Reply {
-    match commands.node.bucket_count() {
+pub(super) async fn dbsize(commands: &Commands) -> Reply {
+    match commands.node.bucket_count().await {
         Ok(count) => Reply::Int(count as i64),
         Err(e) => remote_error(&e),
     }
