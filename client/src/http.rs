@@ -12,7 +12,7 @@ use hyper_util::rt::TokioIo;
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
 
 use crate::ClientError;
-use crate::proto::{FRAME_BYTES_MAX, JobOutput, RemoteError, Request, Response};
+use crate::proto::{FRAME_BYTES_MAX, JobOutput, RemoteError, Request, Response, ScanEvent};
 
 /// Bytes escaped in a path segment or query value: all but RFC 3986's unreserved characters.
 pub const SEGMENT: &AsciiSet = &NON_ALPHANUMERIC.remove(b'-').remove(b'.').remove(b'_').remove(b'~');
@@ -80,11 +80,12 @@ impl HttpTransport {
         from_http(request, &headers, body)
     }
 
-    async fn send(
+    /// Sends one request; answers the response with its body still to be read.
+    async fn open(
         &self,
         call: HttpCall,
         token: Option<&str>,
-    ) -> Result<(StatusCode, hyper::HeaderMap, Bytes), ClientError> {
+    ) -> Result<hyper::Response<hyper::body::Incoming>, ClientError> {
         let unreachable = |e: &dyn std::fmt::Display| ClientError::Unreachable(format!("{}: {e}", self.host_port));
         let no_answer = |e: &dyn std::fmt::Display| ClientError::NoAnswer(format!("{}: {e}", self.host_port));
         let stream = tokio::net::TcpStream::connect(&self.host_port).await.map_err(|e| unreachable(&e))?;
@@ -112,12 +113,61 @@ impl HttpTransport {
         }
         let request =
             builder.body(Full::new(Bytes::from(call.body))).map_err(|e| ClientError::Config(e.to_string()))?;
-        let response = sender.send_request(request).await.map_err(|e| no_answer(&e))?;
+        sender.send_request(request).await.map_err(|e| no_answer(&e))
+    }
+
+    async fn send(
+        &self,
+        call: HttpCall,
+        token: Option<&str>,
+    ) -> Result<(StatusCode, hyper::HeaderMap, Bytes), ClientError> {
+        let response = self.open(call, token).await?;
         let status = response.status();
         let headers = response.headers().clone();
-        let body =
-            Limited::new(response.into_body(), FRAME_BYTES_MAX).collect().await.map_err(|e| no_answer(&e))?.to_bytes();
+        let body = Limited::new(response.into_body(), FRAME_BYTES_MAX)
+            .collect()
+            .await
+            .map_err(|e| ClientError::NoAnswer(format!("{}: {e}", self.host_port)))?
+            .to_bytes();
         Ok((status, headers, body))
+    }
+
+    /// Runs a scan (`POST /v1/scan`), handing each event of the answer's JSON lines to
+    /// `on_event` as it arrives; returns the last one.
+    pub(crate) async fn scan(
+        &self,
+        request: &Request,
+        on_event: &mut (dyn FnMut(&ScanEvent) + Send),
+    ) -> Result<Option<ScanEvent>, ClientError> {
+        let no_answer = |e: &dyn std::fmt::Display| ClientError::NoAnswer(format!("{}: {e}", self.host_port));
+        let response = self.open(to_http(request), self.token.as_deref()).await?;
+        let status = response.status();
+        let mut body = response.into_body();
+        if !status.is_success() {
+            let body = Limited::new(body, FRAME_BYTES_MAX).collect().await.map_err(|e| no_answer(&e))?.to_bytes();
+            let error: RemoteError = serde_json::from_slice(&body)
+                .map_err(|_| ClientError::Protocol(format!("HTTP {status}: {}", String::from_utf8_lossy(&body))))?;
+            return Err(ClientError::Remote(error));
+        }
+        let (mut line, mut last) = (Vec::new(), None);
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|e| no_answer(&e))?;
+            let Some(data) = frame.data_ref() else { continue };
+            for piece in data.split_inclusive(|b| *b == b'\n') {
+                line.extend_from_slice(piece);
+                if line.len() > FRAME_BYTES_MAX {
+                    return Err(ClientError::Protocol(format!("a scan event line over {FRAME_BYTES_MAX} bytes")));
+                }
+                if line.ends_with(b"\n") {
+                    let event: ScanEvent = serde_json::from_slice(&line)
+                        .map_err(|e| ClientError::Protocol(format!("a scan event line: {e}")))?;
+                    on_event(&event);
+                    last = Some(event);
+                    line.clear();
+                }
+            }
+        }
+        Ok(last)
     }
 }
 
@@ -192,6 +242,21 @@ fn to_http(request: &Request) -> HttpCall {
             content_type: None,
             body: Vec::new(),
         },
+        Request::Scan(scan) => {
+            let mut path = format!("/v1/scan?module={}", encode(&scan.module));
+            if !scan.prefix.is_empty() {
+                path.push_str(&format!("&prefix={}", encode_bytes(&scan.prefix)));
+            }
+            if let Some(reduce) = &scan.reduce {
+                path.push_str(&format!("&reduce={}", encode(reduce)));
+            }
+            HttpCall {
+                method: Method::POST,
+                path,
+                content_type: Some("application/octet-stream"),
+                body: scan.input.clone(),
+            }
+        }
     }
 }
 
@@ -233,6 +298,9 @@ fn from_http(request: &Request, headers: &hyper::HeaderMap, body: Bytes) -> Resu
                 users: Vec<crate::proto::UserInfo>,
             }
             Response::Users(serde_json::from_slice::<Users>(&body).map_err(json_error)?.users)
+        }
+        Request::Scan(_) => {
+            return Err(ClientError::Config("a scan answers a stream of events: use `Client::scan`".into()));
         }
         Request::ListModules => {
             #[derive(serde::Deserialize)]

@@ -27,7 +27,7 @@ use std::path::{Path, PathBuf};
 
 pub use proto::{
     Canary, ClusterStats, ErrorCode, JobOutput, JobRecord, MemberStats, ModuleInfo, NewUser, NodeStats, Permissions,
-    RecentJobs, RemoteError, Request, Response, Status, UserInfo,
+    RecentJobs, RemoteError, Request, Response, ScanEvent, ScanItem, ScanRequest, ScanSummary, Status, UserInfo,
 };
 pub use router::Router;
 
@@ -172,6 +172,28 @@ impl Client {
         match response {
             Response::Error(e) => Err(ClientError::Remote(e)),
             other => Ok(other),
+        }
+    }
+
+    /// Runs `request`'s module read-only on every bucket (with its prefix), handing each event
+    /// to `on_event` as it arrives: results of a flock's buckets, each flock as it finishes, and
+    /// last `done`, which this returns. A scan that stops (`failed`) returns its error, as does
+    /// a stream that breaks before it ends (`no_answer`): results already handed over are right,
+    /// but not every bucket was scanned.
+    pub async fn scan(
+        &self,
+        request: ScanRequest,
+        mut on_event: impl FnMut(&ScanEvent) + Send,
+    ) -> Result<ScanSummary, ClientError> {
+        let request = Request::Scan(request);
+        let last = match &self.transport {
+            Transport::Quic(t) => t.scan(&request, &mut on_event).await?,
+            Transport::Http(t) => t.scan(&request, &mut on_event).await?,
+        };
+        match last {
+            Some(ScanEvent::Done(summary)) => Ok(summary),
+            Some(ScanEvent::Failed(e)) => Err(ClientError::Remote(e)),
+            _ => Err(ClientError::NoAnswer("the scan's answer ended before it said the scan was done".into())),
         }
     }
 

@@ -9,6 +9,9 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use std::fmt;
 
+mod scan;
+pub use scan::{FlockScanned, ScanEvent, ScanItem, ScanRequest, ScanSummary, encode_fold, text_or_hex};
+
 /// The version byte every frame carries; a peer that reads another version refuses the frame.
 pub const WIRE_VERSION: u8 = 1;
 /// The largest frame either side accepts (a module upload is the largest message).
@@ -209,6 +212,9 @@ pub enum Request {
     RecentJobs,
     /// Every member's load, each asked by the node that answers (`grex top`, the dashboard).
     ClusterStats,
+    /// Run a read-only job on every bucket (with the prefix): answered with a stream of
+    /// [`Response::Scan`] frames that ends with `done` or `failed`.
+    Scan(ScanRequest),
 }
 
 /// One job as a node remembers it among its slowest or failed recent jobs: never its bucket key,
@@ -379,6 +385,8 @@ pub enum Response {
     RecentJobs(RecentJobs),
     /// Every member's load.
     ClusterStats(ClusterStats),
+    /// Part of a scan's answer.
+    Scan(ScanEvent),
 }
 
 impl Response {
@@ -400,6 +408,7 @@ impl Response {
             Response::NewUser(_) => "new user",
             Response::RecentJobs(_) => "recent jobs",
             Response::ClusterStats(_) => "cluster stats",
+            Response::Scan(_) => "scan",
         }
     }
 }

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::ClientError;
-use crate::proto::{ALPN, FRAME_BYTES_MAX, Request, Response, decode_frame, encode_frame};
+use crate::proto::{ALPN, FRAME_BYTES_MAX, Request, Response, ScanEvent, decode_frame, encode_frame, frame_len};
 
 /// A connection with no answer from the node for this long is considered dead.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -48,6 +48,39 @@ impl QuicTransport {
         send_frame(send, &frame).await.map_err(|e| ClientError::NoAnswer(e.to_string()))?;
         let answer = recv.read_to_end(FRAME_BYTES_MAX + 4).await.map_err(|e| ClientError::NoAnswer(e.to_string()))?;
         decode_frame(&answer).map_err(|e| ClientError::Protocol(e.to_string()))
+    }
+
+    /// Runs a scan: one request, answered by a stream of frames, each handed to `on_event` as it
+    /// arrives; returns the last one (`None` if the node finished the stream without one).
+    pub(crate) async fn scan(
+        &self,
+        request: &Request,
+        on_event: &mut (dyn FnMut(&ScanEvent) + Send),
+    ) -> Result<Option<ScanEvent>, ClientError> {
+        let frame = encode_frame(request).map_err(|e| ClientError::Config(e.to_string()))?;
+        let (send, mut recv) = self.connection.open_bi().await.map_err(|e| ClientError::Unreachable(e.to_string()))?;
+        send_frame(send, &frame).await.map_err(|e| ClientError::NoAnswer(e.to_string()))?;
+        let mut last = None;
+        loop {
+            let mut header = [0u8; 4];
+            match recv.read_exact(&mut header).await {
+                Ok(()) => {}
+                Err(quinn::ReadExactError::FinishedEarly(0)) => return Ok(last),
+                Err(e) => return Err(ClientError::NoAnswer(e.to_string())),
+            }
+            let len = frame_len(header).map_err(|e| ClientError::Protocol(e.to_string()))?;
+            let mut frame = vec![0; 4 + len];
+            frame[..4].copy_from_slice(&header);
+            recv.read_exact(&mut frame[4..]).await.map_err(|e| ClientError::NoAnswer(e.to_string()))?;
+            match decode_frame(&frame).map_err(|e| ClientError::Protocol(e.to_string()))? {
+                Response::Scan(event) => {
+                    on_event(&event);
+                    last = Some(event);
+                }
+                Response::Error(e) => return Err(ClientError::Remote(e)),
+                other => return Err(ClientError::Protocol(format!("a scan answered with a {} frame", other.kind()))),
+            }
+        }
     }
 }
 

@@ -40,6 +40,7 @@
 mod alloc;
 mod bucket;
 mod error;
+pub mod fold;
 
 pub use bucket::{Bucket, ItemKeys, LIST_PAGE_MAX};
 pub use error::Error;

@@ -22,6 +22,7 @@ pub mod data;
 pub mod error;
 pub mod metrics;
 pub mod node;
+pub mod scan;
 pub mod storage;
 pub mod wasm;
 

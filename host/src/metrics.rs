@@ -77,6 +77,11 @@ struct PhaseLabels {
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct ResultLabels {
+    result: &'static str,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct CommandLabels {
     command: Arc<str>,
     result: &'static str,
@@ -194,6 +199,7 @@ pub struct Metrics {
     jobs: Family<JobLabels, Counter>,
     job_seconds: Family<PhaseLabels, Histogram>,
     redirects: Counter,
+    scan_jobs: Family<ResultLabels, Counter>,
     resp_commands: Family<CommandLabels, Counter>,
     resp_commands_seen: RwLock<HashMap<String, Arc<str>>>,
     connections: Family<ProtocolLabels, Counter>,
@@ -237,6 +243,12 @@ impl Metrics {
             "job_redirects",
             "Redirects a forwarded job followed (a stale view of a flock's leader)",
             redirects.clone(),
+        );
+        let scan_jobs = Family::<ResultLabels, Counter>::default();
+        registry.register(
+            "scan_jobs",
+            "Jobs run by scans on this node, one per bucket, by result (ok or error); not counted in grex_jobs",
+            scan_jobs.clone(),
         );
         let resp_commands = Family::<CommandLabels, Counter>::default();
         registry.register(
@@ -283,6 +295,7 @@ impl Metrics {
             jobs,
             job_seconds,
             redirects,
+            scan_jobs,
             resp_commands,
             resp_commands_seen: RwLock::new(HashMap::new()),
             connections,
@@ -335,6 +348,11 @@ impl Metrics {
     /// A forwarded job followed a redirect.
     pub fn redirected(&self) {
         self.redirects.inc();
+    }
+
+    /// A scan's job on one bucket ended.
+    pub fn scan_job(&self, ok: bool) {
+        self.scan_jobs.get_or_create(&ResultLabels { result: if ok { "ok" } else { "error" } }).inc();
     }
 
     /// A Redis-protocol command was answered (`command` in upper case, as the table names it).

@@ -71,7 +71,7 @@ fn build_grex(root: &Path, profile_dir: &Path) -> Command {
 
 /// The release before this one, which the upgrade test runs beside it: its commit in this
 /// repository's history, its version, and the peer protocol it speaks.
-pub const PREVIOUS_RELEASE: (&str, &str, u32) = ("d3a45e01db566d318e03f9fd42146e65eb1babee", "0.2.0", 10);
+pub const PREVIOUS_RELEASE: (&str, &str, u32) = ("aa808bbf6f738f048738be7dafc3e83f0f1fc422", "0.3.0", 11);
 
 /// The `grex` binary of [`PREVIOUS_RELEASE`], built once from its sources in git history (taken
 /// with `git archive` into `target/previous/`) and kept there. Its build shares this workspace's

@@ -734,16 +734,16 @@ async fn a_peer_of_another_protocol_version_is_told_both_versions_and_refused() 
     };
     match exchange(&connection, &proto::encode_frame(&hello).unwrap()).await {
         PeerResponse::Error(e) => {
-            assert!(e.message.contains("grex-peer/7") && e.message.contains("grex-peer/10"), "{}", e.message)
+            assert!(e.message.contains("grex-peer/7") && e.message.contains("grex-peer/11"), "{}", e.message)
         }
         other => panic!("a peer of version 7 was answered {other:?}"),
     }
     let log = cluster.nodes[0].log();
-    assert!(log.contains("speaks the peer protocol grex-peer/7 and this node grex-peer/10 to grex-peer/11"), "{log}");
+    assert!(log.contains("speaks the peer protocol grex-peer/7 and this node grex-peer/11 to grex-peer/12"), "{log}");
     // The node serves peers of its own version on, says which version it runs, and gives its load.
     let (_endpoint, connection) = probe(&cluster, None).await;
     let hello =
-        PeerFrame { request: PeerRequest::HelloWithVersion { incarnation: 2, version: "0.3.0".into() }, ..hello };
+        PeerFrame { request: PeerRequest::HelloWithVersion { incarnation: 2, version: "0.4.0".into() }, ..hello };
     let answer = exchange(&connection, &proto::encode_frame(&hello).unwrap()).await;
     assert!(
         matches!(&answer, PeerResponse::WelcomeWithVersion { version, .. } if version == grex::cluster::messages::GREX_VERSION),
@@ -757,16 +757,16 @@ async fn a_peer_of_another_protocol_version_is_told_both_versions_and_refused() 
         }
         other => panic!("a load was asked and {other:?} answered"),
     }
-    // A node of the previous release (protocol 10) is served in its protocol, which has no
-    // `Stats`.
-    let (_endpoint, connection) = probe(&cluster, Some(&[b"grex-peer/10"])).await;
-    let newer = PeerFrame { request: PeerRequest::Stats, ..hello };
+    // A node of the previous release (protocol 11) is served in its protocol, which has no
+    // scans.
+    let (_endpoint, connection) = probe(&cluster, Some(&[b"grex-peer/11"])).await;
+    let newer = PeerFrame { request: PeerRequest::ScanPage { scan: 1, flock: 0, open: None }, ..hello };
     match exchange(&connection, &proto::encode_frame(&newer).unwrap()).await {
-        PeerResponse::Error(e) => assert!(e.message.contains("grex-peer/10"), "{}", e.message),
-        other => panic!("a request of protocol 11 on a protocol 10 connection was answered {other:?}"),
+        PeerResponse::Error(e) => assert!(e.message.contains("grex-peer/11"), "{}", e.message),
+        other => panic!("a request of protocol 12 on a protocol 11 connection was answered {other:?}"),
     }
     let old_hello =
-        PeerFrame { request: PeerRequest::HelloWithVersion { incarnation: 3, version: "0.2.0".into() }, ..newer };
+        PeerFrame { request: PeerRequest::HelloWithVersion { incarnation: 3, version: "0.3.0".into() }, ..newer };
     let answer = exchange(&connection, &proto::encode_frame(&old_hello).unwrap()).await;
     assert!(matches!(answer, PeerResponse::WelcomeWithVersion { .. }), "{answer:?}");
 }

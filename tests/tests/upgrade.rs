@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use grex::cluster::messages::{GREX_VERSION, PEER_PROTOCOL};
-use grex_client::proto::NodesInfo;
+use grex_client::proto::{NodesInfo, ScanRequest};
 use grex_tests::counting::{PATIENCE, bucket_per_flock, check_copies, load_counter, write_until};
 use grex_tests::{GrexNode, PREVIOUS_RELEASE, TestCluster, grex, grex_bin, previous_grex_bin};
 
@@ -80,20 +80,11 @@ async fn a_cluster_upgraded_one_node_at_a_time_serves_throughout_and_loses_no_wr
             .collect();
         wait_versions(&cluster.nodes[i], &expected).await;
         if i == 0 {
-            // The load of a node of the previous release cannot be asked (it has no such
-            // request): the upgraded node says why instead.
-            let stats = cluster.nodes[0].http_client().await.cluster_stats().await.expect("stats");
-            for member in &stats.members {
-                if member.id == cluster.nodes[0].id {
-                    assert!(member.stats.is_some(), "{member:?}");
-                } else {
-                    let error = member.error.as_deref().unwrap_or_default();
-                    assert!(
-                        member.stats.is_none() && error.contains(&format!("grex-peer/{old_protocol}")),
-                        "{member:?}"
-                    );
-                }
-            }
+            // A node of the previous release cannot scan its flocks (it has no such request): a
+            // scan through the upgraded node stops and says why.
+            let scan = ScanRequest { module: "counter".into(), input: b"0".to_vec(), ..ScanRequest::default() };
+            let e = cluster.nodes[0].http_client().await.scan(scan, |_| {}).await.expect_err("old nodes cannot scan");
+            assert!(e.to_string().contains(&format!("grex-peer/{old_protocol}")), "{e}");
         }
         println!("node {i} runs {GREX_VERSION}; it sees {:?}", versions_seen_by(&cluster.nodes[i]).await);
     }
@@ -109,6 +100,9 @@ async fn a_cluster_upgraded_one_node_at_a_time_serves_throughout_and_loses_no_wr
         wait_versions(node, &others).await;
     }
     cluster.wait_formed(3).await;
+    let scan = ScanRequest { module: "counter".into(), input: b"0".to_vec(), ..ScanRequest::default() };
+    let summary = cluster.nodes[1].http_client().await.scan(scan, |_| {}).await.expect("upgraded nodes scan");
+    assert_eq!(summary.flocks, grex_tests::TEST_FLOCKS);
     let table = grex(&["cluster", "nodes", "--node", &cluster.nodes[0].http]);
     println!("{table}");
     assert!(table.contains(&format!("{GREX_VERSION} (grex-peer/{PEER_PROTOCOL})")), "{table}");

@@ -16,7 +16,8 @@ use futures::future::BoxFuture;
 use super::budget::ReadBudget;
 use crate::access::{Action, Caller, Identity, UserChange};
 use crate::error::{ErrorCode, RemoteError, Result, error};
-use grex_client::proto::{Canary, FlockMapInfo, JobOutput, ModuleInfo, NodesInfo, UserInfo};
+use grex_client::proto::{Canary, FlockMapInfo, JobOutput, ModuleInfo, NodesInfo, ScanEvent, ScanRequest, UserInfo};
+use tokio::sync::mpsc;
 
 use crate::node::{NodeChange, RespNode, Service};
 
@@ -90,6 +91,28 @@ impl Service for Admitted {
 
     fn delete_module(&self, name: String) -> BoxFuture<'static, Result<ModuleInfo>> {
         self.inner.delete_module(name)
+    }
+
+    /// A scan holds its input and, at most, [`HOLD_BYTES`](crate::scan::HOLD_BYTES) of results
+    /// for each flock in flight until it ends.
+    fn scan(&self, request: ScanRequest) -> mpsc::Receiver<ScanEvent> {
+        let bytes = request.input.len() + crate::scan::FLOCKS_IN_FLIGHT * crate::scan::HOLD_BYTES;
+        let (events, receiver) = mpsc::channel(1);
+        let Some(claim) = self.held.admit(bytes) else {
+            let refused = ScanEvent::Failed(self.refused(bytes));
+            let _ = events.try_send(refused);
+            return receiver;
+        };
+        let mut scanning = self.inner.scan(request);
+        tokio::spawn(async move {
+            while let Some(event) = scanning.recv().await {
+                if events.send(event).await.is_err() {
+                    break;
+                }
+            }
+            drop(claim);
+        });
+        receiver
     }
 
     fn canary(&self, bucket: Vec<u8>, read_only: bool) -> BoxFuture<'static, Result<Canary>> {
@@ -185,6 +208,17 @@ mod tests {
         fn change_node(&self, _: String, _: NodeChange) -> BoxFuture<'static, Result<NodesInfo>> {
             unreachable!("not used")
         }
+
+        /// A scan that ends (`done`) once released.
+        fn scan(&self, _: ScanRequest) -> mpsc::Receiver<ScanEvent> {
+            let (events, receiver) = mpsc::channel(1);
+            let mut release = self.release.clone();
+            tokio::spawn(async move {
+                let _ = release.wait_for(|r| *r).await;
+                let _ = events.send(ScanEvent::Done(Default::default())).await;
+            });
+            receiver
+        }
     }
 
     fn job(service: &Admitted, input_bytes: usize) -> BoxFuture<'static, Result<JobOutput>> {
@@ -226,5 +260,23 @@ mod tests {
         assert_eq!(service.held(), 0);
         release.send_replace(true);
         job(&service, 1).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_scan_holds_its_share_until_it_ends() {
+        let (release, parked) = watch::channel(false);
+        let share = crate::scan::FLOCKS_IN_FLIGHT * crate::scan::HOLD_BYTES;
+        let service = Admitted::new(Arc::new(Parked { release: parked }), share + 10);
+        let mut first = service.scan(ScanRequest { input: vec![0; 10], ..Default::default() });
+        assert_eq!(service.held(), share + 10);
+        let mut second = service.scan(ScanRequest::default());
+        match second.recv().await {
+            Some(ScanEvent::Failed(e)) => assert_eq!(e.code, ErrorCode::Overloaded),
+            other => panic!("a scan over the budget is refused, not {other:?}"),
+        }
+        release.send_replace(true);
+        assert!(matches!(first.recv().await, Some(ScanEvent::Done(_))));
+        assert_eq!(first.recv().await, None);
+        assert_eq!(service.held(), 0, "the claim goes before the stream ends");
     }
 }

@@ -187,6 +187,7 @@ fn router(node: Node, service: Arc<dyn Service>, timeouts: HttpTimeouts, budget:
         .route("/v1/modules", get(list_modules))
         .route("/v1/modules/{name}", put(put_module).delete(delete_module))
         .route("/v1/jobs/{bucket}", post(run_job))
+        .route("/v1/scan", post(scan))
         .route("/v1/buckets/{bucket}/items", get(list_items))
         .route("/v1/buckets/{bucket}/items/{item}", get(get_item))
         .route("/v1/canary/{bucket}", get(canary))
@@ -422,6 +423,62 @@ async fn run_job(
     if let Ok(node) = HeaderValue::from_str(&out.node) {
         headers.insert(NODE_HEADER, node);
     }
+    Ok(response)
+}
+
+/// `POST /v1/scan?module=NAME[&prefix=P][&reduce=NAME]` with the input as the body: the scan's
+/// events as JSON lines, sent as they come (`grex_client::proto::ScanEvent`).
+async fn scan(
+    State(App { node, service }): State<App>,
+    Extension(timeouts): Extension<HttpTimeouts>,
+    Extension(budget): Extension<Arc<ReadBudget>>,
+    Extension(caller): Extension<Caller>,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult<Response> {
+    let mut request = grex_client::proto::ScanRequest::default();
+    for (key, value) in uri.query().unwrap_or_default().split('&').filter_map(|pair| pair.split_once('=')) {
+        let value: Vec<u8> = percent_decode_str(value).collect();
+        let text = || {
+            String::from_utf8(value.clone())
+                .map_err(|_| ApiError(error(ErrorCode::BadRequest, format!("`{key}` must be UTF-8"))))
+        };
+        match key {
+            "module" => request.module = text()?,
+            "reduce" => request.reduce = Some(text()?),
+            "prefix" => request.prefix = value,
+            other => {
+                return Err(ApiError(error(
+                    ErrorCode::BadRequest,
+                    format!("unknown scan parameter `{other}`; a scan takes module, prefix and reduce"),
+                )));
+            }
+        }
+    }
+    if request.module.is_empty() {
+        return Err(ApiError(error(ErrorCode::BadRequest, "say which module to run: POST /v1/scan?module=NAME")));
+    }
+    // Before the body is read.
+    super::authorize_scan(service.as_ref(), &caller, &request)?;
+    require_content_type(
+        &headers,
+        &["application/octet-stream", "text/plain", "application/json"],
+        "curl -d sends form encoding: use --data-binary with -H 'content-type: application/octet-stream'",
+    )?;
+    let max = node.config().limits.input_bytes_max;
+    request.input =
+        read_body(body, &headers, (timeouts, &budget), max + BODY_SLACK_BYTES, "scan input", ErrorCode::InputTooLarge)
+            .await?;
+    let events = service.scan(request);
+    let lines = futures::stream::unfold(events, |mut events| async move {
+        let event = events.recv().await?;
+        let mut line = serde_json::to_vec(&event).expect("scan events encode as JSON");
+        line.push(b'\n');
+        Some((Ok::<_, Infallible>(bytes::Bytes::from(line)), events))
+    });
+    let mut response = Body::from_stream(lines).into_response();
+    response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/x-ndjson"));
     Ok(response)
 }
 

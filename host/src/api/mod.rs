@@ -187,6 +187,21 @@ fn request_action(request: &Request) -> Action<'_> {
         | Request::RecentJobs
         | Request::ClusterStats
         | Request::Authenticate { .. } => Action::See,
+        // And its reduce module's, which `authorize_scan` checks too.
+        Request::Scan(scan) => Action::Run(&scan.module),
+    }
+}
+
+/// Refuses a scan unless its caller may run its module and its reduce module.
+fn authorize_scan(
+    service: &dyn Service,
+    caller: &Caller,
+    scan: &grex_client::proto::ScanRequest,
+) -> crate::error::Result<()> {
+    service.authorize(caller, Action::Run(&scan.module))?;
+    match &scan.reduce {
+        Some(reduce) => service.authorize(caller, Action::Run(reduce)),
+        None => Ok(()),
     }
 }
 

@@ -141,8 +141,32 @@ impl Serving {
             }
             Request::DeleteUser { name } => super::delete_user(service.as_ref(), name).await.map(Response::User),
             Request::Authenticate { .. } => unreachable!("answered above"),
+            Request::Scan(_) => unreachable!("streamed by `stream_scan`"),
         };
         result.unwrap_or_else(Response::Error)
+    }
+}
+
+impl Serving {
+    /// Answers a scan with a frame per event, as they come; a client that stops reading stops it.
+    async fn stream_scan(
+        &self,
+        mut send: quinn::SendStream,
+        scan: grex_client::proto::ScanRequest,
+        caller: &Mutex<Caller>,
+    ) -> anyhow::Result<()> {
+        let signed_in = caller.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        if let Err(e) = super::authorize_scan(self.service.as_ref(), &signed_in, &scan) {
+            return send_answer(send, &Response::Error(e), |e| Response::Error(error(ErrorCode::Internal, e))).await;
+        }
+        let mut events = self.service.scan(scan);
+        while let Some(event) = events.recv().await {
+            let frame = encode_frame(&Response::Scan(event))?;
+            send.write_all(&frame).await?;
+        }
+        send.finish()?;
+        let _ = send.stopped().await;
+        Ok(())
     }
 }
 
@@ -187,6 +211,7 @@ async fn serve_stream(
             // Whole: the bytes are the request's now, not a request in part.
             drop(claim);
             match decode_frame::<Request>(&frame) {
+                Ok(Request::Scan(scan)) => return serving.stream_scan(send, scan, caller).await,
                 Ok(request) => serving.answer(request, caller).await,
                 Err(e) => Response::Error(error(ErrorCode::BadRequest, e.to_string())),
             }

@@ -59,6 +59,32 @@ pub(super) enum JobCommand {
         #[command(flatten)]
         target: Target,
     },
+    /// Run a read-only job on every bucket (or every bucket whose key starts with --prefix),
+    /// flock by flock in parallel on the nodes that lead them. Prints `BUCKET<TAB>OUTPUT` per
+    /// bucket as results arrive (or, with --reduce, the folded output once), failed buckets and
+    /// progress on stderr; exits non-zero if the scan did not cover every flock.
+    Scan {
+        /// Module name (or sha256:HEX id).
+        module: String,
+        /// Only buckets whose key starts with this.
+        #[arg(long, default_value = "")]
+        prefix: String,
+        /// Input as text (every job gets the same).
+        #[arg(long, conflicts_with = "input_file")]
+        input: Option<String>,
+        /// Input from a file (`-` for standard input).
+        #[arg(long)]
+        input_file: Option<PathBuf>,
+        /// A module that folds the outputs into one (its input: the accumulator so far and a
+        /// batch of outputs; see the guest SDK's `fold`).
+        #[arg(long)]
+        reduce: Option<String>,
+        /// Print each result as a JSON line (`{"bucket":..,"output":..,"error":..}`).
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        target: Target,
+    },
 }
 
 #[derive(Subcommand)]
@@ -218,9 +244,9 @@ pub(super) async fn module(cmd: ModuleCommand) -> anyhow::Result<()> {
     }
 }
 
-pub(super) async fn job(cmd: JobCommand) -> anyhow::Result<()> {
-    let JobCommand::Run { bucket, module, input, input_file, read_only, target } = cmd;
-    let input = match (input, input_file) {
+/// A job's input: the text given, a file's bytes (`-`: standard input), or nothing.
+fn job_input(input: Option<String>, input_file: Option<PathBuf>) -> anyhow::Result<Vec<u8>> {
+    Ok(match (input, input_file) {
         (Some(text), _) => text.into_bytes(),
         (None, Some(path)) if path.as_os_str() == "-" => {
             let mut bytes = Vec::new();
@@ -229,9 +255,99 @@ pub(super) async fn job(cmd: JobCommand) -> anyhow::Result<()> {
         }
         (None, Some(path)) => std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?,
         (None, None) => Vec::new(),
+    })
+}
+
+pub(super) async fn job(cmd: JobCommand) -> anyhow::Result<()> {
+    match cmd {
+        JobCommand::Run { bucket, module, input, input_file, read_only, target } => {
+            let input = job_input(input, input_file)?;
+            let out = connect(&target).await?.run_job(bucket.as_bytes(), &module, &input, read_only).await?;
+            print_bytes(&out.output)
+        }
+        JobCommand::Scan { module, prefix, input, input_file, reduce, json, target } => {
+            let request = grex_client::ScanRequest {
+                module,
+                input: job_input(input, input_file)?,
+                prefix: prefix.into_bytes(),
+                reduce,
+            };
+            scan(&connect(&target).await?, request, json).await
+        }
+    }
+}
+
+/// Runs a scan, printing results on stdout and progress on stderr (one line rewritten in place
+/// on a terminal, a line per flock otherwise).
+async fn scan(client: &Client, request: grex_client::ScanRequest, json: bool) -> anyhow::Result<()> {
+    use grex_client::ScanEvent;
+    let reduce = request.reduce.is_some();
+    let on_terminal = std::io::stderr().is_terminal();
+    let (mut flocks, mut buckets, mut failed) = (0u32, 0u64, 0u64);
+    let mut write_error = None;
+    let mut print = |event: &ScanEvent| -> std::io::Result<()> {
+        let mut out = std::io::stdout().lock();
+        match event {
+            ScanEvent::Results { items, .. } => {
+                for item in items {
+                    if json {
+                        serde_json::to_writer(&mut out, item)?;
+                        out.write_all(b"\n")?;
+                    } else if let Some(output) = &item.output {
+                        out.write_all(&item.bucket)?;
+                        out.write_all(b"\t")?;
+                        out.write_all(output)?;
+                        if !output.ends_with(b"\n") {
+                            out.write_all(b"\n")?;
+                        }
+                    }
+                    if let Some(e) = &item.error {
+                        eprintln!("{}: {e}", String::from_utf8_lossy(&item.bucket));
+                    }
+                }
+                out.flush()?;
+            }
+            ScanEvent::Flock(done) => {
+                flocks += 1;
+                buckets += done.buckets;
+                failed += done.failed;
+                if on_terminal {
+                    eprint!("\r{flocks} flocks scanned, {buckets} buckets, {failed} failed");
+                } else {
+                    eprintln!(
+                        "flock {} scanned: {} buckets ({} failed) at version {} on node {}",
+                        done.flock, done.buckets, done.failed, done.version, done.node
+                    );
+                }
+            }
+            ScanEvent::Done(_) | ScanEvent::Failed(_) => {
+                if on_terminal {
+                    eprintln!();
+                }
+            }
+        }
+        Ok(())
     };
-    let out = connect(&target).await?.run_job(bucket.as_bytes(), &module, &input, read_only).await?;
-    print_bytes(&out.output)
+    let summary = client
+        .scan(request, |event| {
+            if write_error.is_none()
+                && let Err(e) = print(event)
+            {
+                write_error = Some(e);
+            }
+        })
+        .await?;
+    if let Some(e) = write_error {
+        return Err(e).context("writing the scan's results");
+    }
+    eprintln!("scanned {} flocks: {} buckets, {} failed", summary.flocks, summary.buckets, summary.failed);
+    if reduce {
+        match &summary.reduced {
+            Some(reduced) => print_bytes(reduced)?,
+            None => eprintln!("no bucket gave an output to reduce"),
+        }
+    }
+    Ok(())
 }
 
 pub(super) async fn item(cmd: ItemCommand) -> anyhow::Result<()> {

@@ -45,6 +45,7 @@ const RUST_FILES: &[(&str, &str)] = &[
     ("grex-sdk/src/alloc.rs", include_str!("../../../guest-sdk/src/alloc.rs")),
     ("grex-sdk/src/bucket.rs", include_str!("../../../guest-sdk/src/bucket.rs")),
     ("grex-sdk/src/error.rs", include_str!("../../../guest-sdk/src/error.rs")),
+    ("grex-sdk/src/fold.rs", include_str!("../../../guest-sdk/src/fold.rs")),
     ("grex-sdk/wit/job.wit", include_str!("../../../guest-sdk/wit/job.wit")),
 ];
 
@@ -235,6 +236,19 @@ mod tests {
         for krate in ["wit-bindgen", "serde", "bincode"] {
             let version = workspace_version(krate).unwrap_or_else(|| panic!("no version of {krate}"));
             assert!(version.trim_start_matches('=').starts_with(|c: char| c.is_ascii_digit()), "{krate} {version}");
+        }
+    }
+
+    #[test]
+    fn every_sdk_source_is_vendored() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../guest-sdk/src");
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let name = entry.unwrap().file_name().into_string().unwrap();
+            let vendored = format!("grex-sdk/src/{name}");
+            assert!(
+                RUST_FILES.iter().any(|(path, _)| *path == vendored),
+                "{vendored} is missing from the Rust template"
+            );
         }
     }
 

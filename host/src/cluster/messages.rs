@@ -12,17 +12,17 @@ use serde::{Deserialize, Serialize};
 use super::engine::NodeId;
 use super::placement::Site;
 use super::wire::RaftMessage;
-use crate::node::NodeChange;
+use crate::node::{NodeChange, ScanPage, ScanSpec};
 use crate::storage::GroupId;
 
 /// The peer protocol's version (8: nodes can be drained and removed; 9: users; 10: nodes tell
-/// each other which grex version they run; 11: nodes ask each other for their load).
-pub const PEER_PROTOCOL: u32 = 11;
+/// each other which grex version they run; 11: nodes ask each other for their load; 12: scans).
+pub const PEER_PROTOCOL: u32 = 12;
 /// The oldest peer protocol this build still speaks: a node of the previous release and one of
 /// this release work together, so a cluster is upgraded one node at a time (`docs/operations.md`).
-pub const PEER_PROTOCOL_OLDEST: u32 = 10;
+pub const PEER_PROTOCOL_OLDEST: u32 = 11;
 /// ALPN of the peer protocol: `grex-peer/` and [`PEER_PROTOCOL`].
-pub const PEER_ALPN: &[u8] = b"grex-peer/11";
+pub const PEER_ALPN: &[u8] = b"grex-peer/12";
 
 /// This build's grex version, as nodes tell each other from protocol 10 on.
 pub const GREX_VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -225,6 +225,17 @@ pub enum PeerRequest {
     // Protocol 11.
     /// The answering node's load (answered [`PeerResponse::Stats`]).
     Stats,
+    // Protocol 12.
+    /// A page of a scan of a flock (answered [`PeerResponse::ScanPage`]): `open` starts it, on
+    /// the flock's leader; later pages continue the session that started.
+    ScanPage {
+        /// The scan's id, chosen by the node the client asked.
+        scan: u64,
+        /// The flock.
+        flock: u32,
+        /// What to run, with the first page.
+        open: Option<ScanSpec>,
+    },
 }
 
 impl PeerRequest {
@@ -234,6 +245,7 @@ impl PeerRequest {
         match self {
             PeerRequest::HelloWithVersion { .. } => 10,
             PeerRequest::Stats => 11,
+            PeerRequest::ScanPage { .. } => 12,
             _ => 9,
         }
     }
@@ -253,6 +265,7 @@ impl PeerRequest {
             PeerRequest::ChangeUser(_) => "user change",
             PeerRequest::HelloWithVersion { .. } => "hello with version",
             PeerRequest::Stats => "load",
+            PeerRequest::ScanPage { .. } => "scan page",
         }
     }
 }
@@ -307,6 +320,9 @@ pub enum PeerResponse {
         /// The JSON.
         json: Vec<u8>,
     },
+    // Protocol 12.
+    /// A page of a flock's scan.
+    ScanPage(Result<ScanPage, RemoteError>),
 }
 
 #[cfg(test)]
@@ -321,7 +337,7 @@ mod tests {
         assert_eq!(alpns[0], PEER_ALPN);
         assert_eq!(alpns.len(), PEER_PROTOCOL as usize);
         let message = version_mismatch(b"grex-peer/8", "peer 127.0.0.1:7072");
-        assert!(message.contains("grex-peer/8") && message.contains("grex-peer/10 to grex-peer/11"), "{message}");
+        assert!(message.contains("grex-peer/8") && message.contains("grex-peer/11 to grex-peer/12"), "{message}");
     }
 
     /// One frame of every request and answer that protocol 9 has, as this build encodes them.
@@ -480,5 +496,6 @@ mod tests {
         let hello = PeerRequest::HelloWithVersion { incarnation: 1, version: GREX_VERSION.into() };
         assert_eq!(hello.since(), 10);
         assert_eq!(PeerRequest::Stats.since(), 11);
+        assert_eq!(PeerRequest::ScanPage { scan: 1, flock: 0, open: None }.since(), 12);
     }
 }

@@ -35,6 +35,7 @@ mod observe;
 mod peer;
 pub mod placement;
 mod routing;
+mod scan;
 mod supervision;
 pub mod wire;
 
@@ -382,6 +383,7 @@ impl Cluster {
             PeerRequest::Stats => {
                 PeerResponse::Stats { json: serde_json::to_vec(&self.local_stats()).expect("stats encode as JSON") }
             }
+            PeerRequest::ScanPage { scan, flock, open } => self.answer_scan_page(scan, flock, open).await,
             PeerRequest::Hello { .. } | PeerRequest::HelloWithVersion { .. } | PeerRequest::Ping { .. } => {
                 PeerResponse::Error(error(ErrorCode::BadRequest, "handled by the transport"))
             }
@@ -479,5 +481,12 @@ impl Replicator for Proposer {
     fn confirm_lead(&self, flock: u32, term: u64) -> BoxFuture<'static, Result<()>> {
         let consensus = self.0.clone();
         async move { consensus.confirm_lead(flock, term).await }.boxed()
+    }
+
+    fn applied_in(&self, view: &dyn crate::storage::FlockView) -> Result<u64> {
+        let Some(bytes) = view.state(consensus::APPLIED_KEY)? else { return Ok(0) };
+        let point: wire::AppliedPoint = wire::decode(&bytes)
+            .map_err(|e| error(ErrorCode::Internal, format!("the flock's applied point does not decode: {e}")))?;
+        Ok(point.index)
     }
 }

@@ -35,7 +35,7 @@ impl Cluster {
     /// Where to send a job for `flock` this node does not run itself: its leader if known, else
     /// any live herder (which knows the leader or redirects). `None` while this node itself is
     /// about to lead (elected, not caught up yet).
-    fn route_target(&self, flock: u32) -> Option<NodeId> {
+    pub(super) fn route_target(&self, flock: u32) -> Option<NodeId> {
         decide::route(self.inner.me, self.leader_of(flock), &self.herders(flock), &|n| self.inner.peers.alive(n))
     }
 
@@ -189,7 +189,7 @@ impl Cluster {
     }
 
     /// Resolves once the failure detector considers `peer` down.
-    async fn until_down(&self, peer: NodeId) {
+    pub(super) async fn until_down(&self, peer: NodeId) {
         while self.inner.peers.alive(peer) {
             tokio::time::sleep(peer::PING_INTERVAL).await;
         }
@@ -326,6 +326,10 @@ impl Service for Cluster {
     fn cluster_stats(&self) -> BoxFuture<'static, grex_client::proto::ClusterStats> {
         let this = self.clone();
         async move { this.cluster_stats().await }.boxed()
+    }
+
+    fn scan(&self, request: proto::ScanRequest) -> tokio::sync::mpsc::Receiver<proto::ScanEvent> {
+        crate::scan::start(std::sync::Arc::new(self.clone()), request)
     }
 
     fn authorize(&self, caller: &Caller, action: Action<'_>) -> Result<()> {

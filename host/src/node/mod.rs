@@ -21,11 +21,13 @@ mod cache;
 mod clock;
 mod commit;
 mod recent;
+mod scan;
 mod shard;
 
 pub use cache::CacheStats;
 pub use clock::{Clock, FixedClock, SystemClock};
 pub use commit::{CommitLog, Durable, Write, WriteDone};
+pub use scan::{SCAN_PAGE_BUCKETS, SCAN_PAGE_BYTES, SCAN_SESSION_IDLE, SCAN_SESSIONS_MAX, ScanPage, ScanSpec};
 
 /// The failed jobs a node's load names, newest first (of those its recent-jobs ring keeps).
 pub const STATS_FAILED_JOBS: usize = 8;
@@ -57,6 +59,9 @@ pub trait Service: Send + Sync + 'static {
     fn nodes(&self) -> Result<NodesInfo>;
     /// Every member's load, each asked by this node (this node alone outside a cluster).
     fn cluster_stats(&self) -> futures::future::BoxFuture<'static, ClusterStats>;
+    /// Runs a read-only job on every bucket with the request's prefix ([`crate::scan`]); its
+    /// events arrive on the receiver, the last one `done` or `failed`.
+    fn scan(&self, request: ScanRequest) -> mpsc::Receiver<ScanEvent>;
     /// Drains or removes a member; answers the nodes once the cluster has recorded the change.
     fn change_node(&self, node: String, change: NodeChange) -> futures::future::BoxFuture<'static, Result<NodesInfo>>;
     /// Whether `caller` may do `action` (see [`access`](crate::access)). By default there are no
@@ -154,6 +159,10 @@ impl Service for Node {
         let gathered = ClusterStats { node: self.id().to_owned(), at_ms: SystemClock.now_ms(), members: vec![member] };
         async move { gathered }.boxed()
     }
+
+    fn scan(&self, request: ScanRequest) -> mpsc::Receiver<ScanEvent> {
+        crate::scan::start(Arc::new(self.clone()), request)
+    }
 }
 
 /// A member node as Redis Cluster clients see it (`CLUSTER SLOTS` and its kin).
@@ -202,6 +211,8 @@ pub trait Replicator: Send + Sync + 'static {
     /// committing, so before its answer goes out this shows that no other leader could have
     /// committed a change the job did not see; an error means the job must not be answered.
     fn confirm_lead(&self, flock: u32, term: u64) -> futures::future::BoxFuture<'static, Result<()>>;
+    /// The flock's applied log index as `view` holds it: the version a scan of it reads.
+    fn applied_in(&self, view: &dyn crate::storage::FlockView) -> Result<u64>;
 }
 
 use std::collections::HashMap;
@@ -213,8 +224,8 @@ use std::time::{Duration, Instant};
 
 use futures::FutureExt;
 use grex_client::proto::{
-    self, Canary, ClusterStats, FlockMapInfo, JobOutput, MemberStats, ModuleInfo, NodeStats, NodesInfo, Status,
-    UserInfo,
+    self, Canary, ClusterStats, FlockMapInfo, JobOutput, MemberStats, ModuleInfo, NodeStats, NodesInfo, ScanEvent,
+    ScanRequest, Status, UserInfo,
 };
 use tokio::sync::{mpsc, oneshot};
 
@@ -274,6 +285,12 @@ struct Inner {
     urls: RwLock<NodeUrls>,
     metrics: Arc<Metrics>,
     recent: recent::Recent,
+    /// Flock scans between pages.
+    scans: scan::Sessions,
+    /// Scan pages running at once (one per executor at most).
+    scan_permits: tokio::sync::Semaphore,
+    /// Reduce jobs started, to spread them over the executors.
+    folds: AtomicU64,
 }
 
 impl Node {
@@ -367,6 +384,9 @@ impl Node {
                 urls: RwLock::new(NodeUrls::default()),
                 metrics,
                 recent: recent::Recent::new(),
+                scans: scan::Sessions::default(),
+                scan_permits: tokio::sync::Semaphore::new(shard_count),
+                folds: AtomicU64::new(0),
             }),
         };
         let weak = Arc::downgrade(&node.inner);
@@ -584,6 +604,12 @@ impl Node {
             self.inner.jobs_running.load(Ordering::Relaxed) as f64,
         );
         samples.gauge("modules", "Module names this node holds", &[], self.modules().len() as f64);
+        samples.gauge(
+            "scan_sessions",
+            "Flock scans open on this node between pages",
+            &[],
+            self.inner.scans.count() as f64,
+        );
         let pool = self.inner.runtime.pool_usage();
         samples.gauge(
             "instance_pool_slots",

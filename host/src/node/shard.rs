@@ -42,6 +42,18 @@ pub(crate) struct ShardJob {
     pub(crate) reply: oneshot::Sender<(Executed, Timing)>,
 }
 
+/// A scan's job on one bucket as a view of the store held it (or a reduce job, on an empty
+/// bucket): read-only, run against `data`, not the cache.
+pub(crate) struct ScanJob {
+    pub(crate) bucket: Vec<u8>,
+    pub(crate) data: BucketData,
+    pub(crate) flock: u32,
+    pub(crate) module: Arc<LoadedModule>,
+    pub(crate) module_name: Arc<str>,
+    pub(crate) input: Arc<[u8]>,
+    pub(crate) reply: oneshot::Sender<Result<Vec<u8>, RemoteError>>,
+}
+
 /// When an executor took a job up, and how long running it took.
 pub(crate) struct Timing {
     pub(crate) began: Instant,
@@ -78,6 +90,7 @@ pub(crate) struct Finished {
 
 pub(crate) enum ShardMsg {
     Job(ShardJob),
+    Scan(ScanJob),
     /// A follower applied change sets: a cached copy of one of these buckets older than its
     /// version here is stale.
     Applied(Vec<(Vec<u8>, u64)>),
@@ -137,6 +150,26 @@ impl Shard {
                     };
                     let _ = job.reply.send((executed, Timing { began, ran: began.elapsed() }));
                     self.stats.publish(self.cache.stats());
+                }
+                ShardMsg::Scan(job) => {
+                    let ScanJob { bucket, data, flock, module, module_name, input, reply } = job;
+                    let run = AssertUnwindSafe(|| {
+                        self.last_timestamp_ms = self.clock.now_ms().max(self.last_timestamp_ms);
+                        let job = JobInput {
+                            bucket: &bucket,
+                            flock,
+                            module_name: &module_name,
+                            input: &input,
+                            read_only: true,
+                            timestamp_ms: self.last_timestamp_ms,
+                        };
+                        self.runtime.run(&module, data, &job).1.map(|run| run.output)
+                    });
+                    let result = std::panic::catch_unwind(run).unwrap_or_else(|_| {
+                        tracing::error!("an executor panicked while running a scan's job");
+                        Err(error(ErrorCode::Internal, "the node hit an internal error running this job"))
+                    });
+                    let _ = reply.send(result);
                 }
                 ShardMsg::Applied(buckets) => {
                     for (bucket, version) in buckets {

@@ -85,6 +85,9 @@ impl<S: Store> Store for FaultyStore<S> {
     fn flock_buckets(&self, flock: u32) -> Result<Vec<(Vec<u8>, BucketData)>, StoreError> {
         self.inner.flock_buckets(flock)
     }
+    fn flock_view(&self, flock: u32) -> Result<Box<dyn super::FlockView>, StoreError> {
+        self.inner.flock_view(flock)
+    }
     fn bucket_count(&self) -> Result<u64, StoreError> {
         self.inner.bucket_count()
     }

@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 use std::sync::Mutex;
 
-use super::{Batch, GroupId, LogOp, ModuleId, NodeMeta, Store};
+use super::{Batch, FlockView, GroupId, LogOp, ModuleId, NodeMeta, Store};
 use crate::data::BucketData;
 use crate::error::StoreError;
 
@@ -172,6 +172,19 @@ impl Store for MemoryStore {
         buckets.into_iter().map(|b| Ok((b.clone(), self.load_bucket(&b)?))).collect()
     }
 
+    fn flock_view(&self, flock: u32) -> Result<Box<dyn FlockView>, StoreError> {
+        let state = self.state();
+        let values = state
+            .state_values
+            .iter()
+            .filter(|((g, _), _)| *g == flock)
+            .map(|((_, k), v)| (k.clone(), v.clone()))
+            .collect();
+        drop(state);
+        let buckets = self.flock_buckets(flock)?.into_iter().collect();
+        Ok(Box::new(MemoryFlockView { buckets, values }))
+    }
+
     fn bucket_count(&self) -> Result<u64, StoreError> {
         Ok(self.state().versions.len() as u64)
     }
@@ -206,6 +219,39 @@ impl Store for MemoryStore {
     }
 }
 
+/// A copy of a flock's buckets.
+struct MemoryFlockView {
+    buckets: BTreeMap<Vec<u8>, BucketData>,
+    /// The flock's state machine's named values.
+    values: BTreeMap<String, Vec<u8>>,
+}
+
+impl FlockView for MemoryFlockView {
+    fn state(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.values.get(key).cloned())
+    }
+
+    fn buckets(
+        &self,
+        prefix: &[u8],
+        after: Option<&[u8]>,
+        limit: usize,
+        bytes_max: usize,
+    ) -> Result<Vec<(Vec<u8>, BucketData)>, StoreError> {
+        let (mut found, mut bytes) = (Vec::new(), 0);
+        let candidates =
+            self.buckets.iter().filter(|(key, _)| key.starts_with(prefix) && after.is_none_or(|a| key.as_slice() > a));
+        for (key, data) in candidates {
+            if found.len() == limit || bytes >= bytes_max {
+                break;
+            }
+            bytes += key.len() + data.bytes();
+            found.push((key.clone(), data.clone()));
+        }
+        Ok(found)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -215,6 +261,7 @@ mod tests {
     fn memory_store_meets_the_store_contract() {
         contract::items_versions_and_listing_follow_commits(&MemoryStore::new(16));
         contract::modules_are_found_by_name_and_id(&MemoryStore::new(16));
+        contract::flock_views_hold_one_moment(&MemoryStore::new(16));
         contract::logs_append_truncate_purge_and_flocks_clear(&MemoryStore::new(16));
     }
 }

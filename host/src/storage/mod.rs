@@ -183,6 +183,22 @@ pub struct Batch {
     pub sync: SyncTo,
 }
 
+/// One flock of a store as of one moment ([`Store::flock_view`]).
+pub trait FlockView: Send + Sync {
+    /// A named value of the flock's state machine (its applied point), as of the view.
+    fn state(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError>;
+    /// The flock's buckets whose keys start with `prefix`, strictly after `after`, in key order,
+    /// with their items: at most `limit`, and no more once they hold `bytes_max` bytes of keys and
+    /// values (at least one bucket, however large).
+    fn buckets(
+        &self,
+        prefix: &[u8],
+        after: Option<&[u8]>,
+        limit: usize,
+        bytes_max: usize,
+    ) -> Result<Vec<(Vec<u8>, BucketData)>, StoreError>;
+}
+
 /// The node's durable state.
 pub trait Store: Send + Sync + 'static {
     /// Identity of the node and cluster layout.
@@ -216,6 +232,9 @@ pub trait Store: Send + Sync + 'static {
     fn log_state(&self, group: GroupId, key: &str) -> Result<Option<Vec<u8>>, StoreError>;
     /// Every bucket of a flock with its items (for a snapshot), in bucket-key order.
     fn flock_buckets(&self, flock: u32) -> Result<Vec<(Vec<u8>, BucketData)>, StoreError>;
+    /// The flock's committed buckets and state as they are now, unchanged by later writes (which
+    /// it does not hold up), read a page at a time: what a scan reads.
+    fn flock_view(&self, flock: u32) -> Result<Box<dyn FlockView>, StoreError>;
     /// How many buckets the store holds (with items).
     fn bucket_count(&self) -> Result<u64, StoreError>;
     /// Up to `limit` buckets, each with its flock, in (flock, key) order, after `after` (from the
@@ -247,6 +266,52 @@ pub(crate) mod contract {
             .map(|(k, v)| ItemWrite { item: k.to_string(), value: v.map(|v| v.as_bytes().to_vec()) })
             .collect();
         crate::testing::change_set(bucket, 16, version, writes)
+    }
+
+    /// A view keeps what it saw while writes go on, and pages by prefix, key and size.
+    pub(crate) fn flock_views_hold_one_moment(store: &dyn Store) {
+        let flocks = store.meta().flock_count;
+        let keys: Vec<Vec<u8>> = (0..200).map(|i| format!("user-{i:03}").into_bytes()).collect();
+        let flock = crate::data::flock_of(&keys[0], flocks);
+        let mine: Vec<&Vec<u8>> = keys.iter().filter(|k| crate::data::flock_of(k, flocks) == flock).collect();
+        assert!(mine.len() >= 4, "enough keys share a flock");
+        let changes: Vec<ChangeSet> = keys.iter().map(|k| change(k, 1, &[("n", Some("1"))])).collect();
+        store.commit(&changes).unwrap();
+        store
+            .write(&Batch {
+                log: vec![LogOp::PutState { group: flock, key: "applied", value: b"first".to_vec() }],
+                ..Batch::default()
+            })
+            .unwrap();
+        let view = store.flock_view(flock).unwrap();
+        // Later writes: a new bucket, a changed one, and a new applied point.
+        let key = (0..)
+            .map(|i| format!("user-new-{i}").into_bytes())
+            .find(|k| crate::data::flock_of(k, flocks) == flock)
+            .unwrap();
+        store.commit(&[change(&key, 1, &[("n", Some("1"))]), change(mine[0], 2, &[("n", Some("2"))])]).unwrap();
+        store
+            .write(&Batch {
+                log: vec![LogOp::PutState { group: flock, key: "applied", value: b"second".to_vec() }],
+                ..Batch::default()
+            })
+            .unwrap();
+
+        assert_eq!(view.state("applied").unwrap().as_deref(), Some(&b"first"[..]));
+        let all = view.buckets(b"", None, usize::MAX, usize::MAX).unwrap();
+        let seen: Vec<&Vec<u8>> = all.iter().map(|(k, _)| k).collect();
+        assert_eq!(seen, mine, "every bucket of the flock, in key order, none added since");
+        assert_eq!(all[0].1.version, 1, "as it was when the view was taken");
+        // Pages: by count, after a key, by bytes (at least one), by prefix.
+        let first = view.buckets(b"", None, 2, usize::MAX).unwrap();
+        assert_eq!(first.len(), 2);
+        let next = view.buckets(b"", Some(&first[1].0), 2, usize::MAX).unwrap();
+        assert_eq!(next[0].0, *mine[2]);
+        assert_eq!(view.buckets(b"", None, 10, 1).unwrap().len(), 1);
+        let prefix = &mine[1][..mine[1].len() - 1];
+        let with_prefix = view.buckets(prefix, None, usize::MAX, usize::MAX).unwrap();
+        assert!(!with_prefix.is_empty() && with_prefix.iter().all(|(k, _)| k.starts_with(prefix)));
+        assert_eq!(store.flock_view(flock).unwrap().state("applied").unwrap().as_deref(), Some(&b"second"[..]));
     }
 
     pub(crate) fn items_versions_and_listing_follow_commits(store: &dyn Store) {

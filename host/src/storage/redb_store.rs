@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 
 use super::segment_log::{SEGMENT_BYTES, SegmentLog};
-use super::{Batch, GroupId, LogOp, ModuleId, NodeMeta, Store, SyncTo};
+use super::{Batch, FlockView, GroupId, LogOp, ModuleId, NodeMeta, Store, SyncTo};
 use crate::data::{BucketData, flock_of};
 use crate::error::StoreError;
 
@@ -254,6 +254,48 @@ fn read_items(
     Ok(items)
 }
 
+/// A flock as a read transaction sees it: redb keeps the pages it reads until it ends, and writers
+/// go on beside it.
+struct RedbFlockView {
+    txn: redb::ReadTransaction,
+    flock: u32,
+}
+
+impl FlockView for RedbFlockView {
+    fn state(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let table = self.txn.open_table(RAFT_STATE).map_err(engine)?;
+        Ok(table.get((self.flock, key)).map_err(engine)?.map(|v| v.value().to_vec()))
+    }
+
+    fn buckets(
+        &self,
+        prefix: &[u8],
+        after: Option<&[u8]>,
+        limit: usize,
+        bytes_max: usize,
+    ) -> Result<Vec<(Vec<u8>, BucketData)>, StoreError> {
+        use std::ops::Bound;
+        let buckets = self.txn.open_table(BUCKETS).map_err(engine)?;
+        let items = self.txn.open_table(ITEMS).map_err(engine)?;
+        let start = match after {
+            Some(after) if after >= prefix => Bound::Excluded((self.flock, after)),
+            _ => Bound::Included((self.flock, prefix)),
+        };
+        let (mut found, mut bytes) = (Vec::new(), 0);
+        for entry in buckets.range::<(u32, &[u8])>((start, Bound::Unbounded)).map_err(engine)? {
+            let (key, version) = entry.map_err(engine)?;
+            let (flock, bucket) = key.value();
+            if flock != self.flock || !bucket.starts_with(prefix) || found.len() == limit || bytes >= bytes_max {
+                break;
+            }
+            let data = BucketData::new(version.value(), read_items(&items, bucket)?);
+            bytes += bucket.len() + data.bytes();
+            found.push((bucket.to_vec(), data));
+        }
+        Ok(found)
+    }
+}
+
 pub(super) fn read_u32(bytes: &[u8]) -> Result<u32, StoreError> {
     bytes
         .try_into()
@@ -363,6 +405,10 @@ impl Store for RedbStore {
         Ok(found)
     }
 
+    fn flock_view(&self, flock: u32) -> Result<Box<dyn FlockView>, StoreError> {
+        Ok(Box::new(RedbFlockView { txn: self.db.begin_read().map_err(engine)?, flock }))
+    }
+
     fn bucket_count(&self) -> Result<u64, StoreError> {
         let txn = self.db.begin_read().map_err(engine)?;
         let buckets = txn.open_table(BUCKETS).map_err(engine)?;
@@ -461,6 +507,7 @@ mod tests {
         contract::items_versions_and_listing_follow_commits(&store);
         let (_dir, store) = temp_store();
         contract::modules_are_found_by_name_and_id(&store);
+        contract::flock_views_hold_one_moment(&store);
         let (_dir, store) = temp_store();
         contract::logs_append_truncate_purge_and_flocks_clear(&store);
     }

@@ -1,6 +1,7 @@
 //! `counter`: adds a decimal increment (default 1) to the bucket's item `count` and returns the
 //! new value as decimal text. The item holds decimal text too, so `grex item get BUCKET count`
-//! prints it as it is.
+//! prints it as it is. An increment of 0 only reads the count, so `counter` with input `0` runs
+//! read-only (`grex job scan counter --input 0` lists every bucket's count).
 
 use grex_sdk::{Bucket, Error};
 
@@ -21,7 +22,9 @@ fn counter(bucket: &mut Bucket, input: &[u8]) -> Result<String, Error> {
         .checked_add(step)
         .ok_or_else(|| Error::msg(format!("adding {step} to {count} overflows a 64-bit count")))?;
     let text = count.to_string();
-    bucket.put_text(COUNT_ITEM, &text);
+    if step != 0 {
+        bucket.put_text(COUNT_ITEM, &text);
+    }
     Ok(text)
 }
 
