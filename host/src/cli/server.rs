@@ -547,6 +547,8 @@ pub(super) async fn dev(args: DevArgs) -> anyhow::Result<()> {
         "try:  grex job run customer-1 counter --input 5   (or: curl -X POST 'http://{http}/v1/jobs/customer-1?module=counter')"
     );
     println!("      redis-cli -p {resp} FCALL counter 1 customer-1 5   (or: redis-cli -p {resp} HGETALL customer-1)");
+    println!("      grex job scan counter --input 0 --reduce sum   (every bucket's count, added up)");
+    println!("dashboard: http://{http}/ui");
     if Service::users(&first.cluster).is_empty() {
         println!(
             "users: none, so clients on this machine may do everything (warning: add an admin with \

@@ -1,5 +1,5 @@
-//! The peer transport: QUIC (quinn) with mutual TLS under the cluster CA, ALPN `grex-peer/10`
-//! (`messages::PEER_ALPN`).
+//! The peer transport: QUIC (quinn) with mutual TLS under the cluster CA, ALPN `grex-peer/N`
+//! (`messages::PEER_ALPN` for this release's version).
 //!
 //! Versions: both sides offer every version's ALPN, newest first, and the handshake settles on
 //! the highest both know. A node speaks its own version and the one before
