@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite, from a fresh machine: adds the wasm target, redis-cli, chromium (the
-# dashboard test) and tmux (`grex top`'s test), builds the jobs, runs every test.
+# dashboard test), tmux (`grex top`'s test) and Python's venv (the Python jobs' test), builds the
+# jobs, runs every test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 rustup target list --installed 2>/dev/null | grep -qx wasm32-unknown-unknown || rustup target add wasm32-unknown-unknown
@@ -8,6 +9,7 @@ missing=()
 command -v redis-cli > /dev/null || missing+=(redis-tools)
 [ -x /usr/bin/chromium ] || [ -n "${GREX_CHROMIUM:-}" ] || missing+=(chromium)
 command -v tmux > /dev/null || missing+=(tmux)
+python3 -c 'import ensurepip, venv' 2> /dev/null || missing+=(python3-venv)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "installing ${missing[*]}"
   sudo=$([ "$(id -u)" -eq 0 ] || echo sudo)

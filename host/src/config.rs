@@ -43,8 +43,8 @@ impl Default for Limits {
             change_set_bytes_max: 32 << 20,
             module_bytes_max: 32 << 20,
             log_lines_max: 64,
-            compile_timeout_ms: 30_000,
-            compile_memory_bytes_max: 1 << 30,
+            compile_timeout_ms: 120_000,
+            compile_memory_bytes_max: 2 << 30,
         }
     }
 }

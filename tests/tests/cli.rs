@@ -198,3 +198,78 @@ async fn a_new_js_project_and_the_js_ledger_build_upload_and_run() {
         "nothing failed jobs wrote was kept"
     );
 }
+
+/// `grex new --lang python` makes a Python job project; `grex module put DIR` makes its `.venv`
+/// with componentize-py (from the Python package index), builds it once and uploads it; it runs,
+/// with its errors. The `ledger` example, built with the same SDK, keeps its semantics and its
+/// deadline, and the SDK's native parts pass their tests.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_python_project_and_the_python_ledger_build_upload_and_run() {
+    let sdk = grex_tests::workspace_root().join("guest-sdk-py");
+    let tested = Command::new("python3").args(["-m", "unittest"]).current_dir(&sdk).output().expect("python3");
+    assert!(tested.status.success(), "the SDK's tests: {}", String::from_utf8_lossy(&tested.stderr));
+
+    let dir = tempfile::tempdir().unwrap();
+    let project = dir.path().join("hello-py");
+    let project_arg = project.to_str().unwrap();
+    let made = grex(&["new", "hello-py", "--lang", "python", "--dir", project_arg]);
+    assert!(made.contains("Python") && made.contains("python3 -m unittest"), "{made}");
+    let tested = Command::new("python3").args(["-m", "unittest"]).current_dir(&project).output().expect("python3");
+    assert!(tested.status.success(), "the project's tests: {}", String::from_utf8_lossy(&tested.stderr));
+
+    let data = tempfile::tempdir().unwrap();
+    // A Python job embeds its interpreter (about 18 MB): it compiles for longer than a Rust one.
+    let node = GrexNode::start(data.path(), &["--compile-timeout-secs", "600", "--timeout-ms", "2000"]);
+    let put = |path: &str, name: Option<&str>| {
+        let mut command = Command::new(grex_bin());
+        command.args(["module", "put", path, "--node", &node.http]);
+        if let Some(name) = name {
+            command.args(["--name", name]);
+        }
+        command.output().unwrap()
+    };
+    let first = put(project_arg, None);
+    let log = String::from_utf8_lossy(&first.stderr);
+    assert!(first.status.success(), "{log}");
+    assert!(log.contains("-m venv") && log.contains("sdk/build.py job.py hello-py.wasm"), "{log}");
+    let second = put(project_arg, None);
+    assert!(second.status.success(), "{}", String::from_utf8_lossy(&second.stderr));
+    assert!(!String::from_utf8_lossy(&second.stderr).contains("sdk/build.py"), "built already: no rebuild");
+    assert_eq!(first.stdout, second.stdout, "the same module");
+
+    let client = node.client().await;
+    assert_eq!(client.run_job(b"c-1", "hello-py", b"5", false).await.expect("runs").output, b"5");
+    assert_eq!(client.run_job(b"c-1", "hello-py", b" 2 ", false).await.expect("runs").output, b"7");
+    let failed = client.run_job(b"c-1", "hello-py", b"five", false).await.expect_err("not a number");
+    assert_eq!(failed.code(), Some(grex_client::ErrorCode::JobFailed));
+    assert!(failed.to_string().contains("`five` is not a decimal integer"), "{failed}");
+    let read_only = client.run_job(b"c-1", "hello-py", b"1", true).await.expect_err("a read-only job may not write");
+    assert_eq!(read_only.code(), Some(grex_client::ErrorCode::ReadOnlyViolation), "{read_only}");
+
+    // The ledger example, built by the project's SDK and tools.
+    let ledger_wasm = dir.path().join("ledger.wasm");
+    let built = Command::new(project.join(".venv/bin/python"))
+        .arg(project.join("sdk/build.py"))
+        .args([&sdk.join("ledger.py"), &ledger_wasm])
+        .output()
+        .expect("the project's python");
+    assert!(built.status.success(), "{}", String::from_utf8_lossy(&built.stderr));
+    let uploaded = put(ledger_wasm.to_str().unwrap(), Some("ledger-py"));
+    assert!(uploaded.status.success(), "{}", String::from_utf8_lossy(&uploaded.stderr));
+    let run = |input: &'static [u8]| client.run_job(b"acct-1", "ledger-py", input, false);
+    let rent = br#"{"description":"rent","other":"ACME","amount":-120000,"date":"2026-11-01"}"#;
+    assert_eq!(run(rent).await.unwrap().output, br#"{"balance":-120000,"count":1}"#);
+    let pay =
+        br#"[{"description":"pay","other":"Boss","amount":300000},{"description":"tea","other":"Cafe","amount":-450}]"#;
+    assert_eq!(run(pay).await.unwrap().output, br#"{"balance":179550,"count":3}"#);
+    assert_eq!(run(b"").await.unwrap().output, br#"{"balance":179550,"count":3}"#);
+    let bad = run(br#"{"amount":"lots"}"#).await.expect_err("refused");
+    assert_eq!(bad.code(), Some(grex_client::ErrorCode::JobFailed));
+    let spun = run(b"spin").await.expect_err("stopped");
+    assert_eq!(spun.code(), Some(grex_client::ErrorCode::JobTimeout));
+    assert_eq!(
+        run(b"").await.unwrap().output,
+        br#"{"balance":179550,"count":3}"#,
+        "nothing failed jobs wrote was kept"
+    );
+}

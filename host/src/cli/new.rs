@@ -31,6 +31,9 @@ enum Lang {
     Rust,
     /// JavaScript with the grex SDK, built into a component by componentize-js (needs Node.js).
     Js,
+    /// Python with the grex SDK, built into a component by componentize-py (needs Python 3.10+
+    /// with `venv`).
+    Python,
 }
 
 /// The Rust template's files: path in the project, text (`{name}` and the versions filled in).
@@ -59,6 +62,20 @@ const JS_FILES: &[(&str, &str)] = &[
     (".gitignore", include_str!("templates/js/gitignore.in")),
     ("sdk/index.js", include_str!("../../../guest-sdk-js/sdk/index.js")),
     ("sdk/build.mjs", include_str!("../../../guest-sdk-js/build.mjs")),
+    ("sdk/wit/job.wit", include_str!("../../../guest-sdk/wit/job.wit")),
+];
+
+/// The Python template's files.
+const PY_FILES: &[(&str, &str)] = &[
+    ("pyproject.toml", include_str!("templates/python/pyproject.toml.in")),
+    ("requirements.txt", include_str!("../../../guest-sdk-py/requirements.txt")),
+    ("job.py", include_str!("templates/python/job.py.in")),
+    ("increment.py", include_str!("templates/python/increment.py.in")),
+    ("test_increment.py", include_str!("templates/python/test_increment.py.in")),
+    ("README.md", include_str!("templates/python/README.md.in")),
+    (".gitignore", include_str!("templates/python/gitignore.in")),
+    ("sdk/grex_sdk/__init__.py", include_str!("../../../guest-sdk-py/grex_sdk/__init__.py")),
+    ("sdk/build.py", include_str!("../../../guest-sdk-py/build.py")),
     ("sdk/wit/job.wit", include_str!("../../../guest-sdk/wit/job.wit")),
 ];
 
@@ -95,6 +112,7 @@ pub(super) fn new(args: NewArgs) -> anyhow::Result<()> {
     let (files, sdk) = match args.lang {
         Lang::Rust => (RUST_FILES, "grex-sdk/"),
         Lang::Js => (JS_FILES, "sdk/"),
+        Lang::Python => (PY_FILES, "sdk/"),
     };
     let fill = |text: &str| -> anyhow::Result<String> {
         let mut text = text.replace("{name}", &args.name).replace("{grex_version}", env!("CARGO_PKG_VERSION"));
@@ -117,6 +135,7 @@ pub(super) fn new(args: NewArgs) -> anyhow::Result<()> {
     let (language, test) = match args.lang {
         Lang::Rust => ("Rust", "cargo test"),
         Lang::Js => ("JavaScript", "npm test"),
+        Lang::Python => ("Python", "python3 -m unittest"),
     };
     println!("made {} (a {language} job); next:", dir.display());
     println!("  cd {} && {test} && grex module put .", dir.display());
@@ -129,9 +148,12 @@ pub(super) fn build_project(dir: &Path) -> anyhow::Result<(PathBuf, String)> {
     if dir.join("package.json").exists() {
         return build_js(dir);
     }
+    if dir.join("pyproject.toml").exists() {
+        return build_py(dir);
+    }
     if !dir.join("Cargo.toml").exists() {
         bail!(
-            "{} has no Cargo.toml or package.json: give a .wasm file, or a job project's directory (`grex new`)",
+            "{} has no Cargo.toml, package.json or pyproject.toml: give a .wasm file, or a job project's directory (`grex new`)",
             dir.display()
         );
     }
@@ -206,18 +228,67 @@ fn build_js(dir: &Path) -> anyhow::Result<(PathBuf, String)> {
     Ok((wasm, name))
 }
 
-/// When the newest source file of a JavaScript project changed (`node_modules` aside).
+/// Builds a Python job project (`grex new --lang python`): a `.venv` with `requirements.txt`
+/// (componentize-py) when there is none, then `sdk/build.py job.py NAME.wasm` unless `NAME.wasm`
+/// is newer than every source file.
+fn build_py(dir: &Path) -> anyhow::Result<(PathBuf, String)> {
+    let manifest = std::fs::read_to_string(dir.join("pyproject.toml"))?;
+    let name = manifest
+        .lines()
+        .find_map(|line| line.trim().strip_prefix("name = \""))
+        .and_then(|rest| rest.split('"').next())
+        .with_context(|| {
+            format!("{}/pyproject.toml names no project (`name = \"...\"` under [project])", dir.display())
+        })?
+        .to_owned();
+    let wasm = dir.join(format!("{name}.wasm"));
+    let run = |program: &Path, args: &[&str]| -> anyhow::Result<()> {
+        eprintln!("building the job in {}: {} {}", dir.display(), program.display(), args.join(" "));
+        let status = Command::new(program)
+            .args(args)
+            .current_dir(dir)
+            .stdin(Stdio::null())
+            // What the tools say goes to stderr: stdout carries only the module's id.
+            .stdout(Stdio::from(std::io::stderr()))
+            .status()
+            .with_context(|| format!("running {}", program.display()))?;
+        if !status.success() {
+            bail!("{} {} failed in {} (above)", program.display(), args.join(" "), dir.display());
+        }
+        Ok(())
+    };
+    let python = dir.join(".venv/bin/python");
+    if !python.exists() {
+        run(Path::new("python3"), &["-m", "venv", ".venv"])
+            .context("making a virtual environment (is Python 3.10 or later installed, with venv?)")?;
+        run(&python, &["-m", "pip", "install", "--quiet", "-r", "requirements.txt"])?;
+    }
+    let built = std::fs::metadata(&wasm).and_then(|m| m.modified()).ok();
+    if built.is_none_or(|built| newest_source(dir).is_some_and(|source| source > built)) {
+        run(&python, &["sdk/build.py", "job.py", &format!("{name}.wasm")])?;
+    }
+    if !wasm.exists() {
+        bail!("building {} made no {name}.wasm", dir.display());
+    }
+    Ok((wasm, name))
+}
+
+/// When the newest source file of a JavaScript or Python project changed (its installed
+/// dependencies aside).
 fn newest_source(dir: &Path) -> Option<std::time::SystemTime> {
     let mut newest = None;
     for entry in std::fs::read_dir(dir).ok()?.flatten() {
         let path = entry.path();
         let name = entry.file_name();
         let modified = if path.is_dir() {
-            if name == "node_modules" || name == ".git" {
+            if name == "node_modules" || name == ".git" || name == ".venv" || name == "__pycache__" {
                 continue;
             }
             newest_source(&path)
-        } else if path.extension().is_some_and(|e| e == "js" || e == "mjs" || e == "wit" || e == "json") {
+        } else if path
+            .extension()
+            .is_some_and(|e| ["js", "mjs", "py", "wit", "json", "toml", "txt"].iter().any(|x| e == *x))
+        {
             entry.metadata().and_then(|m| m.modified()).ok()
         } else {
             None

@@ -24,6 +24,12 @@ const IDLE_TICKS_BEFORE_PARKING: u32 = 100;
 const MEMORY_KEEP_RESIDENT_BYTES: usize = 1 << 20;
 const TABLE_KEEP_RESIDENT_BYTES: usize = 64 << 10;
 
+/// Core instances one job's component may have: a Rust or JavaScript job has one or two; a
+/// Python job (componentize-py) links its interpreter from several libraries, each an instance.
+const CORE_INSTANCES_PER_JOB: u32 = 64;
+/// Function tables one job's component may have.
+const TABLES_PER_JOB: u32 = 4;
+
 /// Compiled modules kept in memory; least recently used ones are dropped beyond this.
 pub const MODULES_CACHED_MAX: usize = 256;
 
@@ -181,11 +187,12 @@ impl Drop for JobRunning<'_> {
 fn engine_config(limits: &Limits, instances: u32) -> Config {
     let mut pool = PoolingAllocationConfig::default();
     pool.total_component_instances(instances)
-        .total_core_instances(instances * 2)
+        .total_core_instances(instances * CORE_INSTANCES_PER_JOB)
+        .max_core_instances_per_component(CORE_INSTANCES_PER_JOB)
         .total_memories(instances)
-        .total_tables(instances * 2)
+        .total_tables(instances * TABLES_PER_JOB)
         .max_memories_per_component(1)
-        .max_tables_per_component(2)
+        .max_tables_per_component(TABLES_PER_JOB)
         .max_memory_size(limits.memory_bytes_max)
         .linear_memory_keep_resident(MEMORY_KEEP_RESIDENT_BYTES)
         .table_keep_resident(TABLE_KEEP_RESIDENT_BYTES);

@@ -628,10 +628,19 @@ impl Engine {
     pub fn propose(&mut self, group: GroupId, data: Vec<u8>) -> Result<Proposal, Refusal> {
         // Who leads comes first: a proposal sent to the wrong node is redirected, not refused.
         self.leader_refusal(group)?;
-        let held = self.mem_bytes();
-        // One proposal larger than the bound still goes through when nothing else is held.
-        if held > 0 && held + data.len() as u64 + log::ENTRY_OVERHEAD_BYTES > self.config.max_mem_bytes {
-            return Err(Refusal::Memory { held });
+        let bytes = data.len() as u64 + log::ENTRY_OVERHEAD_BYTES;
+        let fits = |held: u64, max: u64| held == 0 || held + bytes <= max;
+        if !fits(self.mem_held, self.config.max_mem_bytes) {
+            // Entries applied and durable are only a cache for followers that lag: they make room
+            // first, so that one proposal larger than the bound (a large module upload) goes
+            // through when nothing else is held.
+            for g in self.groups.values_mut().filter(|g| g.raw.store().mem_bytes() > 0) {
+                let done = g.raw.raft.raft_log.applied.min(g.raw.raft.raft_log.persisted);
+                tracked(&mut self.mem_held, g.raw.mut_store(), |log| log.evict(done));
+            }
+            if !fits(self.mem_held, self.config.max_mem_bytes) {
+                return Err(Refusal::Memory { held: self.mem_held });
+            }
         }
         self.append_as_leader(group, |raw| raw.propose(Vec::new(), data))
     }
