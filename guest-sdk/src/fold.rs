@@ -1,7 +1,8 @@
 //! Reduce modules: a scan (`grex job scan MODULE --reduce REDUCER`) folds its jobs' outputs with a
 //! second module, in batches. Each call's input is the accumulator so far (none on the first call)
 //! and a batch of outputs; its output is the new accumulator. Batches may be folded in any
-//! grouping, so the fold must be associative (a sum, a count, a maximum, a merge of sets).
+//! grouping and order, so the fold must be associative and commutative (a sum, a count, a maximum,
+//! a union of sets).
 //!
 //! ```no_run
 //! use grex_sdk::{Bucket, Error, fold::Fold};

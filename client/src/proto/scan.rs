@@ -8,7 +8,8 @@
 //!
 //! A reduce module folds outputs in batches: each call's input is [`encode_fold`]'s, the
 //! accumulator so far (none on the first call) then a batch of outputs, and its output is the new
-//! accumulator. Batches are folded in any grouping, so the fold must be associative.
+//! accumulator. Batches are folded in any grouping and order, so the fold must be associative and
+//! commutative.
 
 use serde::{Deserialize, Serialize};
 
