@@ -46,3 +46,7 @@ for round in $(seq 1 "$rounds"); do
     printf 'round %d  %-11s %s  node CPU %s µs/job\n' "$round" "$module" "$line" "$per_job"
   done
 done
+# In-process, the sandbox alone (instantiate, run, change set), one job at a time, without the node.
+echo "in-process (cargo bench -p grex --bench job):"
+GREX_BENCH_MODULES="counter-js=$data/counter-js/counter-js.wasm,counter-py=$data/counter-py/counter-py.wasm" \
+  cargo bench --quiet -p grex --bench job 2> /dev/null | grep sandbox

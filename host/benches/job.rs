@@ -6,7 +6,10 @@
 //!   queue), fsync off so the disk does not dominate.
 //! - `node, 64 concurrent, durable`: throughput with group commit and fsync on.
 //!
-//! Needs the jobs built: `scripts/build-jobs.sh`.
+//! Needs the jobs built: `scripts/build-jobs.sh`. `GREX_BENCH_MODULES=NAME=PATH,...` adds the
+//! sandbox figure of other builds of the same job (`scripts/bench-languages.sh` passes the
+//! JavaScript and Python counters); those run in a runtime with the compile limits raised, as a
+//! node's would have to be, and fewer iterations.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -27,13 +30,12 @@ fn median(mut samples: Vec<f64>) -> f64 {
     samples[samples.len() / 2]
 }
 
-fn bench_sandbox(wasm: &[u8]) -> f64 {
+fn bench_sandbox(wasm: &[u8], iterations: usize) -> f64 {
     let runtime = Runtime::new(Limits::default(), 4).expect("runtime");
     let module = runtime.compile(wasm).expect("compile counter");
     let input =
         JobInput { bucket: b"bench", flock: 0, module_name: "counter", input: b"1", read_only: false, timestamp_ms: 0 };
     let mut bucket = BucketData::default();
-    let iterations = 20_000;
     let mut rounds = Vec::new();
     for _ in 0..ROUNDS {
         let start = Instant::now();
@@ -106,7 +108,13 @@ async fn bench_node_concurrent(wasm: &[u8]) -> f64 {
 fn main() {
     let wasm = counter_wasm();
     println!("counter job, median of {ROUNDS} rounds");
-    println!("sandbox (instantiate + run + change set): {:>8.2} µs/job", bench_sandbox(&wasm));
+    println!("sandbox (instantiate + run + change set): {:>8.2} µs/job", bench_sandbox(&wasm, 20_000));
+    for (name, path) in
+        std::env::var("GREX_BENCH_MODULES").unwrap_or_default().split(',').filter_map(|m| m.split_once('='))
+    {
+        let other = std::fs::read(path).unwrap_or_else(|e| panic!("{path}: {e}"));
+        println!("sandbox, {name:<33} {:>8.2} µs/job", bench_sandbox(&other, 500));
+    }
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
     println!("node, sequential, no fsync:               {:>8.2} µs/job", rt.block_on(bench_node_sequential(&wasm)));
     println!("node, 64 concurrent, durable (fsync):     {:>8.0} jobs/s", rt.block_on(bench_node_concurrent(&wasm)));

@@ -133,7 +133,8 @@ impl NodeConfig {
     /// the log's index (12 bytes per entry kept, up to `--snapshot-logs` per flock), connections
     /// and their frames, the wasm runtime, and the allocator's slack (docs/benchmarks.md,
     /// "Memory", measures them). Running jobs' linear memory is bounded apart, by
-    /// [`Limits::memory_bytes_max`] per executor.
+    /// [`Limits::memory_bytes_max`] per executor, and up to 32 MiB of it per executor stays
+    /// resident between jobs (`wasm::engine`).
     pub fn set_memory_budget(&mut self, bytes: usize) {
         self.cache_bytes_max = bytes / 16 * 3;
         self.store_cache_bytes = bytes / 16 * 3;

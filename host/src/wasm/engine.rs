@@ -19,9 +19,14 @@ pub const EPOCH_TICK_MS: u64 = 10;
 /// Ticks with no job running after which the ticker sleeps until the next job starts.
 const IDLE_TICKS_BEFORE_PARKING: u32 = 100;
 
-/// Linear memory kept mapped and reset with `memset` between instances instead of being unmapped:
-/// much cheaper for small jobs (FACTS.md: about 3×).
-const MEMORY_KEEP_RESIDENT_BYTES: usize = 1 << 20;
+/// Linear memory kept mapped and reset by copying (the memory's image) or `memset` between
+/// instances instead of being released with `madvise`: much cheaper for small jobs (FACTS.md:
+/// about 3×), and for jobs with large pre-initialized images (JavaScript, Python) it turns every
+/// page a job writes from a copy-on-write fault, with its TLB shootdown across cores, into a copy
+/// at the end (docs/benchmarks.md, "A job's cost by language": Python jobs 2× faster than at
+/// 1 MiB). A job's memory stays within `--memory-mib` either way; this much of it per executor
+/// stays resident between jobs.
+const MEMORY_KEEP_RESIDENT_BYTES: usize = 32 << 20;
 const TABLE_KEEP_RESIDENT_BYTES: usize = 64 << 10;
 
 /// Core instances one job's component may have: a Rust or JavaScript job has one or two; a
@@ -195,6 +200,9 @@ fn engine_config(limits: &Limits, instances: u32) -> Config {
         .max_tables_per_component(TABLES_PER_JOB)
         .max_memory_size(limits.memory_bytes_max)
         .linear_memory_keep_resident(MEMORY_KEEP_RESIDENT_BYTES)
+        // Resetting only the pages a job wrote (`PAGEMAP_SCAN`) found none to copy here, so every
+        // page was released and faulted in again: measured no faster than 1 MiB kept resident.
+        .pagemap_scan(wasmtime::Enabled::No)
         .table_keep_resident(TABLE_KEEP_RESIDENT_BYTES);
     let mut config = code_settings(limits).config();
     config.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
