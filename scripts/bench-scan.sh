@@ -21,10 +21,9 @@ redis-cli -p 17073 -x GREX.MODULE LOAD sum < target/jobs/wasm32-unknown-unknown/
 # keys are written from a list instead, 64 clients through the Redis port).
 seq 0 $((buckets - 1)) | sed 's/^/FCALL counter 1 scan-/; s/$/ 1/' > "$data/fill"
 split -n l/8 "$data/fill" "$data/fill-"
-for part in "$data"/fill-*; do redis-cli -p 17073 < "$part" > /dev/null & done
-wait -n 2>/dev/null || true
-for part in "$data"/fill-*; do :; done
-while [ "$(jobs -rp | grep -vxF -f <(printf '%s\n' "${pids[@]}") | wc -l)" -gt 0 ]; do sleep 0.2; done
+fillers=()
+for part in "$data"/fill-*; do redis-cli -p 17073 < "$part" > /dev/null & fillers+=($!); done
+wait "${fillers[@]}"
 echo "filled $buckets buckets on $nodes nodes"
 
 run() {  # run LABEL ARGS...: one scan, prints buckets/s
@@ -35,7 +34,7 @@ run() {  # run LABEL ARGS...: one scan, prints buckets/s
   local summary
   summary=$(tail -1 "$data/progress")
   grep -q "$buckets buckets, 0 failed" <<< "$summary" || { echo "incomplete scan: $summary"; exit 1; }
-  if [ "$1" = --reduce ]; then
+  if [ "${1:-}" = --reduce ]; then
     [ "$out" = "$buckets" ] || { echo "the sum is $out, not $buckets"; exit 1; }
   else
     [ "$(wc -l <<< "$out")" = "$buckets" ] || { echo "$(wc -l <<< "$out") results, not $buckets"; exit 1; }
