@@ -146,29 +146,7 @@ async fn a_new_js_project_and_the_js_ledger_build_upload_and_run() {
     let data = tempfile::tempdir().unwrap();
     // A JavaScript job embeds its engine (about 12 MB): its first compile takes longer than a Rust one.
     let node = GrexNode::start(data.path(), &["--compile-timeout-secs", "600", "--timeout-ms", "2000"]);
-    let put = |path: &str, name: Option<&str>| {
-        let mut command = Command::new(grex_bin());
-        command.args(["module", "put", path, "--node", &node.http]);
-        if let Some(name) = name {
-            command.args(["--name", name]);
-        }
-        command.output().unwrap()
-    };
-    let first = put(project_arg, None);
-    let log = String::from_utf8_lossy(&first.stderr);
-    assert!(first.status.success(), "{log}");
-    assert!(log.contains("npm install") && log.contains("npm run build"), "{log}");
-    let second = put(project_arg, None);
-    assert!(second.status.success(), "{}", String::from_utf8_lossy(&second.stderr));
-    assert!(!String::from_utf8_lossy(&second.stderr).contains("npm run build"), "built already: no rebuild");
-    assert_eq!(first.stdout, second.stdout, "the same module");
-
-    let client = node.client().await;
-    assert_eq!(client.run_job(b"c-1", "hello-js", b"5", false).await.expect("runs").output, b"5");
-    assert_eq!(client.run_job(b"c-1", "hello-js", b" 2 ", false).await.expect("runs").output, b"7");
-    let failed = client.run_job(b"c-1", "hello-js", b"five", false).await.expect_err("not a number");
-    assert_eq!(failed.code(), Some(grex_client::ErrorCode::JobFailed));
-    assert!(failed.to_string().contains("`five` is not a decimal integer"), "{failed}");
+    check_counter_project(&node, project_arg, "hello-js", &["npm install", "npm run build"], "npm run build").await;
 
     // The ledger example, built by the project's SDK and tools.
     let ledger_js = grex_tests::workspace_root().join("guest-sdk-js/ledger.js");
@@ -179,24 +157,7 @@ async fn a_new_js_project_and_the_js_ledger_build_upload_and_run() {
         .output()
         .expect("node");
     assert!(built.status.success(), "{}", String::from_utf8_lossy(&built.stderr));
-    let uploaded = put(ledger_wasm.to_str().unwrap(), Some("ledger-js"));
-    assert!(uploaded.status.success(), "{}", String::from_utf8_lossy(&uploaded.stderr));
-    let run = |input: &'static [u8]| client.run_job(b"acct-1", "ledger-js", input, false);
-    let rent = br#"{"description":"rent","other":"ACME","amount":-120000,"date":"2026-11-01"}"#;
-    assert_eq!(run(rent).await.unwrap().output, br#"{"balance":-120000,"count":1}"#);
-    let pay =
-        br#"[{"description":"pay","other":"Boss","amount":300000},{"description":"tea","other":"Cafe","amount":-450}]"#;
-    assert_eq!(run(pay).await.unwrap().output, br#"{"balance":179550,"count":3}"#);
-    assert_eq!(run(b"").await.unwrap().output, br#"{"balance":179550,"count":3}"#);
-    let bad = run(br#"{"amount":"lots"}"#).await.expect_err("refused");
-    assert_eq!(bad.code(), Some(grex_client::ErrorCode::JobFailed));
-    let spun = run(b"spin").await.expect_err("stopped");
-    assert_eq!(spun.code(), Some(grex_client::ErrorCode::JobTimeout));
-    assert_eq!(
-        run(b"").await.unwrap().output,
-        br#"{"balance":179550,"count":3}"#,
-        "nothing failed jobs wrote was kept"
-    );
+    check_ledger(&node, &ledger_wasm, "ledger-js").await;
 }
 
 /// `grex new --lang python` makes a Python job project; `grex module put DIR` makes its `.venv`
@@ -220,31 +181,8 @@ async fn a_new_python_project_and_the_python_ledger_build_upload_and_run() {
     let data = tempfile::tempdir().unwrap();
     // A Python job embeds its interpreter (about 18 MB): it compiles for longer than a Rust one.
     let node = GrexNode::start(data.path(), &["--compile-timeout-secs", "600", "--timeout-ms", "2000"]);
-    let put = |path: &str, name: Option<&str>| {
-        let mut command = Command::new(grex_bin());
-        command.args(["module", "put", path, "--node", &node.http]);
-        if let Some(name) = name {
-            command.args(["--name", name]);
-        }
-        command.output().unwrap()
-    };
-    let first = put(project_arg, None);
-    let log = String::from_utf8_lossy(&first.stderr);
-    assert!(first.status.success(), "{log}");
-    assert!(log.contains("-m venv") && log.contains("sdk/build.py job.py hello-py.wasm"), "{log}");
-    let second = put(project_arg, None);
-    assert!(second.status.success(), "{}", String::from_utf8_lossy(&second.stderr));
-    assert!(!String::from_utf8_lossy(&second.stderr).contains("sdk/build.py"), "built already: no rebuild");
-    assert_eq!(first.stdout, second.stdout, "the same module");
-
-    let client = node.client().await;
-    assert_eq!(client.run_job(b"c-1", "hello-py", b"5", false).await.expect("runs").output, b"5");
-    assert_eq!(client.run_job(b"c-1", "hello-py", b" 2 ", false).await.expect("runs").output, b"7");
-    let failed = client.run_job(b"c-1", "hello-py", b"five", false).await.expect_err("not a number");
-    assert_eq!(failed.code(), Some(grex_client::ErrorCode::JobFailed));
-    assert!(failed.to_string().contains("`five` is not a decimal integer"), "{failed}");
-    let read_only = client.run_job(b"c-1", "hello-py", b"1", true).await.expect_err("a read-only job may not write");
-    assert_eq!(read_only.code(), Some(grex_client::ErrorCode::ReadOnlyViolation), "{read_only}");
+    let steps = ["-m venv", "sdk/build.py job.py hello-py.wasm"];
+    check_counter_project(&node, project_arg, "hello-py", &steps, "sdk/build.py").await;
 
     // The ledger example, built by the project's SDK and tools.
     let ledger_wasm = dir.path().join("ledger.wasm");
@@ -254,9 +192,48 @@ async fn a_new_python_project_and_the_python_ledger_build_upload_and_run() {
         .output()
         .expect("the project's python");
     assert!(built.status.success(), "{}", String::from_utf8_lossy(&built.stderr));
-    let uploaded = put(ledger_wasm.to_str().unwrap(), Some("ledger-py"));
+    check_ledger(&node, &ledger_wasm, "ledger-py").await;
+}
+
+/// `grex module put PATH [--name NAME]` against `node`, as a user would run it.
+fn module_put(node: &GrexNode, path: &str, name: Option<&str>) -> std::process::Output {
+    let mut command = Command::new(grex_bin());
+    command.args(["module", "put", path, "--node", &node.http]);
+    if let Some(name) = name {
+        command.args(["--name", name]);
+    }
+    command.output().unwrap()
+}
+
+/// A project made by `grex new` (whose job is the Rust `counter`'s) builds once on its first
+/// upload and not on its second (`built_by`: what the build says it ran), and runs, with its errors.
+async fn check_counter_project(node: &GrexNode, project: &str, name: &str, built_by: &[&str], build: &str) {
+    let first = module_put(node, project, None);
+    let log = String::from_utf8_lossy(&first.stderr);
+    assert!(first.status.success(), "{log}");
+    assert!(built_by.iter().all(|step| log.contains(step)), "{log}");
+    let second = module_put(node, project, None);
+    assert!(second.status.success(), "{}", String::from_utf8_lossy(&second.stderr));
+    assert!(!String::from_utf8_lossy(&second.stderr).contains(build), "built already: no rebuild");
+    assert_eq!(first.stdout, second.stdout, "the same module");
+
+    let client = node.client().await;
+    assert_eq!(client.run_job(b"c-1", name, b"5", false).await.expect("runs").output, b"5");
+    assert_eq!(client.run_job(b"c-1", name, b" 2 ", false).await.expect("runs").output, b"7");
+    let failed = client.run_job(b"c-1", name, b"five", false).await.expect_err("not a number");
+    assert_eq!(failed.code(), Some(grex_client::ErrorCode::JobFailed));
+    assert!(failed.to_string().contains("`five` is not a decimal integer"), "{failed}");
+    let read_only = client.run_job(b"c-1", name, b"1", true).await.expect_err("a read-only job may not write");
+    assert_eq!(read_only.code(), Some(grex_client::ErrorCode::ReadOnlyViolation), "{read_only}");
+}
+
+/// The `ledger` example in another language, uploaded from `wasm` as `name`, keeps the Rust
+/// ledger's semantics and its deadline, and keeps nothing a failed job wrote.
+async fn check_ledger(node: &GrexNode, wasm: &std::path::Path, name: &str) {
+    let uploaded = module_put(node, wasm.to_str().unwrap(), Some(name));
     assert!(uploaded.status.success(), "{}", String::from_utf8_lossy(&uploaded.stderr));
-    let run = |input: &'static [u8]| client.run_job(b"acct-1", "ledger-py", input, false);
+    let client = node.client().await;
+    let run = |input: &'static [u8]| client.run_job(b"acct-1", name, input, false);
     let rent = br#"{"description":"rent","other":"ACME","amount":-120000,"date":"2026-11-01"}"#;
     assert_eq!(run(rent).await.unwrap().output, br#"{"balance":-120000,"count":1}"#);
     let pay =

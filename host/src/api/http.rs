@@ -377,6 +377,24 @@ async fn list_modules(
     Ok(Json(serde_json::json!({ "modules": app.node.modules() })))
 }
 
+/// A job's input, the body of a job or a scan: raw bytes of an accepted content type, at most
+/// `--input-bytes-max`.
+async fn read_input(
+    node: &Node,
+    body: Body,
+    headers: &HeaderMap,
+    limits: (HttpTimeouts, &Arc<ReadBudget>),
+    what: &str,
+) -> ApiResult<Vec<u8>> {
+    require_content_type(
+        headers,
+        &["application/octet-stream", "text/plain", "application/json"],
+        "curl -d sends form encoding: use --data-binary with -H 'content-type: application/octet-stream'",
+    )?;
+    let max = node.config().limits.input_bytes_max;
+    read_body(body, headers, limits, max + BODY_SLACK_BYTES, what, ErrorCode::InputTooLarge).await
+}
+
 // An axum handler takes each part of the request it reads as an argument.
 #[allow(clippy::too_many_arguments)]
 async fn run_job(
@@ -405,15 +423,7 @@ async fn run_job(
             )));
         }
     };
-    require_content_type(
-        &headers,
-        &["application/octet-stream", "text/plain", "application/json"],
-        "curl -d sends form encoding: use --data-binary with -H 'content-type: application/octet-stream'",
-    )?;
-    let max = node.config().limits.input_bytes_max;
-    let input =
-        read_body(body, &headers, (timeouts, &budget), max + BODY_SLACK_BYTES, "job input", ErrorCode::InputTooLarge)
-            .await?;
+    let input = read_input(&node, body, &headers, (timeouts, &budget), "job input").await?;
     let out = service.run_job(bucket, module.clone(), input, read_only).await?;
     let mut response = (StatusCode::OK, out.output).into_response();
     let headers = response.headers_mut();
@@ -461,15 +471,7 @@ async fn scan(
     }
     // Before the body is read.
     super::authorize_scan(service.as_ref(), &caller, &request)?;
-    require_content_type(
-        &headers,
-        &["application/octet-stream", "text/plain", "application/json"],
-        "curl -d sends form encoding: use --data-binary with -H 'content-type: application/octet-stream'",
-    )?;
-    let max = node.config().limits.input_bytes_max;
-    request.input =
-        read_body(body, &headers, (timeouts, &budget), max + BODY_SLACK_BYTES, "scan input", ErrorCode::InputTooLarge)
-            .await?;
+    request.input = read_input(&node, body, &headers, (timeouts, &budget), "scan input").await?;
     let events = service.scan(request);
     let lines = futures::stream::unfold(events, |mut events| async move {
         let event = events.recv().await?;
