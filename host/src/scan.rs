@@ -28,7 +28,8 @@ pub const FLOCKS_IN_FLIGHT: usize = 8;
 /// A flock's results held back until it is done, so that it can start again elsewhere if its
 /// node fails; past this, they go out as they come.
 pub const HOLD_BYTES: usize = 1 << 20;
-/// How long a flock's scan keeps looking for a node to run it (an election takes about 1 s).
+/// How long a flock's scan goes on without a page, looking for a node to run it, before the
+/// scan fails (an election takes about 1 s).
 pub const FLOCK_PATIENCE: Duration = Duration::from_secs(10);
 /// A reduce job folds at most this many outputs, or this many bytes of them, at once.
 pub const FOLD_BATCH_OUTPUTS: usize = 256;
@@ -207,7 +208,8 @@ fn flock_error(flock: u32, e: &RemoteError, what: &str) -> RemoteError {
 /// Scans one flock: pages from one node's view of it, held back until done (or past
 /// [`HOLD_BYTES`]), started again elsewhere if that node fails before anything went out.
 async fn scan_flock(pages: Arc<dyn Pages>, scan: u64, flock: u32, spec: ScanSpec, found: mpsc::Sender<Found>) {
-    let deadline = Instant::now() + FLOCK_PATIENCE;
+    // How long the flock may go without a page before the scan gives up on it.
+    let mut deadline = Instant::now() + FLOCK_PATIENCE;
     let report = |news| {
         let found = found.clone();
         async move { found.send(news).await.is_ok() }
@@ -228,6 +230,7 @@ async fn scan_flock(pages: Arc<dyn Pages>, scan: u64, flock: u32, spec: ScanSpec
                 return;
             }
         };
+        deadline = Instant::now() + FLOCK_PATIENCE;
         let version = page.version;
         let (mut held, mut held_bytes, mut streamed) = (Vec::new(), 0, false);
         let (mut buckets, mut failed) = (0u64, 0u64);
@@ -252,7 +255,10 @@ async fn scan_flock(pages: Arc<dyn Pages>, scan: u64, flock: u32, spec: ScanSpec
                 break;
             }
             page = match pages.page(scan, flock, Some(node.clone()), None).await {
-                Paged::Page { page: next, .. } => next,
+                Paged::Page { page: next, .. } => {
+                    deadline = Instant::now() + FLOCK_PATIENCE;
+                    next
+                }
                 Paged::Retry(_) if !streamed && Instant::now() < deadline => {
                     tokio::time::sleep(RETRY_PAUSE).await;
                     continue 'attempt;

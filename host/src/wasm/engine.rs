@@ -31,7 +31,7 @@ const TABLE_KEEP_RESIDENT_BYTES: usize = 64 << 10;
 
 /// Core instances one job's component may have: a Rust or JavaScript job has one or two; a
 /// Python job (componentize-py) links its interpreter from several libraries, each an instance.
-const CORE_INSTANCES_PER_JOB: u32 = 64;
+pub(crate) const CORE_INSTANCES_PER_JOB: u32 = 64;
 /// Function tables one job's component may have.
 const TABLES_PER_JOB: u32 = 4;
 

@@ -84,6 +84,7 @@ impl Modules {
             }
         }
         let component_bytes = to_component(wasm)?;
+        check_core_instances(&component_bytes)?;
         let Some((compiler, settings)) = &self.compiler else {
             let component = Component::new(&self.engine, &component_bytes)
                 .map_err(|e| invalid(format!("the component does not compile: {e:#}")))?;
@@ -167,6 +168,28 @@ fn invalid(message: String) -> RemoteError {
 }
 
 /// The uploaded bytes as a component: components pass through, core modules are componentized.
+/// Refuses a component with more core instances than the instance pool gives a job (a Rust or
+/// JavaScript job has one or two, a Python job about 40), before it is compiled: counted over
+/// the component and the components nested in it.
+fn check_core_instances(component: &[u8]) -> Result<()> {
+    let mut count = 0u32;
+    for payload in wasmparser::Parser::new(0).parse_all(component) {
+        // Only instantiations make instances; a bag of exports named as an instance does not.
+        if let Ok(wasmparser::Payload::InstanceSection(section)) = payload {
+            let made = section.into_iter().filter(|i| matches!(i, Ok(wasmparser::Instance::Instantiate { .. })));
+            count = count.saturating_add(made.count() as u32);
+        }
+    }
+    let max = super::engine::CORE_INSTANCES_PER_JOB;
+    if count > max {
+        return Err(error(
+            ErrorCode::ModuleTooComplex,
+            format!("the component creates {count} core instances; a job may have at most {max} (link fewer modules)"),
+        ));
+    }
+    Ok(())
+}
+
 fn to_component(wasm: &[u8]) -> Result<Vec<u8>> {
     if wasmparser::Parser::is_component(wasm) {
         return Ok(wasm.to_vec());
@@ -205,6 +228,32 @@ mod tests {
         assert_eq!(parse_module_id(&module_id_text(&id)), Some(id));
         assert_eq!(parse_module_id("counter"), None);
         assert_eq!(parse_module_id("sha256:abcd"), None);
+    }
+
+    /// A component of an empty core module instantiated `n` times, and an instance made of no
+    /// exports, which is not counted (n < 127).
+    fn component_of_instances(n: u8) -> Vec<u8> {
+        let mut bytes = vec![0x00, 0x61, 0x73, 0x6d, 0x0d, 0x00, 0x01, 0x00];
+        bytes.extend([0x01, 8, 0x00, 0x61, 0x73, 0x6d, 0x01, 0x00, 0x00, 0x00]);
+        let mut section = vec![n + 1];
+        for _ in 0..n {
+            section.extend([0x00, 0x00, 0x00]); // instantiate module 0 with no arguments
+        }
+        section.extend([0x01, 0x00]); // an instance of no exports
+        bytes.push(0x02);
+        let len = section.len();
+        bytes.extend([(len as u8 & 0x7f) | 0x80, (len >> 7) as u8]);
+        bytes.extend(section);
+        bytes
+    }
+
+    #[test]
+    fn a_component_with_more_core_instances_than_a_job_may_have_is_refused_by_name() {
+        let max = crate::wasm::engine::CORE_INSTANCES_PER_JOB as u8;
+        check_core_instances(&component_of_instances(max)).expect("at the limit");
+        let err = check_core_instances(&component_of_instances(max + 1)).unwrap_err();
+        assert_eq!(err.code, ErrorCode::ModuleTooComplex);
+        assert!(err.message.contains(&format!("{} core instances", max + 1)), "{}", err.message);
     }
 
     #[test]
