@@ -62,7 +62,8 @@ pub(super) enum JobCommand {
     /// Run a read-only job on every bucket (or every bucket whose key starts with --prefix),
     /// flock by flock in parallel on the nodes that lead them. Prints `BUCKET<TAB>OUTPUT` per
     /// bucket as results arrive (or, with --reduce, the folded output once), failed buckets and
-    /// progress on stderr; exits non-zero if the scan did not cover every flock.
+    /// progress on stderr; exits non-zero if the scan did not cover every flock. `--json` prints
+    /// each result as JSON and, on stderr, each flock as it is done with its version and node.
     Scan {
         /// Module name (or sha256:HEX id).
         module: String,
@@ -278,12 +279,14 @@ pub(super) async fn job(cmd: JobCommand) -> anyhow::Result<()> {
 }
 
 /// Runs a scan, printing results on stdout and progress on stderr (one line rewritten in place
-/// on a terminal, a line per flock otherwise).
+/// on a terminal, otherwise a line a second at most).
 async fn scan(client: &Client, request: grex_client::ScanRequest, json: bool) -> anyhow::Result<()> {
     use grex_client::ScanEvent;
     let reduce = request.reduce.is_some();
     let on_terminal = std::io::stderr().is_terminal();
     let (mut flocks, mut buckets, mut failed) = (0u32, 0u64, 0u64);
+    // Off a terminal, progress goes out a line a second at most.
+    let mut last_report = std::time::Instant::now();
     let mut write_error = None;
     let mut print = |event: &ScanEvent| -> std::io::Result<()> {
         let mut out = std::io::stdout().lock();
@@ -311,17 +314,17 @@ async fn scan(client: &Client, request: grex_client::ScanRequest, json: bool) ->
                 flocks += 1;
                 buckets += done.buckets;
                 failed += done.failed;
-                if on_terminal {
+                if json {
+                    eprintln!("{}", serde_json::to_string(done).unwrap_or_default());
+                } else if on_terminal {
                     eprint!("\r{flocks} flocks scanned, {buckets} buckets, {failed} failed");
-                } else {
-                    eprintln!(
-                        "flock {} scanned: {} buckets ({} failed) at version {} on node {}",
-                        done.flock, done.buckets, done.failed, done.version, done.node
-                    );
+                } else if last_report.elapsed() >= Duration::from_secs(1) {
+                    last_report = std::time::Instant::now();
+                    eprintln!("{flocks} flocks scanned, {buckets} buckets, {failed} failed");
                 }
             }
             ScanEvent::Done(_) | ScanEvent::Failed(_) => {
-                if on_terminal {
+                if on_terminal && !json {
                     eprintln!();
                 }
             }
