@@ -14,9 +14,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::future::BoxFuture;
-use grex_client::proto::{
-    BUCKET_KEY_BYTES_MAX, FlockScanned, ScanEvent, ScanItem, ScanRequest, ScanSummary, check_bucket_key,
-};
+use grex_client::proto::{BUCKET_KEY_BYTES_MAX, FlockScanned, ScanEvent, ScanItem, ScanRequest, ScanSummary};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
@@ -101,9 +99,6 @@ fn check(request: &ScanRequest) -> Result<()> {
                 request.prefix.len()
             ),
         ));
-    }
-    if !request.prefix.is_empty() {
-        check_bucket_key(&request.prefix)?;
     }
     if request.reduce.as_deref() == Some("") {
         return Err(error(ErrorCode::BadRequest, "the reduce module's name is empty"));

@@ -663,13 +663,7 @@ impl Node {
         phases: &mut Vec<(Phase, Duration)>,
     ) -> Result<JobOutput> {
         proto::check_bucket_key(bucket)?;
-        let max = self.inner.config.limits.input_bytes_max;
-        if input.len() > max {
-            return Err(error(
-                ErrorCode::InputTooLarge,
-                format!("the job input is {} bytes, over the {max}-byte limit (raise --input-bytes-max)", input.len()),
-            ));
-        }
+        self.check_input(&input, "the job input")?;
         let program = match Builtin::from_module(module) {
             Some(op) => Program::Builtin(op),
             None => Program::Wasm(self.module(module).await?),
@@ -722,6 +716,18 @@ impl Node {
             flock,
             node: self.id().to_owned(),
         })
+    }
+
+    /// Refuses `input` (`what` names it) over `--input-bytes-max`.
+    fn check_input(&self, input: &[u8], what: &str) -> Result<()> {
+        let max = self.inner.config.limits.input_bytes_max;
+        if input.len() > max {
+            return Err(error(
+                ErrorCode::InputTooLarge,
+                format!("{what} is {} bytes, over the {max}-byte limit (raise --input-bytes-max)", input.len()),
+            ));
+        }
+        Ok(())
     }
 
     /// One committed item (as this node has applied it).

@@ -142,23 +142,8 @@ impl Node {
         if flock >= self.flock_count() {
             return Err(error(ErrorCode::BadRequest, format!("flock {flock} does not exist")));
         }
-        if Builtin::from_module(&spec.module).is_some() {
-            return Err(error(
-                ErrorCode::BadRequest,
-                format!("`{}` is a built-in operation; a scan runs an uploaded module", spec.module),
-            ));
-        }
-        let max = self.inner.config.limits.input_bytes_max;
-        if spec.input.len() > max {
-            return Err(error(
-                ErrorCode::InputTooLarge,
-                format!(
-                    "the scan's input is {} bytes, over the {max}-byte limit (raise --input-bytes-max)",
-                    spec.input.len()
-                ),
-            ));
-        }
-        let module = self.module(&spec.module).await?;
+        self.check_input(&spec.input, "the scan's input")?;
+        let module = self.uploaded_module(&spec.module, "a scan runs an uploaded module").await?;
         self.inner.scans.make_room()?;
         let replicator = self.inner.replicator.clone();
         let term = match &replicator {
@@ -232,9 +217,7 @@ impl Node {
         data: BucketData,
         session: &Session,
     ) -> Result<Result<Vec<u8>>> {
-        let shard = &self.inner.shards[flock as usize % self.inner.shards.len()];
-        let (reply, answer) = oneshot::channel();
-        let job = ScanJob {
+        let job = |reply| ScanJob {
             bucket,
             data,
             flock,
@@ -243,26 +226,39 @@ impl Node {
             input: session.input.clone(),
             reply,
         };
-        shard.send(ShardMsg::Scan(job)).await.map_err(|_| shutting_down())?;
-        let result = answer.await.map_err(|_| shutting_down())?;
+        let result = self.run_read_only(flock as usize, job).await?;
         self.inner.metrics.scan_job(result.is_ok());
         Ok(result)
+    }
+
+    /// Runs the job `job` makes (given where to reply) on executor `shard` (modulo their number),
+    /// between the jobs queued there; the outer error is the node's (shutting down), the inner
+    /// one the job's.
+    async fn run_read_only(
+        &self,
+        shard: usize,
+        job: impl FnOnce(oneshot::Sender<Result<Vec<u8>>>) -> ScanJob,
+    ) -> Result<Result<Vec<u8>>> {
+        let (reply, answer) = oneshot::channel();
+        let shards = &self.inner.shards;
+        shards[shard % shards.len()].send(ShardMsg::Scan(job(reply))).await.map_err(|_| shutting_down())?;
+        answer.await.map_err(|_| shutting_down())
+    }
+
+    /// An uploaded module by name, or why a built-in operation cannot stand for one (`role`).
+    async fn uploaded_module(&self, name: &str, role: &str) -> Result<Arc<LoadedModule>> {
+        if Builtin::from_module(name).is_some() {
+            return Err(error(ErrorCode::BadRequest, format!("`{name}` is a built-in operation; {role}")));
+        }
+        self.module(name).await
     }
 
     /// Folds `outputs` into `acc` with the reduce module `module`: one read-only job, on an
     /// empty bucket, whose input is [`encode_fold`]'s and whose output is the new accumulator.
     pub async fn fold(&self, module: &str, acc: Option<&[u8]>, outputs: &[Vec<u8>]) -> Result<Vec<u8>> {
-        if Builtin::from_module(module).is_some() {
-            return Err(error(
-                ErrorCode::BadRequest,
-                format!("`{module}` is a built-in operation, not a reduce module"),
-            ));
-        }
-        let loaded = self.module(module).await?;
-        let shards = &self.inner.shards;
-        let i = self.inner.folds.fetch_add(1, Ordering::Relaxed) as usize % shards.len();
-        let (reply, answer) = oneshot::channel();
-        let job = ScanJob {
+        let loaded = self.uploaded_module(module, "a reduce module is an uploaded one").await?;
+        let shard = self.inner.folds.fetch_add(1, Ordering::Relaxed) as usize;
+        let job = |reply| ScanJob {
             bucket: Vec::new(),
             data: BucketData::default(),
             flock: 0,
@@ -271,10 +267,8 @@ impl Node {
             input: encode_fold(acc, outputs).into(),
             reply,
         };
-        shards[i].send(ShardMsg::Scan(job)).await.map_err(|_| shutting_down())?;
-        answer
-            .await
-            .map_err(|_| shutting_down())?
+        self.run_read_only(shard, job)
+            .await?
             .map_err(|e| error(e.code, format!("the reduce module `{module}` failed: {}", e.message)))
     }
 }
