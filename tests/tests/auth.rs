@@ -227,7 +227,17 @@ async fn every_node_refuses_a_missing_wrong_or_unpermitted_credential_and_nothin
     // It replays what its stored state missed before it serves: never a cluster without users.
     assert_eq!(code(node.client().await.status().await), ErrorCode::Unauthenticated);
     let after = http_signed_in(node, &runner).await;
-    after.run_job(b"customer-1", "counter", b"1", false).await.expect("the runner runs on the restarted node");
+    // Until it has heard from its peers again it refuses writes (`no_quorum`, or `unavailable`
+    // while its flock elects), as any node cut off from a majority does, safe to retry; then the
+    // runner's job runs.
+    eventually("the restarted node to run the runner's job", PATIENCE, || async {
+        match after.run_job(b"customer-1", "counter", b"1", false).await {
+            Ok(_) => true,
+            Err(e) if matches!(e.code(), Some(ErrorCode::NoQuorum | ErrorCode::Unavailable)) => false,
+            Err(e) => panic!("the runner runs on the restarted node: {e}"),
+        }
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
