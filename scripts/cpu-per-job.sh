@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Where a job's CPU goes: CPU time per job of every thread of every Grex node, and of the load
-# generator, under redis-benchmark (50 clients, 100k random keys, `FCALL counter` unless CMD is set).
-# Reads utime+stime of each thread from /proc before and after one run, after a warm-up run (the
-# first job on a node compiles the module). NODES is 1 (256 flocks) or 3 (replication 3,
+# generator, under redis-benchmark (50 clients, each with PIPELINE requests in flight (default 1),
+# 100k random keys, `FCALL counter` unless CMD is set), and how often each thread slept and was
+# woken per job (voluntary context switches: a thread hand-off or a wait for the disk or network).
+# Reads utime+stime and the switches of each thread from /proc before and after one run, after a
+# warm-up run (the first job on a node compiles the module). NODES is 1 (256 flocks) or 3 (replication 3,
 # leadership spread; redis-benchmark talks to node 0, which forwards to each key's leader).
 # Usage: scripts/cpu-per-job.sh NODES REQUESTS (release build and jobs first: cargo build --release
 # -p grex; scripts/build-jobs.sh). GREX=path picks another binary. Listens on 127.0.0.1 only.
@@ -17,20 +19,22 @@ trap 'kill "${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$
 source scripts/cluster-lib.sh
 start_for_redis_load "$nodes"
 
-# One line per thread: node index, thread name, CPU ticks so far.
+# One line per thread: node index, thread name, CPU ticks and voluntary context switches so far.
 ticks() {
   local i t
   for i in "${!pids[@]}"; do
     for t in /proc/"${pids[$i]}"/task/*; do
       # A thread may end between the listing and the read (blocking-pool threads come and go).
-      local name stat
-      { name=$(tr ' ' _ < "$t/comm") && stat=$(awk '{ print $14 + $15 }' "$t/stat") && echo "$i $name $stat"; } 2>/dev/null
+      local name stat switches
+      { name=$(tr ' ' _ < "$t/comm") && stat=$(awk '{ print $14 + $15 }' "$t/stat") \
+        && switches=$(awk '$1 == "voluntary_ctxt_switches:" { print $2 }' "$t/status") \
+        && echo "$i $name $stat $switches"; } 2>/dev/null
     done
   done
 }
 ticks > "$data/before"
 start_ns=$(date +%s%N)
-line=$(/usr/bin/time -f "%U %S" -o "$data/bench-cpu" redis-benchmark -p 17073 -c 50 -n "$requests" -r 100000 --csv "${cmd[@]}" 2>/dev/null | tail -1)
+line=$(/usr/bin/time -f "%U %S" -o "$data/bench-cpu" redis-benchmark -p 17073 -c 50 -P "${PIPELINE:-1}" -n "$requests" -r 100000 --csv "${cmd[@]}" 2>/dev/null | tail -1)
 end_ns=$(date +%s%N)
 ticks > "$data/after"
 echo "$line"
@@ -38,11 +42,12 @@ python3 - "$data/before" "$data/after" "$data/bench-cpu" "$requests" "$start_ns"
 import collections, sys
 before, after, bench_cpu, jobs, start, end, hz = sys.argv[1:]
 jobs, seconds, hz = int(jobs), (int(end) - int(start)) / 1e9, int(hz)
-used = collections.Counter()
+used, woken = collections.Counter(), collections.Counter()
 for path, sign in ((before, -1), (after, 1)):
     for line in open(path):
-        node, thread, value = line.split()
+        node, thread, value, switches = line.split()
         used[(int(node), thread)] += sign * int(value)
+        woken[(int(node), thread)] += sign * int(switches)
 us = lambda ticks: ticks / hz / jobs * 1e6
 total = 0
 for node in sorted({n for n, _ in used}):
@@ -50,6 +55,8 @@ for node in sorted({n for n, _ in used}):
     node_ticks = sum(v for _, v in threads)
     total += node_ticks / hz
     print(f"node {node}: {us(node_ticks):4.0f} us/job  " + "  ".join(f"{t} {us(v):.0f}" for t, v in threads))
+    wakes = sorted(((t, v) for (n, t), v in woken.items() if n == node and v > 0), key=lambda x: -x[1])
+    print(f"        {sum(v for _, v in wakes) / jobs:4.2f} wake-ups/job  " + "  ".join(f"{t} {v / jobs:.2f}" for t, v in wakes))
 bench = sum(map(float, open(bench_cpu).read().split()))
 print(f"redis-benchmark: {bench / jobs * 1e6:.0f} us/job; {jobs / seconds:,.0f} jobs/s; "
       f"{(total + bench) / seconds:.2f} cores busy over {seconds:.1f} s")

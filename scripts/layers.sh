@@ -41,7 +41,7 @@ ticks > "$data/after"
 perfs=()
 for i in "${!pids[@]}"; do
   perf record -F 499 --call-graph dwarf,16384 -o "$data/perf-$i.data" -p "${pids[$i]}" \
-    > /dev/null 2> "$data/perf-$i.err" &
+    > /dev/null 2> "$data/record-$i.err" &
   perfs+=($!)
 done
 sleep 1
@@ -49,8 +49,9 @@ bench -n "$requests" > /dev/null
 kill -INT "${perfs[@]}" 2> /dev/null || true
 wait "${perfs[@]}" 2>/dev/null || true
 for i in "${!pids[@]}"; do
-  [ -s "$data/perf-$i.data" ] || { echo "perf recorded nothing for node $i:"; cat "$data/perf-$i.err"; exit 1; }
-  perf script -F comm,ip,sym -i "$data/perf-$i.data" > "$data/script-$i" 2> /dev/null
+  [ -s "$data/perf-$i.data" ] || { echo "perf recorded nothing for node $i:"; cat "$data/record-$i.err"; exit 1; }
+  perf script -F comm,ip,sym -i "$data/perf-$i.data" > "$data/script-$i" 2> "$data/perf-$i.err" \
+    || { echo "perf could not read node $i's samples:"; tail -n 3 "$data/perf-$i.err" "$data/record-$i.err"; exit 1; }
 done
 
 echo "$(cat "$data/line")"
