@@ -20,7 +20,9 @@ use std::path::{Path, PathBuf};
 
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
 
-use super::redb_store::{BUCKETS, FLOCKS_KEY, META, NODE_ID_KEY, RAFT_STATE, SCHEMA_KEY, engine, log_path, read_u32};
+use super::redb_store::{
+    BUCKETS, FLOCKS_KEY, META, NODE_ID_KEY, RAFT_STATE, SCHEMA_KEY, SCHEMA_READ_AS_IS, engine, log_path, read_u32,
+};
 use super::segment_log::{SEGMENT_BYTES, SegmentLog};
 use super::{GroupId, LogOp, NodeMeta, SCHEMA_VERSION};
 use crate::error::StoreError;
@@ -98,8 +100,9 @@ fn open_to_read(path: &Path) -> Result<Box<dyn ReadableDatabase>, StoreError> {
 }
 
 impl LegacyStore {
-    /// Opens the state file at `path` if it holds a schema older than this binary's; `None` if
-    /// there is no such file or its schema is not older. A schema too old to migrate is an error
+    /// Opens the state file at `path` if it holds a schema older than this binary's that needs a
+    /// rewrite; `None` if there is no such file or its schema needs none (this binary's, a newer
+    /// one, or the one `RedbStore` opens as it is and only renumbers). A schema too old to migrate is an error
     /// that says so.
     pub fn open(path: &Path) -> Result<Option<LegacyStore>, StoreError> {
         if !path.exists() {
@@ -112,7 +115,7 @@ impl LegacyStore {
             let Some(schema) = table.get(SCHEMA_KEY).map_err(engine)?.map(|v| read_u32(v.value())).transpose()? else {
                 return Ok(None);
             };
-            if schema >= SCHEMA_VERSION {
+            if schema >= SCHEMA_READ_AS_IS {
                 return Ok(None);
             }
             if schema < OLDEST_MIGRATED_SCHEMA {

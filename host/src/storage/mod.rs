@@ -22,6 +22,7 @@
 mod faulty;
 mod legacy;
 mod memory;
+mod packed;
 mod redb_store;
 mod segment_log;
 

@@ -8,13 +8,19 @@ use std::path::{Path, PathBuf};
 
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 
+use super::packed::{self, PACKED_BYTES_MAX, PACKED_KEY};
 use super::segment_log::{SEGMENT_BYTES, SegmentLog};
 use super::{Batch, FlockView, GroupId, LogOp, ModuleId, NodeMeta, Store, SyncTo};
-use crate::data::{BucketData, flock_of};
+use crate::data::{BucketData, ChangeSet, flock_of};
 use crate::error::StoreError;
 
 /// The schema this binary reads and writes. Bump it with any change to the tables below.
-pub const SCHEMA_VERSION: u32 = 6;
+pub const SCHEMA_VERSION: u32 = 7;
+
+/// The schema this one extends without changing anything it wrote: schema 7 packs small buckets
+/// into one row (`packed`), and a schema-6 directory is a schema-7 one whose buckets are all
+/// spread, so opening it only bumps the number.
+pub(super) const SCHEMA_READ_AS_IS: u32 = 6;
 
 /// The state file's page cache unless set (redb's own default is 1 GiB).
 const CACHE_BYTES_DEFAULT: usize = 64 << 20;
@@ -23,8 +29,10 @@ const CACHE_BYTES_DEFAULT: usize = 64 << 20;
 const LOG_DIR_SUFFIX: &str = "-log";
 
 pub(super) const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+/// (bucket, item) → value, or (bucket, `""`) → every item of a packed bucket (`packed`).
 pub(super) const ITEMS: TableDefinition<(&[u8], &str), &[u8]> = TableDefinition::new("items");
-/// (flock, bucket) → version: a flock's buckets sit together, for snapshots.
+/// (flock, bucket) → version, with [`packed::PACKED_FLAG`] if its items are in a packed row: a
+/// flock's buckets sit together, for snapshots.
 pub(super) const BUCKETS: TableDefinition<(u32, &[u8]), u64> = TableDefinition::new("buckets");
 const MODULES: TableDefinition<&[u8], &[u8]> = TableDefinition::new("modules");
 const MODULE_NAMES: TableDefinition<&str, &[u8]> = TableDefinition::new("module_names");
@@ -158,10 +166,7 @@ impl RedbStore {
                         }
                         for bucket in &gone {
                             buckets.remove((*flock, bucket.as_slice())).map_err(engine)?;
-                            let keys: Vec<String> = read_items(&items, bucket)?.into_keys().collect();
-                            for item in keys {
-                                items.remove((bucket.as_slice(), item.as_str())).map_err(engine)?;
-                            }
+                            remove_rows(&mut items, bucket)?;
                         }
                     }
                     LogOp::PutModule { id, name, wasm } => put_module(&txn, id, name, wasm)?,
@@ -179,14 +184,7 @@ impl RedbStore {
                 }
             }
             for change in &batch.changes {
-                for write in &change.writes {
-                    let key = (change.bucket.as_slice(), write.item.as_str());
-                    match &write.value {
-                        Some(value) => items.insert(key, value.as_slice()).map_err(engine)?,
-                        None => items.remove(key).map_err(engine)?,
-                    };
-                }
-                buckets.insert((change.flock, change.bucket.as_slice()), change.version).map_err(engine)?;
+                apply_change(&mut items, &mut buckets, change)?;
             }
         }
         txn.commit().map_err(engine)
@@ -208,7 +206,9 @@ fn init_meta(db: &Database, flock_count: u32) -> Result<NodeMeta, StoreError> {
             }
             Some(found) => {
                 let found = found?;
-                if found != SCHEMA_VERSION {
+                if found == SCHEMA_READ_AS_IS {
+                    table.insert(SCHEMA_KEY, &SCHEMA_VERSION.to_be_bytes()[..]).map_err(engine)?;
+                } else if found != SCHEMA_VERSION {
                     return Err(StoreError::Schema {
                         found,
                         expected: SCHEMA_VERSION,
@@ -238,20 +238,160 @@ fn init_meta(db: &Database, flock_count: u32) -> Result<NodeMeta, StoreError> {
     Ok(meta)
 }
 
+type ItemsTable<'txn> = redb::Table<'txn, (&'static [u8], &'static str), &'static [u8]>;
+
+/// Every item of `bucket`, from its packed row or its own rows.
 fn read_items(
     table: &impl ReadableTable<(&'static [u8], &'static str), &'static [u8]>,
     bucket: &[u8],
 ) -> Result<BTreeMap<String, Vec<u8>>, StoreError> {
     let mut items = BTreeMap::new();
-    for entry in table.range((bucket, "")..).map_err(engine)? {
+    for entry in table.range((bucket, PACKED_KEY)..).map_err(engine)? {
         let (key, value) = entry.map_err(engine)?;
         let (b, item) = key.value();
         if b != bucket {
             break;
         }
-        items.insert(item.to_owned(), value.value().to_vec());
+        if item == PACKED_KEY {
+            for packed in packed::Items::new(value.value())? {
+                let (item, value) = packed?;
+                items.insert(item.to_owned(), value.to_vec());
+            }
+        } else {
+            items.insert(item.to_owned(), value.value().to_vec());
+        }
     }
     Ok(items)
+}
+
+type BucketsTable<'txn> = redb::Table<'txn, (u32, &'static [u8]), u64>;
+
+/// Every item of the bucket whose `buckets` entry is `entry`: one read if it is packed.
+fn read_bucket(
+    table: &impl ReadableTable<(&'static [u8], &'static str), &'static [u8]>,
+    bucket: &[u8],
+    entry: Option<u64>,
+) -> Result<BucketData, StoreError> {
+    let Some(entry) = entry.filter(|e| packed::is_packed(*e)) else {
+        return Ok(BucketData::new(entry.map_or(0, packed::version), read_items(table, bucket)?));
+    };
+    let mut items = BTreeMap::new();
+    if let Some(row) = table.get((bucket, PACKED_KEY)).map_err(engine)? {
+        for item in packed::Items::new(row.value())? {
+            let (item, value) = item?;
+            items.insert(item.to_owned(), value.to_vec());
+        }
+    }
+    Ok(BucketData::new(packed::version(entry), items))
+}
+
+/// Writes a change set: its bucket's version, and its items into the bucket's packed row while
+/// they fit in one ([`PACKED_BYTES_MAX`]); a bucket that outgrows it is spread, a row per item,
+/// for good. Which of the two a bucket is, its entry in `buckets` says (`packed`), so a write
+/// to a new or spread bucket reads nothing and one to a packed bucket reads its row.
+fn apply_change(
+    items: &mut ItemsTable<'_>,
+    buckets: &mut BucketsTable<'_>,
+    change: &ChangeSet,
+) -> Result<(), StoreError> {
+    let bucket = change.bucket.as_slice();
+    if packed::is_packed(change.version) {
+        return Err(StoreError::Corrupt(format!(
+            "a change set to version {}, past any a bucket reaches",
+            change.version
+        )));
+    }
+    let key = (change.flock, bucket);
+    let (version, flagged) = (change.version, change.version | packed::PACKED_FLAG);
+    // Packed unless it was spread; corrected below if it outgrows its row.
+    let old = buckets.insert(key, flagged).map_err(engine)?.map(|old| old.value());
+    let row = match old {
+        Some(old) if !packed::is_packed(old) => {
+            buckets.insert(key, version).map_err(engine)?;
+            for write in &change.writes {
+                let key = (bucket, write.item.as_str());
+                match &write.value {
+                    Some(value) => items.insert(key, value.as_slice()).map_err(engine)?,
+                    None => items.remove(key).map_err(engine)?,
+                };
+            }
+            return Ok(());
+        }
+        Some(_) => items.get((bucket, PACKED_KEY)).map_err(engine)?.map(|row| row.value().to_vec()),
+        None => None,
+    };
+    let mut merged = match &row {
+        Some(row) => packed::decode(row)?,
+        None => BTreeMap::new(),
+    };
+    for write in &change.writes {
+        match &write.value {
+            Some(value) => merged.insert(write.item.as_str(), value.as_slice()),
+            None => merged.remove(write.item.as_str()),
+        };
+    }
+    let pairs = merged.iter().map(|(item, value)| (*item, *value));
+    if merged.is_empty() {
+        if row.is_some() {
+            items.remove((bucket, PACKED_KEY)).map_err(engine)?;
+        }
+    } else if packed::encoded_len(pairs.clone()) <= PACKED_BYTES_MAX {
+        items.insert((bucket, PACKED_KEY), packed::encode(pairs).as_slice()).map_err(engine)?;
+    } else {
+        if row.is_some() {
+            items.remove((bucket, PACKED_KEY)).map_err(engine)?;
+        }
+        for (item, value) in pairs {
+            items.insert((bucket, item), value).map_err(engine)?;
+        }
+        buckets.insert(key, version).map_err(engine)?;
+    }
+    Ok(())
+}
+
+/// Removes every row of `bucket`, packed or not.
+fn remove_rows(table: &mut ItemsTable<'_>, bucket: &[u8]) -> Result<(), StoreError> {
+    let mut keys = Vec::new();
+    for entry in table.range((bucket, PACKED_KEY)..).map_err(engine)? {
+        let (key, _) = entry.map_err(engine)?;
+        let (b, item) = key.value();
+        if b != bucket {
+            break;
+        }
+        keys.push(item.to_owned());
+    }
+    for item in &keys {
+        table.remove((bucket, item.as_str())).map_err(engine)?;
+    }
+    Ok(())
+}
+
+/// Up to `limit` of `keys` (in order) that start with `prefix`, from `start_after` (not
+/// included) or the prefix on.
+fn listed<'k>(
+    keys: impl Iterator<Item = Result<std::borrow::Cow<'k, str>, StoreError>>,
+    prefix: &str,
+    start_after: Option<&str>,
+    limit: usize,
+) -> Result<Vec<String>, StoreError> {
+    let start = match start_after {
+        Some(after) if after >= prefix => after,
+        _ => prefix,
+    };
+    let mut found = Vec::new();
+    for key in keys {
+        let key = key?;
+        if *key < *start {
+            continue;
+        }
+        if !key.starts_with(prefix) || found.len() == limit {
+            break;
+        }
+        if Some(&*key) != start_after {
+            found.push(key.into_owned());
+        }
+    }
+    Ok(found)
 }
 
 /// A flock as a read transaction sees it: redb keeps the pages it reads until it ends, and writers
@@ -288,7 +428,7 @@ impl FlockView for RedbFlockView {
             if flock != self.flock || !bucket.starts_with(prefix) || found.len() == limit || bytes >= bytes_max {
                 break;
             }
-            let data = BucketData::new(version.value(), read_items(&items, bucket)?);
+            let data = read_bucket(&items, bucket, Some(version.value()))?;
             bytes += bucket.len() + data.bytes();
             found.push((bucket.to_vec(), data));
         }
@@ -315,14 +455,16 @@ impl Store for RedbStore {
     fn load_bucket(&self, bucket: &[u8]) -> Result<BucketData, StoreError> {
         let txn = self.db.begin_read().map_err(engine)?;
         let key = (flock_of(bucket, self.meta.flock_count), bucket);
-        let version = txn.open_table(BUCKETS).map_err(engine)?.get(key).map_err(engine)?.map_or(0, |v| v.value());
-        let items = read_items(&txn.open_table(ITEMS).map_err(engine)?, bucket)?;
-        Ok(BucketData::new(version, items))
+        let entry = txn.open_table(BUCKETS).map_err(engine)?.get(key).map_err(engine)?.map(|v| v.value());
+        read_bucket(&txn.open_table(ITEMS).map_err(engine)?, bucket, entry)
     }
 
     fn get_item(&self, bucket: &[u8], item: &str) -> Result<Option<Vec<u8>>, StoreError> {
         let txn = self.db.begin_read().map_err(engine)?;
         let table = txn.open_table(ITEMS).map_err(engine)?;
+        if let Some(row) = table.get((bucket, PACKED_KEY)).map_err(engine)? {
+            return Ok(packed::find(row.value(), item)?.map(<[u8]>::to_vec));
+        }
         Ok(table.get((bucket, item)).map_err(engine)?.map(|v| v.value().to_vec()))
     }
 
@@ -335,28 +477,29 @@ impl Store for RedbStore {
     ) -> Result<Vec<String>, StoreError> {
         let txn = self.db.begin_read().map_err(engine)?;
         let table = txn.open_table(ITEMS).map_err(engine)?;
+        if let Some(row) = table.get((bucket, PACKED_KEY)).map_err(engine)? {
+            let keys = packed::Items::new(row.value())?.map(|item| item.map(|(key, _)| key.into()));
+            return listed(keys, prefix, start_after, limit);
+        }
         let start = match start_after {
             Some(after) if after >= prefix => after,
             _ => prefix,
         };
-        let mut keys = Vec::new();
-        for entry in table.range((bucket, start)..).map_err(engine)? {
-            let (key, _) = entry.map_err(engine)?;
-            let (b, item) = key.value();
-            if b != bucket || !item.starts_with(prefix) || keys.len() == limit {
-                break;
+        let keys = table.range((bucket, start)..).map_err(engine)?.map_while(|entry| match entry {
+            Ok((key, _)) => {
+                let (b, item) = key.value();
+                (b == bucket).then(|| Ok(item.to_owned().into()))
             }
-            if Some(item) != start_after {
-                keys.push(item.to_owned());
-            }
-        }
-        Ok(keys)
+            Err(e) => Some(Err(engine(e))),
+        });
+        listed(keys, prefix, start_after, limit)
     }
 
     fn bucket_version(&self, bucket: &[u8]) -> Result<u64, StoreError> {
         let txn = self.db.begin_read().map_err(engine)?;
         let table = txn.open_table(BUCKETS).map_err(engine)?;
-        Ok(table.get((flock_of(bucket, self.meta.flock_count), bucket)).map_err(engine)?.map_or(0, |v| v.value()))
+        let entry = table.get((flock_of(bucket, self.meta.flock_count), bucket)).map_err(engine)?;
+        Ok(entry.map_or(0, |v| packed::version(v.value())))
     }
 
     fn write(&self, batch: &Batch) -> Result<(), StoreError> {
@@ -400,7 +543,7 @@ impl Store for RedbStore {
             if f != flock {
                 break;
             }
-            found.push((bucket.to_vec(), BucketData::new(version.value(), read_items(&items, bucket)?)));
+            found.push((bucket.to_vec(), read_bucket(&items, bucket, Some(version.value()))?));
         }
         Ok(found)
     }
@@ -493,6 +636,7 @@ fn collect_module(txn: &redb::WriteTransaction, id: &ModuleId) -> Result<(), Sto
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::data::ItemWrite;
     use crate::storage::{META_GROUP, contract};
 
     fn temp_store() -> (tempfile::TempDir, RedbStore) {
@@ -593,6 +737,108 @@ mod tests {
         assert!(err.to_string().contains("newer grex"), "{err}");
     }
 
+    /// The rows of `bucket` in the items table: item keys, `""` for a packed row.
+    fn rows(store: &RedbStore, bucket: &[u8]) -> Vec<String> {
+        let txn = store.db.begin_read().unwrap();
+        let table = txn.open_table(ITEMS).unwrap();
+        let mut rows = Vec::new();
+        for entry in table.range((bucket, PACKED_KEY)..).unwrap() {
+            let (key, _) = entry.unwrap();
+            let (b, item) = key.value();
+            if b != bucket {
+                break;
+            }
+            rows.push(item.to_owned());
+        }
+        rows
+    }
+
+    #[test]
+    fn small_buckets_are_one_row_and_large_ones_a_row_per_item() {
+        let (_dir, store) = temp_store();
+        let write = |version: u64, writes: &[(&str, Option<usize>)]| {
+            let writes =
+                writes.iter().map(|(item, len)| ItemWrite { item: item.to_string(), value: len.map(|n| vec![7; n]) });
+            store.commit(&[crate::testing::change_set(b"b", 16, version, writes.collect())]).unwrap();
+        };
+        let items = |store: &RedbStore| store.load_bucket(b"b").unwrap().into_items().into_keys().collect::<Vec<_>>();
+        // A hundred small items: one packed row.
+        let hundred: Vec<String> = (0..100).map(|i| format!("f{i:03}")).collect();
+        write(1, &hundred.iter().map(|f| (f.as_str(), Some(70))).collect::<Vec<_>>());
+        assert_eq!(rows(&store, b"b"), [""]);
+        assert_eq!(items(&store), hundred);
+        assert_eq!(store.get_item(b"b", "f042").unwrap(), Some(vec![7; 70]));
+        assert_eq!(store.list_items(b"b", "f09", Some("f095"), 2).unwrap(), ["f096", "f097"]);
+        // Past the packed row's limit: spread, the packed row gone.
+        write(2, &[("big", Some(PACKED_BYTES_MAX))]);
+        let spread = rows(&store, b"b");
+        assert_eq!(spread.len(), 101, "{spread:?}");
+        assert!(!spread.contains(&String::new()));
+        assert_eq!(store.get_item(b"b", "big").unwrap().map(|v| v.len()), Some(PACKED_BYTES_MAX));
+        // Spread for good: shrinking or emptying it does not pack it again.
+        write(3, &[("big", None)]);
+        assert_eq!(rows(&store, b"b").len(), 100);
+        write(4, &hundred.iter().map(|f| (f.as_str(), None)).collect::<Vec<_>>());
+        assert_eq!(rows(&store, b"b"), Vec::<String>::new());
+        assert_eq!(store.bucket_version(b"b").unwrap(), 4);
+        write(5, &[("count", Some(2))]);
+        assert_eq!(rows(&store, b"b"), ["count"]);
+        assert_eq!(store.load_bucket(b"b").unwrap().version, 5);
+        // A packed bucket that empties keeps no row, and its version.
+        let packed_one =
+            crate::testing::change_set(b"p", 16, 9, vec![ItemWrite { item: "x".into(), value: Some(vec![1]) }]);
+        store.commit(&[packed_one]).unwrap();
+        assert_eq!(rows(&store, b"p"), [""]);
+        store
+            .commit(&[crate::testing::change_set(b"p", 16, 10, vec![ItemWrite { item: "x".into(), value: None }])])
+            .unwrap();
+        assert_eq!(rows(&store, b"p"), Vec::<String>::new());
+        assert_eq!(store.load_bucket(b"p").unwrap(), BucketData::new(10, BTreeMap::new()));
+        // A lone item too large to pack is spread from the start.
+        let (_dir, store) = temp_store();
+        store
+            .commit(&[crate::testing::change_set(
+                b"b",
+                16,
+                1,
+                vec![ItemWrite { item: "big".into(), value: Some(vec![1; 20_000]) }],
+            )])
+            .unwrap();
+        assert_eq!(rows(&store, b"b"), ["big"]);
+    }
+
+    #[test]
+    fn a_schema_6_file_opens_as_it_is_and_its_buckets_stay_readable_and_writable() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("grex.redb");
+        drop(RedbStore::open(&path, 16, false).unwrap());
+        // Schema 6 kept every item in its own row.
+        {
+            let db = Database::create(&path).unwrap();
+            let txn = db.begin_write().unwrap();
+            txn.open_table(META).unwrap().insert(SCHEMA_KEY, &6u32.to_be_bytes()[..]).unwrap();
+            let mut items = txn.open_table(ITEMS).unwrap();
+            items.insert((&b"b"[..], "count"), &b"5"[..]).unwrap();
+            items.insert((&b"b"[..], "name"), &b"ann"[..]).unwrap();
+            drop(items);
+            txn.open_table(BUCKETS).unwrap().insert((flock_of(b"b", 16), &b"b"[..]), 3).unwrap();
+            txn.commit().unwrap();
+        }
+        let store = RedbStore::open(&path, 16, false).unwrap();
+        let read_schema = |store: &RedbStore| {
+            let txn = store.db.begin_read().unwrap();
+            read_u32(txn.open_table(META).unwrap().get(SCHEMA_KEY).unwrap().unwrap().value()).unwrap()
+        };
+        assert_eq!(read_schema(&store), SCHEMA_VERSION);
+        assert_eq!(store.get_item(b"b", "count").unwrap().as_deref(), Some(&b"5"[..]));
+        assert_eq!(store.load_bucket(b"b").unwrap().version, 3);
+        let write = ItemWrite { item: "count".into(), value: Some(b"6".to_vec()) };
+        store.commit(&[crate::testing::change_set(b"b", 16, 4, vec![write])]).unwrap();
+        assert_eq!(rows(&store, b"b"), ["count", "name"], "a spread bucket stays spread");
+        assert_eq!(store.list_items(b"b", "", None, 10).unwrap(), ["count", "name"]);
+        assert_eq!(store.get_item(b"b", "count").unwrap().as_deref(), Some(&b"6"[..]));
+    }
+
     /// A model-based test: random sequences of writes (change sets, log appends, truncations,
     /// purges, log and state values, flock clears, modules) and reopenings, after each of which
     /// the redb store must answer every query as the in-memory store does.
@@ -642,7 +888,9 @@ mod tests {
         }
 
         fn change() -> impl Strategy<Value = ChangeSet> {
-            let write = (prop::sample::select(&ITEMS[..]), prop::option::of(vec(any::<u8>(), 0..6)));
+            // Now and then a value large enough that two or three of them spread a bucket.
+            let value = prop_oneof![6 => vec(any::<u8>(), 0..6), 1 => vec(any::<u8>(), 5000..9000)];
+            let write = (prop::sample::select(&ITEMS[..]), prop::option::of(value));
             (prop::sample::select(&BUCKETS[..]), 1u64..50, vec(write, 1..4)).prop_map(|(bucket, version, writes)| {
                 let writes = writes.into_iter().map(|(item, value)| ItemWrite { item: item.into(), value }).collect();
                 change_set(bucket, FLOCKS, version, writes)
