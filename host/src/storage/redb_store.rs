@@ -322,6 +322,17 @@ fn apply_change(
     };
     let mut merged = match &row {
         Some(row) => packed::decode(row)?,
+        // A new bucket's change set, in item-key order as change sets are, is its row as it is.
+        None if change.writes.windows(2).all(|w| w[0].item < w[1].item) => {
+            let pairs = change.writes.iter().filter_map(|w| w.value.as_ref().map(|v| (w.item.as_str(), v.as_slice())));
+            if packed::encoded_len(pairs.clone()) <= PACKED_BYTES_MAX {
+                if pairs.clone().next().is_some() {
+                    items.insert((bucket, PACKED_KEY), packed::encode(pairs).as_slice()).map_err(engine)?;
+                }
+                return Ok(());
+            }
+            BTreeMap::new()
+        }
         None => BTreeMap::new(),
     };
     for write in &change.writes {
