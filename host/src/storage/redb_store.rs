@@ -253,10 +253,7 @@ fn read_items(
             break;
         }
         if item == PACKED_KEY {
-            for packed in packed::Items::new(value.value())? {
-                let (item, value) = packed?;
-                items.insert(item.to_owned(), value.to_vec());
-            }
+            extend_from_row(&mut items, value.value())?;
         } else {
             items.insert(item.to_owned(), value.value().to_vec());
         }
@@ -277,12 +274,18 @@ fn read_bucket(
     };
     let mut items = BTreeMap::new();
     if let Some(row) = table.get((bucket, PACKED_KEY)).map_err(engine)? {
-        for item in packed::Items::new(row.value())? {
-            let (item, value) = item?;
-            items.insert(item.to_owned(), value.to_vec());
-        }
+        extend_from_row(&mut items, row.value())?;
     }
     Ok(BucketData::new(packed::version(entry), items))
+}
+
+/// Adds the items of a packed row to `items`.
+fn extend_from_row(items: &mut BTreeMap<String, Vec<u8>>, row: &[u8]) -> Result<(), StoreError> {
+    for item in packed::Items::new(row)? {
+        let (item, value) = item?;
+        items.insert(item.to_owned(), value.to_vec());
+    }
+    Ok(())
 }
 
 /// Writes a change set: its bucket's version, and its items into the bucket's packed row while
@@ -320,19 +323,13 @@ fn apply_change(
         Some(_) => items.get((bucket, PACKED_KEY)).map_err(engine)?.map(|row| row.value().to_vec()),
         None => None,
     };
+    if row.is_none() && change.writes.windows(2).all(|w| w[0].item < w[1].item) {
+        // A new bucket's change set, in item-key order as change sets are, is its row as it is.
+        let pairs = change.writes.iter().filter_map(|w| w.value.as_ref().map(|v| (w.item.as_str(), v.as_slice())));
+        return store_items(items, buckets, key, version, false, pairs);
+    }
     let mut merged = match &row {
         Some(row) => packed::decode(row)?,
-        // A new bucket's change set, in item-key order as change sets are, is its row as it is.
-        None if change.writes.windows(2).all(|w| w[0].item < w[1].item) => {
-            let pairs = change.writes.iter().filter_map(|w| w.value.as_ref().map(|v| (w.item.as_str(), v.as_slice())));
-            if packed::encoded_len(pairs.clone()) <= PACKED_BYTES_MAX {
-                if pairs.clone().next().is_some() {
-                    items.insert((bucket, PACKED_KEY), packed::encode(pairs).as_slice()).map_err(engine)?;
-                }
-                return Ok(());
-            }
-            BTreeMap::new()
-        }
         None => BTreeMap::new(),
     };
     for write in &change.writes {
@@ -341,22 +338,36 @@ fn apply_change(
             None => merged.remove(write.item.as_str()),
         };
     }
-    let pairs = merged.iter().map(|(item, value)| (*item, *value));
-    if merged.is_empty() {
-        if row.is_some() {
+    store_items(items, buckets, key, version, row.is_some(), merged.iter().map(|(item, value)| (*item, *value)))
+}
+
+/// Stores every item of a packed bucket (`pairs`, in key order; it had a row if `had_row`): as
+/// its row if they fit in one, as no row if there are none, else spread, a row each, with the
+/// bucket's `buckets` entry at `key` set to `version` without the packed flag.
+fn store_items<'a>(
+    items: &mut ItemsTable<'_>,
+    buckets: &mut BucketsTable<'_>,
+    key: (u32, &[u8]),
+    version: u64,
+    had_row: bool,
+    pairs: impl Iterator<Item = (&'a str, &'a [u8])> + Clone,
+) -> Result<(), StoreError> {
+    let bucket = key.1;
+    if packed::encoded_len(pairs.clone()) <= PACKED_BYTES_MAX {
+        if pairs.clone().next().is_some() {
+            items.insert((bucket, PACKED_KEY), packed::encode(pairs).as_slice()).map_err(engine)?;
+        } else if had_row {
             items.remove((bucket, PACKED_KEY)).map_err(engine)?;
         }
-    } else if packed::encoded_len(pairs.clone()) <= PACKED_BYTES_MAX {
-        items.insert((bucket, PACKED_KEY), packed::encode(pairs).as_slice()).map_err(engine)?;
-    } else {
-        if row.is_some() {
-            items.remove((bucket, PACKED_KEY)).map_err(engine)?;
-        }
-        for (item, value) in pairs {
-            items.insert((bucket, item), value).map_err(engine)?;
-        }
-        buckets.insert(key, version).map_err(engine)?;
+        return Ok(());
     }
+    if had_row {
+        items.remove((bucket, PACKED_KEY)).map_err(engine)?;
+    }
+    for (item, value) in pairs {
+        items.insert((bucket, item), value).map_err(engine)?;
+    }
+    buckets.insert(key, version).map_err(engine)?;
     Ok(())
 }
 
