@@ -831,6 +831,17 @@ async fn malformed_peer_frames_get_an_error_and_the_node_serves_on() {
         }
     }
 
+    // A consensus lane whose first frame after the opening one is garbage: the node drops the
+    // lane (it stops reading the stream), not the connection.
+    let (mut send, _recv) = connection.open_bi().await.unwrap();
+    let lane = PeerFrame { cluster_id: cluster_id.clone(), from: 7, request: PeerRequest::RaftLane };
+    send.write_all(&proto::encode_frame(&lane).unwrap()).await.unwrap();
+    let mut garbage = 64u32.to_be_bytes().to_vec();
+    garbage.extend(std::iter::repeat_n(0xA5, 64));
+    send.write_all(&garbage).await.unwrap();
+    let stopped = tokio::time::timeout(Duration::from_secs(10), send.stopped()).await;
+    assert!(matches!(stopped, Ok(Ok(Some(_)))), "the lane was not stopped: {stopped:?}");
+
     // The same connection still works, and so does the node.
     let ping = PeerFrame {
         cluster_id: cluster_id.clone(),

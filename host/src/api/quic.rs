@@ -228,13 +228,45 @@ pub(crate) async fn read_frame(recv: &mut quinn::RecvStream) -> Result<Vec<u8>, 
 
 /// [`read_frame`], holding the bytes received so far on `claim` (when given): a frame that would
 /// take the node over its budget for requests in part is refused with `overloaded`.
-async fn read_frame_within(
-    recv: &mut quinn::RecvStream,
-    mut claim: Option<&mut Claim>,
-) -> Result<Vec<u8>, RemoteError> {
+async fn read_frame_within(recv: &mut quinn::RecvStream, claim: Option<&mut Claim>) -> Result<Vec<u8>, RemoteError> {
     let bad = |message: String| error(ErrorCode::BadRequest, message);
     let mut header = [0u8; 4];
     recv.read_exact(&mut header).await.map_err(|e| bad(format!("reading a frame header: {e}")))?;
+    let frame = read_frame_after(recv, header, claim).await?;
+    // The sender must finish the stream after the frame: anything more is not a frame of ours.
+    read_end(recv, frame.len() - 4).await?;
+    Ok(frame)
+}
+
+/// Checks that the stream ends here, after a `len`-byte frame.
+pub(crate) async fn read_end(recv: &mut quinn::RecvStream, len: usize) -> Result<(), RemoteError> {
+    let bad = |message: String| error(ErrorCode::BadRequest, message);
+    match recv.read_chunk(1, true).await {
+        Ok(None) => Ok(()),
+        Ok(Some(_)) => Err(bad(format!("more bytes followed the {len}-byte frame"))),
+        Err(e) => Err(bad(format!("reading a {len}-byte frame: {e}"))),
+    }
+}
+
+/// Reads the next frame of a stream that carries one frame after another; `None` when the
+/// stream ends before a frame starts.
+pub(crate) async fn read_next_frame(recv: &mut quinn::RecvStream) -> Result<Option<Vec<u8>>, String> {
+    let mut header = [0u8; 4];
+    match recv.read_exact(&mut header).await {
+        Ok(()) => {}
+        Err(quinn::ReadExactError::FinishedEarly(0)) => return Ok(None),
+        Err(e) => return Err(format!("reading a frame header: {e}")),
+    }
+    read_frame_after(recv, header, None).await.map(Some).map_err(|e| e.message)
+}
+
+/// The rest of a frame whose 4-byte `header` was read; the frame returned includes the header.
+async fn read_frame_after(
+    recv: &mut quinn::RecvStream,
+    header: [u8; 4],
+    mut claim: Option<&mut Claim>,
+) -> Result<Vec<u8>, RemoteError> {
+    let bad = |message: String| error(ErrorCode::BadRequest, message);
     let len = frame_len(header).map_err(|e| bad(e.to_string()))?;
     debug_assert!(len <= FRAME_BYTES_MAX);
     let mut frame = Vec::with_capacity(4 + len.min(FREE_BYTES));
@@ -251,12 +283,7 @@ async fn read_frame_within(
             None => return Err(bad(format!("the stream ended {} bytes into a {len}-byte frame", frame.len() - 4))),
         }
     }
-    // The sender must finish the stream after the frame: anything more is not a frame of ours.
-    match recv.read_chunk(1, true).await {
-        Ok(None) => Ok(frame),
-        Ok(Some(_)) => Err(bad(format!("more bytes followed the {len}-byte frame"))),
-        Err(e) => Err(bad(format!("reading a {len}-byte frame: {e}"))),
-    }
+    Ok(frame)
 }
 
 /// Writes one answer frame and finishes the stream (an answer that cannot be encoded becomes

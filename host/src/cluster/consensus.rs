@@ -34,7 +34,7 @@ use super::engine::{
 };
 use super::messages::{PeerRequest, PeerResponse};
 use super::meta::MetaState;
-use super::peer::Peers;
+use super::peer::{Lane, Peers};
 use super::placement::FlockMap;
 use super::wire::{self, AppliedPoint, RaftMessage, WireConf, WireEntry, WireHardState};
 use super::{NodeId, PeerInfo};
@@ -1417,11 +1417,12 @@ async fn send_chunks(peers: &Arc<Peers>, to: NodeId, message: RaftMessage, data:
 }
 
 /// The lane to one peer: sends queued messages as one frame at a time, each frame at most
-/// [`FRAME_BYTES`] of entries (a larger message goes alone); a frame under way gathers the next
-/// one behind it.
+/// [`FRAME_BYTES`] of entries (a larger message goes alone); messages that queue while a frame
+/// is written go in the next one.
 fn spawn_lane(to: NodeId, peers: Arc<Peers>, events: mpsc::UnboundedSender<Input>) -> mpsc::Sender<RaftMessage> {
     let (tx, mut rx) = mpsc::channel::<RaftMessage>(LANE_MESSAGES_MAX);
     tokio::spawn(async move {
+        let mut lane = Lane::new(to);
         let mut next: Option<RaftMessage> = None;
         loop {
             let first = match next.take() {
@@ -1442,12 +1443,9 @@ fn spawn_lane(to: NodeId, peers: Arc<Peers>, events: mpsc::UnboundedSender<Input
                 bytes += size;
                 messages.push(more);
             }
-            match peers.call(to, PeerRequest::Raft { messages }, FRAME_TIMEOUT).await {
-                Ok(PeerResponse::Ack) => {}
-                answer => {
-                    tracing::debug!(to = %format!("{to:016x}"), ?answer, "consensus messages did not reach a peer");
-                    let _ = events.send(Input::Unreachable(to));
-                }
+            if let Err(e) = lane.send(&peers, messages, FRAME_TIMEOUT).await {
+                tracing::debug!(to = %format!("{to:016x}"), error = %e, "consensus messages did not reach a peer");
+                let _ = events.send(Input::Unreachable(to));
             }
         }
     });

@@ -236,6 +236,11 @@ pub enum PeerRequest {
         /// What to run, with the first page.
         open: Option<ScanSpec>,
     },
+    /// Opens a consensus lane: the stream carries, after this frame, the sender's consensus
+    /// messages for the receiver, a frame (a `Vec<RaftMessage>`) per round of its engine, in
+    /// order and unanswered, until the sender finishes the stream. It replaces a `Raft` request
+    /// per round (a stream opened, answered and waited for) on connections that speak it.
+    RaftLane,
 }
 
 impl PeerRequest {
@@ -245,7 +250,7 @@ impl PeerRequest {
         match self {
             PeerRequest::HelloWithVersion { .. } => 10,
             PeerRequest::Stats => 11,
-            PeerRequest::ScanPage { .. } => 12,
+            PeerRequest::ScanPage { .. } | PeerRequest::RaftLane => 12,
             _ => 9,
         }
     }
@@ -266,6 +271,7 @@ impl PeerRequest {
             PeerRequest::HelloWithVersion { .. } => "hello with version",
             PeerRequest::Stats => "load",
             PeerRequest::ScanPage { .. } => "scan page",
+            PeerRequest::RaftLane => "consensus lane",
         }
     }
 }

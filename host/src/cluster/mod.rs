@@ -384,9 +384,10 @@ impl Cluster {
                 PeerResponse::Stats { json: serde_json::to_vec(&self.local_stats()).expect("stats encode as JSON") }
             }
             PeerRequest::ScanPage { scan, flock, open } => self.answer_scan_page(scan, flock, open).await,
-            PeerRequest::Hello { .. } | PeerRequest::HelloWithVersion { .. } | PeerRequest::Ping { .. } => {
-                PeerResponse::Error(error(ErrorCode::BadRequest, "handled by the transport"))
-            }
+            PeerRequest::Hello { .. }
+            | PeerRequest::HelloWithVersion { .. }
+            | PeerRequest::Ping { .. }
+            | PeerRequest::RaftLane => PeerResponse::Error(error(ErrorCode::BadRequest, "handled by the transport")),
         }
     }
 

@@ -16,7 +16,8 @@
 //! outcome). A connection from a restarted peer (its hello carries a new incarnation) replaces
 //! the old one at once, whoever dialed that: the old one is dead, though QUIC would take its idle
 //! timeout to notice. A request is one bidirectional stream carrying one frame each way
-//! (`messages`), so a slow request never blocks another.
+//! (`messages`), so a slow request never blocks another. Consensus messages are the exception:
+//! each node sends its peer a frame per engine round on a stream that stays open ([`Lane`]).
 //!
 //! Liveness is per node pair, shared by every flock: a heartbeat task per peer pings it every
 //! [`PING_INTERVAL`] (redialing with back-off when the connection is gone), and a peer not heard
@@ -40,7 +41,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use futures::future::BoxFuture;
-use grex_client::proto::{decode_frame, encode_frame};
+use grex_client::proto::{FrameError, decode_frame, encode_frame};
 use grex_client::quic::send_frame;
 use tokio::sync::{Semaphore, watch};
 
@@ -48,7 +49,8 @@ use super::engine::NodeId;
 use super::identity::{NodeIdentity, PEER_SERVER_NAME};
 use super::messages::PeerInfo;
 use super::messages::{GREX_VERSION, Lead, PeerFrame, PeerRequest, PeerResponse, peer_alpns, spoken, version_mismatch};
-use crate::api::quic::{read_frame, send_answer};
+use super::wire::RaftMessage;
+use crate::api::quic::{read_end, read_frame, read_next_frame, send_answer};
 use crate::error::{ErrorCode, RemoteError, error};
 
 /// How often each node pings each peer.
@@ -812,13 +814,13 @@ async fn serve_stream(
     mut recv: quinn::RecvStream,
 ) -> anyhow::Result<()> {
     let remote = connection.remote_address();
-    let response = match tokio::time::timeout(READ_TIMEOUT, read_frame(&mut recv)).await {
+    let response = match tokio::time::timeout(READ_TIMEOUT, read_opening(&mut recv)).await {
         Err(_) => PeerResponse::Error(error(ErrorCode::BadRequest, "the peer request did not arrive in time")),
         Ok(Err(e)) => {
             tracing::warn!(%remote, error = %e, "bad peer frame");
             PeerResponse::Error(error(ErrorCode::BadRequest, e))
         }
-        Ok(Ok(bytes)) => match decode_frame::<PeerFrame>(&bytes) {
+        Ok(Ok(decoded)) => match decoded {
             Err(e) => {
                 tracing::warn!(%remote, error = %e, "malformed peer frame");
                 PeerResponse::Error(error(ErrorCode::BadRequest, e.to_string()))
@@ -868,6 +870,10 @@ async fn serve_stream(
                     leads_held: peers.heard(from, leads_version, leads),
                 }
             }
+            Ok(PeerFrame { from, request: PeerRequest::RaftLane, .. }) => {
+                peers.saw(from, None);
+                return serve_lane(&peers, &connection, from, &mut recv).await;
+            }
             Ok(PeerFrame { from, request, .. }) => {
                 peers.saw(from, None);
                 (peers.handler)(from, request).await
@@ -875,6 +881,128 @@ async fn serve_stream(
         },
     };
     send_answer(send, &response, |e| PeerResponse::Error(error(ErrorCode::Internal, e))).await
+}
+
+/// A stream's first frame, decoded if it is whole. A request's stream must end after it; a
+/// consensus lane's goes on.
+async fn read_opening(recv: &mut quinn::RecvStream) -> Result<Result<PeerFrame, FrameError>, String> {
+    let frame = read_next_frame(recv).await?.ok_or("the stream ended before its request")?;
+    let decoded = decode_frame::<PeerFrame>(&frame);
+    if !matches!(decoded, Ok(PeerFrame { request: PeerRequest::RaftLane, .. })) {
+        read_end(recv, frame.len() - 4).await.map_err(|e| e.message)?;
+    }
+    Ok(decoded)
+}
+
+/// Hands the frames of a peer's consensus lane ([`PeerRequest::RaftLane`]) to the engine, in
+/// order, until the peer finishes the stream. Traffic from a peer cut off (or removed) since
+/// the lane opened is dropped as on any other stream.
+async fn serve_lane(
+    peers: &Peers,
+    connection: &quinn::Connection,
+    from: NodeId,
+    recv: &mut quinn::RecvStream,
+) -> anyhow::Result<()> {
+    while let Some(frame) = read_next_frame(recv).await.map_err(anyhow::Error::msg)? {
+        if peers.is_cut(from) {
+            connection.close(3u32.into(), b"cut off");
+            return Ok(());
+        }
+        if peers.is_removed(from) {
+            anyhow::bail!("node {} was removed from the cluster", super::node_id_text(from));
+        }
+        let messages: Vec<RaftMessage> = decode_frame(&frame).context("a malformed consensus lane frame")?;
+        peers.saw(from, None);
+        match (peers.handler)(from, PeerRequest::Raft { messages }).await {
+            PeerResponse::Ack => {}
+            answer => anyhow::bail!("consensus messages were not taken: {answer:?}"),
+        }
+    }
+    Ok(())
+}
+
+/// This node's consensus messages to one peer. On a connection of protocol 12 or later they go
+/// on one stream that stays open ([`PeerRequest::RaftLane`]), a frame per [`Lane::send`] with
+/// no answer to wait for, so rounds follow each other without a round trip between them; on an
+/// older connection each is a `Raft` request, answered `Ack`.
+pub struct Lane {
+    to: NodeId,
+    open: Option<OpenLane>,
+}
+
+/// A lane's stream and the connection it is on.
+struct OpenLane {
+    connection: usize,
+    send: quinn::SendStream,
+    /// Kept so the peer's half is not stopped; nothing comes on it.
+    _recv: quinn::RecvStream,
+}
+
+impl Lane {
+    /// A lane to `to`, opened by its first send.
+    pub fn new(to: NodeId) -> Lane {
+        Lane { to, open: None }
+    }
+
+    /// Sends one round's messages; done once they are in the connection's send buffer (or, on an
+    /// older connection, once the peer answered). After an error the next send opens a new
+    /// stream, dialing again if the connection is gone.
+    pub async fn send(
+        &mut self,
+        peers: &Arc<Peers>,
+        messages: Vec<RaftMessage>,
+        timeout: Duration,
+    ) -> Result<(), PeerError> {
+        let to = self.to;
+        let (connection, protocol) = tokio::time::timeout(timeout, peers.connection(to))
+            .await
+            .map_err(|_| PeerError::Timeout(to, timeout))??;
+        if protocol < PeerRequest::RaftLane.since() {
+            self.open = None;
+            return match peers.call(to, PeerRequest::Raft { messages }, timeout).await? {
+                PeerResponse::Ack => Ok(()),
+                answer => Err(PeerError::Protocol(format!("consensus messages were answered {answer:?}"))),
+            };
+        }
+        let frame = encode_frame(&messages).map_err(|e| PeerError::Protocol(e.to_string()))?;
+        match tokio::time::timeout(timeout, self.write(peers, &connection, &frame)).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => {
+                self.reset();
+                Err(e)
+            }
+            Err(_) => {
+                // Part of the frame may be in the stream: it cannot carry another.
+                self.reset();
+                Err(PeerError::Lost(to, format!("the peer took no consensus messages for {timeout:?}")))
+            }
+        }
+    }
+
+    async fn write(&mut self, peers: &Peers, connection: &quinn::Connection, frame: &[u8]) -> Result<(), PeerError> {
+        let to = self.to;
+        if self.open.as_ref().is_none_or(|open| open.connection != connection.stable_id()) {
+            // The connection was replaced (a duplicate settled, the peer restarted): the old
+            // lane ends, and the peer reads it to its end first.
+            if let Some(mut old) = self.open.take() {
+                let _ = old.send.finish();
+            }
+            let (mut send, recv) = connection.open_bi().await.map_err(|e| PeerError::Unreachable(to, e.to_string()))?;
+            let opening =
+                PeerFrame { cluster_id: peers.cluster_id.clone(), from: peers.me, request: PeerRequest::RaftLane };
+            let opening = encode_frame(&opening).map_err(|e| PeerError::Protocol(e.to_string()))?;
+            send.write_all(&opening).await.map_err(|e| PeerError::Lost(to, e.to_string()))?;
+            self.open = Some(OpenLane { connection: connection.stable_id(), send, _recv: recv });
+        }
+        let open = self.open.as_mut().expect("opened above");
+        open.send.write_all(frame).await.map_err(|e| PeerError::Lost(to, e.to_string()))
+    }
+
+    fn reset(&mut self) {
+        if let Some(mut open) = self.open.take() {
+            let _ = open.send.reset(0u32.into());
+        }
+    }
 }
 
 /// The peer protocol version the connection's handshake chose, or, when this node does not
