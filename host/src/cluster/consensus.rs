@@ -446,6 +446,24 @@ fn read_state<T: serde::de::DeserializeOwned>(
 /// A module name's change: what it points to now (id, size), or `None` once deleted.
 type ModuleChange = (String, Option<(ModuleId, u64)>);
 
+/// Where a proposal's answer goes, and the answer: an index, or `None` for the sequence of the
+/// write that applies it.
+type Answer = (oneshot::Sender<Result<u64>>, Result<Option<u64>>);
+
+/// One round's applies, every group's, gathered into one committer write: a write per group
+/// woke the committer once per group, though it only holds applies back to share a transaction.
+#[derive(Default)]
+struct Applies {
+    log: Vec<LogOp>,
+    changes: Vec<ChangeSet>,
+    /// What to do once the write is in the store, per group that needs anything.
+    done: Vec<crate::node::WriteDone>,
+    /// Proposals answered with the write's sequence once it is queued.
+    answers: Vec<Answer>,
+    /// Each group and the last index applied.
+    groups: Vec<(GroupId, u64)>,
+}
+
 /// Makes the node's module names follow changes its store now holds, in order.
 fn publish_modules(node: &Node, changes: Vec<ModuleChange>) {
     for (name, module) in changes {
@@ -918,8 +936,12 @@ impl Driver {
         if let Some(write) = out.write {
             self.persist(write);
         }
-        for committed in out.committed {
-            self.apply(committed);
+        if !out.committed.is_empty() {
+            let mut applies = Applies::default();
+            for committed in out.committed {
+                self.apply(committed, &mut applies);
+            }
+            self.submit_applies(applies);
         }
         for (group, read) in out.reads {
             let ctx = read.request_ctx.as_slice().try_into().map(u64::from_be_bytes).unwrap_or(0);
@@ -1048,8 +1070,9 @@ impl Driver {
         Ok(None)
     }
 
-    /// Applies a group's committed entries and answers the proposals among them.
-    fn apply(&mut self, committed: Committed) {
+    /// Adds the writes that apply a group's committed entries to `applies`, and the answers to
+    /// the proposals among them.
+    fn apply(&mut self, committed: Committed, applies: &mut Applies) {
         let group = committed.group;
         let Some(last) = committed.entries.last() else { return };
         let (last_index, last_term) = (last.index, last.term);
@@ -1131,10 +1154,8 @@ impl Driver {
         }
         let after_write = if group == META_GROUP { std::mem::take(&mut answers) } else { Vec::new() };
         let quiet = touched.is_empty() && meta.is_none() && modules.is_empty() && after_write.is_empty();
-        let done: Option<crate::node::WriteDone> = if quiet {
-            None
-        } else {
-            Some(Box::new(move |result: std::result::Result<(), String>| {
+        if !quiet {
+            applies.done.push(Box::new(move |result: std::result::Result<(), String>| {
                 if let Err(e) = &result {
                     for (reply, _) in after_write {
                         let _ = reply.send(Err(error(ErrorCode::StorageFailed, format!("applying failed: {e}"))));
@@ -1158,7 +1179,29 @@ impl Driver {
                     let node = node.clone();
                     rt.spawn(async move { node.applied(group, touched).await });
                 }
-            }))
+            }));
+        }
+        applies.log.extend(log);
+        applies.changes.extend(changes);
+        applies.answers.extend(answers);
+        applies.groups.push((group, last_index));
+    }
+
+    /// Queues one round's applies as one committer write (state only, unsynced: the committer
+    /// holds it to share a transaction), then answers their proposals with its sequence.
+    fn submit_applies(&mut self, applies: Applies) {
+        let Applies { log, changes, done, answers, groups } = applies;
+        if groups.is_empty() {
+            return;
+        }
+        let done: Option<crate::node::WriteDone> = match done.len() {
+            0 => None,
+            1 => done.into_iter().next(),
+            _ => Some(Box::new(move |result: std::result::Result<(), String>| {
+                for done in done {
+                    done(result.clone());
+                }
+            })),
         };
         let seq = match self.node.commits().submit_write(Write { log, changes, sync: SyncTo::Nothing, done }) {
             Ok(seq) => seq,
@@ -1168,12 +1211,14 @@ impl Driver {
                 return;
             }
         };
-        self.written.insert(group, seq);
         for (reply, outcome) in answers {
             let _ = reply.send(outcome.map(|index| index.unwrap_or(seq)));
         }
-        self.engine.applied(group, last_index);
-        self.maybe_purge(group, last_index);
+        for (group, last_index) in groups {
+            self.written.insert(group, seq);
+            self.engine.applied(group, last_index);
+            self.maybe_purge(group, last_index);
+        }
     }
 
     /// Plans to purge a group's applied log once it holds more than `snapshot_logs` entries. The
