@@ -9,7 +9,8 @@
 # (rules below), else "other". NODES is 1 (256 flocks) or 3 (replication 3, leadership spread;
 # redis-benchmark talks to node 0, which forwards). Needs perf (Debian: linux-perf).
 # Usage: scripts/layers.sh NODES REQUESTS (release build and jobs first). GREX=path picks another
-# binary. Listens on 127.0.0.1 only.
+# binary; CLIENT=grex loads the nodes with `grex bench` for REQUESTS seconds instead (below).
+# Listens on 127.0.0.1 only.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ $# -eq 2 ] || { echo "usage: $0 NODES REQUESTS"; exit 2; }
@@ -31,11 +32,26 @@ ticks() {
     echo "$i $(cat /proc/"${pids[$i]}"/task/*/stat 2>/dev/null | awk '{ s += $14 + $15 } END { print s }')"
   done
 }
+# CLIENT=grex: the load is `grex bench` instead (50 canary-following QUIC clients, each job sent
+# to its bucket's leader; PIPELINE jobs in flight each), for REQUESTS seconds per run.
+if [ "${CLIENT:-redis}" = grex ]; then
+  export GREX_NODE=quic://127.0.0.1:17071 GREX_CA=$data/node-0/ca.pem
+  bench() {
+    $grex bench --clients 50 --in-flight "${PIPELINE:-1}" --buckets 100000 --warm-up 0 --seconds "$requests" | tail -1
+  }
+  bench > /dev/null  # every node compiles the module and the clients find the leaders
+fi
 ticks > "$data/before"
 start_ns=$(date +%s%N)
 bench -n "$requests" > "$data/line"
 end_ns=$(date +%s%N)
 ticks > "$data/after"
+if [ "${CLIENT:-redis}" = grex ]; then
+  jobs=$(sed -nE 's/.*\(([0-9]+) jobs.*/\1/p' "$data/line")
+  [ -n "$jobs" ] || { echo "grex bench gave no result: $(cat "$data/line")"; exit 1; }
+else
+  jobs=$requests
+fi
 
 # The profiled run, one perf per node so each sample's node is known.
 perfs=()
@@ -55,7 +71,7 @@ for i in "${!pids[@]}"; do
 done
 
 echo "$(cat "$data/line")"
-python3 - "$data" "$requests" "$start_ns" "$end_ns" "$(getconf CLK_TCK)" "${#pids[@]}" <<'EOF'
+python3 - "$data" "$jobs" "$start_ns" "$end_ns" "$(getconf CLK_TCK)" "${#pids[@]}" <<'EOF'
 import collections, re, sys
 data, jobs, start, end, hz, nodes = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6])
 # Innermost frame first: the first rule a frame matches names the sample's layer. Thread kinds

@@ -24,9 +24,13 @@ pub(super) struct BenchArgs {
     /// Concurrent clients, each with its own connections (one per node it talks to).
     #[arg(long, default_value_t = 50)]
     clients: usize,
-    /// How long to run, in seconds (after a one-second warm-up).
+    /// How long to run, in seconds (after the warm-up).
     #[arg(long, default_value_t = 10)]
     seconds: u64,
+    /// Seconds of jobs run first and not counted (0: every job counts, for scripts that divide
+    /// the nodes' CPU by the jobs).
+    #[arg(long, default_value_t = 1)]
+    warm_up: u64,
     /// Jobs each client keeps under way at once, on its one set of connections.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=1024))]
     in_flight: u16,
@@ -90,7 +94,7 @@ pub(super) async fn bench(args: BenchArgs) -> anyhow::Result<()> {
             Router::connect_with(&args.target.node, args.target.options()).await.context("connecting")?,
         ));
     }
-    let warm_up = Instant::now() + Duration::from_secs(1);
+    let warm_up = Instant::now() + Duration::from_secs(args.warm_up);
     let end = warm_up + Duration::from_secs(args.seconds);
     let mut tasks = Vec::new();
     let lanes_of_clients = clients.iter().flat_map(|c| std::iter::repeat_n(c, usize::from(args.in_flight)));
