@@ -366,6 +366,32 @@ async fn ledger(client: &Client, bucket: &[u8], amount: Option<i64>) -> u64 {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_followers_cached_copy_gives_way_to_what_it_applies_next() {
+    // A read-only job through a node that herds the bucket's flock runs there, on its applied
+    // copy, which the node then caches. Each write after it must reach every node's read-only
+    // answers: a follower drops a cached copy once it applies a newer version.
+    let cluster = TestCluster::start(3, &[]).await;
+    let clients = [cluster.nodes[0].client().await, cluster.nodes[1].client().await, cluster.nodes[2].client().await];
+    clients[0].put_module("ledger", job_wasm("ledger")).await.expect("upload ledger");
+    let bucket = b"customer-cached";
+    for count in 1..=3u64 {
+        assert_eq!(ledger(&clients[0], bucket, Some(5)).await, count);
+        for (i, client) in clients.iter().enumerate() {
+            let deadline = Instant::now() + PATIENCE;
+            loop {
+                let seen = ledger(client, bucket, None).await;
+                if seen == count {
+                    break;
+                }
+                assert!(seen < count, "node {i} read {seen} records of {count}");
+                assert!(Instant::now() < deadline, "node {i} still reads {seen} records of {count}");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_five_nodes_every_node_serves_every_flock_even_those_moved_away_from_it() {
     // Three nodes herd every flock and take a write on each; two more join, and the map moves
     // some of each flock's herders to them. A node the map moved a flock away from keeps its old

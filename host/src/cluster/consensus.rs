@@ -1129,7 +1129,6 @@ impl Driver {
             if leading { Vec::new() } else { changes.iter().map(|c| (c.bucket.clone(), c.version)).collect() };
         let node = self.node.clone();
         let meta = meta_changed.then(|| (self.meta_tx.clone(), self.meta_state.clone()));
-        let rt = tokio::runtime::Handle::current();
         // The proposals among these entries: answered with the write's sequence once it is
         // queued; the meta group's once it is written (its readers read the store).
         let mut answers = Vec::new();
@@ -1173,11 +1172,8 @@ impl Driver {
                 for (reply, outcome) in after_write {
                     let _ = reply.send(outcome.map(|index| index.unwrap_or(0)));
                 }
-                if !touched.is_empty()
-                    && let Err(touched) = node.try_applied(group, touched)
-                {
-                    let node = node.clone();
-                    rt.spawn(async move { node.applied(group, touched).await });
+                if !touched.is_empty() {
+                    node.applied(group, touched);
                 }
             }));
         }

@@ -236,7 +236,7 @@ use crate::error::{ErrorCode, RemoteError, Result, error};
 use crate::metrics::{Metrics, Phase};
 use crate::storage::{ModuleId, RedbStore, Store};
 use crate::wasm::{LoadedModule, Runtime, module_id_text, parse_module_id};
-use shard::{Program, Shard, ShardJob, ShardMsg, ShardStats, WaitFor};
+use shard::{AppliedBuckets, Program, Shard, ShardJob, ShardMsg, ShardStats, WaitFor};
 
 /// The longest module name.
 pub const MODULE_NAME_BYTES_MAX: usize = 128;
@@ -270,6 +270,8 @@ struct Inner {
     runtime: Arc<Runtime>,
     commits: Arc<CommitLog>,
     shards: Vec<mpsc::Sender<ShardMsg>>,
+    /// Per executor: buckets a follower applied, for it to drop older cached copies of.
+    applied: Vec<Arc<AppliedBuckets>>,
     shard_stats: Vec<Arc<ShardStats>>,
     shard_threads: Mutex<Vec<JoinHandle<()>>>,
     /// A cluster member's consensus side (`None`: a lone node).
@@ -345,11 +347,14 @@ impl Node {
         let mut shards = Vec::new();
         let flock_count = store.meta().flock_count;
         let mut shard_stats = Vec::new();
+        let mut applied = Vec::new();
         let mut threads = Vec::new();
         for i in 0..shard_count {
             let (tx, rx) = mpsc::channel(config.shard_queue_max.max(1));
             let stats = Arc::new(ShardStats::default());
+            applied.push(Arc::new(AppliedBuckets::default()));
             let shard = Shard {
+                applied: applied[i].clone(),
                 store: store.clone(),
                 runtime: runtime.clone(),
                 commits: commits.clone(),
@@ -372,6 +377,7 @@ impl Node {
                 runtime,
                 commits,
                 shards,
+                applied,
                 shard_stats,
                 shard_threads: Mutex::new(threads),
                 replicator,
@@ -879,20 +885,16 @@ impl Node {
         &self.inner.commits
     }
 
-    /// A follower applied these versions of buckets of `flock`: older cached copies are stale.
-    /// Hands them back if the executor's queue is full ([`Node::applied`] waits for room).
-    pub fn try_applied(&self, flock: u32, buckets: Vec<(Vec<u8>, u64)>) -> Result<(), Vec<(Vec<u8>, u64)>> {
-        let shard = &self.inner.shards[flock as usize % self.inner.shards.len()];
-        match shard.try_send(ShardMsg::Applied(buckets)) {
-            Err(mpsc::error::TrySendError::Full(ShardMsg::Applied(buckets))) => Err(buckets),
-            _ => Ok(()),
+    /// A follower applied these versions of buckets of `flock` (they are in the store): older
+    /// cached copies are stale. The executor drops them before it takes its next message; one
+    /// message wakes it for every bucket that gathers until it does (a follower applies a
+    /// committer transaction's worth at once).
+    pub fn applied(&self, flock: u32, buckets: Vec<(Vec<u8>, u64)>) {
+        let i = flock as usize % self.inner.shards.len();
+        if self.inner.applied[i].add(buckets) {
+            // A full queue needs no wake-up: the executor has messages to take.
+            let _ = self.inner.shards[i].try_send(ShardMsg::Applied);
         }
-    }
-
-    /// As [`Node::try_applied`], waiting for room in the executor's queue.
-    pub async fn applied(&self, flock: u32, buckets: Vec<(Vec<u8>, u64)>) {
-        let shard = &self.inner.shards[flock as usize % self.inner.shards.len()];
-        let _ = shard.send(ShardMsg::Applied(buckets)).await;
     }
 
     /// A flock's state was replaced: drop every cached bucket of it.

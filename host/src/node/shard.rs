@@ -9,8 +9,8 @@
 //! that find a shard's queue full get `overloaded`.
 
 use std::panic::AssertUnwindSafe;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot};
@@ -91,9 +91,8 @@ pub(crate) struct Finished {
 pub(crate) enum ShardMsg {
     Job(ShardJob),
     Scan(ScanJob),
-    /// A follower applied change sets: a cached copy of one of these buckets older than its
-    /// version here is stale.
-    Applied(Vec<(Vec<u8>, u64)>),
+    /// Buckets a follower applied wait in [`AppliedBuckets`] (taken before every message).
+    Applied,
     /// A flock's state was replaced (a snapshot was installed): drop its cached buckets.
     DropFlock(u32),
     Stop,
@@ -126,7 +125,47 @@ impl ShardStats {
     }
 }
 
+/// The most buckets applied that wait for their executor; past it, the executor drops every
+/// follower's copy it caches instead of checking them one by one (while a long job holds it, say).
+const APPLIED_WAITING_MAX: usize = 16_384;
+
+/// Buckets (and versions) a follower applied, waiting for their executor: a cached follower's
+/// copy of one of them older than that version is stale.
+#[derive(Default)]
+pub(crate) struct AppliedBuckets {
+    waiting: Mutex<AppliedWaiting>,
+}
+
+#[derive(Default)]
+struct AppliedWaiting {
+    buckets: Vec<(Vec<u8>, u64)>,
+    /// More came than [`APPLIED_WAITING_MAX`]: every follower's copy is stale.
+    overflowed: bool,
+}
+
+impl AppliedBuckets {
+    /// Adds buckets; true if none waited before, so the executor needs a message to wake it.
+    pub(crate) fn add(&self, buckets: Vec<(Vec<u8>, u64)>) -> bool {
+        let mut waiting = self.waiting.lock().unwrap_or_else(|p| p.into_inner());
+        let idle = waiting.buckets.is_empty() && !waiting.overflowed;
+        if waiting.overflowed || waiting.buckets.len() + buckets.len() > APPLIED_WAITING_MAX {
+            waiting.overflowed = true;
+            waiting.buckets = Vec::new();
+        } else if idle {
+            waiting.buckets = buckets;
+        } else {
+            waiting.buckets.extend(buckets);
+        }
+        idle
+    }
+
+    fn take(&self) -> AppliedWaiting {
+        std::mem::take(&mut *self.waiting.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+}
+
 pub(crate) struct Shard {
+    pub(crate) applied: Arc<AppliedBuckets>,
     pub(crate) store: Arc<dyn Store>,
     pub(crate) runtime: Arc<Runtime>,
     pub(crate) commits: Arc<CommitLog>,
@@ -141,6 +180,7 @@ pub(crate) struct Shard {
 impl Shard {
     pub(crate) fn run(mut self, mut rx: mpsc::Receiver<ShardMsg>) {
         while let Some(msg) = rx.blocking_recv() {
+            self.drop_applied();
             match msg {
                 ShardMsg::Job(job) => {
                     let began = Instant::now();
@@ -171,17 +211,26 @@ impl Shard {
                     });
                     let _ = reply.send(result);
                 }
-                ShardMsg::Applied(buckets) => {
-                    for (bucket, version) in buckets {
-                        self.cache.remove_if(&bucket, |entry| entry.data.version < version);
-                    }
-                }
+                ShardMsg::Applied => {}
                 ShardMsg::DropFlock(flock) => {
                     let flocks = self.flock_count;
                     self.cache.retain(|b, _| crate::data::flock_of(b, flocks) != flock);
                 }
                 ShardMsg::Stop => break,
             }
+        }
+    }
+
+    /// Drops the cached copies that buckets applied since the last message made stale. A
+    /// follower's copies are built under term 0; a leader's, under its term, are not touched
+    /// (it applies nothing it did not propose, and a node that leads again reloads).
+    fn drop_applied(&mut self) {
+        let AppliedWaiting { buckets, overflowed } = self.applied.take();
+        if overflowed {
+            self.cache.retain(|_, entry| entry.term != 0);
+        }
+        for (bucket, version) in buckets {
+            self.cache.remove_if(&bucket, |entry| entry.data.version < version);
         }
     }
 
@@ -305,5 +354,26 @@ impl Shard {
         let entry = CachedBucket { data, last_seq, term, pending };
         self.cache.put(job.bucket.clone(), entry, self.commits.durable_seq());
         Executed { result, wait }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn applied_buckets_ask_for_one_wake_up_until_taken_and_past_the_bound_stand_for_every_copy() {
+        let applied = AppliedBuckets::default();
+        assert!(applied.add(vec![(b"a".to_vec(), 1)]), "the first wakes the executor");
+        assert!(!applied.add(vec![(b"b".to_vec(), 2)]), "the rest wait with it");
+        let taken = applied.take();
+        assert_eq!(taken.buckets, vec![(b"a".to_vec(), 1), (b"b".to_vec(), 2)]);
+        assert!(!taken.overflowed);
+        assert!(applied.add(vec![(b"c".to_vec(), 3)]), "taken: the next wakes it again");
+        let many = (0..APPLIED_WAITING_MAX as u64).map(|i| (i.to_be_bytes().to_vec(), i)).collect();
+        assert!(!applied.add(many));
+        let taken = applied.take();
+        assert!(taken.overflowed && taken.buckets.is_empty(), "past the bound, no list is kept");
+        assert!(applied.add(Vec::new()) && !applied.take().overflowed);
     }
 }
