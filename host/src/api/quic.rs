@@ -229,10 +229,9 @@ pub(crate) async fn read_frame(recv: &mut quinn::RecvStream) -> Result<Vec<u8>, 
 /// [`read_frame`], holding the bytes received so far on `claim` (when given): a frame that would
 /// take the node over its budget for requests in part is refused with `overloaded`.
 async fn read_frame_within(recv: &mut quinn::RecvStream, claim: Option<&mut Claim>) -> Result<Vec<u8>, RemoteError> {
-    let bad = |message: String| error(ErrorCode::BadRequest, message);
-    let mut header = [0u8; 4];
-    recv.read_exact(&mut header).await.map_err(|e| bad(format!("reading a frame header: {e}")))?;
-    let frame = read_frame_after(recv, header, claim).await?;
+    let frame = next_frame_within(recv, claim)
+        .await?
+        .ok_or_else(|| error(ErrorCode::BadRequest, "the stream ended before its frame"))?;
     // The sender must finish the stream after the frame: anything more is not a frame of ours.
     read_end(recv, frame.len() - 4).await?;
     Ok(frame)
@@ -251,22 +250,22 @@ pub(crate) async fn read_end(recv: &mut quinn::RecvStream, len: usize) -> Result
 /// Reads the next frame of a stream that carries one frame after another; `None` when the
 /// stream ends before a frame starts.
 pub(crate) async fn read_next_frame(recv: &mut quinn::RecvStream) -> Result<Option<Vec<u8>>, String> {
+    next_frame_within(recv, None).await.map_err(|e| e.message)
+}
+
+/// [`read_next_frame`], holding the bytes received so far on `claim` (when given); the frame
+/// returned includes its header.
+async fn next_frame_within(
+    recv: &mut quinn::RecvStream,
+    mut claim: Option<&mut Claim>,
+) -> Result<Option<Vec<u8>>, RemoteError> {
+    let bad = |message: String| error(ErrorCode::BadRequest, message);
     let mut header = [0u8; 4];
     match recv.read_exact(&mut header).await {
         Ok(()) => {}
         Err(quinn::ReadExactError::FinishedEarly(0)) => return Ok(None),
-        Err(e) => return Err(format!("reading a frame header: {e}")),
+        Err(e) => return Err(bad(format!("reading a frame header: {e}"))),
     }
-    read_frame_after(recv, header, None).await.map(Some).map_err(|e| e.message)
-}
-
-/// The rest of a frame whose 4-byte `header` was read; the frame returned includes the header.
-async fn read_frame_after(
-    recv: &mut quinn::RecvStream,
-    header: [u8; 4],
-    mut claim: Option<&mut Claim>,
-) -> Result<Vec<u8>, RemoteError> {
-    let bad = |message: String| error(ErrorCode::BadRequest, message);
     let len = frame_len(header).map_err(|e| bad(e.to_string()))?;
     debug_assert!(len <= FRAME_BYTES_MAX);
     let mut frame = Vec::with_capacity(4 + len.min(FREE_BYTES));
@@ -283,7 +282,7 @@ async fn read_frame_after(
             None => return Err(bad(format!("the stream ended {} bytes into a {len}-byte frame", frame.len() - 4))),
         }
     }
-    Ok(frame)
+    Ok(Some(frame))
 }
 
 /// Writes one answer frame and finishes the stream (an answer that cannot be encoded becomes

@@ -886,7 +886,7 @@ async fn serve_stream(
 /// A stream's first frame, decoded if it is whole. A request's stream must end after it; a
 /// consensus lane's goes on.
 async fn read_opening(recv: &mut quinn::RecvStream) -> Result<Result<PeerFrame, FrameError>, String> {
-    let frame = read_next_frame(recv).await?.ok_or("the stream ended before its request")?;
+    let frame = read_next_frame(recv).await?.ok_or("the stream ended before its frame")?;
     let decoded = decode_frame::<PeerFrame>(&frame);
     if !matches!(decoded, Ok(PeerFrame { request: PeerRequest::RaftLane, .. })) {
         read_end(recv, frame.len() - 4).await.map_err(|e| e.message)?;
