@@ -65,7 +65,7 @@ impl HttpTransport {
     }
 
     pub(crate) async fn call(&self, request: &Request) -> Result<Response, ClientError> {
-        let call = to_http(request);
+        let call = to_http(request)?;
         // `Authenticate` checks the token it carries.
         let token = match request {
             Request::Authenticate { token } => Some(token.as_str()),
@@ -140,7 +140,7 @@ impl HttpTransport {
         on_event: &mut (dyn FnMut(&ScanEvent) + Send),
     ) -> Result<Option<ScanEvent>, ClientError> {
         let no_answer = |e: &dyn std::fmt::Display| ClientError::NoAnswer(format!("{}: {e}", self.host_port));
-        let response = self.open(to_http(request), self.token.as_deref()).await?;
+        let response = self.open(to_http(request)?, self.token.as_deref()).await?;
         let status = response.status();
         let mut body = response.into_body();
         if !status.is_success() {
@@ -181,10 +181,10 @@ where
     Ok(sender)
 }
 
-fn to_http(request: &Request) -> HttpCall {
+fn to_http(request: &Request) -> Result<HttpCall, ClientError> {
     let get = |path: String| HttpCall { method: Method::GET, path, content_type: None, body: Vec::new() };
     let post = |path: String| HttpCall { method: Method::POST, path, content_type: None, body: Vec::new() };
-    match request {
+    Ok(match request {
         Request::PutModule { name, wasm } => HttpCall {
             method: Method::PUT,
             path: format!("/v1/modules/{}", encode(name)),
@@ -257,7 +257,10 @@ fn to_http(request: &Request) -> HttpCall {
                 body: scan.input.clone(),
             }
         }
-    }
+        Request::Session => {
+            return Err(ClientError::Config("a session is a QUIC stream; over HTTP every request is its own".into()));
+        }
+    })
 }
 
 fn from_http(request: &Request, headers: &hyper::HeaderMap, body: Bytes) -> Result<Response, ClientError> {
@@ -302,6 +305,7 @@ fn from_http(request: &Request, headers: &hyper::HeaderMap, body: Bytes) -> Resu
         Request::Scan(_) => {
             return Err(ClientError::Config("a scan answers a stream of events: use `Client::scan`".into()));
         }
+        Request::Session => return Err(ClientError::Protocol("an HTTP answer to a session".into())),
         Request::ListModules => {
             #[derive(serde::Deserialize)]
             struct Modules {

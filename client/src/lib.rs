@@ -1,7 +1,8 @@
 //! Talk to a Grex node from an application, without compiling the node itself.
 //!
 //! [`Client::connect`] takes a node URL: `quic://HOST:PORT` speaks the native protocol (QUIC with
-//! TLS, ALPN `grex/1`, one stream per request; trust comes from the node's CA file), and
+//! TLS; many requests share a session stream, answered as each is done; trust comes from the
+//! node's CA file), and
 //! `http://HOST:PORT` speaks the HTTP/JSON API that curl uses. Both offer the same calls.
 //!
 //! ```no_run
@@ -160,6 +161,12 @@ impl Client {
             Response::User(user) => Ok(user),
             other => Err(unexpected(other)),
         }
+    }
+
+    /// Whether this client's requests share one session stream, as they do with a QUIC node of
+    /// grex 0.4.0 or later (`docs/wire.md`); module uploads and scans take a stream of their own.
+    pub fn has_sessions(&self) -> bool {
+        matches!(&self.transport, Transport::Quic(t) if t.has_sessions())
     }
 
     /// Sends one request and returns the node's answer; errors the node reports come back as

@@ -18,6 +18,9 @@ pub const WIRE_VERSION: u8 = 1;
 pub const FRAME_BYTES_MAX: usize = 48 << 20;
 /// ALPN protocol of the client API over QUIC.
 pub const ALPN: &[u8] = b"grex/1";
+/// The QUIC ALPN of `grex/1` with session streams ([`Request::Session`]): nodes offer it first,
+/// so a client that offers it too learns from the handshake whether the node has sessions.
+pub const ALPN_SESSIONS: &[u8] = b"grex/2";
 /// The longest bucket key.
 pub const BUCKET_KEY_BYTES_MAX: usize = 512;
 /// The longest item key.
@@ -215,6 +218,20 @@ pub enum Request {
     /// Run a read-only job on every bucket (with the prefix): answered with a stream of
     /// [`Response::Scan`] frames that ends with `done` or `failed`.
     Scan(ScanRequest),
+    /// Over QUIC with ALPN [`ALPN_SESSIONS`] only, as a stream's first frame: the stream is a
+    /// session from here on, carrying many requests, each a [`Tagged`] frame, answered in any
+    /// order by [`Tagged`] answers with the same ids (`docs/wire.md`).
+    Session,
+}
+
+/// A request or answer on a session stream ([`Request::Session`]): `id` is the client's (unique
+/// among its requests in flight on the stream) and comes back on the answer.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Tagged<T> {
+    /// Which request this is, or answers.
+    pub id: u64,
+    /// The request or its answer.
+    pub message: T,
 }
 
 /// One job as a node remembers it among its slowest or failed recent jobs: never its bucket key,

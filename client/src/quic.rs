@@ -1,21 +1,40 @@
-//! The native transport: QUIC with TLS 1.3 (quinn + rustls), one bidirectional stream per request.
+//! The native transport: QUIC with TLS 1.3 (quinn + rustls).
+//!
+//! With a node that has sessions (ALPN [`ALPN_SESSIONS`]), every request but module uploads and
+//! scans goes on one session stream per connection: a tagged frame each, answered in any order, so
+//! many requests in flight share packets both ways. Uploads (large) and scans (many frames) take
+//! a stream of their own, as every request does with an older node (ALPN `grex/1`).
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use bytes::Bytes;
+use tokio::sync::{mpsc, oneshot};
+
 use crate::ClientError;
-use crate::proto::{ALPN, FRAME_BYTES_MAX, Request, Response, ScanEvent, decode_frame, encode_frame, frame_len};
+use crate::proto::{
+    ALPN, ALPN_SESSIONS, FRAME_BYTES_MAX, Request, Response, ScanEvent, Tagged, decode_frame, encode_frame, frame_len,
+};
 
 /// A connection with no answer from the node for this long is considered dead.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 const KEEP_ALIVE: Duration = Duration::from_secs(3);
+/// Requests one session has in flight; more wait for an answer (a node serves at most 256 at
+/// once per connection and reads the rest as it answers).
+pub const SESSION_IN_FLIGHT_MAX: usize = 256;
+/// Frames the session's writer gathers into one write.
+const FRAMES_PER_WRITE_MAX: usize = 64;
 
 pub(crate) struct QuicTransport {
     // Kept so the endpoint's driver lives as long as the connection.
     _endpoint: quinn::Endpoint,
     connection: quinn::Connection,
+    /// The session stream, opened at first use; `None` if the node has no sessions.
+    session: Option<tokio::sync::Mutex<Option<Session>>>,
 }
 
 impl QuicTransport {
@@ -38,10 +57,40 @@ impl QuicTransport {
             .map_err(|e| ClientError::Unreachable(format!("{host_port}: {e}")))?
             .await
             .map_err(|e| ClientError::Unreachable(format!("{host_port}: {e}")))?;
-        Ok(QuicTransport { _endpoint: endpoint, connection })
+        let sessions = connection
+            .handshake_data()
+            .and_then(|data| data.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
+            .and_then(|data| data.protocol)
+            .is_some_and(|alpn| alpn == ALPN_SESSIONS);
+        let session = sessions.then(|| tokio::sync::Mutex::new(None));
+        Ok(QuicTransport { _endpoint: endpoint, connection, session })
     }
 
+    /// Whether the node has sessions.
+    pub(crate) fn has_sessions(&self) -> bool {
+        self.session.is_some()
+    }
+
+    /// Sends one request and waits for its answer: on the session if the node has sessions (but
+    /// for an upload, which could hold the session's other answers back behind its bytes).
     pub(crate) async fn call(&self, request: &Request) -> Result<Response, ClientError> {
+        match &self.session {
+            Some(session) if !matches!(request, Request::PutModule { .. }) => {
+                let session = {
+                    let mut open = session.lock().await;
+                    match &*open {
+                        Some(session) if !session.is_closed() => session.clone(),
+                        _ => open.insert(Session::open(&self.connection).await?).clone(),
+                    }
+                };
+                session.call(request).await
+            }
+            _ => self.call_on_stream(request).await,
+        }
+    }
+
+    /// Sends one request on a stream of its own.
+    async fn call_on_stream(&self, request: &Request) -> Result<Response, ClientError> {
         let frame = encode_frame(request).map_err(|e| ClientError::Config(e.to_string()))?;
         let (send, mut recv) = self.connection.open_bi().await.map_err(|e| ClientError::Unreachable(e.to_string()))?;
         // From here on the node may have the request: a failure leaves its outcome unknown.
@@ -62,16 +111,7 @@ impl QuicTransport {
         send_frame(send, &frame).await.map_err(|e| ClientError::NoAnswer(e.to_string()))?;
         let mut last = None;
         loop {
-            let mut header = [0u8; 4];
-            match recv.read_exact(&mut header).await {
-                Ok(()) => {}
-                Err(quinn::ReadExactError::FinishedEarly(0)) => return Ok(last),
-                Err(e) => return Err(ClientError::NoAnswer(e.to_string())),
-            }
-            let len = frame_len(header).map_err(|e| ClientError::Protocol(e.to_string()))?;
-            let mut frame = vec![0; 4 + len];
-            frame[..4].copy_from_slice(&header);
-            recv.read_exact(&mut frame[4..]).await.map_err(|e| ClientError::NoAnswer(e.to_string()))?;
+            let Some(frame) = next_frame(&mut recv).await? else { return Ok(last) };
             match decode_frame(&frame).map_err(|e| ClientError::Protocol(e.to_string()))? {
                 Response::Scan(event) => {
                     on_event(&event);
@@ -82,6 +122,122 @@ impl QuicTransport {
             }
         }
     }
+}
+
+/// Reads the next frame (header included) of a stream that carries one after another; `None`
+/// when the stream ends before a frame starts.
+async fn next_frame(recv: &mut quinn::RecvStream) -> Result<Option<Vec<u8>>, ClientError> {
+    let mut header = [0u8; 4];
+    match recv.read_exact(&mut header).await {
+        Ok(()) => {}
+        Err(quinn::ReadExactError::FinishedEarly(0)) => return Ok(None),
+        Err(e) => return Err(ClientError::NoAnswer(e.to_string())),
+    }
+    let len = frame_len(header).map_err(|e| ClientError::Protocol(e.to_string()))?;
+    let mut frame = vec![0; 4 + len];
+    frame[..4].copy_from_slice(&header);
+    recv.read_exact(&mut frame[4..]).await.map_err(|e| ClientError::NoAnswer(e.to_string()))?;
+    Ok(Some(frame))
+}
+
+/// Callers waiting for their answers, by request id; `None` once the session ended.
+type Waiting = Mutex<Option<HashMap<u64, oneshot::Sender<Result<Response, ClientError>>>>>;
+
+/// One session stream: a writer task sends the requests' frames, as many as are queued in one
+/// write; a reader task hands each answer to the caller waiting for its id. Dropping the last
+/// handle finishes the stream, and the node then ends its side.
+#[derive(Clone)]
+struct Session {
+    frames: mpsc::Sender<Bytes>,
+    waiting: Arc<Waiting>,
+    slots: Arc<tokio::sync::Semaphore>,
+    next_id: Arc<AtomicU64>,
+}
+
+impl Session {
+    async fn open(connection: &quinn::Connection) -> Result<Session, ClientError> {
+        let (mut send, recv) = connection.open_bi().await.map_err(|e| ClientError::Unreachable(e.to_string()))?;
+        let opening = encode_frame(&Request::Session).expect("a unit variant encodes");
+        send.write_all(&opening).await.map_err(|e| ClientError::Unreachable(e.to_string()))?;
+        let (frames, queued) = mpsc::channel(SESSION_IN_FLIGHT_MAX);
+        let waiting = Arc::new(Mutex::new(Some(HashMap::new())));
+        tokio::spawn(write_requests(send, queued, waiting.clone()));
+        tokio::spawn(read_answers(recv, waiting.clone()));
+        let slots = Arc::new(tokio::sync::Semaphore::new(SESSION_IN_FLIGHT_MAX));
+        Ok(Session { frames, waiting, slots, next_id: Arc::new(AtomicU64::new(1)) })
+    }
+
+    /// Whether the session ended (the stream broke, or the node ended it): a new one is opened.
+    fn is_closed(&self) -> bool {
+        self.waiting.lock().unwrap_or_else(|p| p.into_inner()).is_none()
+    }
+
+    async fn call(&self, request: &Request) -> Result<Response, ClientError> {
+        let _slot = self.slots.acquire().await.map_err(|e| ClientError::Unreachable(e.to_string()))?;
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let frame = encode_frame(&Tagged { id, message: request }).map_err(|e| ClientError::Config(e.to_string()))?;
+        let (answer, answered) = oneshot::channel();
+        match self.waiting.lock().unwrap_or_else(|p| p.into_inner()).as_mut() {
+            Some(waiting) => waiting.insert(id, answer),
+            None => return Err(ClientError::Unreachable("the session to the node ended; try again".into())),
+        };
+        // Not queued: the writer is gone, so the request was never written.
+        if self.frames.send(Bytes::from(frame)).await.is_err() {
+            return Err(ClientError::Unreachable("the session to the node ended; try again".into()));
+        }
+        // From here on the node may have the request: a failure leaves its outcome unknown.
+        answered.await.unwrap_or_else(|_| Err(ClientError::NoAnswer("the session to the node ended".into())))
+    }
+}
+
+/// Ends a session: every caller still waiting learns that its request may or may not have run.
+fn end_session(waiting: &Waiting, why: &str) {
+    let ended = waiting.lock().unwrap_or_else(|p| p.into_inner()).take();
+    for (_, answer) in ended.into_iter().flatten() {
+        let _ = answer.send(Err(ClientError::NoAnswer(why.to_owned())));
+    }
+}
+
+/// The session's writer: whatever frames are queued go out in one write, so requests sent at
+/// once share packets. Finishes the stream once every handle is dropped.
+async fn write_requests(mut send: quinn::SendStream, mut queued: mpsc::Receiver<Bytes>, waiting: Arc<Waiting>) {
+    let mut batch = Vec::with_capacity(FRAMES_PER_WRITE_MAX);
+    while queued.recv_many(&mut batch, FRAMES_PER_WRITE_MAX).await > 0 {
+        if let Err(e) = send.write_all_chunks(&mut batch).await {
+            end_session(&waiting, &format!("the session's stream broke: {e}"));
+            return;
+        }
+        batch.clear();
+    }
+    let _ = send.finish();
+}
+
+/// The session's reader: hands each answer to its caller, until the stream ends.
+async fn read_answers(mut recv: quinn::RecvStream, waiting: Arc<Waiting>) {
+    let why = loop {
+        let frame = match next_frame(&mut recv).await {
+            Ok(Some(frame)) => frame,
+            Ok(None) => break "the node ended the session".to_owned(),
+            Err(e) => break e.to_string(),
+        };
+        let answer = match decode_frame::<Tagged<Response>>(&frame) {
+            Ok(answer) => answer,
+            Err(e) => break format!("unexpected answer from the node: {e}"),
+        };
+        // Id 0 is no request's: the node ends the session, and says why.
+        if answer.id == 0 {
+            break match answer.message {
+                Response::Error(e) => format!("the node ended the session: {e}"),
+                other => format!("the node ended the session with a {} answer", other.kind()),
+            };
+        }
+        let caller = waiting.lock().unwrap_or_else(|p| p.into_inner()).as_mut().and_then(|w| w.remove(&answer.id));
+        // No caller: it gave up (its future was dropped) before the answer came.
+        if let Some(caller) = caller {
+            let _ = caller.send(Ok(answer.message));
+        }
+    };
+    end_session(&waiting, &why);
 }
 
 /// Writes one whole frame on `send` and finishes the stream. If this future is dropped before
@@ -107,7 +263,8 @@ pub async fn send_frame(send: quinn::SendStream, frame: &[u8]) -> Result<quinn::
 
 /// A QUIC client configuration that trusts exactly the certificates in `ca_file` (PEM).
 pub fn client_config(ca_file: &Path) -> Result<quinn::ClientConfig, ClientError> {
-    let tls = tls_config(ca_file, ALPN)?;
+    let mut tls = tls_config(ca_file, ALPN_SESSIONS)?;
+    tls.alpn_protocols.push(ALPN.to_vec());
     let quic =
         quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(|e| ClientError::Config(e.to_string()))?;
     let mut config = quinn::ClientConfig::new(Arc::new(quic));

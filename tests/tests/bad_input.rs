@@ -185,6 +185,92 @@ async fn malformed_quic_frames_get_an_error_answer_and_the_node_keeps_serving() 
     assert_eq!(client.run_job(b"b", "counter", b"", false).await.unwrap().output, b"1");
 }
 
+/// Reads the next frame of a stream that carries one after another; `None` at its end.
+async fn next_frame(recv: &mut quinn::RecvStream) -> Option<Vec<u8>> {
+    let mut header = [0u8; 4];
+    match recv.read_exact(&mut header).await {
+        Ok(()) => {}
+        Err(quinn::ReadExactError::FinishedEarly(0)) => return None,
+        Err(e) => panic!("reading a frame header: {e}"),
+    }
+    let mut frame = header.to_vec();
+    frame.resize(4 + u32::from_be_bytes(header) as usize, 0);
+    recv.read_exact(&mut frame[4..]).await.expect("a whole frame");
+    Some(frame)
+}
+
+#[tokio::test]
+async fn a_session_answers_each_request_by_its_id_and_a_malformed_frame_ends_it_with_a_reason() {
+    use grex_client::proto::{ALPN_SESSIONS, Tagged, decode_frame, encode_frame};
+    use grex_client::{Request, Response};
+    let (_dir, node) = start();
+    let config = grex_client::quic::client_config(&node.ca).unwrap();
+    let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    endpoint.set_default_client_config(config);
+    let addr = node.quic.trim_start_matches("quic://").parse().unwrap();
+    let connection = endpoint.connect(addr, "127.0.0.1").unwrap().await.unwrap();
+    let alpn = connection.handshake_data().unwrap().downcast::<quinn::crypto::rustls::HandshakeData>().unwrap();
+    assert_eq!(alpn.protocol.as_deref(), Some(ALPN_SESSIONS), "a node offers sessions first");
+
+    let (mut send, mut recv) = connection.open_bi().await.unwrap();
+    let mut bytes = encode_frame(&Request::Session).unwrap();
+    // Ten jobs on ten buckets, each adding its own id; a scan, which needs a stream of its own;
+    // and a job that fails. All written at once, before any answer is read.
+    for id in 1..=10u64 {
+        let job = Request::RunJob {
+            bucket: format!("s{id}").into_bytes(),
+            module: "counter".into(),
+            input: id.to_string().into_bytes(),
+            read_only: false,
+        };
+        bytes.extend(encode_frame(&Tagged { id, message: job }).unwrap());
+    }
+    let scan = Request::Scan(grex_client::ScanRequest { module: "counter".into(), ..Default::default() });
+    bytes.extend(encode_frame(&Tagged { id: 11, message: scan }).unwrap());
+    let unknown = Request::RunJob { bucket: b"s".to_vec(), module: "nothing".into(), input: vec![], read_only: false };
+    bytes.extend(encode_frame(&Tagged { id: 12, message: unknown }).unwrap());
+    send.write_all(&bytes).await.unwrap();
+
+    let mut answers = std::collections::BTreeMap::new();
+    while answers.len() < 12 {
+        let frame = next_frame(&mut recv).await.expect("an answer per request");
+        let Tagged { id, message } = decode_frame::<Tagged<Response>>(&frame).unwrap();
+        assert!(answers.insert(id, message).is_none(), "request {id} answered twice");
+    }
+    for id in 1..=10u64 {
+        match &answers[&id] {
+            Response::Job(out) => assert_eq!(out.output, id.to_string().into_bytes(), "request {id}"),
+            other => panic!("request {id}: {other:?}"),
+        }
+    }
+    match &answers[&11] {
+        Response::Error(e) => {
+            assert!(e.code == ErrorCode::BadRequest && e.message.contains("stream of its own"), "{e}")
+        }
+        other => panic!("a scan on a session: {other:?}"),
+    }
+    match &answers[&12] {
+        Response::Error(e) => assert_eq!(e.code, ErrorCode::ModuleNotFound, "{e}"),
+        other => panic!("an unknown module: {other:?}"),
+    }
+
+    // Garbage where a tagged request belongs: the node says why under id 0 and ends the session.
+    send.write_all(b"\x00\x00\x00\x05\x01\xff\xff\xff\xff").await.unwrap();
+    let frame = next_frame(&mut recv).await.expect("a reason");
+    match decode_frame::<Tagged<Response>>(&frame).unwrap() {
+        Tagged { id: 0, message: Response::Error(e) } => {
+            assert!(e.code == ErrorCode::BadRequest && e.message.contains("malformed session frame"), "{e}")
+        }
+        other => panic!("expected the session's end, got {other:?}"),
+    }
+    assert!(next_frame(&mut recv).await.is_none(), "the session ends after its reason");
+
+    // The connection and the node serve on.
+    let client = node.client().await;
+    assert!(client.has_sessions());
+    assert_eq!(client.run_job(b"s3", "counter", b"", false).await.unwrap().output, b"4");
+}
+
 /// Sends `bytes` on a new connection to `addr` and returns everything the other side answers
 /// before it closes (a node may refuse and close before it read all of it).
 fn exchange(addr: &str, bytes: &[u8]) -> Vec<u8> {

@@ -121,6 +121,29 @@ async fn eight_clients_times_two_hundred_increments_on_one_bucket_make_exactly_1
     assert!(status.commits < status.change_sets, "group commit should put several jobs in one fsync: {status:?}");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn one_client_with_more_jobs_in_flight_than_its_session_holds_gets_each_its_own_answer() {
+    let (_dir, _node, client) = node_with(&["counter"]).await;
+    assert!(client.has_sessions(), "a QUIC client of this build shares one session stream");
+    let client = Arc::new(client);
+    // A caller that gives up before its answer leaves the session usable for the others.
+    let gave_up = tokio::time::timeout(std::time::Duration::ZERO, client.run_job(b"j0", "counter", b"1", false)).await;
+    assert!(gave_up.is_err(), "a zero timeout gives up at once");
+    let jobs = grex_client::quic::SESSION_IN_FLIGHT_MAX + 100;
+    let mut tasks = Vec::new();
+    for i in 1..=jobs {
+        let client = client.clone();
+        tasks.push(tokio::spawn(async move {
+            let out = client.run_job(format!("j{i}").as_bytes(), "counter", i.to_string().as_bytes(), false).await;
+            (i, out.unwrap().output)
+        }));
+    }
+    for task in tasks {
+        let (i, output) = task.await.unwrap();
+        assert_eq!(text(&output), i.to_string(), "job {i} got another job's answer");
+    }
+}
+
 #[tokio::test]
 async fn each_hostile_job_fails_with_its_named_error_and_the_node_keeps_serving() {
     let dir = tempfile::tempdir().unwrap();

@@ -51,6 +51,12 @@ async fn a_cluster_upgraded_one_node_at_a_time_serves_throughout_and_loses_no_wr
 
     let mut cluster = TestCluster::start_binary(&old, 3, &[]).await;
     load_counter(&cluster).await;
+    // A QUIC client of this build and a node of the previous release, which has no sessions: a
+    // stream per request, as that release's clients send.
+    let quic = cluster.nodes[0].client().await;
+    assert!(!quic.has_sessions(), "the previous release offers grex/1 only");
+    assert_eq!(quic.run_job(b"over-quic", "counter", b"2", false).await.expect("a job over grex/1").output, b"2");
+    drop(quic);
     let mut clients = Vec::new();
     for node in &cluster.nodes {
         clients.push(node.http_client().await);
@@ -100,6 +106,9 @@ async fn a_cluster_upgraded_one_node_at_a_time_serves_throughout_and_loses_no_wr
         wait_versions(node, &others).await;
     }
     cluster.wait_formed(3).await;
+    let quic = cluster.nodes[0].client().await;
+    assert!(quic.has_sessions(), "an upgraded node offers sessions");
+    assert_eq!(quic.run_job(b"over-quic", "counter", b"3", false).await.expect("a job on a session").output, b"5");
     let scan = ScanRequest { module: "counter".into(), input: b"0".to_vec(), ..ScanRequest::default() };
     let summary = cluster.nodes[1].http_client().await.scan(scan, |_| {}).await.expect("upgraded nodes scan");
     assert_eq!(summary.flocks, grex_tests::TEST_FLOCKS);

@@ -186,7 +186,8 @@ fn request_action(request: &Request) -> Action<'_> {
         | Request::Nodes
         | Request::RecentJobs
         | Request::ClusterStats
-        | Request::Authenticate { .. } => Action::See,
+        | Request::Authenticate { .. }
+        | Request::Session => Action::See,
         // And its reduce module's, which `authorize_scan` checks too.
         Request::Scan(scan) => Action::Run(&scan.module),
     }

@@ -1,5 +1,6 @@
-//! The QUIC API (quinn + rustls, ALPN `grex/1`): one bidirectional stream per request, one frame
-//! each way (`docs/wire.md`).
+//! The QUIC API (quinn + rustls, ALPN `grex/2` or `grex/1`): one bidirectional stream per
+//! request, one frame each way, or many requests on one session stream (ALPN `grex/2`), each
+//! answered as it is done (`docs/wire.md`).
 //!
 //! Limits: connections at once ([`CONNECTIONS_MAX`]), streams per connection
 //! ([`STREAMS_PER_CONNECTION_MAX`]), frame size ([`FRAME_BYTES_MAX`]), and the time a request may
@@ -9,9 +10,12 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use grex_client::proto::{ALPN, FRAME_BYTES_MAX, Request, Response, decode_frame, encode_frame, frame_len};
+use bytes::Bytes;
+use grex_client::proto::{
+    ALPN, ALPN_SESSIONS, FRAME_BYTES_MAX, Request, Response, Tagged, decode_frame, encode_frame, frame_len,
+};
 use grex_client::quic::send_frame;
-use tokio::sync::Semaphore;
+use tokio::sync::{Semaphore, mpsc};
 use tokio::task::JoinHandle;
 
 use super::Gate;
@@ -28,6 +32,8 @@ pub const STREAMS_PER_CONNECTION_MAX: u32 = 256;
 /// How long a request may take to arrive.
 pub const REQUEST_READ_TIMEOUT: Duration = Duration::from_secs(30);
 const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Answers a session's writer gathers into one write.
+const FRAMES_PER_WRITE_MAX: usize = 64;
 
 pub(super) fn start(
     node: Node,
@@ -76,7 +82,8 @@ fn server_config(identity: &NodeIdentity) -> anyhow::Result<quinn::ServerConfig>
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_no_client_auth()
         .with_single_cert(identity.chain.clone(), identity.key.clone_key())?;
-    tls.alpn_protocols = vec![ALPN.to_vec()];
+    // Sessions first: a client that offers them gets them (`grex_client::quic`).
+    tls.alpn_protocols = vec![ALPN_SESSIONS.to_vec(), ALPN.to_vec()];
     let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)?;
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     let mut transport = quinn::TransportConfig::default();
@@ -141,7 +148,9 @@ impl Serving {
             }
             Request::DeleteUser { name } => super::delete_user(service.as_ref(), name).await.map(Response::User),
             Request::Authenticate { .. } => unreachable!("answered above"),
-            Request::Scan(_) => unreachable!("streamed by `stream_scan`"),
+            Request::Scan(_) | Request::Session => {
+                unreachable!("a stream of their own: `stream_scan`, `serve_session`")
+            }
         };
         result.unwrap_or_else(Response::Error)
     }
@@ -183,57 +192,155 @@ async fn serve_connection(serving: Serving, incoming: quinn::Incoming, budget: A
     // first and waits for.
     let caller = Arc::new(Mutex::new(Caller::from(remote)));
     let _counted = serving.node.metrics().connection(crate::metrics::Protocol::Quic);
+    // Requests in flight over all of the connection's sessions.
+    let session_slots = Arc::new(Semaphore::new(STREAMS_PER_CONNECTION_MAX as usize));
     while let Ok((send, recv)) = connection.accept_bi().await {
-        let (serving, claim, caller) = (serving.clone(), budget.claim(), caller.clone());
+        let stream = Stream { serving: serving.clone(), budget: budget.clone(), caller: caller.clone() };
+        let session_slots = session_slots.clone();
         tokio::spawn(async move {
-            if let Err(e) = serve_stream(serving, send, recv, claim, &caller).await {
+            if let Err(e) = stream.serve(send, recv, session_slots).await {
                 tracing::debug!(%remote, error = %e, "QUIC request stream failed");
             }
         });
     }
 }
 
-async fn serve_stream(
+/// What a stream of a connection is served with.
+struct Stream {
     serving: Serving,
-    send: quinn::SendStream,
-    mut recv: quinn::RecvStream,
-    mut claim: Claim,
-    caller: &Mutex<Caller>,
-) -> anyhow::Result<()> {
-    let read = read_frame_within(&mut recv, Some(&mut claim));
-    let response = match tokio::time::timeout(REQUEST_READ_TIMEOUT, read).await {
-        Err(_) => Response::Error(error(
-            ErrorCode::BadRequest,
-            format!("the request did not arrive within {} s", REQUEST_READ_TIMEOUT.as_secs()),
-        )),
-        Ok(Err(e)) => Response::Error(e),
-        Ok(Ok(frame)) => {
-            // Whole: the bytes are the request's now, not a request in part.
-            drop(claim);
-            match decode_frame::<Request>(&frame) {
-                Ok(Request::Scan(scan)) => return serving.stream_scan(send, scan, caller).await,
-                Ok(request) => serving.answer(request, caller).await,
-                Err(e) => Response::Error(error(ErrorCode::BadRequest, e.to_string())),
+    budget: Arc<ReadBudget>,
+    /// Who the connection signed in as.
+    caller: Arc<Mutex<Caller>>,
+}
+
+impl Stream {
+    /// Serves one stream: a request and its answer, a scan, or a session.
+    async fn serve(
+        self,
+        send: quinn::SendStream,
+        mut recv: quinn::RecvStream,
+        session_slots: Arc<Semaphore>,
+    ) -> anyhow::Result<()> {
+        let mut claim = self.budget.claim();
+        let read = async {
+            let frame = next_frame_within(&mut recv, Some(&mut claim))
+                .await?
+                .ok_or_else(|| error(ErrorCode::BadRequest, "the stream ended before its frame"))?;
+            let request = decode_frame::<Request>(&frame).map_err(|e| error(ErrorCode::BadRequest, e.to_string()))?;
+            // A session's requests follow its first frame; any other request is the stream's last frame.
+            if request != Request::Session {
+                read_end(&mut recv, frame.len() - 4).await?;
             }
+            Ok(request)
+        };
+        let response = match tokio::time::timeout(REQUEST_READ_TIMEOUT, read).await {
+            Err(_) => Response::Error(error(
+                ErrorCode::BadRequest,
+                format!("the request did not arrive within {} s", REQUEST_READ_TIMEOUT.as_secs()),
+            )),
+            Ok(Err(e)) => Response::Error(e),
+            Ok(Ok(request)) => {
+                // Whole: the bytes are the request's now, not a request in part.
+                drop(claim);
+                match request {
+                    Request::Scan(scan) => return self.serving.stream_scan(send, scan, &self.caller).await,
+                    Request::Session => return self.serve_session(send, recv, session_slots).await,
+                    request => self.serving.answer(request, &self.caller).await,
+                }
+            }
+        };
+        send_answer(send, &response, |e| Response::Error(error(ErrorCode::Internal, e))).await
+    }
+
+    /// Serves a session (`Request::Session`): reads tagged requests one after another, each
+    /// answered by a task of its own as soon as it is done, and whatever answers are ready go out
+    /// in one write. At most `slots` requests of the connection are served at once; the next
+    /// frame is read when one is answered. A frame that cannot be read or decoded ends the session
+    /// with an answer tagged 0 that says why, after the answers in flight.
+    async fn serve_session(
+        self,
+        send: quinn::SendStream,
+        mut recv: quinn::RecvStream,
+        slots: Arc<Semaphore>,
+    ) -> anyhow::Result<()> {
+        let (answers, ready) = mpsc::channel::<Bytes>(STREAMS_PER_CONNECTION_MAX as usize);
+        let writer = tokio::spawn(write_answers(send, ready));
+        let ended = loop {
+            let slot = slots.clone().acquire_owned().await?;
+            // Between requests a session may idle as a connection may; a frame once begun must
+            // arrive in time.
+            let header = match next_header(&mut recv).await {
+                Ok(Some(header)) => header,
+                Ok(None) => break None,
+                Err(e) => break Some(e),
+            };
+            let mut claim = self.budget.claim();
+            let body = tokio::time::timeout(REQUEST_READ_TIMEOUT, read_body(&mut recv, header, Some(&mut claim)));
+            let frame = match body.await {
+                Ok(Ok(frame)) => frame,
+                Ok(Err(e)) => break Some(e),
+                Err(_) => {
+                    let late = format!("a request did not arrive within {} s", REQUEST_READ_TIMEOUT.as_secs());
+                    break Some(error(ErrorCode::BadRequest, late));
+                }
+            };
+            drop(claim);
+            let Tagged { id, message: request } = match decode_frame::<Tagged<Request>>(&frame) {
+                Ok(tagged) => tagged,
+                Err(e) => break Some(error(ErrorCode::BadRequest, format!("a malformed session frame: {e}"))),
+            };
+            let (serving, caller, answers) = (self.serving.clone(), self.caller.clone(), answers.clone());
+            tokio::spawn(async move {
+                let response = match request {
+                    Request::Scan(_) | Request::Session => Response::Error(error(
+                        ErrorCode::BadRequest,
+                        "a scan or a session needs a stream of its own, not a session's",
+                    )),
+                    request => serving.answer(request, &caller).await,
+                };
+                let _ = answers.send(tagged_frame(id, &response)).await;
+                drop(slot);
+            });
+        };
+        if let Some(why) = ended {
+            let _ = answers.send(tagged_frame(0, &Response::Error(why))).await;
         }
-    };
-    send_answer(send, &response, |e| Response::Error(error(ErrorCode::Internal, e))).await
+        drop(answers);
+        writer.await?
+    }
+}
+
+/// The frame of an answer on a session (an answer that cannot be encoded becomes `internal`).
+fn tagged_frame(id: u64, response: &Response) -> Bytes {
+    let frame = encode_frame(&Tagged { id, message: response }).unwrap_or_else(|e| {
+        let internal = Response::Error(error(ErrorCode::Internal, format!("cannot encode the answer: {e}")));
+        encode_frame(&Tagged { id, message: &internal }).expect("an error message is bounded")
+    });
+    Bytes::from(frame)
+}
+
+/// A session's writer: whatever answers are ready go out in one write, so answers finished at
+/// once share packets. Finishes the stream after the last answer.
+async fn write_answers(mut send: quinn::SendStream, mut ready: mpsc::Receiver<Bytes>) -> anyhow::Result<()> {
+    let mut batch = Vec::with_capacity(FRAMES_PER_WRITE_MAX);
+    while ready.recv_many(&mut batch, FRAMES_PER_WRITE_MAX).await > 0 {
+        send.write_all_chunks(&mut batch).await?;
+        batch.clear();
+    }
+    send.finish()?;
+    let _ = send.stopped().await;
+    Ok(())
 }
 
 /// Reads one whole frame (header included) from a stream. Memory grows with the bytes that
 /// actually arrive (bounded by QUIC flow control), not with the length the sender announces.
 pub(crate) async fn read_frame(recv: &mut quinn::RecvStream) -> Result<Vec<u8>, String> {
-    read_frame_within(recv, None).await.map_err(|e| e.message)
-}
-
-/// [`read_frame`], holding the bytes received so far on `claim` (when given): a frame that would
-/// take the node over its budget for requests in part is refused with `overloaded`.
-async fn read_frame_within(recv: &mut quinn::RecvStream, claim: Option<&mut Claim>) -> Result<Vec<u8>, RemoteError> {
-    let frame = next_frame_within(recv, claim)
-        .await?
-        .ok_or_else(|| error(ErrorCode::BadRequest, "the stream ended before its frame"))?;
+    let frame = next_frame_within(recv, None)
+        .await
+        .and_then(|frame| frame.ok_or_else(|| error(ErrorCode::BadRequest, "the stream ended before its frame")))
+        .map_err(|e| e.message)?;
     // The sender must finish the stream after the frame: anything more is not a frame of ours.
-    read_end(recv, frame.len() - 4).await?;
+    read_end(recv, frame.len() - 4).await.map_err(|e| e.message)?;
     Ok(frame)
 }
 
@@ -257,15 +364,32 @@ pub(crate) async fn read_next_frame(recv: &mut quinn::RecvStream) -> Result<Opti
 /// returned includes its header.
 async fn next_frame_within(
     recv: &mut quinn::RecvStream,
-    mut claim: Option<&mut Claim>,
+    claim: Option<&mut Claim>,
 ) -> Result<Option<Vec<u8>>, RemoteError> {
-    let bad = |message: String| error(ErrorCode::BadRequest, message);
+    match next_header(recv).await? {
+        Some(header) => read_body(recv, header, claim).await.map(Some),
+        None => Ok(None),
+    }
+}
+
+/// Reads the header of a stream's next frame; `None` when the stream ends before one starts.
+async fn next_header(recv: &mut quinn::RecvStream) -> Result<Option<[u8; 4]>, RemoteError> {
     let mut header = [0u8; 4];
     match recv.read_exact(&mut header).await {
-        Ok(()) => {}
-        Err(quinn::ReadExactError::FinishedEarly(0)) => return Ok(None),
-        Err(e) => return Err(bad(format!("reading a frame header: {e}"))),
+        Ok(()) => Ok(Some(header)),
+        Err(quinn::ReadExactError::FinishedEarly(0)) => Ok(None),
+        Err(e) => Err(error(ErrorCode::BadRequest, format!("reading a frame header: {e}"))),
     }
+}
+
+/// Reads the rest of the frame `header` starts, holding the bytes received so far on `claim`
+/// (when given); the frame returned includes its header.
+async fn read_body(
+    recv: &mut quinn::RecvStream,
+    header: [u8; 4],
+    mut claim: Option<&mut Claim>,
+) -> Result<Vec<u8>, RemoteError> {
+    let bad = |message: String| error(ErrorCode::BadRequest, message);
     let len = frame_len(header).map_err(|e| bad(e.to_string()))?;
     debug_assert!(len <= FRAME_BYTES_MAX);
     let mut frame = Vec::with_capacity(4 + len.min(FREE_BYTES));
@@ -282,7 +406,7 @@ async fn next_frame_within(
             None => return Err(bad(format!("the stream ended {} bytes into a {len}-byte frame", frame.len() - 4))),
         }
     }
-    Ok(Some(frame))
+    Ok(frame)
 }
 
 /// Writes one answer frame and finishes the stream (an answer that cannot be encoded becomes
