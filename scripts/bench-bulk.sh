@@ -2,7 +2,8 @@
 # Bulk writes: redis-benchmark `HSET bucket:<random> f1 v f2 v ... fN v` (FIELDS fields of
 # VALUE_BYTES-byte values each, default 100 × 70: the original design's 70-byte records), 50
 # clients, REQUESTS commands through node 0, after a warm-up. Prints records/s (commands/s ×
-# FIELDS) and each node's RSS and peak RSS afterwards.
+# FIELDS) and each node's RSS and peak RSS afterwards. CLUSTER=1: `redis-benchmark --cluster`, which
+# sends each key to its flock's leader (its keys share a hash tag per node: one flock per node).
 # Usage: scripts/bench-bulk.sh NODES REQUESTS [grex serve arguments for every node...]
 # NODES is 1 or 3 (replication 3). GREX=path picks another binary (release build first: cargo
 # build --release -p grex; scripts/build-jobs.sh). Listens on 127.0.0.1 only.
@@ -31,7 +32,11 @@ else
 fi
 wait_formed "$nodes"
 [ "$nodes" = 1 ] || wait_balanced "$nodes"
-bench() { redis-benchmark -p 17073 -c 50 -r 1000000 --csv "$@" HSET "bucket:__rand_int__" "${args[@]}" 2>/dev/null | tail -1; }
+if [ "${CLUSTER:-0}" = 1 ]; then
+  bench() { redis-benchmark --cluster -p 17073 -c 50 -r 1000000 --csv "$@" HSET "bucket:{tag}:__rand_int__" "${args[@]}" 2>/dev/null | tail -1; }
+else
+  bench() { redis-benchmark -p 17073 -c 50 -r 1000000 --csv "$@" HSET "bucket:__rand_int__" "${args[@]}" 2>/dev/null | tail -1; }
+fi
 bench -n 2000 > /dev/null
 rate=$(bench -n "$requests" | cut -d, -f2 | tr -d '"')
 awk -v r="$rate" -v f="$fields" 'BEGIN { printf "%.0f HSET/s × %d fields = %.0f records/s\n", r, f, r * f }'

@@ -64,10 +64,13 @@ start_for_load() {
 # start_for_redis_load N: start_for_load N, then `cmd` (the command to run: CMD, default
 # `FCALL counter 1 key:__rand_int__`), `bench ARGS...` (one redis-benchmark run through node 0:
 # 50 clients, each with PIPELINE requests in flight (default 1), 100k random keys; prints its CSV
-# result line) and one warm-up run (the first job on a node compiles the module).
+# result line; CLUSTER=1: `redis-benchmark --cluster`, each key sent to its flock's leader) and one
+# warm-up run (the first job on a node compiles the module).
 start_for_redis_load() {
   read -r -a cmd <<< "${CMD:-FCALL counter 1 key:__rand_int__}"
   start_for_load "$1"
-  bench() { redis-benchmark -p 17073 -c 50 -P "${PIPELINE:-1}" -r 100000 --csv "$@" "${cmd[@]}" 2>/dev/null | tail -1; }
+  bench_cluster=()
+  [ "${CLUSTER:-0}" != 1 ] || bench_cluster=(--cluster)  # each key to its leader: give CMD's keys a {tag}
+  bench() { redis-benchmark "${bench_cluster[@]}" -p 17073 -c 50 -P "${PIPELINE:-1}" -r 100000 --csv "$@" "${cmd[@]}" 2>/dev/null | tail -1; }
   bench -n 3000 > /dev/null
 }
