@@ -181,12 +181,28 @@ impl Session {
             Some(waiting) => waiting.insert(id, answer),
             None => return Err(ClientError::Unreachable("the session to the node ended; try again".into())),
         };
+        // A caller that gives up (its future dropped) takes its place in the list with it.
+        let _waiting = WaitingFor { waiting: &self.waiting, id };
         // Not queued: the writer is gone, so the request was never written.
         if self.frames.send(Bytes::from(frame)).await.is_err() {
             return Err(ClientError::Unreachable("the session to the node ended; try again".into()));
         }
         // From here on the node may have the request: a failure leaves its outcome unknown.
         answered.await.unwrap_or_else(|_| Err(ClientError::NoAnswer("the session to the node ended".into())))
+    }
+}
+
+/// A caller's place among those waiting, given up when it stops waiting, answered or not.
+struct WaitingFor<'a> {
+    waiting: &'a Waiting,
+    id: u64,
+}
+
+impl Drop for WaitingFor<'_> {
+    fn drop(&mut self) {
+        if let Some(waiting) = self.waiting.lock().unwrap_or_else(|p| p.into_inner()).as_mut() {
+            waiting.remove(&self.id);
+        }
     }
 }
 
@@ -232,7 +248,7 @@ async fn read_answers(mut recv: quinn::RecvStream, waiting: Arc<Waiting>) {
             };
         }
         let caller = waiting.lock().unwrap_or_else(|p| p.into_inner()).as_mut().and_then(|w| w.remove(&answer.id));
-        // No caller: it gave up (its future was dropped) before the answer came.
+        // No caller: it gave up before the answer came.
         if let Some(caller) = caller {
             let _ = caller.send(Ok(answer.message));
         }
