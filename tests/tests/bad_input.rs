@@ -156,14 +156,21 @@ fn binary_bucket_keys_round_trip_through_percent_encoding() {
     assert_eq!((item.status, item.body.as_slice()), (200, &b"3"[..]));
 }
 
-#[tokio::test]
-async fn malformed_quic_frames_get_an_error_answer_and_the_node_keeps_serving() {
-    let (_dir, node) = start();
+/// A QUIC connection to `node` that sends whatever bytes a test writes (the endpoint must live
+/// as long as the connection).
+async fn raw_quic(node: &GrexNode) -> (quinn::Endpoint, quinn::Connection) {
     let config = grex_client::quic::client_config(&node.ca).unwrap();
     let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
     endpoint.set_default_client_config(config);
     let addr = node.quic.trim_start_matches("quic://").parse().unwrap();
     let connection = endpoint.connect(addr, "127.0.0.1").unwrap().await.unwrap();
+    (endpoint, connection)
+}
+
+#[tokio::test]
+async fn malformed_quic_frames_get_an_error_answer_and_the_node_keeps_serving() {
+    let (_dir, node) = start();
+    let (_endpoint, connection) = raw_quic(&node).await;
     let frames: [&[u8]; 4] = [
         b"\x00\x00\x00\x05\x01\xff\xff\xff\xff", // version 1, garbage payload
         b"\x00\x00\x00\x02\x09\x00",             // unknown wire version
@@ -204,11 +211,7 @@ async fn a_session_answers_each_request_by_its_id_and_a_malformed_frame_ends_it_
     use grex_client::proto::{ALPN_SESSIONS, Tagged, decode_frame, encode_frame};
     use grex_client::{Request, Response};
     let (_dir, node) = start();
-    let config = grex_client::quic::client_config(&node.ca).unwrap();
-    let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
-    endpoint.set_default_client_config(config);
-    let addr = node.quic.trim_start_matches("quic://").parse().unwrap();
-    let connection = endpoint.connect(addr, "127.0.0.1").unwrap().await.unwrap();
+    let (_endpoint, connection) = raw_quic(&node).await;
     let alpn = connection.handshake_data().unwrap().downcast::<quinn::crypto::rustls::HandshakeData>().unwrap();
     assert_eq!(alpn.protocol.as_deref(), Some(ALPN_SESSIONS), "a node offers sessions first");
 
