@@ -4,6 +4,7 @@
 # clients, REQUESTS commands through node 0, after a warm-up. Prints records/s (commands/s ×
 # FIELDS) and each node's RSS and peak RSS afterwards. CLUSTER=1: `redis-benchmark --cluster`, which
 # sends each key to its flock's leader (its keys share a hash tag per node: one flock per node).
+# PIPELINE=N: each client keeps N commands in flight (default 1).
 # Usage: scripts/bench-bulk.sh NODES REQUESTS [grex serve arguments for every node...]
 # NODES is 1 or 3 (replication 3). GREX=path picks another binary (release build first: cargo
 # build --release -p grex; scripts/build-jobs.sh). Listens on 127.0.0.1 only.
@@ -33,9 +34,9 @@ fi
 wait_formed "$nodes"
 [ "$nodes" = 1 ] || wait_balanced "$nodes"
 if [ "${CLUSTER:-0}" = 1 ]; then
-  bench() { redis-benchmark --cluster -p 17073 -c 50 -r 1000000 --csv "$@" HSET "bucket:{tag}:__rand_int__" "${args[@]}" 2>/dev/null | tail -1; }
+  bench() { redis-benchmark --cluster -p 17073 -c 50 -P "${PIPELINE:-1}" -r 1000000 --csv "$@" HSET "bucket:{tag}:__rand_int__" "${args[@]}" 2>/dev/null | tail -1; }
 else
-  bench() { redis-benchmark -p 17073 -c 50 -r 1000000 --csv "$@" HSET "bucket:__rand_int__" "${args[@]}" 2>/dev/null | tail -1; }
+  bench() { redis-benchmark -p 17073 -c 50 -P "${PIPELINE:-1}" -r 1000000 --csv "$@" HSET "bucket:__rand_int__" "${args[@]}" 2>/dev/null | tail -1; }
 fi
 bench -n 2000 > /dev/null
 rate=$(bench -n "$requests" | cut -d, -f2 | tr -d '"')
