@@ -214,18 +214,29 @@ fn end_session(waiting: &Waiting, why: &str) {
     }
 }
 
-/// The session's writer: whatever frames are queued go out in one write, so requests sent at
-/// once share packets. Finishes the stream once every handle is dropped.
-async fn write_requests(mut send: quinn::SendStream, mut queued: mpsc::Receiver<Bytes>, waiting: Arc<Waiting>) {
+/// The session's writer: requests sent at once share packets ([`write_queued_frames`]).
+/// Finishes the stream once every handle is dropped.
+async fn write_requests(mut send: quinn::SendStream, queued: mpsc::Receiver<Bytes>, waiting: Arc<Waiting>) {
+    match write_queued_frames(&mut send, queued).await {
+        Ok(()) => {
+            let _ = send.finish();
+        }
+        Err(e) => end_session(&waiting, &format!("the session's stream broke: {e}")),
+    }
+}
+
+/// Writes frames to `send` as they are queued, whatever is queued at once in one write (a
+/// session's writer, on either side), until every sender is dropped.
+pub async fn write_queued_frames(
+    send: &mut quinn::SendStream,
+    mut queued: mpsc::Receiver<Bytes>,
+) -> Result<(), quinn::WriteError> {
     let mut batch = Vec::with_capacity(FRAMES_PER_WRITE_MAX);
     while queued.recv_many(&mut batch, FRAMES_PER_WRITE_MAX).await > 0 {
-        if let Err(e) = send.write_all_chunks(&mut batch).await {
-            end_session(&waiting, &format!("the session's stream broke: {e}"));
-            return;
-        }
+        send.write_all_chunks(&mut batch).await?;
         batch.clear();
     }
-    let _ = send.finish();
+    Ok(())
 }
 
 /// The session's reader: hands each answer to its caller, until the stream ends.

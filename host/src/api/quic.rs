@@ -14,7 +14,7 @@ use bytes::Bytes;
 use grex_client::proto::{
     ALPN, ALPN_SESSIONS, FRAME_BYTES_MAX, Request, Response, Tagged, decode_frame, encode_frame, frame_len,
 };
-use grex_client::quic::send_frame;
+use grex_client::quic::{send_frame, write_queued_frames};
 use tokio::sync::{Semaphore, mpsc};
 use tokio::task::JoinHandle;
 
@@ -32,8 +32,6 @@ pub const STREAMS_PER_CONNECTION_MAX: u32 = 256;
 /// How long a request may take to arrive.
 pub const REQUEST_READ_TIMEOUT: Duration = Duration::from_secs(30);
 const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
-/// Answers a session's writer gathers into one write.
-const FRAMES_PER_WRITE_MAX: usize = 64;
 
 pub(super) fn start(
     node: Node,
@@ -234,10 +232,7 @@ impl Stream {
             Ok(request)
         };
         let response = match tokio::time::timeout(REQUEST_READ_TIMEOUT, read).await {
-            Err(_) => Response::Error(error(
-                ErrorCode::BadRequest,
-                format!("the request did not arrive within {} s", REQUEST_READ_TIMEOUT.as_secs()),
-            )),
+            Err(_) => Response::Error(too_late()),
             Ok(Err(e)) => Response::Error(e),
             Ok(Ok(request)) => {
                 // Whole: the bytes are the request's now, not a request in part.
@@ -279,10 +274,7 @@ impl Stream {
             let frame = match body.await {
                 Ok(Ok(frame)) => frame,
                 Ok(Err(e)) => break Some(e),
-                Err(_) => {
-                    let late = format!("a request did not arrive within {} s", REQUEST_READ_TIMEOUT.as_secs());
-                    break Some(error(ErrorCode::BadRequest, late));
-                }
+                Err(_) => break Some(too_late()),
             };
             drop(claim);
             let Tagged { id, message: request } = match decode_frame::<Tagged<Request>>(&frame) {
@@ -319,17 +311,18 @@ fn tagged_frame(id: u64, response: &Response) -> Bytes {
     Bytes::from(frame)
 }
 
-/// A session's writer: whatever answers are ready go out in one write, so answers finished at
-/// once share packets. Finishes the stream after the last answer.
-async fn write_answers(mut send: quinn::SendStream, mut ready: mpsc::Receiver<Bytes>) -> anyhow::Result<()> {
-    let mut batch = Vec::with_capacity(FRAMES_PER_WRITE_MAX);
-    while ready.recv_many(&mut batch, FRAMES_PER_WRITE_MAX).await > 0 {
-        send.write_all_chunks(&mut batch).await?;
-        batch.clear();
-    }
+/// A session's writer: answers finished at once share packets. Finishes the stream after the
+/// last answer.
+async fn write_answers(mut send: quinn::SendStream, ready: mpsc::Receiver<Bytes>) -> anyhow::Result<()> {
+    write_queued_frames(&mut send, ready).await?;
     send.finish()?;
     let _ = send.stopped().await;
     Ok(())
+}
+
+/// The answer to a request that did not arrive in time.
+fn too_late() -> RemoteError {
+    error(ErrorCode::BadRequest, format!("the request did not arrive within {} s", REQUEST_READ_TIMEOUT.as_secs()))
 }
 
 /// Reads one whole frame (header included) from a stream. Memory grows with the bytes that
