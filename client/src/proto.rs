@@ -913,6 +913,12 @@ pub fn frame_len(header: [u8; 4]) -> Result<usize, FrameError> {
 
 /// Decodes one whole frame (header included).
 pub fn decode_frame<T: DeserializeOwned>(frame: &[u8]) -> Result<T, FrameError> {
+    decode_frame_borrowed(frame)
+}
+
+/// Decodes one whole frame (header included) into a message that may borrow from it: byte
+/// strings (`&[u8]` through `serde_bytes`) and text are not copied.
+pub fn decode_frame_borrowed<'de, T: Deserialize<'de>>(frame: &'de [u8]) -> Result<T, FrameError> {
     let header: [u8; 4] = frame
         .get(..4)
         .and_then(|h| h.try_into().ok())
@@ -924,8 +930,8 @@ pub fn decode_frame<T: DeserializeOwned>(frame: &[u8]) -> Result<T, FrameError> 
     if frame[4] != WIRE_VERSION {
         return Err(FrameError::Version(frame[4]));
     }
-    let (message, used) =
-        bincode::serde::decode_from_slice(&frame[5..], codec()).map_err(|e| FrameError::Payload(e.to_string()))?;
+    let (message, used) = bincode::serde::borrow_decode_from_slice(&frame[5..], codec())
+        .map_err(|e| FrameError::Payload(e.to_string()))?;
     if used != len - 1 {
         return Err(FrameError::Payload(format!("{} trailing bytes", len - 1 - used)));
     }

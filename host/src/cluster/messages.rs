@@ -370,7 +370,7 @@ mod tests {
             term: 5,
             log_term: 4,
             index: 9,
-            entries: vec![WireEntry { kind: 0, term: 5, index: 10, data: serde_bytes::ByteBuf::from(vec![1, 2]) }],
+            entries: vec![WireEntry { kind: 0, term: 5, index: 10, data: bytes::Bytes::from(vec![1, 2]) }],
             commit: 8,
             commit_term: 4,
             snapshot: Some(AppliedPoint {

@@ -272,7 +272,6 @@ mod tests {
     use std::collections::{BTreeMap, BTreeSet};
 
     use raft::prelude::EntryType;
-    use serde_bytes::ByteBuf;
 
     use super::*;
     use crate::storage::legacy_testing::OldDirectory;
@@ -295,7 +294,7 @@ mod tests {
     }
 
     fn raft_rs_entry(term: u64, index: u64) -> Vec<u8> {
-        wire::encode(&WireEntry { kind: EntryType::EntryNormal as i32, term, index, data: ByteBuf::new() })
+        wire::encode(&WireEntry { kind: EntryType::EntryNormal as i32, term, index, data: bytes::Bytes::new() })
     }
 
     fn state_file(dir: &tempfile::TempDir) -> std::path::PathBuf {
@@ -423,7 +422,7 @@ mod tests {
             kind: EntryType::EntryNormal as i32,
             term: 1,
             index: 2,
-            data: ByteBuf::from(vec![250, 1, 2]),
+            data: bytes::Bytes::from(vec![250, 1, 2]),
         });
         OldDirectory {
             schema: 5,

@@ -61,7 +61,7 @@ use crate::data::ChangeSet;
 use crate::error::{ErrorCode, Result, error};
 use crate::node::{Node, Replicator, Ticket};
 use crate::storage::{GroupId, META_GROUP};
-use consensus::{Command, Consensus, LeaderTerms};
+use consensus::{Consensus, LeaderTerms};
 use messages::{PeerRequest, PeerResponse};
 use meta::MetaState;
 use peer::{Bound, Handler, Peers};
@@ -454,8 +454,8 @@ impl Replicator for Proposer {
         self.0.terms().get(flock)
     }
 
-    fn propose(&self, flock: u32, change: ChangeSet) -> Result<Ticket> {
-        let receiver = self.0.propose(flock, wire::encode(&Command::Change(change)))?;
+    fn propose(&self, flock: u32, change: &ChangeSet) -> Result<Ticket> {
+        let receiver = self.0.propose(flock, consensus::encode_change(change))?;
         let ticket = async move {
             match tokio::time::timeout(COMMIT_PATIENCE, receiver).await {
                 Ok(Ok(answer)) => answer,

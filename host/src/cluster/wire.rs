@@ -56,8 +56,9 @@ pub struct WireEntry {
     pub term: u64,
     /// Index.
     pub index: u64,
-    /// The payload, as its proposer serialized it.
-    pub data: ByteBuf,
+    /// The payload, as its proposer serialized it: shared with raft-rs's entry, not copied, and
+    /// written as a byte string (the same bytes as `serde_bytes`).
+    pub data: Bytes,
 }
 
 impl From<&Entry> for WireEntry {
@@ -66,7 +67,7 @@ impl From<&Entry> for WireEntry {
             kind: entry.get_entry_type().value(),
             term: entry.term,
             index: entry.index,
-            data: ByteBuf::from(entry.data.to_vec()),
+            data: entry.data.clone(),
         }
     }
 }
@@ -76,8 +77,7 @@ impl TryFrom<WireEntry> for Entry {
 
     fn try_from(wire: WireEntry) -> Result<Entry, String> {
         let kind = EntryType::from_i32(wire.kind).ok_or_else(|| format!("unknown entry type {}", wire.kind))?;
-        let mut entry =
-            Entry { term: wire.term, index: wire.index, data: Bytes::from(wire.data.into_vec()), ..Default::default() };
+        let mut entry = Entry { term: wire.term, index: wire.index, data: wire.data, ..Default::default() };
         entry.set_entry_type(kind);
         Ok(entry)
     }
@@ -272,6 +272,22 @@ impl RaftMessage {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_entry_keeps_the_encoding_that_logs_and_peers_of_earlier_releases_hold() {
+        #[derive(Serialize, Deserialize)]
+        struct Earlier {
+            kind: i32,
+            term: u64,
+            index: u64,
+            data: ByteBuf,
+        }
+        let earlier = encode(&Earlier { kind: 0, term: 3, index: 9, data: ByteBuf::from(vec![7; 300]) });
+        let entry = WireEntry { kind: 0, term: 3, index: 9, data: Bytes::from(vec![7; 300]) };
+        assert_eq!(encode(&entry), earlier);
+        let read: WireEntry = decode(&earlier).unwrap();
+        assert_eq!((read.term, read.index, read.data), (3, 9, entry.data));
+    }
 
     #[test]
     fn a_message_with_entries_and_a_snapshot_survives_the_wire() {

@@ -51,14 +51,19 @@ impl BucketData {
 
     /// Applies a change set made against this bucket's current version.
     pub fn apply(&mut self, change: &ChangeSet) {
+        self.apply_owned(change.clone());
+    }
+
+    /// Applies a change set made against this bucket's current version, moving its items in.
+    pub fn apply_owned(&mut self, change: ChangeSet) {
         debug_assert_eq!(change.version, self.version + 1, "change sets apply in version order");
-        for write in &change.writes {
+        for write in change.writes {
             if let Some(old) = self.items.remove(&write.item) {
                 self.bytes -= item_bytes(&write.item, &old);
             }
-            if let Some(value) = &write.value {
-                self.bytes += item_bytes(&write.item, value);
-                self.items.insert(write.item.clone(), value.clone());
+            if let Some(value) = write.value {
+                self.bytes += item_bytes(&write.item, &value);
+                self.items.insert(write.item, value);
             }
         }
         self.version = change.version;

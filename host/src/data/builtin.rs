@@ -101,7 +101,7 @@ impl Builtin {
     }
 
     /// Runs against a bucket's view; the caller commits the view's writes if this succeeds.
-    pub fn run(self, view: &mut JobView, args: &[Vec<u8>]) -> Result<BuiltinReply, RemoteError> {
+    pub fn run(self, view: &mut JobView, args: &[&[u8]]) -> Result<BuiltinReply, RemoteError> {
         let all = |view: &JobView| view.list("", None, usize::MAX);
         Ok(match self {
             Builtin::HSet => {
@@ -110,9 +110,9 @@ impl Builtin {
                 }
                 let mut added = 0;
                 for pair in args.chunks(2) {
-                    let field = field(&pair[0])?;
+                    let field = field(pair[0])?;
                     added += i64::from(view.get(field).map_err(view_error)?.is_none());
-                    view.put(field, pair[1].clone()).map_err(view_error)?;
+                    view.put(field, pair[1].to_vec()).map_err(view_error)?;
                 }
                 BuiltinReply::Int(added)
             }
@@ -162,15 +162,18 @@ impl Builtin {
     }
 }
 
-/// Encodes a built-in's arguments as its job input.
+/// Encodes a built-in's arguments as its job input: a sequence of byte strings, each written as
+/// its length and bytes in one copy.
 pub fn encode_args(args: &[Vec<u8>]) -> Vec<u8> {
+    let args: Vec<&serde_bytes::Bytes> = args.iter().map(|a| serde_bytes::Bytes::new(a)).collect();
     grex_client::proto::encode_frame(&args).expect("byte strings always encode")
 }
 
-/// Decodes a built-in's arguments.
-pub fn decode_args(input: &[u8]) -> Result<Vec<Vec<u8>>, RemoteError> {
-    grex_client::proto::decode_frame(input)
-        .map_err(|e| error(ErrorCode::BadRequest, format!("malformed built-in arguments: {e}")))
+/// Decodes a built-in's arguments, borrowed from its input.
+pub fn decode_args(input: &[u8]) -> Result<Vec<&[u8]>, RemoteError> {
+    let args: Vec<&serde_bytes::Bytes> = grex_client::proto::decode_frame_borrowed(input)
+        .map_err(|e| error(ErrorCode::BadRequest, format!("malformed built-in arguments: {e}")))?;
+    Ok(args.into_iter().map(|a| &**a).collect())
 }
 
 /// A hash field is an item key: 1 to 256 bytes of UTF-8.
@@ -199,8 +202,19 @@ mod tests {
         JobView::new(BucketData::new(3, items), 1024, 4096)
     }
 
-    fn args(list: &[&str]) -> Vec<Vec<u8>> {
-        list.iter().map(|a| a.as_bytes().to_vec()).collect()
+    fn args<'a>(list: &[&'a str]) -> Vec<&'a [u8]> {
+        list.iter().map(|a| a.as_bytes()).collect()
+    }
+
+    #[test]
+    fn arguments_keep_the_encoding_of_a_list_of_byte_vectors() {
+        // Nodes of earlier releases encode and decode built-in arguments as `Vec<Vec<u8>>`.
+        let owned = vec![b"field".to_vec(), vec![0, 1, 255], Vec::new()];
+        let encoded = encode_args(&owned);
+        assert_eq!(encoded, grex_client::proto::encode_frame(&owned).unwrap());
+        assert_eq!(decode_args(&encoded).unwrap(), owned.iter().map(Vec::as_slice).collect::<Vec<_>>());
+        let e = decode_args(&encoded[..encoded.len() - 1]).unwrap_err();
+        assert_eq!(e.code, ErrorCode::BadRequest);
     }
 
     #[test]
@@ -245,9 +259,9 @@ mod tests {
     #[test]
     fn bad_fields_and_oversized_values_are_named_errors() {
         let mut v = view(&[]);
-        let e = Builtin::HSet.run(&mut v, &[vec![0xff], b"x".to_vec()]).unwrap_err();
+        let e = Builtin::HSet.run(&mut v, &[&[0xff], b"x"]).unwrap_err();
         assert_eq!(e.code, ErrorCode::InvalidItemKey);
-        let e = Builtin::HSet.run(&mut v, &[b"f".to_vec(), vec![0; 2000]]).unwrap_err();
+        let e = Builtin::HSet.run(&mut v, &[b"f", &[0; 2000]]).unwrap_err();
         assert_eq!(e.code, ErrorCode::ItemTooLarge);
         let e = Builtin::HSet.run(&mut v, &args(&["odd"])).unwrap_err();
         assert_eq!(e.code, ErrorCode::BadRequest);

@@ -204,8 +204,9 @@ pub trait Replicator: Send + Sync + 'static {
     /// The term in which this node leads `flock` and has applied everything committed before it
     /// (so its store is the latest committed state); `None` when it is not such a leader.
     fn leader_term(&self, flock: u32) -> Option<u64>;
-    /// Proposes a change set to the flock's log, in call order.
-    fn propose(&self, flock: u32, change: crate::data::ChangeSet) -> Result<Ticket>;
+    /// Proposes a change set to the flock's log, in call order. The change set is encoded before
+    /// this returns, so the caller keeps it (and may move its items into its cached copy).
+    fn propose(&self, flock: u32, change: &crate::data::ChangeSet) -> Result<Ticket>;
     /// Resolves once a majority of the flock's herders has confirmed, after this call, that this
     /// node still leads `flock` in `term` (Raft's read index). A job that changed nothing proves nothing by
     /// committing, so before its answer goes out this shows that no other leader could have

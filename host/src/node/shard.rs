@@ -330,10 +330,16 @@ impl Shard {
             Ok(run) => {
                 if let Some(change) = run.change {
                     proposed = replicator.is_some();
-                    data.apply(&change);
                     let submitted = match &replicator {
-                        None => self.commits.submit(change).map(|seq| last_seq = seq),
-                        Some(r) => r.propose(job.flock, change).map(|ticket| pending = Some(ticket)),
+                        None => {
+                            data.apply(&change);
+                            self.commits.submit(change).map(|seq| last_seq = seq)
+                        }
+                        // Encoded by the proposal: its items move into the cached copy.
+                        Some(r) => r.propose(job.flock, &change).map(|ticket| {
+                            pending = Some(ticket);
+                            data.apply_owned(change);
+                        }),
                     };
                     if let Err(e) = submitted {
                         self.cache.remove_if(&job.bucket, |_| true);
