@@ -5,8 +5,22 @@ use std::ops::Bound;
 
 use super::{ChangeSet, ItemWrite};
 
-/// Fixed cost counted per item in cache accounting (map node and key/value headers).
-const ITEM_OVERHEAD_BYTES: usize = 64;
+/// Bytes of one leaf of a bucket's item map: up to 11 items' `String` and `Vec` headers and a
+/// parent link (std's B-tree; an inner node adds 12 child links).
+const MAP_LEAF_BYTES: usize = 11 * (size_of::<String>() + size_of::<Vec<u8>>()) + 16;
+const MAP_INNER_BYTES: usize = MAP_LEAF_BYTES + 12 * size_of::<usize>();
+
+/// Bytes counted per item beyond its key and value: the allocator's rounding of the two.
+const ITEM_OVERHEAD_BYTES: usize = 16;
+
+/// Bytes the nodes of a map of `items` take: one leaf up to 11 items, then a leaf per 8 (items
+/// inserted in key order leave leaves about half full, a map built at once fills them) and an
+/// inner node per 8 leaves.
+fn map_bytes(items: usize) -> usize {
+    let leaves = if items <= 11 { 1 } else { items.div_ceil(8) };
+    let inner = if leaves == 1 { 0 } else { leaves.div_ceil(8) };
+    leaves * MAP_LEAF_BYTES + inner * MAP_INNER_BYTES
+}
 
 /// A bucket's items and version, as the cache holds them.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -44,9 +58,10 @@ impl BucketData {
         self.items.is_empty()
     }
 
-    /// Approximate memory held, for the cache's byte limit.
+    /// Memory held on the heap, estimated, for the cache's byte limit (tested against an
+    /// allocator's count: `the_estimate_of_a_bucket_s_memory_follows_its_allocations`).
     pub fn bytes(&self) -> usize {
-        self.bytes + ITEM_OVERHEAD_BYTES
+        self.bytes + map_bytes(self.items.len())
     }
 
     /// Applies a change set made against this bucket's current version.
@@ -242,7 +257,65 @@ fn check_key(item: &str) -> Result<(), ViewError> {
 
 #[cfg(test)]
 mod tests {
+    use std::alloc::{GlobalAlloc, Layout, System};
+    use std::cell::Cell;
+
     use super::*;
+
+    /// Counts the bytes each thread has allocated and not freed, so a test can weigh what it builds.
+    struct Counting;
+
+    thread_local! {
+        static HELD: Cell<isize> = const { Cell::new(0) };
+    }
+
+    unsafe impl GlobalAlloc for Counting {
+        unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+            HELD.with(|h| h.set(h.get() + layout.size() as isize));
+            unsafe { System.alloc(layout) }
+        }
+
+        unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+            HELD.with(|h| h.set(h.get() - layout.size() as isize));
+            unsafe { System.dealloc(ptr, layout) }
+        }
+    }
+
+    #[global_allocator]
+    static COUNTING: Counting = Counting;
+
+    /// What `build` leaves allocated on this thread, and what it returns.
+    fn weigh<T>(build: impl FnOnce() -> T) -> (T, usize) {
+        let before = HELD.with(Cell::get);
+        let built = build();
+        (built, (HELD.with(Cell::get) - before) as usize)
+    }
+
+    #[test]
+    fn the_estimate_of_a_bucket_s_memory_follows_its_allocations() {
+        // (items, key bytes, value bytes): one large item, a small record, a hash of 200 records.
+        for (count, key_len, value_len) in [(1, 12, 1000), (1, 5, 8), (10, 8, 20), (200, 4, 70), (2000, 10, 100)] {
+            let items: Vec<(String, Vec<u8>)> =
+                (0..count).map(|i| (format!("{i:0key_len$}"), vec![7; value_len])).collect();
+            // Built at once (a bucket loaded from the store) and item by item (applied writes).
+            let (loaded, loaded_bytes) = weigh(|| BucketData::new(1, items.iter().cloned().collect()));
+            let (applied, applied_bytes) = weigh(|| {
+                let mut bucket = BucketData::default();
+                let writes = items.iter().map(|(k, v)| ItemWrite { item: k.clone(), value: Some(v.clone()) });
+                bucket.apply_owned(ChangeSet { bucket: Vec::new(), flock: 0, version: 1, writes: writes.collect() });
+                bucket
+            });
+            assert_eq!(loaded.bytes(), applied.bytes());
+            for (how, held) in [("loaded", loaded_bytes), ("applied", applied_bytes)] {
+                let ratio = loaded.bytes() as f64 / held as f64;
+                assert!(
+                    (0.75..=1.35).contains(&ratio),
+                    "{count} items of {key_len}+{value_len} bytes, {how}: estimated {} bytes, allocated {held}",
+                    loaded.bytes()
+                );
+            }
+        }
+    }
 
     fn bucket(items: &[(&str, &str)]) -> BucketData {
         BucketData::new(3, items.iter().map(|(k, v)| (k.to_string(), v.as_bytes().to_vec())).collect())

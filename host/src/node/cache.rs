@@ -53,6 +53,15 @@ impl CachedBucket {
     }
 }
 
+/// Bytes an entry takes beyond its bucket's items: the LRU list's node (key, entry and two
+/// links), the hash table's slot for it (16 bytes, at up to twice the entries), the key's bytes
+/// and a finished proposal's shared answer.
+fn entry_bytes(bucket: &[u8], entry: &CachedBucket) -> usize {
+    const NODE_BYTES: usize = size_of::<(Vec<u8>, CachedBucket)>() + 2 * size_of::<usize>();
+    const TICKET_BYTES: usize = 128;
+    NODE_BYTES + 32 + bucket.len() + entry.data.bytes() + if entry.pending.is_some() { TICKET_BYTES } else { 0 }
+}
+
 /// Counters the cache keeps.
 #[derive(Default, Clone, Copy, Debug)]
 pub struct CacheStats {
@@ -84,7 +93,7 @@ impl BucketCache {
         match self.entries.pop(bucket) {
             Some(entry) => {
                 self.hits += 1;
-                self.bytes -= entry.data.bytes();
+                self.bytes -= entry_bytes(bucket, &entry);
                 Some(entry)
             }
             None => {
@@ -96,7 +105,7 @@ impl BucketCache {
 
     /// Puts a bucket back as the most recently used, then evicts durable entries over budget.
     pub(crate) fn put(&mut self, bucket: Vec<u8>, entry: CachedBucket, durable_seq: u64) {
-        self.bytes += entry.data.bytes();
+        self.bytes += entry_bytes(&bucket, &entry);
         self.entries.put(bucket, entry);
         self.evict(durable_seq);
     }
@@ -106,8 +115,8 @@ impl BucketCache {
         while self.bytes > self.bytes_max {
             match self.entries.peek_lru() {
                 Some((_, entry)) if !entry.has_pending(durable_seq) => {
-                    let (_, entry) = self.entries.pop_lru().expect("peeked");
-                    self.bytes -= entry.data.bytes();
+                    let (bucket, entry) = self.entries.pop_lru().expect("peeked");
+                    self.bytes -= entry_bytes(&bucket, &entry);
                 }
                 _ => break,
             }
@@ -119,7 +128,7 @@ impl BucketCache {
         if self.entries.peek(bucket).is_some_and(stale)
             && let Some(entry) = self.entries.pop(bucket)
         {
-            self.bytes -= entry.data.bytes();
+            self.bytes -= entry_bytes(bucket, &entry);
         }
     }
 
@@ -129,7 +138,7 @@ impl BucketCache {
             self.entries.iter().filter(|(bucket, entry)| !keep(bucket, entry)).map(|(b, _)| b.clone()).collect();
         for bucket in gone {
             if let Some(entry) = self.entries.pop(&bucket) {
-                self.bytes -= entry.data.bytes();
+                self.bytes -= entry_bytes(&bucket, &entry);
             }
         }
     }
@@ -160,9 +169,14 @@ mod tests {
         BucketData::new(1, BTreeMap::from([("v".to_string(), vec![0; bytes])]))
     }
 
+    /// What one entry of `bucket_of(1000)` under a one-byte key counts for.
+    fn one() -> usize {
+        entry_bytes(b"a", &CachedBucket::loaded(bucket_of(1000), 0))
+    }
+
     #[test]
     fn least_recently_used_durable_buckets_go_first() {
-        let one = bucket_of(1000).bytes();
+        let one = one();
         let mut cache = BucketCache::new(one * 2);
         cache.put(b"a".to_vec(), CachedBucket { last_seq: 1, ..CachedBucket::loaded(bucket_of(1000), 0) }, 10);
         cache.put(b"b".to_vec(), CachedBucket { last_seq: 2, ..CachedBucket::loaded(bucket_of(1000), 0) }, 10);
@@ -177,7 +191,7 @@ mod tests {
 
     #[test]
     fn buckets_with_pending_writes_stay_until_durable() {
-        let one = bucket_of(1000).bytes();
+        let one = one();
         let mut cache = BucketCache::new(one);
         cache.put(b"a".to_vec(), CachedBucket { last_seq: 5, ..CachedBucket::loaded(bucket_of(1000), 0) }, 4);
         cache.put(b"b".to_vec(), CachedBucket { last_seq: 6, ..CachedBucket::loaded(bucket_of(1000), 0) }, 4);
@@ -196,7 +210,7 @@ mod tests {
 
     #[test]
     fn a_committed_bucket_stays_until_its_apply_is_written_and_a_failed_one_until_reloaded() {
-        let one = bucket_of(1000).bytes();
+        let one = one();
         let mut cache = BucketCache::new(one);
         let failure = crate::error::error(crate::error::ErrorCode::Unavailable, "lost the lead");
         let committed = CachedBucket { pending: Some(resolved(Ok(7))), ..CachedBucket::loaded(bucket_of(1000), 1) };
@@ -214,7 +228,7 @@ mod tests {
 
     #[test]
     fn a_stale_entry_is_dropped_and_its_bytes_returned() {
-        let one = bucket_of(1000).bytes();
+        let one = one();
         let mut cache = BucketCache::new(one * 4);
         cache.put(b"a".to_vec(), CachedBucket::loaded(bucket_of(1000), 0), 0);
         cache.put(b"b".to_vec(), CachedBucket::loaded(bucket_of(1000), 0), 0);
