@@ -887,8 +887,14 @@ fn codec() -> impl bincode::config::Config {
 
 /// Encodes a message into one frame.
 pub fn encode_frame<T: Serialize>(message: &T) -> Result<Vec<u8>, FrameError> {
-    let mut frame = vec![0u8; 5];
-    frame[4] = WIRE_VERSION;
+    encode_frame_sized(message, 0)
+}
+
+/// [`encode_frame`] into a buffer made for about `bytes` of message, so that a large one is
+/// written once rather than copied each time the buffer would grow.
+pub fn encode_frame_sized<T: Serialize>(message: &T, bytes: usize) -> Result<Vec<u8>, FrameError> {
+    let mut frame = Vec::with_capacity(5 + bytes.min(FRAME_BYTES_MAX));
+    frame.extend_from_slice(&[0, 0, 0, 0, WIRE_VERSION]);
     bincode::serde::encode_into_std_write(message, &mut frame, codec())
         .map_err(|e| FrameError::Payload(e.to_string()))?;
     let len = frame.len() - 4;

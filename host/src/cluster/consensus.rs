@@ -80,7 +80,8 @@ pub fn encode_change(change: &ChangeSet) -> Vec<u8> {
     enum Borrowed<'a> {
         Change(&'a ChangeSet),
     }
-    wire::encode(&Borrowed::Change(change))
+    let bytes = 32 + change.bucket.len() + change.bytes() + 8 * change.writes.len();
+    wire::encode_sized(&Borrowed::Change(change), bytes)
 }
 
 /// A log entry's payload.
@@ -997,7 +998,14 @@ impl Driver {
                 sync = SyncTo::All;
             }
             if !gw.entries.is_empty() {
-                let entries = gw.entries.iter().map(|e| (e.index, wire::encode(&WireEntry::from(e)))).collect();
+                let entries = gw
+                    .entries
+                    .iter()
+                    .map(|e| {
+                        let entry = WireEntry::from(e);
+                        (e.index, wire::encode_sized(&entry, entry.encoded_bytes()))
+                    })
+                    .collect();
                 log.push(LogOp::Append { group, entries });
             }
             if let Some(hs) = gw.hard_state {
@@ -1483,10 +1491,10 @@ fn spawn_lane(to: NodeId, peers: Arc<Peers>, events: mpsc::UnboundedSender<Input
                     None => return,
                 },
             };
-            let mut bytes = message_bytes(&first);
+            let mut bytes = first.encoded_bytes();
             let mut messages = vec![first];
             while let Ok(more) = rx.try_recv() {
-                let size = message_bytes(&more);
+                let size = more.encoded_bytes();
                 if bytes + size > FRAME_BYTES {
                     next = Some(more);
                     break;
@@ -1501,11 +1509,6 @@ fn spawn_lane(to: NodeId, peers: Arc<Peers>, events: mpsc::UnboundedSender<Input
         }
     });
     tx
-}
-
-/// About how many bytes a message takes in a frame.
-fn message_bytes(message: &RaftMessage) -> usize {
-    64 + message.entries.iter().map(|e| e.data.len() + 24).sum::<usize>()
 }
 
 fn refused(group: GroupId, refusal: Refusal) -> RemoteError {

@@ -41,7 +41,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use futures::future::BoxFuture;
-use grex_client::proto::{FrameError, decode_frame, encode_frame};
+use grex_client::proto::{FrameError, decode_frame, encode_frame, encode_frame_sized};
 use grex_client::quic::send_frame;
 use tokio::sync::{Semaphore, watch};
 
@@ -964,7 +964,8 @@ impl Lane {
                 answer => Err(PeerError::Protocol(format!("consensus messages were answered {answer:?}"))),
             };
         }
-        let frame = encode_frame(&messages).map_err(|e| PeerError::Protocol(e.to_string()))?;
+        let bytes = messages.iter().map(RaftMessage::encoded_bytes).sum();
+        let frame = encode_frame_sized(&messages, bytes).map_err(|e| PeerError::Protocol(e.to_string()))?;
         match tokio::time::timeout(timeout, self.write(peers, &connection, &frame)).await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => {

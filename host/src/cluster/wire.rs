@@ -31,6 +31,14 @@ pub fn encode<T: Serialize>(value: &T) -> Vec<u8> {
     bincode::serde::encode_to_vec(value, codec()).expect("in-memory encoding cannot fail")
 }
 
+/// [`encode`] into a buffer made for about `bytes`, so that a large value (a log entry, a change
+/// set) is written once rather than copied each time the buffer would grow.
+pub fn encode_sized<T: Serialize>(value: &T, bytes: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(bytes);
+    bincode::serde::encode_into_std_write(value, &mut out, codec()).expect("in-memory encoding cannot fail");
+    out
+}
+
 /// Decodes a value encoded by [`encode`].
 pub fn decode<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, String> {
     bincode::serde::decode_from_slice(bytes, codec()).map(|(v, _)| v).map_err(|e| e.to_string())
@@ -59,6 +67,13 @@ pub struct WireEntry {
     /// The payload, as its proposer serialized it: shared with raft-rs's entry, not copied, and
     /// written as a byte string (the same bytes as `serde_bytes`).
     pub data: Bytes,
+}
+
+impl WireEntry {
+    /// About how many bytes it takes encoded.
+    pub fn encoded_bytes(&self) -> usize {
+        self.data.len() + 32
+    }
 }
 
 impl From<&Entry> for WireEntry {
@@ -212,6 +227,11 @@ pub struct RaftMessage {
 }
 
 impl RaftMessage {
+    /// About how many bytes it takes encoded.
+    pub fn encoded_bytes(&self) -> usize {
+        64 + self.context.len() + self.entries.iter().map(WireEntry::encoded_bytes).sum::<usize>()
+    }
+
     /// A message of `group` as it travels.
     pub fn of(group: GroupId, m: &Message) -> RaftMessage {
         let snapshot = m.snapshot.as_ref().map(|s| AppliedPoint::of(s.get_metadata()));

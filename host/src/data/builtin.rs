@@ -165,8 +165,9 @@ impl Builtin {
 /// Encodes a built-in's arguments as its job input: a sequence of byte strings, each written as
 /// its length and bytes in one copy.
 pub fn encode_args(args: &[Vec<u8>]) -> Vec<u8> {
+    let bytes = args.iter().map(|a| a.len() + 4).sum();
     let args: Vec<&serde_bytes::Bytes> = args.iter().map(|a| serde_bytes::Bytes::new(a)).collect();
-    grex_client::proto::encode_frame(&args).expect("byte strings always encode")
+    grex_client::proto::encode_frame_sized(&args, bytes).expect("byte strings always encode")
 }
 
 /// Decodes a built-in's arguments, borrowed from its input.
