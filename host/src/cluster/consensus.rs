@@ -998,14 +998,7 @@ impl Driver {
                 sync = SyncTo::All;
             }
             if !gw.entries.is_empty() {
-                let entries = gw
-                    .entries
-                    .iter()
-                    .map(|e| {
-                        let entry = WireEntry::from(e);
-                        (e.index, wire::encode_sized(&entry, entry.encoded_bytes()))
-                    })
-                    .collect();
+                let entries = gw.entries.iter().map(|e| (e.index, wire::log_entry(e))).collect();
                 log.push(LogOp::Append { group, entries });
             }
             if let Some(hs) = gw.hard_state {
@@ -1573,7 +1566,7 @@ mod tests {
         {
             let store = RedbStore::open(&path, 4, false).unwrap();
             let entry =
-                |index| (index, wire::encode(&WireEntry { kind: 0, term: 1, index, data: bytes::Bytes::new() }));
+                |index| (index, wire::encode(&WireEntry { kind: 0, term: 1, index, data: bytes::Bytes::new() }).into());
             let point =
                 AppliedPoint { index: 2, term: 1, conf: WireConf { voters: vec![1, 2, 3], ..WireConf::default() } };
             let hard = WireHardState { term: 1, vote: 1, commit: 2 };

@@ -151,7 +151,7 @@ pub fn forward(path: &Path) -> anyhow::Result<Option<u32>> {
         log.push(LogOp::PutLogState { group, key: HARD_STATE_KEY, value: wire::encode(&hard) });
         log.push(LogOp::PutLogState { group, key: BASE_KEY, value: wire::encode(&(applied.index, applied.term)) });
         if !tail.is_empty() {
-            log.push(LogOp::Append { group, entries: tail.to_vec() });
+            log.push(LogOp::Append { group, entries: tail.iter().map(|(i, e)| (*i, e.clone().into())).collect() });
         }
     }
 

@@ -14,7 +14,7 @@ use raft::prelude::{ConfState, Entry, EntryType, HardState, Message, MessageType
 use serde::{Deserialize, Serialize};
 use serde_bytes::ByteBuf;
 
-use crate::storage::GroupId;
+use crate::storage::{GroupId, LogEntry};
 
 /// The most bytes one decode may claim for its strings, byte strings and lists. Without a limit,
 /// bytes that are not the value decoded (a stored value of an older layout, a damaged frame) can
@@ -74,6 +74,28 @@ impl WireEntry {
     pub fn encoded_bytes(&self) -> usize {
         self.data.len() + 32
     }
+}
+
+/// A raft-rs entry as the log stores it: the encoding of its [`WireEntry`], in two parts so that
+/// the payload is shared with the entry rather than copied before the log's write.
+pub fn log_entry(entry: &Entry) -> LogEntry {
+    /// What the encoding of a [`WireEntry`] starts with: its fields up to the payload's length.
+    #[derive(Serialize)]
+    struct Head {
+        kind: i32,
+        term: u64,
+        index: u64,
+        len: u64,
+    }
+    let head = Head {
+        kind: entry.get_entry_type().value(),
+        term: entry.term,
+        index: entry.index,
+        len: entry.data.len() as u64,
+    };
+    let mut buf = [0; LogEntry::HEAD_BYTES_MAX];
+    let len = bincode::serde::encode_into_slice(&head, &mut buf, codec()).expect("four integers fit in 32 bytes");
+    LogEntry::new(&buf[..len], entry.data.clone())
 }
 
 impl From<&Entry> for WireEntry {
@@ -292,6 +314,19 @@ impl RaftMessage {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_entry_as_the_log_stores_it_is_its_wire_encoding() {
+        for (term, index, data) in
+            [(1, 1, Vec::new()), (3, 9, b"change".to_vec()), (u64::MAX, u64::MAX, vec![7; 70_000])]
+        {
+            let mut entry = Entry { term, index, data: Bytes::from(data), ..Default::default() };
+            for kind in [EntryType::EntryNormal, EntryType::EntryConfChangeV2] {
+                entry.set_entry_type(kind);
+                assert_eq!(log_entry(&entry).to_vec(), encode(&WireEntry::from(&entry)), "{term} {index} {kind:?}");
+            }
+        }
+    }
 
     #[test]
     fn an_entry_keeps_the_encoding_that_logs_and_peers_of_earlier_releases_hold() {

@@ -741,7 +741,7 @@ mod tests {
             let applied = log.submit_write(apply(b"k", version)).unwrap();
             // A log append behind it is written at once; the apply may wait for company.
             let (tx, appended) = tokio::sync::oneshot::channel();
-            let append = LogOp::Append { group: 0, entries: vec![(version, b"entry".to_vec())] };
+            let append = LogOp::Append { group: 0, entries: vec![(version, b"entry".to_vec().into())] };
             let done: WriteDone = Box::new(move |result| tx.send(result).unwrap());
             log.submit_write(Write { log: vec![append], changes: Vec::new(), sync: SyncTo::Log, done: Some(done) })
                 .unwrap();
@@ -800,7 +800,7 @@ mod tests {
         let (store, entered, release) = stuck_in_write(1);
         let log = CommitLog::start(Arc::new(store), 16, usize::MAX);
         let append = |index| Write {
-            log: vec![LogOp::Append { group: 0, entries: vec![(index, b"entry".to_vec())] }],
+            log: vec![LogOp::Append { group: 0, entries: vec![(index, b"entry".to_vec().into())] }],
             changes: Vec::new(),
             sync: SyncTo::Log,
             done: None,

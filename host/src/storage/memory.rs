@@ -96,7 +96,7 @@ impl Store for MemoryStore {
                         state.log.retain(|(g, i), _| g != group || i < first);
                     }
                     for (index, entry) in entries {
-                        state.log.insert((*group, *index), entry.clone());
+                        state.log.insert((*group, *index), entry.to_vec());
                     }
                 }
                 LogOp::TruncateFrom { group, from } => {

@@ -62,7 +62,7 @@ pub enum LogOp {
         /// The log.
         group: GroupId,
         /// `(index, encoded entry)`, in index order.
-        entries: Vec<(u64, Vec<u8>)>,
+        entries: Vec<(u64, LogEntry)>,
     },
     /// Deletes entries with index `>= from` (a conflicting suffix).
     TruncateFrom {
@@ -127,6 +127,63 @@ pub enum LogOp {
         /// The module.
         wasm: Vec<u8>,
     },
+}
+
+/// An encoded log entry as it waits to be written: a short head and a payload that may be
+/// shared with its holder (the consensus engine's entry), so that a large payload is copied once,
+/// into the log's write. Read back, the two are one byte string.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LogEntry {
+    head: [u8; LogEntry::HEAD_BYTES_MAX],
+    head_len: u8,
+    body: bytes::Bytes,
+}
+
+impl LogEntry {
+    /// The longest head.
+    pub const HEAD_BYTES_MAX: usize = 32;
+
+    /// The entry whose encoding is `head` followed by `body`.
+    ///
+    /// # Panics
+    /// If `head` is longer than [`LogEntry::HEAD_BYTES_MAX`].
+    pub fn new(head: &[u8], body: bytes::Bytes) -> LogEntry {
+        let mut entry = LogEntry { head: [0; LogEntry::HEAD_BYTES_MAX], head_len: head.len() as u8, body };
+        entry.head[..head.len()].copy_from_slice(head);
+        entry
+    }
+
+    /// Bytes of the encoding.
+    pub fn len(&self) -> usize {
+        usize::from(self.head_len) + self.body.len()
+    }
+
+    /// Whether the encoding is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The encoding, in its two parts.
+    pub fn parts(&self) -> [&[u8]; 2] {
+        [&self.head[..usize::from(self.head_len)], &self.body]
+    }
+
+    /// The encoding, in one piece.
+    pub fn to_vec(&self) -> Vec<u8> {
+        self.parts().concat()
+    }
+}
+
+/// Entries as a log operation holds them.
+#[cfg(test)]
+pub(crate) fn logged(entries: Vec<(u64, Vec<u8>)>) -> Vec<(u64, LogEntry)> {
+    entries.into_iter().map(|(index, entry)| (index, entry.into())).collect()
+}
+
+impl From<Vec<u8>> for LogEntry {
+    fn from(encoded: Vec<u8>) -> LogEntry {
+        LogEntry::new(&[], encoded.into())
+    }
 }
 
 impl LogOp {
@@ -357,8 +414,8 @@ pub(crate) mod contract {
     pub(crate) fn logs_append_truncate_purge_and_flocks_clear(store: &dyn Store) {
         let entries = |r: std::ops::Range<u64>| r.map(|i| (i, vec![i as u8])).collect::<Vec<_>>();
         let log = vec![
-            LogOp::Append { group: 3, entries: entries(1..6) },
-            LogOp::Append { group: META_GROUP, entries: entries(1..3) },
+            LogOp::Append { group: 3, entries: logged(entries(1..6)) },
+            LogOp::Append { group: META_GROUP, entries: logged(entries(1..3)) },
             LogOp::PutLogState { group: 3, key: "vote", value: b"v1".to_vec() },
             LogOp::PutState { group: 3, key: "applied", value: b"a1".to_vec() },
         ];

@@ -697,15 +697,15 @@ mod tests {
         // Two groups' entries interleaved in the one log table, then cut at both ends.
         for i in 1..=6 {
             let log = vec![
-                LogOp::Append { group: 3, entries: vec![entry(3, i)] },
-                LogOp::Append { group: META_GROUP, entries: vec![entry(META_GROUP, i)] },
+                LogOp::Append { group: 3, entries: crate::storage::logged(vec![entry(3, i)]) },
+                LogOp::Append { group: META_GROUP, entries: crate::storage::logged(vec![entry(META_GROUP, i)]) },
             ];
             store.write(&Batch { log, changes: Vec::new(), sync: SyncTo::Log }).unwrap();
         }
         let log = vec![
             LogOp::TruncateFrom { group: 3, from: 5 },
             LogOp::PurgeUpto { group: META_GROUP, upto: 2 },
-            LogOp::Append { group: 3, entries: vec![(4, b"new 4".to_vec())] },
+            LogOp::Append { group: 3, entries: vec![(4, b"new 4".to_vec().into())] },
         ];
         store.write(&Batch { log, changes: Vec::new(), sync: SyncTo::Log }).unwrap();
         drop(store);
@@ -889,7 +889,7 @@ mod tests {
             prop_oneof![
                 (group.clone(), 1u64..12, 0usize..5, any::<u8>()).prop_map(|(group, from, n, tag)| LogOp::Append {
                     group,
-                    entries: (from..from + n as u64).map(|i| (i, vec![tag, i as u8])).collect(),
+                    entries: (from..from + n as u64).map(|i| (i, vec![tag, i as u8].into())).collect(),
                 }),
                 (group.clone(), 1u64..12).prop_map(|(group, from)| LogOp::TruncateFrom { group, from }),
                 (group.clone(), 0u64..8).prop_map(|(group, upto)| LogOp::PurgeUpto { group, upto }),

@@ -364,7 +364,7 @@ fn encode(ops: &[&LogOp], body: &mut Vec<u8>) {
         match op {
             LogOp::Append { group, entries } => {
                 for (index, entry) in entries {
-                    encode_entry(body, ENTRY, *group, *index, entry);
+                    encode_entry(body, ENTRY, *group, *index, &entry.parts());
                 }
             }
             LogOp::TruncateFrom { group, from } => encode_cut(body, TRUNCATE, *group, *from),
@@ -379,12 +379,15 @@ fn encode(ops: &[&LogOp], body: &mut Vec<u8>) {
     }
 }
 
-fn encode_entry(body: &mut Vec<u8>, tag: u8, group: GroupId, index: u64, entry: &[u8]) {
+fn encode_entry(body: &mut Vec<u8>, tag: u8, group: GroupId, index: u64, parts: &[&[u8]]) {
     body.push(tag);
     body.extend_from_slice(&group.to_le_bytes());
     body.extend_from_slice(&index.to_le_bytes());
-    body.extend_from_slice(&(entry.len() as u32).to_le_bytes());
-    body.extend_from_slice(entry);
+    let len: usize = parts.iter().map(|p| p.len()).sum();
+    body.extend_from_slice(&(len as u32).to_le_bytes());
+    for part in parts {
+        body.extend_from_slice(part);
+    }
 }
 
 fn encode_cut(body: &mut Vec<u8>, tag: u8, group: GroupId, index: u64) {
@@ -677,7 +680,7 @@ impl SegmentLog {
                     entry.resize(loc.len as usize, 0);
                     file.read_exact_at(&mut entry, loc.offset())
                         .map_err(|e| io("reading", &segment_path(&self.dir, number), e))?;
-                    encode_entry(&mut body, RELOCATE, group, index, &entry);
+                    encode_entry(&mut body, RELOCATE, group, index, &[&entry]);
                 }
                 for (group, key, value) in values {
                     encode_value(&mut body, group, &key, &value);
@@ -751,7 +754,10 @@ mod tests {
     use super::*;
 
     fn append(group: GroupId, from: u64, n: u64) -> LogOp {
-        LogOp::Append { group, entries: (from..from + n).map(|i| (i, format!("{group}/{i}").into_bytes())).collect() }
+        LogOp::Append {
+            group,
+            entries: (from..from + n).map(|i| (i, format!("{group}/{i}").into_bytes().into())).collect(),
+        }
     }
 
     fn write(log: &SegmentLog, ops: &[LogOp]) {
