@@ -906,7 +906,11 @@ async fn a_follower_500_entries_of_1_mib_behind_catches_up_from_the_log() {
     cluster.nodes[behind].restart();
     let started = Instant::now();
     let node = &cluster.nodes[behind];
-    eventually("the follower to catch up 500 MiB of log", Duration::from_secs(240), || async {
+    // Catching up takes 46–230 s alone on a 2-core machine and has taken longer beside the
+    // other tests: the follower's share of log memory (16 MiB) holds 16 of these entries, and an
+    // append that does not fit is dropped and sent again after a heartbeat (ARCHITECTURE.md).
+    // The bound guards against a follower that never catches up, not a speed.
+    eventually("the follower to catch up 500 MiB of log", Duration::from_secs(480), || async {
         stored_count(node, bucket).await == 1
     })
     .await;
