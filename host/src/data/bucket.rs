@@ -1,6 +1,7 @@
 //! A decoded bucket and the view a job has of it.
 
 use std::collections::BTreeMap;
+use std::collections::btree_map::Entry;
 use std::ops::Bound;
 
 use super::{ChangeSet, ItemWrite};
@@ -172,6 +173,12 @@ impl JobView {
 
     /// Writes an item.
     pub fn put(&mut self, item: &str, value: Vec<u8>) -> Result<(), ViewError> {
+        self.set(item, value).map(|_| ())
+    }
+
+    /// Writes an item; returns whether it existed before (one lookup where `get` and `put`
+    /// would take three).
+    pub fn set(&mut self, item: &str, value: Vec<u8>) -> Result<bool, ViewError> {
         check_key(item)?;
         if value.len() > self.item_bytes_max {
             return Err(ViewError::ItemTooLarge {
@@ -192,16 +199,27 @@ impl JobView {
         Ok(existed)
     }
 
-    fn record(&mut self, item: &str, value: Option<Vec<u8>>) -> Result<(), ViewError> {
+    /// Records a write if it keeps the change set within its limit; returns whether the item
+    /// existed before it.
+    fn record(&mut self, item: &str, value: Option<Vec<u8>>) -> Result<bool, ViewError> {
         let new_bytes = item.len() + value.as_ref().map_or(0, Vec::len);
-        let old_bytes = self.writes.get(item).map_or(0, |v| item.len() + v.as_ref().map_or(0, Vec::len));
+        let slot = self.writes.entry(item.to_owned());
+        let (old_bytes, existed) = match &slot {
+            Entry::Occupied(written) => {
+                (item.len() + written.get().as_ref().map_or(0, Vec::len), written.get().is_some())
+            }
+            Entry::Vacant(_) => (0, self.base.get(item).is_some()),
+        };
         let total = self.write_bytes - old_bytes + new_bytes;
         if total > self.change_set_bytes_max {
             return Err(ViewError::ChangeSetTooLarge { bytes: total, max: self.change_set_bytes_max });
         }
         self.write_bytes = total;
-        self.writes.insert(item.to_owned(), value);
-        Ok(())
+        match slot {
+            Entry::Occupied(mut written) => *written.get_mut() = value,
+            Entry::Vacant(new) => _ = new.insert(value),
+        }
+        Ok(existed)
     }
 
     /// Item keys as the job sees them: committed keys merged with its writes, deletes removed.
@@ -319,6 +337,20 @@ mod tests {
 
     fn bucket(items: &[(&str, &str)]) -> BucketData {
         BucketData::new(3, items.iter().map(|(k, v)| (k.to_string(), v.as_bytes().to_vec())).collect())
+    }
+
+    #[test]
+    fn set_says_whether_the_item_existed_as_the_job_sees_it() {
+        let mut view = JobView::new(bucket(&[("a", "1"), ("b", "2")]), 1000, 1000);
+        assert!(view.set("a", b"9".to_vec()).unwrap(), "committed");
+        assert!(!view.set("c", b"3".to_vec()).unwrap(), "new");
+        assert!(view.set("c", b"4".to_vec()).unwrap(), "written by this job");
+        assert!(view.delete("b").unwrap());
+        assert!(!view.set("b", b"5".to_vec()).unwrap(), "deleted by this job");
+        let e = view.set("d", vec![0; 995]).unwrap_err();
+        assert!(matches!(e, ViewError::ChangeSetTooLarge { .. }));
+        assert_eq!(view.get("d").unwrap(), None, "a refused write leaves nothing behind");
+        assert_eq!(view.list("", None, 10), ["a", "b", "c"]);
     }
 
     #[test]

@@ -110,9 +110,8 @@ impl Builtin {
                 }
                 let mut added = 0;
                 for pair in args.chunks(2) {
-                    let field = field(pair[0])?;
-                    added += i64::from(view.get(field).map_err(view_error)?.is_none());
-                    view.put(field, pair[1].to_vec()).map_err(view_error)?;
+                    let existed = view.set(field(pair[0])?, pair[1].to_vec()).map_err(view_error)?;
+                    added += i64::from(!existed);
                 }
                 BuiltinReply::Int(added)
             }
