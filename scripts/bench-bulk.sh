@@ -33,11 +33,9 @@ else
 fi
 wait_formed "$nodes"
 [ "$nodes" = 1 ] || wait_balanced "$nodes"
-if [ "${CLUSTER:-0}" = 1 ]; then
-  bench() { redis-benchmark --cluster -p 17073 -c 50 -P "${PIPELINE:-1}" -r 1000000 --csv "$@" HSET "bucket:{tag}:__rand_int__" "${args[@]}" 2>/dev/null | tail -1; }
-else
-  bench() { redis-benchmark -p 17073 -c 50 -P "${PIPELINE:-1}" -r 1000000 --csv "$@" HSET "bucket:__rand_int__" "${args[@]}" 2>/dev/null | tail -1; }
-fi
+bench_cluster=() key="bucket:__rand_int__"
+[ "${CLUSTER:-0}" != 1 ] || bench_cluster=(--cluster) key="bucket:{tag}:__rand_int__"
+bench() { redis-benchmark "${bench_cluster[@]}" -p 17073 -c 50 -P "${PIPELINE:-1}" -r 1000000 --csv "$@" HSET "$key" "${args[@]}" 2>/dev/null | tail -1; }
 bench -n 2000 > /dev/null
 rate=$(bench -n "$requests" | cut -d, -f2 | tr -d '"')
 awk -v r="$rate" -v f="$fields" 'BEGIN { printf "%.0f HSET/s × %d fields = %.0f records/s\n", r, f, r * f }'

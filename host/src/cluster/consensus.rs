@@ -1495,7 +1495,7 @@ fn spawn_lane(to: NodeId, peers: Arc<Peers>, events: mpsc::UnboundedSender<Input
                 bytes += size;
                 messages.push(more);
             }
-            if let Err(e) = lane.send(&peers, messages, FRAME_TIMEOUT).await {
+            if let Err(e) = lane.send(&peers, messages, bytes, FRAME_TIMEOUT).await {
                 tracing::debug!(to = %format!("{to:016x}"), error = %e, "consensus messages did not reach a peer");
                 let _ = events.send(Input::Unreachable(to));
             }

@@ -944,13 +944,15 @@ impl Lane {
         Lane { to, open: None }
     }
 
-    /// Sends one round's messages; done once they are in the connection's send buffer (or, on an
-    /// older connection, once the peer answered). After an error the next send opens a new
-    /// stream, dialing again if the connection is gone.
+    /// Sends one round's messages, about `bytes` encoded ([`RaftMessage::encoded_bytes`]); done
+    /// once they are in the connection's send buffer (or, on an older connection, once the peer
+    /// answered). After an error the next send opens a new stream, dialing again if the
+    /// connection is gone.
     pub async fn send(
         &mut self,
         peers: &Arc<Peers>,
         messages: Vec<RaftMessage>,
+        bytes: usize,
         timeout: Duration,
     ) -> Result<(), PeerError> {
         let to = self.to;
@@ -964,7 +966,6 @@ impl Lane {
                 answer => Err(PeerError::Protocol(format!("consensus messages were answered {answer:?}"))),
             };
         }
-        let bytes = messages.iter().map(RaftMessage::encoded_bytes).sum();
         let frame = encode_frame_sized(&messages, bytes).map_err(|e| PeerError::Protocol(e.to_string()))?;
         match tokio::time::timeout(timeout, self.write(peers, &connection, &frame)).await {
             Ok(Ok(())) => Ok(()),

@@ -176,8 +176,8 @@ impl JobView {
         self.set(item, value).map(|_| ())
     }
 
-    /// Writes an item; returns whether it existed before (one lookup where `get` and `put`
-    /// would take three).
+    /// Writes an item; returns whether it existed before (one lookup in the job's writes, and in
+    /// the bucket only if the job has not written it, where `get` then `put` would take four).
     pub fn set(&mut self, item: &str, value: Vec<u8>) -> Result<bool, ViewError> {
         check_key(item)?;
         if value.len() > self.item_bytes_max {

@@ -174,16 +174,16 @@ impl LogEntry {
     }
 }
 
-/// Entries as a log operation holds them.
-#[cfg(test)]
-pub(crate) fn logged(entries: Vec<(u64, Vec<u8>)>) -> Vec<(u64, LogEntry)> {
-    entries.into_iter().map(|(index, entry)| (index, entry.into())).collect()
-}
-
 impl From<Vec<u8>> for LogEntry {
     fn from(encoded: Vec<u8>) -> LogEntry {
         LogEntry::new(&[], encoded.into())
     }
+}
+
+/// Entries as a log operation holds them.
+#[cfg(test)]
+pub(crate) fn logged(entries: Vec<(u64, Vec<u8>)>) -> Vec<(u64, LogEntry)> {
+    entries.into_iter().map(|(index, entry)| (index, entry.into())).collect()
 }
 
 impl LogOp {
