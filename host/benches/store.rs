@@ -41,7 +41,7 @@ fn batch(changes: Vec<ChangeSet>, sync: SyncTo) -> Batch {
     let mut log: Vec<LogOp> =
         changes.iter().map(|c| LogOp::PutState { group: c.flock, key: "applied", value: vec![0; 40] }).collect();
     log.dedup_by_key(|op| if let LogOp::PutState { group, .. } = op { *group } else { u32::MAX });
-    Batch { log, changes, sync }
+    Batch { log, changes: changes.into_iter().map(Into::into).collect(), sync }
 }
 
 fn median(mut samples: Vec<f64>) -> f64 {

@@ -260,6 +260,8 @@ impl Stream {
     ) -> anyhow::Result<()> {
         let (answers, ready) = mpsc::channel::<Bytes>(STREAMS_PER_CONNECTION_MAX as usize);
         let writer = tokio::spawn(write_answers(send, ready));
+        // One buffer for every request frame of the session.
+        let mut frame = Vec::new();
         let ended = loop {
             let slot = slots.clone().acquire_owned().await?;
             // Between requests a session may idle as a connection may; a frame once begun must
@@ -270,14 +272,18 @@ impl Stream {
                 Err(e) => break Some(e),
             };
             let mut claim = self.budget.claim();
-            let body = tokio::time::timeout(REQUEST_READ_TIMEOUT, read_body(&mut recv, header, Some(&mut claim)));
-            let frame = match body.await {
-                Ok(Ok(frame)) => frame,
+            let body =
+                tokio::time::timeout(REQUEST_READ_TIMEOUT, read_body(&mut recv, header, Some(&mut claim), &mut frame));
+            match body.await {
+                Ok(Ok(())) => {}
                 Ok(Err(e)) => break Some(e),
                 Err(_) => break Some(too_late()),
             };
             drop(claim);
-            let Tagged { id, message: request } = match decode_frame::<Tagged<Request>>(&frame) {
+            let decoded = decode_frame::<Tagged<Request>>(&frame);
+            // The claim is gone: a large request's buffer goes with it.
+            drop_if_larger(&mut frame, FREE_BYTES);
+            let Tagged { id, message: request } = match decoded {
                 Ok(tagged) => tagged,
                 Err(e) => break Some(error(ErrorCode::BadRequest, format!("a malformed session frame: {e}"))),
             };
@@ -359,9 +365,17 @@ async fn next_frame_within(
     recv: &mut quinn::RecvStream,
     claim: Option<&mut Claim>,
 ) -> Result<Option<Vec<u8>>, RemoteError> {
-    match next_header(recv).await? {
-        Some(header) => read_body(recv, header, claim).await.map(Some),
-        None => Ok(None),
+    let Some(header) = next_header(recv).await? else { return Ok(None) };
+    let mut frame = Vec::new();
+    read_body(recv, header, claim, &mut frame).await?;
+    Ok(Some(frame))
+}
+
+/// Frees `buffer` if it holds more than `keep` bytes of capacity, so that a reader reusing one
+/// buffer keeps a large one only while it is in use.
+fn drop_if_larger(buffer: &mut Vec<u8>, keep: usize) {
+    if buffer.capacity() > keep {
+        *buffer = Vec::new();
     }
 }
 
@@ -375,17 +389,20 @@ async fn next_header(recv: &mut quinn::RecvStream) -> Result<Option<[u8; 4]>, Re
     }
 }
 
-/// Reads the rest of the frame `header` starts, holding the bytes received so far on `claim`
-/// (when given); the frame returned includes its header.
+/// Reads the rest of the frame `header` starts into `frame` (cleared first; header included),
+/// holding the bytes received so far on `claim` (when given). The buffer grows with the bytes
+/// that arrive, past [`FREE_BYTES`], not with the length the header announces.
 async fn read_body(
     recv: &mut quinn::RecvStream,
     header: [u8; 4],
     mut claim: Option<&mut Claim>,
-) -> Result<Vec<u8>, RemoteError> {
+    frame: &mut Vec<u8>,
+) -> Result<(), RemoteError> {
     let bad = |message: String| error(ErrorCode::BadRequest, message);
     let len = frame_len(header).map_err(|e| bad(e.to_string()))?;
     debug_assert!(len <= FRAME_BYTES_MAX);
-    let mut frame = Vec::with_capacity(4 + len.min(FREE_BYTES));
+    frame.clear();
+    frame.reserve(4 + len.min(FREE_BYTES));
     frame.extend_from_slice(&header);
     while frame.len() < 4 + len {
         let chunk = recv.read_chunk(4 + len - frame.len(), true).await;
@@ -399,7 +416,7 @@ async fn read_body(
             None => return Err(bad(format!("the stream ended {} bytes into a {len}-byte frame", frame.len() - 4))),
         }
     }
-    Ok(frame)
+    Ok(())
 }
 
 /// Writes one answer frame and finishes the stream (an answer that cannot be encoded becomes

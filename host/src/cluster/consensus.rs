@@ -19,7 +19,7 @@
 //! term and configuration the state holds) and, for the meta group, `meta_state`.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
@@ -38,7 +38,7 @@ use super::peer::{Lane, Peers};
 use super::placement::FlockMap;
 use super::wire::{self, AppliedPoint, RaftMessage, WireConf, WireEntry, WireHardState};
 use super::{NodeId, PeerInfo};
-use crate::data::{ChangeSet, ItemWrite};
+use crate::data::{Change, ChangeSet, ItemWrite};
 use crate::error::{ErrorCode, RemoteError, Result, error};
 use crate::node::{Node, Write};
 use crate::storage::{GroupId, LogOp, META_GROUP, ModuleId, Store, SyncTo};
@@ -53,12 +53,26 @@ const INPUTS_MAX: usize = 8192;
 /// Ticks between republishing every group's view (each is also published in any round that
 /// stepped or changed it; this catches what moves without either).
 const VIEWS_REFRESH_TICKS: u64 = 10;
+/// Bytes of peer messages a node holds that its driver has not stepped yet, over all peers: a
+/// peer's lane waits to hand over its next frame while they would go past it (one frame larger
+/// than it goes alone). Without it the driver's input queue, bounded by count, held frames of up to
+/// [`FRAME_BYTES`] each from peers faster than the driver.
+const INCOMING_BYTES: usize = 2 * FRAME_BYTES;
+/// How many times `--snapshot-logs` entries a leader's log may hold for herders that lag, before
+/// it purges them anyway ([`Driver::maybe_purge`]).
+const LAGGING_LOGS_FACTOR: u64 = 4;
+/// Snapshots a node builds and sends at once. Each is held whole in memory on both sides, so a
+/// node that joins a busy cluster (every flock sends it one) must not have them all built at once.
+const SNAPSHOTS_SENT_AT_ONCE: usize = 2;
 /// Bytes of snapshot data in one peer frame.
 const SNAPSHOT_CHUNK_BYTES: usize = 1 << 20;
 /// Bytes of entries in one frame of consensus messages.
 const FRAME_BYTES: usize = 8 << 20;
 /// Messages waiting in the lane to one peer.
 const LANE_MESSAGES_MAX: usize = 16_384;
+/// Bytes of messages one lane holds, queued or being written: a frame's worth
+/// ([`Driver::send`]). A node holds at most this much per peer beyond its log's memory.
+const LANE_QUEUE_BYTES: usize = FRAME_BYTES;
 /// How long a peer frame of consensus messages may take.
 const FRAME_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a proposal is remembered for its answer (its caller gives up after 10 s).
@@ -72,6 +86,10 @@ pub(super) const APPLIED_KEY: &str = "applied";
 pub(super) const META_STATE_KEY: &str = "meta_state";
 /// Set on a flock this node has released (its copy deleted): its log may still need dropping.
 const RELEASED_KEY: &str = "released";
+
+/// The first byte of a [`Command::Change`]'s encoding (its variant's index); the change set's own
+/// encoding follows it.
+const CHANGE_TAG: u8 = 0;
 
 /// The payload of a flock entry, encoded from a borrowed change set: the same bytes as
 /// `Command::Change(change.clone())` without the clone.
@@ -192,18 +210,48 @@ pub struct GroupView {
 
 /// What enters the driver.
 enum Input {
-    Frame { messages: Vec<RaftMessage>, snapshot: Option<Vec<u8>> },
-    Propose { group: GroupId, data: Vec<u8>, reply: oneshot::Sender<Result<u64>> },
-    ConfChange { group: GroupId, change: ConfChangeV2, reply: oneshot::Sender<Result<u64>> },
-    ReadIndex { group: GroupId, term: u64, reply: oneshot::Sender<Result<()>> },
+    /// Peer messages, and the bytes they hold of [`INCOMING_BYTES`] until the driver steps them.
+    Frame {
+        messages: Vec<RaftMessage>,
+        snapshot: Option<Vec<u8>>,
+        held: Option<tokio::sync::OwnedSemaphorePermit>,
+    },
+    Propose {
+        group: GroupId,
+        data: Vec<u8>,
+        reply: oneshot::Sender<Result<u64>>,
+    },
+    ConfChange {
+        group: GroupId,
+        change: ConfChangeV2,
+        reply: oneshot::Sender<Result<u64>>,
+    },
+    ReadIndex {
+        group: GroupId,
+        term: u64,
+        reply: oneshot::Sender<Result<()>>,
+    },
     Transfer(GroupId, NodeId),
     PeerDown(NodeId),
     Unreachable(NodeId),
-    SnapshotSent { group: GroupId, to: NodeId, installed: bool },
-    Persisted { id: u64, result: std::result::Result<(), String> },
-    Release { group: GroupId, reply: oneshot::Sender<Result<()>> },
+    SnapshotSent {
+        group: GroupId,
+        to: NodeId,
+        installed: bool,
+    },
+    Persisted {
+        id: u64,
+        result: std::result::Result<(), String>,
+    },
+    Release {
+        group: GroupId,
+        reply: oneshot::Sender<Result<()>>,
+    },
     Released(GroupId),
-    StoreHolds { group: GroupId, term: u64 },
+    StoreHolds {
+        group: GroupId,
+        term: u64,
+    },
     Stop,
 }
 
@@ -211,6 +259,8 @@ enum Input {
 #[derive(Clone)]
 pub struct Consensus {
     tx: mpsc::Sender<Input>,
+    /// Bytes of peer messages waiting for the driver ([`INCOMING_BYTES`]).
+    incoming: Arc<tokio::sync::Semaphore>,
     /// Inputs from threads that must not block (the committer's callbacks).
     events: mpsc::UnboundedSender<Input>,
     views: Arc<RwLock<BTreeMap<GroupId, GroupView>>>,
@@ -240,7 +290,8 @@ impl Consensus {
         let (meta_tx, meta) = watch::channel(MetaState::default());
         let views = Arc::new(RwLock::new(BTreeMap::new()));
         let terms = Arc::new(LeaderTerms::new(flocks));
-        (Consensus { tx, events, views, meta, terms }, Inbox { rx, events: events_rx, meta: meta_tx })
+        let incoming = Arc::new(tokio::sync::Semaphore::new(INCOMING_BYTES));
+        (Consensus { tx, incoming, events, views, meta, terms }, Inbox { rx, events: events_rx, meta: meta_tx })
     }
 
     /// Starts the driver of this handle over the node's store. `bootstrap`: this node founds a
@@ -327,6 +378,8 @@ impl Consensus {
             reads: BTreeMap::new(),
             next_read: 1,
             lanes: BTreeMap::new(),
+            snapshots_sending: BTreeSet::new(),
+            snapshot_turns: Arc::new(tokio::sync::Semaphore::new(SNAPSHOTS_SENT_AT_ONCE)),
             written: BTreeMap::new(),
             purges: BTreeMap::new(),
             stepped: BTreeSet::new(),
@@ -358,9 +411,15 @@ impl Consensus {
         answer.await.map_err(|_| stopped())?
     }
 
-    /// Hands a frame of peer messages to the engine (waits while the driver is busy).
+    /// Hands a frame of peer messages to the engine; waits while the driver is busy, and while
+    /// the frames waiting for it hold [`INCOMING_BYTES`] (so a peer's lane reads its next frame
+    /// only then).
     pub async fn deliver(&self, messages: Vec<RaftMessage>, snapshot: Option<Vec<u8>>) -> Result<()> {
-        self.tx.send(Input::Frame { messages, snapshot }).await.map_err(|_| stopped())
+        let bytes =
+            messages.iter().map(RaftMessage::encoded_bytes).sum::<usize>() + snapshot.as_ref().map_or(0, Vec::len);
+        let permits = bytes.min(INCOMING_BYTES) as u32;
+        let held = self.incoming.clone().acquire_many_owned(permits).await.map_err(|_| stopped())?;
+        self.tx.send(Input::Frame { messages, snapshot, held: Some(held) }).await.map_err(|_| stopped())
     }
 
     /// Proposes an entry to `group`; resolves once it is applied here (with the committer
@@ -466,7 +525,7 @@ type Answer = (oneshot::Sender<Result<u64>>, Result<Option<u64>>);
 #[derive(Default)]
 struct Applies {
     log: Vec<LogOp>,
-    changes: Vec<ChangeSet>,
+    changes: Vec<Change>,
     /// What to do once the write is in the store, per group that needs anything.
     done: Vec<crate::node::WriteDone>,
     /// Proposals answered with the write's sequence once it is queued.
@@ -664,7 +723,11 @@ struct Driver {
     /// Rounds under way, by context.
     reads: BTreeMap<u64, ReadRound>,
     next_read: u64,
-    lanes: BTreeMap<NodeId, mpsc::Sender<RaftMessage>>,
+    lanes: BTreeMap<NodeId, LaneQueue>,
+    /// Snapshots waiting for their turn or under way, by group and peer ([`Driver::send_snapshot`]).
+    snapshots_sending: BTreeSet<(GroupId, NodeId)>,
+    /// Turns to build and send a snapshot.
+    snapshot_turns: Arc<tokio::sync::Semaphore>,
     /// Per flock, the committer sequence of its last applied write.
     written: BTreeMap<GroupId, u64>,
     /// Purges planned, by group: the last index to purge, and the committer sequence a
@@ -743,7 +806,8 @@ impl Driver {
     /// Takes one input; false to stop.
     fn handle_input(&mut self, input: Input) -> bool {
         match input {
-            Input::Frame { messages, snapshot } => {
+            // What the frame held is released once its messages are stepped (at the arm's end).
+            Input::Frame { messages, snapshot, held: _held } => {
                 let mut data = snapshot;
                 let envelopes: Vec<Envelope> = messages
                     .into_iter()
@@ -787,7 +851,10 @@ impl Driver {
             }
             Input::PeerDown(node) => self.engine.peer_down(node),
             Input::Unreachable(node) => self.engine.report_unreachable(node),
-            Input::SnapshotSent { group, to, installed } => self.engine.report_snapshot(group, to, installed),
+            Input::SnapshotSent { group, to, installed } => {
+                self.snapshots_sending.remove(&(group, to));
+                self.engine.report_snapshot(group, to, installed)
+            }
             Input::Persisted { id, result } => match result {
                 Ok(()) => self.engine.persisted(id),
                 Err(e) => {
@@ -966,13 +1033,21 @@ impl Driver {
         }
     }
 
-    /// Queues a message on the lane to its peer.
+    /// Queues a message on the lane to its peer. A lane that cannot keep up loses messages, as
+    /// a network would, once it holds [`LANE_QUEUE_BYTES`]: its entries may be ones the log no
+    /// longer holds (committed by the other herders and applied), which the lane alone would
+    /// keep in memory. The peer is reported unreachable on the first loss, so its leaders probe
+    /// it with one append at a time until it answers, and raft sends the rest again.
     fn send(&mut self, to: NodeId, message: RaftMessage) {
         let lane =
             self.lanes.entry(to).or_insert_with(|| spawn_lane(to, self.peers.clone(), self.handle.events.clone()));
-        if lane.try_send(message).is_err() {
-            // A lane that cannot keep up loses messages, as a network would: raft sends again.
-            tracing::debug!(to = %format!("{to:016x}"), "the lane to a peer is full; a consensus message is dropped");
+        if lane.try_send(message) {
+            lane.losing = false;
+            return;
+        }
+        tracing::debug!(to = %format!("{to:016x}"), "the lane to a peer is full; a consensus message is dropped");
+        if !std::mem::replace(&mut lane.losing, true) {
+            self.engine.report_unreachable(to);
         }
     }
 
@@ -1046,7 +1121,7 @@ impl Driver {
         group: GroupId,
         data: &[u8],
         log: &mut Vec<LogOp>,
-        changes: &mut Vec<ChangeSet>,
+        changes: &mut Vec<Change>,
     ) -> std::result::Result<Option<(MetaState, Vec<ModuleChange>)>, String> {
         if group == META_GROUP {
             let snap: MetaSnapshot = wire::decode(data)?;
@@ -1071,11 +1146,16 @@ impl Driver {
         }
         let snap: FlockSnapshot = wire::decode(data)?;
         log.push(LogOp::ClearFlock { flock: group });
-        changes.extend(snap.buckets.into_iter().map(|(bucket, version, items)| ChangeSet {
-            bucket: bucket.into_vec(),
-            flock: group,
-            version,
-            writes: items.into_iter().map(|(item, value)| ItemWrite { item, value: Some(value.into_vec()) }).collect(),
+        changes.extend(snap.buckets.into_iter().map(|(bucket, version, items)| {
+            Change::from(ChangeSet {
+                bucket: bucket.into_vec(),
+                flock: group,
+                version,
+                writes: items
+                    .into_iter()
+                    .map(|(item, value)| ItemWrite { item, value: Some(value.into_vec()) })
+                    .collect(),
+            })
         }));
         self.terms.set(group, 0);
         Ok(None)
@@ -1096,8 +1176,15 @@ impl Driver {
             if entry.get_entry_type() != EntryType::EntryNormal || entry.data.is_empty() {
                 continue;
             }
+            if group != META_GROUP && entry.data.first() == Some(&CHANGE_TAG) {
+                // Read in place by the store: never decoded into owned keys and values here.
+                match Change::encoded(entry.data.slice(1..)) {
+                    Ok(change) => changes.push(change),
+                    Err(e) => tracing::error!(group, index = entry.index, "a change set could not be decoded: {e}"),
+                }
+                continue;
+            }
             match wire::decode::<Command>(&entry.data) {
-                Ok(Command::Change(change)) if group != META_GROUP => changes.push(change),
                 Ok(Command::Change(_)) => {
                     tracing::error!(index = entry.index, "the meta log holds a change set; ignored")
                 }
@@ -1136,8 +1223,11 @@ impl Driver {
         // A ready leader's cache holds what it proposed (and keeps each bucket until this write
         // is in the store): nothing waits on the write. A follower's cached copies are stale and
         // go once the store has the new state; the meta state is published once written.
-        let touched: Vec<(Vec<u8>, u64)> =
-            if leading { Vec::new() } else { changes.iter().map(|c| (c.bucket.clone(), c.version)).collect() };
+        let touched: Vec<(Vec<u8>, u64)> = if leading {
+            Vec::new()
+        } else {
+            changes.iter().map(Change::head).map(|(bucket, version)| (bucket.to_vec(), version)).collect()
+        };
         let node = self.node.clone();
         let meta = meta_changed.then(|| (self.meta_tx.clone(), self.meta_state.clone()));
         // The proposals among these entries: answered with the write's sequence once it is
@@ -1232,13 +1322,28 @@ impl Driver {
     /// purge waits for the committer's next regular checkpoint to hold the applied state
     /// durably ([`Driver::purge_checkpointed`]): forcing a checkpoint per purge made one each time
     /// a group crossed the mark, several a second under load.
+    ///
+    /// A leader keeps the entries its herders have yet to take while its log holds fewer than
+    /// [`LAGGING_LOGS_FACTOR`] times `snapshot_logs`: a herder the log no longer covers gets a
+    /// snapshot of the whole flock, built and held whole in memory, where a short lag needs only the
+    /// entries it missed (TiKV's raft log GC keeps the entries its followers lack the same way,
+    /// up to a count and size limit).
     fn maybe_purge(&mut self, group: GroupId, applied: u64) {
         let Some((first, ..)) = self.engine.log_state(group) else { return };
         if applied < first + self.snapshot_logs || self.purges.contains_key(&group) {
             return;
         }
+        let mut upto = applied - self.snapshot_logs / 5;
+        if applied < first + LAGGING_LOGS_FACTOR * self.snapshot_logs
+            && let Some(&lagging) = self.engine.matched(group).values().min()
+        {
+            upto = upto.min(lagging);
+        }
+        if upto < first {
+            return;
+        }
         let written = self.written.get(&group).copied().unwrap_or(0);
-        self.purges.insert(group, (applied - self.snapshot_logs / 5, written));
+        self.purges.insert(group, (upto, written));
     }
 
     /// Purges each planned log whose applied state a checkpoint now holds. A group whose log
@@ -1376,12 +1481,21 @@ impl Driver {
     /// Sends a snapshot of `message.group` to `to`: its data read from the store now (the state
     /// at or after the applied point read first, which becomes the snapshot's point: applying a
     /// change set again gives the same state, so a newer state under an older point is sound).
+    /// At most [`SNAPSHOTS_SENT_AT_ONCE`] are built and sent at a time, each held whole in memory;
+    /// the rest wait their turn, and one already waiting or under way for the same group and
+    /// peer is not sent twice (raft asks again when a snapshot outlasts its patience).
     fn send_snapshot(&mut self, to: NodeId, mut message: RaftMessage) {
         let group = message.group;
+        if !self.snapshots_sending.insert((group, to)) {
+            tracing::debug!(group, to = %format!("{to:016x}"), "a snapshot for this peer is already on its way");
+            return;
+        }
         let node = self.node.clone();
         let peers = self.peers.clone();
         let events = self.handle.events.clone();
+        let turn = self.snapshot_turns.clone();
         tokio::spawn(async move {
+            let _turn = turn.acquire_owned().await;
             node.commits().settle().await;
             let store = node.store().clone();
             let built = tokio::task::spawn_blocking(move || build_snapshot(store.as_ref(), group)).await;
@@ -1468,11 +1582,40 @@ async fn send_chunks(peers: &Arc<Peers>, to: NodeId, message: RaftMessage, data:
     }
 }
 
+/// The driver's end of a lane ([`spawn_lane`]).
+struct LaneQueue {
+    tx: mpsc::Sender<RaftMessage>,
+    /// Bytes of the messages queued or in the frame being written ([`RaftMessage::encoded_bytes`]).
+    held: Arc<AtomicUsize>,
+    /// The last message offered was dropped.
+    losing: bool,
+}
+
+impl LaneQueue {
+    /// Queues `message` unless the lane holds too much (at least one message always fits);
+    /// `false` if it was dropped.
+    fn try_send(&self, message: RaftMessage) -> bool {
+        let size = message.encoded_bytes();
+        let held = self.held.load(Ordering::Relaxed);
+        if held > 0 && held + size > LANE_QUEUE_BYTES {
+            return false;
+        }
+        self.held.fetch_add(size, Ordering::Relaxed);
+        if self.tx.try_send(message).is_err() {
+            self.held.fetch_sub(size, Ordering::Relaxed);
+            return false;
+        }
+        true
+    }
+}
+
 /// The lane to one peer: sends queued messages as one frame at a time, each frame at most
 /// [`FRAME_BYTES`] of entries (a larger message goes alone); messages that queue while a frame
 /// is written go in the next one.
-fn spawn_lane(to: NodeId, peers: Arc<Peers>, events: mpsc::UnboundedSender<Input>) -> mpsc::Sender<RaftMessage> {
+fn spawn_lane(to: NodeId, peers: Arc<Peers>, events: mpsc::UnboundedSender<Input>) -> LaneQueue {
     let (tx, mut rx) = mpsc::channel::<RaftMessage>(LANE_MESSAGES_MAX);
+    let held = Arc::new(AtomicUsize::new(0));
+    let queue = LaneQueue { tx, held: held.clone(), losing: false };
     tokio::spawn(async move {
         let mut lane = Lane::new(to);
         let mut next: Option<RaftMessage> = None;
@@ -1495,13 +1638,15 @@ fn spawn_lane(to: NodeId, peers: Arc<Peers>, events: mpsc::UnboundedSender<Input
                 bytes += size;
                 messages.push(more);
             }
-            if let Err(e) = lane.send(&peers, messages, bytes, FRAME_TIMEOUT).await {
+            let sent = lane.send(&peers, messages, bytes, FRAME_TIMEOUT).await;
+            held.fetch_sub(bytes, Ordering::Relaxed);
+            if let Err(e) = sent {
                 tracing::debug!(to = %format!("{to:016x}"), error = %e, "consensus messages did not reach a peer");
                 let _ = events.send(Input::Unreachable(to));
             }
         }
     });
-    tx
+    queue
 }
 
 fn refused(group: GroupId, refusal: Refusal) -> RemoteError {
@@ -1555,6 +1700,10 @@ mod tests {
         let encoded = encode_change(&change);
         assert_eq!(encoded, wire::encode(&Command::Change(change.clone())));
         assert!(matches!(wire::decode(&encoded), Ok(Command::Change(c)) if c == change));
+        // What the driver hands the store: the bytes after the tag, read in place.
+        assert_eq!(encoded[0], CHANGE_TAG);
+        let read = Change::encoded(bytes::Bytes::from(encoded).slice(1..)).unwrap();
+        assert_eq!(read.view(), change.view());
     }
 
     #[test]
@@ -1581,7 +1730,7 @@ mod tests {
                 LogOp::PutLogState { group: flock, key: HARD_STATE_KEY, value: wire::encode(&hard) },
                 LogOp::PutState { group: flock, key: APPLIED_KEY, value: wire::encode(&point) },
             ];
-            store.write(&Batch { log, changes: vec![change], sync: SyncTo::All }).unwrap();
+            store.write(&Batch { log, changes: vec![change.into()], sync: SyncTo::All }).unwrap();
             // The release's state part, and then the crash (its log part never ran).
             let log = vec![
                 LogOp::ForgetGroup { group: flock },

@@ -11,5 +11,5 @@ mod change_set;
 
 pub use bucket::{BucketData, JobView, ViewError};
 pub use builtin::{Builtin, BuiltinReply};
-pub use change_set::{ChangeSet, ItemWrite};
+pub use change_set::{Change, ChangeSet, ChangeView, EncodedChange, ItemWrite, WriteView};
 pub use grex_client::proto::flock_of;

@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 
-use crate::data::ChangeSet;
+use crate::data::{Change, ChangeSet};
 use crate::error::{ErrorCode, RemoteError, error};
 use crate::storage::{Batch, LogOp, Store, SyncTo};
 
@@ -68,7 +68,7 @@ pub struct Write {
     /// Replicated-log operations.
     pub log: Vec<LogOp>,
     /// Change sets.
-    pub changes: Vec<ChangeSet>,
+    pub changes: Vec<Change>,
     /// What must be on disk before it counts as done.
     pub sync: SyncTo,
     /// Called from the committer thread when the write is done.
@@ -78,8 +78,7 @@ pub struct Write {
 impl Write {
     /// Bytes of data the write holds while it waits (what the queue's byte bound counts).
     pub fn bytes(&self) -> usize {
-        self.log.iter().map(LogOp::bytes).sum::<usize>()
-            + self.changes.iter().map(|c| c.bucket.len() + c.bytes()).sum::<usize>()
+        self.log.iter().map(LogOp::bytes).sum::<usize>() + self.changes.iter().map(Change::bytes).sum::<usize>()
     }
 }
 
@@ -219,7 +218,7 @@ impl CommitLog {
 
     /// Queues a change set (blocking while the queue is full); returns its sequence.
     pub fn submit(&self, change: ChangeSet) -> Result<u64, RemoteError> {
-        self.submit_write(Write { log: Vec::new(), changes: vec![change], sync: SyncTo::All, done: None })
+        self.submit_write(Write { log: Vec::new(), changes: vec![change.into()], sync: SyncTo::All, done: None })
     }
 
     /// Queues a write (blocking while the queue is full, by count or by bytes); returns its
@@ -412,7 +411,7 @@ impl Deferred {
 }
 
 /// Whether log operations and change sets write state (and not only the log).
-fn writes_state(log: &[LogOp], changes: &[ChangeSet]) -> bool {
+fn writes_state(log: &[LogOp], changes: &[Change]) -> bool {
     !changes.is_empty() || log.iter().any(|op| !op.on_log())
 }
 
@@ -677,8 +676,12 @@ mod tests {
     #[tokio::test]
     async fn submitters_wait_while_queued_writes_hold_the_byte_bound_and_go_on_once_they_are_written() {
         let (store, entered, release) = stuck_in_write(0);
-        let write =
-            |bucket: &[u8]| Write { log: Vec::new(), changes: vec![change(bucket, 1)], sync: SyncTo::All, done: None };
+        let write = |bucket: &[u8]| Write {
+            log: Vec::new(),
+            changes: vec![change(bucket, 1).into()],
+            sync: SyncTo::All,
+            done: None,
+        };
         let size = write(b"a").bytes();
         let log = Arc::new(CommitLog::start(Arc::new(store), 256, size * 3 / 2));
         log.submit_write(write(b"a")).unwrap();
@@ -697,7 +700,7 @@ mod tests {
         waiting.join().unwrap();
         assert_eq!(log.queued_bytes(), 0);
         // A write larger than the bound goes alone.
-        let big = Write { log: Vec::new(), changes: vec![change(&[7; 100], 2)], sync: SyncTo::All, done: None };
+        let big = Write { log: Vec::new(), changes: vec![change(&[7; 100], 2).into()], sync: SyncTo::All, done: None };
         assert!(big.bytes() > size * 3 / 2);
         let seq = log.submit_write(big).unwrap();
         log.wait_durable(seq).await.unwrap();
@@ -709,7 +712,7 @@ mod tests {
     async fn unsynced_state_is_readable_at_once_and_checkpointed_when_the_committer_goes_idle() {
         let store = Arc::new(MemoryStore::new(16));
         let log = CommitLog::start(store.clone(), 16, usize::MAX);
-        let write = Write { log: Vec::new(), changes: vec![change(b"k", 1)], sync: SyncTo::Nothing, done: None };
+        let write = Write { log: Vec::new(), changes: vec![change(b"k", 1).into()], sync: SyncTo::Nothing, done: None };
         let seq = log.submit_write(write).unwrap();
         log.wait_durable(seq).await.unwrap();
         assert_eq!(store.bucket_version(b"k").unwrap(), 1);
@@ -729,7 +732,7 @@ mod tests {
     }
 
     fn apply(bucket: &[u8], version: u64) -> Write {
-        Write { log: Vec::new(), changes: vec![change(bucket, version)], sync: SyncTo::Nothing, done: None }
+        Write { log: Vec::new(), changes: vec![change(bucket, version).into()], sync: SyncTo::Nothing, done: None }
     }
 
     #[tokio::test]
@@ -838,13 +841,13 @@ mod tests {
         let other = (0..).map(|i| format!("b{i}")).find(|b| crate::data::flock_of(b.as_bytes(), 16) == flock).unwrap();
         let in_flock = |bucket: &[u8], version| ChangeSet { flock, ..change(bucket, version) };
         for bucket in [&b"k"[..], other.as_bytes()] {
-            let write = Write { changes: vec![in_flock(bucket, 1)], ..apply(bucket, 1) };
+            let write = Write { changes: vec![in_flock(bucket, 1).into()], ..apply(bucket, 1) };
             log.submit_write(write).unwrap();
         }
         // A snapshot's install: clear the flock, then its buckets; it must not be overtaken.
         let install = Write {
             log: vec![LogOp::ClearFlock { flock }],
-            changes: vec![in_flock(b"k", 5)],
+            changes: vec![in_flock(b"k", 5).into()],
             sync: SyncTo::All,
             done: None,
         };

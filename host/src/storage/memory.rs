@@ -132,14 +132,15 @@ impl Store for MemoryStore {
             }
         }
         for change in &batch.changes {
+            let change = change.view();
             for write in &change.writes {
-                let key = (change.bucket.clone(), write.item.clone());
-                match &write.value {
-                    Some(value) => state.items.insert(key, value.clone()),
+                let key = (change.bucket.to_vec(), write.item.to_owned());
+                match write.value {
+                    Some(value) => state.items.insert(key, value.to_vec()),
                     None => state.items.remove(&key),
                 };
             }
-            state.versions.insert(change.bucket.clone(), change.version);
+            state.versions.insert(change.bucket.to_vec(), change.version);
         }
         Ok(())
     }

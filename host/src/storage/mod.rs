@@ -33,7 +33,7 @@ pub use legacy::{LegacyEntries, LegacyStore, LegacyValues, OLDEST_MIGRATED_SCHEM
 pub use memory::MemoryStore;
 pub use redb_store::{RedbStore, SCHEMA_VERSION};
 
-use crate::data::{BucketData, ChangeSet};
+use crate::data::{BucketData, Change, ChangeSet};
 use crate::error::StoreError;
 
 /// A module's id: the SHA-256 of its bytes.
@@ -236,7 +236,7 @@ pub struct Batch {
     /// Replicated-log operations.
     pub log: Vec<LogOp>,
     /// Change sets, in order.
-    pub changes: Vec<ChangeSet>,
+    pub changes: Vec<Change>,
     /// What must be on disk when the write returns.
     pub sync: SyncTo,
 }
@@ -280,7 +280,11 @@ pub trait Store: Send + Sync + 'static {
     fn write(&self, batch: &Batch) -> Result<(), StoreError>;
     /// Applies change sets, in order, in one atomic, durable transaction.
     fn commit(&self, changes: &[ChangeSet]) -> Result<(), StoreError> {
-        self.write(&Batch { log: Vec::new(), changes: changes.to_vec(), sync: SyncTo::All })
+        self.write(&Batch {
+            log: Vec::new(),
+            changes: changes.iter().cloned().map(Change::from).collect(),
+            sync: SyncTo::All,
+        })
     }
     /// Log entries of `group` with index in `from..to`, at most `limit`.
     fn log_entries(&self, group: GroupId, from: u64, to: u64, limit: usize) -> Result<Vec<(u64, Vec<u8>)>, StoreError>;
@@ -419,7 +423,9 @@ pub(crate) mod contract {
             LogOp::PutLogState { group: 3, key: "vote", value: b"v1".to_vec() },
             LogOp::PutState { group: 3, key: "applied", value: b"a1".to_vec() },
         ];
-        store.write(&Batch { log, changes: vec![change(b"a", 1, &[("x", Some("1"))])], sync: SyncTo::Log }).unwrap();
+        store
+            .write(&Batch { log, changes: vec![change(b"a", 1, &[("x", Some("1"))]).into()], sync: SyncTo::Log })
+            .unwrap();
         assert_eq!(store.log_entries(3, 2, 4, 10).unwrap(), entries(2..4));
         assert_eq!(store.log_entries(3, 0, u64::MAX, 2).unwrap(), entries(1..3));
         assert_eq!(store.log_last(META_GROUP).unwrap(), Some((2, vec![2])));

@@ -11,7 +11,7 @@ use redb::{Database, Durability, ReadableDatabase, ReadableTable, ReadableTableM
 use super::packed::{self, PACKED_BYTES_MAX, PACKED_KEY};
 use super::segment_log::{SEGMENT_BYTES, SegmentLog};
 use super::{Batch, FlockView, GroupId, LogOp, ModuleId, NodeMeta, Store, SyncTo};
-use crate::data::{BucketData, ChangeSet, flock_of};
+use crate::data::{BucketData, ChangeView, flock_of};
 use crate::error::StoreError;
 
 /// The schema this binary reads and writes. Bump it with any change to the tables below.
@@ -184,7 +184,7 @@ impl RedbStore {
                 }
             }
             for change in &batch.changes {
-                apply_change(&mut items, &mut buckets, change)?;
+                apply_change(&mut items, &mut buckets, &change.view())?;
             }
         }
         txn.commit().map_err(engine)
@@ -295,9 +295,9 @@ fn extend_from_row(items: &mut BTreeMap<String, Vec<u8>>, row: &[u8]) -> Result<
 fn apply_change(
     items: &mut ItemsTable<'_>,
     buckets: &mut BucketsTable<'_>,
-    change: &ChangeSet,
+    change: &ChangeView<'_>,
 ) -> Result<(), StoreError> {
-    let bucket = change.bucket.as_slice();
+    let bucket = change.bucket;
     if packed::is_packed(change.version) {
         return Err(StoreError::Corrupt(format!(
             "a change set to version {}, past any a bucket reaches",
@@ -312,9 +312,9 @@ fn apply_change(
         Some(old) if !packed::is_packed(old) => {
             buckets.insert(key, version).map_err(engine)?;
             for write in &change.writes {
-                let key = (bucket, write.item.as_str());
-                match &write.value {
-                    Some(value) => items.insert(key, value.as_slice()).map_err(engine)?,
+                let key = (bucket, write.item);
+                match write.value {
+                    Some(value) => items.insert(key, value).map_err(engine)?,
                     None => items.remove(key).map_err(engine)?,
                 };
             }
@@ -325,7 +325,7 @@ fn apply_change(
     };
     if row.is_none() && change.writes.windows(2).all(|w| w[0].item < w[1].item) {
         // A new bucket's change set, in item-key order as change sets are, is its row as it is.
-        let pairs = change.writes.iter().filter_map(|w| w.value.as_ref().map(|v| (w.item.as_str(), v.as_slice())));
+        let pairs = change.writes.iter().filter_map(|w| w.value.map(|v| (w.item, v)));
         return store_items(items, buckets, key, version, false, pairs);
     }
     let mut merged = match &row {
@@ -333,9 +333,9 @@ fn apply_change(
         None => BTreeMap::new(),
     };
     for write in &change.writes {
-        match &write.value {
-            Some(value) => merged.insert(write.item.as_str(), value.as_slice()),
-            None => merged.remove(write.item.as_str()),
+        match write.value {
+            Some(value) => merged.insert(write.item, value),
+            None => merged.remove(write.item),
         };
     }
     store_items(items, buckets, key, version, row.is_some(), merged.iter().map(|(item, value)| (*item, *value)))
@@ -869,7 +869,7 @@ mod tests {
         use proptest::prelude::*;
 
         use super::*;
-        use crate::data::{ChangeSet, ItemWrite};
+        use crate::data::{Change, ItemWrite};
         use crate::storage::MemoryStore;
         use crate::testing::change_set;
 
@@ -909,14 +909,23 @@ mod tests {
             ]
         }
 
-        fn change() -> impl Strategy<Value = ChangeSet> {
+        /// A change set, decoded or as the bytes a log entry carries.
+        fn change() -> impl Strategy<Value = Change> {
             // Now and then a value large enough that two or three of them spread a bucket.
             let value = prop_oneof![6 => vec(any::<u8>(), 0..6), 1 => vec(any::<u8>(), 5000..9000)];
             let write = (prop::sample::select(&ITEMS[..]), prop::option::of(value));
-            (prop::sample::select(&BUCKETS[..]), 1u64..50, vec(write, 1..4)).prop_map(|(bucket, version, writes)| {
-                let writes = writes.into_iter().map(|(item, value)| ItemWrite { item: item.into(), value }).collect();
-                change_set(bucket, FLOCKS, version, writes)
-            })
+            (prop::sample::select(&BUCKETS[..]), 1u64..50, vec(write, 1..4), any::<bool>()).prop_map(
+                |(bucket, version, writes, encoded)| {
+                    let writes =
+                        writes.into_iter().map(|(item, value)| ItemWrite { item: item.into(), value }).collect();
+                    let change = change_set(bucket, FLOCKS, version, writes);
+                    if encoded {
+                        Change::encoded(crate::cluster::wire::encode(&change).into()).unwrap()
+                    } else {
+                        change.into()
+                    }
+                },
+            )
         }
 
         fn step() -> impl Strategy<Value = Step> {

@@ -86,7 +86,9 @@ pub struct EngineConfig {
     pub max_inflight_msgs: usize,
     /// Bytes of proposed, uncommitted entries a leader accepts before refusing more.
     pub max_uncommitted_bytes: u64,
-    /// Bytes of committed entries handed out to apply per group per output.
+    /// Bytes of committed entries handed out to apply per group per output, and of entries
+    /// handed out (to apply or in messages) per output over all groups: once an output holds
+    /// this much, the groups left wait for the next (one group's may go past it).
     pub max_apply_bytes: u64,
     /// Applied, durable entries a group keeps in memory for followers that lag a little.
     pub cached_entries: u64,
@@ -321,6 +323,8 @@ pub struct Engine {
     groups: BTreeMap<GroupId, Group>,
     /// Groups that may have something to hand out.
     active: BTreeSet<GroupId>,
+    /// The group the next output starts from (the first one the last output left waiting).
+    output_from: GroupId,
     changed: BTreeSet<GroupId>,
     ticks: u64,
     rng: u64,
@@ -363,6 +367,7 @@ impl Engine {
             logger: logging::logger(),
             groups: BTreeMap::new(),
             active: BTreeSet::new(),
+            output_from: 0,
             changed: BTreeSet::new(),
             ticks: 0,
             rng,
@@ -818,7 +823,22 @@ impl Engine {
         let mut readies = Vec::new();
         let mut held = Vec::new();
         let mut snapshots = Vec::new();
-        for group in mem::take(&mut self.active) {
+        // Bytes of entries this output hands out (to apply, or in messages): past the bound, the
+        // groups left wait for the next output. Entries that left memory are read back from the
+        // log for both, and a round in which many groups catch up would otherwise hold them all.
+        // Each output starts where the last one stopped, so no group waits behind the others.
+        let mut handed = 0u64;
+        let mut active = mem::take(&mut self.active);
+        let from = mem::take(&mut self.output_from);
+        let later = active.split_off(&from);
+        for group in later.into_iter().chain(active) {
+            if handed >= self.config.max_apply_bytes {
+                if self.output_from == 0 {
+                    self.output_from = group;
+                }
+                self.active.insert(group);
+                continue;
+            }
             let Some(g) = self.groups.get_mut(&group) else { continue };
             if !g.raw.has_ready() {
                 continue;
@@ -844,12 +864,14 @@ impl Engine {
                 g.raw.mut_store().set_hard_state(hs.clone());
             }
             for message in rd.take_messages() {
+                handed += message.entries.iter().map(log::entry_bytes).sum::<u64>();
                 out.messages.entry(message.to).or_default().push(Envelope { group, message });
             }
             for message in rd.take_persisted_messages() {
                 held.push((message.to, Envelope { group, message }));
             }
             let committed = rd.take_committed_entries();
+            handed += committed.iter().map(log::entry_bytes).sum::<u64>();
             if snapshot.is_some() || !entries.is_empty() || hard_state.is_some() {
                 writes.push(GroupWrite { group, snapshot, entries, hard_state });
             }
