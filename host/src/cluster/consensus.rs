@@ -1323,7 +1323,8 @@ impl Driver {
     /// durably ([`Driver::purge_checkpointed`]): forcing a checkpoint per purge made one each time
     /// a group crossed the mark, several a second under load.
     ///
-    /// A leader keeps the entries its herders have yet to take while its log holds fewer than
+    /// A leader keeps the entries its live herders have yet to take (one that is down does not
+    /// hold the log back) while its log holds fewer than
     /// [`LAGGING_LOGS_FACTOR`] times `snapshot_logs`: a herder the log no longer covers gets a
     /// snapshot of the whole flock, built and held whole in memory, where a short lag needs only the
     /// entries it missed (TiKV's raft log GC keeps the entries its followers lack the same way,
@@ -1335,7 +1336,8 @@ impl Driver {
         }
         let mut upto = applied - self.snapshot_logs / 5;
         if applied < first + LAGGING_LOGS_FACTOR * self.snapshot_logs
-            && let Some(&lagging) = self.engine.matched(group).values().min()
+            && let Some(lagging) =
+                self.engine.matched(group).into_iter().filter(|(id, _)| self.peers.alive(*id)).map(|(_, m)| m).min()
         {
             upto = upto.min(lagging);
         }
