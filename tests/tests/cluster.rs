@@ -415,6 +415,14 @@ async fn with_five_nodes_every_node_serves_every_flock_even_those_moved_away_fro
     cluster.join_via(1, &[]);
     cluster.join_via(2, &[]);
     cluster.wait_formed(5).await;
+    // Every flock's snapshot went through a file on each side: none is left once sent and taken.
+    for node in &cluster.nodes {
+        let folder = node.data.join("snapshots");
+        eventually(&format!("{} to hold no snapshot files", folder.display()), PATIENCE, || async {
+            std::fs::read_dir(&folder).expect("the snapshot folder").next().is_none()
+        })
+        .await;
+    }
 
     let map = first.flocks().await.expect("flock map");
     for old in &cluster.nodes[..3] {

@@ -19,6 +19,8 @@
 //! term and configuration the state holds) and, for the meta group, `meta_state`.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
@@ -36,9 +38,10 @@ use super::messages::{PeerRequest, PeerResponse};
 use super::meta::MetaState;
 use super::peer::{Lane, Peers};
 use super::placement::FlockMap;
+use super::snapshot::{self, SnapshotFile};
 use super::wire::{self, AppliedPoint, RaftMessage, WireConf, WireEntry, WireHardState};
 use super::{NodeId, PeerInfo};
-use crate::data::{Change, ChangeSet, ItemWrite};
+use crate::data::{Change, ChangeSet};
 use crate::error::{ErrorCode, RemoteError, Result, error};
 use crate::node::{Node, Write};
 use crate::storage::{GroupId, LogOp, META_GROUP, ModuleId, Store, SyncTo};
@@ -143,15 +146,6 @@ pub enum Command {
     },
     /// Meta group: a user is added, changed or deleted.
     ChangeUser(crate::access::UserChange),
-}
-
-/// One bucket in a snapshot: key, version, items.
-type SnapshotBucket = (ByteBuf, u64, Vec<(String, ByteBuf)>);
-
-/// The parts of a flock snapshot: every bucket with its version and items.
-#[derive(Serialize, Deserialize)]
-struct FlockSnapshot {
-    buckets: Vec<SnapshotBucket>,
 }
 
 /// The meta group's snapshot: its state and every named module.
@@ -379,6 +373,7 @@ impl Consensus {
             next_read: 1,
             lanes: BTreeMap::new(),
             snapshots_sending: BTreeSet::new(),
+            snapshot_files: BTreeMap::new(),
             snapshot_turns: Arc::new(tokio::sync::Semaphore::new(SNAPSHOTS_SENT_AT_ONCE)),
             written: BTreeMap::new(),
             purges: BTreeMap::new(),
@@ -726,6 +721,8 @@ struct Driver {
     lanes: BTreeMap<NodeId, LaneQueue>,
     /// Snapshots waiting for their turn or under way, by group and peer ([`Driver::send_snapshot`]).
     snapshots_sending: BTreeSet<(GroupId, NodeId)>,
+    /// The file of the snapshot each group took and has yet to write ([`Driver::snapshot_arrived`]).
+    snapshot_files: BTreeMap<GroupId, PathBuf>,
     /// Turns to build and send a snapshot.
     snapshot_turns: Arc<tokio::sync::Semaphore>,
     /// Per flock, the committer sequence of its last applied write.
@@ -809,10 +806,15 @@ impl Driver {
             // What the frame held is released once its messages are stepped (at the arm's end).
             Input::Frame { messages, snapshot, held: _held } => {
                 let mut data = snapshot;
+                // The file a snapshot's chunks were gathered in, and its group.
+                let mut file = None;
                 let envelopes: Vec<Envelope> = messages
                     .into_iter()
                     .filter_map(|m| {
                         let snap = if m.is_snapshot() { data.take() } else { None };
+                        if let Some(path) = &snap {
+                            file = Some((m.group, PathBuf::from(std::ffi::OsStr::from_bytes(path))));
+                        }
                         match m.into_message(snap) {
                             Ok((group, message)) => Some(Envelope { group, message }),
                             Err(e) => {
@@ -825,6 +827,9 @@ impl Driver {
                 self.stepped.extend(envelopes.iter().map(|e| e.group));
                 for stray in self.engine.step(envelopes) {
                     self.adopt(stray);
+                }
+                if let Some((group, path)) = file {
+                    self.snapshot_arrived(group, path);
                 }
             }
             Input::Propose { group, data, reply } => match self.engine.propose(group, data) {
@@ -1051,11 +1056,22 @@ impl Driver {
         }
     }
 
+    /// Keeps the file of a snapshot that `group` took, to be installed from in the write that
+    /// hands it out; a snapshot raft refused (or one a later snapshot replaced before it was
+    /// written) has its file deleted now.
+    fn snapshot_arrived(&mut self, group: GroupId, path: PathBuf) {
+        let taken = self.engine.snapshot_taken(group) == Some(path.as_os_str().as_bytes());
+        if !taken {
+            remove_soon(path);
+        } else if let Some(replaced) = self.snapshot_files.insert(group, path) {
+            remove_soon(replaced);
+        }
+    }
+
     /// Turns the engine's write into one committer write.
     fn persist(&mut self, write: EngineWrite) {
         let id = write.id;
         let mut log = Vec::new();
-        let mut changes = Vec::new();
         let mut sync = SyncTo::Log;
         let mut installed = Vec::new();
         for gw in write.groups {
@@ -1064,7 +1080,16 @@ impl Driver {
                 let point = AppliedPoint::of(snapshot.get_metadata());
                 log.push(LogOp::TruncateFrom { group, from: 0 });
                 log.push(LogOp::PutLogState { group, key: BASE_KEY, value: wire::encode(&(point.index, point.term)) });
-                match self.install(group, &snapshot.data, &mut log, &mut changes) {
+                // What a snapshot message carries here is the path of the file its chunks
+                // were gathered in (`Cluster::snapshot_chunk`); it goes once written.
+                let file = PathBuf::from(std::ffi::OsStr::from_bytes(&snapshot.data));
+                let read = self.install(group, &file, &mut log);
+                // The install holds the file open (or read it whole): its name can go now.
+                if self.snapshot_files.get(&group) == Some(&file) {
+                    self.snapshot_files.remove(&group);
+                }
+                remove_soon(file);
+                match read {
                     Ok(meta) => installed.push((group, point.index, meta)),
                     Err(e) => tracing::error!(group, "a snapshot could not be read: {e}"),
                 }
@@ -1108,23 +1133,24 @@ impl Driver {
             }
             let _ = events.send(Input::Persisted { id, result });
         });
-        if let Err(e) = self.node.commits().submit_write(Write { log, changes, sync, done: Some(done) }) {
+        if let Err(e) = self.node.commits().submit_write(Write { log, changes: Vec::new(), sync, done: Some(done) }) {
             tracing::error!(error = %e.message, "the consensus log could not be written; this node stops taking part");
             self.failed = true;
         }
     }
 
-    /// Adds the writes that install a snapshot's data; for the meta group, returns its state and
-    /// its modules, and the names this node held that it deleted (`None`), published once written.
+    /// Adds the writes that install the snapshot in `file`; for the meta group, returns its state
+    /// and its modules, and the names this node held that it deleted (`None`), published once
+    /// written. A flock's buckets are read from the file as the store writes them.
     fn install(
         &mut self,
         group: GroupId,
-        data: &[u8],
+        file: &Path,
         log: &mut Vec<LogOp>,
-        changes: &mut Vec<Change>,
     ) -> std::result::Result<Option<(MetaState, Vec<ModuleChange>)>, String> {
         if group == META_GROUP {
-            let snap: MetaSnapshot = wire::decode(data)?;
+            let data = std::fs::read(file).map_err(|e| format!("cannot read {}: {e}", file.display()))?;
+            let snap: MetaSnapshot = wire::decode(&data)?;
             let mut modules: Vec<ModuleChange> =
                 snap.modules.iter().map(|(name, id, wasm)| (name.clone(), Some((*id, wasm.len() as u64)))).collect();
             // Names deleted while this node was away.
@@ -1144,19 +1170,7 @@ impl Driver {
             self.meta_replayed = 0;
             return Ok(Some((snap.state, modules)));
         }
-        let snap: FlockSnapshot = wire::decode(data)?;
-        log.push(LogOp::ClearFlock { flock: group });
-        changes.extend(snap.buckets.into_iter().map(|(bucket, version, items)| {
-            Change::from(ChangeSet {
-                bucket: bucket.into_vec(),
-                flock: group,
-                version,
-                writes: items
-                    .into_iter()
-                    .map(|(item, value)| ItemWrite { item, value: Some(value.into_vec()) })
-                    .collect(),
-            })
-        }));
+        log.push(LogOp::InstallFlock { flock: group, buckets: snapshot::buckets(file, group)? });
         self.terms.set(group, 0);
         Ok(None)
     }
@@ -1480,12 +1494,11 @@ impl Driver {
         self.finish_reads();
     }
 
-    /// Sends a snapshot of `message.group` to `to`: its data read from the store now (the state
-    /// at or after the applied point read first, which becomes the snapshot's point: applying a
-    /// change set again gives the same state, so a newer state under an older point is sound).
-    /// At most [`SNAPSHOTS_SENT_AT_ONCE`] are built and sent at a time, each held whole in memory;
-    /// the rest wait their turn, and one already waiting or under way for the same group and
-    /// peer is not sent twice (raft asks again when a snapshot outlasts its patience).
+    /// Sends a snapshot of `message.group` to `to`: its state and applied point as of one moment
+    /// of the store, written to a file a page at a time (`snapshot`) and sent from it in chunks.
+    /// At most [`SNAPSHOTS_SENT_AT_ONCE`] are written and sent at a time; the rest wait their
+    /// turn, and one already waiting or under way for the same group and peer is not sent twice
+    /// (raft asks again when a snapshot outlasts its patience).
     fn send_snapshot(&mut self, to: NodeId, mut message: RaftMessage) {
         let group = message.group;
         if !self.snapshots_sending.insert((group, to)) {
@@ -1500,18 +1513,21 @@ impl Driver {
             let _turn = turn.acquire_owned().await;
             node.commits().settle().await;
             let store = node.store().clone();
-            let built = tokio::task::spawn_blocking(move || build_snapshot(store.as_ref(), group)).await;
-            let installed = match built {
-                Ok(Ok((point, data))) => {
+            let path = snapshot::outgoing_path(node.data_dir(), group, to);
+            let written = tokio::task::spawn_blocking(move || write_snapshot(store.as_ref(), group, &path)).await;
+            let installed = match written {
+                Ok(Ok((point, file))) => {
                     message.snapshot = Some(point);
-                    send_chunks(&peers, to, message, data).await
+                    let sent = send_chunks(&peers, to, message, &file).await;
+                    remove_soon(file.path);
+                    sent
                 }
                 Ok(Err(e)) => {
-                    tracing::warn!(group, "could not build a snapshot: {e}");
+                    tracing::warn!(group, "could not write a snapshot: {e}");
                     false
                 }
                 Err(e) => {
-                    tracing::warn!(group, "building a snapshot failed: {e}");
+                    tracing::warn!(group, "writing a snapshot failed: {e}");
                     false
                 }
             };
@@ -1523,11 +1539,12 @@ impl Driver {
     }
 }
 
-/// Reads a group's snapshot: its applied point, then its state.
-fn build_snapshot(store: &dyn Store, group: GroupId) -> anyhow::Result<(AppliedPoint, Vec<u8>)> {
-    let point: AppliedPoint =
-        read_state(store, group, APPLIED_KEY)?.ok_or_else(|| anyhow::anyhow!("group {group} has no applied state"))?;
-    let data = if group == META_GROUP {
+/// Writes a group's snapshot to a file at `path`: its applied point and state as of one moment
+/// of the store.
+fn write_snapshot(store: &dyn Store, group: GroupId, path: &Path) -> anyhow::Result<(AppliedPoint, SnapshotFile)> {
+    let no_state = || anyhow::anyhow!("group {group} has no applied state");
+    if group == META_GROUP {
+        let point: AppliedPoint = read_state(store, group, APPLIED_KEY)?.ok_or_else(no_state)?;
         let state = stored_meta_state(store)?.unwrap_or_default();
         let mut modules = Vec::new();
         for (name, id) in store.module_names()? {
@@ -1535,53 +1552,72 @@ fn build_snapshot(store: &dyn Store, group: GroupId) -> anyhow::Result<(AppliedP
                 modules.push((name, id, ByteBuf::from(wasm)));
             }
         }
-        wire::encode(&MetaSnapshot { state, modules })
-    } else {
-        let buckets = store
-            .flock_buckets(group)?
-            .into_iter()
-            .map(|(bucket, data)| {
-                let version = data.version;
-                let items = data.into_items().into_iter().map(|(k, v)| (k, ByteBuf::from(v))).collect();
-                (ByteBuf::from(bucket), version, items)
-            })
-            .collect();
-        wire::encode(&FlockSnapshot { buckets })
-    };
-    Ok((point, data))
+        return Ok((point, snapshot::write_whole(&wire::encode(&MetaSnapshot { state, modules }), path)?));
+    }
+    let view = store.flock_view(group)?;
+    let point = view.state(APPLIED_KEY)?.ok_or_else(no_state)?;
+    let point: AppliedPoint =
+        wire::decode(&point).map_err(|e| anyhow::anyhow!("group {group}'s applied point: {e}"))?;
+    Ok((point, snapshot::write_flock(view.as_ref(), path)?))
 }
 
-/// Sends a snapshot's data in chunks, the message with the last; true once the peer took it.
-async fn send_chunks(peers: &Arc<Peers>, to: NodeId, message: RaftMessage, data: Vec<u8>) -> bool {
+/// Sends a snapshot's file in chunks, the message with the last; true once the peer took it.
+async fn send_chunks(peers: &Arc<Peers>, to: NodeId, message: RaftMessage, file: &SnapshotFile) -> bool {
+    use std::os::unix::fs::FileExt;
     let group = message.group;
+    let failed = |what: &str, e: &dyn std::fmt::Display| {
+        tracing::info!(group, to = %format!("{to:016x}"), error = %e, "sending a snapshot failed: {what}");
+        false
+    };
+    let source = match std::fs::File::open(&file.path) {
+        Ok(source) => Arc::new(source),
+        Err(e) => return failed("its file could not be opened", &e),
+    };
     let mut offset = 0;
     let mut message = Some(message);
     loop {
-        let end = (offset + SNAPSHOT_CHUNK_BYTES).min(data.len());
-        let last = end == data.len();
-        peers.pace_snapshot(end - offset).await;
-        let request = PeerRequest::SnapshotChunk {
-            group,
-            offset: offset as u64,
-            data: data[offset..end].to_vec(),
-            message: if last { message.take() } else { None },
+        let end = (offset + SNAPSHOT_CHUNK_BYTES as u64).min(file.len);
+        let last = end == file.len;
+        let (source_, at) = (source.clone(), file.start + offset);
+        let read = tokio::task::spawn_blocking(move || {
+            let mut data = vec![0; (end - offset) as usize];
+            source_.read_exact_at(&mut data, at).map(|()| data)
+        })
+        .await;
+        let data = match read {
+            Ok(Ok(data)) => data,
+            Ok(Err(e)) => return failed("its file could not be read", &e),
+            Err(e) => return failed("its file could not be read", &e),
         };
+        peers.pace_snapshot(data.len()).await;
+        let bytes = data.len();
+        let request =
+            PeerRequest::SnapshotChunk { group, offset, data, message: if last { message.take() } else { None } };
         match peers.call(to, request, Duration::from_secs(60)).await {
-            Ok(PeerResponse::Ack) => peers.count_snapshot_bytes(end - offset),
+            Ok(PeerResponse::Ack) => peers.count_snapshot_bytes(bytes),
             Ok(other) => {
                 tracing::info!(group, to = %format!("{to:016x}"), answer = ?other, "a snapshot chunk was refused");
                 return false;
             }
-            Err(e) => {
-                tracing::info!(group, to = %format!("{to:016x}"), error = %e, "sending a snapshot failed");
-                return false;
-            }
+            Err(e) => return failed("a chunk did not reach the peer", &e),
         }
         if last {
             return true;
         }
         offset = end;
     }
+}
+
+/// Deletes a snapshot's file off the runtime's threads (freeing a large file's blocks takes a
+/// while); one that stays is logged, and goes when the node next starts.
+fn remove_soon(path: PathBuf) {
+    tokio::task::spawn_blocking(move || {
+        if let Err(e) = std::fs::remove_file(&path)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            tracing::warn!(path = %path.display(), "a snapshot's file stays: {e}");
+        }
+    });
 }
 
 /// The driver's end of a lane ([`spawn_lane`]).
@@ -1686,6 +1722,7 @@ fn not_confirmed(group: GroupId, why: &str) -> RemoteError {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::data::ItemWrite;
     use crate::storage::{Batch, RedbStore};
 
     #[test]

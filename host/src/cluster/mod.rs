@@ -36,6 +36,7 @@ mod peer;
 pub mod placement;
 mod routing;
 mod scan;
+mod snapshot;
 mod supervision;
 pub mod wire;
 
@@ -49,6 +50,7 @@ pub use placement::Site;
 
 use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;
+use std::os::unix::ffi::OsStrExt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
@@ -65,6 +67,7 @@ use consensus::{Consensus, LeaderTerms};
 use messages::{PeerRequest, PeerResponse};
 use meta::MetaState;
 use peer::{Bound, Handler, Peers};
+use snapshot::Incoming;
 
 /// How long a proposed change set may take to commit before its job is answered with an error.
 const COMMIT_PATIENCE: Duration = Duration::from_secs(10);
@@ -127,7 +130,7 @@ struct Inner {
     /// See [`ClusterConfig::dead_after`].
     dead_after: Duration,
     /// Snapshots arriving in chunks, by sender and group.
-    snapshots_in: Mutex<HashMap<(NodeId, GroupId), Vec<u8>>>,
+    snapshots_in: Mutex<HashMap<(NodeId, GroupId), Incoming>>,
     /// A dead member is kept because too few members are up (logged once until that ends).
     dead_held: AtomicBool,
 }
@@ -158,8 +161,9 @@ pub const SNAPSHOT_BYTES_PER_SEC_DEFAULT: u64 = 16 << 20;
 /// Flock membership changes (moves to new herders, each with its snapshot) one node leads at once.
 const MOVES_AT_ONCE: usize = 2;
 
-/// Bytes of snapshot data a node accepts from one sender for one group (a flock's whole state).
-const SNAPSHOT_BYTES_MAX: usize = 4 << 30;
+/// Bytes of snapshot data a node accepts from one sender for one group (a flock's whole state),
+/// gathered on disk: a bound against a sender that never stops, not a memory bound.
+const SNAPSHOT_BYTES_MAX: u64 = 64 << 30;
 
 /// The peer handler: a peer's request is answered by the cluster while it exists.
 fn answerer(cluster: Weak<Inner>) -> Handler {
@@ -194,6 +198,8 @@ impl Cluster {
             );
         }
         let bound = Bound::bind(config.peer_addr, node.data_dir())?;
+        snapshot::clear_dir(node.data_dir())
+            .map_err(|e| anyhow::anyhow!("cannot empty {}/snapshots: {e}", node.data_dir().display()))?;
         let urls = node.node_urls();
         let info = PeerInfo {
             peer: bound.local_addr().to_string(),
@@ -391,7 +397,8 @@ impl Cluster {
         }
     }
 
-    /// Gathers a snapshot's chunks; the last one hands the snapshot to the engine.
+    /// Gathers a snapshot's chunks in a file; the last one hands the snapshot to the engine once
+    /// the file reads through (a flock's: its buckets are read from it as they are installed).
     async fn snapshot_chunk(
         &self,
         from: NodeId,
@@ -400,24 +407,51 @@ impl Cluster {
         data: Vec<u8>,
         message: Option<wire::RaftMessage>,
     ) -> PeerResponse {
-        let complete = {
-            let mut partial = self.inner.snapshots_in.lock().unwrap_or_else(|p| p.into_inner());
-            let buffer = partial.entry((from, group)).or_default();
-            if offset == 0 {
-                buffer.clear();
+        let partial = self.inner.snapshots_in.lock().unwrap_or_else(|p| p.into_inner()).remove(&(from, group));
+        let data_dir = self.inner.node.data_dir().to_owned();
+        let last = message.is_some();
+        let gathered = tokio::task::spawn_blocking(move || {
+            let mut incoming = match partial {
+                Some(incoming) if offset > 0 && incoming.len() == offset => incoming,
+                partial => {
+                    if let Some(partial) = partial {
+                        partial.discard();
+                    }
+                    if offset > 0 {
+                        return Err(format!("snapshot chunk at {offset} does not follow the chunks received"));
+                    }
+                    Incoming::create(&data_dir, group, from)?
+                }
+            };
+            let added = if incoming.len() + data.len() as u64 > SNAPSHOT_BYTES_MAX {
+                Err(format!("the snapshot is over the limit of {} GiB", SNAPSHOT_BYTES_MAX >> 30))
+            } else if let Err(e) = incoming.append(&data) {
+                Err(e)
+            } else if last && group != META_GROUP {
+                snapshot::check(incoming.path(), group).map(drop).map_err(|e| format!("the snapshot is damaged: {e}"))
+            } else {
+                Ok(())
+            };
+            match added {
+                Ok(()) => Ok(incoming),
+                Err(e) => {
+                    incoming.discard();
+                    Err(e)
+                }
             }
-            if buffer.len() as u64 != offset || buffer.len() + data.len() > SNAPSHOT_BYTES_MAX {
-                partial.remove(&(from, group));
-                return PeerResponse::Error(error(
-                    ErrorCode::BadRequest,
-                    format!("snapshot chunk at {offset} does not follow the chunks received, or is over the limit"),
-                ));
-            }
-            buffer.extend_from_slice(&data);
-            message.map(|message| (message, partial.remove(&(from, group)).unwrap_or_default()))
+        })
+        .await
+        .unwrap_or_else(|e| Err(e.to_string()));
+        let incoming = match gathered {
+            Ok(incoming) => incoming,
+            Err(why) => return PeerResponse::Error(error(ErrorCode::BadRequest, why)),
         };
-        let Some((message, data)) = complete else { return PeerResponse::Ack };
-        match self.inner.consensus.deliver(vec![message], Some(data)).await {
+        let Some(message) = message else {
+            self.inner.snapshots_in.lock().unwrap_or_else(|p| p.into_inner()).insert((from, group), incoming);
+            return PeerResponse::Ack;
+        };
+        let path = incoming.into_path();
+        match self.inner.consensus.deliver(vec![message], Some(path.as_os_str().as_bytes().to_vec())).await {
             Ok(()) => PeerResponse::Ack,
             Err(e) => PeerResponse::Error(e),
         }

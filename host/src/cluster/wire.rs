@@ -39,6 +39,16 @@ pub fn encode_sized<T: Serialize>(value: &T, bytes: usize) -> Vec<u8> {
     out
 }
 
+/// [`encode`] onto the end of `out` (a file, a page at a time).
+pub fn encode_into<T: Serialize>(value: &T, out: &mut impl std::io::Write) -> std::io::Result<()> {
+    bincode::serde::encode_into_std_write(value, out, codec()).map(|_| ()).map_err(std::io::Error::other)
+}
+
+/// Decodes the next value from `input`, reading no further than its end.
+pub fn decode_from<T: serde::de::DeserializeOwned>(input: &mut impl std::io::Read) -> Result<T, String> {
+    bincode::serde::decode_from_std_read(input, codec()).map_err(|e| e.to_string())
+}
+
 /// Decodes a value encoded by [`encode`].
 pub fn decode<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, String> {
     bincode::serde::decode_from_slice(bytes, codec()).map(|(v, _)| v).map_err(|e| e.to_string())

@@ -483,7 +483,8 @@ fn run_committer(
                     }
                     // The store applies log operations before change sets; a flock clear must not
                     // overtake change sets queued before it.
-                    let clears = write.log.iter().any(|op| matches!(op, LogOp::ClearFlock { .. }));
+                    let clears =
+                        write.log.iter().any(|op| matches!(op, LogOp::ClearFlock { .. } | LogOp::InstallFlock { .. }));
                     if clears && !batch.changes.is_empty() {
                         received = seq - 1;
                         held = Some(CommitMsg::Write(seq, write, size));

@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 use std::sync::Mutex;
 
 use super::{Batch, FlockView, GroupId, LogOp, ModuleId, NodeMeta, Store};
-use crate::data::BucketData;
+use crate::data::{BucketData, ChangeView};
 use crate::error::StoreError;
 
 #[derive(Default)]
@@ -25,6 +25,24 @@ impl State {
         if let Some(old) = self.names.insert(name.to_owned(), *id).filter(|old| old != id) {
             self.collect_module(&old);
         }
+    }
+
+    /// Writes a change set's items and version.
+    fn apply(&mut self, change: &ChangeView<'_>) {
+        for write in &change.writes {
+            let key = (change.bucket.to_vec(), write.item.to_owned());
+            match write.value {
+                Some(value) => self.items.insert(key, value.to_vec()),
+                None => self.items.remove(&key),
+            };
+        }
+        self.versions.insert(change.bucket.to_vec(), change.version);
+    }
+
+    /// Deletes every bucket of `flock`.
+    fn clear_flock(&mut self, flock: u32, flocks: u32) {
+        self.versions.retain(|b, _| crate::data::flock_of(b, flocks) != flock);
+        self.items.retain(|(b, _), _| crate::data::flock_of(b, flocks) != flock);
     }
 
     /// Deletes a module's bytes unless a name still points to it.
@@ -118,10 +136,19 @@ impl Store for MemoryStore {
                 LogOp::ForgetGroup { group } => {
                     state.state_values.retain(|(g, _), _| g != group);
                 }
-                LogOp::ClearFlock { flock } => {
-                    let flocks = self.meta.flock_count;
-                    state.versions.retain(|b, _| crate::data::flock_of(b, flocks) != *flock);
-                    state.items.retain(|(b, _), _| crate::data::flock_of(b, flocks) != *flock);
+                LogOp::ClearFlock { flock } => state.clear_flock(*flock, self.meta.flock_count),
+                LogOp::InstallFlock { flock, buckets } => {
+                    // Read whole before anything changes, so that a snapshot that cannot be read
+                    // changes nothing (a redb write aborts whole).
+                    let mut installed = Vec::new();
+                    buckets.for_each(|change| {
+                        installed.push(change);
+                        Ok(())
+                    })?;
+                    state.clear_flock(*flock, self.meta.flock_count);
+                    for change in &installed {
+                        state.apply(&change.view());
+                    }
                 }
                 LogOp::PutModule { id, name, wasm } => state.put_module(id, name, wasm),
                 LogOp::DeleteModule { name } => {
@@ -132,15 +159,7 @@ impl Store for MemoryStore {
             }
         }
         for change in &batch.changes {
-            let change = change.view();
-            for write in &change.writes {
-                let key = (change.bucket.to_vec(), write.item.to_owned());
-                match write.value {
-                    Some(value) => state.items.insert(key, value.to_vec()),
-                    None => state.items.remove(&key),
-                };
-            }
-            state.versions.insert(change.bucket.to_vec(), change.version);
+            state.apply(&change.view());
         }
         Ok(())
     }
@@ -264,5 +283,6 @@ mod tests {
         contract::modules_are_found_by_name_and_id(&MemoryStore::new(16));
         contract::flock_views_hold_one_moment(&MemoryStore::new(16));
         contract::logs_append_truncate_purge_and_flocks_clear(&MemoryStore::new(16));
+        contract::flocks_install_whole_from_a_stream_or_not_at_all(&MemoryStore::new(16));
     }
 }

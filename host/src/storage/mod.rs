@@ -33,6 +33,8 @@ pub use legacy::{LegacyEntries, LegacyStore, LegacyValues, OLDEST_MIGRATED_SCHEM
 pub use memory::MemoryStore;
 pub use redb_store::{RedbStore, SCHEMA_VERSION};
 
+use std::sync::{Arc, Mutex};
+
 use crate::data::{BucketData, Change, ChangeSet};
 use crate::error::StoreError;
 
@@ -112,6 +114,14 @@ pub enum LogOp {
         /// The flock.
         flock: u32,
     },
+    /// Replaces a flock's buckets with those a snapshot holds, read one at a time as they are
+    /// written (the store never holds the snapshot whole).
+    InstallFlock {
+        /// The flock.
+        flock: u32,
+        /// Its buckets, each as a change set that writes every item.
+        buckets: BucketStream,
+    },
     /// Deletes a module name; the module's bytes go too once no name points to them.
     DeleteModule {
         /// The name.
@@ -127,6 +137,40 @@ pub enum LogOp {
         /// The module.
         wasm: Vec<u8>,
     },
+}
+
+/// Change sets read one at a time from where they rest (a snapshot file) while a store writes
+/// them ([`LogOp::InstallFlock`]). They can be read once.
+#[derive(Clone)]
+pub struct BucketStream(Arc<Mutex<Option<Buckets>>>);
+
+type Buckets = Box<dyn Iterator<Item = Result<ChangeSet, String>> + Send>;
+
+impl BucketStream {
+    /// The change sets `buckets` yields.
+    pub fn new(buckets: Buckets) -> BucketStream {
+        BucketStream(Arc::new(Mutex::new(Some(buckets))))
+    }
+
+    /// Takes the change sets; an error if they were taken before.
+    pub fn take(&self) -> Result<Buckets, StoreError> {
+        let taken = self.0.lock().unwrap_or_else(|p| p.into_inner()).take();
+        taken.ok_or_else(|| StoreError::Engine("a snapshot's buckets were read once already".into()))
+    }
+
+    /// Reads each change set into `write`; the first error that either returns ends it.
+    pub fn for_each(&self, mut write: impl FnMut(ChangeSet) -> Result<(), StoreError>) -> Result<(), StoreError> {
+        for change in self.take()? {
+            write(change.map_err(|e| StoreError::Engine(format!("a snapshot could not be read: {e}")))?)?;
+        }
+        Ok(())
+    }
+}
+
+impl std::fmt::Debug for BucketStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("BucketStream")
+    }
 }
 
 /// An encoded log entry as it waits to be written: a short head and a payload that may be
@@ -209,6 +253,7 @@ impl LogOp {
             LogOp::TruncateFrom { .. }
             | LogOp::PurgeUpto { .. }
             | LogOp::ClearFlock { .. }
+            | LogOp::InstallFlock { .. }
             | LogOp::DropGroupLog { .. }
             | LogOp::ForgetGroup { .. } => 0,
         }
@@ -459,6 +504,53 @@ pub(crate) mod contract {
         assert_eq!(store.flock_buckets(flock).unwrap(), vec![]);
         assert_eq!(store.bucket_version(b"a").unwrap(), 0);
         assert_eq!(store.get_item(b"a", "x").unwrap(), None);
+    }
+
+    pub(crate) fn flocks_install_whole_from_a_stream_or_not_at_all(store: &dyn Store) {
+        let flocks = store.meta().flock_count;
+        let flock = crate::data::flock_of(b"a", flocks);
+        let of_flock =
+            |f: u32| (0..).map(|i| format!("b{i}").into_bytes()).filter(move |b| crate::data::flock_of(b, flocks) == f);
+        let mine: Vec<Vec<u8>> = of_flock(flock).take(2).collect();
+        let other_flock = (flock + 1) % flocks;
+        let other = of_flock(other_flock).next().unwrap();
+        store
+            .commit(&[
+                change(b"a", 1, &[("x", Some("1"))]),
+                change(&mine[0], 3, &[("k", Some("v")), ("l", Some("w"))]),
+                change(&other, 2, &[("k", Some("o"))]),
+            ])
+            .unwrap();
+        let stream = |changes: Vec<Result<ChangeSet, String>>| BucketStream::new(Box::new(changes.into_iter()));
+        let install =
+            |buckets| Batch { log: vec![LogOp::InstallFlock { flock, buckets }], changes: vec![], sync: SyncTo::All };
+
+        // A stream that fails part way changes nothing.
+        let damaged = stream(vec![Ok(change(&mine[1], 9, &[("n", Some("new"))])), Err("cut short".into())]);
+        let refused = store.write(&install(damaged.clone())).unwrap_err();
+        assert!(refused.to_string().contains("cut short"), "{refused}");
+        assert!(damaged.take().is_err(), "a stream is read once");
+        assert_eq!(store.bucket_version(&mine[1]).unwrap(), 0);
+        assert_eq!(store.get_item(&mine[0], "l").unwrap().as_deref(), Some(&b"w"[..]));
+        assert_eq!(store.get_item(b"a", "x").unwrap().as_deref(), Some(&b"1"[..]));
+
+        // A whole one replaces the flock's buckets with its own, and no other flock's.
+        let whole =
+            stream(vec![Ok(change(&mine[0], 7, &[("k", Some("v7"))])), Ok(change(&mine[1], 9, &[("n", Some("new"))]))]);
+        store.write(&install(whole)).unwrap();
+        let found: Vec<(Vec<u8>, u64, Vec<String>)> = store
+            .flock_buckets(flock)
+            .unwrap()
+            .into_iter()
+            .map(|(b, data)| (b, data.version, data.into_items().into_keys().collect()))
+            .collect();
+        let mut expected =
+            vec![(mine[0].clone(), 7, vec!["k".to_string()]), (mine[1].clone(), 9, vec!["n".to_string()])];
+        expected.sort();
+        assert_eq!(found, expected);
+        assert_eq!(store.get_item(&mine[0], "k").unwrap().as_deref(), Some(&b"v7"[..]));
+        assert_eq!(store.bucket_version(b"a").unwrap(), 0, "a bucket the snapshot lacks is gone");
+        assert_eq!(store.get_item(&other, "k").unwrap().as_deref(), Some(&b"o"[..]), "another flock is untouched");
     }
 
     pub(crate) fn modules_are_found_by_name_and_id(store: &dyn Store) {

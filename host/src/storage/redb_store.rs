@@ -154,20 +154,10 @@ impl RedbStore {
                             state.remove((*group, name.as_str())).map_err(engine)?;
                         }
                     }
-                    LogOp::ClearFlock { flock } => {
-                        let mut gone = Vec::new();
-                        for entry in buckets.range((*flock, &[][..])..).map_err(engine)? {
-                            let (key, _) = entry.map_err(engine)?;
-                            let (f, bucket) = key.value();
-                            if f != *flock {
-                                break;
-                            }
-                            gone.push(bucket.to_vec());
-                        }
-                        for bucket in &gone {
-                            buckets.remove((*flock, bucket.as_slice())).map_err(engine)?;
-                            remove_rows(&mut items, bucket)?;
-                        }
+                    LogOp::ClearFlock { flock } => clear_flock(&mut items, &mut buckets, *flock)?,
+                    LogOp::InstallFlock { flock, buckets: installed } => {
+                        clear_flock(&mut items, &mut buckets, *flock)?;
+                        installed.for_each(|change| apply_change(&mut items, &mut buckets, &change.view()))?;
                     }
                     LogOp::PutModule { id, name, wasm } => put_module(&txn, id, name, wasm)?,
                     LogOp::DeleteModule { name } => {
@@ -188,6 +178,29 @@ impl RedbStore {
             }
         }
         txn.commit().map_err(engine)
+    }
+}
+
+/// Deletes every bucket of `flock`, a page of keys at a time.
+fn clear_flock(items: &mut ItemsTable<'_>, buckets: &mut BucketsTable<'_>, flock: u32) -> Result<(), StoreError> {
+    const PAGE: usize = 1024;
+    loop {
+        let mut gone = Vec::with_capacity(PAGE);
+        for entry in buckets.range((flock, &[][..])..).map_err(engine)?.take(PAGE) {
+            let (key, _) = entry.map_err(engine)?;
+            let (f, bucket) = key.value();
+            if f != flock {
+                break;
+            }
+            gone.push(bucket.to_vec());
+        }
+        if gone.is_empty() {
+            return Ok(());
+        }
+        for bucket in &gone {
+            buckets.remove((flock, bucket.as_slice())).map_err(engine)?;
+            remove_rows(items, bucket)?;
+        }
     }
 }
 
@@ -676,6 +689,8 @@ mod tests {
         contract::flock_views_hold_one_moment(&store);
         let (_dir, store) = temp_store();
         contract::logs_append_truncate_purge_and_flocks_clear(&store);
+        let (_dir, store) = temp_store();
+        contract::flocks_install_whole_from_a_stream_or_not_at_all(&store);
     }
 
     #[test]

@@ -760,6 +760,12 @@ impl Engine {
         }
     }
 
+    /// The data of the snapshot `group` took from its leader and has not yet handed out in a write.
+    pub fn snapshot_taken(&self, group: GroupId) -> Option<&[u8]> {
+        let g = self.groups.get(&group)?;
+        g.raw.raft.raft_log.unstable.snapshot.as_ref().map(|s| &s.data[..])
+    }
+
     /// A group's leadership as this node sees it.
     pub fn lead(&self, group: GroupId) -> Option<Lead> {
         self.groups.get(&group).map(|g| g.lead)
