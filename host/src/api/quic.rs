@@ -359,6 +359,19 @@ pub(crate) async fn read_next_frame(recv: &mut quinn::RecvStream) -> Result<Opti
     next_frame_within(recv, None).await.map_err(|e| e.message)
 }
 
+/// Reads the next frame of a stream from a peer of the cluster (authenticated, so trusted with
+/// the length it announces) into `frame`, sized for it at once rather than grown as bytes arrive:
+/// a reader that reuses one buffer touches its pages once, not again for each frame and each
+/// doubling. False when the stream ends before a frame starts.
+pub(crate) async fn read_next_peer_frame(recv: &mut quinn::RecvStream, frame: &mut Vec<u8>) -> Result<bool, String> {
+    let Some(header) = next_header(recv).await.map_err(|e| e.message)? else { return Ok(false) };
+    let len = frame_len(header).map_err(|e| e.to_string())?;
+    frame.clear();
+    frame.reserve_exact(4 + len);
+    read_body(recv, header, None, frame).await.map_err(|e| e.message)?;
+    Ok(true)
+}
+
 /// [`read_next_frame`], holding the bytes received so far on `claim` (when given); the frame
 /// returned includes its header.
 async fn next_frame_within(

@@ -50,7 +50,7 @@ use super::identity::{NodeIdentity, PEER_SERVER_NAME};
 use super::messages::PeerInfo;
 use super::messages::{GREX_VERSION, Lead, PeerFrame, PeerRequest, PeerResponse, peer_alpns, spoken, version_mismatch};
 use super::wire::RaftMessage;
-use crate::api::quic::{read_end, read_frame, read_next_frame, send_answer};
+use crate::api::quic::{read_end, read_frame, read_next_frame, read_next_peer_frame, send_answer};
 use crate::error::{ErrorCode, RemoteError, error};
 
 /// How often each node pings each peer.
@@ -903,7 +903,10 @@ async fn serve_lane(
     from: NodeId,
     recv: &mut quinn::RecvStream,
 ) -> anyhow::Result<()> {
-    while let Some(frame) = read_next_frame(recv).await.map_err(anyhow::Error::msg)? {
+    // One buffer for the lane's frames (up to `consensus::FRAME_BYTES` of entries each), kept
+    // while they are large and freed once they are small again.
+    let mut frame = Vec::new();
+    while read_next_peer_frame(recv, &mut frame).await.map_err(anyhow::Error::msg)? {
         if peers.is_cut(from) {
             connection.close(3u32.into(), b"cut off");
             return Ok(());
@@ -912,6 +915,9 @@ async fn serve_lane(
             anyhow::bail!("node {} was removed from the cluster", super::node_id_text(from));
         }
         let messages: Vec<RaftMessage> = decode_frame(&frame).context("a malformed consensus lane frame")?;
+        if frame.len() < frame.capacity() / 4 {
+            frame = Vec::new();
+        }
         peers.saw(from, None);
         match (peers.handler)(from, PeerRequest::Raft { messages }).await {
             PeerResponse::Ack => {}
