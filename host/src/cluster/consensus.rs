@@ -64,8 +64,9 @@ const INCOMING_BYTES: usize = 2 * FRAME_BYTES;
 /// How many times `--snapshot-logs` entries a leader's log may hold for herders that lag, before
 /// it purges them anyway ([`Driver::maybe_purge`]).
 const LAGGING_LOGS_FACTOR: u64 = 4;
-/// Snapshots a node builds and sends at once. Each is held whole in memory on both sides, so a
-/// node that joins a busy cluster (every flock sends it one) must not have them all built at once.
+/// Snapshots a node writes and sends at once. Each takes a file the size of its flock and a turn
+/// of the snapshot pace, so a node that joins a busy cluster (every flock sends it one) does not
+/// have them all written at once.
 const SNAPSHOTS_SENT_AT_ONCE: usize = 2;
 /// Bytes of snapshot data in one peer frame.
 const SNAPSHOT_CHUNK_BYTES: usize = 1 << 20;
@@ -1340,8 +1341,8 @@ impl Driver {
     /// A leader keeps the entries its live herders have yet to take (one that is down does not
     /// hold the log back) while its log holds fewer than
     /// [`LAGGING_LOGS_FACTOR`] times `snapshot_logs`: a herder the log no longer covers gets a
-    /// snapshot of the whole flock, built and held whole in memory, where a short lag needs only the
-    /// entries it missed (TiKV's raft log GC keeps the entries its followers lack the same way,
+    /// snapshot of the whole flock, written, sent and installed whole, where a short lag needs only
+    /// the entries it missed (TiKV's raft log GC keeps the entries its followers lack the same way,
     /// up to a count and size limit).
     fn maybe_purge(&mut self, group: GroupId, applied: u64) {
         let Some((first, ..)) = self.engine.log_state(group) else { return };
