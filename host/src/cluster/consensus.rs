@@ -1092,7 +1092,16 @@ impl Driver {
                 remove_soon(file);
                 match read {
                     Ok(meta) => installed.push((group, point.index, meta)),
-                    Err(e) => tracing::error!(group, "a snapshot could not be read: {e}"),
+                    Err(e) => {
+                        // It was read through when it arrived; writing its point without its
+                        // state would lose that state for good.
+                        tracing::error!(
+                            group,
+                            "a snapshot raft took could not be read ({e}); this node stops taking part"
+                        );
+                        self.failed = true;
+                        return;
+                    }
                 }
                 log.push(LogOp::PutState { group, key: APPLIED_KEY, value: wire::encode(&point) });
                 self.applied_conf.insert(group, point.conf.clone());
@@ -1540,6 +1549,12 @@ impl Driver {
     }
 }
 
+/// Reads the meta group's snapshot in `file` through, as its install will.
+pub(super) fn check_meta_snapshot(file: &Path) -> std::result::Result<(), String> {
+    let data = std::fs::read(file).map_err(|e| format!("cannot read {}: {e}", file.display()))?;
+    wire::decode_whole::<MetaSnapshot>(&data).map(drop)
+}
+
 /// Writes a group's snapshot to a file at `path`: its applied point and state as of one moment
 /// of the store.
 fn write_snapshot(store: &dyn Store, group: GroupId, path: &Path) -> anyhow::Result<(AppliedPoint, SnapshotFile)> {
@@ -1725,6 +1740,23 @@ mod tests {
     use super::*;
     use crate::data::ItemWrite;
     use crate::storage::{Batch, RedbStore};
+
+    #[test]
+    fn a_meta_snapshot_is_read_through_before_it_is_taken() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("meta");
+        let snap = MetaSnapshot {
+            state: MetaState::default(),
+            modules: vec![("m".into(), [7; 32], ByteBuf::from(vec![1, 2, 3]))],
+        };
+        let whole = wire::encode(&snap);
+        std::fs::write(&path, &whole).unwrap();
+        assert_eq!(check_meta_snapshot(&path), Ok(()));
+        std::fs::write(&path, &whole[..whole.len() - 1]).unwrap();
+        assert!(check_meta_snapshot(&path).is_err(), "a short one is refused");
+        std::fs::write(&path, [whole.as_slice(), b"x"].concat()).unwrap();
+        assert!(check_meta_snapshot(&path).unwrap_err().contains("left over"));
+    }
 
     #[test]
     fn a_borrowed_change_set_encodes_as_the_command_that_decodes_it() {

@@ -427,8 +427,12 @@ impl Cluster {
                 Err(format!("the snapshot is over the limit of {} GiB", SNAPSHOT_BYTES_MAX >> 30))
             } else if let Err(e) = incoming.append(&data) {
                 Err(e)
-            } else if last && group != META_GROUP {
-                snapshot::check(incoming.path(), group).map(drop).map_err(|e| format!("the snapshot is damaged: {e}"))
+            } else if last {
+                let read = match group {
+                    META_GROUP => consensus::check_meta_snapshot(incoming.path()),
+                    flock => snapshot::check(incoming.path(), flock).map(drop),
+                };
+                read.map_err(|e| format!("the snapshot is damaged: {e}"))
             } else {
                 Ok(())
             };
