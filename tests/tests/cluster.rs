@@ -392,6 +392,46 @@ async fn a_followers_cached_copy_gives_way_to_what_it_applies_next() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_sent_right_after_its_upload_runs_on_a_leader_that_has_yet_to_apply_it() {
+    // An upload is answered once the node it went through has applied it; a flock's leader may
+    // apply it a moment later. Here that leader is paused through the upload, so the job, sent
+    // as it resumes, reaches it before the name does: it must run, not fail as module_not_found.
+    let cluster = TestCluster::start(3, &[]).await;
+    let client = cluster.nodes[0].client().await;
+    let wasm = job_wasm("ledger");
+    let paused = &cluster.nodes[2];
+    // Right after forming, node 0 leads every flock until idle ones hand their lead over.
+    let led_by_paused = || async {
+        let map = client.flocks().await.expect("flock map");
+        map.flocks
+            .iter()
+            .filter(|f| f.leader.as_deref() == Some(paused.id.as_str()))
+            .map(|f| f.flock)
+            .collect::<Vec<u32>>()
+    };
+    eventually("node 2 to lead a flock", PATIENCE, || async { !led_by_paused().await.is_empty() }).await;
+    let led: Vec<u32> = led_by_paused().await;
+    let bucket = (0..100_000)
+        .map(|i| format!("customer-{i}"))
+        .find(|b| led.contains(&proto::flock_of(b.as_bytes(), TEST_FLOCKS)))
+        .expect("a bucket of a flock node 2 leads");
+    paused.signal("STOP");
+    let deadline = Instant::now() + PATIENCE;
+    let uploaded = loop {
+        match client.put_module("ledger", wasm.clone()).await {
+            // Node 2 led the meta group: a new leader is being elected.
+            Err(e) if e.code() == Some(ErrorCode::Unavailable) && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await
+            }
+            other => break other,
+        }
+    };
+    paused.signal("CONT");
+    uploaded.expect("upload ledger with node 2 paused");
+    assert_eq!(ledger(&client, bucket.as_bytes(), Some(5)).await, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_five_nodes_every_node_serves_every_flock_even_those_moved_away_from_it() {
     // Three nodes herd every flock and take a write on each; two more join, and the map moves
     // some of each flock's herders to them. A node the map moved a flock away from keeps its old

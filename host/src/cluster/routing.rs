@@ -105,6 +105,16 @@ impl Cluster {
                     self.inner.node.count_forwarded();
                 }
                 match self.forward_job(via.unwrap_or(target), &bucket, &module, &input, read_only, relay).await {
+                    // The leader has yet to apply the meta entry that named the module here (an
+                    // upload is answered once the node it went through applied it). Nothing ran
+                    // there, so the job goes again.
+                    Forwarded::Answer(Err(e))
+                        if e.code == ErrorCode::ModuleNotFound
+                            && Instant::now() < deadline
+                            && self.inner.node.module_named(&module).is_ok() =>
+                    {
+                        last_error = Some(e)
+                    }
                     Forwarded::Answer(result) => return result,
                     Forwarded::Redirect(hint) => {
                         self.inner.node.metrics().redirected();
