@@ -19,7 +19,6 @@
 //! term and configuration the state holds) and, for the meta group, `meta_state`.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
@@ -814,7 +813,7 @@ impl Driver {
                     .filter_map(|m| {
                         let snap = if m.is_snapshot() { data.take() } else { None };
                         if let Some(path) = &snap {
-                            file = Some((m.group, PathBuf::from(std::ffi::OsStr::from_bytes(path))));
+                            file = Some((m.group, snapshot::path_from_data(path)));
                         }
                         match m.into_message(snap) {
                             Ok((group, message)) => Some(Envelope { group, message }),
@@ -1061,7 +1060,7 @@ impl Driver {
     /// hands it out; a snapshot raft refused (or one a later snapshot replaced before it was
     /// written) has its file deleted now.
     fn snapshot_arrived(&mut self, group: GroupId, path: PathBuf) {
-        let taken = self.engine.snapshot_taken(group) == Some(path.as_os_str().as_bytes());
+        let taken = self.engine.snapshot_taken(group) == Some(snapshot::path_as_data(&path));
         if !taken {
             remove_soon(path);
         } else if let Some(replaced) = self.snapshot_files.insert(group, path) {
@@ -1081,9 +1080,8 @@ impl Driver {
                 let point = AppliedPoint::of(snapshot.get_metadata());
                 log.push(LogOp::TruncateFrom { group, from: 0 });
                 log.push(LogOp::PutLogState { group, key: BASE_KEY, value: wire::encode(&(point.index, point.term)) });
-                // What a snapshot message carries here is the path of the file its chunks
-                // were gathered in (`Cluster::snapshot_chunk`); it goes once written.
-                let file = PathBuf::from(std::ffi::OsStr::from_bytes(&snapshot.data));
+                // The file its chunks were gathered in (`Cluster::snapshot_chunk`).
+                let file = snapshot::path_from_data(&snapshot.data);
                 let read = self.install(group, &file, &mut log);
                 // The install holds the file open (or read it whole): its name can go now.
                 if self.snapshot_files.get(&group) == Some(&file) {

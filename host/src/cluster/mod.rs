@@ -50,7 +50,6 @@ pub use placement::Site;
 
 use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;
-use std::os::unix::ffi::OsStrExt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
@@ -455,7 +454,7 @@ impl Cluster {
             return PeerResponse::Ack;
         };
         let path = incoming.into_path();
-        match self.inner.consensus.deliver(vec![message], Some(path.as_os_str().as_bytes().to_vec())).await {
+        match self.inner.consensus.deliver(vec![message], Some(snapshot::path_as_data(&path).to_vec())).await {
             Ok(()) => PeerResponse::Ack,
             Err(e) => PeerResponse::Error(e),
         }

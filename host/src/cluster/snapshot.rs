@@ -10,8 +10,10 @@
 //! write's pages to the file past half its cache, so that write is bounded too. The meta group's
 //! snapshot (its state and every module) is written and read whole.
 
+use std::ffi::OsStr;
 use std::fs::File;
 use std::io::{BufReader, BufWriter, Read, Seek, SeekFrom, Write};
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -57,6 +59,17 @@ pub(super) fn clear_dir(data_dir: &Path) -> std::io::Result<()> {
 /// Where the snapshot of `group` for peer `to` is written before it is sent.
 pub(super) fn outgoing_path(data_dir: &Path, group: GroupId, to: NodeId) -> PathBuf {
     data_dir.join(DIR).join(format!("out-{group}-{to:016x}"))
+}
+
+/// What a received snapshot's message carries through the engine as its data: the path of the
+/// file its chunks were gathered in ([`path_from_data`] reads it back).
+pub(super) fn path_as_data(path: &Path) -> &[u8] {
+    path.as_os_str().as_bytes()
+}
+
+/// The file a received snapshot's message names ([`path_as_data`]).
+pub(super) fn path_from_data(data: &[u8]) -> PathBuf {
+    PathBuf::from(OsStr::from_bytes(data))
 }
 
 /// Writes every bucket of `view` to a new file at `path`, a page at a time.
