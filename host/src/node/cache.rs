@@ -1,8 +1,9 @@
 //! The decoded-bucket cache of one executor shard: LRU by bytes.
 //!
 //! An entry whose latest change set is not yet durable is never evicted: reloading it from the
-//! store would lose writes that later jobs already saw. So the cache may run over its budget by
-//! the buckets written in the last group commit, and returns to it once they are durable.
+//! store would lose writes that later jobs already saw. Eviction passes over such entries to
+//! the next least recently used ones, so the cache runs over its budget only by buckets whose
+//! writes are on their way (and stays over it only while there are no others to evict).
 
 use lru::LruCache;
 
@@ -18,12 +19,27 @@ pub(crate) struct CachedBucket {
     /// committed state), and the ticket of the latest change set proposed to the flock's log.
     pub(crate) term: u64,
     pub(crate) pending: Option<Ticket>,
+    /// Once eviction has found the latest change set failed: what had been submitted to the
+    /// committer by then. The entry may go once that is durable.
+    pub(crate) failed_at: Option<u64>,
 }
+
+/// Where the committer stands, for eviction.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct CommitSeqs {
+    /// Every write up to this sequence is in the store.
+    pub(crate) durable: u64,
+    /// Writes handed to the committer so far.
+    pub(crate) submitted: u64,
+}
+
+/// Entries one eviction looks at, least recently used first, for ones it may evict.
+const EVICT_SCAN_MAX: usize = 1024;
 
 impl CachedBucket {
     /// A bucket as loaded from the store.
     pub(crate) fn loaded(data: BucketData, term: u64) -> Self {
-        CachedBucket { data, last_seq: 0, term, pending: None }
+        CachedBucket { data, last_seq: 0, term, pending: None, failed_at: None }
     }
 
     /// True while a change set it holds may still fail to commit, or is committed but not yet
@@ -36,6 +52,16 @@ impl CachedBucket {
                 None | Some(Err(_)) => true,
                 Some(Ok(written)) => *written > durable_seq,
             })
+    }
+
+    /// True if it may leave the cache: nothing it holds is on its way to the store. One whose
+    /// latest change set failed may go once everything submitted when that was first seen here
+    /// is durable (as the next job on it would wait for before reloading it).
+    fn evictable(&mut self, seqs: CommitSeqs) -> bool {
+        if self.failed() {
+            return *self.failed_at.get_or_insert(seqs.submitted) <= seqs.durable && self.last_seq <= seqs.durable;
+        }
+        !self.has_pending(seqs.durable)
     }
 
     /// The commit-log sequence after which the store holds everything this entry was built from:
@@ -103,22 +129,30 @@ impl BucketCache {
         }
     }
 
-    /// Puts a bucket back as the most recently used, then evicts durable entries over budget.
-    pub(crate) fn put(&mut self, bucket: Vec<u8>, entry: CachedBucket, durable_seq: u64) {
+    /// Puts a bucket back as the most recently used, then evicts entries over budget.
+    pub(crate) fn put(&mut self, bucket: Vec<u8>, entry: CachedBucket, seqs: CommitSeqs) {
         self.bytes += entry_bytes(&bucket, &entry);
         self.entries.put(bucket, entry);
-        self.evict(durable_seq);
+        self.evict(seqs);
     }
 
-    /// Evicts least recently used entries while over budget, stopping at one not yet durable.
-    pub(crate) fn evict(&mut self, durable_seq: u64) {
-        while self.bytes > self.bytes_max {
-            match self.entries.peek_lru() {
-                Some((_, entry)) if !entry.has_pending(durable_seq) => {
-                    let (bucket, entry) = self.entries.pop_lru().expect("peeked");
-                    self.bytes -= entry_bytes(&bucket, &entry);
+    /// Evicts least recently used entries while over budget, passing over those whose writes
+    /// are on their way to the store (looking at most at [`EVICT_SCAN_MAX`] entries).
+    pub(crate) fn evict(&mut self, seqs: CommitSeqs) {
+        let Some(mut over) = self.bytes.checked_sub(self.bytes_max).filter(|&over| over > 0) else { return };
+        let mut gone = Vec::new();
+        for (bucket, entry) in self.entries.iter_mut().rev().take(EVICT_SCAN_MAX) {
+            if entry.evictable(seqs) {
+                gone.push(bucket.clone());
+                over = over.saturating_sub(entry_bytes(bucket, entry));
+                if over == 0 {
+                    break;
                 }
-                _ => break,
+            }
+        }
+        for bucket in gone {
+            if let Some(entry) = self.entries.pop(&bucket) {
+                self.bytes -= entry_bytes(&bucket, &entry);
             }
         }
     }
@@ -169,6 +203,11 @@ mod tests {
         BucketData::new(1, BTreeMap::from([("v".to_string(), vec![0; bytes])]))
     }
 
+    /// The committer with everything up to `seq` submitted and durable.
+    fn at(seq: u64) -> CommitSeqs {
+        CommitSeqs { durable: seq, submitted: seq }
+    }
+
     /// What one entry of `bucket_of(1000)` under a one-byte key counts for.
     fn one() -> usize {
         entry_bytes(b"a", &CachedBucket::loaded(bucket_of(1000), 0))
@@ -178,11 +217,11 @@ mod tests {
     fn least_recently_used_durable_buckets_go_first() {
         let one = one();
         let mut cache = BucketCache::new(one * 2);
-        cache.put(b"a".to_vec(), CachedBucket { last_seq: 1, ..CachedBucket::loaded(bucket_of(1000), 0) }, 10);
-        cache.put(b"b".to_vec(), CachedBucket { last_seq: 2, ..CachedBucket::loaded(bucket_of(1000), 0) }, 10);
+        cache.put(b"a".to_vec(), CachedBucket { last_seq: 1, ..CachedBucket::loaded(bucket_of(1000), 0) }, at(10));
+        cache.put(b"b".to_vec(), CachedBucket { last_seq: 2, ..CachedBucket::loaded(bucket_of(1000), 0) }, at(10));
         assert!(cache.take(b"a").is_some());
-        cache.put(b"a".to_vec(), CachedBucket { last_seq: 3, ..CachedBucket::loaded(bucket_of(1000), 0) }, 10);
-        cache.put(b"c".to_vec(), CachedBucket { last_seq: 4, ..CachedBucket::loaded(bucket_of(1000), 0) }, 10);
+        cache.put(b"a".to_vec(), CachedBucket { last_seq: 3, ..CachedBucket::loaded(bucket_of(1000), 0) }, at(10));
+        cache.put(b"c".to_vec(), CachedBucket { last_seq: 4, ..CachedBucket::loaded(bucket_of(1000), 0) }, at(10));
         assert!(cache.take(b"b").is_none(), "b was least recently used");
         let stats = cache.stats();
         assert_eq!((stats.hits, stats.misses, stats.buckets), (1, 1, 2));
@@ -193,10 +232,10 @@ mod tests {
     fn buckets_with_pending_writes_stay_until_durable() {
         let one = one();
         let mut cache = BucketCache::new(one);
-        cache.put(b"a".to_vec(), CachedBucket { last_seq: 5, ..CachedBucket::loaded(bucket_of(1000), 0) }, 4);
-        cache.put(b"b".to_vec(), CachedBucket { last_seq: 6, ..CachedBucket::loaded(bucket_of(1000), 0) }, 4);
+        cache.put(b"a".to_vec(), CachedBucket { last_seq: 5, ..CachedBucket::loaded(bucket_of(1000), 0) }, at(4));
+        cache.put(b"b".to_vec(), CachedBucket { last_seq: 6, ..CachedBucket::loaded(bucket_of(1000), 0) }, at(4));
         assert_eq!(cache.stats().buckets, 2, "nothing durable yet, so nothing evicted");
-        cache.evict(6);
+        cache.evict(at(6));
         assert_eq!(cache.stats().buckets, 1);
         assert!(cache.take(b"b").is_some());
     }
@@ -209,7 +248,7 @@ mod tests {
     }
 
     #[test]
-    fn a_committed_bucket_stays_until_its_apply_is_written_and_a_failed_one_until_reloaded() {
+    fn a_committed_bucket_stays_until_its_apply_is_written_and_a_failed_one_until_what_was_queued_is() {
         let one = one();
         let mut cache = BucketCache::new(one);
         let failure = crate::error::error(crate::error::ErrorCode::Unavailable, "lost the lead");
@@ -217,21 +256,44 @@ mod tests {
         let failed = CachedBucket { pending: Some(resolved(Err(failure))), ..CachedBucket::loaded(bucket_of(1000), 1) };
         assert_eq!(committed.written_seq(9), Some(7));
         assert_eq!(failed.written_seq(9), Some(9), "a failed entry waits for everything queued");
-        cache.put(b"c".to_vec(), CachedBucket::loaded(bucket_of(1000), 1), 6);
-        cache.put(b"a".to_vec(), committed, 6);
-        cache.put(b"b".to_vec(), failed, 6);
+        cache.put(b"c".to_vec(), CachedBucket::loaded(bucket_of(1000), 1), at(6));
+        cache.put(b"a".to_vec(), committed, at(6));
+        cache.put(b"b".to_vec(), failed, CommitSeqs { durable: 6, submitted: 9 });
         assert_eq!(cache.stats().buckets, 2, "only the plain entry went");
-        cache.evict(7);
+        cache.evict(CommitSeqs { durable: 7, submitted: 12 });
         assert_eq!(cache.stats().buckets, 1, "the apply is written: the committed entry may go");
-        assert!(cache.take(b"b").is_some(), "the failed entry stays until a job takes it");
+        cache.put(b"d".to_vec(), CachedBucket::loaded(bucket_of(1000), 1), CommitSeqs { durable: 8, submitted: 12 });
+        assert_eq!(cache.stats().buckets, 1, "over budget: the plain entry went, the failed one waits");
+        cache.evict(CommitSeqs { durable: 9, submitted: 15 });
+        assert_eq!(cache.stats().buckets, 0, "what was queued when the failure was first seen (9) is durable");
+        assert!(cache.take(b"b").is_none());
+    }
+
+    #[test]
+    fn an_entry_on_its_way_to_the_store_does_not_hold_the_others_in() {
+        let one = one();
+        let mut cache = BucketCache::new(one * 3);
+        let waiting: Ticket = futures::FutureExt::shared(futures::FutureExt::boxed(futures::future::pending()));
+        cache.put(
+            b"a".to_vec(),
+            CachedBucket { pending: Some(waiting), ..CachedBucket::loaded(bucket_of(1000), 1) },
+            at(1),
+        );
+        for key in [b"b", b"c", b"d", b"e"] {
+            cache.put(key.to_vec(), CachedBucket::loaded(bucket_of(1000), 1), at(1));
+        }
+        let stats = cache.stats();
+        assert_eq!((stats.buckets, stats.bytes as usize), (2, one * 2 + 128), "the waiting entry and the newest");
+        assert!(cache.take(b"a").is_some(), "the least recently used entry is still waiting: it stays");
+        assert!(cache.take(b"e").is_some());
     }
 
     #[test]
     fn a_stale_entry_is_dropped_and_its_bytes_returned() {
         let one = one();
         let mut cache = BucketCache::new(one * 4);
-        cache.put(b"a".to_vec(), CachedBucket::loaded(bucket_of(1000), 0), 0);
-        cache.put(b"b".to_vec(), CachedBucket::loaded(bucket_of(1000), 0), 0);
+        cache.put(b"a".to_vec(), CachedBucket::loaded(bucket_of(1000), 0), at(0));
+        cache.put(b"b".to_vec(), CachedBucket::loaded(bucket_of(1000), 0), at(0));
         cache.remove_if(b"a", |entry| entry.data.version < 1);
         assert_eq!(cache.stats().buckets, 2, "version 1 is not older than 1");
         cache.remove_if(b"a", |entry| entry.data.version < 2);

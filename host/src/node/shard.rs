@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot};
 
-use super::cache::{BucketCache, CacheStats, CachedBucket};
+use super::cache::{BucketCache, CacheStats, CachedBucket, CommitSeqs};
 use super::clock::Clock;
 use super::commit::CommitLog;
 use super::{Replicator, Ticket};
@@ -357,8 +357,9 @@ impl Shard {
             (Some(_), _) if proposed => WaitFor::Ticket(pending.clone().expect("proposed above")),
             (Some(_), _) => WaitFor::Read { term, seen: pending.clone() },
         };
-        let entry = CachedBucket { data, last_seq, term, pending };
-        self.cache.put(job.bucket.clone(), entry, self.commits.durable_seq());
+        let entry = CachedBucket { data, last_seq, term, pending, failed_at: None };
+        let seqs = CommitSeqs { durable: self.commits.durable_seq(), submitted: self.commits.submitted_seq() };
+        self.cache.put(job.bucket.clone(), entry, seqs);
         Executed { result, wait }
     }
 }
