@@ -5,6 +5,8 @@
 //! the next least recently used ones, so the cache runs over its budget only by buckets whose
 //! writes are on their way (and stays over it only while there are no others to evict).
 
+use std::cell::Cell;
+
 use lru::LruCache;
 
 use super::Ticket;
@@ -21,7 +23,7 @@ pub(crate) struct CachedBucket {
     pub(crate) pending: Option<Ticket>,
     /// Once eviction has found the latest change set failed: what had been submitted to the
     /// committer by then. The entry may go once that is durable.
-    pub(crate) failed_at: Option<u64>,
+    pub(crate) failed_at: Cell<Option<u64>>,
 }
 
 /// Where the committer stands, for eviction.
@@ -39,7 +41,7 @@ const EVICT_SCAN_MAX: usize = 1024;
 impl CachedBucket {
     /// A bucket as loaded from the store.
     pub(crate) fn loaded(data: BucketData, term: u64) -> Self {
-        CachedBucket { data, last_seq: 0, term, pending: None, failed_at: None }
+        CachedBucket { data, last_seq: 0, term, pending: None, failed_at: Cell::new(None) }
     }
 
     /// True while a change set it holds may still fail to commit, or is committed but not yet
@@ -57,9 +59,11 @@ impl CachedBucket {
     /// True if it may leave the cache: nothing it holds is on its way to the store. One whose
     /// latest change set failed may go once everything submitted when that was first seen here
     /// is durable (as the next job on it would wait for before reloading it).
-    fn evictable(&mut self, seqs: CommitSeqs) -> bool {
+    fn evictable(&self, seqs: CommitSeqs) -> bool {
         if self.failed() {
-            return *self.failed_at.get_or_insert(seqs.submitted) <= seqs.durable && self.last_seq <= seqs.durable;
+            let failed_at = self.failed_at.get().unwrap_or(seqs.submitted);
+            self.failed_at.set(Some(failed_at));
+            return failed_at <= seqs.durable;
         }
         !self.has_pending(seqs.durable)
     }
@@ -139,9 +143,15 @@ impl BucketCache {
     /// Evicts least recently used entries while over budget, passing over those whose writes
     /// are on their way to the store (looking at most at [`EVICT_SCAN_MAX`] entries).
     pub(crate) fn evict(&mut self, seqs: CommitSeqs) {
+        // The usual case: the least recently used entries may go as they are.
+        while self.bytes > self.bytes_max && self.entries.peek_lru().is_some_and(|(_, entry)| entry.evictable(seqs)) {
+            let (bucket, entry) = self.entries.pop_lru().expect("peeked");
+            self.bytes -= entry_bytes(&bucket, &entry);
+        }
+        // Past one still waiting: look further along.
         let Some(mut over) = self.bytes.checked_sub(self.bytes_max).filter(|&over| over > 0) else { return };
         let mut gone = Vec::new();
-        for (bucket, entry) in self.entries.iter_mut().rev().take(EVICT_SCAN_MAX) {
+        for (bucket, entry) in self.entries.iter().rev().take(EVICT_SCAN_MAX) {
             if entry.evictable(seqs) {
                 gone.push(bucket.clone());
                 over = over.saturating_sub(entry_bytes(bucket, entry));

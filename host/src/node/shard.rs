@@ -357,7 +357,7 @@ impl Shard {
             (Some(_), _) if proposed => WaitFor::Ticket(pending.clone().expect("proposed above")),
             (Some(_), _) => WaitFor::Read { term, seen: pending.clone() },
         };
-        let entry = CachedBucket { data, last_seq, term, pending, failed_at: None };
+        let entry = CachedBucket { data, last_seq, term, pending, failed_at: Default::default() };
         let seqs = CommitSeqs { durable: self.commits.durable_seq(), submitted: self.commits.submitted_seq() };
         self.cache.put(job.bucket.clone(), entry, seqs);
         Executed { result, wait }
