@@ -11,7 +11,8 @@
 # flight each, for REQUESTS seconds instead of REQUESTS requests).
 # Usage: scripts/cpu-per-job.sh NODES REQUESTS (release build and jobs first: cargo build --release
 # -p grex; scripts/build-jobs.sh). GREX=path picks another binary. Listens on 127.0.0.1 only.
-set -euo pipefail
+set -Eeuo pipefail
+trap 'echo "$0: line $LINENO failed: $BASH_COMMAND" >&2' ERR
 cd "$(dirname "$0")/.."
 [ $# -eq 2 ] || { echo "usage: $0 NODES REQUESTS"; exit 2; }
 nodes=$1 requests=$2
@@ -31,7 +32,7 @@ ticks() {
       local name stat switches
       { name=$(tr ' ' _ < "$t/comm") && stat=$(awk '{ print $14 + $15 }' "$t/stat") \
         && switches=$(awk '$1 == "voluntary_ctxt_switches:" { print $2 }' "$t/status") \
-        && echo "$i $name $stat $switches"; } 2>/dev/null
+        && echo "$i $name $stat $switches"; } 2>/dev/null || true
     done
   done
 }
