@@ -2,7 +2,7 @@
 # Bulk writes: redis-benchmark `HSET bucket:<random> f1 v f2 v ... fN v` (FIELDS fields of
 # VALUE_BYTES-byte values each, default 100 × 70: the original design's 70-byte records), 50
 # clients, REQUESTS commands through node 0, after a warm-up. Prints records/s (commands/s ×
-# FIELDS) and each node's RSS and peak RSS afterwards. CLUSTER=1: `redis-benchmark --cluster`, which
+# FIELDS), each node's RSS and peak RSS afterwards, and the bytes it read and wrote per command. CLUSTER=1: `redis-benchmark --cluster`, which
 # sends each key to its flock's leader (its keys share a hash tag per node: one flock per node).
 # PIPELINE=N: each client keeps N commands in flight (default 1).
 # Usage: scripts/bench-bulk.sh NODES REQUESTS [grex serve arguments for every node...]
@@ -37,9 +37,18 @@ bench_cluster=() key="bucket:__rand_int__"
 [ "${CLUSTER:-0}" != 1 ] || bench_cluster=(--cluster) key="bucket:{tag}:__rand_int__"
 bench() { redis-benchmark "${bench_cluster[@]}" -p 17073 -c 50 -P "${PIPELINE:-1}" -r 1000000 --csv "$@" HSET "$key" "${args[@]}" 2>/dev/null | tail -1; }
 bench -n 2000 > /dev/null
+# Bytes each node read and wrote through read/write system calls so far (its files, mostly: QUIC
+# uses sendmsg and recvmsg, which these do not count).
+io() { for i in "${!pids[@]}"; do awk '$1 == "rchar:" { r = $2 } $1 == "wchar:" { w = $2 } END { print r, w }' /proc/"${pids[$i]}"/io; done; }
+io_before=$(io)
 rate=$(bench -n "$requests" | cut -d, -f2 | tr -d '"')
+io_after=$(io)
 awk -v r="$rate" -v f="$fields" 'BEGIN { printf "%.0f HSET/s × %d fields = %.0f records/s\n", r, f, r * f }'
 for i in "${!pids[@]}"; do
-  awk -v i="$i" '$1 == "VmRSS:" { rss = $2 } $1 == "VmHWM:" { hwm = $2 }
-    END { printf "node %d: RSS %d MiB, peak %d MiB\n", i, rss / 1024, hwm / 1024 }' /proc/"${pids[$i]}"/status
+  read -r read_before wrote_before <<< "$(sed -n "$((i + 1))p" <<< "$io_before")"
+  read -r read_after wrote_after <<< "$(sed -n "$((i + 1))p" <<< "$io_after")"
+  awk -v i="$i" -v n="$requests" -v r=$((read_after - read_before)) -v w=$((wrote_after - wrote_before)) \
+    '$1 == "VmRSS:" { rss = $2 } $1 == "VmHWM:" { hwm = $2 }
+    END { printf "node %d: RSS %d MiB, peak %d MiB; per HSET read %.1f KB, wrote %.1f KB\n", i, rss / 1024, hwm / 1024, r / n / 1000, w / n / 1000 }' \
+    /proc/"${pids[$i]}"/status
 done

@@ -280,11 +280,11 @@ type BucketsTable<'txn> = redb::Table<'txn, (u32, &'static [u8]), u64>;
 fn read_bucket(
     table: &impl ReadableTable<(&'static [u8], &'static str), &'static [u8]>,
     bucket: &[u8],
-    entry: Option<u64>,
+    entry: u64,
 ) -> Result<BucketData, StoreError> {
-    let Some(entry) = entry.filter(|e| packed::is_packed(*e)) else {
-        return Ok(BucketData::new(entry.map_or(0, packed::version), read_items(table, bucket)?));
-    };
+    if !packed::is_packed(entry) {
+        return Ok(BucketData::new(packed::version(entry), read_items(table, bucket)?));
+    }
     let mut items = BTreeMap::new();
     if let Some(row) = table.get((bucket, PACKED_KEY)).map_err(engine)? {
         extend_from_row(&mut items, row.value())?;
@@ -463,7 +463,7 @@ impl FlockView for RedbFlockView {
             if flock != self.flock || !bucket.starts_with(prefix) || found.len() == limit || bytes >= bytes_max {
                 break;
             }
-            let data = read_bucket(&items, bucket, Some(version.value()))?;
+            let data = read_bucket(&items, bucket, version.value())?;
             bytes += bucket.len() + data.bytes();
             found.push((bucket.to_vec(), data));
         }
@@ -491,6 +491,12 @@ impl Store for RedbStore {
         let txn = self.db.begin_read().map_err(engine)?;
         let key = (flock_of(bucket, self.meta.flock_count), bucket);
         let entry = txn.open_table(BUCKETS).map_err(engine)?.get(key).map_err(engine)?.map(|v| v.value());
+        // Every write files its bucket in `buckets` (`apply_change`), as every schema since 3
+        // did, so a bucket without an entry has no items: a new bucket's load reads nothing of
+        // `items`, not even the leaf it would land in.
+        let Some(entry) = entry else {
+            return Ok(BucketData::new(0, BTreeMap::new()));
+        };
         read_bucket(&txn.open_table(ITEMS).map_err(engine)?, bucket, entry)
     }
 
@@ -578,7 +584,7 @@ impl Store for RedbStore {
             if f != flock {
                 break;
             }
-            found.push((bucket.to_vec(), read_bucket(&items, bucket, Some(version.value()))?));
+            found.push((bucket.to_vec(), read_bucket(&items, bucket, version.value())?));
         }
         Ok(found)
     }
