@@ -12,7 +12,7 @@
 # Usage: scripts/cpu-per-job.sh NODES REQUESTS (release build and jobs first: cargo build --release
 # -p grex; scripts/build-jobs.sh). GREX=path picks another binary. Listens on 127.0.0.1 only.
 set -Eeuo pipefail
-trap 'echo "$0: line $LINENO failed: $BASH_COMMAND" >&2' ERR
+trap 'echo "$0: line $LINENO failed: $BASH_COMMAND" >&2; tail -3 "${data:-/nonexistent}/bench-err" >&2 2>/dev/null' ERR
 cd "$(dirname "$0")/.."
 [ $# -eq 2 ] || { echo "usage: $0 NODES REQUESTS"; exit 2; }
 nodes=$1 requests=$2
@@ -49,7 +49,7 @@ if [ "${CLIENT:-redis}" = grex ]; then
 else
   load() {
     /usr/bin/time -f "%U %S" -o "$data/bench-cpu" redis-benchmark "${bench_cluster[@]}" -p 17073 -c 50 \
-      -P "${PIPELINE:-1}" -n "$1" -r 100000 --csv "${cmd[@]}" 2>/dev/null | tail -1
+      -P "${PIPELINE:-1}" -n "$1" -r 100000 --csv "${cmd[@]}" 2>"$data/bench-err" | tail -1
   }
   client=redis-benchmark
 fi

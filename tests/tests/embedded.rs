@@ -71,3 +71,26 @@ async fn compiled_code_is_kept_on_disk_and_a_damaged_copy_is_compiled_again() {
     assert!(std::fs::metadata(&code).unwrap().len() > 1000, "the damaged copy was replaced");
     node.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_burst_of_jobs_on_a_module_not_loaded_yet_loads_it_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = Node::open(NodeConfig::new(dir.path())).unwrap();
+    node.put_module("counter", job_wasm("counter")).await.unwrap();
+    node.shutdown().await;
+    drop(node);
+
+    // Reopened, the node has the module stored but not loaded: 64 jobs arrive at once.
+    let node = Node::open(NodeConfig::new(dir.path())).unwrap();
+    let jobs = (0..64).map(|i| {
+        let node = node.clone();
+        tokio::spawn(async move { node.run_job(format!("b{i}").as_bytes(), "counter", Vec::new(), false).await })
+    });
+    for job in futures::future::join_all(jobs).await {
+        assert_eq!(job.unwrap().unwrap().output, b"1");
+    }
+    let metrics = node.metrics().render();
+    let loads = metrics.lines().find(|l| l.starts_with("grex_module_load_seconds_count")).expect("the load metric");
+    assert_eq!(loads, "grex_module_load_seconds_count 1", "every job but the first should wait for its load");
+    node.shutdown().await;
+}

@@ -279,6 +279,9 @@ struct Inner {
     replicator: Option<Arc<dyn Replicator>>,
     /// Module name → (id, size of the uploaded bytes), mirrored from the store.
     names: RwLock<HashMap<String, (ModuleId, u64)>>,
+    /// Modules being loaded (read and compiled), one load each: the jobs that need one meanwhile
+    /// wait for that load and take its result from the cache.
+    module_loads: Mutex<HashMap<ModuleId, Arc<tokio::sync::Mutex<()>>>>,
     jobs_ok: AtomicU64,
     jobs_failed: AtomicU64,
     jobs_forwarded: AtomicU64,
@@ -383,6 +386,7 @@ impl Node {
                 shard_threads: Mutex::new(threads),
                 replicator,
                 names: RwLock::new(names),
+                module_loads: Mutex::default(),
                 jobs_ok: AtomicU64::new(0),
                 jobs_failed: AtomicU64::new(0),
                 jobs_forwarded: AtomicU64::new(0),
@@ -507,6 +511,22 @@ impl Node {
         if let Some(module) = self.inner.runtime.modules.cached(&id) {
             return Ok(module);
         }
+        // One load at a time per module. A burst of jobs on a module not loaded yet (the first
+        // ones after a start or an upload elsewhere) would otherwise each compile it: hundreds of
+        // compiles queued for the compiler while the jobs, and the peers that forwarded them, time out.
+        let gate = self.inner.module_loads.lock().unwrap_or_else(|p| p.into_inner()).entry(id).or_default().clone();
+        let _turn = gate.lock().await;
+        if let Some(module) = self.inner.runtime.modules.cached(&id) {
+            return Ok(module);
+        }
+        let loaded = self.load_module(id, name).await;
+        // Those still waiting find it in the cache; after a failure, each tries in turn.
+        self.inner.module_loads.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+        loaded
+    }
+
+    /// Reads module `id` (named `name`) from the store and compiles it, off the async executor.
+    async fn load_module(&self, id: ModuleId, name: &str) -> Result<Arc<LoadedModule>> {
         let node = self.clone();
         let name = name.to_owned();
         tokio::task::spawn_blocking(move || {
