@@ -2,8 +2,9 @@
 # Bulk writes: redis-benchmark `HSET bucket:<random> f1 v f2 v ... fN v` (FIELDS fields of
 # VALUE_BYTES-byte values each, default 100 × 70: the original design's 70-byte records), 50
 # clients, REQUESTS commands through node 0, after a warm-up. Prints records/s (commands/s ×
-# FIELDS), each node's RSS and peak RSS afterwards, and the bytes it read and wrote per command. CLUSTER=1: `redis-benchmark --cluster`, which
-# sends each key to its flock's leader (its keys share a hash tag per node: one flock per node).
+# FIELDS), each node's RSS and peak RSS afterwards, and the bytes it read and wrote per command.
+# CLUSTER=1: `redis-benchmark --cluster`, which sends each key to its flock's leader (its keys
+# share a hash tag per node: one flock per node).
 # PIPELINE=N: each client keeps N commands in flight (default 1).
 # Usage: scripts/bench-bulk.sh NODES REQUESTS [grex serve arguments for every node...]
 # NODES is 1 or 3 (replication 3). GREX=path picks another binary (release build first: cargo
