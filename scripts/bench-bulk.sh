@@ -41,13 +41,13 @@ bench -n 2000 > /dev/null
 # Bytes each node read and wrote through read/write system calls so far (its files, mostly: QUIC
 # uses sendmsg and recvmsg, which these do not count).
 io() { for i in "${!pids[@]}"; do awk '$1 == "rchar:" { r = $2 } $1 == "wchar:" { w = $2 } END { print r, w }' /proc/"${pids[$i]}"/io; done; }
-io_before=$(io)
+mapfile -t io_before < <(io)
 rate=$(bench -n "$requests" | cut -d, -f2 | tr -d '"')
-io_after=$(io)
+mapfile -t io_after < <(io)
 awk -v r="$rate" -v f="$fields" 'BEGIN { printf "%.0f HSET/s × %d fields = %.0f records/s\n", r, f, r * f }'
 for i in "${!pids[@]}"; do
-  read -r read_before wrote_before <<< "$(sed -n "$((i + 1))p" <<< "$io_before")"
-  read -r read_after wrote_after <<< "$(sed -n "$((i + 1))p" <<< "$io_after")"
+  read -r read_before wrote_before <<< "${io_before[$i]}"
+  read -r read_after wrote_after <<< "${io_after[$i]}"
   awk -v i="$i" -v n="$requests" -v r=$((read_after - read_before)) -v w=$((wrote_after - wrote_before)) \
     '$1 == "VmRSS:" { rss = $2 } $1 == "VmHWM:" { hwm = $2 }
     END { printf "node %d: RSS %d MiB, peak %d MiB; per HSET read %.1f KB, wrote %.1f KB\n", i, rss / 1024, hwm / 1024, r / n / 1000, w / n / 1000 }' \
