@@ -43,7 +43,7 @@ use super::{NodeId, PeerInfo};
 use crate::data::{Change, ChangeSet};
 use crate::error::{ErrorCode, RemoteError, Result, error};
 use crate::node::{Node, Write};
-use crate::storage::{GroupId, LogOp, META_GROUP, ModuleId, Store, SyncTo};
+use crate::storage::{GroupId, LogOp, LogRead, META_GROUP, ModuleId, Store, SyncTo};
 
 /// The engine's tick.
 pub const TICK: Duration = Duration::from_millis(100);
@@ -52,6 +52,8 @@ pub const TICK: Duration = Duration::from_millis(100);
 pub const SNAPSHOT_LOGS_DEFAULT: u64 = 5000;
 /// Inputs waiting for the driver.
 const INPUTS_MAX: usize = 8192;
+/// A replay at start reads the log in pieces of this size: bounded, whatever its entries weigh.
+const REPLAY_READ: LogRead = LogRead::within(1024, 16 << 20);
 /// Ticks between republishing every group's view (each is also published in any round that
 /// stepped or changed it; this catches what moves without either).
 const VIEWS_REFRESH_TICKS: u64 = 10;
@@ -562,7 +564,7 @@ fn meta_state_at_start(store: &dyn Store) -> anyhow::Result<(MetaState, u64)> {
     let mut from = applied.index + 1;
     let mut replayed = applied.index;
     while from <= hard.commit {
-        let chunk = store.log_entries(META_GROUP, from, hard.commit + 1, 1024)?;
+        let chunk = store.log_entries(META_GROUP, from, hard.commit + 1, REPLAY_READ)?;
         let Some(&(last, _)) = chunk.last() else { break };
         for (index, bytes) in chunk {
             let entry: WireEntry = wire::decode(&bytes).map_err(|e| anyhow::anyhow!("meta entry {index}: {e}"))?;
@@ -609,7 +611,7 @@ fn open_group(
     let mut last = base.0;
     let mut from = base.0 + 1;
     loop {
-        let chunk = store.log_entries(group, from, u64::MAX, 1024)?;
+        let chunk = store.log_entries(group, from, u64::MAX, REPLAY_READ)?;
         let Some(&(end, _)) = chunk.last() else { break };
         for (index, bytes) in &chunk {
             let entry: WireEntry =
@@ -652,11 +654,16 @@ impl EntrySource for StoreEntries {
         let mut out = Vec::new();
         let mut bytes = 0u64;
         let mut from = low;
-        while from < high {
-            let chunk = self.store.log_entries(group, from, high, 256)?;
+        while from < high && (out.is_empty() || bytes < max_bytes) {
+            // The store stops at the message's size too: it knows each entry's length before
+            // reading it, so a follower far behind on 1 MiB entries costs one read per entry
+            // sent, not a chunk's worth.
+            const CHUNK: usize = 256;
+            let chunk = self.store.log_entries(group, from, high, LogRead::within(CHUNK, max_bytes - bytes))?;
             if chunk.is_empty() {
                 anyhow::bail!("group {group}: log entry {from} is missing from the store");
             }
+            let whole = chunk.len() == CHUNK;
             for (index, encoded) in chunk {
                 let entry: Entry = wire::decode::<WireEntry>(&encoded)
                     .and_then(Entry::try_from)
@@ -667,6 +674,9 @@ impl EntrySource for StoreEntries {
                 }
                 out.push(entry);
                 from = index + 1;
+            }
+            if !whole {
+                break;
             }
         }
         Ok(out)
@@ -938,10 +948,18 @@ impl Driver {
         }
         self.engine.remove_group(group);
         let gone = || error(ErrorCode::Unavailable, "this node no longer herds the flock; retry");
+        // A proposal still waiting may yet commit under the flock's next leader: not known.
+        let unknown = || {
+            error(
+                ErrorCode::OutcomeUnknown,
+                "this node left the flock before its write committed; the write may still take effect, so \
+                 read before retrying",
+            )
+        };
         for waiters in [&mut self.proposals, &mut self.conf_changes] {
             let keys: Vec<(GroupId, u64)> = waiters.range((group, 0)..=(group, u64::MAX)).map(|(k, _)| *k).collect();
             for key in keys {
-                let _ = waiters.remove(&key).expect("listed").reply.send(Err(gone()));
+                let _ = waiters.remove(&key).expect("listed").reply.send(Err(unknown()));
             }
         }
         for (_, reply) in self.reads_waiting.remove(&group).unwrap_or_default() {

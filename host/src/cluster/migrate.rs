@@ -275,7 +275,7 @@ mod tests {
 
     use super::*;
     use crate::storage::legacy_testing::OldDirectory;
-    use crate::storage::{RedbStore, Store};
+    use crate::storage::{LogRead, RedbStore, Store};
 
     const ME: u64 = 0x0102_0304_0506_0708;
 
@@ -344,7 +344,10 @@ mod tests {
         assert_eq!(hard, WireHardState { term: 3, vote: b, commit: 7 });
         let base: (u64, u64) = wire::decode(&store.log_state(0, BASE_KEY).unwrap().unwrap()).unwrap();
         assert_eq!(base, (7, 2));
-        assert!(store.log_entries(0, 0, u64::MAX, 100).unwrap().is_empty(), "the applied entries are gone");
+        assert!(
+            store.log_entries(0, 0, u64::MAX, LogRead::count(100)).unwrap().is_empty(),
+            "the applied entries are gone"
+        );
         let meta = MetaState::decode(&store.log_state(META_GROUP, META_STATE_KEY).unwrap().unwrap()).unwrap();
         assert_eq!(meta.nodes[&ME].peer, "p");
         assert_eq!(meta.map.herders.len(), 4);
@@ -405,7 +408,8 @@ mod tests {
         .write(&path);
         assert_eq!(forward(&path).unwrap(), Some(5));
         let store = RedbStore::open(&path, 4, false).unwrap();
-        let kept: Vec<u64> = store.log_entries(1, 0, u64::MAX, 100).unwrap().into_iter().map(|(i, _)| i).collect();
+        let kept: Vec<u64> =
+            store.log_entries(1, 0, u64::MAX, LogRead::count(100)).unwrap().into_iter().map(|(i, _)| i).collect();
         assert_eq!(kept, [4, 5]);
         let hard: WireHardState = wire::decode(&store.log_state(1, HARD_STATE_KEY).unwrap().unwrap()).unwrap();
         assert_eq!(hard, WireHardState { term: 2, vote: ME, commit: 3 }, "the commit reaches the applied point");

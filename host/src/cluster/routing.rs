@@ -175,6 +175,9 @@ impl Cluster {
         };
         let hint = &self.inner.hints[flock as usize];
         match answer {
+            // Nothing took effect there (the lead moved, or is moving, under the job): the job
+            // goes again, to whoever leads by then, until the router's patience runs out.
+            Ok(PeerResponse::Job(Err(e))) if e.code == ErrorCode::Unavailable => Forwarded::Failed(e),
             Ok(PeerResponse::Job(result)) => {
                 if !relay {
                     hint.store(target, Ordering::Relaxed);

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
-use super::{Batch, GroupId, ModuleId, NodeMeta, Store};
+use super::{Batch, GroupId, LogRead, ModuleId, NodeMeta, Store};
 use crate::data::BucketData;
 use crate::error::StoreError;
 
@@ -73,7 +73,13 @@ impl<S: Store> Store for FaultyStore<S> {
         }
         self.inner.write(batch)
     }
-    fn log_entries(&self, group: GroupId, from: u64, to: u64, limit: usize) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+    fn log_entries(
+        &self,
+        group: GroupId,
+        from: u64,
+        to: u64,
+        limit: LogRead,
+    ) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
         self.inner.log_entries(group, from, to, limit)
     }
     fn log_last(&self, group: GroupId) -> Result<Option<(u64, Vec<u8>)>, StoreError> {

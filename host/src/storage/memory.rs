@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 use std::sync::Mutex;
 
-use super::{Batch, FlockView, GroupId, LogOp, ModuleId, NodeMeta, Store};
+use super::{Batch, FlockView, GroupId, LogOp, LogRead, ModuleId, NodeMeta, Store};
 use crate::data::{BucketData, ChangeView};
 use crate::error::StoreError;
 
@@ -164,11 +164,19 @@ impl Store for MemoryStore {
         Ok(())
     }
 
-    fn log_entries(&self, group: GroupId, from: u64, to: u64, limit: usize) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+    fn log_entries(
+        &self,
+        group: GroupId,
+        from: u64,
+        to: u64,
+        limit: LogRead,
+    ) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
         if from >= to {
             return Ok(Vec::new());
         }
-        Ok(self.state().log.range((group, from)..(group, to)).take(limit).map(|((_, i), e)| (*i, e.clone())).collect())
+        let state = self.state();
+        let taken = limit.taken(state.log.range((group, from)..(group, to)).map(|(_, e)| e.len()));
+        Ok(state.log.range((group, from)..(group, to)).take(taken).map(|((_, i), e)| (*i, e.clone())).collect())
     }
 
     fn log_last(&self, group: GroupId) -> Result<Option<(u64, Vec<u8>)>, StoreError> {

@@ -55,6 +55,43 @@ pub type GroupId = u32;
 /// The group that holds the cluster's membership, flock map and module names.
 pub const META_GROUP: GroupId = u32::MAX;
 
+/// How much one [`Store::log_entries`] call returns: at most `count` entries and, past the first, at
+/// most `bytes` of encoded entries. A follower far behind is sent entries of up to 1 MiB each a
+/// message at a time, so a read must stop at what the message holds, not at a count of entries.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LogRead {
+    /// Entries at most.
+    pub count: usize,
+    /// Encoded bytes at most, past the first entry.
+    pub bytes: u64,
+}
+
+impl LogRead {
+    /// At most `count` entries, however large.
+    pub const fn count(count: usize) -> Self {
+        Self { count, bytes: u64::MAX }
+    }
+
+    /// At most `count` entries and, past the first, at most `bytes` of them.
+    pub const fn within(count: usize, bytes: u64) -> Self {
+        Self { count, bytes }
+    }
+
+    /// Takes entries of the given encoded lengths while they fit: how many to return.
+    pub fn taken(self, lengths: impl Iterator<Item = usize>) -> usize {
+        let mut total = 0u64;
+        let mut taken = 0;
+        for len in lengths.take(self.count) {
+            total = total.saturating_add(len as u64);
+            if taken > 0 && total > self.bytes {
+                break;
+            }
+            taken += 1;
+        }
+        taken
+    }
+}
+
 /// One replicated-log operation, written in the same transaction as the batch's change sets.
 #[derive(Clone, Debug)]
 pub enum LogOp {
@@ -331,8 +368,15 @@ pub trait Store: Send + Sync + 'static {
             sync: SyncTo::All,
         })
     }
-    /// Log entries of `group` with index in `from..to`, at most `limit`.
-    fn log_entries(&self, group: GroupId, from: u64, to: u64, limit: usize) -> Result<Vec<(u64, Vec<u8>)>, StoreError>;
+    /// Log entries of `group` with index in `from..to`, in order, as many as `limit` allows (at
+    /// least one if there is one).
+    fn log_entries(
+        &self,
+        group: GroupId,
+        from: u64,
+        to: u64,
+        limit: LogRead,
+    ) -> Result<Vec<(u64, Vec<u8>)>, StoreError>;
     /// The last log entry of `group`.
     fn log_last(&self, group: GroupId) -> Result<Option<(u64, Vec<u8>)>, StoreError>;
     /// A named value of `group`, the log's own or its state machine's.
@@ -471,15 +515,18 @@ pub(crate) mod contract {
         store
             .write(&Batch { log, changes: vec![change(b"a", 1, &[("x", Some("1"))]).into()], sync: SyncTo::Log })
             .unwrap();
-        assert_eq!(store.log_entries(3, 2, 4, 10).unwrap(), entries(2..4));
-        assert_eq!(store.log_entries(3, 0, u64::MAX, 2).unwrap(), entries(1..3));
+        assert_eq!(store.log_entries(3, 2, 4, LogRead::count(10)).unwrap(), entries(2..4));
+        assert_eq!(store.log_entries(3, 0, u64::MAX, LogRead::count(2)).unwrap(), entries(1..3));
+        // A byte limit stops before the entry that would pass it, but always returns one.
+        assert_eq!(store.log_entries(3, 2, u64::MAX, LogRead::within(10, 3)).unwrap(), entries(2..5));
+        assert_eq!(store.log_entries(3, 2, u64::MAX, LogRead::within(10, 0)).unwrap(), entries(2..3));
         assert_eq!(store.log_last(META_GROUP).unwrap(), Some((2, vec![2])));
         assert_eq!(store.log_state(3, "vote").unwrap().as_deref(), Some(&b"v1"[..]));
         assert_eq!(store.log_state(3, "applied").unwrap().as_deref(), Some(&b"a1"[..]));
         assert_eq!(store.log_state(4, "vote").unwrap(), None);
         let log = vec![LogOp::TruncateFrom { group: 3, from: 4 }, LogOp::PurgeUpto { group: 3, upto: 1 }];
         store.write(&Batch { log, changes: vec![], sync: SyncTo::Log }).unwrap();
-        assert_eq!(store.log_entries(3, 0, u64::MAX, 10).unwrap(), entries(2..4));
+        assert_eq!(store.log_entries(3, 0, u64::MAX, LogRead::count(10)).unwrap(), entries(2..4));
         assert_eq!(store.log_last(3).unwrap(), Some((3, vec![3])));
         assert_eq!(store.log_last(7).unwrap(), None);
 

@@ -10,7 +10,7 @@ use redb::{Database, Durability, ReadableDatabase, ReadableTable, ReadableTableM
 
 use super::packed::{self, PACKED_BYTES_MAX, PACKED_KEY};
 use super::segment_log::{SEGMENT_BYTES, SegmentLog};
-use super::{Batch, FlockView, GroupId, LogOp, ModuleId, NodeMeta, Store, SyncTo};
+use super::{Batch, FlockView, GroupId, LogOp, LogRead, ModuleId, NodeMeta, Store, SyncTo};
 use crate::data::{BucketData, ChangeView, flock_of};
 use crate::error::StoreError;
 
@@ -555,7 +555,13 @@ impl Store for RedbStore {
         Ok(())
     }
 
-    fn log_entries(&self, group: GroupId, from: u64, to: u64, limit: usize) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+    fn log_entries(
+        &self,
+        group: GroupId,
+        from: u64,
+        to: u64,
+        limit: LogRead,
+    ) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
         self.log.entries(group, from, to, limit)
     }
 
@@ -734,11 +740,11 @@ mod tests {
         let store = RedbStore::open(&path, 16, true).unwrap();
         let mut three: Vec<_> = (1..=3).map(|i| entry(3, i)).collect();
         three.push((4, b"new 4".to_vec()));
-        assert_eq!(store.log_entries(3, 0, 10, 10).unwrap(), three);
-        assert_eq!(store.log_entries(3, 2, 4, 10).unwrap(), three[1..3]);
+        assert_eq!(store.log_entries(3, 0, 10, LogRead::count(10)).unwrap(), three);
+        assert_eq!(store.log_entries(3, 2, 4, LogRead::count(10)).unwrap(), three[1..3]);
         assert_eq!(store.log_last(3).unwrap(), Some((4, b"new 4".to_vec())));
         let meta: Vec<_> = (3..=6).map(|i| entry(META_GROUP, i)).collect();
-        assert_eq!(store.log_entries(META_GROUP, 0, u64::MAX, 2).unwrap(), meta[..2]);
+        assert_eq!(store.log_entries(META_GROUP, 0, u64::MAX, LogRead::count(2)).unwrap(), meta[..2]);
         assert_eq!(store.log_last(META_GROUP).unwrap(), meta.last().cloned());
         drop(store);
         std::fs::rename(dir.path().join("grex-log"), dir.path().join("kept-log")).unwrap();
@@ -980,10 +986,13 @@ mod tests {
             for group in GROUPS {
                 prop_assert_eq!(redb.log_last(group).unwrap(), memory.log_last(group).unwrap());
                 prop_assert_eq!(
-                    redb.log_entries(group, 0, u64::MAX, 100).unwrap(),
-                    memory.log_entries(group, 0, u64::MAX, 100).unwrap()
+                    redb.log_entries(group, 0, u64::MAX, LogRead::count(100)).unwrap(),
+                    memory.log_entries(group, 0, u64::MAX, LogRead::count(100)).unwrap()
                 );
-                prop_assert_eq!(redb.log_entries(group, 3, 7, 2).unwrap(), memory.log_entries(group, 3, 7, 2).unwrap());
+                prop_assert_eq!(
+                    redb.log_entries(group, 3, 7, LogRead::count(2)).unwrap(),
+                    memory.log_entries(group, 3, 7, LogRead::count(2)).unwrap()
+                );
                 for key in ["vote", "purged", "applied"] {
                     prop_assert_eq!(redb.log_state(group, key).unwrap(), memory.log_state(group, key).unwrap());
                 }
@@ -1003,7 +1012,8 @@ mod tests {
             let mut span: BTreeMap<GroupId, Option<(u64, u64)>> = GROUPS
                 .iter()
                 .map(|g| {
-                    let first = memory.log_entries(*g, 0, u64::MAX, 1).unwrap().first().map(|(i, _)| *i);
+                    let first =
+                        memory.log_entries(*g, 0, u64::MAX, LogRead::count(1)).unwrap().first().map(|(i, _)| *i);
                     (*g, first.zip(memory.log_last(*g).unwrap().map(|(i, _)| i)))
                 })
                 .collect();

@@ -43,7 +43,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use xxhash_rust::xxh3::xxh3_64_with_seed;
 
-use super::{GroupId, LogOp};
+use super::{GroupId, LogOp, LogRead};
 use crate::error::StoreError;
 
 /// A frame that would take the active segment past this size starts a new segment.
@@ -703,14 +703,20 @@ impl SegmentLog {
     }
 
     /// Entries of `group` with index in `from..to`, at most `limit`.
-    pub fn entries(&self, group: GroupId, from: u64, to: u64, limit: usize) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+    pub fn entries(
+        &self,
+        group: GroupId,
+        from: u64,
+        to: u64,
+        limit: LogRead,
+    ) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
         let wanted: Vec<(u64, Loc, Arc<File>)> = {
             let index = self.index();
             let Some(e) = index.groups.get(&group) else { return Ok(Vec::new()) };
-            (from.max(e.first)..to.min(e.end().unwrap_or(0)))
-                .take(limit)
-                .map_while(|i| e.get(i).map(|loc| (i, loc, index.segments[&loc.segment()].file.clone())))
-                .collect()
+            let held = || (from.max(e.first)..to.min(e.end().unwrap_or(0))).map_while(|i| e.get(i).map(|loc| (i, loc)));
+            // The index knows each entry's length, so the limit is applied before reading.
+            let taken = limit.taken(held().map(|(_, loc)| loc.len as usize));
+            held().take(taken).map(|(i, loc)| (i, loc, index.segments[&loc.segment()].file.clone())).collect()
         };
         // Read outside the lock; a segment deleted meanwhile stays readable through its handle.
         wanted
@@ -733,7 +739,7 @@ impl SegmentLog {
             },
             None => return Ok(None),
         };
-        Ok(self.entries(group, end - 1, end, 1)?.pop())
+        Ok(self.entries(group, end - 1, end, LogRead::count(1))?.pop())
     }
 
     /// A named value of `group`'s log.
@@ -836,16 +842,16 @@ mod tests {
         }
         assert!(log.segments().0 < before, "segments {} then {}", before, log.segments().0);
         for log in [log, SegmentLog::open(dir.path(), true, 512).unwrap()] {
-            assert_eq!(log.entries(1, 0, u64::MAX, 100).unwrap(), vec![]);
+            assert_eq!(log.entries(1, 0, u64::MAX, LogRead::count(100)).unwrap(), vec![]);
             assert_eq!(log.last(1).unwrap(), None);
             assert_eq!(log.value(1, "vote"), None);
-            assert_eq!(log.entries(2, 0, u64::MAX, 100).unwrap(), expected(2, 40..41));
+            assert_eq!(log.entries(2, 0, u64::MAX, LogRead::count(100)).unwrap(), expected(2, 40..41));
         }
         // A group started again after its drop keeps only its new entries.
         let log = SegmentLog::open(dir.path(), true, 512).unwrap();
         write(&log, &[append(1, 1, 2)]);
         let log = SegmentLog::open(dir.path(), true, 512).unwrap();
-        assert_eq!(log.entries(1, 0, u64::MAX, 100).unwrap(), expected(1, 1..3));
+        assert_eq!(log.entries(1, 0, u64::MAX, LogRead::count(100)).unwrap(), expected(1, 1..3));
     }
 
     #[test]
@@ -861,10 +867,10 @@ mod tests {
         write(&log, &[LogOp::PutLogState { group: 1, key: "vote", value: vec![2] }]);
         for log in [log, SegmentLog::open(dir.path(), true, SEGMENT_BYTES).unwrap()] {
             assert!(!log.is_empty());
-            assert_eq!(log.entries(1, 0, u64::MAX, 100).unwrap(), expected(1, 1..9));
-            assert_eq!(log.entries(1, 3, 5, 100).unwrap(), expected(1, 3..5));
-            assert_eq!(log.entries(1, 0, u64::MAX, 2).unwrap(), expected(1, 1..3));
-            assert_eq!(log.entries(2, 0, u64::MAX, 100).unwrap(), expected(2, 6..8));
+            assert_eq!(log.entries(1, 0, u64::MAX, LogRead::count(100)).unwrap(), expected(1, 1..9));
+            assert_eq!(log.entries(1, 3, 5, LogRead::count(100)).unwrap(), expected(1, 3..5));
+            assert_eq!(log.entries(1, 0, u64::MAX, LogRead::count(2)).unwrap(), expected(1, 1..3));
+            assert_eq!(log.entries(2, 0, u64::MAX, LogRead::count(100)).unwrap(), expected(2, 6..8));
             assert_eq!(log.last(1).unwrap(), expected(1, 8..9).pop());
             assert_eq!(log.last(3).unwrap(), None);
             assert_eq!(log.value(1, "vote"), Some(vec![2]));
@@ -887,7 +893,11 @@ mod tests {
         for torn in [whole[..half as usize].to_vec(), zeros, stale] {
             std::fs::write(&path, &torn).unwrap();
             let log = SegmentLog::open(dir.path(), true, SEGMENT_BYTES).unwrap();
-            assert_eq!(log.entries(7, 0, u64::MAX, 10).unwrap(), expected(7, 1..3), "the torn write is gone");
+            assert_eq!(
+                log.entries(7, 0, u64::MAX, LogRead::count(10)).unwrap(),
+                expected(7, 1..3),
+                "the torn write is gone"
+            );
             let after = std::fs::read(&path).unwrap();
             assert_eq!(after[..sizes[1] as usize], whole[..sizes[1] as usize]);
             assert!(
@@ -897,7 +907,7 @@ mod tests {
             write(&log, &[append(7, 3, 2)]);
             drop(log);
             let log = SegmentLog::open(dir.path(), true, SEGMENT_BYTES).unwrap();
-            assert_eq!(log.entries(7, 0, u64::MAX, 10).unwrap(), expected(7, 1..5));
+            assert_eq!(log.entries(7, 0, u64::MAX, LogRead::count(10)).unwrap(), expected(7, 1..5));
             drop(log);
         }
     }
@@ -920,12 +930,12 @@ mod tests {
         drop(log);
         // The unused end of the last segment is neither damage nor a torn write: nothing is cut.
         let log = SegmentLog::open(dir.path(), true, 4096).unwrap();
-        assert_eq!(log.entries(7, 0, u64::MAX, 1000).unwrap(), expected(7, 1..next));
+        assert_eq!(log.entries(7, 0, u64::MAX, LogRead::count(1000)).unwrap(), expected(7, 1..next));
         assert_eq!(len(2), 4096);
         write(&log, &[append(7, next, 1)]);
         drop(log);
         let log = SegmentLog::open(dir.path(), true, 4096).unwrap();
-        assert_eq!(log.entries(7, 0, u64::MAX, 1000).unwrap(), expected(7, 1..next + 1));
+        assert_eq!(log.entries(7, 0, u64::MAX, LogRead::count(1000)).unwrap(), expected(7, 1..next + 1));
     }
 
     #[test]
@@ -982,9 +992,9 @@ mod tests {
             assert!(segments <= 4, "round {round}: {segments} segments, {bytes} bytes");
         }
         for log in [log, open()] {
-            assert_eq!(log.entries(9, 0, u64::MAX, 10).unwrap(), expected(9, 1..4));
+            assert_eq!(log.entries(9, 0, u64::MAX, LogRead::count(10)).unwrap(), expected(9, 1..4));
             assert_eq!(log.value(9, "vote").as_deref(), Some(&b"idle"[..]));
-            assert_eq!(log.entries(1, 0, u64::MAX, 100).unwrap(), expected(1, next - 10..next));
+            assert_eq!(log.entries(1, 0, u64::MAX, LogRead::count(100)).unwrap(), expected(1, next - 10..next));
             assert!(!segment_path(dir.path(), 1).exists(), "the first segment, where the idle group was, is gone");
         }
     }

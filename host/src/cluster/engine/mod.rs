@@ -336,6 +336,9 @@ pub struct Engine {
     mem_held: u64,
     /// Appends dropped because the entries they carried did not fit in memory.
     appends_dropped: u64,
+    /// Groups whose leader had an append dropped here, with that leader and its term: told, once
+    /// there is room, to send again (`answer_dropped`).
+    dropped: BTreeMap<GroupId, (NodeId, u64)>,
 }
 
 /// Runs `change` on a group's log and keeps `held`, the engine's total of entry bytes in memory,
@@ -376,6 +379,7 @@ impl Engine {
             outgoing: BTreeMap::new(),
             mem_held: 0,
             appends_dropped: 0,
+            dropped: BTreeMap::new(),
         }
     }
 
@@ -584,8 +588,9 @@ impl Engine {
             if envelope.message.get_msg_type() == MessageType::MsgAppend && !envelope.message.entries.is_empty() {
                 let bytes = envelope.message.entries.iter().map(log::entry_bytes).sum();
                 if !self.make_room(bytes) {
-                    // As if lost: the leader sends again after its next heartbeat's answer.
+                    // As if lost; the leader is told to send again once there is room.
                     self.appends_dropped += 1;
+                    self.dropped.insert(envelope.group, (envelope.message.from, envelope.message.term));
                     tracing::debug!(target: "grex::raft", group = envelope.group, bytes, held = self.mem_held, "append dropped: log memory full");
                     continue;
                 }
@@ -671,6 +676,11 @@ impl Engine {
     ) -> Result<Proposal, Refusal> {
         self.leader_refusal(group)?;
         let g = self.groups.get_mut(&group).expect("checked");
+        if let Some(next) = g.raw.raft.lead_transferee {
+            // raft-rs would drop it: the lead is on its way to `next`, where the caller should
+            // go (within an election timeout), rather than be told to back off.
+            return Err(Refusal::NotLeader { leader: Some(next) });
+        }
         g.wake();
         let before = g.raw.raft.raft_log.last_index();
         append(&mut g.raw).map_err(|_| Refusal::Busy)?;
@@ -822,8 +832,35 @@ impl Engine {
         fits(self.mem_held)
     }
 
+    /// Tells the leaders whose appends were dropped here to send again, once half of the memory
+    /// bound is free. A dropped append is otherwise sent again only after the leader's next
+    /// heartbeat has its answer (a second, `heartbeat_ticks`): a follower catching up on large
+    /// entries drops some in every burst the leader sends, and would wait that long each time.
+    /// The word is a heartbeat's answer: it resumes the leader's sending to this follower, which
+    /// then finds where the follower's log ends as after any lost append.
+    fn answer_dropped(&mut self) {
+        if self.dropped.is_empty() || !self.make_room(self.config.max_mem_bytes / 2) {
+            return;
+        }
+        for (group, (leader, term)) in mem::take(&mut self.dropped) {
+            let Some(g) = self.groups.get(&group) else { continue };
+            let raft = &g.raw.raft;
+            if raft.state != StateRole::Follower || raft.term != term || raft.leader_id != leader {
+                continue;
+            }
+            let mut message = Message::default();
+            message.set_msg_type(MessageType::MsgHeartbeatResponse);
+            message.from = self.me;
+            message.to = leader;
+            message.term = term;
+            message.commit = raft.raft_log.committed;
+            self.outgoing.entry(leader).or_default().push(Envelope { group, message });
+        }
+    }
+
     /// Collects what every group has to hand out. Call until it returns an empty output.
     pub fn output(&mut self) -> Output {
+        self.answer_dropped();
         let mut out = Output::default();
         let mut writes = Vec::new();
         let mut readies = Vec::new();
