@@ -42,9 +42,11 @@ bench -n 2000 > /dev/null
 # uses sendmsg and recvmsg, which these do not count).
 io() { for i in "${!pids[@]}"; do awk '$1 == "rchar:" { r = $2 } $1 == "wchar:" { w = $2 } END { print r, w }' /proc/"${pids[$i]}"/io; done; }
 mapfile -t io_before < <(io)
+errors_before=$(resp_errors)
 rate=$(bench -n "$requests" | cut -d, -f2 | tr -d '"')
 mapfile -t io_after < <(io)
 awk -v r="$rate" -v f="$fields" 'BEGIN { printf "%.0f HSET/s × %d fields = %.0f records/s\n", r, f, r * f }'
+report_errors "$errors_before" "$requests"
 for i in "${!pids[@]}"; do
   read -r read_before wrote_before <<< "${io_before[$i]}"
   read -r read_after wrote_after <<< "${io_after[$i]}"

@@ -51,6 +51,26 @@ wait_balanced() {
   echo "leadership did not spread over $1 nodes:"; echo "$leaders"; exit 1
 }
 
+# resp_errors: Redis-protocol commands answered with an error so far, over every node started
+# (from each node's `grex_resp_commands_total{result="error"}`). redis-benchmark counts an error
+# reply (`overloaded`, a redirect) as a command done, so a figure is honest only if this did not grow.
+resp_errors() {
+  local i total=0 n
+  for i in "${!pids[@]}"; do
+    n=$(curl -s "http://127.0.0.1:$((17070 + 10 * i))/metrics" \
+      | awk 'index($1, "grex_resp_commands_total{") == 1 && /result="error"/ { s += $NF } END { printf "%d", s }')
+    total=$((total + n))
+  done
+  echo "$total"
+}
+
+# report_errors BEFORE N: says how many of the N commands of a run were answered with an error
+# (BEFORE: `resp_errors` before the run); silent if none.
+report_errors() {
+  local errors=$(($(resp_errors) - $1))
+  [ "$errors" = 0 ] || echo "WARNING: $errors of $2 commands were answered with an error; the rate counts them as done"
+}
+
 # start_for_load N [ARGS...]: one node ($FLOCKS flocks, default 256) or a cluster of N (each node
 # started with the `grex serve` arguments ARGS) with leadership spread, formed, with the counter
 # job loaded (as `counter`) through node 0's Redis port.

@@ -55,12 +55,14 @@ else
 fi
 ticks > "$data/before"
 datagrams_before=$(datagrams)
+errors_before=$(resp_errors)
 start_ns=$(date +%s%N)
 line=$(load "$requests")
 end_ns=$(date +%s%N)
 datagrams_after=$(datagrams)
 ticks > "$data/after"
 echo "$line"
+[ "$client" = grex-bench ] || report_errors "$errors_before" "$requests"
 if [ "$client" = grex-bench ]; then
   jobs=$(echo "$line" | sed -nE 's/.*\(([0-9]+) jobs.*/\1/p')
   [ -n "$jobs" ] || { echo "grex bench gave no result: $line"; exit 1; }
