@@ -156,6 +156,13 @@ async fn metrics_parse_as_prometheus_text_and_count_jobs_commands_and_the_cluste
     for (i, scrape) in after.iter().enumerate() {
         assert_eq!(total(scrape, "grex_peer_up", &[]), 2.0, "node {i} hears both peers");
         assert!(value(scrape, "grex_cache_bytes_max", &[]) > 0.0);
+        // The consensus engine's log memory: reported, within its share (1/16 of the default
+        // 256 MiB), and nothing dropped under this small load.
+        for name in ["grex_consensus_log_bytes", "grex_consensus_appends_dropped_total"] {
+            assert!(scrape.contains_key(&(name.to_owned(), Vec::new())), "node {i} has no {name}");
+        }
+        assert!(value(scrape, "grex_consensus_log_bytes", &[]) <= f64::from(16u32 << 20), "node {i}");
+        assert_eq!(value(scrape, "grex_consensus_appends_dropped_total", &[]), 0.0, "node {i}");
     }
     assert!(total(&after[0], "grex_store_commits_total", &[]) > 0.0);
 }

@@ -180,6 +180,15 @@ impl LeaderTerms {
     }
 }
 
+/// The engine's log memory as last published by the driver (for metrics).
+#[derive(Debug, Default)]
+struct LogMemory {
+    /// Bytes of log entries in memory, over every group.
+    held: AtomicU64,
+    /// Appends from leaders dropped because their entries did not fit, since the node started.
+    appends_dropped: AtomicU64,
+}
+
 /// A group as the rest of the node sees it, published by the driver.
 #[derive(Clone, Debug)]
 pub struct GroupView {
@@ -263,6 +272,7 @@ pub struct Consensus {
     meta: watch::Receiver<MetaState>,
     /// Per flock, the term in which this node is its ready leader (set by the driver).
     terms: Arc<LeaderTerms>,
+    log_memory: Arc<LogMemory>,
 }
 
 fn stopped() -> RemoteError {
@@ -287,7 +297,11 @@ impl Consensus {
         let views = Arc::new(RwLock::new(BTreeMap::new()));
         let terms = Arc::new(LeaderTerms::new(flocks));
         let incoming = Arc::new(tokio::sync::Semaphore::new(INCOMING_BYTES));
-        (Consensus { tx, incoming, events, views, meta, terms }, Inbox { rx, events: events_rx, meta: meta_tx })
+        let log_memory = Arc::default();
+        (
+            Consensus { tx, incoming, events, views, meta, terms, log_memory },
+            Inbox { rx, events: events_rx, meta: meta_tx },
+        )
     }
 
     /// Starts the driver of this handle over the node's store. `bootstrap`: this node founds a
@@ -480,6 +494,13 @@ impl Consensus {
     /// Every group's view, as last published.
     pub fn views(&self) -> BTreeMap<GroupId, GroupView> {
         self.views.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Bytes of log entries the engine holds in memory, and how many appends it has dropped for
+    /// want of room, as last published.
+    pub fn log_memory(&self) -> (u64, u64) {
+        let memory = &self.log_memory;
+        (memory.held.load(Ordering::Relaxed), memory.appends_dropped.load(Ordering::Relaxed))
     }
 
     /// A group's leadership and applied index, without copying the rest of its view.
@@ -1465,6 +1486,9 @@ impl Driver {
                 self.node.metrics().leader_changed();
             }
         }
+        let memory = &self.handle.log_memory;
+        memory.held.store(self.engine.mem_bytes(), Ordering::Relaxed);
+        memory.appends_dropped.store(self.engine.appends_dropped(), Ordering::Relaxed);
     }
 
     /// Starts a read-index round for every group with reads waiting and none under way.

@@ -115,6 +115,19 @@ fn sample(cluster: &Cluster, samples: &mut Samples) {
             count as f64,
         );
     }
+    let (held, dropped) = cluster.inner.consensus.log_memory();
+    samples.gauge(
+        "consensus_log_bytes",
+        "Bytes of log entries the consensus engine holds in memory, over every group (its share of --node-memory-mib)",
+        &[],
+        held as f64,
+    );
+    samples.counter(
+        "consensus_appends_dropped",
+        "Appends from leaders dropped because their entries did not fit in the log memory share; each is sent again",
+        &[],
+        dropped as f64,
+    );
     for (peer, alive, rtt) in cluster.inner.peers.reachability() {
         let label = [("peer", node_id_text(peer))];
         samples.gauge(

@@ -835,7 +835,7 @@ impl Engine {
     /// Tells the leaders whose appends were dropped here to send again, once half of the memory
     /// bound is free. A dropped append is otherwise sent again only after the leader's next
     /// heartbeat has its answer (a second, `heartbeat_ticks`): a follower catching up on large
-    /// entries drops some in every burst the leader sends, and would wait that long each time.
+    /// entries, whose leader sends many messages ahead, could wait that long for each drop.
     /// The word is a heartbeat's answer: it resumes the leader's sending to this follower, which
     /// then finds where the follower's log ends as after any lost append.
     fn answer_dropped(&mut self) {
