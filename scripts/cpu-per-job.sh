@@ -62,11 +62,11 @@ end_ns=$(date +%s%N)
 datagrams_after=$(datagrams)
 ticks > "$data/after"
 echo "$line"
-[ "$client" = grex-bench ] || report_errors "$errors_before" "$requests"
 if [ "$client" = grex-bench ]; then
   jobs=$(echo "$line" | sed -nE 's/.*\(([0-9]+) jobs.*/\1/p')
   [ -n "$jobs" ] || { echo "grex bench gave no result: $line"; exit 1; }
 else
+  report_errors "$errors_before" "$requests"
   jobs=$requests
 fi
 python3 - "$data/before" "$data/after" "$data/bench-cpu" "$jobs" "$start_ns" "$end_ns" "$(getconf CLK_TCK)" \
