@@ -11,6 +11,10 @@ use super::{ChangeSet, ItemWrite};
 const MAP_LEAF_BYTES: usize = 11 * (size_of::<String>() + size_of::<Vec<u8>>()) + 16;
 const MAP_INNER_BYTES: usize = MAP_LEAF_BYTES + 12 * size_of::<usize>();
 
+/// A change set of at least 1/`MERGE_RATIO` as many writes as the bucket has items is merged in
+/// one pass rather than searched for write by write.
+const MERGE_RATIO: usize = 8;
+
 /// Bytes counted per item beyond its key and value: the allocator's rounding of the two.
 const ITEM_OVERHEAD_BYTES: usize = 16;
 
@@ -73,16 +77,58 @@ impl BucketData {
     /// Applies a change set made against this bucket's current version, moving its items in.
     pub fn apply_owned(&mut self, change: ChangeSet) {
         debug_assert_eq!(change.version, self.version + 1, "change sets apply in version order");
-        for write in change.writes {
-            if let Some(old) = self.items.remove(&write.item) {
-                self.bytes -= item_bytes(&write.item, &old);
-            }
-            if let Some(value) = write.value {
-                self.bytes += item_bytes(&write.item, &value);
-                self.items.insert(write.item, value);
+        let in_order = change.writes.windows(2).all(|w| w[0].item < w[1].item);
+        if in_order && change.writes.len() * MERGE_RATIO >= self.items.len() {
+            self.merge(change.writes);
+        } else {
+            for write in change.writes {
+                self.write(write);
             }
         }
         self.version = change.version;
+    }
+
+    /// One write, one search of the map.
+    fn write(&mut self, write: ItemWrite) {
+        let ItemWrite { item, value } = write;
+        match (self.items.entry(item), value) {
+            (Entry::Occupied(mut slot), Some(value)) => {
+                self.bytes = self.bytes - item_bytes(slot.key(), slot.get()) + item_bytes(slot.key(), &value);
+                slot.insert(value);
+            }
+            (Entry::Occupied(slot), None) => {
+                let (item, old) = slot.remove_entry();
+                self.bytes -= item_bytes(&item, &old);
+            }
+            (Entry::Vacant(slot), Some(value)) => {
+                self.bytes += item_bytes(slot.key(), &value);
+                slot.insert(value);
+            }
+            (Entry::Vacant(_), None) => {}
+        }
+    }
+
+    /// Writes in key order merged with the items in one pass, the map then built at once from the
+    /// sorted result (no search per key: a 200-item `HSET` would otherwise compare keys about 16
+    /// times per item, in a search to remove and one to insert).
+    fn merge(&mut self, writes: Vec<ItemWrite>) {
+        let mut old = std::mem::take(&mut self.items).into_iter().peekable();
+        let mut merged = Vec::with_capacity(old.len() + writes.len());
+        for ItemWrite { item, value } in writes {
+            while let Some((key, _)) = old.peek() {
+                match key.as_str().cmp(&item) {
+                    std::cmp::Ordering::Less => merged.extend(old.next()),
+                    std::cmp::Ordering::Equal => _ = old.next(),
+                    std::cmp::Ordering::Greater => break,
+                }
+            }
+            if let Some(value) = value {
+                merged.push((item, value));
+            }
+        }
+        merged.extend(old);
+        self.bytes = merged.iter().map(|(k, v)| item_bytes(k, v)).sum();
+        self.items = merged.into_iter().collect();
     }
 
     /// Item keys with `prefix`, strictly after `start_after`, at most `limit`.
@@ -517,6 +563,30 @@ mod tests {
                     prop_assert!(written.is_empty());
                 }
                 prop_assert_eq!(after.into_items(), model);
+            }
+
+            /// Both ways of applying (a merge for many writes, a search per write for few) leave
+            /// the items and the byte count a bucket built from scratch would have.
+            #[test]
+            fn a_change_set_applies_as_a_map_update_whether_merged_or_written_one_by_one(
+                base in prop::collection::btree_map("[a-e]{1,3}", vec(any::<u8>(), 0..4), 0..60),
+                writes in prop::collection::btree_map("[a-e]{1,3}", prop::option::of(vec(any::<u8>(), 0..4)), 0..12),
+                reversed in any::<bool>(),
+            ) {
+                let mut model = base.clone();
+                for (item, value) in &writes {
+                    match value {
+                        Some(value) => _ = model.insert(item.clone(), value.clone()),
+                        None => _ = model.remove(item),
+                    }
+                }
+                let mut writes: Vec<_> = writes.into_iter().map(|(item, value)| ItemWrite { item, value }).collect();
+                if reversed {
+                    writes.reverse(); // not in key order: applied one by one
+                }
+                let mut bucket = BucketData::new(3, base);
+                bucket.apply_owned(ChangeSet { bucket: b"k".to_vec(), flock: 0, version: 4, writes });
+                prop_assert_eq!(bucket, BucketData::new(4, model));
             }
         }
     }
