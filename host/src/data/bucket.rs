@@ -11,9 +11,11 @@ use super::{ChangeSet, ItemWrite};
 const MAP_LEAF_BYTES: usize = 11 * (size_of::<String>() + size_of::<Vec<u8>>()) + 16;
 const MAP_INNER_BYTES: usize = MAP_LEAF_BYTES + 12 * size_of::<usize>();
 
-/// A change set of at least 1/`MERGE_RATIO` as many writes as the bucket has items is merged in
-/// one pass rather than searched for write by write.
+/// A change set of at least [`MERGE_WRITES_MIN`] writes, and at least 1/`MERGE_RATIO` as many as
+/// the bucket has items, is merged in one pass rather than searched for write by write (a
+/// smaller one costs a few key comparisons per write, less than building the map anew).
 const MERGE_RATIO: usize = 8;
+const MERGE_WRITES_MIN: usize = 16;
 
 /// Bytes counted per item beyond its key and value: the allocator's rounding of the two.
 const ITEM_OVERHEAD_BYTES: usize = 16;
@@ -78,7 +80,8 @@ impl BucketData {
     pub fn apply_owned(&mut self, change: ChangeSet) {
         debug_assert_eq!(change.version, self.version + 1, "change sets apply in version order");
         let in_order = change.writes.windows(2).all(|w| w[0].item < w[1].item);
-        if in_order && change.writes.len() * MERGE_RATIO >= self.items.len() {
+        let many = change.writes.len() >= MERGE_WRITES_MIN && change.writes.len() * MERGE_RATIO >= self.items.len();
+        if in_order && many {
             self.merge(change.writes);
         } else {
             for write in change.writes {
@@ -569,8 +572,8 @@ mod tests {
             /// the items and the byte count a bucket built from scratch would have.
             #[test]
             fn a_change_set_applies_as_a_map_update_whether_merged_or_written_one_by_one(
-                base in prop::collection::btree_map("[a-e]{1,3}", vec(any::<u8>(), 0..4), 0..60),
-                writes in prop::collection::btree_map("[a-e]{1,3}", prop::option::of(vec(any::<u8>(), 0..4)), 0..12),
+                base in prop::collection::btree_map("[a-e]{1,3}", vec(any::<u8>(), 0..4), 0..100),
+                writes in prop::collection::btree_map("[a-e]{1,3}", prop::option::of(vec(any::<u8>(), 0..4)), 0..40),
                 reversed in any::<bool>(),
             ) {
                 let mut model = base.clone();
