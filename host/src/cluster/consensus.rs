@@ -544,13 +544,19 @@ type Answer = (oneshot::Sender<Result<u64>>, Result<Option<u64>>);
 struct Applies {
     log: Vec<LogOp>,
     changes: Vec<Change>,
-    /// What to do once the write is in the store, per group that needs anything.
+    /// What to do once the write is in the store, per group that needs anything (the meta
+    /// group's effects: a write with one is written at once, not held to share a transaction).
     done: Vec<crate::node::WriteDone>,
+    /// The buckets a follower applied, per flock: its older cached copies are stale.
+    touched: Vec<(GroupId, Vec<BucketVersion>)>,
     /// Proposals answered with the write's sequence once it is queued.
     answers: Vec<Answer>,
     /// Each group and the last index applied.
     groups: Vec<(GroupId, u64)>,
 }
+
+/// A bucket's key and a version of it.
+type BucketVersion = (Vec<u8>, u64);
 
 /// Makes the node's module names follow changes its store now holds, in order.
 fn publish_modules(node: &Node, changes: Vec<ModuleChange>) {
@@ -1276,13 +1282,13 @@ impl Driver {
         }
         let leading = group != META_GROUP && self.terms.get(group).is_some();
         // A ready leader's cache holds what it proposed (and keeps each bucket until this write
-        // is in the store): nothing waits on the write. A follower's cached copies are stale and
-        // go once the store has the new state; the meta state is published once written.
-        let touched: Vec<(Vec<u8>, u64)> = if leading {
-            Vec::new()
-        } else {
-            changes.iter().map(Change::head).map(|(bucket, version)| (bucket.to_vec(), version)).collect()
-        };
+        // is in the store): nothing waits on the write. A follower's cached copies are stale: they
+        // go as soon as the write is queued, and a reload waits for it (`Node::applied`). The meta
+        // state is published once written.
+        if !leading && !changes.is_empty() {
+            let touched = changes.iter().map(Change::head).map(|(bucket, version)| (bucket.to_vec(), version));
+            applies.touched.push((group, touched.collect()));
+        }
         let node = self.node.clone();
         let meta = meta_changed.then(|| (self.meta_tx.clone(), self.meta_state.clone()));
         // The proposals among these entries: answered with the write's sequence once it is
@@ -1308,7 +1314,7 @@ impl Driver {
             }
         }
         let after_write = if group == META_GROUP { std::mem::take(&mut answers) } else { Vec::new() };
-        let quiet = touched.is_empty() && meta.is_none() && modules.is_empty() && after_write.is_empty();
+        let quiet = meta.is_none() && modules.is_empty() && after_write.is_empty();
         if !quiet {
             applies.done.push(Box::new(move |result: std::result::Result<(), String>| {
                 if let Err(e) = &result {
@@ -1328,9 +1334,6 @@ impl Driver {
                 for (reply, outcome) in after_write {
                     let _ = reply.send(outcome.map(|index| index.unwrap_or(0)));
                 }
-                if !touched.is_empty() {
-                    node.applied(group, touched);
-                }
             }));
         }
         applies.log.extend(log);
@@ -1342,7 +1345,7 @@ impl Driver {
     /// Queues one round's applies as one committer write (state only, unsynced: the committer
     /// holds it to share a transaction), then answers their proposals with its sequence.
     fn submit_applies(&mut self, applies: Applies) {
-        let Applies { log, changes, done, answers, groups } = applies;
+        let Applies { log, changes, done, touched, answers, groups } = applies;
         if groups.is_empty() {
             return;
         }
@@ -1365,6 +1368,9 @@ impl Driver {
         };
         for (reply, outcome) in answers {
             let _ = reply.send(outcome.map(|index| index.unwrap_or(seq)));
+        }
+        for (flock, buckets) in touched {
+            self.node.applied(flock, buckets, seq);
         }
         for (group, last_index) in groups {
             self.written.insert(group, seq);

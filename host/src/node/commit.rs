@@ -10,9 +10,10 @@
 //! log) is synced by a checkpoint within [`CHECKPOINT_EVERY`].
 //!
 //! A cluster node's applies (state only, unsynced: the log holds what they write) do not each
-//! make their own transaction: they wait up to [`APPLY_WRITE_EVERY`] and are written together,
-//! before anything that must follow them (a write of other state, a checkpoint). The durable
-//! sequence never passes an apply still waiting.
+//! make their own transaction: each is written into one the store keeps open ([`Store::stage`]),
+//! committed after up to [`APPLY_WRITE_EVERY`], before anything that must follow them (a write of
+//! other state, a checkpoint), or when a reader asks. The durable sequence never passes an apply
+//! not yet committed.
 //!
 //! If a commit fails, the log turns [`Durable::Failed`] for good: the cache may hold writes that
 //! never reached disk, so the node refuses writes until it is restarted (fail-stop).
@@ -26,7 +27,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::watch;
 
 use crate::data::{Change, ChangeSet};
-use crate::error::{ErrorCode, RemoteError, error};
+use crate::error::{ErrorCode, RemoteError, StoreError, error};
 use crate::storage::{Batch, LogOp, Store, SyncTo};
 
 /// The most change sets in one transaction; bounds a commit's memory and latency.
@@ -71,7 +72,8 @@ pub struct Write {
     pub changes: Vec<Change>,
     /// What must be on disk before it counts as done.
     pub sync: SyncTo,
-    /// Called from the committer thread when the write is done.
+    /// Called from the committer thread when the write is done. A write with one is written in
+    /// the committer's next round, never held to share a transaction with later applies.
     pub done: Option<WriteDone>,
 }
 
@@ -365,12 +367,19 @@ fn storage_failed(reason: &str) -> RemoteError {
     )
 }
 
-/// Applies of a cluster node's log waiting to be written: state only and unsynced (a crash
-/// replays them from the log), so they wait up to [`APPLY_WRITE_EVERY`] and go to the store in one
-/// transaction, instead of one per committer round.
+/// Applies of a cluster node's log not yet committed: state only and unsynced (a crash replays
+/// them from the log), so they share one transaction for up to [`APPLY_WRITE_EVERY`] instead of
+/// one per committer round. They are written into the store's open transaction
+/// ([`Store::stage`]) a few rounds' worth at a time (at least [`STAGE_OPS`], or after
+/// [`STAGE_EVERY`]), so the transaction's work is spread over the rounds and the commit that ends
+/// it is short.
 #[derive(Default)]
 struct Deferred {
-    batch: Batch,
+    /// Applies not yet staged, and when the first of them came.
+    pending: Batch,
+    pending_since: Option<Instant>,
+    /// How many change sets and state operations the open transaction holds, or will.
+    ops: usize,
     done: Vec<WriteDone>,
     /// The first deferred write's sequence and when it came.
     first: Option<(u64, Instant)>,
@@ -379,23 +388,39 @@ struct Deferred {
 }
 
 impl Deferred {
-    /// Whether `write` may wait: it writes only state, and asks for no sync.
+    /// Whether `write` may wait: it writes only state, asks for no sync, and nobody waits for
+    /// it to be done (the meta group's applies: users, modules and the flock map are published,
+    /// and meta proposals answered, once they are in the store).
     fn takes(write: &Write) -> bool {
-        write.sync == SyncTo::Nothing && write.log.iter().all(|op| !op.on_log())
+        write.sync == SyncTo::Nothing && write.done.is_none() && write.log.iter().all(|op| !op.on_log())
     }
 
     fn add(&mut self, seq: u64, write: Write, bytes: usize) {
         self.first.get_or_insert((seq, Instant::now()));
+        self.pending_since.get_or_insert_with(Instant::now);
         self.bytes += bytes;
-        self.batch.log.extend(write.log);
-        self.batch.changes.extend(write.changes);
+        self.ops += write.log.len() + write.changes.len();
+        self.pending.log.extend(write.log);
+        self.pending.changes.extend(write.changes);
         self.done.extend(write.done);
+    }
+
+    /// Writes the pending applies into the store's open transaction if there are
+    /// [`STAGE_OPS`] of them, they are [`STAGE_EVERY`] old, or `now`.
+    fn stage(&mut self, store: &dyn Store, now: bool) -> Result<(), StoreError> {
+        let pending = self.pending.log.len() + self.pending.changes.len();
+        let due = self.stage_due().is_some_and(|at| at <= Instant::now());
+        if pending == 0 || !(now || due || pending >= STAGE_OPS) {
+            return Ok(());
+        }
+        self.pending_since = None;
+        store.stage(&std::mem::take(&mut self.pending))
     }
 
     /// Whether they fill a transaction, or half the room for writes in memory (`bytes_max`):
     /// waiting longer would hold up submitters.
     fn full(&self, bytes_max: usize) -> bool {
-        full(&self.batch) || self.bytes >= bytes_max / 2
+        self.ops >= BATCH_CHANGE_SETS_MAX || self.bytes >= bytes_max / 2
     }
 
     /// How far every write is in the store, `received` being the last taken from the queue:
@@ -404,11 +429,21 @@ impl Deferred {
         self.first.map_or(received, |(first, _)| received.min(first - 1))
     }
 
-    /// When the deferred writes are due, if they wait `every`.
+    /// When the deferred writes are due to be committed, if they wait `every`.
     fn due(&self, every: Duration) -> Option<Instant> {
         self.first.map(|(_, since)| since + every)
     }
+
+    /// When the pending applies are due to be staged.
+    fn stage_due(&self) -> Option<Instant> {
+        self.pending_since.map(|since| since + STAGE_EVERY)
+    }
 }
+
+/// Applies staged together at least (see [`Deferred`]): each staging opens the store's tables.
+const STAGE_OPS: usize = 64;
+/// The longest an apply waits to be staged (see [`Deferred`]).
+const STAGE_EVERY: Duration = Duration::from_millis(10);
 
 /// Whether log operations and change sets write state (and not only the log).
 fn writes_state(log: &[LogOp], changes: &[Change]) -> bool {
@@ -420,11 +455,14 @@ fn full(batch: &Batch) -> bool {
     batch.changes.len() >= BATCH_CHANGE_SETS_MAX || batch.log.len() >= BATCH_CHANGE_SETS_MAX
 }
 
-/// The longest an apply waits for others to share its transaction (see [`Deferred`]). Applies
-/// to random buckets cost about 24 µs each alone, 11 in sixteens and 9 in sixty-fours
-/// (`cargo bench -p grex --bench store`); what waits on them (a new leader's readiness, a
-/// follower's stale cache entries) takes longer than this anyway.
-pub const APPLY_WRITE_EVERY: Duration = Duration::from_millis(10);
+/// The longest applies share one transaction before it is committed (see [`Deferred`]). Applies
+/// to random buckets cost less the more share a transaction (`cargo bench -p grex --bench
+/// store`: about 15 µs each in sixteens, 10 in sixty-fours, 6–7 in thousands, as more of them land
+/// in a leaf the transaction already copied). A reader of the state does not wait for this: it
+/// asks for the applies at once ([`CommitLog::wait_written`]). Against one transaction per 10 ms,
+/// the committers spent about a fifth less CPU per job; a whole second (the checkpoint's period)
+/// saved no more (docs/benchmarks.md, "Applies share a transaction for 200 ms").
+pub const APPLY_WRITE_EVERY: Duration = Duration::from_millis(200);
 
 fn run_committer(
     store: &dyn Store,
@@ -447,7 +485,7 @@ fn run_committer(
         // A reader asked for the deferred applies this round.
         let mut flush_asked = false;
         let checkpoint_due = unsynced.then(|| checkpointed + CHECKPOINT_EVERY);
-        let wake = [checkpoint_due, deferred.due(apply_every)].into_iter().flatten().min();
+        let wake = [checkpoint_due, deferred.due(apply_every), deferred.stage_due()].into_iter().flatten().min();
         let first = match held.take() {
             Some(msg) => msg,
             None => match wake {
@@ -525,13 +563,18 @@ fn run_committer(
         {
             batch.sync = SyncTo::All;
         }
+        if let Err(e) = deferred.stage(store, flush) {
+            let waiting = std::mem::take(&mut deferred.done);
+            fail(&e, durable, waiting.into_iter().chain(done), held, &rx);
+            return;
+        }
         let mut applies = Vec::new();
         let mut flushed = 0;
         if flush {
-            let Deferred { batch: state, done: applied, bytes: state_bytes, .. } = std::mem::take(&mut deferred);
+            let Deferred { done: applied, bytes: state_bytes, .. } = std::mem::take(&mut deferred);
             applies = applied;
             flushed = state_bytes;
-            if let Err(e) = store.write(&state) {
+            if let Err(e) = store.commit_staged() {
                 fail(&e, durable, applies.into_iter().chain(done), held, &rx);
                 return;
             }
@@ -589,7 +632,7 @@ fn publish(durable: &watch::Sender<Durable>, received: u64, deferred: &Deferred)
 
 /// A write failed: the log turns failed for good, and every waiter hears so.
 fn fail(
-    e: &crate::error::StoreError,
+    e: &StoreError,
     durable: &watch::Sender<Durable>,
     done: impl IntoIterator<Item = WriteDone>,
     held: Option<CommitMsg>,
@@ -795,6 +838,22 @@ mod tests {
             .unwrap();
         waiter.join().unwrap();
         assert_eq!(store.bucket_version(b"k").unwrap(), 2);
+        log.stop();
+    }
+
+    #[tokio::test]
+    async fn an_apply_someone_waits_for_is_written_at_once_with_those_before_it() {
+        // Applies would wait an hour for company; one with a `done` (a meta apply, whose users,
+        // modules and proposals wait for it) must not, and takes those deferred before it along.
+        let store = Arc::new(MemoryStore::new(16));
+        let log = CommitLog::start_with(store.clone(), 16, usize::MAX, Duration::from_secs(3600));
+        let before = log.submit_write(apply(b"a", 1)).unwrap();
+        let (tx, done) = std::sync::mpsc::channel();
+        let waited = Write { done: Some(Box::new(move |result| tx.send(result).unwrap())), ..apply(b"b", 1) };
+        let seq = log.submit_write(waited).unwrap();
+        done.recv_timeout(Duration::from_secs(10)).expect("the apply waited for the deferred timer").unwrap();
+        assert!(log.durable_seq() >= seq && seq > before);
+        assert_eq!((store.bucket_version(b"a").unwrap(), store.bucket_version(b"b").unwrap()), (1, 1));
         log.stop();
     }
 

@@ -368,6 +368,7 @@ impl Node {
                 last_timestamp_ms: 0,
                 replicator: replicator.clone(),
                 flock_count,
+                applied_seq: 0,
             };
             threads.push(std::thread::Builder::new().name(format!("grex-shard-{i}")).spawn(move || shard.run(rx))?);
             shards.push(tx);
@@ -906,13 +907,14 @@ impl Node {
         &self.inner.commits
     }
 
-    /// A follower applied these versions of buckets of `flock` (they are in the store): older
-    /// cached copies are stale. The executor drops them before it takes its next message; one
-    /// message wakes it for every bucket that gathers until it does (a follower applies a
-    /// committer transaction's worth at once).
-    pub fn applied(&self, flock: u32, buckets: Vec<(Vec<u8>, u64)>) {
+    /// A follower applied these versions of buckets of `flock`, queued as committer write
+    /// `seq`: older cached copies are stale. The executor drops them before it takes its next
+    /// message, and loads no bucket from the store for a follower's job before `seq` is written
+    /// there. One message wakes it for every bucket that gathers until it does (a follower
+    /// applies a committer transaction's worth at once).
+    pub fn applied(&self, flock: u32, buckets: Vec<(Vec<u8>, u64)>, seq: u64) {
         let i = flock as usize % self.inner.shards.len();
-        if self.inner.applied[i].add(buckets) {
+        if self.inner.applied[i].add(buckets, seq) {
             // A full queue needs no wake-up: the executor has messages to take.
             let _ = self.inner.shards[i].try_send(ShardMsg::Applied);
         }

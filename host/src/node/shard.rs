@@ -141,12 +141,16 @@ struct AppliedWaiting {
     buckets: Vec<(Vec<u8>, u64)>,
     /// More came than [`APPLIED_WAITING_MAX`]: every follower's copy is stale.
     overflowed: bool,
+    /// The committer write of the last of them.
+    seq: u64,
 }
 
 impl AppliedBuckets {
-    /// Adds buckets; true if none waited before, so the executor needs a message to wake it.
-    pub(crate) fn add(&self, buckets: Vec<(Vec<u8>, u64)>) -> bool {
+    /// Adds buckets that committer write `seq` applies; true if none waited before, so the
+    /// executor needs a message to wake it.
+    pub(crate) fn add(&self, buckets: Vec<(Vec<u8>, u64)>, seq: u64) -> bool {
         let mut waiting = self.waiting.lock().unwrap_or_else(|p| p.into_inner());
+        waiting.seq = waiting.seq.max(seq);
         let idle = waiting.buckets.is_empty() && !waiting.overflowed;
         if waiting.overflowed || waiting.buckets.len() + buckets.len() > APPLIED_WAITING_MAX {
             waiting.overflowed = true;
@@ -175,6 +179,9 @@ pub(crate) struct Shard {
     pub(crate) last_timestamp_ms: u64,
     pub(crate) replicator: Option<Arc<dyn Replicator>>,
     pub(crate) flock_count: u32,
+    /// The committer write of the last follower's apply seen: the store holds the buckets it
+    /// made stale once that is written.
+    pub(crate) applied_seq: u64,
 }
 
 impl Shard {
@@ -225,7 +232,8 @@ impl Shard {
     /// follower's copies are built under term 0; a leader's, under its term, are not touched
     /// (it applies nothing it did not propose, and a node that leads again reloads).
     fn drop_applied(&mut self) {
-        let AppliedWaiting { buckets, overflowed } = self.applied.take();
+        let AppliedWaiting { buckets, overflowed, seq } = self.applied.take();
+        self.applied_seq = self.applied_seq.max(seq);
         if overflowed {
             self.cache.retain(|_, entry| entry.term != 0);
         }
@@ -298,8 +306,12 @@ impl Shard {
         let entry = match self.cache.take(&job.bucket) {
             Some(entry) if entry.term == term && !entry.failed() => entry,
             stale => {
-                // A committed change set's effects may still be on their way to the store.
-                if let Some(seq) = stale.and_then(|e| e.written_seq(self.commits.submitted_seq()))
+                // A committed change set's effects may still be on their way to the store: the
+                // leader's own (its entry knows which write), or, for a follower's copy, whatever
+                // it applied last.
+                let leader_seq = stale.and_then(|e| e.written_seq(self.commits.submitted_seq()));
+                let follower_seq = (term == 0).then_some(self.applied_seq);
+                if let Some(seq) = leader_seq.max(follower_seq)
                     && let Err(e) = self.commits.block_until_written(seq)
                 {
                     return fail(e);
@@ -371,16 +383,18 @@ mod tests {
     #[test]
     fn applied_buckets_ask_for_one_wake_up_until_taken_and_past_the_bound_stand_for_every_copy() {
         let applied = AppliedBuckets::default();
-        assert!(applied.add(vec![(b"a".to_vec(), 1)]), "the first wakes the executor");
-        assert!(!applied.add(vec![(b"b".to_vec(), 2)]), "the rest wait with it");
+        assert!(applied.add(vec![(b"a".to_vec(), 1)], 7), "the first wakes the executor");
+        assert!(!applied.add(vec![(b"b".to_vec(), 2)], 9), "the rest wait with it");
         let taken = applied.take();
         assert_eq!(taken.buckets, vec![(b"a".to_vec(), 1), (b"b".to_vec(), 2)]);
+        assert_eq!(taken.seq, 9, "the last write's sequence");
         assert!(!taken.overflowed);
-        assert!(applied.add(vec![(b"c".to_vec(), 3)]), "taken: the next wakes it again");
+        assert!(applied.add(vec![(b"c".to_vec(), 3)], 10), "taken: the next wakes it again");
         let many = (0..APPLIED_WAITING_MAX as u64).map(|i| (i.to_be_bytes().to_vec(), i)).collect();
-        assert!(!applied.add(many));
+        assert!(!applied.add(many, 11));
         let taken = applied.take();
         assert!(taken.overflowed && taken.buckets.is_empty(), "past the bound, no list is kept");
-        assert!(applied.add(Vec::new()) && !applied.take().overflowed);
+        assert_eq!(taken.seq, 11, "past the bound, the sequence is kept");
+        assert!(applied.add(Vec::new(), 12) && !applied.take().overflowed);
     }
 }

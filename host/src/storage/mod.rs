@@ -360,6 +360,20 @@ pub trait Store: Send + Sync + 'static {
     /// Writes a batch, each part in one atomic transaction, fsync'd as `batch.sync` says if the
     /// store is durable.
     fn write(&self, batch: &Batch) -> Result<(), StoreError>;
+    /// Writes the state part of a batch (state operations and change sets; it has no log
+    /// operations and asks for no sync) into a transaction left open, which
+    /// [`commit_staged`](Store::commit_staged), or the next `write` that writes state, commits
+    /// (unsynced, before that write's own part). Until then readers do not see it and a crash
+    /// loses it: it is for applies, which the log holds. Many rounds' applies then share one
+    /// transaction without waiting in memory to be written all at once. A store without open
+    /// transactions writes it at once.
+    fn stage(&self, batch: &Batch) -> Result<(), StoreError> {
+        self.write(batch)
+    }
+    /// Commits what [`stage`](Store::stage) wrote, unsynced.
+    fn commit_staged(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
     /// Applies change sets, in order, in one atomic, durable transaction.
     fn commit(&self, changes: &[ChangeSet]) -> Result<(), StoreError> {
         self.write(&Batch {

@@ -5,6 +5,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 
@@ -53,6 +54,8 @@ pub struct RedbStore {
     log: SegmentLog,
     meta: NodeMeta,
     durability: Durability,
+    /// State written by [`Store::stage`] and not yet committed.
+    staged: Mutex<Option<redb::WriteTransaction>>,
 }
 
 /// Where the log of the state file at `path` is.
@@ -117,7 +120,7 @@ impl RedbStore {
         };
         super::legacy::remove_leftover(path)?;
         let durability = if durable { Durability::Immediate } else { Durability::None };
-        Ok(RedbStore { db, log, meta, durability })
+        Ok(RedbStore { db, log, meta, durability, staged: Mutex::new(None) })
     }
 
     /// A write transaction on `db` that syncs on commit if `sync` (and the store is durable).
@@ -128,57 +131,74 @@ impl RedbStore {
         Ok(txn)
     }
 
-    /// Commits the state's part of a batch (synced only for a checkpoint).
-    fn write_state(&self, ops: &[&LogOp], batch: &Batch) -> Result<(), StoreError> {
-        let txn = self.begin_write(&self.db, batch.sync == SyncTo::All)?;
-        {
-            let mut items = txn.open_table(ITEMS).map_err(engine)?;
-            let mut buckets = txn.open_table(BUCKETS).map_err(engine)?;
-            let mut state = txn.open_table(RAFT_STATE).map_err(engine)?;
-            for op in ops {
-                match op {
-                    LogOp::PutState { group, key, value } => {
-                        state.insert((*group, *key), value.as_slice()).map_err(engine)?;
-                    }
-                    LogOp::ForgetGroup { group } => {
-                        let mut keys = Vec::new();
-                        for entry in state.range((*group, "")..).map_err(engine)? {
-                            let (key, _) = entry.map_err(engine)?;
-                            let (g, name) = key.value();
-                            if g != *group {
-                                break;
-                            }
-                            keys.push(name.to_owned());
-                        }
-                        for name in &keys {
-                            state.remove((*group, name.as_str())).map_err(engine)?;
-                        }
-                    }
-                    LogOp::ClearFlock { flock } => clear_flock(&mut items, &mut buckets, *flock)?,
-                    LogOp::InstallFlock { flock, buckets: installed } => {
-                        clear_flock(&mut items, &mut buckets, *flock)?;
-                        installed.for_each(|change| apply_change(&mut items, &mut buckets, &change.view()))?;
-                    }
-                    LogOp::PutModule { id, name, wasm } => put_module(&txn, id, name, wasm)?,
-                    LogOp::DeleteModule { name } => {
-                        let old = {
-                            let mut names = txn.open_table(MODULE_NAMES).map_err(engine)?;
-                            let old = names.remove(name.as_str()).map_err(engine)?;
-                            old.map(|id| module_id(id.value())).transpose()?
-                        };
-                        if let Some(old) = old {
-                            collect_module(&txn, &old)?;
-                        }
-                    }
-                    _ => unreachable!("log operations are written to the log"),
-                }
-            }
-            for change in &batch.changes {
-                apply_change(&mut items, &mut buckets, &change.view())?;
-            }
+    /// The staged transaction, or a new one.
+    fn open_staged(&self) -> Result<std::sync::MutexGuard<'_, Option<redb::WriteTransaction>>, StoreError> {
+        let mut staged = self.staged.lock().unwrap_or_else(|p| p.into_inner());
+        if staged.is_none() {
+            *staged = Some(self.begin_write(&self.db, false)?);
         }
+        Ok(staged)
+    }
+
+    /// Commits the state's part of a batch, after anything staged (synced only for a checkpoint).
+    fn write_state(&self, ops: &[&LogOp], batch: &Batch) -> Result<(), StoreError> {
+        let mut txn = self.open_staged()?.take().expect("opened above");
+        let durability = if batch.sync == SyncTo::All { self.durability } else { Durability::None };
+        txn.set_durability(durability).map_err(|e| StoreError::Engine(e.to_string()))?;
+        write_state(&txn, ops, batch)?;
         txn.commit().map_err(engine)
     }
+}
+
+/// Writes the state's part of a batch into `txn`.
+fn write_state(txn: &redb::WriteTransaction, ops: &[&LogOp], batch: &Batch) -> Result<(), StoreError> {
+    {
+        let mut items = txn.open_table(ITEMS).map_err(engine)?;
+        let mut buckets = txn.open_table(BUCKETS).map_err(engine)?;
+        let mut state = txn.open_table(RAFT_STATE).map_err(engine)?;
+        for op in ops {
+            match op {
+                LogOp::PutState { group, key, value } => {
+                    state.insert((*group, *key), value.as_slice()).map_err(engine)?;
+                }
+                LogOp::ForgetGroup { group } => {
+                    let mut keys = Vec::new();
+                    for entry in state.range((*group, "")..).map_err(engine)? {
+                        let (key, _) = entry.map_err(engine)?;
+                        let (g, name) = key.value();
+                        if g != *group {
+                            break;
+                        }
+                        keys.push(name.to_owned());
+                    }
+                    for name in &keys {
+                        state.remove((*group, name.as_str())).map_err(engine)?;
+                    }
+                }
+                LogOp::ClearFlock { flock } => clear_flock(&mut items, &mut buckets, *flock)?,
+                LogOp::InstallFlock { flock, buckets: installed } => {
+                    clear_flock(&mut items, &mut buckets, *flock)?;
+                    installed.for_each(|change| apply_change(&mut items, &mut buckets, &change.view()))?;
+                }
+                LogOp::PutModule { id, name, wasm } => put_module(txn, id, name, wasm)?,
+                LogOp::DeleteModule { name } => {
+                    let old = {
+                        let mut names = txn.open_table(MODULE_NAMES).map_err(engine)?;
+                        let old = names.remove(name.as_str()).map_err(engine)?;
+                        old.map(|id| module_id(id.value())).transpose()?
+                    };
+                    if let Some(old) = old {
+                        collect_module(txn, &old)?;
+                    }
+                }
+                _ => unreachable!("log operations are written to the log"),
+            }
+        }
+        for change in &batch.changes {
+            apply_change(&mut items, &mut buckets, &change.view())?;
+        }
+    }
+    Ok(())
 }
 
 /// Deletes every bucket of `flock`, a page of keys at a time.
@@ -555,6 +575,23 @@ impl Store for RedbStore {
         Ok(())
     }
 
+    fn stage(&self, batch: &Batch) -> Result<(), StoreError> {
+        debug_assert!(batch.sync == SyncTo::Nothing && batch.log.iter().all(|op| !op.on_log()), "{batch:?}");
+        let state_ops: Vec<&LogOp> = batch.log.iter().collect();
+        let mut staged = self.open_staged()?;
+        let result = write_state(staged.as_ref().expect("opened above"), &state_ops, batch);
+        if result.is_err() {
+            // Half written: dropped, as a crash would.
+            *staged = None;
+        }
+        result
+    }
+
+    fn commit_staged(&self) -> Result<(), StoreError> {
+        let staged = self.staged.lock().unwrap_or_else(|p| p.into_inner()).take();
+        staged.map_or(Ok(()), |txn| txn.commit().map_err(engine))
+    }
+
     fn log_entries(
         &self,
         group: GroupId,
@@ -784,6 +821,51 @@ mod tests {
         let err = RedbStore::open(&path, 16, false).err().expect("schema 99 must be refused");
         assert!(err.to_string().contains("schema version 99"), "{err}");
         assert!(err.to_string().contains("newer grex"), "{err}");
+    }
+
+    #[test]
+    fn staged_state_is_read_once_committed_and_lost_in_a_crash_before() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("grex.redb");
+        let store = RedbStore::open(&path, 16, true).unwrap();
+        let apply = |bucket: &[u8], version: u64| Batch {
+            log: vec![LogOp::PutState { group: 3, key: "applied", value: version.to_le_bytes().to_vec() }],
+            changes: vec![
+                crate::testing::change_set(
+                    bucket,
+                    16,
+                    version,
+                    vec![ItemWrite { item: "n".into(), value: Some(vec![1]) }],
+                )
+                .into(),
+            ],
+            sync: SyncTo::Nothing,
+        };
+        let applied = |store: &RedbStore| store.log_state(3, "applied").unwrap();
+        // Staged: not read until committed.
+        store.stage(&apply(b"a", 1)).unwrap();
+        store.stage(&apply(b"b", 1)).unwrap();
+        assert_eq!((store.bucket_version(b"a").unwrap(), applied(&store)), (0, None));
+        store.commit_staged().unwrap();
+        assert_eq!((store.bucket_version(b"a").unwrap(), store.bucket_version(b"b").unwrap()), (1, 1));
+        assert_eq!(applied(&store), Some(1u64.to_le_bytes().to_vec()));
+        // A log-only write leaves the staged state staged; one that writes state commits it first.
+        store.stage(&apply(b"a", 2)).unwrap();
+        let append = LogOp::Append { group: 3, entries: vec![(1, b"entry".to_vec().into())] };
+        store.write(&Batch { log: vec![append], changes: Vec::new(), sync: SyncTo::Log }).unwrap();
+        assert_eq!(store.bucket_version(b"a").unwrap(), 1);
+        store.write(&apply(b"c", 1)).unwrap();
+        assert_eq!((store.bucket_version(b"a").unwrap(), store.bucket_version(b"c").unwrap()), (2, 1));
+        // A checkpoint syncs what was staged before it; what is staged after it is lost in a crash.
+        store.stage(&apply(b"b", 2)).unwrap();
+        store.write(&Batch { sync: SyncTo::All, ..Batch::default() }).unwrap();
+        store.stage(&apply(b"d", 1)).unwrap();
+        drop(store);
+        let store = RedbStore::open(&path, 16, true).unwrap();
+        let versions: Vec<u64> =
+            [&b"a"[..], b"b", b"c", b"d"].iter().map(|b| store.bucket_version(b).unwrap()).collect();
+        assert_eq!(versions, [2, 2, 1, 0]);
+        assert_eq!(store.log_entries(3, 1, 2, LogRead::count(1)).unwrap(), [(1, b"entry".to_vec())]);
     }
 
     /// The rows of `bucket` in the items table: item keys, `""` for a packed row.
