@@ -380,7 +380,6 @@ struct Deferred {
     pending_since: Option<Instant>,
     /// How many change sets and state operations the open transaction holds, or will.
     ops: usize,
-    done: Vec<WriteDone>,
     /// The first deferred write's sequence and when it came.
     first: Option<(u64, Instant)>,
     /// Their [`Write::bytes`].
@@ -402,7 +401,6 @@ impl Deferred {
         self.ops += write.log.len() + write.changes.len();
         self.pending.log.extend(write.log);
         self.pending.changes.extend(write.changes);
-        self.done.extend(write.done);
     }
 
     /// Writes the pending applies into the store's open transaction if there are
@@ -563,35 +561,25 @@ fn run_committer(
         {
             batch.sync = SyncTo::All;
         }
-        if let Err(e) = deferred.stage(store, flush) {
-            let waiting = std::mem::take(&mut deferred.done);
-            fail(&e, durable, waiting.into_iter().chain(done), held, &rx);
-            return;
-        }
-        let mut applies = Vec::new();
+        // A batch that writes or syncs state must follow the deferred applies into the store. One
+        // that only appends to the log (a file of its own) goes first, so the appends, and the
+        // answers waiting on them, do not wait behind the applies' transaction.
+        let applies_first = writes_state || batch.sync == SyncTo::All || last_seq.is_none();
         let mut flushed = 0;
-        if flush {
-            let Deferred { done: applied, bytes: state_bytes, .. } = std::mem::take(&mut deferred);
-            applies = applied;
-            flushed = state_bytes;
-            if let Err(e) = store.commit_staged() {
-                fail(&e, durable, applies.into_iter().chain(done), held, &rx);
-                return;
+        if applies_first {
+            match write_deferred(&mut deferred, store, flush) {
+                Ok(bytes) => flushed = bytes,
+                Err(e) => return fail(&e, durable, done, held, &rx),
             }
-            unsynced = true;
+            unsynced |= flush;
         }
         if last_seq.is_none() && !(batch.sync == SyncTo::All && unsynced) {
             room.free(flushed);
             publish(durable, received, &deferred);
-            for done in applies {
-                done(Ok(()));
-            }
             continue;
         }
         if let Err(e) = store.write(&batch) {
-            let waiting = std::mem::take(&mut deferred.done);
-            fail(&e, durable, applies.into_iter().chain(done).chain(waiting), held, &rx);
-            return;
+            return fail(&e, durable, done, held, &rx);
         }
         if batch.sync == SyncTo::All {
             unsynced = false;
@@ -609,12 +597,40 @@ fn run_committer(
             stats.commits.fetch_add(1, Ordering::Relaxed);
             stats.change_sets.fetch_add((batch.changes.len() + entries) as u64, Ordering::Relaxed);
         }
+        if !applies_first {
+            // The sequence stops short of the first apply still deferred, as ever.
+            room.free(bytes);
+            publish(durable, received, &deferred);
+            for done in done {
+                done(Ok(()));
+            }
+            match write_deferred(&mut deferred, store, flush) {
+                Ok(bytes) => flushed = bytes,
+                Err(e) => return fail(&e, durable, Vec::new(), held, &rx),
+            }
+            unsynced |= flush;
+            room.free(flushed);
+            publish(durable, received, &deferred);
+            continue;
+        }
         room.free(flushed + bytes);
         publish(durable, received, &deferred);
-        for done in applies.into_iter().chain(done) {
+        for done in done {
             done(Ok(()));
         }
     }
+}
+
+/// Writes the deferred applies that are due into the store's open transaction and, if `flush`,
+/// commits it; returns the bytes of the applies committed.
+fn write_deferred(deferred: &mut Deferred, store: &dyn Store, flush: bool) -> Result<usize, StoreError> {
+    deferred.stage(store, flush)?;
+    if !flush {
+        return Ok(0);
+    }
+    let Deferred { bytes, .. } = std::mem::take(deferred);
+    store.commit_staged()?;
+    Ok(bytes)
 }
 
 /// Publishes how far the store holds every write: up to `received`, the last write taken from
