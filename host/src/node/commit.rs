@@ -858,6 +858,43 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_log_append_does_not_wait_behind_the_applies_written_in_its_round() {
+        // The store's first write holds the committer while an apply, a reader's call for it and
+        // a log append queue; they then share a round. The store's third write hangs until
+        // released: it must be the apply's staging, with the append already done.
+        let (entered_tx, entered) = std::sync::mpsc::channel();
+        let (release, release_rx) = std::sync::mpsc::channel::<()>();
+        let release_rx = Mutex::new(release_rx);
+        let store = FaultyStore::new(MemoryStore::new(16), u64::MAX).before_each_write(move |n| {
+            if n == 0 || n == 2 {
+                entered_tx.send(n).unwrap();
+                release_rx.lock().unwrap().recv().unwrap();
+            }
+        });
+        let log = Arc::new(CommitLog::start_with(Arc::new(store), 16, usize::MAX, Duration::from_secs(3600)));
+        let append = |index: u64| LogOp::Append { group: 0, entries: vec![(index, b"entry".to_vec().into())] };
+        log.submit_write(Write { log: vec![append(1)], changes: Vec::new(), sync: SyncTo::Log, done: None }).unwrap();
+        assert_eq!(entered.recv().unwrap(), 0);
+        let applied = log.submit_write(apply(b"k", 1)).unwrap();
+        // A reader asks for the apply (as `wait_written` does).
+        log.ask_flush(applied);
+        let (tx, appended) = std::sync::mpsc::channel();
+        let done: WriteDone = Box::new(move |result| tx.send(result).unwrap());
+        log.submit_write(Write { log: vec![append(2)], changes: Vec::new(), sync: SyncTo::Log, done: Some(done) })
+            .unwrap();
+        release.send(()).unwrap();
+        assert_eq!(entered.recv_timeout(Duration::from_secs(10)).unwrap(), 2, "the apply's staging");
+        appended
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the log append waited behind the apply's transaction")
+            .unwrap();
+        assert!(log.durable_seq() < applied, "the apply is not counted as written before it is");
+        release.send(()).unwrap();
+        tokio::time::timeout(Duration::from_secs(10), log.wait_written(applied)).await.unwrap().unwrap();
+        log.stop();
+    }
+
+    #[tokio::test]
     async fn an_apply_someone_waits_for_is_written_at_once_with_those_before_it() {
         // Applies would wait an hour for company; one with a `done` (a meta apply, whose users,
         // modules and proposals wait for it) must not, and takes those deferred before it along.

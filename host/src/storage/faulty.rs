@@ -35,9 +35,27 @@ impl<S: Store> FaultyStore<S> {
     }
 
     /// Runs `hook` with the commit's number before each commit (it may block the committer).
+    /// Staging a write counts as one.
     pub fn before_each_write(mut self, hook: impl Fn(u64) + Send + Sync + 'static) -> Self {
         self.before_write = Some(Box::new(hook));
         self
+    }
+
+    fn failing(&self) -> bool {
+        self.failing.as_ref().is_some_and(|f| f.load(Ordering::SeqCst))
+    }
+
+    /// Numbers a write (or staging), runs the hook, and fails it if it is past `commits_ok` or
+    /// the disk is failing.
+    fn next_write(&self) -> Result<(), StoreError> {
+        let n = self.commits.fetch_add(1, Ordering::SeqCst);
+        if let Some(hook) = &self.before_write {
+            hook(n);
+        }
+        if n >= self.commits_ok || self.failing() {
+            return Err(StoreError::Injected(n));
+        }
+        Ok(())
     }
 }
 
@@ -64,14 +82,18 @@ impl<S: Store> Store for FaultyStore<S> {
         self.inner.bucket_version(bucket)
     }
     fn write(&self, batch: &Batch) -> Result<(), StoreError> {
-        let n = self.commits.fetch_add(1, Ordering::SeqCst);
-        if let Some(hook) = &self.before_write {
-            hook(n);
-        }
-        if n >= self.commits_ok || self.failing.as_ref().is_some_and(|f| f.load(Ordering::SeqCst)) {
-            return Err(StoreError::Injected(n));
-        }
+        self.next_write()?;
         self.inner.write(batch)
+    }
+    fn stage(&self, batch: &Batch) -> Result<(), StoreError> {
+        self.next_write()?;
+        self.inner.stage(batch)
+    }
+    fn commit_staged(&self) -> Result<(), StoreError> {
+        if self.failing() {
+            return Err(StoreError::Injected(self.commits.load(Ordering::SeqCst)));
+        }
+        self.inner.commit_staged()
     }
     fn log_entries(
         &self,
