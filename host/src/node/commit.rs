@@ -330,11 +330,9 @@ impl CommitLog {
             return Ok(());
         }
         self.ask_flush(seq);
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(|e| error(ErrorCode::Internal, format!("waiting for the committer: {e}")))?
-            .block_on(self.wait_durable(seq))
+        // The wait is on a watch channel alone: no runtime (and its epoll instance and timers) is
+        // built for it.
+        futures::executor::block_on(self.wait_durable(seq))
     }
 
     /// Asks the committer to write its deferred applies, if `seq` is not written yet. Queued
