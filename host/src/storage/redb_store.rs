@@ -126,9 +126,14 @@ impl RedbStore {
     /// A write transaction on `db` that syncs on commit if `sync` (and the store is durable).
     fn begin_write(&self, db: &Database, sync: bool) -> Result<redb::WriteTransaction, StoreError> {
         let mut txn = db.begin_write().map_err(engine)?;
-        let durability = if sync { self.durability } else { Durability::None };
-        txn.set_durability(durability).map_err(|e| StoreError::Engine(e.to_string()))?;
+        self.sync_on_commit(&mut txn, sync)?;
         Ok(txn)
+    }
+
+    /// Makes `txn` sync on commit if `sync` (and the store is durable), else not.
+    fn sync_on_commit(&self, txn: &mut redb::WriteTransaction, sync: bool) -> Result<(), StoreError> {
+        let durability = if sync { self.durability } else { Durability::None };
+        txn.set_durability(durability).map_err(|e| StoreError::Engine(e.to_string()))
     }
 
     /// The staged transaction, or a new one.
@@ -143,8 +148,7 @@ impl RedbStore {
     /// Commits the state's part of a batch, after anything staged (synced only for a checkpoint).
     fn write_state(&self, ops: &[&LogOp], batch: &Batch) -> Result<(), StoreError> {
         let mut txn = self.open_staged()?.take().expect("opened above");
-        let durability = if batch.sync == SyncTo::All { self.durability } else { Durability::None };
-        txn.set_durability(durability).map_err(|e| StoreError::Engine(e.to_string()))?;
+        self.sync_on_commit(&mut txn, batch.sync == SyncTo::All)?;
         write_state(&txn, ops, batch)?;
         txn.commit().map_err(engine)
     }
