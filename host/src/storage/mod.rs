@@ -362,8 +362,8 @@ pub trait Store: Send + Sync + 'static {
     fn write(&self, batch: &Batch) -> Result<(), StoreError>;
     /// Writes the state part of a batch (state operations and change sets; it has no log
     /// operations and asks for no sync) into a transaction left open, which
-    /// [`commit_staged`](Store::commit_staged), or the next `write` that writes state, commits
-    /// (unsynced, before that write's own part). Until then readers do not see it and a crash
+    /// [`commit_staged`](Store::commit_staged) commits unsynced, or the next `write` that writes
+    /// state commits along with its own part. Until then readers do not see it and a crash
     /// loses it: it is for applies, which the log holds. Many rounds' applies then share one
     /// transaction without waiting in memory to be written all at once. A store without open
     /// transactions writes it at once.
